@@ -1,0 +1,183 @@
+"""Command line: ``python -m gdq_engine upscale|eval|train|info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image sample photos
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="edsr-baseline-x4", help="shipped name, official name or checkpoint path")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--patch-size", type=int, default=96, help="LR patch side (papers: 96)")
+    p.add_argument("--stride", type=int, default=90, help="patch stride (papers: 90)")
+    p.add_argument("--margin", type=int, default=0, help="extra LR context per patch, removes seams")
+    p.add_argument("--whole-image", action="store_true", help="run the network on the whole image")
+    p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
+
+
+def _engine(args, progress: bool = False):
+    from .engine import Engine
+
+    return Engine(args.model, policy="fp", device=args.device, patch_size=None if args.whole_image else args.patch_size,
+                  stride=args.stride, margin=args.margin, batch_size=args.batch_size,
+                  dtype=getattr(torch, args.dtype), progress=progress)
+
+
+def _sample_image(name: str, folder: Path) -> Path:
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise SystemExit("--sample needs scikit-image: pip install scikit-image") from exc
+    from PIL import Image
+
+    path = folder / f"{name}_lr.png"
+    Image.fromarray(getattr(data, name)()).convert("RGB").save(path)
+    return path
+
+
+def cmd_upscale(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import upscale_file
+    from .io import IMAGE_SUFFIXES
+
+    engine = _engine(args, progress=True)
+    print(f"{engine}", file=sys.stderr)
+    if args.sample:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        src = _sample_image(args.sample, out.parent)
+        print(f"input: scikit-image sample '{args.sample}' saved as {src}", file=sys.stderr)
+        jobs = [(src, out)]
+    else:
+        if args.input is None:
+            raise SystemExit("upscale: give an input image/folder or --sample NAME")
+        src, out = Path(args.input), Path(args.output)
+        if src.is_dir():
+            out.mkdir(parents=True, exist_ok=True)
+            files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise SystemExit(f"no images in {src}")
+            jobs = [(f, out / f"{f.stem}_x{engine.scale}.png") for f in files]
+        else:
+            jobs = [(src, out)]
+    for s, d in tqdm(jobs, desc="images", disable=len(jobs) < 2):
+        h, w = upscale_file(engine, s, d, compare=args.compare if len(jobs) == 1 else None)
+        print(f"wrote {d} ({w}x{h})", file=sys.stderr)
+    if args.compare and len(jobs) == 1:
+        print(f"wrote {args.compare} (bicubic | {engine.model.arch})", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import bicubic_upscaler, evaluate_folder
+
+    engine = _engine(args)
+    rows = []
+    for folder in args.data:
+        if args.bicubic:
+            rows.append((Path(folder).name, evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale,
+                                                            name="bicubic", limit=args.limit)))
+        rows.append((Path(folder).name, evaluate_folder(engine.upscale, folder, engine.scale,
+                                                        name=str(args.model), limit=args.limit)))
+    lines = ["| dataset | method | scale | PSNR (dB) | SSIM |", "|---|---|---|---|---|"]
+    for ds, r in rows:
+        lines.append(f"| {ds} | {r.name} | x{r.scale} | {r.mean_psnr:.2f} | {r.mean_ssim:.4f} |")
+    print("\n".join(lines))
+    if args.json:
+        payload = [{"dataset": ds, "method": r.name, "scale": r.scale, "psnr": r.mean_psnr, "ssim": r.mean_ssim,
+                    "per_image_psnr": r.psnr, "per_image_ssim": r.ssim} for ds, r in rows]
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.fp import FPTrainConfig, train_fp
+
+    cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
+                        lr_patch=args.patch, lr=args.lr, seed=args.seed, val_every=args.val_every, init=args.init,
+                        bf16=args.bf16)
+    out = train_fp(cfg, args.out, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import __version__, ops
+    from .models import known_models
+
+    print(f"gdq_engine {__version__}")
+    print(f"torch {torch.__version__} (cuda {torch.version.cuda}); CUDA available: {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    print(f"C++ extension: {'built' if ops.HAS_CPP else 'missing'}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print("models: " + ", ".join(known_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gdq_engine",
+                                     description="Mixed-precision super-resolution engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("upscale", help="upscale an image file or a folder of images")
+    p.add_argument("input", nargs="?", help="image file or folder")
+    p.add_argument("output", help="output file (folder when input is a folder)")
+    p.add_argument("--sample", choices=SAMPLES, help="use a scikit-image sample photo as input")
+    p.add_argument("--compare", help="also write a side-by-side PNG: bicubic | model")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("eval", help="PSNR/SSIM (Y, border = scale) on folders of HR images")
+    p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
+    p.add_argument("--bicubic", action="store_true", help="add the MATLAB-bicubic baseline rows")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
+    p.add_argument("--json", help="also write the results (per image too) to this JSON file")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train an FP EDSR-baseline (resumable)")
+    p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4])
+    p.add_argument("--out", required=True, help="output checkpoint (a .state.pt beside it makes runs resumable)")
+    p.add_argument("--data", nargs="+", default=["../shared/data/train"])
+    p.add_argument("--val", default="../shared/data/val/Set5", help="HR folder for periodic PSNR ('' to skip)")
+    p.add_argument("--iters", type=int, default=10000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=48, help="LR crop side")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=1000)
+    p.add_argument("--init", default=None, help="start from the matching tensors of this checkpoint")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU / AMX CPUs)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="versions, devices, backends and known models")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status. User errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "val", None) == "":
+        args.val = None
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

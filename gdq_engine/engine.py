@@ -1,0 +1,187 @@
+"""The user-facing engine: model + policy + tiling + device handling, ``upscale()``.
+
+This release runs the FP path (``policy="fp"``); the quantized policies plug into the same
+pipeline (see ARCHITECTURE.md §1).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from .io import as_batch, input_dtype_of, restore_kind
+from .models import SRModel, load_model
+from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
+
+POLICIES_AVAILABLE = ("fp",)
+POLICIES_PLANNED = ("granular", "cadyq", "static", "entropy")
+
+
+@dataclass
+class UpscaleReport:
+    """What one ``upscale`` call did: patches, batches and wall-clock seconds."""
+
+    patches: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    dtype: str = ""
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Super-resolution engine.
+
+    Args:
+        model: a shipped/official name (see ``gdq_engine.known_models()``), a checkpoint path, or an
+            :class:`~gdq_engine.models.SRModel`.
+        policy: bit-width policy; ``"fp"`` runs the FP model.
+        device: ``None`` picks CUDA when available, else CPU.
+        patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
+        stride: patch stride (papers: 90).
+        margin: extra LR context per patch, cropped after the network (0 = papers' protocol; a
+            margin >= ``model.receptive_radius`` makes tiled output equal whole-image output).
+        batch_size: patches per forward pass (halved automatically on CUDA out-of-memory).
+        dtype: compute dtype of the FP network (float32 default; float16/bfloat16 on GPU, with an
+            automatic float32 re-run if the half-precision result is not finite).
+        progress: show a progress bar over batches.
+    """
+
+    def __init__(self, model="edsr-baseline-x4", policy: str = "fp", device=None, patch_size: int | None = 96,
+                 stride: int = 90, margin: int = 0, batch_size: int = 16, dtype: torch.dtype = torch.float32,
+                 progress: bool = False):
+        if policy in POLICIES_PLANNED:
+            raise NotImplementedError(f"policy {policy!r} arrives with the quantization core; use policy='fp'")
+        if policy not in POLICIES_AVAILABLE:
+            raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE + POLICIES_PLANNED}")
+        if patch_size is not None and (int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size)):
+            raise ValueError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size}, {stride}")
+        if margin < 0 or batch_size < 1:
+            raise ValueError(f"need margin >= 0 and batch_size >= 1, got margin={margin}, batch_size={batch_size}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+        self.model: SRModel = load_model(model).eval().to(self.device, dtype)
+        self.policy, self.dtype = policy, dtype
+        self.patch_size, self.stride, self.margin = patch_size, stride, margin
+        self.batch_size, self.progress = batch_size, progress
+
+    @property
+    def scale(self) -> int:
+        """Upscaling factor of the loaded model."""
+        return self.model.scale
+
+    def __repr__(self) -> str:
+        tiling = "whole-image" if self.patch_size is None else f"patch {self.patch_size}/{self.stride}+{self.margin}"
+        return (f"Engine({self.model.arch} x{self.scale}, policy={self.policy}, device={self.device}, "
+                f"dtype={self.dtype}, {tiling})")
+
+    def upscale(self, x, return_report: bool = False):
+        """Upscale images by ``self.scale``.
+
+        Args:
+            x: (N,3,H,W) or (3,H,W) float tensor in [0,1] or uint8 tensor; HWC numpy array (uint8
+                or float in [0,1]); PIL image; or a file path.
+        Returns:
+            The HR image(s) in the input's form (float in [0,1] for float input, uint8 for uint8,
+            PIL for PIL; paths give a (1,3,sH,sW) tensor), on the input's device; with
+            ``return_report`` a tuple (hr, UpscaleReport).
+        """
+        start = time.perf_counter()
+        input_dtype = input_dtype_of(x)
+        batch, kind = as_batch(x)
+        self._validate(batch)
+        report = UpscaleReport(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
+        out = torch.empty(batch.shape[0], 3, batch.shape[2] * self.scale, batch.shape[3] * self.scale,
+                          dtype=torch.float32, device=batch.device)
+        for n in range(batch.shape[0]):
+            self._upscale_one(batch[n].float(), out[n], report)
+        out.clamp_(0, 1)
+        report.seconds = time.perf_counter() - start
+        result = restore_kind(out, kind, input_dtype)
+        return (result, report) if return_report else result
+
+    __call__ = upscale
+
+    def _validate(self, batch: torch.Tensor) -> None:
+        n, c, h, w = batch.shape
+        if c != 3:
+            hint = " (RGBA: use gdq_engine.upscale_file, which keeps alpha)" if c == 4 else ""
+            raise ValueError(f"expected 3 colour channels, got {c}{hint}")
+        if n == 0 or h == 0 or w == 0:
+            raise ValueError(f"empty image batch of shape {tuple(batch.shape)}")
+        if not torch.isfinite(batch).all():
+            raise ValueError("input contains NaN or Inf values")
+        lo, hi = float(batch.min()), float(batch.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"float input must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                             "(divide 0..255 data by 255, or pass a uint8 tensor)")
+        check_image_size(h, w)
+
+    def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
+        h, w = img.shape[-2:]
+        if self.patch_size is None:
+            grid = whole_image_grid(h, w)
+        else:
+            grid = make_grid(h, w, self.patch_size, self.stride, self.margin)
+        bs = self.batch_size
+        todo = list(range(len(grid)))
+        bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
+        while todo:
+            idx = todo[:bs]
+            try:
+                sr = self._forward(extract_windows(img, grid, idx), report)
+            except torch.cuda.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                bs = max(1, bs // 2)
+                torch.cuda.empty_cache()
+                report.fallbacks.append(f"out of memory: batch size lowered to {bs}")
+                continue
+            stitch_windows(canvas, sr, grid, idx, self.scale)
+            report.patches += len(idx)
+            report.batches += 1
+            todo = todo[len(idx):]
+            bar.update(len(idx))
+        bar.close()
+
+    def _forward(self, windows: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
+        x = windows.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            y = self.model(x.to(self.dtype))
+            if self.dtype != torch.float32 and not torch.isfinite(y).all():
+                warnings.warn(f"{self.dtype} produced non-finite values; re-running this batch in float32",
+                              stacklevel=3)
+                report.fallbacks.append("non-finite half-precision output: batch re-run in float32")
+                y = self.model.float()(x.float())
+                self.model.to(self.dtype)
+        if not torch.isfinite(y).all():
+            raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
+        return y.float().to(windows.device)
+
+
+def upscale_file(engine: Engine, src, dst, compare: str | None = None) -> tuple[int, int]:
+    """Upscale an image file to ``dst``; alpha is upscaled with bicubic and kept.
+
+    ``compare``: optional path of a side-by-side PNG (bicubic | engine). Returns the output size
+    (height, width). Outputs are written atomically; nothing is written if upscaling fails.
+    """
+    from .io import load_image_rgba, save_image
+    from .metrics import imresize
+
+    rgb, alpha = load_image_rgba(src)
+    hr = engine.upscale(rgb.unsqueeze(0))[0]
+    alpha_hr = imresize(alpha, engine.scale).clamp(0, 1) if alpha is not None else None
+    if compare is not None:
+        bic = imresize(rgb, engine.scale).clamp(0, 1)
+        save_image(torch.cat([bic, torch.ones(3, hr.shape[1], 8), hr], dim=2), compare)
+    save_image(hr, dst, alpha=alpha_hr)
+    return int(hr.shape[1]), int(hr.shape[2])
+

@@ -1,0 +1,1 @@
+"""Bit-width policies (Granular-DQ, CADyQ, static, entropy) arrive with the quantization core."""

@@ -1,0 +1,115 @@
+"""Tiling of LR images into fixed-size patches and stitching of the SR patches.
+
+Protocol of the dynamic-quantization papers: P x P LR patches with stride S (default 96 / 90),
+the last patch of a row/column shifted inside the image, and in overlaps each patch keeps the half
+nearer its own centre (cut at the overlap midpoint).
+
+Seams: a patch computed alone sees zero padding at its edges, so pixels near a cut differ from the
+whole-image result. ``margin`` M adds LR context around every patch (the window grows to
+P + 2M, shifted inside the image at borders) that is computed and then cropped away. Once M is at
+least the network's receptive radius, tiled output equals whole-image output up to float rounding.
+All windows of one image have the same size, so they run as one batch. An image side shorter
+than the patch is covered by one patch of that side's length (the papers' test code does the same
+for small images such as Set5 at x4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_SIDE = 4  # smallest LR side the engine accepts (the policies pool features 4x4)
+
+
+def patch_starts(length: int, patch: int, stride: int) -> list[int]:
+    """Start offsets of patches of size ``patch`` along ``length`` (last one shifted inside)."""
+    if patch > length:
+        raise ValueError(f"patch {patch} is larger than the image side {length}")
+    starts = list(range(0, length - patch + 1, stride))
+    if starts[-1] + patch < length:
+        starts.append(length - patch)
+    return starts
+
+
+def kept_spans(starts: list[int], patch: int, length: int) -> list[tuple[int, int]]:
+    """For each patch, the [lo, hi) range it writes: overlaps are split at their midpoints."""
+    spans = []
+    for i, s in enumerate(starts):
+        lo = 0 if i == 0 else (s + starts[i - 1] + patch) // 2
+        hi = length if i == len(starts) - 1 else (starts[i + 1] + s + patch) // 2
+        spans.append((lo, hi))
+    return spans
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One patch: its computed window (LR coords) and the region of the output it owns."""
+
+    win_y: int
+    win_x: int
+    keep_y: tuple[int, int]
+    keep_x: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """All tiles of an H x W LR image. ``window`` = (height, width) of every computed window."""
+
+    height: int
+    width: int
+    window: tuple[int, int]
+    tiles: tuple[Tile, ...]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+
+def _axis(length: int, patch: int, stride: int, margin: int):
+    starts = patch_starts(length, patch, stride)
+    win = min(patch + 2 * margin, length)
+    wins = [min(max(s - margin, 0), length - win) for s in starts]
+    return win, wins, kept_spans(starts, patch, length)
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise ``ValueError`` for empty images or images with a side below ``MIN_SIDE`` pixels."""
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise ValueError(f"image {height}x{width} is too small: each side needs at least {MIN_SIDE} pixels")
+
+
+def make_grid(height: int, width: int, patch: int = 96, stride: int = 90, margin: int = 0) -> TileGrid:
+    """Tile an LR image of ``height`` x ``width`` pixels (see module doc). Raises ``ValueError``
+    for a stride outside [1, patch], a negative margin, or an image side below ``MIN_SIDE``."""
+    if patch < 1 or not 1 <= stride <= patch:
+        raise ValueError(f"need patch >= 1 and 1 <= stride <= patch, got patch={patch}, stride={stride}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    check_image_size(height, width)
+    win_h, ys, spans_y = _axis(height, min(patch, height), stride, margin)
+    win_w, xs, spans_x = _axis(width, min(patch, width), stride, margin)
+    tiles = tuple(Tile(wy, wx, sy, sx) for wy, sy in zip(ys, spans_y) for wx, sx in zip(xs, spans_x))
+    return TileGrid(height, width, (win_h, win_w), tiles)
+
+
+def whole_image_grid(height: int, width: int) -> TileGrid:
+    """A single window covering the whole image (whole-image mode)."""
+    return TileGrid(height, width, (height, width), (Tile(0, 0, (0, height), (0, width)),))
+
+
+def extract_windows(img: torch.Tensor, grid: TileGrid, tiles: range | list[int]) -> torch.Tensor:
+    """(3,H,W) image -> (len(tiles), 3, wh, ww) windows of the given tile indices (a copy)."""
+    wh, ww = grid.window
+    return torch.stack([img[:, t.win_y:t.win_y + wh, t.win_x:t.win_x + ww]
+                        for t in (grid.tiles[i] for i in tiles)])
+
+
+def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: range | list[int],
+                   scale: int) -> None:
+    """Write each SR window's owned region into ``canvas`` (3, H*scale, W*scale), in place."""
+    for out, i in zip(sr, tiles):
+        t = grid.tiles[i]
+        (y0, y1), (x0, x1) = t.keep_y, t.keep_x
+        oy, ox = (y0 - t.win_y) * scale, (x0 - t.win_x) * scale
+        canvas[:, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+            out[:, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(canvas.dtype)

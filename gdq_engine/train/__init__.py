@@ -1,0 +1,1 @@
+"""Training: FP pretraining of the shipped models (quantization-aware training comes later)."""

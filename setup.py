@@ -1,0 +1,41 @@
+"""Build script: the Python package, Triton kernels (kernels/ -> gdq_engine.kernels) and the
+C++/CUDA extension gdq_engine._C compiled against the *installed* torch.
+
+Install with ``pip install --no-build-isolation .`` so the extension links the torch you have.
+CUDA sources under csrc/cuda are compiled only when torch is a CUDA build and a toolkit is found.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - explained to the user
+    raise SystemExit("gdq_engine builds against an installed torch: run `pip install torch==2.13.0` "
+                     "(CPU) or your CUDA build first, then `pip install --no-build-isolation .`") from exc
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cxx = ["-O3", "-std=c++17"]
+    use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+                and os.environ.get("GDQ_NO_CUDA") != "1")
+    if use_cuda:
+        return CUDAExtension("gdq_engine._C", sources + cuda_sources,
+                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    return CppExtension("gdq_engine._C", sources, extra_compile_args=cxx)
+
+
+packages = find_packages(include=["gdq_engine", "gdq_engine.*"]) + ["gdq_engine.kernels"]
+
+setup(
+    packages=packages,
+    package_dir={"gdq_engine.kernels": "kernels"},
+    package_data={"gdq_engine": ["weights/*.pt"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
