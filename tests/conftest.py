@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("GDQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared(*parts: str) -> Path:
+    """Path under ../shared/data; the test fails (not skips) when the shared data is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    assert path.exists(), f"shared test data missing: {path}"
+    return path
+
+
+@pytest.fixture
+def tiny_edsr():
+    """A 1-block, 8-channel EDSR x2 with random weights: fast and exercises every part."""
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    return EDSR(scale=2, n_feats=8, n_blocks=1).eval()
+
+
+def random_image(h: int, w: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, h, w) if n is None else (n, 3, h, w)
+    return torch.rand(shape, generator=g)

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+from conftest import random_image
+from PIL import Image
+
+from gdq_engine import Engine, upscale_file
+from gdq_engine.io import load_image, save_image
+
+
+@pytest.fixture
+def engine(tiny_edsr):
+    return Engine(tiny_edsr, device="cpu", patch_size=16, stride=12)
+
+
+def test_output_shape_range_and_dtype(engine):
+    x = random_image(21, 30, n=2)
+    y = engine.upscale(x)
+    assert y.shape == (2, 3, 42, 60) and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_batch_equals_per_image(engine):
+    x = random_image(20, 18, n=3, seed=7)
+    y = engine.upscale(x)
+    for i in range(3):
+        assert torch.allclose(engine.upscale(x[i]), y[i], atol=1e-6)
+
+
+def test_whole_image_mode_is_the_model(tiny_edsr):
+    x = random_image(13, 17, n=1)
+    with torch.no_grad():
+        ref = tiny_edsr(x).clamp(0, 1)
+    assert torch.allclose(Engine(tiny_edsr, device="cpu", patch_size=None).upscale(x), ref, atol=1e-6)
+
+
+def test_input_kinds_agree(engine, tmp_path):
+    u8 = (random_image(20, 24, seed=2) * 255).round().to(torch.uint8)
+    ref = engine.upscale(u8.float() / 255)
+    out_u8 = engine.upscale(u8)
+    assert out_u8.dtype == torch.uint8 and out_u8.shape == (3, 40, 48)
+    assert (out_u8.float() - (ref * 255).round()).abs().max() <= 1
+    hwc = u8.permute(1, 2, 0).numpy()
+    out_np = engine.upscale(hwc)
+    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.uint8 and out_np.shape == (40, 48, 3)
+    out_np_f = engine.upscale(hwc.astype(np.float32) / 255)
+    assert out_np_f.dtype == np.float32 and np.allclose(out_np_f, ref.permute(1, 2, 0).numpy(), atol=1e-6)
+    out_pil = engine.upscale(Image.fromarray(hwc))
+    assert isinstance(out_pil, Image.Image) and out_pil.size == (48, 40)
+    assert np.array_equal(np.asarray(out_pil), out_np)
+    save_image(u8.float() / 255, tmp_path / "in.png")
+    out_path = engine.upscale(str(tmp_path / "in.png"))
+    assert torch.allclose(out_path[0], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.rand(1, 4, 20, 20), "3 colour channels, got 4.*RGBA"),
+    (torch.rand(1, 1, 20, 20), "3 colour channels, got 1"),
+    (torch.full((1, 3, 20, 20), float("nan")), "NaN or Inf"),
+    (torch.full((1, 3, 20, 20), float("inf")), "NaN or Inf"),
+    (torch.rand(1, 3, 20, 20) * 255, r"in \[0, 1\]"),
+    (torch.rand(0, 3, 20, 20), "empty"),
+    (torch.rand(1, 3, 0, 20), "empty"),
+    (torch.rand(1, 3, 3, 20), "too small"),
+    (torch.randint(0, 255, (1, 3, 20, 20), dtype=torch.int32), "dtype"),
+    (torch.rand(20, 20), r"\(N,3,H,W\)"),
+    (np.zeros((20, 20)), "HWC"),
+])
+def test_bad_inputs(engine, bad, match):
+    with pytest.raises(ValueError, match=match):
+        engine.upscale(bad)
+
+
+def test_bad_input_types_and_files(engine, tmp_path):
+    with pytest.raises(TypeError):
+        engine.upscale([1, 2, 3])
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        engine.upscale(str(tmp_path / "notes.png"))
+    with pytest.raises(ValueError, match="no such image"):
+        engine.upscale(str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(policy="granular"), NotImplementedError, "quantization core"),
+    (dict(policy="turbo"), ValueError, "unknown policy"),
+    (dict(patch_size=16, stride=17), ValueError, "stride"),
+    (dict(margin=-1), ValueError, "margin"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(dtype=torch.float16), ValueError, "float16 is not supported on CPU"),
+    (dict(dtype=torch.int8), ValueError, "dtype"),
+])
+def test_bad_engine_arguments(tiny_edsr, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        Engine(tiny_edsr, device="cpu", **kwargs)
+
+
+def test_bfloat16_runs_close_to_fp32(tiny_edsr):
+    x = random_image(20, 20, n=1)
+    a = Engine(tiny_edsr, device="cpu", patch_size=None).upscale(x)
+    b = Engine(tiny_edsr, device="cpu", patch_size=None, dtype=torch.bfloat16).upscale(x)
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05
+
+
+def test_report(engine):
+    _, report = engine.upscale(random_image(30, 30, n=2), return_report=True)
+    assert report.patches == 2 * 9 and report.batches == 2 and report.seconds > 0 and report.device == "cpu"
+
+
+def test_upscale_file_keeps_alpha_and_writes_atomically(engine, tmp_path):
+    rgba = np.dstack([(random_image(20, 22).permute(1, 2, 0).numpy() * 255).astype(np.uint8),
+                      np.full((20, 22), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "in.png")
+    h, w = upscale_file(engine, tmp_path / "in.png", tmp_path / "out.png", compare=str(tmp_path / "cmp.png"))
+    out = Image.open(tmp_path / "out.png")
+    assert (h, w) == (40, 44) and out.mode == "RGBA" and out.size == (44, 40)
+    assert np.asarray(out)[..., 3].min() == 128 and np.asarray(out)[..., 3].max() == 128
+    assert Image.open(tmp_path / "cmp.png").size == (44 * 2 + 8, 40)
+    assert load_image(tmp_path / "out.png").shape == (3, 40, 44)
+    with pytest.raises(ValueError):
+        upscale_file(engine, tmp_path / "in.png", tmp_path / "out.xyz")
+    assert not (tmp_path / "out.xyz").exists()
+    assert not list(tmp_path.glob(".*partial"))
