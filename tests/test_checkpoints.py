@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from gdq_engine.models import EDSR, RDN, CheckpointError, MSRResNet, load_model, save_checkpoint
-from gdq_engine.models import pretrained
+from gdq_engine.models import EDSR, RDN, CheckpointError, MSRResNet, load_model, pretrained, save_checkpoint
 from gdq_engine.models.common import DIV2K_RGB_MEAN
 
 
