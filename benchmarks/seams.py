@@ -68,8 +68,9 @@ def main() -> None:
             r["time"] += t
     table = []
     for m, r in rows.items():
-        table.append({"margin": m, "max_abs_diff_8bit": r["max_diff"], "mean_abs_diff_8bit": r["sum_diff"] / r["pixels"],
-                      "psnr_y": sum(r["psnr"]) / len(r["psnr"]), "computed_pixels_ratio": sum(r["work"]) / len(r["work"]),
+        table.append({"margin": m, "max_abs_diff_8bit": r["max_diff"],
+                      "mean_abs_diff_8bit": r["sum_diff"] / r["pixels"], "psnr_y": sum(r["psnr"]) / len(r["psnr"]),
+                      "computed_pixels_ratio": sum(r["work"]) / len(r["work"]),
                       "time_vs_whole": r["time"] / whole_time})
     payload = {"model": str(args.model), "receptive_radius": radius, "data": args.data, "images": len(files),
                "patch": args.patch, "stride": args.stride, "whole_image_psnr_y": sum(whole_psnr) / len(whole_psnr),

@@ -11,9 +11,9 @@ import torch  # noqa: F401  (loads libtorch before the compiled extension)
 
 from . import metrics
 from .engine import Engine, UpscaleReport, upscale_file
-from .models import CheckpointError, known_models, load_model, save_checkpoint
+from .models import CheckpointError, from_pretrained, known_models, load_model, save_checkpoint
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "Engine", "UpscaleReport", "known_models", "load_model", "metrics",
+__all__ = ["CheckpointError", "Engine", "UpscaleReport", "from_pretrained", "known_models", "load_model", "metrics",
            "save_checkpoint", "upscale_file"]

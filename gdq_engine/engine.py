@@ -74,6 +74,13 @@ class Engine:
         self.patch_size, self.stride, self.margin = patch_size, stride, margin
         self.batch_size, self.progress = batch_size, progress
 
+    @classmethod
+    def from_pretrained(cls, name: str = "edsr-baseline-x4", download: bool = True, **kwargs) -> Engine:
+        """Engine on a named model (see :func:`gdq_engine.from_pretrained`); kwargs go to ``Engine``."""
+        from .models import from_pretrained
+
+        return cls(from_pretrained(name, download=download), **kwargs)
+
     @property
     def scale(self) -> int:
         """Upscaling factor of the loaded model."""

@@ -184,6 +184,15 @@ def test_official_from_hub_cache_and_offline(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(_edsr_pytorch_state(model), path)
     assert _same_function(load_model(name), model)
+    from gdq_engine import Engine, from_pretrained
+
+    assert _same_function(from_pretrained(name), model)
+    engine = Engine.from_pretrained(name, device="cpu", patch_size=None)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(engine.upscale(x), model(x).clamp(0, 1), atol=1e-5)
+    with pytest.raises(CheckpointError, match="unknown pretrained model"):
+        from_pretrained("edsr-huge")
 
 
 def test_unknown_model_lists_known():

@@ -63,6 +63,14 @@ def fetch_official(name: str, download: bool = True) -> Path:
     return path
 
 
+def from_pretrained(name: str, download: bool = True, device=None) -> SRModel:
+    """Load a named model: shipped (``edsr-baseline-x2/x4``) or official
+    (``edsr-baseline-x{2,3,4}-official``, from torch.hub's cache or downloaded there)."""
+    if name not in SHIPPED and name not in OFFICIAL:
+        raise CheckpointError(f"unknown pretrained model {name!r}; known: {known_models()}")
+    return load_model(name, device=device, download=download)
+
+
 def load_model(name_or_path: str | os.PathLike | SRModel, scale: int | None = None, device=None,
                key: str | None = None, download: bool = True) -> SRModel:
     """Load an FP SR model in eval mode.
