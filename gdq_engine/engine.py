@@ -1,11 +1,13 @@
-"""The user-facing engine: model + policy + tiling + device handling, ``upscale()``.
+"""The user-facing engine: model + policy + tiling + scheduler + backend, ``upscale()``.
 
-This release runs the FP path (``policy="fp"``); the quantized policies plug into the same
-pipeline (see ARCHITECTURE.md §1).
+Data path (ARCHITECTURE.md §1): tile -> FP head -> policy assigns one bit-width per patch ->
+patches grouped by bit-width, one batched run of the quantized body per group -> FP tail -> stitch.
+``policy="fp"`` runs the FP network.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,22 +17,37 @@ from tqdm import tqdm
 
 from .io import as_batch, input_dtype_of, restore_kind
 from .models import SRModel, load_model
+from .policy import BitPolicy
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
-POLICIES_AVAILABLE = ("fp",)
-POLICIES_PLANNED = ("granular", "cadyq", "static", "entropy")
+POLICIES_AVAILABLE = ("fp", "static", "entropy")
+POLICIES_PLANNED = ("granular", "cadyq")
+BACKENDS = ("auto", "reference")
 
 
 @dataclass
 class UpscaleReport:
-    """What one ``upscale`` call did: patches, batches and wall-clock seconds."""
+    """What one ``upscale`` call did.
+
+    ``bits``: activation bit-width per patch (tile order, images in order; empty for FP);
+    ``groups``: (bit-width, patches) per body launch; ``bitops``: sum over patches of
+    MAC x b_w x b_a (FP convs 32 x 32); ``fab``: mean activation bits over quantized layers and
+    patches (32.0 for FP).
+    """
 
     patches: int = 0
     batches: int = 0
     seconds: float = 0.0
     device: str = ""
     dtype: str = ""
+    bits: list[int] = field(default_factory=list)
+    groups: list[tuple[int, int]] = field(default_factory=list)
+    bitops: int = 0
     fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def fab(self) -> float:
+        return sum(self.bits) / len(self.bits) if self.bits else 32.0
 
 
 class Engine:
@@ -39,7 +56,14 @@ class Engine:
     Args:
         model: a shipped/official name (see ``gdq_engine.known_models()``), a checkpoint path, or an
             :class:`~gdq_engine.models.SRModel`.
-        policy: bit-width policy; ``"fp"`` runs the FP model.
+        policy: ``"fp"``; ``"static"`` (every patch at ``bits``, default 8); ``"entropy"``
+            (EntropyOnly over ``bits``, default (2, 4, 8)); or a :class:`~gdq_engine.policy.BitPolicy`.
+        bits: bit-width (static) or three ascending bit-widths (entropy); code widths 2..8, run
+            in the 2/4/8 containers.
+        calib: calibration data for quantized policies: a folder of images or (N,3,h,w) LR patches
+            in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
+        w_bits: weight bit-width of the quantized body (8, 4 or 2).
+        backend: ``"auto"`` or ``"reference"`` (exact integer torch path; faster kernels plug in here).
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
         stride: patch stride (papers: 90).
@@ -51,13 +75,16 @@ class Engine:
         progress: show a progress bar over batches.
     """
 
-    def __init__(self, model="edsr-baseline-x4", policy: str = "fp", device=None, patch_size: int | None = 96,
-                 stride: int = 90, margin: int = 0, batch_size: int = 16, dtype: torch.dtype = torch.float32,
-                 progress: bool = False):
-        if policy in POLICIES_PLANNED:
-            raise NotImplementedError(f"policy {policy!r} arrives with the quantization core; use policy='fp'")
-        if policy not in POLICIES_AVAILABLE:
+    def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy = "fp", device=None,
+                 patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
+                 dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
+                 w_bits: int = 8, backend: str = "auto"):
+        if isinstance(policy, str) and policy in POLICIES_PLANNED:
+            raise NotImplementedError(f"policy {policy!r} is not implemented yet; available: {POLICIES_AVAILABLE}")
+        if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE + POLICIES_PLANNED}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if patch_size is not None and (int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size)):
             raise ValueError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size}, {stride}")
         if margin < 0 or batch_size < 1:
@@ -70,9 +97,47 @@ class Engine:
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
         self.model: SRModel = load_model(model).eval().to(self.device, dtype)
         self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
-        self.policy, self.dtype = policy, dtype
+        self.dtype = dtype
         self.patch_size, self.stride, self.margin = patch_size, stride, margin
         self.batch_size, self.progress = batch_size, progress
+        self.policy: BitPolicy | None = None
+        self.int_body = None
+        self.w_bits = w_bits
+        if policy != "fp":
+            if dtype != torch.float32:
+                raise ValueError("quantized policies run the FP parts in float32; drop the dtype argument")
+            self._setup_quantized(policy, bits, calib, w_bits)
+        elif bits is not None:
+            raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
+
+    def _setup_quantized(self, policy, bits, calib, w_bits: int) -> None:
+        from .policy import BitPolicy, EntropyOnly, Static
+        from .runtime.intgraph import IntegerBody, calibrate, prepare_blocks
+
+        if isinstance(policy, BitPolicy):
+            self.policy = policy
+        elif policy == "static":
+            if bits is not None and not isinstance(bits, int):
+                raise ValueError(f"policy='static' takes one integer bit-width, got {bits!r}")
+            self.policy = Static(8 if bits is None else bits)
+        else:
+            self.policy = EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
+        if calib is None:
+            raise ValueError(f"policy {self.policy.name!r} needs calibration data: pass calib=<folder of images> "
+                             "or calib=<(N,3,h,w) LR patches in [0,1]>")
+        if isinstance(calib, (str, os.PathLike)):
+            from .train.data import random_lr_patches
+
+            calib = random_lr_patches([calib], self.scale, count=32, size=48)
+        if not torch.is_tensor(calib) or calib.dim() != 4 or calib.shape[1] != 3:
+            raise ValueError("calib must be a folder of images or a (N,3,h,w) tensor of LR patches")
+        cpu_model = self.model.float().cpu()
+        with torch.inference_mode():
+            act_quants = calibrate(cpu_model, calib.float(), self.policy.bits)
+        self.model.to(self.device)
+        self.policy.fit(calib.float())
+        self.int_body = IntegerBody(prepare_blocks(cpu_model, w_bits), act_quants)
+        self.int_body.to(self.device)
 
     @classmethod
     def from_pretrained(cls, name: str = "edsr-baseline-x4", download: bool = True, **kwargs) -> Engine:
@@ -88,7 +153,8 @@ class Engine:
 
     def __repr__(self) -> str:
         tiling = "whole-image" if self.patch_size is None else f"patch {self.patch_size}/{self.stride}+{self.margin}"
-        return (f"Engine({self.model.arch} x{self.scale}, policy={self.policy}, device={self.device}, "
+        policy = "fp" if self.policy is None else f"{self.policy.name}{list(self.policy.bits)}"
+        return (f"Engine({self.model.arch} x{self.scale}, policy={policy}, device={self.device}, "
                 f"dtype={self.dtype}, {tiling})")
 
     def upscale(self, x, return_report: bool = False):
@@ -162,6 +228,8 @@ class Engine:
 
     def _forward(self, windows: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
         x = windows.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self.policy is not None:
+            return self._forward_quantized(x, report).to(windows.device)
         with torch.inference_mode():
             y = self.model(x.to(self.dtype))
             if self.dtype != torch.float32 and not torch.isfinite(y).all():
@@ -173,6 +241,25 @@ class Engine:
         if not torch.isfinite(y).all():
             raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
         return y.float().to(windows.device)
+
+
+    def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
+        from .runtime.cost import bitops, conv_macs
+        from .runtime.scheduler import run_grouped
+
+        model, body = self.model, self.int_body
+        with torch.inference_mode():
+            xn = model.normalize(x)
+            feat = model.head(xn)
+            bits = self.policy.assign(x, feat)
+            out, groups = run_grouped(
+                bits, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b)))
+            y = model.denormalize(model.forward_output(out, xn))
+        q_macs, fp_macs = conv_macs(model, x.shape[-2], x.shape[-1])
+        report.bits.extend(bits.tolist())
+        report.groups.extend(groups)
+        report.bitops += sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in bits.tolist())
+        return y.float()
 
 
 def upscale_file(engine: Engine, src, dst, compare: str | None = None) -> tuple[int, int]:

@@ -82,7 +82,15 @@ def test_bad_input_types_and_files(engine, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(policy="granular"), NotImplementedError, "quantization core"),
+    (dict(policy="granular"), NotImplementedError, "not implemented yet"),
+    (dict(policy="static"), ValueError, "needs calibration data"),
+    (dict(policy="static", bits=(2, 4), calib=torch.rand(2, 3, 8, 8)), ValueError, "one integer bit-width"),
+    (dict(policy="static", bits=9, calib=torch.rand(2, 3, 8, 8)), ValueError, "unsupported bit-width 9"),
+    (dict(policy="static", bits=0, calib=torch.rand(2, 3, 8, 8)), ValueError, "unsupported bit-width 0"),
+    (dict(policy="entropy", bits=(8, 4, 2), calib=torch.rand(2, 3, 8, 8)), ValueError, "ascending"),
+    (dict(policy="static", calib=torch.rand(2, 8, 8)), ValueError, "calib must be"),
+    (dict(bits=8), ValueError, "only apply to quantized"),
+    (dict(backend="fpga"), ValueError, "unknown backend"),
     (dict(policy="turbo"), ValueError, "unknown policy"),
     (dict(patch_size=16, stride=17), ValueError, "stride"),
     (dict(margin=-1), ValueError, "margin"),

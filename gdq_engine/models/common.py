@@ -78,12 +78,18 @@ class SRModel(nn.Module):
         """Network output space -> (N,3,sH,sW) image space (about [0,1], not clamped)."""
         return y / self.pixel_range + self.mean.to(y.dtype)
 
-    def forward_body(self, feat: torch.Tensor) -> torch.Tensor:
-        """Head features (N,F,H,W) -> features entering the upsampler (N,F,H,W)."""
-        res = feat
+    def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
+        """The residual blocks in FP: (N,F,H,W) -> (N,F,H,W). Quantized runtimes replace this."""
         for block in self.body:
-            res = block(res)
-        return self.body_tail(res) + feat
+            feat = block(feat)
+        return feat
+
+    def forward_body(self, feat: torch.Tensor, run_blocks=None) -> torch.Tensor:
+        """Head features (N,F,H,W) -> features entering the upsampler (N,F,H,W).
+
+        ``run_blocks``: optional replacement for :meth:`run_blocks` (e.g. a quantized body).
+        """
+        return self.body_tail((run_blocks or self.run_blocks)(feat)) + feat
 
     def forward_output(self, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Body output (N,F,H,W) and normalised input -> normalised HR output (N,3,sH,sW)."""

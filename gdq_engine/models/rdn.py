@@ -59,7 +59,9 @@ class RDN(SRModel):
         self.upsampler = nn.Sequential(*stages)
         self.tail = conv3x3(growth, 3)
 
-    def forward_body(self, feat: torch.Tensor) -> torch.Tensor:
+    def forward_body(self, feat: torch.Tensor, run_blocks=None) -> torch.Tensor:
+        if run_blocks is not None:
+            raise NotImplementedError("RDN's dense blocks are not quantized yet")
         x = self.body_entry(feat)
         outs = []
         for block in self.body:

@@ -1,1 +1,7 @@
-"""Bit-width policies (Granular-DQ, CADyQ, static, entropy) arrive with the quantization core."""
+"""Bit-width policies: one activation bit-width per LR patch (layer-invariant)."""
+
+from .base import BitPolicy
+from .entropy import EntropyOnly, patch_entropy
+from .static import Static
+
+__all__ = ["BitPolicy", "EntropyOnly", "Static", "patch_entropy"]

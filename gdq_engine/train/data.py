@@ -72,3 +72,12 @@ class PairedPatches:
             lrs.append(lr_c)
             hrs.append(hr_c)
         return torch.stack(lrs).float() / 255, torch.stack(hrs).float() / 255
+
+
+def random_lr_patches(folders, scale: int, count: int = 32, size: int = 48, seed: int = 0,
+                      progress: bool = False) -> torch.Tensor:
+    """``count`` random (3, size, size) LR crops (MATLAB-bicubic LR of the images in ``folders``),
+    stacked as (count, 3, size, size) float32 in [0,1]: calibration data for PTQ and policies."""
+    data = PairedPatches(folders, scale, size, progress=progress)
+    lr, _ = data.sample(count, torch.Generator().manual_seed(seed))
+    return lr

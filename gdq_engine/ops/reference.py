@@ -1,0 +1,72 @@
+"""Reference backend: packed 3x3 convolution with the fused epilogue, exact integer math.
+
+The oracle every fast kernel is tested against, bit for bit. Tensors are NHWC:
+
+* ``x_packed``: (N, H, W, C * bits / 8) uint8, codes packed by :mod:`gdq_engine.quant.packing`.
+* ``w_codes``: (Cout, C, 3, 3) int8 weight codes.
+* accumulation: int32 (computed exactly through a float64 convolution of integer values).
+* epilogue (docs/numerics.md): ``y = fp32(acc) * mult[c]``; ``y = y + bias[c]``; optional ReLU;
+  optional residual ``y = residual + y * res_scale``; then either fp32 out or re-quantized codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.packing import pack_codes, unpack_codes
+from ..quant.quantizer import ActQuant, container_bits, quantize
+
+
+def conv3x3_int(codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """(N,H,W,C) integer codes * (Cout,C,3,3) int8 -> (N,H,W,Cout) int32, stride 1, zero pad 1.
+
+    Exact: float64 represents every partial sum (|sum| < 2^53).
+    """
+    if codes.dim() != 4 or w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3):
+        raise ValueError(f"conv3x3_int expects NHWC codes and (Cout,C,3,3) weights, got {tuple(codes.shape)}, "
+                         f"{tuple(w_codes.shape)}")
+    if codes.shape[-1] != w_codes.shape[1]:
+        raise ValueError(f"channel mismatch: activations have {codes.shape[-1]}, weights expect {w_codes.shape[1]}")
+    x = codes.permute(0, 3, 1, 2).to(torch.float64)
+    acc = F.conv2d(x, w_codes.to(torch.float64), padding=1)
+    return acc.round().to(torch.int32).permute(0, 2, 3, 1).contiguous()
+
+
+def epilogue(acc: torch.Tensor, mult: torch.Tensor, bias: torch.Tensor, relu: bool = False,
+             residual: torch.Tensor | None = None, res_scale: float = 1.0,
+             out_quant: ActQuant | None = None) -> torch.Tensor:
+    """int32 accumulators (N,H,W,Cout) -> fp32 (N,H,W,Cout) or int32 codes when ``out_quant``.
+
+    Each step is one fp32 operation, in this order, so every backend can reproduce it exactly.
+    """
+    y = acc.to(torch.float32) * mult.to(torch.float32)
+    y = y + bias.to(torch.float32)
+    if relu:
+        y = torch.clamp_min(y, 0.0)
+    if residual is not None:
+        if res_scale != 1.0:
+            y = y * torch.tensor(res_scale, dtype=torch.float32)
+        y = residual.to(torch.float32) + y
+    return quantize(y, out_quant) if out_quant is not None else y
+
+
+def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, w_codes: torch.Tensor, mult: torch.Tensor,
+                   bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
+                   res_scale: float = 1.0, out_quant: ActQuant | None = None) -> torch.Tensor:
+    """The fused op: unpack -> int conv -> epilogue -> (re-quantize + pack | fp32).
+
+    ``a_bits`` is the code width (stored in its container). Returns packed uint8 NHWC when
+    ``out_quant`` is given (container of ``out_quant.bits``), else fp32 NHWC.
+    """
+    codes = unpack_codes(x_packed, container_bits(a_bits), a_signed)
+    acc = conv3x3_int(codes, w_codes)
+    out = epilogue(acc, mult, bias, relu, residual, res_scale, out_quant)
+    if out_quant is None:
+        return out
+    return pack_codes(out, container_bits(out_quant.bits))
+
+
+def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """fp32 NHWC -> packed uint8 NHWC codes of ``q`` (container of ``q.bits``)."""
+    return pack_codes(quantize(x, q), container_bits(q.bits))

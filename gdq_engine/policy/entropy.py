@@ -1,0 +1,68 @@
+"""EntropyOnly: training-free policy mapping patch pixel entropy to bit classes by quantiles.
+
+Entropy is Granular-DQ's E2B measure: grayscale (0.2989, 0.5870, 0.1140) in [0,1], a Gaussian
+soft histogram (sigma 0.0255) over 32 bin centres linspace(0, 1, 32), normalised, natural log.
+Patches with entropy <= the ``quantiles[0]`` quantile of the calibration patches get ``bits[0]``,
+<= ``quantiles[1]`` get ``bits[1]``, the rest ``bits[2]`` (flat patches need few bits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant.quantizer import container_bits
+from .base import BitPolicy
+
+GRAY = (0.2989, 0.5870, 0.1140)
+BINS = 32
+SIGMA = 0.0255
+
+
+def patch_entropy(lr: torch.Tensor) -> torch.Tensor:
+    """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats."""
+    if lr.dim() != 4 or lr.shape[1] != 3:
+        raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
+    w = torch.tensor(GRAY, dtype=torch.float32, device=lr.device).view(1, 3, 1, 1)
+    gray = (lr.float() * w).sum(1).flatten(1)  # (P, h*w)
+    centres = torch.linspace(0, 1, BINS, device=lr.device)
+    hist = torch.zeros(lr.shape[0], BINS, device=lr.device)
+    for chunk in gray.split(4096, dim=1):  # bounded memory for big patches
+        hist += torch.exp(-((chunk.unsqueeze(-1) - centres) ** 2) / (2 * SIGMA**2)).sum(1)
+    p = hist / hist.sum(1, keepdim=True).clamp_min(1e-12)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+
+
+class EntropyOnly(BitPolicy):
+    """Entropy quantile thresholds -> ``bits`` (ascending, three classes)."""
+
+    name = "entropy"
+
+    def __init__(self, bits: tuple[int, int, int] = (2, 4, 8), quantiles: tuple[float, float] = (0.5, 0.9),
+                 thresholds: tuple[float, float] | None = None):
+        bits = tuple(int(b) for b in bits)
+        if len(bits) != 3 or list(bits) != sorted(bits):
+            raise ValueError(f"EntropyOnly needs three ascending bit-widths, got {bits}")
+        for b in bits:
+            container_bits(b)
+        if not 0 < quantiles[0] <= quantiles[1] < 1:
+            raise ValueError(f"quantiles must satisfy 0 < q1 <= q2 < 1, got {quantiles}")
+        self.bits, self.quantiles = bits, tuple(quantiles)
+        self.thresholds = tuple(thresholds) if thresholds is not None else None
+
+    def fit(self, lr_patches: torch.Tensor) -> EntropyOnly:
+        h = patch_entropy(lr_patches)
+        self.thresholds = tuple(float(torch.quantile(h, q)) for q in self.quantiles)
+        return self
+
+    def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
+        if self.thresholds is None:
+            raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
+        h = patch_entropy(lr)
+        t1, t2 = self.thresholds
+        out = torch.full((lr.shape[0],), self.bits[2], dtype=torch.int64)
+        out[h <= t2] = self.bits[1]
+        out[h <= t1] = self.bits[0]
+        return out
+
+    def state(self) -> dict:
+        return {**super().state(), "quantiles": list(self.quantiles), "thresholds": list(self.thresholds or [])}
