@@ -7,6 +7,7 @@ patches grouped by bit-width, one batched run of the quantized body per group ->
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -95,6 +96,8 @@ class Engine:
             "cuda" if torch.cuda.is_available() else "cpu")
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+        if isinstance(model, torch.nn.Module):
+            model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
         self.model: SRModel = load_model(model).eval().to(self.device, dtype)
         self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
         self.dtype = dtype

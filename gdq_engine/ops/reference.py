@@ -21,16 +21,27 @@ from ..quant.quantizer import ActQuant, container_bits, quantize
 def conv3x3_int(codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     """(N,H,W,C) integer codes * (Cout,C,3,3) int8 -> (N,H,W,Cout) int32, stride 1, zero pad 1.
 
-    Exact: float64 represents every partial sum (|sum| < 2^53).
+    Exact integer result through a float convolution: fp32 when every partial sum stays below
+    2^24 in magnitude (8-bit unsigned codes are first shifted by -128, and the shift is added back
+    with the in-image weight sums, so zero padding keeps meaning code 0), float64 otherwise.
     """
     if codes.dim() != 4 or w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3):
         raise ValueError(f"conv3x3_int expects NHWC codes and (Cout,C,3,3) weights, got {tuple(codes.shape)}, "
                          f"{tuple(w_codes.shape)}")
     if codes.shape[-1] != w_codes.shape[1]:
         raise ValueError(f"channel mismatch: activations have {codes.shape[-1]}, weights expect {w_codes.shape[1]}")
-    x = codes.permute(0, 3, 1, 2).to(torch.float64)
-    acc = F.conv2d(x, w_codes.to(torch.float64), padding=1)
-    return acc.round().to(torch.int32).permute(0, 2, 3, 1).contiguous()
+    lo, hi = int(codes.min()), int(codes.max())
+    offset = 128 if lo >= 0 and hi > 127 else 0
+    bound = max(abs(lo - offset), abs(hi - offset)) * int(w_codes.abs().max()) * 9 * codes.shape[-1]
+    dtype = torch.float32 if bound < 2**24 else torch.float64
+    # Contiguous NCHW: torch's float convs are much slower on NHWC strides for these dtypes.
+    x = (codes.permute(0, 3, 1, 2).to(torch.int32) - offset).to(dtype).contiguous()
+    w = w_codes.to(dtype).contiguous()
+    acc = F.conv2d(x, w, padding=1).round().to(torch.int32)
+    if offset:
+        ones = torch.ones(1, *x.shape[1:], dtype=dtype, device=x.device)
+        acc += offset * F.conv2d(ones, w, padding=1).round().to(torch.int32)
+    return acc.permute(0, 2, 3, 1).contiguous()
 
 
 def epilogue(acc: torch.Tensor, mult: torch.Tensor, bias: torch.Tensor, relu: bool = False,

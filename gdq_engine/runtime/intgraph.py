@@ -48,7 +48,8 @@ def prepare_blocks(model: SRModel, w_bits: int = 8) -> list[QuantBlock]:
     for blk in _blocks_of(model):
         w1, s1 = quantize_weight(blk.conv1.weight, w_bits)
         w2, s2 = quantize_weight(blk.conv2.weight, w_bits)
-        out.append(QuantBlock(w1, s1, blk.conv1.bias.detach().float(), w2, s2, blk.conv2.bias.detach().float(),
+        out.append(QuantBlock(w1.contiguous(), s1, blk.conv1.bias.detach().float(), w2.contiguous(), s2,
+                              blk.conv2.bias.detach().float(),
                               float(getattr(blk, "res_scale", 1.0))))
     return out
 

@@ -1,0 +1,219 @@
+"""Quantization core: quantizers, DOBI, the reference integer conv, integer body, policies, scheduler."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_image
+
+from gdq_engine import Engine
+from gdq_engine.models import EDSR
+from gdq_engine.ops import reference
+from gdq_engine.policy import EntropyOnly, Static, patch_entropy
+from gdq_engine.quant.calibrate import dobi_scale
+from gdq_engine.quant.packing import pack_codes
+from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits, fake_quantize, quantize, quantize_weight
+from gdq_engine.runtime.intgraph import IntegerBody, calibrate, collect_block_activations, prepare_blocks
+from gdq_engine.runtime.scheduler import run_grouped
+
+
+def test_quantize_hand_values():
+    q = ActQuant(4, True, 0.5)
+    x = torch.tensor([0.24, 0.25, -0.26, -0.75, 10.0, -10.0])
+    # floor(x * 2 + 0.5), clamped to [-8, 7]: 0.25 -> 1 (half rounds up), -0.75 -> -1
+    assert quantize(x, q).tolist() == [0, 1, -1, -1, 7, -8]
+    u = ActQuant(2, False, 1.0)
+    assert quantize(torch.tensor([-1.0, 0.49, 0.5, 2.6, 9.0]), u).tolist() == [0, 0, 1, 3, 3]
+    assert fake_quantize(torch.tensor([0.3]), q).item() == 0.5
+
+
+def test_code_ranges_and_containers():
+    assert code_range(8, True) == (-128, 127) and code_range(8, False) == (0, 255)
+    assert code_range(2, True) == (-2, 1) and code_range(5, False) == (0, 31)
+    assert [container_bits(b) for b in (2, 3, 4, 5, 6, 8)] == [2, 4, 4, 8, 8, 8]
+    for bad in (0, 1, 9, 16):
+        with pytest.raises(ValueError, match="unsupported bit-width"):
+            container_bits(bad)
+    with pytest.raises(ValueError, match="positive"):
+        ActQuant(8, True, 0.0)
+
+
+def test_weight_quant_hand_values():
+    w = torch.tensor([[1.0, -0.5], [0.1, 0.2]]).view(2, 2, 1, 1)
+    codes, scale = quantize_weight(w, 8)
+    assert scale.tolist() == pytest.approx([1 / 127, 0.2 / 127])
+    assert codes.view(2, 2).tolist() == [[127, -64], [64, 127]]  # -63.5 and 63.5 round half to even
+    codes2, scale2 = quantize_weight(w, 2)
+    assert codes2.view(2, 2).tolist() == [[1, 0], [0, 1]] and scale2.tolist() == pytest.approx([1.0, 0.2])
+    _, per_tensor = quantize_weight(w, 8, per_channel=False)
+    assert per_tensor.tolist() == pytest.approx([1 / 127, 1 / 127])
+    with pytest.raises(ValueError):
+        quantize_weight(w, 3)
+
+
+def test_dobi_beats_max_bound_on_heavy_tails():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g)
+    x[:5] = 40.0  # outliers
+    for bits, signed in ((4, True), (2, True), (4, False)):
+        s = dobi_scale(x, bits, signed)
+        _, hi = code_range(bits, signed)
+        naive = 40.0 / hi  # the max bound
+
+        def err(sc, bits=bits, signed=signed):
+            return float(((fake_quantize(x, ActQuant(bits, signed, sc)) - x) ** 2).sum())
+
+        assert s < naive and err(s) < err(naive)
+    assert dobi_scale(torch.zeros(10), 8, True) == 1.0
+
+
+def _naive_conv(codes, w):
+    n, h, wd, c = codes.shape
+    pad = F.pad(codes.permute(0, 3, 1, 2).long(), (1, 1, 1, 1))
+    out = torch.zeros(n, w.shape[0], h, wd, dtype=torch.long)
+    for ky in range(3):
+        for kx in range(3):
+            patch = pad[:, :, ky:ky + h, kx:kx + wd]
+            out += torch.einsum("nchw,oc->nohw", patch, w[:, :, ky, kx].long())
+    return out.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("n,h,w,c,co", [(1, 5, 7, 8, 4), (3, 9, 4, 16, 8), (2, 1, 1, 4, 4)])
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (2, False)])
+def test_int_conv_exact(n, h, w, c, co, bits, signed):
+    g = torch.Generator().manual_seed(n * 100 + h)
+    lo, hi = code_range(bits, signed)
+    codes = torch.randint(lo, hi + 1, (n, h, w, c), generator=g)
+    wc = torch.randint(-127, 128, (co, c, 3, 3), generator=g, dtype=torch.int8)
+    acc = reference.conv3x3_int(codes, wc)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), _naive_conv(codes, wc))
+    packed = pack_codes(codes, bits)
+    mult, bias = torch.rand(co, generator=g), torch.randn(co, generator=g)
+    out = reference.packed_conv3x3(packed, bits, signed, wc, mult, bias, relu=True)
+    manual = torch.clamp_min(acc.float() * mult + bias, 0)
+    assert torch.equal(out, manual)
+    q = ActQuant(4, False, 0.7)
+    requant = reference.packed_conv3x3(packed, bits, signed, wc, mult, bias, relu=True, out_quant=q)
+    assert torch.equal(requant, pack_codes(quantize(manual, q), 4))
+
+
+def test_epilogue_residual_order():
+    acc = torch.tensor([[[[3, -2]]]], dtype=torch.int32)
+    res = torch.tensor([[[[1.0, 1.0]]]])
+    y = reference.epilogue(acc, torch.tensor([0.5, 0.25]), torch.tensor([0.1, 0.0]), residual=res, res_scale=0.1)
+    expect = res + (acc.float() * torch.tensor([0.5, 0.25]) + torch.tensor([0.1, 0.0])) * 0.1
+    assert torch.equal(y, expect)
+
+
+@pytest.fixture
+def small_edsr():
+    torch.manual_seed(0)
+    return EDSR(2, n_feats=16, n_blocks=3).eval()
+
+
+def _fake_quant_blocks(model, act_quants, blocks):
+    """The float model of the integer path: fake-quant activations, dequantized weights."""
+    def run(x):
+        for blk, qb, (q_in, q_mid) in zip(model.body, blocks, act_quants):
+            w1 = qb.w1.float() * qb.s_w1.view(-1, 1, 1, 1)
+            w2 = qb.w2.float() * qb.s_w2.view(-1, 1, 1, 1)
+            mid = torch.relu(F.conv2d(fake_quantize(x, q_in), w1, qb.b1, padding=1))
+            x = x + F.conv2d(fake_quantize(mid, q_mid), w2, qb.b2, padding=1)
+        return x
+    return run
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_integer_body_equals_fake_quant_model(small_edsr, bits):
+    calib = random_image(16, 16, n=4, seed=1)
+    quants = calibrate(small_edsr, calib, (bits,))
+    blocks = prepare_blocks(small_edsr)
+    body = IntegerBody(blocks, quants)
+    x = random_image(11, 13, n=2, seed=2)
+    with torch.no_grad():
+        feat = small_edsr.head(small_edsr.normalize(x))
+        ours = body(feat, bits)
+        fake = _fake_quant_blocks(small_edsr, quants[bits], blocks)(feat)
+        # First quantizer: identical codes by construction of the contract.
+        q0 = quants[bits][0][0]
+        assert torch.equal(quantize(feat.permute(0, 2, 3, 1), q0),
+                           quantize(feat, q0).permute(0, 2, 3, 1))
+    step = max(q[1].scale for q in quants[bits])
+    diff = (ours - fake).abs()
+    assert diff.mean() < 1e-3 * step and diff.max() < 2 * step * len(blocks)
+
+
+def test_calibration_collects_every_block(small_edsr):
+    acts = collect_block_activations(small_edsr, random_image(8, 8, n=2))
+    assert len(acts) == 3 and all(mid.min() >= 0 for _, mid in acts)
+    with pytest.raises(ValueError, match="no calibrated quantizers"):
+        IntegerBody(prepare_blocks(small_edsr), calibrate(small_edsr, random_image(8, 8, n=2), (8,)))(
+            torch.zeros(1, 16, 4, 4), 4)
+
+
+def test_static8_close_to_fp_and_lower_bits_degrade(small_edsr):
+    calib = random_image(24, 24, n=8, seed=3)
+    x = random_image(30, 34, n=1, seed=4)
+    fp = Engine(small_edsr, device="cpu", patch_size=24, stride=20).upscale(x)
+    errs = {}
+    for b in (8, 4, 2):
+        y = Engine(small_edsr, policy="static", bits=b, calib=calib, device="cpu", patch_size=24, stride=20).upscale(x)
+        errs[b] = (y - fp).abs().mean().item()
+    assert errs[8] < 2e-3 and errs[8] < errs[4] < errs[2]
+
+
+def _mixed_image():
+    x = torch.full((1, 3, 48, 64), 0.5)
+    x[..., :, 32:] = random_image(48, 32, n=1, seed=9)  # textured right half
+    x[..., 24:, :16] = torch.linspace(0, 1, 16)  # gradient corner
+    return x
+
+
+def test_entropy_policy_orders_by_texture():
+    x = _mixed_image()
+    flat, noisy = x[:, :, :16, :16], x[:, :, :16, 40:56]
+    h = patch_entropy(torch.cat([flat, noisy]))
+    assert h[0] < h[1]
+    p = EntropyOnly((2, 4, 8), thresholds=(float(h[0]) + 1e-3, float(h[0]) + 2e-3))
+    assert p.assign(torch.cat([flat, noisy]), None).tolist() == [2, 8]
+    with pytest.raises(RuntimeError, match="fit"):
+        EntropyOnly().assign(flat, None)
+    assert Static(4).assign(flat, None).tolist() == [4]
+
+
+def test_grouped_equals_per_patch_and_shuffled(small_edsr):
+    calib = torch.cat([random_image(16, 16, n=4, seed=5), torch.full((4, 3, 16, 16), 0.4)])
+    engine = Engine(small_edsr, policy="entropy", bits=(2, 4, 8), calib=calib, device="cpu", patch_size=16,
+                    stride=12, batch_size=64)
+    x = _mixed_image()
+    y, report = engine.upscale(x, return_report=True)
+    assert len(set(report.bits)) >= 2, report.bits  # really mixed precision
+    assert sum(c for _, c in report.groups) == report.patches == len(report.bits)
+    assert report.fab == pytest.approx(sum(report.bits) / len(report.bits))
+    one = Engine(small_edsr, policy=engine.policy, calib=calib, device="cpu", patch_size=16, stride=12,
+                 batch_size=1).upscale(x)
+    assert torch.equal(y, one)
+    # Scheduler level: any order of patches gives the same per-patch results.
+    feats = torch.randn(7, 16, 6, 6)
+    bits = torch.tensor([8, 2, 4, 2, 8, 8, 4])
+    run = lambda f, b: engine.int_body(f, b)
+    out, groups = run_grouped(bits, feats, run)
+    assert groups == [(2, 2), (4, 2), (8, 3)]
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
+    out_perm, _ = run_grouped(bits[perm], feats[perm], run)
+    assert torch.equal(out_perm, out[perm])
+    for i in range(7):
+        assert torch.equal(run(feats[i:i + 1], int(bits[i]))[0], out[i])
+
+
+@pytest.mark.parametrize("fill", ["random", "extreme"])
+def test_int_conv_exact_full_width(fill):
+    """64 channels (K = 576), 8-bit unsigned codes: the fp32 fast path must stay exact, borders too."""
+    g = torch.Generator().manual_seed(11)
+    if fill == "extreme":
+        codes = torch.full((1, 7, 9, 64), 255)
+        w = torch.full((64, 64, 3, 3), 127, dtype=torch.int8)
+        w[::2] = -127
+    else:
+        codes = torch.randint(0, 256, (2, 13, 11, 64), generator=g)
+        w = torch.randint(-127, 128, (64, 64, 3, 3), generator=g, dtype=torch.int8)
+    assert torch.equal(reference.conv3x3_int(codes, w).long(), _naive_conv(codes, w))
