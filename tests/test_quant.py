@@ -113,7 +113,7 @@ def small_edsr():
 def _fake_quant_blocks(model, act_quants, blocks):
     """The float model of the integer path: fake-quant activations, dequantized weights."""
     def run(x):
-        for blk, qb, (q_in, q_mid) in zip(model.body, blocks, act_quants):
+        for qb, (q_in, q_mid) in zip(blocks, act_quants):
             w1 = qb.w1.float() * qb.s_w1.view(-1, 1, 1, 1)
             w2 = qb.w2.float() * qb.s_w2.view(-1, 1, 1, 1)
             mid = torch.relu(F.conv2d(fake_quantize(x, q_in), w1, qb.b1, padding=1))
