@@ -21,14 +21,32 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=int, default=0, help="extra LR context per patch, removes seams")
     p.add_argument("--whole-image", action="store_true", help="run the network on the whole image")
     p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
+    p.add_argument("--calib", default="../shared/data/train",
+                   help="folder of images for calibrating quantized policies (DOBI scales, entropy thresholds)")
 
 
-def _engine(args, progress: bool = False):
+def parse_policy(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
+    """'fp' | 'static:8' | 'entropy:2,4,8' -> (policy name, bits)."""
+    name, _, bits = spec.partition(":")
+    if name not in ("fp", "static", "entropy"):
+        raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B or entropy:B1,B2,B3")
+    if not bits:
+        return name, None
+    try:
+        values = tuple(int(b) for b in bits.split(","))
+    except ValueError as exc:
+        raise ValueError(f"bad bit-widths in {spec!r}") from exc
+    return name, values[0] if name == "static" and len(values) == 1 else values
+
+
+def _engine(args, progress: bool = False, policy: str = "fp"):
     from .engine import Engine
 
-    return Engine(args.model, policy="fp", device=args.device, patch_size=None if args.whole_image else args.patch_size,
-                  stride=args.stride, margin=args.margin, batch_size=args.batch_size,
-                  dtype=getattr(torch, args.dtype), progress=progress)
+    name, bits = parse_policy(policy)
+    quantized = name != "fp"
+    return Engine(args.model, policy=name, bits=bits, calib=args.calib if quantized else None, device=args.device,
+                  patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
+                  batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress)
 
 
 def _sample_image(name: str, folder: Path) -> Path:
@@ -49,7 +67,7 @@ def cmd_upscale(args) -> int:
     from .engine import upscale_file
     from .io import IMAGE_SUFFIXES
 
-    engine = _engine(args, progress=True)
+    engine = _engine(args, progress=True, policy=args.policy)
     print(f"{engine}", file=sys.stderr)
     if args.sample:
         out = Path(args.output)
@@ -80,21 +98,39 @@ def cmd_upscale(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import bicubic_upscaler, evaluate_folder
 
-    engine = _engine(args)
     rows = []
-    for folder in args.data:
-        if args.bicubic:
-            rows.append((Path(folder).name, evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale,
-                                                            name="bicubic", limit=args.limit)))
-        rows.append((Path(folder).name, evaluate_folder(engine.upscale, folder, engine.scale,
-                                                        name=str(args.model), limit=args.limit)))
-    lines = ["| dataset | method | scale | PSNR (dB) | SSIM |", "|---|---|---|---|---|"]
-    for ds, r in rows:
-        lines.append(f"| {ds} | {r.name} | x{r.scale} | {r.mean_psnr:.2f} | {r.mean_ssim:.4f} |")
+    for spec in args.policies:
+        engine = _engine(args, policy=spec)
+        reports = []
+
+        def upscale(x, engine=engine, reports=reports):
+            y, report = engine.upscale(x, return_report=True)
+            reports.append(report)
+            return y
+
+        for folder in args.data:
+            reports.clear()
+            if args.bicubic and spec == args.policies[0]:
+                res = evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale, name="bicubic",
+                                      limit=args.limit)
+                rows.append((Path(folder).name, res, None, None))
+            res = evaluate_folder(upscale, folder, engine.scale, name=spec, limit=args.limit)
+            bits = [b for r in reports for b in r.bits]
+            fab = sum(bits) / len(bits) if bits else 32.0
+            bitops = sum(r.bitops for r in reports) / len(reports) if bits else None
+            rows.append((Path(folder).name, res, fab, bitops))
+    print(f"model: {args.model}")
+    lines = ["| dataset | method | scale | FAB | BitOPs/image (G) | PSNR (dB) | SSIM |",
+             "|---|---|---|---|---|---|---|"]
+    for ds, r, fab, bitops in rows:
+        fab_s = "-" if fab is None else f"{fab:.2f}"
+        ops_s = "-" if bitops is None else f"{bitops / 1e9:.1f}"
+        lines.append(f"| {ds} | {r.name} | x{r.scale} | {fab_s} | {ops_s} | {r.mean_psnr:.2f} | {r.mean_ssim:.4f} |")
     print("\n".join(lines))
     if args.json:
-        payload = [{"dataset": ds, "method": r.name, "scale": r.scale, "psnr": r.mean_psnr, "ssim": r.mean_ssim,
-                    "per_image_psnr": r.psnr, "per_image_ssim": r.ssim} for ds, r in rows]
+        payload = [{"dataset": ds, "method": r.name, "scale": r.scale, "fab": fab, "bitops_per_image": bitops,
+                    "psnr": r.mean_psnr, "ssim": r.mean_ssim, "per_image_psnr": r.psnr, "per_image_ssim": r.ssim}
+                   for ds, r, fab, bitops in rows]
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 
@@ -139,11 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (folder when input is a folder)")
     p.add_argument("--sample", choices=SAMPLES, help="use a scikit-image sample photo as input")
     p.add_argument("--compare", help="also write a side-by-side PNG: bicubic | model")
+    p.add_argument("--policy", default="fp", help="fp | static:B | entropy:B1,B2,B3 (quantized, reference backend)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("eval", help="PSNR/SSIM (Y, border = scale) on folders of HR images")
     p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
+    p.add_argument("--policies", nargs="+", default=["fp"],
+                   help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8 ...")
     p.add_argument("--bicubic", action="store_true", help="add the MATLAB-bicubic baseline rows")
     p.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
     p.add_argument("--json", help="also write the results (per image too) to this JSON file")

@@ -73,7 +73,33 @@ def test_eval_prints_table_and_json(tmp_path, ckpt, capsys):
         save_image(random_image(40, 46, seed=i), hr / f"{i}.png")
     assert main(["eval", "--model", ckpt, "--data", str(hr), "--bicubic", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "| hr | bicubic | x2 |" in out and f"| hr | {ckpt} | x2 |" in out
+    assert "| hr | bicubic | x2 | - | - |" in out and "| hr | fp | x2 | 32.00 |" in out
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["method"] for r in rows] == ["bicubic", ckpt]
+    assert [r["method"] for r in rows] == ["bicubic", "fp"]
     assert all(len(r["per_image_psnr"]) == 2 for r in rows)
+
+
+def test_eval_quantized_policies(tmp_path, ckpt, capsys):
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for i in range(2):
+        save_image(random_image(104, 120, seed=i), hr / f"{i}.png")
+    assert main(["eval", "--model", ckpt, "--data", str(hr), "--calib", str(hr), "--patch-size", "12", "--stride",
+                 "10", "--policies", "fp", "static:8", "static:4", "entropy:2,4,8", "--json",
+                 str(tmp_path / "q.json")]) == 0
+    rows = json.loads((tmp_path / "q.json").read_text())
+    assert [r["method"] for r in rows] == ["fp", "static:8", "static:4", "entropy:2,4,8"]
+    assert [r["fab"] for r in rows[:3]] == [32.0, 8.0, 4.0] and 2.0 <= rows[3]["fab"] <= 8.0
+    assert rows[1]["bitops_per_image"] > rows[2]["bitops_per_image"]
+    assert abs(rows[1]["psnr"] - rows[0]["psnr"]) < abs(rows[2]["psnr"] - rows[0]["psnr"]) + 1e-9
+    assert main(["eval", "--model", ckpt, "--data", str(hr), "--policies", "turbo:3"]) == 2
+    assert "unknown policy spec" in capsys.readouterr().err
+
+
+def test_upscale_with_policy(tmp_path, ckpt):
+    save_image(random_image(20, 26), tmp_path / "a.png")
+    (tmp_path / "calib").mkdir()
+    save_image(random_image(100, 100), tmp_path / "calib" / "c.png")
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "a8.png"), "--model", ckpt, "--policy",
+                 "static:8", "--calib", str(tmp_path / "calib"), "--patch-size", "16", "--stride", "12"]) == 0
+    assert Image.open(tmp_path / "a8.png").size == (52, 40)
