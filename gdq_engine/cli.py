@@ -139,8 +139,8 @@ def cmd_train(args) -> int:
     from .train.fp import FPTrainConfig, train_fp
 
     cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
-                        lr_patch=args.patch, lr=args.lr, seed=args.seed, val_every=args.val_every, init=args.init,
-                        bf16=args.bf16)
+                        lr_patch=args.patch, lr=args.lr, warmup=args.warmup, seed=args.seed, val_every=args.val_every,
+                        init=args.init, bf16=args.bf16)
     out = train_fp(cfg, args.out, device=args.device)
     print(f"wrote {out}")
     return 0
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=48, help="LR crop side")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to 1%%)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=1000)
     p.add_argument("--init", default=None, help="start from the matching tensors of this checkpoint")
