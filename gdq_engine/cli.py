@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def cmd_train(args) -> int:
     cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
                         lr_patch=args.patch, lr=args.lr, warmup=args.warmup, seed=args.seed, val_every=args.val_every,
                         init=args.init, bf16=args.bf16)
-    out = train_fp(cfg, args.out, device=args.device)
+    command = "python -m gdq_engine " + shlex.join(sys.argv[1:])
+    out = train_fp(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
 

@@ -134,13 +134,12 @@ class Engine:
             calib = random_lr_patches([calib], self.scale, count=32, size=48)
         if not torch.is_tensor(calib) or calib.dim() != 4 or calib.shape[1] != 3:
             raise ValueError("calib must be a folder of images or a (N,3,h,w) tensor of LR patches")
-        cpu_model = self.model.float().cpu()
+        calib = calib.float().to(self.device)
         with torch.inference_mode():
-            act_quants = calibrate(cpu_model, calib.float(), self.policy.bits)
-        self.model.to(self.device)
-        self.policy.fit(calib.float())
-        self.int_body = IntegerBody(prepare_blocks(cpu_model, w_bits), act_quants)
-        self.int_body.to(self.device)
+            act_quants = calibrate(self.model, calib, self.policy.bits)
+        if not self.policy.is_fitted:
+            self.policy.fit(calib)
+        self.int_body = IntegerBody(prepare_blocks(self.model, w_bits), act_quants)
 
     @classmethod
     def from_pretrained(cls, name: str = "edsr-baseline-x4", download: bool = True, **kwargs) -> Engine:

@@ -18,6 +18,11 @@ class BitPolicy:
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether data-dependent parameters are set (policies without any are always fitted)."""
+        return True
+
     def fit(self, lr_patches: torch.Tensor) -> BitPolicy:
         """Set data-dependent parameters (thresholds) from calibration patches; default: none."""
         return self

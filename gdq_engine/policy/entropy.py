@@ -49,6 +49,10 @@ class EntropyOnly(BitPolicy):
         self.bits, self.quantiles = bits, tuple(quantiles)
         self.thresholds = tuple(thresholds) if thresholds is not None else None
 
+    @property
+    def is_fitted(self) -> bool:
+        return self.thresholds is not None
+
     def fit(self, lr_patches: torch.Tensor) -> EntropyOnly:
         h = patch_entropy(lr_patches)
         self.thresholds = tuple(float(torch.quantile(h, q)) for q in self.quantiles)

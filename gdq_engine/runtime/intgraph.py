@@ -96,13 +96,6 @@ class IntegerBody:
                 raise ValueError(f"{len(qs)} quantizer pairs for {b} bits but {len(blocks)} blocks")
         self.blocks, self.act_quants = blocks, act_quants
 
-    def to(self, device) -> IntegerBody:
-        """Move the prepared tensors to ``device`` (in place); returns self."""
-        for blk in self.blocks:
-            for name in ("w1", "s_w1", "b1", "w2", "s_w2", "b2"):
-                setattr(blk, name, getattr(blk, name).to(device))
-        return self
-
     @property
     def bits(self) -> tuple[int, ...]:
         return tuple(sorted(self.act_quants))

@@ -60,11 +60,12 @@ def _init_from(model: torch.nn.Module, path: str) -> int:
 
 
 def train_fp(cfg: FPTrainConfig, out: str | Path, device: str | None = None, progress: bool = True,
-             log=print) -> Path:
+             log=print, command: str | None = None) -> Path:
     """Train (or resume) an FP model and write a gdq_engine checkpoint to ``out``.
 
-    Returns the output path. ``out.state.pt`` beside it makes the run resumable; a JSON-like
-    history of losses and validation PSNR is stored in the checkpoint's ``meta``.
+    Returns the output path. ``out.state.pt`` beside it makes the run resumable; the history of
+    losses and validation PSNR, the config and ``command`` (how the run was started) are stored in
+    the checkpoint's ``meta``.
     """
     out = Path(out)
     state_path = out.with_suffix(".state.pt")
@@ -129,6 +130,7 @@ def train_fp(cfg: FPTrainConfig, out: str | Path, device: str | None = None, pro
             save_state()
     bar.close()
     model.eval()
-    meta = {"train_config": asdict(cfg), "history": history, "steps": step}
+    meta = {"train_config": asdict(cfg), "history": history, "steps": step, "device": str(device),
+            "command": command or ""}
     save_checkpoint(model.to(memory_format=torch.contiguous_format), out, meta)
     return out
