@@ -40,12 +40,14 @@ def parse_policy(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
     return name, values[0] if name == "static" and len(values) == 1 else values
 
 
-def _engine(args, progress: bool = False, policy: str = "fp"):
+def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
+    """Engine from the shared CLI options; ``calib`` (LR patches) overrides the ``--calib`` folder."""
     from .engine import Engine
 
     name, bits = parse_policy(policy)
     quantized = name != "fp"
-    return Engine(args.model, policy=name, bits=bits, calib=args.calib if quantized else None, device=args.device,
+    calib = (args.calib if calib is None else calib) if quantized else None
+    return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress)
 
@@ -98,10 +100,16 @@ def cmd_upscale(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import bicubic_upscaler, evaluate_folder
+    from .models import load_model
+    from .train.data import random_lr_patches
 
+    calib = None
+    if any(parse_policy(spec)[0] != "fp" for spec in args.policies):
+        # Read and downscale the calibration folder once for every policy compared.
+        calib = random_lr_patches([args.calib], load_model(args.model).scale)
     rows = []
     for spec in args.policies:
-        engine = _engine(args, policy=spec)
+        engine = _engine(args, policy=spec, calib=calib)
         reports = []
 
         def upscale(x, engine=engine, reports=reports):

@@ -114,7 +114,7 @@ class Engine:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
 
     def _setup_quantized(self, policy, bits, calib, w_bits: int) -> None:
-        from .policy import BitPolicy, EntropyOnly, Static
+        from .policy import EntropyOnly, Static
         from .runtime.intgraph import IntegerBody, calibrate, prepare_blocks
 
         if isinstance(policy, BitPolicy):
@@ -131,7 +131,7 @@ class Engine:
         if isinstance(calib, (str, os.PathLike)):
             from .train.data import random_lr_patches
 
-            calib = random_lr_patches([calib], self.scale, count=32, size=48)
+            calib = random_lr_patches([calib], self.scale)
         if not torch.is_tensor(calib) or calib.dim() != 4 or calib.shape[1] != 3:
             raise ValueError("calib must be a folder of images or a (N,3,h,w) tensor of LR patches")
         calib = calib.float().to(self.device)
@@ -243,7 +243,6 @@ class Engine:
         if not torch.isfinite(y).all():
             raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
         return y.float().to(windows.device)
-
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
         from .runtime.cost import bitops, conv_macs

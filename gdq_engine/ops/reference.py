@@ -4,7 +4,7 @@ The oracle every fast kernel is tested against, bit for bit. Tensors are NHWC:
 
 * ``x_packed``: (N, H, W, C * bits / 8) uint8, codes packed by :mod:`gdq_engine.quant.packing`.
 * ``w_codes``: (Cout, C, 3, 3) int8 weight codes.
-* accumulation: int32 (computed exactly through a float64 convolution of integer values).
+* accumulation: int32 (computed exactly through an fp32 or float64 convolution of integer codes).
 * epilogue (docs/numerics.md): ``y = fp32(acc) * mult[c]``; ``y = y + bias[c]``; optional ReLU;
   optional residual ``y = residual + y * res_scale``; then either fp32 out or re-quantized codes.
 """
