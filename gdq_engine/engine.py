@@ -23,7 +23,7 @@ from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy")
 POLICIES_PLANNED = ("granular", "cadyq")
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 @dataclass
@@ -64,7 +64,12 @@ class Engine:
         calib: calibration data for quantized policies: a folder of images or (N,3,h,w) LR patches
             in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
         w_bits: weight bit-width of the quantized body (8, 4 or 2).
-        backend: ``"auto"`` or ``"reference"`` (exact integer torch path; faster kernels plug in here).
+        backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
+            path, any device), ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
+            ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA when installed, else reference).
+            Both give bit-identical results.
+        cuda_graphs: replay the Triton integer body as one CUDA graph per (bit-width, batch shape)
+            (captured on its second use; removes per-kernel launch overhead). CUDA only.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
         stride: patch stride (papers: 90).
@@ -72,14 +77,16 @@ class Engine:
             margin >= ``model.receptive_radius`` makes tiled output equal whole-image output).
         batch_size: patches per forward pass (halved automatically on CUDA out-of-memory).
         dtype: compute dtype of the FP network (float32 default; float16/bfloat16 on GPU, with an
-            automatic float32 re-run if the half-precision result is not finite).
+            automatic float32 re-run if the half-precision result is not finite). With quantized
+            policies it is the dtype of the FP layers around the integer body (head, body-end
+            conv, upsampler, tail); calibration and weight codes always come from the fp32 model.
         progress: show a progress bar over batches.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy = "fp", device=None,
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
-                 w_bits: int = 8, backend: str = "auto"):
+                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True):
         if isinstance(policy, str) and policy in POLICIES_PLANNED:
             raise NotImplementedError(f"policy {policy!r} is not implemented yet; available: {POLICIES_AVAILABLE}")
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
@@ -98,20 +105,21 @@ class Engine:
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
         if isinstance(model, torch.nn.Module):
             model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
-        self.model: SRModel = load_model(model).eval().to(self.device, dtype)
+        # Quantized setup (calibration, weight codes) always sees the fp32 model; then the FP
+        # layers move to ``dtype``.
+        self.model: SRModel = load_model(model).eval().to(self.device, torch.float32)
         self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
         self.dtype = dtype
         self.patch_size, self.stride, self.margin = patch_size, stride, margin
         self.batch_size, self.progress = batch_size, progress
         self.policy: BitPolicy | None = None
         self.int_body = None
-        self.w_bits = w_bits
+        self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         if policy != "fp":
-            if dtype != torch.float32:
-                raise ValueError("quantized policies run the FP parts in float32; drop the dtype argument")
             self._setup_quantized(policy, bits, calib, w_bits)
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
+        self.model.to(dtype)
 
     def _setup_quantized(self, policy, bits, calib, w_bits: int) -> None:
         from .policy import EntropyOnly, Static
@@ -139,7 +147,21 @@ class Engine:
             act_quants = calibrate(self.model, calib, self.policy.bits)
         if not self.policy.is_fitted:
             self.policy.fit(calib)
-        self.int_body = IntegerBody(prepare_blocks(self.model, w_bits), act_quants)
+        backend = self._body_backend()
+        self.int_body = IntegerBody(prepare_blocks(self.model, w_bits), act_quants, backend=backend,
+                                    cuda_graphs=self.cuda_graphs and backend == "triton" and self.device.type == "cuda")
+
+    def _body_backend(self) -> str:
+        from .ops.triton_ops import unavailable_reason
+
+        if self.backend == "reference":
+            return "reference"
+        reason = unavailable_reason(self.device)
+        if self.backend == "triton":
+            if reason:
+                raise RuntimeError(f"backend='triton' cannot run: {reason}")
+            return "triton"
+        return "triton" if reason is None and self.device.type == "cuda" else "reference"
 
     @classmethod
     def from_pretrained(cls, name: str = "edsr-baseline-x4", download: bool = True, **kwargs) -> Engine:
@@ -250,12 +272,15 @@ class Engine:
 
         model, body = self.model, self.int_body
         with torch.inference_mode():
-            xn = model.normalize(x)
+            xn = model.normalize(x.to(self.dtype))
             feat = model.head(xn)
             bits = self.policy.assign(x, feat)
+            # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
             out, groups = run_grouped(
-                bits, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b)))
+                bits, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
             y = model.denormalize(model.forward_output(out, xn))
+        if not torch.isfinite(y).all():
+            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
         q_macs, fp_macs = conv_macs(model, x.shape[-2], x.shape[-1])
         report.bits.extend(bits.tolist())
         report.groups.extend(groups)

@@ -9,6 +9,13 @@ SHARED_DATA = Path(os.environ.get("GDQ_SHARED_DATA", ROOT.parent / "shared" / "d
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (must be set before Triton is
+# imported). With a GPU they are compiled and run there.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
 
 def shared(*parts: str) -> Path:
     """Path under ../shared/data; the test fails (not skips) when the shared data is absent."""

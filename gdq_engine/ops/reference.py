@@ -37,10 +37,11 @@ def conv3x3_int(codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     # Contiguous NCHW: torch's float convs are much slower on NHWC strides for these dtypes.
     x = (codes.permute(0, 3, 1, 2).to(torch.int32) - offset).to(dtype).contiguous()
     w = w_codes.to(dtype).contiguous()
-    acc = F.conv2d(x, w, padding=1).round().to(torch.int32)
-    if offset:
-        ones = torch.ones(1, *x.shape[1:], dtype=dtype, device=x.device)
-        acc += offset * F.conv2d(ones, w, padding=1).round().to(torch.int32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # TF32 would break exactness on GPUs
+        acc = F.conv2d(x, w, padding=1).round().to(torch.int32)
+        if offset:
+            ones = torch.ones(1, *x.shape[1:], dtype=dtype, device=x.device)
+            acc += offset * F.conv2d(ones, w, padding=1).round().to(torch.int32)
     return acc.permute(0, 2, 3, 1).contiguous()
 
 

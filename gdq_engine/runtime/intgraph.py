@@ -1,4 +1,4 @@
-"""The quantized body as an integer graph (reference backend), one bit class per call.
+"""The quantized body as an integer graph, one bit class per call (reference or Triton backend).
 
 For residual-block bodies (EDSR, MSRResNet): per block, per activation bit-width ``b``::
 
@@ -12,6 +12,8 @@ FP (Granular-DQ's placement).
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -82,34 +84,113 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
                 for x_in, mid in acts] for b in bits}
 
 
+BODY_BACKENDS = ("reference", "triton")
+
+
+def _backend_module(backend: str):
+    if backend == "reference":
+        return reference
+    if backend == "triton":
+        from ..ops import triton_ops
+
+        return triton_ops.kernel_ops()
+    raise ValueError(f"unknown integer-body backend {backend!r}; choose from {BODY_BACKENDS}")
+
+
 class IntegerBody:
-    """Runs the quantized blocks on the reference backend: ``body(feat, bits)``.
+    """Runs the quantized blocks: ``body(feat, bits)``, on the ``reference`` or ``triton`` backend.
+
+    Both backends compute the same codes and fp32 values bit for bit (docs/numerics.md).
 
     Args:
         blocks: from :func:`prepare_blocks`.
         act_quants: bit-width -> per block (input quantizer, mid quantizer), from :func:`calibrate`.
+        backend: ``"reference"`` (pure torch, any device) or ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
     """
 
-    def __init__(self, blocks: list[QuantBlock], act_quants: dict[int, list[tuple[ActQuant, ActQuant]]]):
+    MAX_GRAPHS = 8  # captured (bits, shape) variants kept; least recently used dropped first
+
+    def __init__(self, blocks: list[QuantBlock], act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
+                 backend: str = "reference", cuda_graphs: bool = False):
         for b, qs in act_quants.items():
             if len(qs) != len(blocks):
                 raise ValueError(f"{len(qs)} quantizer pairs for {b} bits but {len(blocks)} blocks")
         self.blocks, self.act_quants = blocks, act_quants
+        self.backend = backend
+        self._ops = _backend_module(backend)
+        # Epilogue multipliers m = fp32(s_in) * fp32(s_w[o]), once per (bits, block).
+        self._mults = {b: [(torch.tensor(q_in.scale, dtype=torch.float32) * blk.s_w1.float(),
+                            torch.tensor(q_mid.scale, dtype=torch.float32) * blk.s_w2.float())
+                           for blk, (q_in, q_mid) in zip(blocks, qs)] for b, qs in act_quants.items()}
+        self._weights: dict[tuple[int, int], list[tuple]] = {}
+        self.cuda_graphs = cuda_graphs
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self._calls: Counter[tuple] = Counter()
 
     @property
     def bits(self) -> tuple[int, ...]:
         return tuple(sorted(self.act_quants))
 
+    def _weights_for(self, in_bits: int, mid_bits: int) -> list[tuple]:
+        """Per block (conv1, conv2) weights in the backend's form, prepared once per bit pair."""
+        key = (in_bits, mid_bits)
+        if key not in self._weights:
+            prep = getattr(self._ops, "prepare_conv_weight", None)
+            self._weights[key] = [(blk.w1, blk.w2) if prep is None else (prep(blk.w1, in_bits), prep(blk.w2, mid_bits))
+                                  for blk in self.blocks]
+        return self._weights[key]
+
     def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
-        """(N,F,H,W) fp32 block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``."""
+        """(N,F,H,W) block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``.
+
+        With ``cuda_graphs`` on a CUDA tensor, the second call of a (bits, shape) captures the
+        whole body as one CUDA graph (the first ran eagerly, which also autotunes the kernels);
+        later calls replay it. Results are identical to eager runs.
+        """
         if bits not in self.act_quants:
             raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
+        if self.cuda_graphs and feat.is_cuda:
+            key = (bits, tuple(feat.shape), feat.dtype, feat.device)
+            entry = self._graphs.get(key)
+            if entry is None:
+                self._calls[key] += 1
+                if self._calls[key] >= 2:
+                    entry = self._capture(key, feat, bits)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+                graph, static_in, static_out = entry
+                static_in.copy_(feat)
+                graph.replay()
+                return static_out.clone()
+        return self._run(feat, bits)
+
+    def _capture(self, key: tuple, feat: torch.Tensor, bits: int):
+        static_in = feat.clone()
+        side = torch.cuda.Stream(feat.device)
+        side.wait_stream(torch.cuda.current_stream(feat.device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph expects
+            self._run(static_in, bits)
+        torch.cuda.current_stream(feat.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self._run(static_in, bits)
+        except RuntimeError as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
+            warnings.warn(f"CUDA graph capture failed, running the integer body eagerly: {exc}", stacklevel=3)
+            self.cuda_graphs = False
+            return None
+        self._graphs[key] = (graph, static_in, static_out)
+        while len(self._graphs) > self.MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return self._graphs[key]
+
+    def _run(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
+        ops, quants = self._ops, self.act_quants[bits]
+        weights = self._weights_for(quants[0][0].bits, quants[0][1].bits) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
-        for blk, (q_in, q_mid) in zip(self.blocks, self.act_quants[bits]):
-            packed = reference.quantize_pack(x, q_in)
-            m1 = torch.tensor(q_in.scale, dtype=torch.float32) * blk.s_w1
-            mid = reference.packed_conv3x3(packed, q_in.bits, True, blk.w1, m1, blk.b1, relu=True, out_quant=q_mid)
-            m2 = torch.tensor(q_mid.scale, dtype=torch.float32) * blk.s_w2
-            x = reference.packed_conv3x3(mid, q_mid.bits, False, blk.w2, m2, blk.b2, residual=x,
-                                         res_scale=blk.res_scale)
+        for blk, (q_in, q_mid), (w1, w2), (m1, m2) in zip(self.blocks, quants, weights, self._mults[bits]):
+            packed = ops.quantize_pack(x, q_in)
+            mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
+            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale)
         return x.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,154 @@
+"""Per-conv speed of the packed Triton kernels vs torch fp16 channels_last cuDNN, and vs the floor.
+
+    python benchmarks/kernels.py [--out DIR] [--scale 4] [--output 1920x1080]
+
+Workload: the 3x3 convs of EDSR-baseline on the 96x96 LR patches (stride 90) that tile a 1080p
+*output* frame (x4: 480x270 LR -> 18 patches), the papers' protocol. For each activation width
+a in {8,4,2} and weight width w in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack out)
+and conv2 (unsigned codes in, fp32 residual add, fp32 out), plus the 64->256 upsampler conv (fp32
+out). Baseline: torch fp16 NHWC conv (cudnn.benchmark) of the same shape, same run.
+Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
+here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench, inputs
+rotated across buffers larger than L2. Writes kernels-<device>-<date>.json; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+
+def bench(fn, rep_ms: int = 200) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def rotating(make, nbytes: int, l2_bytes: int = 50 << 20):
+    """Enough independent buffers that cycling through them defeats the L2 cache."""
+    count = max(2, math.ceil(3 * l2_bytes / max(nbytes, 1)))
+    return [make() for _ in range(min(count, 16))]
+
+
+def measure_peaks() -> dict:
+    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").t().contiguous().t()
+    t_mm = bench(lambda: torch._int_mm(a, b))
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t_cp = bench(lambda: y.copy_(x))
+    h = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
+    t_h = bench(lambda: h @ h)
+    return {"int8_tops": 2 * 8192**3 / t_mm / 1e9, "fp16_tflops": 2 * 8192**3 / t_h / 1e9,
+            "hbm_gbs": 2 * x.numel() / t_cp / 1e6}
+
+
+def patch_batch(scale: int, out_w: int, out_h: int) -> int:
+    from gdq_engine.runtime.tiler import make_grid
+
+    lr_h, lr_w = out_h // scale, out_w // scale
+    return len(make_grid(lr_h, lr_w, 96, 90))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--output", default="1920x1080", help="HR output frame WxH whose LR patches are convolved")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton  # noqa: F401
+    from gdq_engine.kernels import ops as tk
+
+    from gdq_engine.quant.packing import pack_codes
+    from gdq_engine.quant.quantizer import ActQuant, code_range
+
+    torch.backends.cudnn.benchmark = True
+    out_w, out_h = map(int, args.output.lower().split("x"))
+    n, hw, c = patch_batch(args.scale, out_w, out_h), 96, 64
+    m = n * hw * hw
+    peaks = measure_peaks()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def floor_us(macs: int, nbytes: int) -> float:
+        return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
+
+    def cudnn_us(cout: int) -> float:
+        conv = torch.nn.Conv2d(c, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+        xs = rotating(lambda: torch.randn(n, c, hw, hw, device="cuda", dtype=torch.float16).to(
+            memory_format=torch.channels_last), m * c * 2)
+        with torch.inference_mode():
+            return bench(cycle(conv, xs)) * 1e3
+
+    def cycle(fn, inputs):
+        """A no-argument call of ``fn`` on the next input buffer (rotating past the L2 cache)."""
+        counter = iter(range(1 << 62))
+        return lambda: fn(inputs[next(counter) % len(inputs)])
+
+    def conv_case(kind: str, a_bits: int, w_bits: int) -> dict:
+        signed = kind == "conv1"
+        hi_w = (1 << (w_bits - 1)) - 1
+        w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device="cuda", generator=g).to(torch.int8)
+        mult = torch.rand(64, device="cuda", generator=g) * 1e-3
+        bias = torch.randn(64, device="cuda", generator=g) * 0.01
+        lo, hi = code_range(a_bits, signed)
+        prep = tk.prepare_conv_weight(w, a_bits)
+        in_bytes = m * c * a_bits // 8
+        xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device="cuda", generator=g),
+                                         a_bits), in_bytes)
+        if kind == "conv1":
+            out = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8, device="cuda")
+            kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02), out=out)
+            nbytes = in_bytes + out.numel()
+        else:
+            res = torch.randn(n, hw, hw, c, device="cuda", generator=g)
+            kw = dict(residual=res, out=torch.empty_like(res))
+            nbytes = in_bytes + 2 * res.numel() * 4
+        t = bench(cycle(lambda x: tk.packed_conv3x3(x, a_bits, signed, prep, mult, bias, **kw), xs)) * 1e3
+        floor = floor_us(m * 9 * c * 64, nbytes)
+        return {"conv": kind, "cin": c, "cout": 64, "a_bits": a_bits, "w_bits": w_bits, "us": t,
+                "cudnn_fp16_us": base[64], "speedup_vs_fp16": base[64] / t, "floor_us": floor,
+                "pct_of_floor": 100 * floor / t}
+
+    base = {64: cudnn_us(64), 256: cudnn_us(256)}
+    rows = [conv_case(kind, a_bits, w_bits) for a_bits in (8, 4, 2) for w_bits in (8, 4, 2)
+            for kind in ("conv1", "conv2")]
+    # Upsampler conv 64 -> 256, 8-bit codes in, fp32 out.
+    w = torch.randint(-127, 128, (256, c, 3, 3), device="cuda", generator=g).to(torch.int8)
+    prep = tk.prepare_conv_weight(w, 8)
+    xs = rotating(lambda: torch.randint(0, 256, (n, hw, hw, c), device="cuda", generator=g, dtype=torch.uint8),
+                  m * c)
+    out = torch.empty(n, hw, hw, 256, device="cuda")
+    ones, zeros = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
+    t = bench(cycle(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs)) * 1e3
+    macs, nbytes = m * 9 * c * 256, m * c + out.numel() * 4
+    rows.append({"conv": "upsampler", "cin": c, "cout": 256, "a_bits": 8, "w_bits": 8, "us": t,
+                 "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
+                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t})
+    best = {}
+    for key, cfg in tk._tuned_conv.cache.items():
+        best[str(key)] = str(cfg)
+    payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw,
+                            "pixels": m}, "peaks": peaks, "rows": rows, "autotune_choices": best}
+    path = write_results("kernels", payload, args.out)
+    print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
+          f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
+    print(f"{'conv':9} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7}")
+    for r in rows:
+        print(f"{r['conv']:9} {r['a_bits']:>2} {r['w_bits']:>2} {r['us']:8.1f} {r['cudnn_fp16_us']:8.1f} "
+              f"{r['speedup_vs_fp16']:7.2f} {r['floor_us']:8.1f} {r['pct_of_floor']:7.1f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""End-to-end upscaling latency: torch FP baselines vs the quantized engine, same frame, same run.
+
+    python benchmarks/latency.py --gpu [--out DIR] [--scale 4] [--output 1920x1080] [--image PATH]
+    python benchmarks/latency.py          # CPU mode (small frame)
+
+The LR frame is a crop of a real photo (``--image``, default the first image of
+../shared/data/train, tiled periodically if smaller). Every row upscales the same frame with the
+papers' 96/90 tiling through ``Engine.upscale``: FP rows (fp32, and fp16/bf16 channels_last with
+cudnn.benchmark on GPU) and quantized rows (static a8/a4/a2 and EntropyOnly {2,4,8} on the
+``auto`` backend: Triton on GPU, reference on CPU; on GPU their FP layers run in fp16, and one
+row shows static a8 with fp32 FP layers). Columns: median ms (do_bench on GPU, host
+timer medians on CPU), speed-up vs the fp16 (GPU) or fp32 (CPU) row, FAB, PSNR of the output vs
+the fp32 output. Writes latency-<device>-<date>.json; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lr_frame(path: Path | None, height: int, width: int) -> torch.Tensor:
+    """(1,3,height,width) crop of a real image in [0,1] (tiled by reflection if it is smaller)."""
+    from gdq_engine.io import load_image
+    from gdq_engine.train.data import list_images
+
+    if path is None:
+        path = list_images([ROOT.parent / "shared" / "data" / "train"])[0]
+    img = load_image(path)
+    while img.shape[1] < height or img.shape[2] < width:
+        img = torch.cat([img, img.flip(1)], 1) if img.shape[1] < height else torch.cat([img, img.flip(2)], 2)
+    return img[:, :height, :width].unsqueeze(0).contiguous()
+
+
+def time_ms(fn, gpu: bool, reps: int) -> float:
+    if gpu:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=200, rep=1000, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help="run on CUDA (else CPU mode)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--scale", type=int, default=4, choices=[2, 4])
+    p.add_argument("--output", default=None, help="HR frame WxH (default 1920x1080 on GPU, 384x384 on CPU)")
+    p.add_argument("--image", type=Path, default=None)
+    p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
+    p.add_argument("--reps", type=int, default=3, help="CPU-mode repeats")
+    args = p.parse_args(argv)
+
+    from gdq_engine import Engine, load_model
+    from gdq_engine.train.data import random_lr_patches
+
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu given but no CUDA device", file=sys.stderr)
+        return 2
+    dev = "cuda" if args.gpu else "cpu"
+    torch.backends.cudnn.benchmark = True
+    out_w, out_h = map(int, (args.output or ("1920x1080" if args.gpu else "384x384")).lower().split("x"))
+    lr = lr_frame(args.image, out_h // args.scale, out_w // args.scale).to(dev)
+    model = load_model(f"edsr-baseline-x{args.scale}")
+    calib = random_lr_patches([args.calib], args.scale, count=32, size=96)
+    rows, ref_out = [], None
+    cases = [("fp32", dict(policy="fp")), ("static a8", dict(policy="static", bits=8)),
+             ("static a4", dict(policy="static", bits=4)), ("static a2", dict(policy="static", bits=2)),
+             ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
+    if args.gpu:  # quantized rows run their FP layers (head, upsampler, tail) in fp16 too
+        half = torch.float16
+        cases = [cases[0], ("fp16 CL", dict(policy="fp", dtype=half)),
+                 ("bf16 CL", dict(policy="fp", dtype=torch.bfloat16)),
+                 ("static a8 (fp32 FP layers)", dict(policy="static", bits=8))] + [
+                     (name, dict(kw, dtype=half)) for name, kw in cases[1:]]
+    for name, kw in cases:
+        if kw["policy"] != "fp":
+            kw = dict(kw, calib=calib)
+        engine = Engine(model, device=dev, **kw)
+        with torch.inference_mode():
+            out, report = engine.upscale(lr, return_report=True)
+            ms = time_ms(lambda engine=engine: engine.upscale(lr), args.gpu, args.reps)
+        ref_out = out if ref_out is None else ref_out
+        rows.append({"method": name, "ms": ms, "fab": report.fab, "patches": report.patches,
+                     "backend": getattr(engine.int_body, "backend", "fp"),
+                     "psnr_vs_fp32": psnr(out, ref_out), "groups": report.groups})
+        print(f"{name}: {ms:.2f} ms", flush=True)
+    base_name = "fp16 CL" if args.gpu else "fp32"
+    base = next(r["ms"] for r in rows if r["method"] == base_name)
+    for r in rows:
+        r[f"speedup_vs_{base_name.split()[0]}"] = base / r["ms"]
+    payload = {"workload": {"model": f"edsr-baseline-x{args.scale}", "output": f"{out_w}x{out_h}",
+                            "lr": list(lr.shape[-2:]), "tiling": "96/90"}, "rows": rows}
+    path = write_results("latency", payload, args.out)
+    print(f"EDSR-baseline x{args.scale}, {out_w}x{out_h} output, {rows[0]['patches']} patches, device {dev}")
+    print(f"{'method':27} {'ms':>9} {'x ' + base_name:>10} {'FAB':>5} {'PSNR vs fp32':>12} backend")
+    for r in rows:
+        print(f"{r['method']:27} {r['ms']:9.2f} {base / r['ms']:10.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} "
+              f"{r['backend']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Packed 3x3 convolution (stride 1, zero pad 1, NHWC) as a Triton implicit GEMM, with the fused
+epilogue of docs/numerics.md. Bit-exact with :func:`gdq_engine.ops.reference.packed_conv3x3`.
+
+GEMM view: M = N*H*W output pixels, N = Cout, K = 9 taps x C channels. Activations arrive packed
+(``8 // a_bits`` codes per byte, channel j + i*G of a pixel in bits [i*a_bits, (i+1)*a_bits) of
+byte j, G = C*a_bits/8). The K loop walks *packed bytes* ``kk = tap*G + j``: one load of a
+(BLOCK_M, BLOCK_K) byte tile feeds ``8 // a_bits`` int8 MMAs, one per channel group ``i``, each
+against its own weight rows (prepared once by :func:`prepare_conv_weight`). Unpacking happens in
+registers; bit-widths are constexpr, so every group's launch is specialised.
+
+8-bit unsigned codes (0..255) do not fit int8: they enter the MMA shifted by -128 (padding taps
+load code 0, i.e. -128 after the shift) and ``128 * sum(w[o])`` over *all* taps is added back,
+which is exactly the sum over in-image taps with padding contributing code 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _unpack_group(raw, GROUP: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr):
+    """uint8 tile of packed bytes -> int8 codes of channel group ``GROUP`` (8-bit lane arithmetic)."""
+    if BITS == 8:
+        if SIGNED:
+            v = raw.to(tl.int8, bitcast=True)
+        else:  # unsigned 0..255 -> code - 128, which fits int8 (the epilogue adds 128 * sum(w) back)
+            v = (raw ^ 0x80).to(tl.int8, bitcast=True)
+    else:
+        if SIGNED:  # move the field to the top bits, then an arithmetic shift sign-extends it
+            v = (raw << (8 - BITS * (GROUP + 1))).to(tl.int8, bitcast=True) >> (8 - BITS)
+        else:
+            v = ((raw >> (BITS * GROUP)) & ((1 << BITS) - 1)).to(tl.int8, bitcast=True)
+    return v
+
+
+@triton.jit
+def _pack_tile(q, BLOCK_M: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes (BLOCK_M, C) -> int32 bytes (BLOCK_M, C*BITS/8) in the packed layout."""
+    if BITS == 8:
+        return q & 0xFF
+    else:
+        K: tl.constexpr = 8 // BITS
+        G: tl.constexpr = C // K
+        fields = tl.reshape(q & ((1 << BITS) - 1), (BLOCK_M, K, G))
+        shifts = tl.arange(0, K) * BITS
+        return tl.sum(fields << shifts[None, :, None], axis=1)
+
+
+@triton.jit
+def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr):
+    """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations."""
+    t = y * inv_s
+    t = t + 0.5
+    return tl.minimum(tl.maximum(tl.floor(t), LO), HI).to(tl.int32)
+
+
+@triton.jit
+def _packed_conv3x3_kernel(
+    x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+    M, H, W, COUT, res_scale, inv_s_out,
+    C: tl.constexpr, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
+    RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
+    O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    GROUPS: tl.constexpr = 8 // A_BITS
+    CP: tl.constexpr = C // GROUPS  # packed bytes per pixel
+    KK: tl.constexpr = 9 * CP  # packed bytes per 3x3 window (the real K of each group's MMA)
+    # K-step shape: one tap (BLOCK_K divides CP), several whole taps (CP divides BLOCK_K), or general.
+    MODE: tl.constexpr = 1 if CP % BLOCK_K == 0 else (2 if BLOCK_K % CP == 0 else 0)
+    TPS: tl.constexpr = BLOCK_K // CP if MODE == 2 else 1  # taps per K step
+    STEPS: tl.constexpr = (9 + TPS - 1) // TPS if MODE == 2 else (KK + BLOCK_K - 1) // BLOCK_K
+
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < COUT
+    px = offs_m % W
+    py = (offs_m // W) % H
+    kr = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for step in range(STEPS):
+        kk = step * BLOCK_K + kr  # packed-byte index within the 3x3 window
+        if MODE == 1:
+            tap = (step * BLOCK_K) // CP
+            dy = tap // 3 - 1
+            dx = tap % 3 - 1
+            ok = m_ok & (py + dy >= 0) & (py + dy < H) & (px + dx >= 0) & (px + dx < W)
+            row = tl.multiple_of((offs_m + dy * W + dx) * CP, 16)
+            col = tl.max_contiguous(tl.multiple_of((step * BLOCK_K) % CP + kr, BLOCK_K), BLOCK_K)
+            a_off = row[:, None] + col[None, :]
+            a_ok = ok[:, None]
+        elif MODE == 2:
+            a_off = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
+            a_ok = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int1)
+            for s in tl.static_range(TPS):
+                tap = step * TPS + s
+                dy = tap // 3 - 1
+                dx = tap % 3 - 1
+                ok = m_ok & (py + dy >= 0) & (py + dy < H) & (px + dx >= 0) & (px + dx < W) & (tap < 9)
+                sel = (kr // CP == s)[None, :]
+                a_off = tl.where(sel, ((offs_m + dy * W + dx) * CP)[:, None] + (kr % CP)[None, :], a_off)
+                a_ok = tl.where(sel, ok[:, None], a_ok)
+        else:
+            tap = kk // CP
+            dy = (tap // 3 - 1)[None, :]
+            dx = (tap % 3 - 1)[None, :]
+            yy = py[:, None] + dy
+            xx = px[:, None] + dx
+            a_ok = m_ok[:, None] & (tap < 9)[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            a_off = (offs_m[:, None] + dy * W + dx) * CP + (kk % CP)[None, :]
+        raw = tl.load(x_ptr + a_off, mask=a_ok, other=0)
+        w_ok = (kk < KK)[:, None] & n_ok[None, :]
+        for i in tl.static_range(GROUPS):
+            a = _unpack_group(raw, i, A_BITS, A_SIGNED)
+            w = tl.load(w_ptr + (i * KK + kk)[:, None] * COUT + offs_n[None, :], mask=w_ok, other=0)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    if A_BITS == 8 and not A_SIGNED:
+        acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+    y = acc.to(tl.float32) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        if SCALE_RES:
+            y = y * res_scale
+        y = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=mn_ok, other=0.0) + y
+    if O_BITS == 0:
+        tl.store(out_ptr + offs_m[:, None] * COUT + offs_n[None, :], y, mask=mn_ok)
+    else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
+        OCP: tl.constexpr = BLOCK_N * O_BITS // 8
+        packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)
+        offs_b = tl.arange(0, OCP)
+        tl.store(out_ptr + offs_m[:, None] * OCP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
+
+
+@triton.jit
+def _quantize_pack_kernel(x_ptr, out_ptr, M, inv_s, C: tl.constexpr, BITS: tl.constexpr,
+                          LO: tl.constexpr, HI: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, C)
+    m_ok = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None], other=0.0)
+    packed = _pack_tile(_requantize(x, inv_s, LO, HI), BLOCK_M, C, BITS)
+    CP: tl.constexpr = C * BITS // 8
+    offs_b = tl.arange(0, CP)
+    tl.store(out_ptr + offs_m[:, None] * CP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
+
+
+@triton.jit
+def _unpack_kernel(x_ptr, out_ptr, M, C: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    CP: tl.constexpr = C * BITS // 8
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, C)
+    m_ok = offs_m < M
+    raw = tl.load(x_ptr + offs_m[:, None] * CP + (offs_c % CP)[None, :], mask=m_ok[:, None], other=0).to(tl.int32)
+    group = (offs_c // CP)[None, :]
+    if BITS == 8:
+        v = raw
+        if SIGNED:
+            v = (raw << 24) >> 24
+    else:
+        if SIGNED:
+            v = (raw << (32 - BITS * (group + 1))) >> (32 - BITS)
+        else:
+            v = (raw >> (BITS * group)) & ((1 << BITS) - 1)
+    tl.store(out_ptr + offs_m[:, None] * C + offs_c[None, :], v.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])

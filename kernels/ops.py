@@ -1,0 +1,174 @@
+"""Python launchers of the Triton kernels: the ``triton`` backend of the packed-conv ops.
+
+Same arguments and results as :mod:`gdq_engine.ops.reference` (the oracle), except that conv
+weights are prepared once per (layer, activation container) by :func:`prepare_conv_weight`.
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from gdq_engine.quant.quantizer import ActQuant, container_bits
+
+from .conv3x3 import INTERPRET, _packed_conv3x3_kernel, _quantize_pack_kernel, _unpack_kernel
+
+_COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
+# GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
+AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
+
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                         (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
+]
+_tuned_conv = triton.autotune(_TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
+                                                  "BLOCK_N"])(_packed_conv3x3_kernel)
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """Conv weight codes laid out for the kernel's packed-byte K loop.
+
+    ``w``: (groups, 9 * C * a_bits / 8, Cout) int8 with ``groups = 8 // a_bits``; row
+    ``tap * CP + j`` of group ``i`` holds input channel ``j + i * CP`` of tap ``ky * 3 + kx``.
+    ``wsum``: (Cout,) int32, the sum of each output channel's codes (for 8-bit unsigned inputs).
+    """
+
+    w: torch.Tensor
+    wsum: torch.Tensor
+    a_bits: int
+    cin: int
+    cout: int
+
+
+def check_channels(channels: int, what: str = "input", power_of_two: bool = False) -> None:
+    """Channel counts the kernels take: multiples of 16 (int8 MMA tiles), and powers of two where
+    one tile holds every packed group of a pixel (quantize/unpack, re-quantized conv outputs)."""
+    if channels % 16 or channels <= 0:
+        raise ValueError(f"the Triton kernels need {what} channels that are a multiple of 16, got {channels}")
+    if power_of_two and channels & (channels - 1):
+        raise ValueError(f"packing {what} channels in Triton needs a power of two, got {channels}")
+
+
+def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
+    """(Cout, C, 3, 3) int8 weight codes -> :class:`PreparedWeight` for activations of ``a_bits``."""
+    if w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3) or w_codes.dtype != torch.int8:
+        raise ValueError(f"expected (Cout, C, 3, 3) int8 weight codes, got {tuple(w_codes.shape)} {w_codes.dtype}")
+    cout, cin = w_codes.shape[:2]
+    check_channels(cin)
+    check_channels(cout, "output")
+    bits = container_bits(a_bits)
+    groups = 8 // bits
+    cp = cin // groups
+    w = w_codes.permute(2, 3, 1, 0).reshape(9, groups, cp, cout).permute(1, 0, 2, 3).reshape(groups, 9 * cp, cout)
+    return PreparedWeight(w.contiguous(), w_codes.sum((1, 2, 3), dtype=torch.int32).contiguous(), bits, cin, cout)
+
+
+def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} {tuple(shape)} tensor on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: PreparedWeight | torch.Tensor,
+                   mult: torch.Tensor, bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
+                   res_scale: float = 1.0, out_quant: ActQuant | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp32), NHWC.
+
+    Args:
+        x_packed: (N, H, W, C * bits / 8) uint8 packed codes (container of ``a_bits``).
+        weight: a :class:`PreparedWeight` (or raw (Cout, C, 3, 3) int8 codes, prepared here).
+        mult, bias: (Cout,) fp32 epilogue multiplier (``s_in * s_w``) and bias.
+        residual: (N, H, W, Cout) fp32 residual stream, added after ``res_scale``.
+        out_quant: re-quantize to this quantizer's codes and pack (needs Cout <= 256).
+        out: optional preallocated result tensor (shape and dtype as returned).
+    Returns:
+        packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else fp32 (N, H, W, Cout).
+    """
+    bits = container_bits(a_bits)
+    if not isinstance(weight, PreparedWeight):
+        weight = prepare_conv_weight(weight, bits)
+    if weight.a_bits != bits:
+        raise ValueError(f"weights were prepared for {weight.a_bits}-bit activations, got {bits}-bit")
+    if x_packed.dtype != torch.uint8 or x_packed.dim() != 4:
+        raise ValueError(f"expected packed uint8 NHWC activations, got {x_packed.dtype} {tuple(x_packed.shape)}")
+    n, h, w_, cp = x_packed.shape
+    if cp * 8 // bits != weight.cin:
+        raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
+    cout, dev = weight.cout, x_packed.device
+    x_packed = x_packed.contiguous()
+    m = n * h * w_
+    if residual is not None:
+        if residual.shape != (n, h, w_, cout) or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be fp32 {(n, h, w_, cout)}, got {residual.dtype} {tuple(residual.shape)}")
+        residual = residual.contiguous()
+    if out_quant is not None:
+        o_bits = container_bits(out_quant.bits)
+        check_channels(cout, "output", power_of_two=True)
+        if cout > 256:
+            raise ValueError(f"re-quantized outputs need Cout <= 256 (one tile holds all packed groups), got {cout}")
+        lo, hi = out_quant.range
+        out = _output(out, (n, h, w_, cout * o_bits // 8), torch.uint8, dev)
+        block_n, inv_s = cout, out_quant.inv_scale
+    else:
+        o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
+        out = _output(out, (n, h, w_, cout), torch.float32, dev)
+        block_n = min(triton.next_power_of_2(cout), 128)
+    args = (x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
+            bias.to(dev, torch.float32).contiguous(), residual if residual is not None else out, out,
+            m, h, w_, cout, float(res_scale), inv_s)
+    meta = dict(C=weight.cin, A_BITS=bits, A_SIGNED=bool(a_signed), RELU=bool(relu), HAS_RES=residual is not None,
+                SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
+                BLOCK_N=block_n)
+    if INTERPRET or dev.type != "cuda":
+        grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
+        _packed_conv3x3_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
+    elif not AUTOTUNE:
+        grid = (triton.cdiv(m, 64), triton.cdiv(cout, block_n))
+        _packed_conv3x3_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3, **_COMPILE)
+    else:
+        grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
+        _tuned_conv[grid](*args, **meta, **_COMPILE)
+    return out
+
+
+def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """fp32 NHWC (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"quantize_pack expects fp32 activations, got {x.dtype}")
+    c = x.shape[-1]
+    check_channels(c, power_of_two=True)
+    bits = container_bits(q.bits)
+    lo, hi = q.range
+    x = x.contiguous()
+    m = x.numel() // c
+    out = torch.empty(*x.shape[:-1], c * bits // 8, dtype=torch.uint8, device=x.device)
+    block_m = 32 if INTERPRET else 64
+    _quantize_pack_kernel[(triton.cdiv(m, block_m),)](x, out, m, q.inv_scale, C=c, BITS=bits, LO=lo, HI=hi,
+                                                      BLOCK_M=block_m, **_COMPILE)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Packed uint8 (..., C * bits / 8) -> codes (..., C): int8 if ``signed`` else uint8."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_codes expects uint8, got {packed.dtype}")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"unsupported container {bits}; use 2, 4 or 8")
+    c = packed.shape[-1] * 8 // bits
+    check_channels(c, power_of_two=True)
+    packed = packed.contiguous()
+    m = packed.numel() // packed.shape[-1]
+    out = torch.empty(*packed.shape[:-1], c, dtype=torch.int8 if signed else torch.uint8, device=packed.device)
+    block_m = 32 if INTERPRET else 64
+    _unpack_kernel[(triton.cdiv(m, block_m),)](packed, out, m, C=c, BITS=bits, SIGNED=bool(signed), BLOCK_M=block_m)
+    return out

@@ -1,0 +1,187 @@
+"""Triton kernels vs the reference backend, bit for bit (interpreter on CPU, compiled on GPU).
+
+Fresh random codes every case, odd H/W (not tile multiples), batch 1 and > 1, signed and unsigned
+codes, every activation container and weight width, every epilogue; outputs are poisoned before
+each launch so an element the kernel never wrote fails the comparison.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE
+
+from gdq_engine.ops import reference as ref
+from gdq_engine.quant.packing import pack_codes
+from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits
+
+tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
+
+DEV = torch.device(KERNEL_DEVICE)
+_seed = itertools.count(1000)
+
+
+def gen():
+    return torch.Generator().manual_seed(next(_seed))
+
+
+def rand_codes(shape, bits, signed, g):
+    lo, hi = code_range(bits, signed)
+    return torch.randint(lo, hi + 1, shape, generator=g)
+
+
+def rand_weights(cout, cin, w_bits, g):
+    hi = (1 << (w_bits - 1)) - 1
+    return torch.randint(-hi, hi + 1, (cout, cin, 3, 3), generator=g).to(torch.int8)
+
+
+def run_both(x_codes, a_bits, signed, w, mult, bias, **kw):
+    """(triton on DEV with poisoned output, reference on CPU) for the same inputs."""
+    xp = pack_codes(x_codes, container_bits(a_bits))
+    want = ref.packed_conv3x3(xp, a_bits, signed, w, mult, bias, **kw)
+    kw_dev = dict(kw)
+    if kw.get("residual") is not None:
+        kw_dev["residual"] = kw["residual"].to(DEV)
+    poison = torch.full_like(want, float("nan")) if want.is_floating_point() else torch.full_like(want, 0xA5)
+    got = tk.packed_conv3x3(xp.to(DEV), a_bits, signed, tk.prepare_conv_weight(w, a_bits), mult.to(DEV),
+                            bias.to(DEV), out=poison.to(DEV), **kw_dev)
+    return got.cpu(), want
+
+
+@pytest.mark.parametrize("a_bits", [8, 4, 2, 3, 5])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
+def test_int32_sums_equal_reference(a_bits, signed, w_bits):
+    """mult = 1, bias = 0, fp32 out: the output is fp32(int32 accumulator), exact below 2^24."""
+    g = gen()
+    n, h, w = (1, 5, 7) if a_bits % 2 else (3, 9, 6)
+    x = rand_codes((n, h, w, 64), a_bits, signed, g)
+    wt = rand_weights(64, 64, w_bits, g)
+    got, want = run_both(x, a_bits, signed, wt, torch.ones(64), torch.zeros(64))
+    assert torch.equal(got, want)
+    assert torch.equal(want, ref.conv3x3_int(x, wt).float())
+
+
+@pytest.mark.parametrize("a_bits", [8, 4, 2])
+@pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (2, False), (4, True), (6, False)])
+def test_relu_requantize_pack_epilogue(a_bits, o_bits, o_signed):
+    g = gen()
+    x = rand_codes((2, 7, 11, 64), a_bits, True, g)
+    wt = rand_weights(64, 64, 8, g)
+    mult = torch.rand(64, generator=g) * 2e-3
+    bias = torch.randn(64, generator=g) * 0.1
+    q = ActQuant(o_bits, o_signed, float(torch.rand(1, generator=g)) * 0.05 + 0.01)
+    got, want = run_both(x, a_bits, True, wt, mult, bias, relu=not o_signed, out_quant=q)
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("a_bits", [8, 4, 2])
+@pytest.mark.parametrize("res_scale", [1.0, 0.1])
+def test_residual_fp32_epilogue(a_bits, res_scale):
+    g = gen()
+    x = rand_codes((2, 6, 9, 64), a_bits, False, g)
+    wt = rand_weights(64, 64, 8, g)
+    residual = torch.randn(2, 6, 9, 64, generator=g)
+    got, want = run_both(x, a_bits, False, wt, torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g),
+                         residual=residual, res_scale=res_scale)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cin,cout,a_bits", [(64, 256, 8), (32, 32, 4), (16, 16, 2), (48, 48, 8), (48, 64, 4),
+                                             (96, 32, 2)])
+def test_other_channel_counts(cin, cout, a_bits):
+    """Upsampler-wide outputs (256), small layers, and C not a power of two (general K path)."""
+    g = gen()
+    x = rand_codes((1, 5, 6, cin), a_bits, True, g)
+    wt = rand_weights(cout, cin, 8, g)
+    got, want = run_both(x, a_bits, True, wt, torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g),
+                         relu=True)
+    assert torch.equal(got, want)
+    if cout & (cout - 1) == 0:
+        q = ActQuant(a_bits, False, 0.02)
+        got, want = run_both(x, a_bits, True, wt, torch.rand(cout, generator=g) * 1e-3,
+                             torch.randn(cout, generator=g), relu=True, out_quant=q)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2, 3])
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_pack_and_unpack(bits, signed):
+    g = gen()
+    x = torch.randn(2, 5, 7, 64, generator=g) * 3
+    q = ActQuant(bits, signed, 0.07)
+    x[0, 0, 0, :4] = torch.tensor([0.035, -0.035, 0.105, 1e9])  # exact half-way points and saturation
+    want = ref.quantize_pack(x, q)
+    got = tk.quantize_pack(x.to(DEV), q).cpu()
+    assert torch.equal(got, want)
+    cb = container_bits(bits)
+    assert torch.equal(tk.unpack_codes(want.to(DEV), cb, signed).cpu(), ref.unpack_codes(want, cb, signed))
+
+
+def test_bad_inputs_raise_clear_errors():
+    g = gen()
+    w = rand_weights(64, 40, 8, g)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tk.prepare_conv_weight(w, 8)
+    w = rand_weights(64, 64, 8, g)
+    with pytest.raises(ValueError, match="int8"):
+        tk.prepare_conv_weight(w.float(), 8)
+    prepared = tk.prepare_conv_weight(w, 4)
+    xp = torch.zeros(1, 4, 4, 64, dtype=torch.uint8, device=DEV)
+    with pytest.raises(ValueError, match="prepared for 4-bit"):
+        tk.packed_conv3x3(xp, 8, True, prepared, torch.ones(64), torch.zeros(64))
+    with pytest.raises(ValueError, match="channels"):
+        tk.packed_conv3x3(xp[..., :16], 4, True, prepared, torch.ones(64), torch.zeros(64))
+    with pytest.raises(ValueError, match="bit-width"):
+        tk.packed_conv3x3(xp, 9, True, w, torch.ones(64), torch.zeros(64))
+
+
+@pytest.mark.parametrize("policy,bits", [("static", 8), ("static", 2), ("entropy", (2, 4, 8))])
+def test_engine_triton_backend_equals_reference(policy, bits):
+    """The whole network: Engine(backend='triton') gives the reference backend's output exactly."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=16, n_blocks=2).eval()
+    calib = random_image(12, 12, n=8, seed=1)
+    lr = random_image(13, 11, n=2, seed=2)
+    kw = dict(policy=policy, bits=bits, calib=calib, patch_size=8, stride=6, device=DEV)
+    fast = Engine(model, backend="triton", **kw)
+    slow = Engine(model, backend="reference", **kw)
+    assert fast.int_body.backend == "triton" and slow.int_body.backend == "reference"
+    out_fast, rep_fast = fast.upscale(lr.to(DEV), return_report=True)
+    out_slow, rep_slow = slow.upscale(lr.to(DEV), return_report=True)
+    assert rep_fast.bits == rep_slow.bits and len(set(rep_fast.bits)) >= (2 if policy == "entropy" else 1)
+    assert torch.equal(out_fast.cpu(), out_slow.cpu())
+
+
+def test_engine_rejects_triton_where_it_cannot_run(monkeypatch, tiny_edsr):
+    from gdq_engine import Engine
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        Engine(tiny_edsr, policy="static", bits=8, calib=torch.rand(2, 3, 8, 8), device="cpu", backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+def test_cuda_graph_replay_equals_eager_and_reference():
+    """First call eager (autotunes), second captures, third replays: all equal the reference."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=64, n_blocks=3).eval()
+    kw = dict(policy="static", bits=4, calib=random_image(24, 24, n=8, seed=3), patch_size=16, stride=14,
+              device="cuda")
+    graphed = Engine(model, backend="triton", cuda_graphs=True, **kw)
+    reference = Engine(model, backend="reference", **kw)
+    for seed in (4, 5, 6):
+        lr = random_image(37, 29, n=1, seed=seed).cuda()
+        assert torch.equal(graphed.upscale(lr), reference.upscale(lr))
+    assert graphed.int_body.cuda_graphs and len(graphed.int_body._graphs) >= 1
