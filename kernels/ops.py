@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from gdq_engine.quant.quantizer import ActQuant, container_bits
 
@@ -28,6 +29,13 @@ _TUNE_CONFIGS = [
 ]
 _tuned_conv = triton.autotune(_TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
                                                   "BLOCK_N"])(_packed_conv3x3_kernel)
+
+
+def _launcher(kernel, traceable: bool):
+    """``wrap_triton(kernel)`` inside the registered torch ops (so torch.compile and fake tensors
+    can trace them), the plain kernel on the eager path: ``wrap_triton``'s eager dispatch measured
+    about 1 ms per launch on the H100, far more than the kernel."""
+    return wrap_triton(kernel) if traceable else kernel
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,6 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
     cout, dev = weight.cout, x_packed.device
     x_packed = x_packed.contiguous()
-    m = n * h * w_
     if residual is not None:
         if residual.shape != (n, h, w_, cout) or residual.dtype != torch.float32:
             raise ValueError(f"residual must be fp32 {(n, h, w_, cout)}, got {residual.dtype} {tuple(residual.shape)}")
@@ -117,27 +124,54 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         if cout > 256:
             raise ValueError(f"re-quantized outputs need Cout <= 256 (one tile holds all packed groups), got {cout}")
         lo, hi = out_quant.range
-        out = _output(out, (n, h, w_, cout * o_bits // 8), torch.uint8, dev)
-        block_n, inv_s = cout, out_quant.inv_scale
+        inv_s = out_quant.inv_scale
     else:
         o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
-        out = _output(out, (n, h, w_, cout), torch.float32, dev)
-        block_n = min(triton.next_power_of_2(cout), 128)
-    args = (x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
-            bias.to(dev, torch.float32).contiguous(), residual if residual is not None else out, out,
-            m, h, w_, cout, float(res_scale), inv_s)
-    meta = dict(C=weight.cin, A_BITS=bits, A_SIGNED=bool(a_signed), RELU=bool(relu), HAS_RES=residual is not None,
+    shape = (n, h, w_, cout * o_bits // 8) if o_bits else (n, h, w_, cout)
+    out = _output(out, shape, torch.uint8 if o_bits else torch.float32, dev)
+    _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
+               bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
+               o_bits, lo, hi, inv_s)
+    return out
+
+
+def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
+               res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False) -> None:
+    """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device)."""
+    n, h, w_, _ = x_packed.shape
+    m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
+    block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
+    args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
+            m, h, w_, cout, res_scale, inv_s)
+    meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 BLOCK_N=block_n)
-    if INTERPRET or dev.type != "cuda":
+    if INTERPRET or out.device.type != "cuda":
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
-        _packed_conv3x3_kernel[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
+        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
     elif not AUTOTUNE:
         grid = (triton.cdiv(m, 64), triton.cdiv(cout, block_n))
-        _packed_conv3x3_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3, **_COMPILE)
+        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=64, BLOCK_K=64, num_warps=4,
+                                                           num_stages=3, **_COMPILE)
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
-        _tuned_conv[grid](*args, **meta, **_COMPILE)
+        _launcher(_tuned_conv, traceable)[grid](*args, **meta, **_COMPILE)
+
+
+@torch.library.triton_op("gdq_engine::triton_packed_conv3x3", mutates_args=())
+def _triton_packed_conv3x3(x_packed: torch.Tensor, w: torch.Tensor, wsum: torch.Tensor, mult: torch.Tensor,
+                           bias: torch.Tensor, residual: torch.Tensor | None, a_bits: int, a_signed: bool, relu: bool,
+                           res_scale: float, o_bits: int, o_lo: int, o_hi: int, inv_s: float) -> torch.Tensor:
+    """The conv as a torch op (``torch.ops.gdq_engine.triton_packed_conv3x3``), visible to
+    torch.compile. ``w``/``wsum`` come from :func:`prepare_conv_weight`; ``o_bits`` 0 = fp32 out."""
+    n, h, w_, _ = x_packed.shape
+    cout = w.shape[2]
+    if o_bits:
+        out = torch.empty((n, h, w_, cout * o_bits // 8), dtype=torch.uint8, device=x_packed.device)
+    else:
+        out = torch.empty((n, h, w_, cout), dtype=torch.float32, device=x_packed.device)
+    _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits, a_signed, relu, res_scale, o_bits, o_lo, o_hi,
+               inv_s, traceable=True)
     return out
 
 
@@ -145,17 +179,25 @@ def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     """fp32 NHWC (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``."""
     if x.dtype != torch.float32:
         raise ValueError(f"quantize_pack expects fp32 activations, got {x.dtype}")
-    c = x.shape[-1]
-    check_channels(c, power_of_two=True)
-    bits = container_bits(q.bits)
+    check_channels(x.shape[-1], power_of_two=True)
     lo, hi = q.range
-    x = x.contiguous()
+    return _quantize_pack(x.contiguous(), container_bits(q.bits), lo, hi, q.inv_scale)
+
+
+def _quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False):
+    c = x.shape[-1]
     m = x.numel() // c
-    out = torch.empty(*x.shape[:-1], c * bits // 8, dtype=torch.uint8, device=x.device)
+    out = torch.empty((*x.shape[:-1], c * bits // 8), dtype=torch.uint8, device=x.device)
     block_m = 32 if INTERPRET else 64
-    _quantize_pack_kernel[(triton.cdiv(m, block_m),)](x, out, m, q.inv_scale, C=c, BITS=bits, LO=lo, HI=hi,
-                                                      BLOCK_M=block_m, **_COMPILE)
+    _launcher(_quantize_pack_kernel, traceable)[(triton.cdiv(m, block_m),)](
+        x, out, m, inv_s, C=c, BITS=bits, LO=lo, HI=hi, BLOCK_M=block_m, **_COMPILE)
     return out
+
+
+@torch.library.triton_op("gdq_engine::triton_quantize_pack", mutates_args=())
+def _triton_quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float) -> torch.Tensor:
+    """``torch.ops.gdq_engine.triton_quantize_pack``: contiguous fp32 (..., C) -> packed uint8."""
+    return _quantize_pack(x, bits, lo, hi, inv_s, traceable=True)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:

@@ -185,3 +185,42 @@ def test_cuda_graph_replay_equals_eager_and_reference():
         lr = random_image(37, 29, n=1, seed=seed).cuda()
         assert torch.equal(graphed.upscale(lr), reference.upscale(lr))
     assert graphed.int_body.cuda_graphs and len(graphed.int_body._graphs) >= 1
+
+
+def _op_args(g, a_bits=4):
+    x = pack_codes(rand_codes((2, 5, 6, 64), a_bits, True, g), a_bits)
+    prep = tk.prepare_conv_weight(rand_weights(64, 64, 8, g), a_bits)
+    q = ActQuant(a_bits, False, 0.05)
+    return (x.to(DEV), prep.w.to(DEV), prep.wsum.to(DEV), (torch.rand(64, generator=g) * 1e-3).to(DEV),
+            torch.randn(64, generator=g).to(DEV), None, a_bits, True, True, 1.0, a_bits, *q.range, q.inv_scale)
+
+
+def test_registered_torch_op_equals_direct_launch():
+    """The registered ops (what torch.compile traces) == the eager launchers (what the Engine calls)."""
+    g = gen()
+    args = _op_args(g)
+    via_op = torch.ops.gdq_engine.triton_packed_conv3x3(*args)
+    x, w, wsum, mult, bias = args[:5]
+    direct = torch.full_like(via_op, 0xA5)
+    tk._conv_into(direct, x, w, wsum, mult, bias, None, 4, True, True, 1.0, 4, *args[11:])
+    assert via_op.dtype == torch.uint8 and torch.equal(via_op, direct)
+    assert torch.equal(via_op, tk.packed_conv3x3(x, 4, True, tk.PreparedWeight(w, wsum, 4, 64, 64), mult, bias,
+                                                 relu=True, out_quant=ActQuant(4, False, 0.05)))
+    act = torch.randn(2, 3, 5, 64, generator=g).to(DEV)
+    q = ActQuant(4, True, 0.1)
+    via_op = torch.ops.gdq_engine.triton_quantize_pack(act, 4, *q.range, q.inv_scale)
+    assert torch.equal(via_op, tk.quantize_pack(act, q))
+    # The schema and registration checks run everywhere; fake-tensor tracing needs a real GPU
+    # launch path (the interpreter copies tensors to the host), so it runs in GPU sessions.
+    utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if DEV.type == "cuda" else ())
+    torch.library.opcheck(torch.ops.gdq_engine.triton_packed_conv3x3, args, test_utils=utils)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton ops needs a CUDA device")
+def test_torch_compile_sees_the_op():
+    g = gen()
+    args = _op_args(g, a_bits=8)
+    eager = torch.ops.gdq_engine.triton_packed_conv3x3(*args)
+    compiled = torch.compile(lambda *a: torch.ops.gdq_engine.triton_packed_conv3x3(*a), fullgraph=True)
+    assert torch.equal(compiled(*args), eager)
