@@ -1,4 +1,4 @@
-"""Command line: ``python -m gdq_engine upscale|eval|train|info``."""
+"""Command line: ``python -m gdq_engine upscale|eval|calibrate|train|info``."""
 
 from __future__ import annotations
 
@@ -24,10 +24,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
     p.add_argument("--calib", default="../shared/data/train",
                    help="folder of images for calibrating quantized policies (DOBI scales, entropy thresholds)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
+                   help="integer-body backend of quantized policies (auto: Triton on CUDA, else reference)")
 
 
-def parse_policy(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
-    """'fp' | 'static:8' | 'entropy:2,4,8' -> (policy name, bits)."""
+def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
+    """'fp' | 'static:8' | 'entropy:2,4,8' -> (policy name, bits); None or 'model' -> (None, None),
+    the model's own policy (a quantized checkpoint's, else fp)."""
+    if spec is None or spec == "model":
+        return None, None
     name, _, bits = spec.partition(":")
     if name not in ("fp", "static", "entropy"):
         raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B or entropy:B1,B2,B3")
@@ -45,11 +50,12 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
     from .engine import Engine
 
     name, bits = parse_policy(policy)
-    quantized = name != "fp"
+    quantized = name not in (None, "fp")
     calib = (args.calib if calib is None else calib) if quantized else None
     return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
-                  batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress)
+                  batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
+                  backend=args.backend)
 
 
 def _sample_image(name: str, folder: Path) -> Path:
@@ -101,12 +107,14 @@ def cmd_upscale(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import bicubic_upscaler, evaluate_folder
     from .models import load_model
-    from .train.data import random_lr_patches
+    from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
     calib = None
-    if any(parse_policy(spec)[0] != "fp" for spec in args.policies):
-        # Read and downscale the calibration folder once for every policy compared.
-        calib = random_lr_patches([args.calib], load_model(args.model).scale)
+    if any(parse_policy(spec)[0] not in (None, "fp") for spec in args.policies):
+        # Read and downscale the calibration folder once for every policy compared, in crops of the
+        # inference patch size (entropy thresholds depend on the patch size).
+        size = DEFAULT_CALIB_PATCH if args.whole_image else args.patch_size
+        calib = calibration_patches(args.calib, load_model(args.model).scale, size)
     rows = []
     for spec in args.policies:
         engine = _engine(args, policy=spec, calib=calib)
@@ -150,9 +158,24 @@ def cmd_train(args) -> int:
     cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
                         lr_patch=args.patch, lr=args.lr, warmup=args.warmup, seed=args.seed, val_every=args.val_every,
                         init=args.init, bf16=args.bf16)
-    command = "python -m gdq_engine " + shlex.join(sys.argv[1:])
+    command = "python -m gdq_engine " + shlex.join(args.argv)
     out = train_fp(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .quantized import quantize, save_quantized
+
+    name, bits = parse_policy(args.policy)
+    if name in (None, "fp"):
+        raise ValueError("calibrate needs a quantized policy: static:B or entropy:B1,B2,B3")
+    q = quantize(args.model, name, bits, calib=args.calib, w_bits=args.w_bits, calib_patch=args.calib_patch)
+    command = "python -m gdq_engine " + shlex.join(args.argv)
+    save_quantized(q, args.out, meta={"command": command, "source_model": str(args.model)})
+    thresholds = getattr(q.policy, "thresholds", None)
+    print(f"wrote {args.out}: {q.policy.name} {list(q.policy.bits)}, w{q.w_bits}"
+          + (f", entropy thresholds {[round(t, 4) for t in thresholds]}" if thresholds else ""))
     return 0
 
 
@@ -185,19 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (folder when input is a folder)")
     p.add_argument("--sample", choices=SAMPLES, help="use a scikit-image sample photo as input")
     p.add_argument("--compare", help="also write a side-by-side PNG: bicubic | model")
-    p.add_argument("--policy", default="fp", help="fp | static:B | entropy:B1,B2,B3 (quantized, reference backend)")
+    p.add_argument("--policy", default=None,
+                   help="fp | static:B | entropy:B1,B2,B3 (default: the model's own: fp, or a quantized checkpoint's)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("eval", help="PSNR/SSIM (Y, border = scale) on folders of HR images")
     p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
     p.add_argument("--policies", nargs="+", default=["fp"],
-                   help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8 ...")
+                   help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8 ...; 'model' = a "
+                        "quantized checkpoint's own policy")
     p.add_argument("--bicubic", action="store_true", help="add the MATLAB-bicubic baseline rows")
     p.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
     p.add_argument("--json", help="also write the results (per image too) to this JSON file")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="post-training quantization: write a quantized checkpoint")
+    p.add_argument("--model", default="edsr-baseline-x4", help="FP model: shipped name or checkpoint path")
+    p.add_argument("--policy", required=True, help="static:B | entropy:B1,B2,B3")
+    p.add_argument("--calib", default="../shared/data/train", help="folder of HR images for calibration")
+    p.add_argument("--calib-patch", type=int, default=96, help="LR crop side of the calibration patches")
+    p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8])
+    p.add_argument("--out", required=True, help="quantized checkpoint to write (use it as --model anywhere)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train", help="train an FP EDSR-baseline (resumable)")
     p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4])
@@ -223,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status. User errors print one line and exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in checkpoints as the command that made them
     if getattr(args, "val", None) == "":
         args.val = None
     try:

@@ -55,14 +55,19 @@ class Engine:
     """Super-resolution engine.
 
     Args:
-        model: a shipped/official name (see ``gdq_engine.known_models()``), a checkpoint path, or an
-            :class:`~gdq_engine.models.SRModel`.
-        policy: ``"fp"``; ``"static"`` (every patch at ``bits``, default 8); ``"entropy"``
-            (EntropyOnly over ``bits``, default (2, 4, 8)); or a :class:`~gdq_engine.policy.BitPolicy`.
+        model: a shipped/official name (see ``gdq_engine.known_models()``), a checkpoint path, an
+            :class:`~gdq_engine.models.SRModel`, or a quantized model (a
+            :class:`~gdq_engine.quantized.QuantizedSR` from :func:`gdq_engine.quantize`, or its
+            checkpoint from :func:`gdq_engine.save_quantized`), which brings its own policy,
+            calibration and weight bits.
+        policy: ``None`` (default: ``"fp"``, or a quantized model's own policy); ``"fp"``;
+            ``"static"`` (every patch at ``bits``, default 8); ``"entropy"`` (EntropyOnly over
+            ``bits``, default (2, 4, 8)); or a :class:`~gdq_engine.policy.BitPolicy`.
         bits: bit-width (static) or three ascending bit-widths (entropy); code widths 2..8, run
             in the 2/4/8 containers.
-        calib: calibration data for quantized policies: a folder of images or (N,3,h,w) LR patches
-            in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
+        calib: calibration data for quantized policies: a folder of images (random LR crops of
+            ``patch_size``, so entropy thresholds match the inference patches) or (N,3,h,w) LR
+            patches in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
         w_bits: weight bit-width of the quantized body (8, 4 or 2).
         backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
             path, any device), ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
@@ -83,7 +88,7 @@ class Engine:
         progress: show a progress bar over batches.
     """
 
-    def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy = "fp", device=None,
+    def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True):
@@ -103,65 +108,40 @@ class Engine:
             "cuda" if torch.cuda.is_available() else "cpu")
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
-        if isinstance(model, torch.nn.Module):
+        qmodel = _as_quantized(model)
+        if qmodel is not None:
+            if policy not in (None, "fp") or bits is not None or calib is not None:
+                raise ValueError("the model is already quantized (its policy, bits and calibration are fixed); "
+                                 "pass policy='fp' to run its FP weights, or quantize the FP model instead")
+            if policy == "fp":  # run the quantized model's FP weights
+                model, qmodel = copy.deepcopy(qmodel.fp), None
+            else:
+                model = qmodel = copy.deepcopy(qmodel).to(self.device)
+        elif isinstance(model, torch.nn.Module):
             model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
-        # Quantized setup (calibration, weight codes) always sees the fp32 model; then the FP
-        # layers move to ``dtype``.
-        self.model: SRModel = load_model(model).eval().to(self.device, torch.float32)
-        self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
-        self.dtype = dtype
+        policy = "fp" if policy is None else policy
         self.patch_size, self.stride, self.margin = patch_size, stride, margin
         self.batch_size, self.progress = batch_size, progress
+        self.dtype = dtype
+        self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         self.policy: BitPolicy | None = None
         self.int_body = None
-        self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
-        if policy != "fp":
-            self._setup_quantized(policy, bits, calib, w_bits)
+        if qmodel is not None or policy != "fp":
+            from .quantized import DEFAULT_CALIB_PATCH, quantize
+
+            if qmodel is None:  # calibrate the fp32 model at the inference patch size
+                fp = load_model(model).eval().to(self.device, torch.float32)
+                model = quantize(fp, policy, bits, calib, w_bits, backend,
+                                 calib_patch=patch_size or DEFAULT_CALIB_PATCH)
+            self.policy, self.w_bits = model.policy, model.w_bits
+            body_backend = _resolve(backend, model.act_scales.device)
+            self.int_body = model.integer_body(
+                body_backend, cuda_graphs=self.cuda_graphs and body_backend == "triton" and self.device.type == "cuda")
+            model = model.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
-        self.model.to(dtype)
-
-    def _setup_quantized(self, policy, bits, calib, w_bits: int) -> None:
-        from .policy import EntropyOnly, Static
-        from .runtime.intgraph import IntegerBody, calibrate, prepare_blocks
-
-        if isinstance(policy, BitPolicy):
-            self.policy = policy
-        elif policy == "static":
-            if bits is not None and not isinstance(bits, int):
-                raise ValueError(f"policy='static' takes one integer bit-width, got {bits!r}")
-            self.policy = Static(8 if bits is None else bits)
-        else:
-            self.policy = EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
-        if calib is None:
-            raise ValueError(f"policy {self.policy.name!r} needs calibration data: pass calib=<folder of images> "
-                             "or calib=<(N,3,h,w) LR patches in [0,1]>")
-        if isinstance(calib, (str, os.PathLike)):
-            from .train.data import random_lr_patches
-
-            calib = random_lr_patches([calib], self.scale)
-        if not torch.is_tensor(calib) or calib.dim() != 4 or calib.shape[1] != 3:
-            raise ValueError("calib must be a folder of images or a (N,3,h,w) tensor of LR patches")
-        calib = calib.float().to(self.device)
-        with torch.inference_mode():
-            act_quants = calibrate(self.model, calib, self.policy.bits)
-        if not self.policy.is_fitted:
-            self.policy.fit(calib)
-        backend = self._body_backend()
-        self.int_body = IntegerBody(prepare_blocks(self.model, w_bits), act_quants, backend=backend,
-                                    cuda_graphs=self.cuda_graphs and backend == "triton" and self.device.type == "cuda")
-
-    def _body_backend(self) -> str:
-        from .ops.triton_ops import unavailable_reason
-
-        if self.backend == "reference":
-            return "reference"
-        reason = unavailable_reason(self.device)
-        if self.backend == "triton":
-            if reason:
-                raise RuntimeError(f"backend='triton' cannot run: {reason}")
-            return "triton"
-        return "triton" if reason is None and self.device.type == "cuda" else "reference"
+        self.model: SRModel = load_model(model).eval().to(self.device, dtype)
+        self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
 
     @classmethod
     def from_pretrained(cls, name: str = "edsr-baseline-x4", download: bool = True, **kwargs) -> Engine:
@@ -286,6 +266,26 @@ class Engine:
         report.groups.extend(groups)
         report.bitops += sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in bits.tolist())
         return y.float()
+
+
+def _as_quantized(model):
+    """The :class:`~gdq_engine.quantized.QuantizedSR` behind ``model`` (object or checkpoint path), or None."""
+    from .quantized import QuantizedSR, is_quantized_checkpoint, load_quantized
+
+    if isinstance(model, QuantizedSR):
+        return model
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
+        from .models.checkpoints import read_checkpoint
+
+        if is_quantized_checkpoint(read_checkpoint(model)):
+            return load_quantized(model)
+    return None
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    from .quantized import resolve_backend
+
+    return resolve_backend(backend, device)
 
 
 def upscale_file(engine: Engine, src, dst, compare: str | None = None) -> tuple[int, int]:

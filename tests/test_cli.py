@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import random_image
 from PIL import Image
 
@@ -21,11 +22,11 @@ def ckpt(tmp_path, tiny_edsr):
 
 def test_module_help():
     out = subprocess.run([sys.executable, "-m", "gdq_engine", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("upscale", "eval", "train", "info"):
+    for cmd in ("upscale", "eval", "calibrate", "train", "info"):
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("cmd", ["upscale", "eval", "train", "info"])
+@pytest.mark.parametrize("cmd", ["upscale", "eval", "calibrate", "train", "info"])
 def test_subcommand_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
@@ -103,3 +104,26 @@ def test_upscale_with_policy(tmp_path, ckpt):
     assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "a8.png"), "--model", ckpt, "--policy",
                  "static:8", "--calib", str(tmp_path / "calib"), "--patch-size", "16", "--stride", "12"]) == 0
     assert Image.open(tmp_path / "a8.png").size == (52, 40)
+
+
+def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        save_image(random_image(90, 90, seed=i), calib / f"{i}.png")
+    qpath = tmp_path / "q.pt"
+    assert main(["calibrate", "--model", ckpt, "--policy", "entropy:2,4,8", "--calib", str(calib),
+                 "--calib-patch", "16", "--out", str(qpath)]) == 0
+    assert "entropy thresholds" in capsys.readouterr().out
+    meta = torch.load(qpath, weights_only=True)["meta"]
+    assert meta["command"].startswith("python -m gdq_engine calibrate")
+    save_image(random_image(20, 26), tmp_path / "a.png")
+    # The quantized checkpoint is a model like any other: its own policy, no calibration needed.
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "q.png"), "--model", str(qpath),
+                 "--patch-size", "16", "--stride", "12"]) == 0
+    assert Image.open(tmp_path / "q.png").size == (52, 40)
+    assert main(["eval", "--model", str(qpath), "--data", str(calib), "--policies", "model", "fp",
+                 "--patch-size", "16", "--stride", "12", "--json", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())
+    assert 2.0 <= rows[0]["fab"] <= 8.0 and rows[1]["fab"] == 32.0
+    assert main(["calibrate", "--model", ckpt, "--policy", "fp", "--out", str(tmp_path / "x.pt")]) == 2

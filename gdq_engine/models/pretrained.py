@@ -99,7 +99,11 @@ def load_model(name_or_path: str | os.PathLike | SRModel, scale: int | None = No
             path = Path(name)
         else:
             raise CheckpointError(f"{name!r} is neither a checkpoint file nor a known model; known: {known_models()}")
-        model, _ = model_from_checkpoint(read_checkpoint(path), key=key, source=str(path))
+        payload = read_checkpoint(path)
+        if payload.get("format") == "gdq_engine-quantized":
+            raise CheckpointError(f"{path} is a quantized checkpoint: load it with gdq_engine.load_quantized(path) "
+                                  "or pass the path to gdq_engine.Engine")
+        model, _ = model_from_checkpoint(payload, key=key, source=str(path))
     if scale is not None and int(scale) != model.scale:
         raise CheckpointError(f"requested scale x{scale} but the model is x{model.scale}")
     return model.to(device) if device is not None else model

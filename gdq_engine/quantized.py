@@ -1,0 +1,242 @@
+"""Drop-in quantized models: ``gdq_engine.quantize(model, ...)`` and their checkpoints.
+
+A :class:`QuantizedSR` has the FP model's forward signature ((N,3,H,W) in [0,1] ->
+(N,3,sH,sW)); each input image is one patch for the policy (the :class:`~gdq_engine.Engine` adds
+tiling on top). Its state is the FP model (the integer weight codes follow from it
+deterministically, docs/numerics.md), the calibrated activation scales, and the policy's
+parameters, all as tensors and extra state, so ``state_dict()`` / ``load_state_dict()``,
+``.to()``, :func:`save_quantized` and :func:`load_quantized` round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models.checkpoints import CheckpointError, build_model
+from .policy import BitPolicy, EntropyOnly, Static
+from .quant.quantizer import ActQuant
+
+QUANTIZED_FORMAT = "gdq_engine-quantized"
+DEFAULT_CALIB_PATCH = 96  # the papers' inference patch side: entropy thresholds are fitted at it
+
+
+def make_policy(policy: str | BitPolicy, bits=None) -> BitPolicy:
+    """A policy object from a name (``"static"``, ``"entropy"``) and bit-width(s), or as given."""
+    if isinstance(policy, BitPolicy):
+        if bits is not None:
+            raise ValueError("bits are part of the policy object; do not pass both")
+        return policy
+    if policy == "static":
+        if bits is not None and not isinstance(bits, int):
+            raise ValueError(f"policy='static' takes one integer bit-width, got {bits!r}")
+        return Static(8 if bits is None else bits)
+    if policy == "entropy":
+        return EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
+    raise ValueError(f"unknown quantized policy {policy!r}; choose 'static', 'entropy' or a BitPolicy")
+
+
+def policy_from_state(state: dict) -> BitPolicy:
+    """Inverse of ``BitPolicy.state()`` for the built-in policies."""
+    name = state.get("name")
+    if name == "static":
+        return Static(state["bits"][0])
+    if name == "entropy":
+        return EntropyOnly(tuple(state["bits"]), tuple(state["quantiles"]),
+                           tuple(state["thresholds"]) if state.get("thresholds") else None)
+    raise CheckpointError(f"unknown policy {name!r} in quantized checkpoint")
+
+
+def calibration_patches(calib, scale: int, size: int = DEFAULT_CALIB_PATCH) -> torch.Tensor:
+    """(N,3,h,w) LR patches in [0,1] from a folder of HR images (32 random ``size`` crops of their
+    MATLAB-bicubic LR) or a tensor of patches (checked and returned as float32)."""
+    if isinstance(calib, (str, os.PathLike)):
+        from .train.data import random_lr_patches
+
+        return random_lr_patches([calib], scale, size=size)
+    if not torch.is_tensor(calib) or calib.dim() != 4 or calib.shape[1] != 3:
+        raise ValueError("calib must be a folder of images or a (N,3,h,w) tensor of LR patches in [0,1]")
+    return calib.float()
+
+
+class QuantizedSR(nn.Module):
+    """An SR model whose residual body runs on the integer path at one bit-width per image.
+
+    Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
+    (``"auto"``: Triton on CUDA when available, else the reference; ``"reference"``; ``"triton"``).
+    """
+
+    def __init__(self, fp_model: nn.Module, policy: BitPolicy, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
+                 w_bits: int = 8, backend: str = "auto"):
+        super().__init__()
+        self.fp = fp_model
+        self.policy, self.w_bits, self.backend = policy, int(w_bits), backend
+        bits = sorted(act_quants)
+        if tuple(bits) != tuple(sorted(policy.bits)):
+            raise ValueError(f"quantizers calibrated for {bits} but the policy uses {sorted(policy.bits)}")
+        # (bits, block, [input, mid]) fp32 scales; signedness is fixed (input signed, mid unsigned).
+        scales = [[[q_in.scale, q_mid.scale] for q_in, q_mid in act_quants[b]] for b in bits]
+        self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64))
+        self.register_buffer("act_scales", torch.tensor(scales, dtype=torch.float32))
+        self._bodies: dict = {}
+
+    @property
+    def scale(self) -> int:
+        return self.fp.scale
+
+    def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
+        """The calibrated quantizers: bit-width -> per block (input, mid)."""
+        scales = self.act_scales.detach().cpu().tolist()
+        return {int(b): [(ActQuant(int(b), True, s_in), ActQuant(int(b), False, s_mid)) for s_in, s_mid in per_block]
+                for b, per_block in zip(self.act_bits.tolist(), scales)}
+
+    def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
+        """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` on the model's current device."""
+        from .runtime.intgraph import IntegerBody, prepare_blocks
+
+        device = self.act_scales.device
+        backend = resolve_backend(backend or self.backend, device)
+        key = (str(device), backend, cuda_graphs)
+        if key not in self._bodies:
+            self._bodies = {key: IntegerBody(prepare_blocks(self.fp, self.w_bits), self.act_quants(), backend=backend,
+                                             cuda_graphs=cuda_graphs)}
+        return self._bodies[key]
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): prepared integer weights go stale
+        self._bodies = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._bodies = {}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def get_extra_state(self) -> dict:
+        return {"policy": self.policy.state(), "w_bits": self.w_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.policy = policy_from_state(state["policy"])
+        self.w_bits = int(state["w_bits"])
+        self._bodies = {}
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, return_bits: bool = False):
+        """(N,3,H,W) float in [0,1] -> (N,3,sH,sW) float32; with ``return_bits`` also the (N,)
+        bit-width each image ran at."""
+        from .runtime.scheduler import run_grouped
+
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected (N,3,H,W) images, got {tuple(x.shape)}")
+        model, body = self.fp, self.integer_body()
+        dtype = next(model.parameters()).dtype
+        xn = model.normalize(x.to(dtype))
+        feat = model.head(xn)
+        bits = self.policy.assign(x.float(), feat)
+        out, _ = run_grouped(bits, feat,
+                             lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
+        y = model.denormalize(model.forward_output(out, xn)).float()
+        return (y, bits) if return_bits else y
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA when Triton is usable, else ``reference``; checks explicit picks."""
+    from .ops.triton_ops import unavailable_reason
+
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; choose from ('auto', 'reference', 'triton')")
+    if backend == "reference":
+        return backend
+    reason = unavailable_reason(torch.device(device))
+    if backend == "triton":
+        if reason:
+            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        return backend
+    return "triton" if reason is None and torch.device(device).type == "cuda" else "reference"
+
+
+@torch.no_grad()
+def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w_bits: int = 8,
+             backend: str = "auto", calib_patch: int = DEFAULT_CALIB_PATCH) -> QuantizedSR:
+    """Post-training quantization of an FP SR model into a drop-in :class:`QuantizedSR`.
+
+    Args:
+        model: an SR model (module, checkpoint path or shipped name); it is copied, never changed.
+        policy: ``"static"`` (every image at ``bits``, default 8), ``"entropy"`` (EntropyOnly over
+            ``bits``, default (2, 4, 8)) or a :class:`~gdq_engine.policy.BitPolicy`.
+        calib: folder of HR images (``calib_patch``-sized LR crops are drawn) or (N,3,h,w) LR
+            patches in [0,1]: DOBI activation scales and the policy's thresholds are fitted on it.
+        w_bits: weight bit-width (8, 4 or 2), per output channel.
+    Returns:
+        A :class:`QuantizedSR` on the model's device, in eval mode.
+    """
+    from .models import load_model
+    from .runtime.intgraph import calibrate
+
+    policy = make_policy(policy, bits)
+    if w_bits not in (2, 4, 8):
+        raise ValueError(f"w_bits must be 8, 4 or 2, got {w_bits!r}")
+    fp = copy.deepcopy(model) if isinstance(model, nn.Module) else load_model(model)
+    fp = fp.eval().float()
+    if calib is None:
+        raise ValueError(f"policy {policy.name!r} needs calibration data: calib=<folder of images> or "
+                         "calib=<(N,3,h,w) LR patches in [0,1]>")
+    device = next(fp.parameters()).device
+    patches = calibration_patches(calib, fp.scale, calib_patch).to(device)
+    act_quants = calibrate(fp, patches, policy.bits)
+    if not policy.is_fitted:
+        policy.fit(patches)
+    return QuantizedSR(fp, policy, act_quants, w_bits=w_bits, backend=backend).eval()
+
+
+def save_quantized(qmodel: QuantizedSR, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Write a quantized checkpoint (FP weights, activation scales, policy, w_bits), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items() if torch.is_tensor(v)}
+    payload = {"format": QUANTIZED_FORMAT, "version": 1, "arch": qmodel.fp.arch, "config": dict(qmodel.fp.config),
+               "state_dict": state, "quant": qmodel.get_extra_state(), "meta": dict(meta or {})}
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def is_quantized_checkpoint(payload) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == QUANTIZED_FORMAT
+
+
+def quantized_from_payload(payload: dict, source: str = "checkpoint", backend: str = "auto") -> QuantizedSR:
+    """Rebuild a :class:`QuantizedSR` from a loaded quantized-checkpoint dict."""
+    try:
+        fp = build_model(payload["arch"], payload["config"])
+        state = payload["state_dict"]
+        quant = payload["quant"]
+        bits = state["act_bits"].tolist()
+        scales = state["act_scales"].tolist()
+        policy = policy_from_state(quant["policy"])
+        act_quants = {int(b): [(ActQuant(int(b), True, a), ActQuant(int(b), False, m)) for a, m in per_block]
+                      for b, per_block in zip(bits, scales)}
+        q = QuantizedSR(fp, policy, act_quants, w_bits=quant["w_bits"], backend=backend)
+        q.load_state_dict({k: v for k, v in state.items()}, strict=False)
+        missing = set(q.state_dict()) - set(state) - {"_extra_state"}
+        if missing:
+            raise CheckpointError(f"{source}: quantized checkpoint lacks {sorted(missing)[:5]}")
+        q.set_extra_state(quant)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: malformed quantized checkpoint ({type(exc).__name__}: {exc})") from exc
+    return q.eval()
+
+
+def load_quantized(path: str | os.PathLike, backend: str = "auto") -> QuantizedSR:
+    """Load a checkpoint written by :func:`save_quantized` (``torch.load(weights_only=True)``), on CPU;
+    move it with ``.to(device)``."""
+    from .models.checkpoints import read_checkpoint
+
+    payload = read_checkpoint(path)
+    if not is_quantized_checkpoint(payload):
+        raise CheckpointError(f"{path}: not a gdq_engine quantized checkpoint (write one with save_quantized)")
+    return quantized_from_payload(payload, source=str(path), backend=backend)

@@ -1,0 +1,107 @@
+"""gdq_engine.quantize: the drop-in quantized module, its state and checkpoints, and the Engine on it."""
+
+import pytest
+import torch
+from conftest import random_image, shared
+
+import gdq_engine
+from gdq_engine import CheckpointError, Engine, QuantizedSR, load_quantized, quantize, save_quantized
+from gdq_engine.models import EDSR
+from gdq_engine.quantized import calibration_patches
+
+
+@pytest.fixture
+def small_edsr():
+    torch.manual_seed(0)
+    return EDSR(scale=2, n_feats=16, n_blocks=2).eval()
+
+
+def calib_patches():
+    return random_image(16, 16, n=12, seed=7)
+
+
+def test_quantize_is_a_drop_in_module(small_edsr):
+    before = {k: v.clone() for k, v in small_edsr.state_dict().items()}
+    q = quantize(small_edsr, "static", bits=8, calib=calib_patches())
+    assert isinstance(q, torch.nn.Module) and q.scale == 2 and not q.training
+    x = random_image(11, 13, n=3, seed=1)
+    y, bits = q(x, return_bits=True)
+    assert y.shape == (3, 3, 22, 26) and y.dtype == torch.float32 and bits.tolist() == [8, 8, 8]
+    with torch.no_grad():
+        fp = small_edsr(x)
+    mse = float(((y - fp) ** 2).mean())
+    assert 0 < mse < 1e-4, mse  # 8-bit activations: close to FP, but really quantized
+    assert all(torch.equal(v, small_edsr.state_dict()[k]) for k, v in before.items())  # caller's model untouched
+
+
+def test_state_dict_round_trip_is_exact(small_edsr):
+    q = quantize(small_edsr, "entropy", bits=(2, 4, 8), calib=calib_patches())
+    other = quantize(EDSR(scale=2, n_feats=16, n_blocks=2), "entropy", bits=(2, 4, 8),
+                     calib=random_image(16, 16, n=12, seed=99))
+    other.load_state_dict(q.state_dict())
+    assert other.policy.thresholds == q.policy.thresholds and other.w_bits == q.w_bits
+    x = random_image(12, 12, n=4, seed=2)
+    assert torch.equal(other(x), q(x))
+
+
+def test_save_and_load_quantized_checkpoint(small_edsr, tmp_path):
+    q = quantize(small_edsr, "entropy", bits=(2, 4, 8), calib=calib_patches(), w_bits=4)
+    path = tmp_path / "q.pt"
+    save_quantized(q, path, meta={"note": "test"})
+    loaded = load_quantized(path)
+    assert isinstance(loaded, QuantizedSR) and loaded.w_bits == 4
+    assert loaded.policy.thresholds == q.policy.thresholds and loaded.policy.bits == (2, 4, 8)
+    x = random_image(10, 9, n=5, seed=3)
+    y_q, b_q = q(x, return_bits=True)
+    y_l, b_l = loaded(x, return_bits=True)
+    assert torch.equal(y_q, y_l) and torch.equal(b_q, b_l)
+    # The Engine takes the checkpoint path and needs no calibration.
+    engine = Engine(str(path), device="cpu", patch_size=None)
+    hr, report = engine.upscale(x, return_report=True)
+    assert report.bits == b_q.tolist() and torch.allclose(hr, y_q.clamp(0, 1), atol=1e-4)
+    with pytest.raises(CheckpointError, match="quantized checkpoint"):
+        gdq_engine.load_model(path)
+
+
+def test_engine_on_quantized_model_rules(small_edsr):
+    q = quantize(small_edsr, "static", bits=4, calib=calib_patches())
+    with pytest.raises(ValueError, match="already quantized"):
+        Engine(q, policy="static", bits=8, device="cpu")
+    with pytest.raises(ValueError, match="already quantized"):
+        Engine(q, calib=calib_patches(), device="cpu")
+    x = random_image(12, 12, n=1, seed=4)
+    fp_engine = Engine(q, policy="fp", device="cpu", patch_size=None)  # its FP weights
+    assert fp_engine.policy is None
+    with torch.no_grad():
+        assert torch.allclose(fp_engine.upscale(x), small_edsr(x).clamp(0, 1), atol=1e-5)
+    assert q.policy.bits == (4,)  # the caller's quantized model is not changed by the engine
+
+
+def test_bad_quantized_inputs(small_edsr, tmp_path):
+    with pytest.raises(ValueError, match="calibration data"):
+        quantize(small_edsr, "static")
+    with pytest.raises(ValueError, match="w_bits"):
+        quantize(small_edsr, "static", calib=calib_patches(), w_bits=3)
+    with pytest.raises(ValueError, match="unknown quantized policy"):
+        quantize(small_edsr, "granularity", calib=calib_patches())
+    fp_path = tmp_path / "fp.pt"
+    gdq_engine.save_checkpoint(small_edsr, fp_path)
+    with pytest.raises(CheckpointError, match="not a gdq_engine quantized checkpoint"):
+        load_quantized(fp_path)
+    q = quantize(small_edsr, "static", calib=calib_patches())
+    with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
+        q(torch.rand(3, 8, 8))
+
+
+def test_to_rebuilds_the_integer_body(small_edsr):
+    q = quantize(small_edsr, "static", bits=8, calib=calib_patches())
+    x = random_image(8, 8, n=2, seed=5)
+    y = q(x)
+    assert q._bodies
+    q.to("cpu")
+    assert not q._bodies and torch.equal(q(x), y)
+
+
+def test_folder_calibration_uses_the_inference_patch_size():
+    patches = calibration_patches(shared("train"), 4, size=96)
+    assert patches.shape == (32, 3, 96, 96) and 0 <= float(patches.min()) and float(patches.max()) <= 1
