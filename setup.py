@@ -7,6 +7,7 @@ CUDA sources under csrc/cuda are compiled only when torch is a CUDA build and a 
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -21,13 +22,19 @@ except ImportError as exc:  # pragma: no cover - explained to the user
 def extension():
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-std=c++17"]
+    # -ffp-contract=off: the integer contract's epilogue forbids fused multiply-add (docs/numerics.md);
+    # -fopenmp: ATen's parallel_for is an OpenMP pragma in the headers.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("GDQ_NO_CUDA") != "1")
     if use_cuda:
-        return CUDAExtension("gdq_engine._C", sources + cuda_sources,
+        return CUDAExtension("gdq_engine._C", sources + cuda_sources, extra_link_args=link,
                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
-    return CppExtension("gdq_engine._C", sources, extra_compile_args=cxx)
+    return CppExtension("gdq_engine._C", sources, extra_compile_args=cxx, extra_link_args=link)
 
 
 packages = find_packages(include=["gdq_engine", "gdq_engine.*"]) + ["gdq_engine.kernels"]

@@ -7,8 +7,9 @@ The LR frame is a crop of a real photo (``--image``, default the first image of
 ../shared/data/train, tiled periodically if smaller). Every row upscales the same frame with the
 papers' 96/90 tiling through ``Engine.upscale``: FP rows (fp32, and fp16/bf16 channels_last with
 cudnn.benchmark on GPU) and quantized rows (static a8/a4/a2 and EntropyOnly {2,4,8} on the
-``auto`` backend: Triton on GPU, reference on CPU; on GPU their FP layers run in fp16, and one
-row shows static a8 with fp32 FP layers). Columns: median ms (do_bench on GPU, host
+``auto`` backend: Triton on GPU, the C++ kernels on CPU; on GPU their FP layers run in fp16 and
+one row shows static a8 with fp32 FP layers; on CPU a bf16 channels_last row and a static a8 row
+on the pure-torch reference backend). Columns: median ms (do_bench on GPU, host
 timer medians on CPU), speed-up vs the fp16 (GPU) or fp32 (CPU) row, FAB, PSNR of the output vs
 the fp32 output. Writes latency-<device>-<date>.json; prints a table last.
 """
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="run on CUDA (else CPU mode)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--scale", type=int, default=4, choices=[2, 4])
-    p.add_argument("--output", default=None, help="HR frame WxH (default 1920x1080 on GPU, 384x384 on CPU)")
+    p.add_argument("--output", default=None,
+                   help="HR frame WxH (default 1920x1080 on GPU, 744x744 on CPU: four 96x96 LR patches at x4)")
     p.add_argument("--image", type=Path, default=None)
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
     p.add_argument("--reps", type=int, default=3, help="CPU-mode repeats")
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
         return 2
     dev = "cuda" if args.gpu else "cpu"
     torch.backends.cudnn.benchmark = True
-    out_w, out_h = map(int, (args.output or ("1920x1080" if args.gpu else "384x384")).lower().split("x"))
+    out_w, out_h = map(int, (args.output or ("1920x1080" if args.gpu else "744x744")).lower().split("x"))
     lr = lr_frame(args.image, out_h // args.scale, out_w // args.scale).to(dev)
     model = load_model(f"edsr-baseline-x{args.scale}")
     calib = random_lr_patches([args.calib], args.scale, count=32, size=96)
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
     cases = [("fp32", dict(policy="fp")), ("static a8", dict(policy="static", bits=8)),
              ("static a4", dict(policy="static", bits=4)), ("static a2", dict(policy="static", bits=2)),
              ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
+    if not args.gpu:  # the CPU anchors: bf16 channels_last, and the exact reference backend
+        cases[1:1] = [("bf16 CL", dict(policy="fp", dtype=torch.bfloat16))]
+        cases.append(("static a8 (reference)", dict(policy="static", bits=8, backend="reference")))
     if args.gpu:  # quantized rows run their FP layers (head, upsampler, tail) in fp16 too
         half = torch.float16
         cases = [cases[0], ("fp16 CL", dict(policy="fp", dtype=half)),

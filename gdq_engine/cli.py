@@ -24,8 +24,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
     p.add_argument("--calib", default="../shared/data/train",
                    help="folder of images for calibrating quantized policies (DOBI scales, entropy thresholds)")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton"],
-                   help="integer-body backend of quantized policies (auto: Triton on CUDA, else reference)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+                   help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:

@@ -23,7 +23,7 @@ from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy")
 POLICIES_PLANNED = ("granular", "cadyq")
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 @dataclass
@@ -70,9 +70,11 @@ class Engine:
             patches in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
         w_bits: weight bit-width of the quantized body (8, 4 or 2).
         backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
-            path, any device), ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
-            ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA when installed, else reference).
-            Both give bit-identical results.
+            path, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI where available),
+            ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
+            ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
+            reference).
+            All give bit-identical results.
         cuda_graphs: replay the Triton integer body as one CUDA graph per (bit-width, batch shape)
             (captured on its second use; removes per-kernel launch overhead). CUDA only.
         device: ``None`` picks CUDA when available, else CPU.

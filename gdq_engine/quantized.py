@@ -67,7 +67,8 @@ class QuantizedSR(nn.Module):
     """An SR model whose residual body runs on the integer path at one bit-width per image.
 
     Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
-    (``"auto"``: Triton on CUDA when available, else the reference; ``"reference"``; ``"triton"``).
+    (``"auto"``: Triton on CUDA, the C++ kernels on CPU, the reference where neither runs;
+    ``"reference"``; ``"cpp"``; ``"triton"``).
     """
 
     def __init__(self, fp_model: nn.Module, policy: BitPolicy, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
@@ -141,20 +142,36 @@ class QuantizedSR(nn.Module):
         return (y, bits) if return_bits else y
 
 
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA when Triton is usable, else ``reference``; checks explicit picks."""
+    """``auto`` -> ``triton`` on CUDA when Triton is usable, ``cpp`` on CPUs with AVX512-VNNI when
+    the C++ kernels are built, else ``reference``; explicit picks are checked against the device."""
+    from .ops import cpu_ops
     from .ops.triton_ops import unavailable_reason
 
-    if backend not in ("auto", "reference", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; choose from ('auto', 'reference', 'triton')")
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "reference":
         return backend
-    reason = unavailable_reason(torch.device(device))
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpp' runs on CPU tensors, not {device}")
+        if not cpu_ops.available():
+            raise RuntimeError("backend='cpp' needs the compiled extension gdq_engine._C")
+        return backend
+    reason = unavailable_reason(device)
     if backend == "triton":
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return backend
-    return "triton" if reason is None and torch.device(device).type == "cuda" else "reference"
+    if device.type == "cuda" and reason is None:
+        return "triton"
+    # The portable C++ loop (no VNNI) is slower than the reference's float convolution: only the
+    # VNNI kernel is picked automatically (benchmarks/cpu_kernels.py).
+    return "cpp" if device.type == "cpu" and cpu_ops.has_vnni() else "reference"
 
 
 @torch.no_grad()

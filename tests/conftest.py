@@ -37,3 +37,17 @@ def random_image(h: int, w: int, n: int | None = None, seed: int = 0) -> torch.T
     g = torch.Generator().manual_seed(seed)
     shape = (3, h, w) if n is None else (n, 3, h, w)
     return torch.rand(shape, generator=g)
+
+
+def rand_codes(shape, bits: int, signed: bool, g: torch.Generator) -> torch.Tensor:
+    """Uniform random integer codes of a ``bits``-bit (signed or unsigned) quantizer, int64."""
+    from gdq_engine.quant.quantizer import code_range
+
+    lo, hi = code_range(bits, signed)
+    return torch.randint(lo, hi + 1, shape, generator=g)
+
+
+def rand_weights(cout: int, cin: int, w_bits: int, g: torch.Generator) -> torch.Tensor:
+    """Random (cout, cin, 3, 3) int8 weight codes in the narrow symmetric ``w_bits`` range."""
+    hi = (1 << (w_bits - 1)) - 1
+    return torch.randint(-hi, hi + 1, (cout, cin, 3, 3), generator=g).to(torch.int8)

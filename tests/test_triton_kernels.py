@@ -9,11 +9,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
+from conftest import KERNEL_DEVICE, rand_codes, rand_weights
 
 from gdq_engine.ops import reference as ref
 from gdq_engine.quant.packing import pack_codes
-from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits
+from gdq_engine.quant.quantizer import ActQuant, container_bits
 
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
 
@@ -23,16 +23,6 @@ _seed = itertools.count(1000)
 
 def gen():
     return torch.Generator().manual_seed(next(_seed))
-
-
-def rand_codes(shape, bits, signed, g):
-    lo, hi = code_range(bits, signed)
-    return torch.randint(lo, hi + 1, shape, generator=g)
-
-
-def rand_weights(cout, cin, w_bits, g):
-    hi = (1 << (w_bits - 1)) - 1
-    return torch.randint(-hi, hi + 1, (cout, cin, 3, 3), generator=g).to(torch.int8)
 
 
 def run_both(x_codes, a_bits, signed, w, mult, bias, **kw):

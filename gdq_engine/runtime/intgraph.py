@@ -84,12 +84,19 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
                 for x_in, mid in acts] for b in bits}
 
 
-BODY_BACKENDS = ("reference", "triton")
+BODY_BACKENDS = ("reference", "cpp", "triton")
 
 
 def _backend_module(backend: str):
     if backend == "reference":
         return reference
+    if backend == "cpp":
+        from ..ops import cpu_ops
+
+        if not cpu_ops.available():
+            raise RuntimeError("backend='cpp' needs the compiled extension gdq_engine._C; reinstall with "
+                               "`pip install --no-build-isolation -e .`")
+        return cpu_ops
     if backend == "triton":
         from ..ops import triton_ops
 
@@ -98,15 +105,15 @@ def _backend_module(backend: str):
 
 
 class IntegerBody:
-    """Runs the quantized blocks: ``body(feat, bits)``, on the ``reference`` or ``triton`` backend.
+    """Runs the quantized blocks: ``body(feat, bits)``, on the ``reference``, ``cpp`` or ``triton`` backend.
 
     Both backends compute the same codes and fp32 values bit for bit (docs/numerics.md).
 
     Args:
         blocks: from :func:`prepare_blocks`.
         act_quants: bit-width -> per block (input quantizer, mid quantizer), from :func:`calibrate`.
-        backend: ``"reference"`` (pure torch, any device) or ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1``).
+        backend: ``"reference"`` (pure torch, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI
+            where available) or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     """
 
     MAX_GRAPHS = 8  # captured (bits, shape) variants kept; least recently used dropped first

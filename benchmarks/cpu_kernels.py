@@ -1,0 +1,98 @@
+"""Per-conv speed of the C++ CPU kernels vs the reference backend and torch's own convs.
+
+    python benchmarks/cpu_kernels.py [--out DIR] [--patches 4] [--reps 10]
+
+Workload: EDSR-baseline's 64->64 3x3 conv on ``--patches`` 96x96 LR patches (NHWC). Rows: for
+a in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack) and conv2 (unsigned codes in, fp32
+residual add, fp32 out) on the C++ kernel (AVX512-VNNI where the CPU has it, and the portable
+loop) and on the pure-torch reference; quantize+pack of the fp32 block input; torch fp32 and bf16
+channels_last convs of the same shape. Medians of host-timer repeats after one warm-up, all in
+one run. Writes cpu-kernels-<date>.json; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--patches", type=int, default=4)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+
+    from gdq_engine.ops import cpu_ops
+    from gdq_engine.ops import reference as ref
+    from gdq_engine.quant.packing import pack_codes
+    from gdq_engine.quant.quantizer import ActQuant, code_range
+
+    if not cpu_ops.available():
+        print("the C++ extension is not built", file=sys.stderr)
+        return 2
+    g = torch.Generator().manual_seed(0)
+    n, hw, c = args.patches, 96, 64
+    w = torch.randint(-127, 128, (c, c, 3, 3), generator=g).to(torch.int8)
+    prep = cpu_ops.prepare_conv_weight(w)
+    mult, bias = torch.rand(c, generator=g) * 1e-3, torch.randn(c, generator=g) * 0.01
+    residual = torch.randn(n, hw, hw, c, generator=g)
+    def conv_row(kind: str, a_bits: int) -> dict:
+        signed = kind == "conv1"
+        lo, hi = code_range(a_bits, signed)
+        xp = pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), generator=g), a_bits)
+        kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02)) if signed else dict(residual=residual)
+        few = max(2, args.reps // 5)
+        return {"op": kind, "a_bits": a_bits,
+                "cpp_ms": median_ms(lambda: cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, **kw),
+                                    args.reps),
+                "cpp_portable_ms": median_ms(lambda: cpu_ops.packed_conv3x3(
+                    xp, a_bits, signed, prep, mult, bias, allow_vnni=False, **kw), few),
+                "reference_ms": median_ms(lambda: ref.packed_conv3x3(xp, a_bits, signed, w, mult, bias, **kw), few)}
+
+    rows = [conv_row(kind, a_bits) for a_bits in (8, 4, 2) for kind in ("conv1", "conv2")]
+    x = torch.randn(n, hw, hw, c, generator=g)
+    q = ActQuant(8, True, 0.05)
+    rows.append({"op": "quantize_pack", "a_bits": 8, "cpp_ms": median_ms(lambda: cpu_ops.quantize_pack(x, q),
+                                                                         args.reps),
+                 "cpp_portable_ms": None, "reference_ms": median_ms(lambda: ref.quantize_pack(x, q), args.reps)})
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
+    xf = torch.randn(n, c, hw, hw, generator=g).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fp32 = median_ms(lambda: conv(xf), args.reps)
+        conv_b, xb = conv.to(torch.bfloat16), xf.to(torch.bfloat16)
+        bf16 = median_ms(lambda: conv_b(xb), args.reps)
+    payload = {"workload": {"patches": n, "patch": hw, "channels": c}, "vnni": cpu_ops.has_vnni(),
+               "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows}
+    path = write_results("cpu-kernels", payload, args.out)
+    print(f"{n} patches of {hw}x{hw}, 64->64 3x3; VNNI: {cpu_ops.has_vnni()}; torch fp32 CL {fp32:.2f} ms, "
+          f"bf16 CL {bf16:.2f} ms")
+    print(f"{'op':14} {'a':>2} {'C++ ms':>8} {'portable':>9} {'reference':>10} {'x fp32 CL':>10}")
+    for r in rows:
+        port = "-" if r["cpp_portable_ms"] is None else f"{r['cpp_portable_ms']:9.2f}"
+        print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {port:>9} {r['reference_ms']:10.2f} "
+              f"{fp32 / r['cpp_ms']:10.2f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,375 @@
+// CPU packed 3x3 convolution (stride 1, zero pad 1, NHWC) with the fused epilogue of
+// docs/numerics.md, and quantize+pack. Registered as torch.ops.gdq_engine.packed_conv3x3_cpu and
+// torch.ops.gdq_engine.quantize_pack_cpu; bit-exact with gdq_engine/ops/reference.py.
+//
+// Integer core: activations are unpacked once into a zero-padded uint8 image (signed codes are
+// stored as code + 128, so padding is 128 and the dot products run unsigned x signed); weights
+// come prepared as (9, C/4, Cout, 4) int8 so four input channels of sixteen output channels fill
+// one 64-byte vector. With AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
+// register tile of PX pixels x NB*16 output channels accumulates over 9 taps x C/4 channel quads;
+// without it a portable loop computes the same int32 sums. For signed inputs the shift is removed
+// with -128 * sum(w[o]) over all taps (padding, stored as 128, is code 0).
+//
+// Epilogue, one fp32 operation per step, no fused multiply-add (built with -ffp-contract=off):
+// y = float(acc) * mult[o]; y = y + bias[o]; ReLU; y = y * res_scale; y = residual + y;
+// then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace gdq {
+namespace {
+
+bool cpu_has_vnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// ---- integer core -------------------------------------------------------------------------
+
+struct ConvGeom {
+  int64_t H, W, C, Cout;  // C: input channels; padded image is (H+2) x (W+2) x C
+};
+
+// acc[x][o] for one output row y of one image; `in` is the padded uint8 image of that image.
+void row_portable(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int32_t* acc) {
+  const int64_t C4 = g.C / 4, Wp = g.W + 2;
+  std::fill(acc, acc + g.W * g.Cout, 0);
+  for (int64_t tap = 0; tap < 9; ++tap) {
+    const int64_t ky = tap / 3, kx = tap % 3;
+    for (int64_t x = 0; x < g.W; ++x) {
+      const uint8_t* a = in + ((y + ky) * Wp + x + kx) * g.C;
+      int32_t* out = acc + x * g.Cout;
+      for (int64_t c4 = 0; c4 < C4; ++c4) {
+        const int8_t* w = wv + (tap * C4 + c4) * g.Cout * 4;
+        const int32_t a0 = a[c4 * 4], a1 = a[c4 * 4 + 1], a2 = a[c4 * 4 + 2], a3 = a[c4 * 4 + 3];
+        for (int64_t o = 0; o < g.Cout; ++o) {
+          out[o] += a0 * w[o * 4] + a1 * w[o * 4 + 1] + a2 * w[o * 4 + 2] + a3 * w[o * 4 + 3];
+        }
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <int PX, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile_vnni(
+    const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int64_t x0, int64_t o0, int32_t* acc) {
+  const int64_t C4 = g.C / 4, Wp = g.W + 2;
+  __m512i s[PX][NB];
+  for (int p = 0; p < PX; ++p)
+    for (int b = 0; b < NB; ++b) s[p][b] = _mm512_setzero_si512();
+  for (int64_t tap = 0; tap < 9; ++tap) {
+    const int64_t ky = tap / 3, kx = tap % 3;
+    const uint8_t* a = in + ((y + ky) * Wp + x0 + kx) * g.C;
+    const int8_t* w = wv + (tap * C4 * g.Cout + o0) * 4;
+    for (int64_t c4 = 0; c4 < C4; ++c4) {
+      __m512i wr[NB];
+      for (int b = 0; b < NB; ++b) wr[b] = _mm512_loadu_si512(w + (c4 * g.Cout + b * 16) * 4);
+      for (int p = 0; p < PX; ++p) {
+        int32_t quad;
+        std::memcpy(&quad, a + p * g.C + c4 * 4, 4);
+        const __m512i av = _mm512_set1_epi32(quad);
+        for (int b = 0; b < NB; ++b) s[p][b] = _mm512_dpbusd_epi32(s[p][b], av, wr[b]);
+      }
+    }
+  }
+  for (int p = 0; p < PX; ++p)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_si512(acc + (x0 + p) * g.Cout + o0 + b * 16, s[p][b]);
+}
+
+template <int NB>
+void row_blocks_vnni(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int64_t o0, int32_t* acc) {
+  constexpr int PX = NB <= 2 ? 12 : 6;  // accumulators PX*NB <= 24 of the 32 vector registers
+  int64_t x = 0;
+  for (; x + PX <= g.W; x += PX) tile_vnni<PX, NB>(in, wv, g, y, x, o0, acc);
+  for (; x < g.W; ++x) tile_vnni<1, NB>(in, wv, g, y, x, o0, acc);
+}
+
+void row_vnni(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int32_t* acc) {
+  int64_t o0 = 0;
+  for (; o0 + 64 <= g.Cout; o0 += 64) row_blocks_vnni<4>(in, wv, g, y, o0, acc);
+  switch ((g.Cout - o0) / 16) {
+    case 3: row_blocks_vnni<3>(in, wv, g, y, o0, acc); break;
+    case 2: row_blocks_vnni<2>(in, wv, g, y, o0, acc); break;
+    case 1: row_blocks_vnni<1>(in, wv, g, y, o0, acc); break;
+    default: break;
+  }
+}
+
+// Epilogue of one pixel's Cout accumulators, 16 channels per step (same fp32 operations, in the
+// same order, as the scalar epilogue: separate multiply and add, floor by roundscale).
+__attribute__((target("avx512f"))) void epilogue_pixel_avx512(
+    const int32_t* a, const int32_t* wsum, int32_t shift_fix, const float* mult, const float* bias, bool relu,
+    const float* res, float rs, bool scale_res, int64_t Cout, float* out_f, int32_t* codes, float inv, int64_t lo,
+    int64_t hi) {
+  const __m512i fix = _mm512_set1_epi32(shift_fix);
+  const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), vinv = _mm512_set1_ps(inv);
+  const __m512 vlo = _mm512_set1_ps(static_cast<float>(lo)), vhi = _mm512_set1_ps(static_cast<float>(hi));
+  const __m512 vrs = _mm512_set1_ps(rs);
+  for (int64_t o = 0; o < Cout; o += 16) {
+    __m512i acc = _mm512_add_epi32(_mm512_loadu_si512(a + o), _mm512_mullo_epi32(fix, _mm512_loadu_si512(wsum + o)));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(mult + o));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(bias + o));
+    if (relu) v = _mm512_max_ps(v, zero);
+    if (res != nullptr) {
+      if (scale_res) v = _mm512_mul_ps(v, vrs);
+      v = _mm512_add_ps(_mm512_loadu_ps(res + o), v);
+    }
+    if (codes == nullptr) {
+      _mm512_storeu_ps(out_f + o, v);
+    } else {
+      __m512 t = _mm512_add_ps(_mm512_mul_ps(v, vinv), half);
+      t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+      _mm512_storeu_si512(codes + o, _mm512_cvtps_epi32(t));
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void requantize_row_avx512(const float* in, int64_t C, float inv, int64_t lo,
+                                                                int64_t hi, int32_t* codes) {
+  const __m512 half = _mm512_set1_ps(0.5f), vinv = _mm512_set1_ps(inv);
+  const __m512 vlo = _mm512_set1_ps(static_cast<float>(lo)), vhi = _mm512_set1_ps(static_cast<float>(hi));
+  for (int64_t c = 0; c < C; c += 16) {
+    __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(in + c), vinv), half);
+    t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    _mm512_storeu_si512(codes + c, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, vlo), vhi)));
+  }
+}
+
+// int32 codes (C) -> packed bytes (C * bits / 8), 16 bytes per step; needs (C * bits / 8) % 16 == 0.
+__attribute__((target("avx512f"))) void pack_row_avx512(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst) {
+  const int64_t groups = 8 / bits, gsize = C / groups;
+  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+  for (int64_t j = 0; j < gsize; j += 16) {
+    __m512i v = _mm512_setzero_si512();
+    for (int64_t i = 0; i < groups; ++i) {
+      const __m512i field = _mm512_and_si512(_mm512_loadu_si512(codes + j + i * gsize), mask);
+      v = _mm512_or_si512(v, _mm512_sllv_epi32(field, _mm512_set1_epi32(static_cast<int>(i * bits))));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm512_cvtepi32_epi8(v));
+  }
+}
+#endif
+
+// ---- unpack into the padded image --------------------------------------------------------------
+
+// packed (N,H,W,CP) -> padded (N,H+2,W+2,C) uint8: signed codes + 128 (pad 128), unsigned as is (pad 0).
+at::Tensor unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), CP = x.size(3);
+  const uint8_t pad = is_signed ? 128 : 0;
+  auto out = at::full({N, H + 2, W + 2, C}, pad, x.options().dtype(at::kByte));
+  const uint8_t* src = x.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t per_byte = 8 / bits, shift_up = 8 - bits;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, y = r % H;
+      for (int64_t xx = 0; xx < W; ++xx) {
+        const uint8_t* in = src + ((n * H + y) * W + xx) * CP;
+        uint8_t* o = dst + ((n * (H + 2) + y + 1) * (W + 2) + xx + 1) * C;
+        for (int64_t i = 0; i < per_byte; ++i) {
+          for (int64_t j = 0; j < CP; ++j) {
+            const uint8_t top = static_cast<uint8_t>(in[j] << (shift_up - i * bits));
+            int32_t code = is_signed ? (static_cast<int8_t>(top) >> shift_up) : (top >> shift_up);
+            o[j + i * CP] = static_cast<uint8_t>(is_signed ? code + 128 : code);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---- epilogue ----------------------------------------------------------------------------------
+
+inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
+  float t = y * inv_s;
+  t = t + 0.5f;
+  const float q = std::floor(t);
+  return static_cast<int32_t>(std::min(std::max(q, static_cast<float>(lo)), static_cast<float>(hi)));
+}
+
+}  // namespace
+
+at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a_signed, const at::Tensor& w_vnni,
+                              const at::Tensor& wsum, const at::Tensor& mult, const at::Tensor& bias,
+                              const std::optional<at::Tensor>& residual, double res_scale, bool relu, int64_t o_bits,
+                              int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni) {
+  TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
+  TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
+  TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
+              "x_packed must be a CPU uint8 NHWC tensor");
+  TORCH_CHECK(w_vnni.scalar_type() == at::kChar && w_vnni.dim() == 4 && w_vnni.size(0) == 9 && w_vnni.size(3) == 4,
+              "w_vnni must be (9, C/4, Cout, 4) int8 (see prepare_cpu_weight)");
+  const int64_t N = x_packed.size(0), H = x_packed.size(1), W = x_packed.size(2);
+  const int64_t C = w_vnni.size(1) * 4, Cout = w_vnni.size(2);
+  TORCH_CHECK(x_packed.size(3) * (8 / a_bits) == C, "activations hold ", x_packed.size(3) * (8 / a_bits),
+              " channels, weights expect ", C);
+  TORCH_CHECK(wsum.numel() == Cout && mult.numel() == Cout && bias.numel() == Cout, "per-channel vectors need ", Cout,
+              " entries");
+  TORCH_CHECK(o_bits == 0 || Cout % (8 / o_bits) == 0, Cout, " output channels cannot be packed at ", o_bits, " bits");
+  const auto xin = x_packed.contiguous();
+  const auto wv = w_vnni.contiguous();
+  const auto ws = wsum.to(at::kInt).contiguous();
+  const auto m = mult.to(at::kFloat).contiguous();
+  const auto bs = bias.to(at::kFloat).contiguous();
+  at::Tensor res;
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.scalar_type() == at::kFloat && res.numel() == N * H * W * Cout, "residual must be fp32 (N,H,W,Cout)");
+  }
+  const at::Tensor padded = unpack_padded(xin, a_bits, a_signed, C);
+  const int64_t out_c = o_bits ? Cout * o_bits / 8 : Cout;
+  auto out = at::empty({N, H, W, out_c}, x_packed.options().dtype(o_bits ? at::kByte : at::kFloat));
+  const ConvGeom g{H, W, C, Cout};
+  bool vnni = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  vnni = allow_vnni && cpu_has_vnni() && Cout % 16 == 0;
+#endif
+  const uint8_t* pin = padded.data_ptr<uint8_t>();
+  const int8_t* pw = wv.data_ptr<int8_t>();
+  const int32_t* pws = ws.data_ptr<int32_t>();
+  const float* pm = m.data_ptr<float>();
+  const float* pb = bs.data_ptr<float>();
+  const float* pr = residual.has_value() ? res.data_ptr<float>() : nullptr;
+  const float rs = static_cast<float>(res_scale), inv = static_cast<float>(inv_s);
+  const int64_t groups = o_bits ? 8 / o_bits : 1, gsize = Cout / groups;
+  const int32_t shift_fix = a_signed ? -128 : 0;
+  float* out_f = o_bits ? nullptr : out.data_ptr<float>();
+  uint8_t* out_b = o_bits ? out.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> acc(W * Cout);
+    std::vector<int32_t> codes(o_bits ? Cout : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, y = r % H;
+      const uint8_t* img = pin + n * (H + 2) * (W + 2) * C;
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vnni) {
+        row_vnni(img, pw, g, y, acc.data());
+      } else {
+        row_portable(img, pw, g, y, acc.data());
+      }
+#else
+      row_portable(img, pw, g, y, acc.data());
+#endif
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t pix = (n * H + y) * W + x;
+        const int32_t* a = acc.data() + x * Cout;
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (vnni) {  // VNNI implies AVX512F; Cout % 16 == 0 there
+          epilogue_pixel_avx512(a, pws, shift_fix, pm, pb, relu, pr ? pr + pix * Cout : nullptr, rs, rs != 1.0f, Cout,
+                                o_bits ? nullptr : out_f + pix * Cout, o_bits ? codes.data() : nullptr, inv, o_lo,
+                                o_hi);
+        } else
+#endif
+        for (int64_t o = 0; o < Cout; ++o) {
+          float v = static_cast<float>(a[o] + shift_fix * pws[o]) * pm[o];
+          v = v + pb[o];
+          if (relu) v = v < 0.0f ? 0.0f : v;
+          if (pr != nullptr) {
+            if (rs != 1.0f) v = v * rs;
+            v = pr[pix * Cout + o] + v;
+          }
+          if (o_bits) {
+            codes[o] = requantize(v, inv, o_lo, o_hi);
+          } else {
+            out_f[pix * Cout + o] = v;
+          }
+        }
+        if (o_bits) {
+          uint8_t* ob = out_b + pix * out_c;
+#if defined(__x86_64__) && defined(__GNUC__)
+          if (vnni && out_c % 16 == 0) {
+            pack_row_avx512(codes.data(), Cout, o_bits, ob);
+            continue;
+          }
+#endif
+          const uint32_t mask = (1u << o_bits) - 1u;
+          for (int64_t j = 0; j < gsize; ++j) {
+            uint32_t byte = 0;
+            for (int64_t i = 0; i < groups; ++i) byte |= (static_cast<uint32_t>(codes[j + i * gsize]) & mask) << (i * o_bits);
+            ob[j] = static_cast<uint8_t>(byte);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be a container (2, 4, 8)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1, "x must be a CPU fp32 tensor");
+  const int64_t C = x.size(-1), groups = 8 / bits;
+  TORCH_CHECK(C % groups == 0, C, " channels cannot be packed at ", bits, " bits");
+  const auto src = x.contiguous();
+  const int64_t rows = src.numel() / std::max<int64_t>(C, 1), gsize = C / groups;
+  auto sizes = x.sizes().vec();
+  sizes.back() = gsize;
+  auto out = at::empty(sizes, x.options().dtype(at::kByte));
+  const float* in = src.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float inv = static_cast<float>(inv_s);
+  const uint32_t mask = (1u << bits) - 1u;
+  bool vec = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  vec = C % 16 == 0 && __builtin_cpu_supports("avx512f");
+#endif
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> codes(C);
+    for (int64_t r = begin; r < end; ++r) {
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vec) {
+        requantize_row_avx512(in + r * C, C, inv, lo, hi, codes.data());
+      } else
+#endif
+      for (int64_t c = 0; c < C; ++c) codes[c] = requantize(in[r * C + c], inv, lo, hi);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vec && gsize % 16 == 0) {
+        pack_row_avx512(codes.data(), C, bits, dst + r * gsize);
+        continue;
+      }
+#endif
+      for (int64_t j = 0; j < gsize; ++j) {
+        uint32_t byte = 0;
+        for (int64_t i = 0; i < groups; ++i) byte |= (static_cast<uint32_t>(codes[j + i * gsize]) & mask) << (i * bits);
+        dst[r * gsize + j] = static_cast<uint8_t>(byte);
+      }
+    }
+  });
+  return out;
+}
+
+bool has_vnni() { return cpu_has_vnni(); }
+
+}  // namespace gdq
+
+TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
+  m.def(
+      "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
+      "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
+      "bool allow_vnni=True) -> Tensor");
+  m.def("quantize_pack_cpu(Tensor x, int bits, int lo, int hi, float inv_s) -> Tensor");
+  m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
+}
+
+TORCH_LIBRARY_IMPL(gdq_engine, CPU, m) {
+  m.impl("packed_conv3x3_cpu", &gdq::packed_conv3x3_cpu);
+  m.impl("quantize_pack_cpu", &gdq::quantize_pack_cpu);
+}

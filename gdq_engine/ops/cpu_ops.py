@@ -1,0 +1,70 @@
+"""The ``cpp`` backend: packed 3x3 conv and quantize+pack in C++ (csrc/cpu/conv.cpp).
+
+AVX512-VNNI (``vpdpbusd``) where the CPU has it, a portable int32 loop elsewhere; threads through
+ATen's ``parallel_for`` (OpenMP). Same arguments and results as :mod:`gdq_engine.ops.reference`,
+except that conv weights are prepared once by :func:`prepare_conv_weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.quantizer import ActQuant, container_bits
+from . import HAS_CPP
+
+
+def available() -> bool:
+    """Whether the compiled extension with the CPU conv kernels is importable."""
+    return HAS_CPP and hasattr(torch.ops.gdq_engine, "packed_conv3x3_cpu")
+
+
+def has_vnni() -> bool:
+    """Whether this CPU runs the AVX512-VNNI kernel (else the portable loop)."""
+    return available() and bool(torch.ops.gdq_engine.cpu_has_vnni())
+
+
+@dataclass(frozen=True)
+class PreparedCpuWeight:
+    """``w``: (9, C/4, Cout, 4) int8, four input channels of one output channel per 32-bit lane;
+    ``wsum``: (Cout,) int32 sum of each output channel's codes."""
+
+    w: torch.Tensor
+    wsum: torch.Tensor
+
+
+def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> PreparedCpuWeight:
+    """(Cout, C, 3, 3) int8 weight codes -> :class:`PreparedCpuWeight` (any activation width)."""
+    if w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3) or w_codes.dtype != torch.int8:
+        raise ValueError(f"expected (Cout, C, 3, 3) int8 weight codes, got {tuple(w_codes.shape)} {w_codes.dtype}")
+    cout, cin = w_codes.shape[:2]
+    if cin % 4:
+        raise ValueError(f"the C++ conv needs input channels in multiples of 4, got {cin}")
+    w = w_codes.cpu().permute(2, 3, 1, 0).reshape(9, cin // 4, 4, cout).permute(0, 1, 3, 2).contiguous()
+    return PreparedCpuWeight(w, w_codes.cpu().sum((1, 2, 3), dtype=torch.int32).contiguous())
+
+
+def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, mult: torch.Tensor,
+                   bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
+                   res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True) -> torch.Tensor:
+    """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
+
+    ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_vnni=False``
+    forces the portable loop (for tests). Returns packed uint8 when ``out_quant`` else fp32.
+    """
+    if not isinstance(weight, PreparedCpuWeight):
+        weight = prepare_conv_weight(weight)
+    if out_quant is not None:
+        o_bits, (lo, hi), inv_s = container_bits(out_quant.bits), out_quant.range, out_quant.inv_scale
+    else:
+        o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
+    return torch.ops.gdq_engine.packed_conv3x3_cpu(
+        x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
+        residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni)
+
+
+def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (container of ``q.bits``)."""
+    lo, hi = q.range
+    return torch.ops.gdq_engine.quantize_pack_cpu(x.float(), container_bits(q.bits), lo, hi, q.inv_scale)
