@@ -21,8 +21,8 @@ from .models import SRModel, load_model
 from .policy import BitPolicy
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
-POLICIES_AVAILABLE = ("fp", "static", "entropy")
-POLICIES_PLANNED = ("granular", "cadyq")
+POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular")
+POLICIES_PLANNED = ("cadyq",)
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
 

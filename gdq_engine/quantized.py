@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .models.checkpoints import CheckpointError, build_model
-from .policy import BitPolicy, EntropyOnly, Static
+from .policy import BitPolicy, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
 
 QUANTIZED_FORMAT = "gdq_engine-quantized"
@@ -37,6 +37,9 @@ def make_policy(policy: str | BitPolicy, bits=None) -> BitPolicy:
         return Static(8 if bits is None else bits)
     if policy == "entropy":
         return EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
+    if policy == "granular":
+        raise NotImplementedError("policy='granular' needs a GBC trained by quantization-aware training, which "
+                                  "is not shipped yet; pass a trained gdq_engine.policy.GranularDQ object")
     raise ValueError(f"unknown quantized policy {policy!r}; choose 'static', 'entropy' or a BitPolicy")
 
 
@@ -48,6 +51,8 @@ def policy_from_state(state: dict) -> BitPolicy:
     if name == "entropy":
         return EntropyOnly(tuple(state["bits"]), tuple(state["quantiles"]),
                            tuple(state["thresholds"]) if state.get("thresholds") else None)
+    if name == "granular":
+        return GranularDQ.from_state(state)
     raise CheckpointError(f"unknown policy {name!r} in quantized checkpoint")
 
 

@@ -82,7 +82,8 @@ def test_bad_input_types_and_files(engine, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(policy="granular"), NotImplementedError, "not implemented yet"),
+    (dict(policy="cadyq"), NotImplementedError, "not implemented yet"),
+    (dict(policy="granular", calib=torch.rand(2, 3, 8, 8)), NotImplementedError, "trained"),
     (dict(policy="static"), ValueError, "needs calibration data"),
     (dict(policy="static", bits=(2, 4), calib=torch.rand(2, 3, 8, 8)), ValueError, "one integer bit-width"),
     (dict(policy="static", bits=9, calib=torch.rand(2, 3, 8, 8)), ValueError, "unsupported bit-width 9"),

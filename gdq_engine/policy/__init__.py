@@ -2,6 +2,7 @@
 
 from .base import BitPolicy
 from .entropy import EntropyOnly, patch_entropy
+from .granular import GBC, GranularDQ
 from .static import Static
 
-__all__ = ["BitPolicy", "EntropyOnly", "Static", "patch_entropy"]
+__all__ = ["GBC", "BitPolicy", "EntropyOnly", "GranularDQ", "Static", "patch_entropy"]

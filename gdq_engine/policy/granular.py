@@ -1,0 +1,140 @@
+"""Granular-DQ's bit policy: GBC (granularity-bit controller) + E2B (entropy-to-bit) + ATC.
+
+Patch-wise and layer-invariant (PAPERS.md, Granular-DQ):
+
+* **GBC** reads the patch's head features (P, F, h, w) at three granularities (full resolution,
+  2x2 and 4x4 average-pooled), GroupNorms each, pools them to the coarsest resolution,
+  concatenates (3F channels), global-average-pools and maps the 3F vector with one Linear to
+  logits over ``gbc_bits`` (paper: codes {4, 6, 8}). Training: Gumbel-softmax (tau = 1) with a
+  straight-through estimator; inference: argmax (no noise, GroupNorm kept: the released code's
+  test-time Gumbel noise and missing GroupNorm are not copied).
+* **E2B** re-maps only the patches GBC sent to its top code, by pixel entropy: <= t1 ->
+  ``e2b_bits[0]``, <= t2 -> ``e2b_bits[1]``, else ``e2b_bits[2]`` (paper: {4, 5, 8}, t1/t2 the 0.5
+  and 0.9 quantiles of the training patches' entropies).
+* **ATC** moves t1/t2 by an EMA (gamma = 0.9997) of each training batch's entropy quantiles,
+  during the first epoch only (:meth:`GranularDQ.adapt_thresholds`).
+
+The hardware variant uses ``gbc_bits = e2b_bits = (2, 4, 8)`` (one container per class).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.quantizer import container_bits
+from .base import BitPolicy
+from .entropy import patch_entropy
+
+
+class GBC(nn.Module):
+    """Granularity-bit controller: (P, F, h, w) head features -> (P, len(codes)) logits."""
+
+    def __init__(self, channels: int = 64, n_codes: int = 3, groups: int = 4):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"GroupNorm needs channels ({channels}) divisible by groups ({groups})")
+        self.norms = nn.ModuleList(nn.GroupNorm(groups, channels) for _ in range(3))
+        self.fc = nn.Linear(3 * channels, n_codes)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        if feat.dim() != 4:
+            raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
+        h, w = feat.shape[-2:]
+        if min(h, w) < 4:
+            raise ValueError(f"GBC needs patches of at least 4x4 pixels, got {h}x{w}")
+        views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
+        coarse = views[2].shape[-2:]
+        pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
+        return self.fc(torch.cat(pooled, 1).mean((2, 3)))
+
+
+class GranularDQ(BitPolicy):
+    """Granular-DQ policy (see module doc). ``gbc`` weights come from QAT (issue: training)."""
+
+    name = "granular"
+
+    def __init__(self, gbc_bits: tuple[int, int, int] = (4, 6, 8), e2b_bits: tuple[int, int, int] = (4, 5, 8),
+                 channels: int = 64, quantiles: tuple[float, float] = (0.5, 0.9), ema: float = 0.9997,
+                 thresholds: tuple[float, float] | None = None, gbc_state: dict | None = None):
+        for bits in (gbc_bits, e2b_bits):
+            if len(bits) != 3 or list(bits) != sorted(bits):
+                raise ValueError(f"Granular-DQ needs three ascending bit-widths, got {bits}")
+            for b in bits:
+                container_bits(int(b))
+        if not 0 < quantiles[0] <= quantiles[1] < 1:
+            raise ValueError(f"quantiles must satisfy 0 < q1 <= q2 < 1, got {quantiles}")
+        self.gbc_bits = tuple(int(b) for b in gbc_bits)
+        self.e2b_bits = tuple(int(b) for b in e2b_bits)
+        self.bits = tuple(sorted(set(self.gbc_bits[:2]) | set(self.e2b_bits)))
+        self.quantiles, self.ema = tuple(quantiles), float(ema)
+        self.thresholds = tuple(thresholds) if thresholds is not None else None
+        self.gbc = GBC(channels, 3)
+        self.trained = gbc_state is not None
+        if gbc_state is not None:
+            self.gbc.load_state_dict(gbc_state)
+        self.gbc.eval()
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.thresholds is not None
+
+    def fit(self, lr_patches: torch.Tensor) -> GranularDQ:
+        """E2B thresholds: the ``quantiles`` of the calibration patches' entropies."""
+        h = patch_entropy(lr_patches)
+        self.thresholds = tuple(float(torch.quantile(h, q)) for q in self.quantiles)
+        return self
+
+    def adapt_thresholds(self, lr_batch: torch.Tensor) -> None:
+        """ATC step (first training epoch): thresholds <- ema * t + (1 - ema) * batch quantiles."""
+        h = patch_entropy(lr_batch)
+        batch = [float(torch.quantile(h, q)) for q in self.quantiles]
+        if self.thresholds is None:
+            self.thresholds = tuple(batch)
+        else:
+            self.thresholds = tuple(self.ema * t + (1 - self.ema) * b for t, b in zip(self.thresholds, batch))
+
+    def gbc_choice(self, head_feat: torch.Tensor, training: bool = False, generator=None) -> torch.Tensor:
+        """(P, 3) one-hot over ``gbc_bits``: straight-through Gumbel-softmax when ``training``
+        (gradients flow to GBC), argmax otherwise."""
+        logits = self.gbc(head_feat)
+        if not training:
+            return F.one_hot(logits.argmax(1), 3).to(logits.dtype)
+        gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=logits.device)
+                                       .clamp(1e-10, 1 - 1e-10)))
+        soft = torch.softmax(logits + gumbel, dim=1)  # tau = 1
+        hard = F.one_hot(soft.argmax(1), 3).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
+        if self.thresholds is None:
+            raise RuntimeError("GranularDQ has no E2B thresholds: call fit() on calibration patches first")
+        if next(self.gbc.parameters()).device != head_feat.device:
+            self.gbc.to(head_feat.device)
+        with torch.no_grad():
+            choice = self.gbc_choice(head_feat).argmax(1).cpu()
+        out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
+        top = choice == 2
+        if top.any():
+            h = patch_entropy(lr[top.to(lr.device)]).cpu()
+            t1, t2 = self.thresholds
+            remap = torch.full(h.shape, self.e2b_bits[2], dtype=torch.int64)
+            remap[h <= t2] = self.e2b_bits[1]
+            remap[h <= t1] = self.e2b_bits[0]
+            out[top] = remap
+        return out
+
+    def state(self) -> dict:
+        return {**super().state(), "gbc_bits": list(self.gbc_bits), "e2b_bits": list(self.e2b_bits),
+                "quantiles": list(self.quantiles), "ema": self.ema, "thresholds": list(self.thresholds or []),
+                "channels": self.gbc.fc.in_features // 3, "trained": self.trained,
+                "gbc": {k: v.detach().cpu() for k, v in self.gbc.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> GranularDQ:
+        policy = cls(tuple(state["gbc_bits"]), tuple(state["e2b_bits"]), int(state["channels"]),
+                     tuple(state["quantiles"]), float(state["ema"]),
+                     tuple(state["thresholds"]) if state.get("thresholds") else None, gbc_state=state["gbc"])
+        policy.trained = bool(state.get("trained"))
+        return policy

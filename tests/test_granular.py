@@ -1,0 +1,88 @@
+"""Granular-DQ policy: GBC (three granularities, Gumbel straight-through / argmax), E2B, ATC."""
+
+import pytest
+import torch
+from conftest import random_image
+
+from gdq_engine import Engine, load_quantized, quantize, save_quantized
+from gdq_engine.models import EDSR
+from gdq_engine.policy import GBC, GranularDQ, patch_entropy
+
+
+def force_gbc(policy: GranularDQ, code_index: int) -> GranularDQ:
+    """Make GBC choose ``code_index`` for every patch (zero weights, one large bias)."""
+    with torch.no_grad():
+        policy.gbc.fc.weight.zero_()
+        policy.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0]).index_fill(0, torch.tensor(code_index), 10.0))
+    return policy
+
+
+def test_gbc_shapes_and_granularities():
+    torch.manual_seed(0)
+    gbc = GBC(16, 3)
+    feat = torch.randn(5, 16, 12, 8)
+    assert gbc(feat).shape == (5, 3)
+    assert gbc.fc.in_features == 48  # three GroupNorm'd granularities concatenated
+    with pytest.raises(ValueError, match="at least 4x4"):
+        gbc(torch.randn(1, 16, 3, 8))
+    # The three granularities are not identical (GroupNorm statistics differ per pooling level).
+    views = [feat, torch.nn.functional.avg_pool2d(feat, 2), torch.nn.functional.avg_pool2d(feat, 4)]
+    pooled = [torch.nn.functional.adaptive_avg_pool2d(n(v), (3, 2)).mean((2, 3)) for n, v in zip(gbc.norms, views)]
+    assert not torch.allclose(pooled[0], pooled[2])
+
+
+def test_gumbel_straight_through_is_one_hot_forward_and_differentiable():
+    torch.manual_seed(0)
+    policy = GranularDQ(channels=16)
+    feat = torch.randn(6, 16, 8, 8)
+    choice = policy.gbc_choice(feat, training=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(choice.sum(1), torch.ones(6)) and set(choice.detach().unique().tolist()) <= {0.0, 1.0}
+    (choice * torch.tensor([4.0, 6.0, 8.0])).sum().backward()  # expected bits: gradients reach GBC
+    assert policy.gbc.fc.weight.grad is not None and policy.gbc.fc.weight.grad.abs().sum() > 0
+    eval_choice = policy.gbc_choice(feat)
+    assert torch.equal(eval_choice, policy.gbc_choice(feat))  # deterministic argmax at inference
+
+
+def test_e2b_remaps_only_top_code_patches_by_entropy():
+    lr = torch.cat([torch.full((4, 3, 8, 8), 0.5), random_image(8, 8, n=4, seed=3)])  # flat, then textured
+    feat = torch.randn(8, 16, 8, 8)
+    policy = GranularDQ(channels=16).fit(lr)
+    t1, t2 = policy.thresholds
+    h = patch_entropy(lr)
+    want = torch.where(h <= t1, 4, torch.where(h <= t2, 5, 8))
+    assert torch.equal(force_gbc(policy, 2).assign(lr, feat), want)  # GBC -> 8: E2B decides
+    assert force_gbc(policy, 0).assign(lr, feat).tolist() == [4] * 8  # GBC -> 4: E2B not consulted
+    assert force_gbc(policy, 1).assign(lr, feat).tolist() == [6] * 8
+    assert policy.bits == (4, 5, 6, 8)
+
+
+def test_atc_is_an_ema_of_batch_quantiles():
+    policy = GranularDQ(channels=16, ema=0.9)
+    a, b = random_image(8, 8, n=16, seed=1), random_image(8, 8, n=16, seed=2) * 0.2
+    policy.adapt_thresholds(a)
+    first = policy.thresholds
+    policy.adapt_thresholds(b)
+    hb = patch_entropy(b)
+    want = tuple(0.9 * t + 0.1 * float(torch.quantile(hb, q)) for t, q in zip(first, (0.5, 0.9)))
+    assert policy.thresholds == pytest.approx(want)
+
+
+def test_granular_policy_through_quantize_engine_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=16, n_blocks=2).eval()
+    policy = force_gbc(GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=16), 2)
+    calib = random_image(16, 16, n=12, seed=4)
+    q = quantize(model, policy, calib=calib)
+    assert sorted(q.act_quants()) == [2, 4, 8]
+    x = random_image(12, 12, n=4, seed=5)
+    y, bits = q(x, return_bits=True)
+    save_quantized(q, tmp_path / "g.pt")
+    loaded = load_quantized(tmp_path / "g.pt")
+    assert isinstance(loaded.policy, GranularDQ) and loaded.policy.thresholds == q.policy.thresholds
+    y2, bits2 = loaded(x, return_bits=True)
+    assert torch.equal(y, y2) and torch.equal(bits, bits2)
+    engine = Engine(tmp_path / "g.pt", device="cpu", patch_size=8, stride=6)
+    _, report = engine.upscale(random_image(20, 17, n=1, seed=6), return_report=True)
+    assert set(report.bits) <= {2, 4, 8} and report.patches == len(report.bits)
+    with pytest.raises(NotImplementedError, match="trained"):
+        Engine(model, policy="granular", calib=calib, device="cpu")
