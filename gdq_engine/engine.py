@@ -21,8 +21,7 @@ from .models import SRModel, load_model
 from .policy import BitPolicy
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
-POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular")
-POLICIES_PLANNED = ("cadyq",)
+POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
 BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
@@ -30,10 +29,11 @@ BACKENDS = ("auto", "reference", "cpp", "triton")
 class UpscaleReport:
     """What one ``upscale`` call did.
 
-    ``bits``: activation bit-width per patch (tile order, images in order; empty for FP);
-    ``groups``: (bit-width, patches) per body launch; ``bitops``: sum over patches of
-    MAC x b_w x b_a (FP convs 32 x 32); ``fab``: mean activation bits over quantized layers and
-    patches (32.0 for FP).
+    ``bits``: activation bit-width per patch (tile order, images in order; empty for FP; the
+    mean over layers for layer-wise policies such as CADyQ); ``groups``: one entry per body
+    launch: (bit-width, patches), or (layer, bit-width, patches) for layer-wise policies;
+    ``bitops``: sum over patches of MAC x b_w x b_a (FP convs 32 x 32); ``fab``: mean activation
+    bits over quantized layers and patches (32.0 for FP).
     """
 
     patches: int = 0
@@ -94,10 +94,8 @@ class Engine:
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True):
-        if isinstance(policy, str) and policy in POLICIES_PLANNED:
-            raise NotImplementedError(f"policy {policy!r} is not implemented yet; available: {POLICIES_AVAILABLE}")
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
-            raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE + POLICIES_PLANNED}")
+            raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if patch_size is not None and (int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size)):
@@ -250,24 +248,18 @@ class Engine:
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
         from .runtime.cost import bitops, conv_macs
-        from .runtime.scheduler import run_grouped
+        from .runtime.scheduler import forward_quantized
 
-        model, body = self.model, self.int_body
         with torch.inference_mode():
-            xn = model.normalize(x.to(self.dtype))
-            feat = model.head(xn)
-            bits = self.policy.assign(x, feat)
-            # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
-            out, groups = run_grouped(
-                bits, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
-            y = model.denormalize(model.forward_output(out, xn))
+            y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype)
         if not torch.isfinite(y).all():
             raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
-        q_macs, fp_macs = conv_macs(model, x.shape[-2], x.shape[-1])
-        report.bits.extend(bits.tolist())
+        q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])
+        per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
+        report.bits.extend(per_patch)
         report.groups.extend(groups)
-        report.bitops += sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in bits.tolist())
-        return y.float()
+        report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in per_patch))
+        return y
 
 
 def _as_quantized(model):

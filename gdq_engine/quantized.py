@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .models.checkpoints import CheckpointError, build_model
-from .policy import BitPolicy, EntropyOnly, GranularDQ, Static
+from .policy import BitPolicy, CADyQ, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
 
 QUANTIZED_FORMAT = "gdq_engine-quantized"
@@ -37,9 +37,11 @@ def make_policy(policy: str | BitPolicy, bits=None) -> BitPolicy:
         return Static(8 if bits is None else bits)
     if policy == "entropy":
         return EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
-    if policy == "granular":
-        raise NotImplementedError("policy='granular' needs a GBC trained by quantization-aware training, which "
-                                  "is not shipped yet; pass a trained gdq_engine.policy.GranularDQ object")
+    if policy in ("granular", "cadyq"):
+        what = "GBC" if policy == "granular" else "bit selectors"
+        cls = "GranularDQ" if policy == "granular" else "CADyQ"
+        raise NotImplementedError(f"policy={policy!r} needs {what} trained by quantization-aware training, which "
+                                  f"is not shipped yet; pass a trained gdq_engine.policy.{cls} object")
     raise ValueError(f"unknown quantized policy {policy!r}; choose 'static', 'entropy' or a BitPolicy")
 
 
@@ -53,6 +55,8 @@ def policy_from_state(state: dict) -> BitPolicy:
                            tuple(state["thresholds"]) if state.get("thresholds") else None)
     if name == "granular":
         return GranularDQ.from_state(state)
+    if name == "cadyq":
+        return CADyQ.from_state(state)
     raise CheckpointError(f"unknown policy {name!r} in quantized checkpoint")
 
 
@@ -131,19 +135,15 @@ class QuantizedSR(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, return_bits: bool = False):
         """(N,3,H,W) float in [0,1] -> (N,3,sH,sW) float32; with ``return_bits`` also the (N,)
-        bit-width each image ran at."""
-        from .runtime.scheduler import run_grouped
+        bit-width each image ran at (mean over layers for layer-wise policies)."""
+        from .runtime.scheduler import forward_quantized
 
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (N,3,H,W) images, got {tuple(x.shape)}")
-        model, body = self.fp, self.integer_body()
-        dtype = next(model.parameters()).dtype
-        xn = model.normalize(x.to(dtype))
-        feat = model.head(xn)
-        bits = self.policy.assign(x.float(), feat)
-        out, _ = run_grouped(bits, feat,
-                             lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
-        y = model.denormalize(model.forward_output(out, xn)).float()
+        dtype = next(self.fp.parameters()).dtype
+        y, bits, _ = forward_quantized(self.fp, self.integer_body(), self.policy, x.float(), dtype)
+        if not getattr(self.policy, "layerwise", False):
+            bits = bits.to(torch.int64)
         return (y, bits) if return_bits else y
 
 

@@ -82,7 +82,7 @@ def test_bad_input_types_and_files(engine, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(policy="cadyq"), NotImplementedError, "not implemented yet"),
+    (dict(policy="cadyq", calib=torch.rand(2, 3, 8, 8)), NotImplementedError, "bit selectors"),
     (dict(policy="granular", calib=torch.rand(2, 3, 8, 8)), NotImplementedError, "trained"),
     (dict(policy="static"), ValueError, "needs calibration data"),
     (dict(policy="static", bits=(2, 4), calib=torch.rand(2, 3, 8, 8)), ValueError, "one integer bit-width"),

@@ -87,6 +87,12 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 BODY_BACKENDS = ("reference", "cpp", "triton")
 
 
+def _groups(bits: torch.Tensor, device: torch.device):
+    """(bit-width, patch indices on ``device``) for each distinct value of ``bits``, ascending."""
+    for b in sorted(set(bits.tolist())):
+        yield int(b), torch.nonzero(bits == b, as_tuple=True)[0].to(device)
+
+
 def _backend_module(backend: str):
     if backend == "reference":
         return reference
@@ -191,6 +197,38 @@ class IntegerBody:
         while len(self._graphs) > self.MAX_GRAPHS:
             self._graphs.popitem(last=False)
         return self._graphs[key]
+
+    def run_layerwise(self, feat: torch.Tensor, policy, grads: torch.Tensor):
+        """CADyQ-style run: ``policy.select(layer, x, grads)`` picks each patch's bits before every
+        quantized conv, and the patches are regrouped per conv.
+
+        Returns (output (N,F,H,W) fp32, bits (2 * blocks, N) int64, groups [(layer, bits, count)]).
+        The same codes and values as :meth:`__call__` whenever every layer picks the same bits.
+        """
+        ops = self._ops
+        x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        layer_bits, groups = [], []
+        for i, blk in enumerate(self.blocks):
+            b1 = policy.select(2 * i, x, grads)
+            mid = x.new_empty((*x.shape[:3], blk.b1.numel()))
+            for b, idx in _groups(b1, x.device):
+                q_in, _ = self.act_quants[b][i]
+                packed = ops.quantize_pack(x[idx].contiguous(), q_in)
+                mid[idx] = ops.packed_conv3x3(packed, q_in.bits, True, self._weights_for(b, b)[i][0],
+                                              self._mults[b][i][0], blk.b1, relu=True)
+                groups.append((2 * i, b, idx.numel()))
+            b2 = policy.select(2 * i + 1, mid, grads)
+            new_x = torch.empty_like(x)
+            for b, idx in _groups(b2, x.device):
+                _, q_mid = self.act_quants[b][i]
+                packed = ops.quantize_pack(mid[idx].contiguous(), q_mid)
+                new_x[idx] = ops.packed_conv3x3(packed, q_mid.bits, False, self._weights_for(b, b)[i][1],
+                                                self._mults[b][i][1], blk.b2, residual=x[idx].contiguous(),
+                                                res_scale=blk.res_scale)
+                groups.append((2 * i + 1, b, idx.numel()))
+            x = new_x
+            layer_bits += [b1, b2]
+        return x.permute(0, 3, 1, 2).contiguous(), torch.stack(layer_bits), groups
 
     def _run(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
         ops, quants = self._ops, self.act_quants[bits]

@@ -30,3 +30,41 @@ def run_grouped(bits: torch.Tensor, feats: torch.Tensor,
         out[idx.to(y.device)] = y
         groups.append((int(b), int(idx.numel())))
     return out, groups
+
+
+def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """The quantized network on a batch of LR patches: FP head -> policy -> integer body -> FP tail.
+
+    Args:
+        model: the FP :class:`~gdq_engine.models.SRModel` (its layers in ``dtype``).
+        body: an :class:`~gdq_engine.runtime.intgraph.IntegerBody`.
+        policy: a patch-wise policy (``assign``: one bit-width per patch, patches grouped by it) or
+            a layer-wise one (``layerwise = True``, e.g. CADyQ: regrouped before every conv).
+        x: (P,3,h,w) float32 patches in [0,1].
+    Returns:
+        (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch, groups: body
+        launches as (bits, patches) for patch-wise or (layer, bits, patches) for layer-wise).
+    """
+    xn = model.normalize(x.to(dtype))
+    feat = model.head(xn)
+    if getattr(policy, "layerwise", False):
+        from ..policy.cadyq import sobel_features
+
+        grads = sobel_features(x)
+        seen = {}
+
+        def blocks(g):
+            out, layer_bits, groups = body.run_layerwise(g, policy, grads)
+            seen.update(bits=layer_bits.float().mean(0), groups=groups)
+            return out.to(g.dtype)
+
+        out = model.forward_body(feat, run_blocks=blocks)
+        bits, groups = seen["bits"], seen["groups"]
+    else:
+        assigned = policy.assign(x, feat)
+        # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
+        out, groups = run_grouped(
+            assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
+        bits = assigned.float()
+    y = model.denormalize(model.forward_output(out, xn)).float()
+    return y, bits, groups
