@@ -76,7 +76,7 @@ class QuantizedSR(nn.Module):
     """An SR model whose residual body runs on the integer path at one bit-width per image.
 
     Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
-    (``"auto"``: Triton on CUDA, the C++ kernels on CPU, the reference where neither runs;
+    (``"auto"``: Triton on CUDA, the C++ kernels on CPUs with AVX512-VNNI, else the reference;
     ``"reference"``; ``"cpp"``; ``"triton"``).
     """
 
