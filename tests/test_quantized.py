@@ -105,3 +105,27 @@ def test_to_rebuilds_the_integer_body(small_edsr):
 def test_folder_calibration_uses_the_inference_patch_size():
     patches = calibration_patches(shared("train"), 4, size=96)
     assert patches.shape == (32, 3, 96, 96) and 0 <= float(patches.min()) and float(patches.max()) <= 1
+
+
+@pytest.mark.parametrize("arch", ["msrresnet", "edsr-res-scale"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_other_residual_models_quantize_identically_on_every_backend(arch, backend):
+    """SRResNet and EDSR-large-style blocks (res_scale 0.1) through the integer path."""
+    from conftest import KERNEL_DEVICE
+
+    from gdq_engine.models import MSRResNet
+    from gdq_engine.ops import cpu_ops
+
+    if backend == "cpp" and not cpu_ops.available():
+        pytest.skip("gdq_engine._C not built")
+    torch.manual_seed(0)
+    model = (MSRResNet(scale=2, n_feats=16, n_blocks=2) if arch == "msrresnet"
+             else EDSR(scale=2, n_feats=32, n_blocks=2, res_scale=0.1)).eval()
+    device = "cpu" if backend == "cpp" else KERNEL_DEVICE
+    q_ref = quantize(model, "static", bits=8, calib=calib_patches(), backend="reference")
+    q_fast = quantize(model, "static", bits=8, calib=calib_patches(), backend=backend).to(device)
+    x = random_image(9, 10, n=2, seed=8)
+    y = q_ref(x)
+    assert torch.equal(q_fast(x.to(device)).cpu(), y)
+    with torch.no_grad():
+        assert float(((y - model(x)) ** 2).mean()) < 1e-4
