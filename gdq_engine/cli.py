@@ -170,9 +170,21 @@ def cmd_calibrate(args) -> int:
     name, bits = parse_policy(args.policy)
     if name in (None, "fp"):
         raise ValueError("calibrate needs a quantized policy: static:B or entropy:B1,B2,B3")
+    torch.manual_seed(args.seed)
     q = quantize(args.model, name, bits, calib=args.calib, w_bits=args.w_bits, calib_patch=args.calib_patch)
-    command = "python -m gdq_engine " + shlex.join(args.argv)
-    save_quantized(q, args.out, meta={"command": command, "source_model": str(args.model)})
+    meta = {"command": "python -m gdq_engine " + shlex.join(args.argv), "source_model": str(args.model)}
+    if args.dqc_iters > 0:
+        from .quantized import calibration_patches
+        from .train.data import random_lr_patches
+        from .train.dqc import dqc_calibrate
+
+        if isinstance(args.calib, str):
+            patches = random_lr_patches([args.calib], q.scale, count=256, size=args.dqc_patch, seed=args.seed)
+        else:
+            patches = calibration_patches(args.calib, q.scale, args.dqc_patch)
+        q, history = dqc_calibrate(q, patches, iters=args.dqc_iters, seed=args.seed)
+        meta["dqc_loss"] = {str(b): [round(v, 5) for v in losses] for b, losses in history.items()}
+    save_quantized(q, args.out, meta=meta)
     thresholds = getattr(q.policy, "thresholds", None)
     print(f"wrote {args.out}: {q.policy.name} {list(q.policy.bits)}, w{q.w_bits}"
           + (f", entropy thresholds {[round(t, 4) for t in thresholds]}" if thresholds else ""))
@@ -230,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="../shared/data/train", help="folder of HR images for calibration")
     p.add_argument("--calib-patch", type=int, default=96, help="LR crop side of the calibration patches")
     p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8])
+    p.add_argument("--dqc-iters", type=int, default=0,
+                   help="then train the activation scales (2DQuant DQC: L1 to the FP output + feature loss)")
+    p.add_argument("--dqc-patch", type=int, default=48, help="LR crop side of the DQC training patches")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="quantized checkpoint to write (use it as --model anywhere)")
     p.set_defaults(func=cmd_calibrate)
 

@@ -127,3 +127,7 @@ def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):
     rows = json.loads((tmp_path / "e.json").read_text())
     assert 2.0 <= rows[0]["fab"] <= 8.0 and rows[1]["fab"] == 32.0
     assert main(["calibrate", "--model", ckpt, "--policy", "fp", "--out", str(tmp_path / "x.pt")]) == 2
+    dqc = tmp_path / "dqc.pt"
+    assert main(["calibrate", "--model", ckpt, "--policy", "static:4", "--calib", str(calib), "--calib-patch", "16",
+                 "--dqc-iters", "3", "--dqc-patch", "16", "--out", str(dqc)]) == 0
+    assert len(torch.load(dqc, weights_only=True)["meta"]["dqc_loss"]["4"]) == 3

@@ -129,3 +129,22 @@ def test_other_residual_models_quantize_identically_on_every_backend(arch, backe
     assert torch.equal(q_fast(x.to(device)).cpu(), y)
     with torch.no_grad():
         assert float(((y - model(x)) ** 2).mean()) < 1e-4
+
+
+def test_dqc_trains_the_activation_scales(small_edsr):
+    from gdq_engine.train.dqc import dqc_calibrate
+
+    calib = random_image(12, 12, n=16, seed=11)
+    q = quantize(small_edsr, "static", bits=2, calib=calib)
+    trained, history = dqc_calibrate(q, calib, iters=40, batch=16, progress=False)
+    losses = history[2]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5])  # the L1 + feature loss goes down
+    before = [a.scale for a, _ in q.act_quants()[2]]
+    after = [a.scale for a, _ in trained.act_quants()[2]]
+    assert before != after and all(s > 0 for s in after)
+    assert q.act_quants()[2][0][0].scale == before[0]  # the input model is not changed
+    x = random_image(12, 12, n=4, seed=12)
+    with torch.no_grad():
+        ref = small_edsr(x)
+    err = lambda m: float((m(x) - ref).abs().mean())
+    assert err(trained) < err(q)  # closer to the FP model on fresh images

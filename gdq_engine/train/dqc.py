@@ -1,0 +1,95 @@
+"""2DQuant-style DQC for the engine's quantizers: learn the activation scales, everything else frozen.
+
+PAPERS.md (2DQuant): after DOBI, train only the quantizer bounds with L1(quantized output, FP
+output) + 5 x normalised feature MSE, Adam lr 1e-2, batch 16 (4000 iterations in the paper; a few
+hundred are what a CPU session runs). The engine's quantizers are per-tensor, zero-point free
+(signed block inputs, unsigned post-ReLU: docs/numerics.md), so the learnable bound is the scale:
+each quantizer becomes an :class:`~gdq_engine.quant.fakequant.LSQQuantizer` started at its DOBI
+scale, the weights are fake-quantized with the engine's fixed per-channel codes, and the trained
+steps are written back as the :class:`~gdq_engine.quantized.QuantizedSR`'s activation scales.
+The feature term compares the body output (EDSR has no residual groups) normalised by the FP
+body output's mean square.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..quant.fakequant import LSQQuantizer
+from ..quant.quantizer import ActQuant, quantize_weight
+
+
+class _FakeQuantBody(nn.Module):
+    """The residual blocks with fake-quantized activations (learnable steps) and fixed weight codes."""
+
+    def __init__(self, model, act_quants: list, w_bits: int):
+        super().__init__()
+        self.blocks = list(model.body)
+        self.q_in = nn.ModuleList(LSQQuantizer(q.bits, True, q.scale) for q, _ in act_quants)
+        self.q_mid = nn.ModuleList(LSQQuantizer(q.bits, False, q.scale) for _, q in act_quants)
+        self.weights = []
+        for blk in self.blocks:
+            pair = []
+            for conv in (blk.conv1, blk.conv2):
+                codes, scale = quantize_weight(conv.weight, w_bits)
+                pair.append((codes.float() * scale.view(-1, 1, 1, 1), conv.bias.detach().float()))
+            self.weights.append(pair)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        x = feat
+        for blk, q_in, q_mid, ((w1, b1), (w2, b2)) in zip(self.blocks, self.q_in, self.q_mid, self.weights):
+            mid = F.relu(F.conv2d(q_in(x), w1, b1, padding=1))
+            res = F.conv2d(q_mid(mid), w2, b2, padding=1)
+            x = x + res * float(getattr(blk, "res_scale", 1.0))
+        return x
+
+
+def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int = 16, lr: float = 1e-2,
+                  feature_weight: float = 5.0, seed: int = 0, progress: bool = True):
+    """Return a copy of ``qmodel`` (a :class:`~gdq_engine.quantized.QuantizedSR`) whose activation
+    scales were trained by DQC on ``lr_patches`` ((N,3,h,w) in [0,1]) for every bit-width it holds.
+
+    Also returns the loss history: {bits: [loss per iteration]}.
+    """
+    from ..quantized import QuantizedSR
+
+    out = copy.deepcopy(qmodel)
+    fp = out.fp.eval()
+    for p in fp.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    quants = out.act_quants()
+    history = {}
+    device = next(fp.parameters()).device
+    patches = lr_patches.float().to(device)
+    for bits, pairs in quants.items():
+        body = _FakeQuantBody(fp, pairs, out.w_bits).to(device)
+        opt = torch.optim.Adam([p for q in (*body.q_in, *body.q_mid) for p in q.parameters()], lr=lr)
+        losses = []
+        for _ in tqdm(range(iters), desc=f"DQC {bits}-bit", disable=not progress):
+            idx = torch.randint(len(patches), (min(batch, len(patches)),), generator=gen).to(device)
+            x = patches[idx]
+            with torch.no_grad():
+                xn = fp.normalize(x)
+                feat = fp.head(xn)
+                body_fp = fp.run_blocks(feat)
+                y_fp = fp.forward_output(fp.forward_body(feat, run_blocks=lambda g, b=body_fp: b), xn)
+            body_q = body(feat)
+            y_q = fp.forward_output(fp.forward_body(feat, run_blocks=lambda g, b=body_q: b), xn)
+            loss = (y_q - y_fp).abs().mean() + feature_weight * ((body_q - body_fp) ** 2).mean() / (
+                body_fp.pow(2).mean() + 1e-12)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        history[bits] = losses
+        quants[bits] = [(ActQuant(q_in.bits, True, float(qi.step.detach().abs())),
+                         ActQuant(q_mid.bits, False, float(qm.step.detach().abs())))
+                        for (q_in, q_mid), qi, qm in zip(pairs, body.q_in, body.q_mid)]
+    trained = QuantizedSR(out.fp, out.policy, quants, w_bits=out.w_bits, backend=out.backend).eval()
+    return trained, history
