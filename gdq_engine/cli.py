@@ -22,8 +22,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=int, default=0, help="extra LR context per patch, removes seams")
     p.add_argument("--whole-image", action="store_true", help="run the network on the whole image")
     p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
-    p.add_argument("--calib", default="../shared/data/train",
-                   help="folder of images for calibrating quantized policies (DOBI scales, entropy thresholds)")
+    p.add_argument("--calib", default=None,
+                   help="folder of images (or a .calib.pt table) for calibrating quantized policies; default: "
+                        "the table shipped with the shipped models")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
 
@@ -110,7 +111,8 @@ def cmd_eval(args) -> int:
     from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
     calib = None
-    if any(parse_policy(spec)[0] not in (None, "fp") for spec in args.policies):
+    if args.calib is not None and not str(args.calib).endswith(".calib.pt") and any(
+            parse_policy(spec)[0] not in (None, "fp") for spec in args.policies):
         # Read and downscale the calibration folder once for every policy compared, in crops of the
         # inference patch size (entropy thresholds depend on the patch size).
         size = DEFAULT_CALIB_PATCH if args.whole_image else args.patch_size
@@ -167,10 +169,20 @@ def cmd_train(args) -> int:
 def cmd_calibrate(args) -> int:
     from .quantized import quantize, save_quantized
 
+    torch.manual_seed(args.seed)
+    if args.table:
+        from .models import load_model
+        from .quantized import calibration_patches, save_calibration_table
+
+        fp = load_model(args.model)
+        table = save_calibration_table(fp, calibration_patches(args.calib, fp.scale, args.calib_patch), args.out,
+                                       meta={"command": "python -m gdq_engine " + shlex.join(args.argv)})
+        print(f"wrote calibration table {args.out}: widths {sorted(table['act_scales'])}, entropy thresholds "
+              f"{[round(t, 4) for t in table['entropy']['thresholds']]}")
+        return 0
     name, bits = parse_policy(args.policy)
     if name in (None, "fp"):
-        raise ValueError("calibrate needs a quantized policy: static:B or entropy:B1,B2,B3")
-    torch.manual_seed(args.seed)
+        raise ValueError("calibrate needs a quantized policy (static:B or entropy:B1,B2,B3) or --table")
     q = quantize(args.model, name, bits, calib=args.calib, w_bits=args.w_bits, calib_patch=args.calib_patch)
     meta = {"command": "python -m gdq_engine " + shlex.join(args.argv), "source_model": str(args.model)}
     if args.dqc_iters > 0:
@@ -238,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="post-training quantization: write a quantized checkpoint")
     p.add_argument("--model", default="edsr-baseline-x4", help="FP model: shipped name or checkpoint path")
-    p.add_argument("--policy", required=True, help="static:B | entropy:B1,B2,B3")
+    p.add_argument("--policy", default=None, help="static:B | entropy:B1,B2,B3 (writes a quantized checkpoint)")
+    p.add_argument("--table", action="store_true",
+                   help="write a calibration table instead (DOBI scales at every width 2..8 + entropy thresholds)")
     p.add_argument("--calib", default="../shared/data/train", help="folder of HR images for calibration")
     p.add_argument("--calib-patch", type=int, default=96, help="LR crop side of the calibration patches")
     p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8])

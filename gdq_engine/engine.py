@@ -66,8 +66,9 @@ class Engine:
         bits: bit-width (static) or three ascending bit-widths (entropy); code widths 2..8, run
             in the 2/4/8 containers.
         calib: calibration data for quantized policies: a folder of images (random LR crops of
-            ``patch_size``, so entropy thresholds match the inference patches) or (N,3,h,w) LR
-            patches in [0,1]. DOBI activation scales (and entropy thresholds) are fitted on it.
+            ``patch_size``, so entropy thresholds match the inference patches), (N,3,h,w) LR
+            patches in [0,1], or a ``*.calib.pt`` table. DOBI activation scales (and entropy
+            thresholds) are fitted on it. ``None``: the table shipped with a shipped model.
         w_bits: weight bit-width of the quantized body (8, 4 or 2).
         backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
             path, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI where available),
@@ -127,9 +128,10 @@ class Engine:
         self.policy: BitPolicy | None = None
         self.int_body = None
         if qmodel is not None or policy != "fp":
-            from .quantized import DEFAULT_CALIB_PATCH, quantize
+            from .quantized import DEFAULT_CALIB_PATCH, quantize, shipped_calibration
 
             if qmodel is None:  # calibrate the fp32 model at the inference patch size
+                calib = shipped_calibration(model) if calib is None else calib
                 fp = load_model(model).eval().to(self.device, torch.float32)
                 model = quantize(fp, policy, bits, calib, w_bits, backend,
                                  calib_patch=patch_size or DEFAULT_CALIB_PATCH)

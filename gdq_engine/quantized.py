@@ -72,6 +72,73 @@ def calibration_patches(calib, scale: int, size: int = DEFAULT_CALIB_PATCH) -> t
     return calib.float()
 
 
+CALIBRATION_FORMAT = "gdq_engine-calibration"
+
+
+def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.PathLike, meta: dict | None = None,
+                           quantiles: tuple[float, float] = (0.5, 0.9)) -> dict:
+    """Write a calibration table for ``fp_model``: DOBI scales of every block quantizer at every code
+    width 2..8, and the entropy quantiles of the patches (thresholds of EntropyOnly / Granular-DQ's
+    E2B). It lets quantized policies run without calibration data. Returns the table."""
+    from .policy.entropy import patch_entropy
+    from .quant.quantizer import CODE_WIDTHS
+    from .runtime.intgraph import calibrate
+
+    fp_model = fp_model.eval().float()
+    device = next(fp_model.parameters()).device
+    patches = lr_patches.float().to(device)
+    with torch.no_grad():
+        quants = calibrate(fp_model, patches, CODE_WIDTHS)
+    h = patch_entropy(patches)
+    table = {"format": CALIBRATION_FORMAT, "version": 1, "arch": fp_model.arch, "config": dict(fp_model.config),
+             "act_scales": {int(b): [[q_in.scale, q_mid.scale] for q_in, q_mid in pairs]
+                            for b, pairs in quants.items()},
+             "entropy": {"patch": list(patches.shape[-2:]), "quantiles": list(quantiles),
+                         "thresholds": [float(torch.quantile(h, q)) for q in quantiles]},
+             "meta": dict(meta or {})}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(table, tmp)
+    os.replace(tmp, path)
+    return table
+
+
+def load_calibration_table(path: str | os.PathLike) -> dict:
+    """Read a table written by :func:`save_calibration_table` (``weights_only``)."""
+    from .models.checkpoints import read_checkpoint
+
+    table = read_checkpoint(path)
+    if table.get("format") != CALIBRATION_FORMAT:
+        raise CheckpointError(f"{path}: not a gdq_engine calibration table")
+    return table
+
+
+def shipped_calibration(name) -> Path | None:
+    """The calibration table shipped beside a shipped model's weights (None if there is none)."""
+    from .models.pretrained import SHIPPED, WEIGHTS_DIR
+
+    if not isinstance(name, str) or name not in SHIPPED:
+        return None
+    path = WEIGHTS_DIR / (Path(SHIPPED[name]).stem + ".calib.pt")
+    return path if path.is_file() else None
+
+
+def _from_table(fp, policy: BitPolicy, table: dict) -> dict:
+    """Activation quantizers for ``policy.bits`` from a calibration table; fits the policy's
+    entropy thresholds from it when they use the table's quantiles."""
+    if table["arch"] != fp.arch or dict(table["config"]) != dict(fp.config):
+        raise ValueError(f"the calibration table is for {table['arch']} {table['config']}, not this model")
+    quants = {}
+    for b in policy.bits:
+        pairs = table["act_scales"][int(b)]
+        quants[b] = [(ActQuant(b, True, s_in), ActQuant(b, False, s_mid)) for s_in, s_mid in pairs]
+    if not policy.is_fitted:
+        if tuple(getattr(policy, "quantiles", ())) != tuple(table["entropy"]["quantiles"]):
+            raise ValueError("the calibration table's entropy quantiles differ from the policy's; pass calib data")
+        policy.thresholds = tuple(table["entropy"]["thresholds"])
+    return quants
+
+
 class QuantizedSR(nn.Module):
     """An SR model whose residual body runs on the integer path at one bit-width per image.
 
@@ -188,8 +255,10 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
         model: an SR model (module, checkpoint path or shipped name); it is copied, never changed.
         policy: ``"static"`` (every image at ``bits``, default 8), ``"entropy"`` (EntropyOnly over
             ``bits``, default (2, 4, 8)) or a :class:`~gdq_engine.policy.BitPolicy`.
-        calib: folder of HR images (``calib_patch``-sized LR crops are drawn) or (N,3,h,w) LR
-            patches in [0,1]: DOBI activation scales and the policy's thresholds are fitted on it.
+        calib: folder of HR images (``calib_patch``-sized LR crops are drawn), (N,3,h,w) LR
+            patches in [0,1], or a calibration table (``*.calib.pt``, :func:`save_calibration_table`):
+            DOBI activation scales and the policy's thresholds come from it. ``None`` uses the
+            table shipped with a shipped model (named by string).
         w_bits: weight bit-width (8, 4 or 2), per output channel.
     Returns:
         A :class:`QuantizedSR` on the model's device, in eval mode.
@@ -203,13 +272,18 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
     fp = copy.deepcopy(model) if isinstance(model, nn.Module) else load_model(model)
     fp = fp.eval().float()
     if calib is None:
-        raise ValueError(f"policy {policy.name!r} needs calibration data: calib=<folder of images> or "
-                         "calib=<(N,3,h,w) LR patches in [0,1]>")
-    device = next(fp.parameters()).device
-    patches = calibration_patches(calib, fp.scale, calib_patch).to(device)
-    act_quants = calibrate(fp, patches, policy.bits)
-    if not policy.is_fitted:
-        policy.fit(patches)
+        calib = shipped_calibration(model)
+    if calib is None:
+        raise ValueError(f"policy {policy.name!r} needs calibration data: calib=<folder of images>, "
+                         "<(N,3,h,w) LR patches in [0,1]> or <a .calib.pt table>")
+    if isinstance(calib, (str, os.PathLike)) and str(calib).endswith(".calib.pt"):
+        act_quants = _from_table(fp, policy, load_calibration_table(calib))
+    else:
+        device = next(fp.parameters()).device
+        patches = calibration_patches(calib, fp.scale, calib_patch).to(device)
+        act_quants = calibrate(fp, patches, policy.bits)
+        if not policy.is_fitted:
+            policy.fit(patches)
     return QuantizedSR(fp, policy, act_quants, w_bits=w_bits, backend=backend).eval()
 
 

@@ -148,3 +148,36 @@ def test_dqc_trains_the_activation_scales(small_edsr):
         ref = small_edsr(x)
     err = lambda m: float((m(x) - ref).abs().mean())
     assert err(trained) < err(q)  # closer to the FP model on fresh images
+
+
+def test_shipped_models_carry_calibration_tables():
+    """Quantized policies on the shipped models need no calibration data; the table equals a fresh
+    calibration on the same crops of ../shared/data/train."""
+    from gdq_engine.quantized import calibration_patches, load_calibration_table, shipped_calibration
+    from gdq_engine.runtime.intgraph import calibrate
+
+    for name in ("edsr-baseline-x2", "edsr-baseline-x4"):
+        path = shipped_calibration(name)
+        assert path is not None and path.is_file(), name
+        assert load_calibration_table(path)["meta"]["command"].startswith("python -m gdq_engine calibrate")
+    engine = Engine("edsr-baseline-x4", policy="entropy", bits=(2, 4, 8), device="cpu")
+    table = load_calibration_table(shipped_calibration("edsr-baseline-x4"))
+    assert engine.policy.thresholds == tuple(table["entropy"]["thresholds"])
+    scales = [[q_in.scale, q_mid.scale] for q_in, q_mid in engine.int_body.act_quants[4]]
+    assert scales == table["act_scales"][4]
+    fresh = calibrate(gdq_engine.load_model("edsr-baseline-x4"), calibration_patches(shared("train"), 4, 96), (4,))
+    assert [[a.scale, b.scale] for a, b in fresh[4]] == table["act_scales"][4]
+
+
+def test_calibration_table_round_trip_and_mismatch(small_edsr, tmp_path):
+    from gdq_engine.quantized import save_calibration_table
+
+    path = tmp_path / "t.calib.pt"
+    save_calibration_table(small_edsr, calib_patches(), path)
+    from_table = quantize(small_edsr, "static", bits=4, calib=str(path))
+    direct = quantize(small_edsr, "static", bits=4, calib=calib_patches())
+    x = random_image(10, 10, n=2, seed=13)
+    assert torch.equal(from_table(x), direct(x))
+    other = EDSR(scale=2, n_feats=32, n_blocks=2)
+    with pytest.raises(ValueError, match="calibration table is for"):
+        quantize(other, "static", bits=4, calib=str(path))

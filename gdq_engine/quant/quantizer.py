@@ -31,7 +31,8 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ActQuant:
-    """A calibrated per-tensor activation quantizer: ``bits``, ``signed`` and fp32 ``scale``."""
+    """A calibrated per-tensor activation quantizer: ``bits``, ``signed`` and ``scale`` (rounded to
+    fp32 on construction)."""
 
     bits: int
     signed: bool
@@ -41,6 +42,9 @@ class ActQuant:
         code_range(self.bits, self.signed)
         if not self.scale > 0:
             raise ValueError(f"quantizer scale must be positive, got {self.scale}")
+        # The scale is an fp32 number (docs/numerics.md): round once here, so every path that
+        # stores it (checkpoints, tables, buffers) and every backend sees the same value.
+        object.__setattr__(self, "scale", float(torch.tensor(float(self.scale), dtype=torch.float32)))
 
     @property
     def inv_scale(self) -> float:
