@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
 from ..models import SRModel
 
+_CACHE: dict[tuple, tuple[int, int]] = {}
+
 
 def conv_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
-    """(MACs in the quantized body convs, MACs in all other convs) for one height x width LR patch."""
-    return _conv_macs(model, height, width)
+    """(MACs in the quantized body convs, MACs in all other convs) for one height x width LR patch.
+
+    Cached by architecture, config and size (not by model object, so no model is kept alive)."""
+    key = (model.arch, repr(sorted(model.config.items())), int(height), int(width))
+    if key not in _CACHE:
+        if len(_CACHE) >= 256:
+            _CACHE.clear()
+        _CACHE[key] = _count_macs(model, height, width)
+    return _CACHE[key]
 
 
-@lru_cache(maxsize=64)
-def _conv_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
+def _count_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
     body_convs = {id(m) for m in model.body.modules() if isinstance(m, nn.Conv2d)}
     totals = {"q": 0, "fp": 0}
     hooks = []

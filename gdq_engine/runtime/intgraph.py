@@ -113,7 +113,7 @@ def _backend_module(backend: str):
 class IntegerBody:
     """Runs the quantized blocks: ``body(feat, bits)``, on the ``reference``, ``cpp`` or ``triton`` backend.
 
-    Both backends compute the same codes and fp32 values bit for bit (docs/numerics.md).
+    All backends compute the same codes and fp32 values bit for bit (docs/numerics.md).
 
     Args:
         blocks: from :func:`prepare_blocks`.
