@@ -166,7 +166,10 @@ def test_shipped_models_carry_calibration_tables():
     scales = [[q_in.scale, q_mid.scale] for q_in, q_mid in engine.int_body.act_quants[4]]
     assert scales == table["act_scales"][4]
     fresh = calibrate(gdq_engine.load_model("edsr-baseline-x4"), calibration_patches(shared("train"), 4, 96), (4,))
-    assert [[a.scale, b.scale] for a, b in fresh[4]] == table["act_scales"][4]
+    # Same crops, same search: equal here; another CPU's float rounding may move a DOBI candidate
+    # (they are about 1% apart), so allow 5%.
+    got = torch.tensor([[a.scale, b.scale] for a, b in fresh[4]])
+    assert torch.allclose(got, torch.tensor(table["act_scales"][4]), rtol=0.05)
 
 
 def test_calibration_table_round_trip_and_mismatch(small_edsr, tmp_path):
