@@ -80,7 +80,7 @@ def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.Pa
     """Write a calibration table for ``fp_model``: DOBI scales of every block quantizer at every code
     width 2..8, and the entropy quantiles of the patches (thresholds of EntropyOnly / Granular-DQ's
     E2B). It lets quantized policies run without calibration data. Returns the table."""
-    from .policy.entropy import patch_entropy
+    from .policy.entropy import entropy_quantiles
     from .quant.quantizer import CODE_WIDTHS
     from .runtime.intgraph import calibrate
 
@@ -89,12 +89,11 @@ def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.Pa
     patches = lr_patches.float().to(device)
     with torch.no_grad():
         quants = calibrate(fp_model, patches, CODE_WIDTHS)
-    h = patch_entropy(patches)
     table = {"format": CALIBRATION_FORMAT, "version": 1, "arch": fp_model.arch, "config": dict(fp_model.config),
              "act_scales": {int(b): [[q_in.scale, q_mid.scale] for q_in, q_mid in pairs]
                             for b, pairs in quants.items()},
              "entropy": {"patch": list(patches.shape[-2:]), "quantiles": list(quantiles),
-                         "thresholds": [float(torch.quantile(h, q)) for q in quantiles]},
+                         "thresholds": list(entropy_quantiles(patches, quantiles))},
              "meta": dict(meta or {})}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import container_bits
 from .base import BitPolicy
-from .entropy import GRAY
+from .entropy import GRAY, three_bit_widths
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
@@ -43,11 +42,7 @@ class CADyQ(BitPolicy):
 
     def __init__(self, bits: tuple[int, int, int] = (4, 6, 8), channels: int = 64, n_layers: int = 32,
                  selector_state: dict | None = None):
-        bits = tuple(int(b) for b in bits)
-        if len(bits) != 3 or list(bits) != sorted(bits):
-            raise ValueError(f"CADyQ needs three ascending bit-widths, got {bits}")
-        for b in bits:
-            container_bits(b)
+        bits = three_bit_widths(bits, "CADyQ")
         self.bits, self.channels, self.n_layers = bits, int(channels), int(n_layers)
         self.selectors = nn.ModuleList(nn.Linear(self.channels + 2, 3) for _ in range(self.n_layers))
         self.trained = selector_state is not None

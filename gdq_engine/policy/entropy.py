@@ -32,6 +32,22 @@ def patch_entropy(lr: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(1)
 
 
+def three_bit_widths(bits, who: str) -> tuple[int, int, int]:
+    """Check and return three ascending code widths (each 2..8) of a three-class policy."""
+    bits = tuple(int(b) for b in bits)
+    if len(bits) != 3 or list(bits) != sorted(bits):
+        raise ValueError(f"{who} needs three ascending bit-widths, got {bits}")
+    for b in bits:
+        container_bits(b)
+    return bits
+
+
+def entropy_quantiles(lr: torch.Tensor, quantiles) -> tuple[float, ...]:
+    """The ``quantiles`` of the patches' entropies ((P,3,h,w) images in [0,1])."""
+    h = patch_entropy(lr)
+    return tuple(float(torch.quantile(h, q)) for q in quantiles)
+
+
 class EntropyOnly(BitPolicy):
     """Entropy quantile thresholds -> ``bits`` (ascending, three classes)."""
 
@@ -39,11 +55,7 @@ class EntropyOnly(BitPolicy):
 
     def __init__(self, bits: tuple[int, int, int] = (2, 4, 8), quantiles: tuple[float, float] = (0.5, 0.9),
                  thresholds: tuple[float, float] | None = None):
-        bits = tuple(int(b) for b in bits)
-        if len(bits) != 3 or list(bits) != sorted(bits):
-            raise ValueError(f"EntropyOnly needs three ascending bit-widths, got {bits}")
-        for b in bits:
-            container_bits(b)
+        bits = three_bit_widths(bits, "EntropyOnly")
         if not 0 < quantiles[0] <= quantiles[1] < 1:
             raise ValueError(f"quantiles must satisfy 0 < q1 <= q2 < 1, got {quantiles}")
         self.bits, self.quantiles = bits, tuple(quantiles)
@@ -54,8 +66,7 @@ class EntropyOnly(BitPolicy):
         return self.thresholds is not None
 
     def fit(self, lr_patches: torch.Tensor) -> EntropyOnly:
-        h = patch_entropy(lr_patches)
-        self.thresholds = tuple(float(torch.quantile(h, q)) for q in self.quantiles)
+        self.thresholds = entropy_quantiles(lr_patches, self.quantiles)
         return self
 
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import container_bits
 from .base import BitPolicy
-from .entropy import patch_entropy
+from .entropy import EntropyOnly, entropy_quantiles, three_bit_widths
 
 
 class GBC(nn.Module):
@@ -58,18 +57,11 @@ class GranularDQ(BitPolicy):
     def __init__(self, gbc_bits: tuple[int, int, int] = (4, 6, 8), e2b_bits: tuple[int, int, int] = (4, 5, 8),
                  channels: int = 64, quantiles: tuple[float, float] = (0.5, 0.9), ema: float = 0.9997,
                  thresholds: tuple[float, float] | None = None, gbc_state: dict | None = None):
-        for bits in (gbc_bits, e2b_bits):
-            if len(bits) != 3 or list(bits) != sorted(bits):
-                raise ValueError(f"Granular-DQ needs three ascending bit-widths, got {bits}")
-            for b in bits:
-                container_bits(int(b))
-        if not 0 < quantiles[0] <= quantiles[1] < 1:
-            raise ValueError(f"quantiles must satisfy 0 < q1 <= q2 < 1, got {quantiles}")
-        self.gbc_bits = tuple(int(b) for b in gbc_bits)
-        self.e2b_bits = tuple(int(b) for b in e2b_bits)
+        self.gbc_bits = three_bit_widths(gbc_bits, "Granular-DQ")
+        # E2B is EntropyOnly applied to the patches GBC sent to its top code.
+        self.e2b = EntropyOnly(three_bit_widths(e2b_bits, "Granular-DQ"), quantiles, thresholds)
         self.bits = tuple(sorted(set(self.gbc_bits[:2]) | set(self.e2b_bits)))
-        self.quantiles, self.ema = tuple(quantiles), float(ema)
-        self.thresholds = tuple(thresholds) if thresholds is not None else None
+        self.ema = float(ema)
         self.gbc = GBC(channels, 3)
         self.trained = gbc_state is not None
         if gbc_state is not None:
@@ -77,19 +69,34 @@ class GranularDQ(BitPolicy):
         self.gbc.eval()
 
     @property
+    def e2b_bits(self) -> tuple[int, int, int]:
+        return self.e2b.bits
+
+    @property
+    def quantiles(self) -> tuple[float, float]:
+        return self.e2b.quantiles
+
+    @property
+    def thresholds(self) -> tuple[float, float] | None:
+        """E2B's entropy thresholds (t1, t2)."""
+        return self.e2b.thresholds
+
+    @thresholds.setter
+    def thresholds(self, value) -> None:
+        self.e2b.thresholds = tuple(value) if value is not None else None
+
+    @property
     def is_fitted(self) -> bool:
-        return self.thresholds is not None
+        return self.e2b.is_fitted
 
     def fit(self, lr_patches: torch.Tensor) -> GranularDQ:
         """E2B thresholds: the ``quantiles`` of the calibration patches' entropies."""
-        h = patch_entropy(lr_patches)
-        self.thresholds = tuple(float(torch.quantile(h, q)) for q in self.quantiles)
+        self.e2b.fit(lr_patches)
         return self
 
     def adapt_thresholds(self, lr_batch: torch.Tensor) -> None:
         """ATC step (first training epoch): thresholds <- ema * t + (1 - ema) * batch quantiles."""
-        h = patch_entropy(lr_batch)
-        batch = [float(torch.quantile(h, q)) for q in self.quantiles]
+        batch = entropy_quantiles(lr_batch, self.quantiles)
         if self.thresholds is None:
             self.thresholds = tuple(batch)
         else:
@@ -117,12 +124,7 @@ class GranularDQ(BitPolicy):
         out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
         top = choice == 2
         if top.any():
-            h = patch_entropy(lr[top.to(lr.device)]).cpu()
-            t1, t2 = self.thresholds
-            remap = torch.full(h.shape, self.e2b_bits[2], dtype=torch.int64)
-            remap[h <= t2] = self.e2b_bits[1]
-            remap[h <= t1] = self.e2b_bits[0]
-            out[top] = remap
+            out[top] = self.e2b.assign(lr[top.to(lr.device)], None).cpu()
         return out
 
     def state(self) -> dict:
