@@ -19,10 +19,10 @@ from tqdm import tqdm
 from .io import as_batch, input_dtype_of, restore_kind
 from .models import SRModel, load_model
 from .policy import BitPolicy
+from .quantized import BACKENDS
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
-BACKENDS = ("auto", "reference", "cpp", "triton")
 
 
 @dataclass
@@ -109,7 +109,12 @@ class Engine:
             "cuda" if torch.cuda.is_available() else "cpu")
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
-        qmodel = _as_quantized(model)
+        from .quantized import DEFAULT_CALIB_PATCH, QuantizedSR, quantize, resolve_backend
+
+        caller_module = isinstance(model, torch.nn.Module)
+        if not caller_module:
+            model = _read_model_file(model)
+        qmodel = model if isinstance(model, QuantizedSR) else None
         if qmodel is not None:
             if policy not in (None, "fp") or bits is not None or calib is not None:
                 raise ValueError("the model is already quantized (its policy, bits and calibration are fixed); "
@@ -117,9 +122,7 @@ class Engine:
             if policy == "fp":  # run the quantized model's FP weights
                 model, qmodel = copy.deepcopy(qmodel.fp), None
             else:
-                model = qmodel = copy.deepcopy(qmodel).to(self.device)
-        elif isinstance(model, torch.nn.Module):
-            model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
+                qmodel = copy.deepcopy(qmodel).to(self.device)
         policy = "fp" if policy is None else policy
         self.patch_size, self.stride, self.margin = patch_size, stride, margin
         self.batch_size, self.progress = batch_size, progress
@@ -127,19 +130,17 @@ class Engine:
         self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         self.policy: BitPolicy | None = None
         self.int_body = None
-        if qmodel is not None or policy != "fp":
-            from .quantized import DEFAULT_CALIB_PATCH, quantize, shipped_calibration
-
-            if qmodel is None:  # calibrate the fp32 model at the inference patch size
-                calib = shipped_calibration(model) if calib is None else calib
-                fp = load_model(model).eval().to(self.device, torch.float32)
-                model = quantize(fp, policy, bits, calib, w_bits, backend,
-                                 calib_patch=patch_size or DEFAULT_CALIB_PATCH)
-            self.policy, self.w_bits = model.policy, model.w_bits
-            body_backend = _resolve(backend, model.act_scales.device)
-            self.int_body = model.integer_body(
+        if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
+            qmodel = quantize(model, policy, bits, calib, w_bits, backend,
+                              calib_patch=patch_size or DEFAULT_CALIB_PATCH, device=self.device)
+        elif qmodel is None and caller_module:
+            model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
+        if qmodel is not None:
+            self.policy, self.w_bits = qmodel.policy, qmodel.w_bits
+            body_backend = resolve_backend(backend, qmodel.act_scales.device)
+            self.int_body = qmodel.integer_body(
                 body_backend, cuda_graphs=self.cuda_graphs and body_backend == "triton" and self.device.type == "cuda")
-            model = model.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
+            model = qmodel.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
         self.model: SRModel = load_model(model).eval().to(self.device, dtype)
@@ -264,24 +265,19 @@ class Engine:
         return y
 
 
-def _as_quantized(model):
-    """The :class:`~gdq_engine.quantized.QuantizedSR` behind ``model`` (object or checkpoint path), or None."""
-    from .quantized import QuantizedSR, is_quantized_checkpoint, load_quantized
+def _read_model_file(model):
+    """A checkpoint path, read once: a :class:`~gdq_engine.quantized.QuantizedSR` for quantized
+    checkpoints, an SR model otherwise. Names of shipped/official models and non-files pass through."""
+    from .models import known_models
+    from .models.checkpoints import model_from_checkpoint, read_checkpoint
+    from .quantized import is_quantized_checkpoint, quantized_from_payload
 
-    if isinstance(model, QuantizedSR):
-        return model
-    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
-        from .models.checkpoints import read_checkpoint
-
-        if is_quantized_checkpoint(read_checkpoint(model)):
-            return load_quantized(model)
-    return None
-
-
-def _resolve(backend: str, device: torch.device) -> str:
-    from .quantized import resolve_backend
-
-    return resolve_backend(backend, device)
+    if isinstance(model, (str, os.PathLike)) and str(model) not in known_models() and os.path.isfile(model):
+        payload = read_checkpoint(model)
+        if is_quantized_checkpoint(payload):
+            return quantized_from_payload(payload, source=str(model))
+        return model_from_checkpoint(payload, source=str(model))[0]
+    return model
 
 
 def upscale_file(engine: Engine, src, dst, compare: str | None = None) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.checkpoints import CheckpointError, build_model
+from .models.checkpoints import CheckpointError, atomic_torch_save, build_model
 from .policy import BitPolicy, CADyQ, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
 
@@ -95,10 +95,7 @@ def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.Pa
              "entropy": {"patch": list(patches.shape[-2:]), "quantiles": list(quantiles),
                          "thresholds": list(entropy_quantiles(patches, quantiles))},
              "meta": dict(meta or {})}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(table, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(table, path)
     return table
 
 
@@ -127,15 +124,19 @@ def _from_table(fp, policy: BitPolicy, table: dict) -> dict:
     entropy thresholds from it when they use the table's quantiles."""
     if table["arch"] != fp.arch or dict(table["config"]) != dict(fp.config):
         raise ValueError(f"the calibration table is for {table['arch']} {table['config']}, not this model")
-    quants = {}
-    for b in policy.bits:
-        pairs = table["act_scales"][int(b)]
-        quants[b] = [(ActQuant(b, True, s_in), ActQuant(b, False, s_mid)) for s_in, s_mid in pairs]
+    quants = act_quants_from_scales(policy.bits, [table["act_scales"][int(b)] for b in policy.bits])
     if not policy.is_fitted:
         if tuple(getattr(policy, "quantiles", ())) != tuple(table["entropy"]["quantiles"]):
             raise ValueError("the calibration table's entropy quantiles differ from the policy's; pass calib data")
         policy.thresholds = tuple(table["entropy"]["thresholds"])
     return quants
+
+
+def act_quants_from_scales(bits, scales) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
+    """{bits: per block (signed input, unsigned mid) quantizers} from ``bits`` and per-width lists
+    of per-block ``[input scale, mid scale]`` (the stored form in buffers, checkpoints, tables)."""
+    return {int(b): [(ActQuant(int(b), True, s_in), ActQuant(int(b), False, s_mid)) for s_in, s_mid in per_block]
+            for b, per_block in zip(bits, scales)}
 
 
 class QuantizedSR(nn.Module):
@@ -166,9 +167,7 @@ class QuantizedSR(nn.Module):
 
     def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
         """The calibrated quantizers: bit-width -> per block (input, mid)."""
-        scales = self.act_scales.detach().cpu().tolist()
-        return {int(b): [(ActQuant(int(b), True, s_in), ActQuant(int(b), False, s_mid)) for s_in, s_mid in per_block]
-                for b, per_block in zip(self.act_bits.tolist(), scales)}
+        return act_quants_from_scales(self.act_bits.tolist(), self.act_scales.detach().cpu().tolist())
 
     def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
         """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` on the model's current device."""
@@ -247,7 +246,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w_bits: int = 8,
-             backend: str = "auto", calib_patch: int = DEFAULT_CALIB_PATCH) -> QuantizedSR:
+             backend: str = "auto", calib_patch: int = DEFAULT_CALIB_PATCH, device=None) -> QuantizedSR:
     """Post-training quantization of an FP SR model into a drop-in :class:`QuantizedSR`.
 
     Args:
@@ -259,8 +258,9 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
             DOBI activation scales and the policy's thresholds come from it. ``None`` uses the
             table shipped with a shipped model (named by string).
         w_bits: weight bit-width (8, 4 or 2), per output channel.
+        device: where to calibrate and put the result (default: the model's device).
     Returns:
-        A :class:`QuantizedSR` on the model's device, in eval mode.
+        A :class:`QuantizedSR` in eval mode.
     """
     from .models import load_model
     from .runtime.intgraph import calibrate
@@ -270,6 +270,8 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
         raise ValueError(f"w_bits must be 8, 4 or 2, got {w_bits!r}")
     fp = copy.deepcopy(model) if isinstance(model, nn.Module) else load_model(model)
     fp = fp.eval().float()
+    if device is not None:
+        fp = fp.to(device)
     if calib is None:
         calib = shipped_calibration(model)
     if calib is None:
@@ -288,14 +290,10 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
 
 def save_quantized(qmodel: QuantizedSR, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write a quantized checkpoint (FP weights, activation scales, policy, w_bits), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items() if torch.is_tensor(v)}
-    payload = {"format": QUANTIZED_FORMAT, "version": 1, "arch": qmodel.fp.arch, "config": dict(qmodel.fp.config),
-               "state_dict": state, "quant": qmodel.get_extra_state(), "meta": dict(meta or {})}
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"format": QUANTIZED_FORMAT, "version": 1, "arch": qmodel.fp.arch,
+                       "config": dict(qmodel.fp.config), "state_dict": state, "quant": qmodel.get_extra_state(),
+                       "meta": dict(meta or {})}, path)
 
 
 def is_quantized_checkpoint(payload) -> bool:
@@ -308,13 +306,9 @@ def quantized_from_payload(payload: dict, source: str = "checkpoint", backend: s
         fp = build_model(payload["arch"], payload["config"])
         state = payload["state_dict"]
         quant = payload["quant"]
-        bits = state["act_bits"].tolist()
-        scales = state["act_scales"].tolist()
-        policy = policy_from_state(quant["policy"])
-        act_quants = {int(b): [(ActQuant(int(b), True, a), ActQuant(int(b), False, m)) for a, m in per_block]
-                      for b, per_block in zip(bits, scales)}
-        q = QuantizedSR(fp, policy, act_quants, w_bits=quant["w_bits"], backend=backend)
-        q.load_state_dict({k: v for k, v in state.items()}, strict=False)
+        act_quants = act_quants_from_scales(state["act_bits"].tolist(), state["act_scales"].tolist())
+        q = QuantizedSR(fp, policy_from_state(quant["policy"]), act_quants, w_bits=quant["w_bits"], backend=backend)
+        q.load_state_dict(state, strict=False)
         missing = set(q.state_dict()) - set(state) - {"_extra_state"}
         if missing:
             raise CheckpointError(f"{source}: quantized checkpoint lacks {sorted(missing)[:5]}")

@@ -233,11 +233,17 @@ def _diff_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str
 
 def save_checkpoint(model: SRModel, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write ``model`` as a gdq_engine checkpoint (arch + config + fp32 state dict), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": NATIVE_FORMAT, "version": 1, "arch": model.arch, "config": dict(model.config),
                "state_dict": {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
                "meta": dict(meta or {})}
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a hidden temporary beside ``path``, then rename: readers never see a
+    partial file. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    torch.save(payload, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
