@@ -22,6 +22,7 @@ from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
+from .scheduler import bit_groups
 
 
 @dataclass
@@ -85,12 +86,6 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 
 
 BODY_BACKENDS = ("reference", "cpp", "triton")
-
-
-def _groups(bits: torch.Tensor, device: torch.device):
-    """(bit-width, patch indices on ``device``) for each distinct value of ``bits``, ascending."""
-    for b in sorted(set(bits.tolist())):
-        yield int(b), torch.nonzero(bits == b, as_tuple=True)[0].to(device)
 
 
 def _backend_module(backend: str):
@@ -211,7 +206,7 @@ class IntegerBody:
         for i, blk in enumerate(self.blocks):
             b1 = policy.select(2 * i, x, grads)
             mid = x.new_empty((*x.shape[:3], blk.b1.numel()))
-            for b, idx in _groups(b1, x.device):
+            for b, idx in bit_groups(b1, x.device):
                 q_in, _ = self.act_quants[b][i]
                 packed = ops.quantize_pack(x[idx].contiguous(), q_in)
                 mid[idx] = ops.packed_conv3x3(packed, q_in.bits, True, self._weights_for(b, b)[i][0],
@@ -219,7 +214,7 @@ class IntegerBody:
                 groups.append((2 * i, b, idx.numel()))
             b2 = policy.select(2 * i + 1, mid, grads)
             new_x = torch.empty_like(x)
-            for b, idx in _groups(b2, x.device):
+            for b, idx in bit_groups(b2, x.device):
                 _, q_mid = self.act_quants[b][i]
                 packed = ops.quantize_pack(mid[idx].contiguous(), q_mid)
                 new_x[idx] = ops.packed_conv3x3(packed, q_mid.bits, False, self._weights_for(b, b)[i][1],

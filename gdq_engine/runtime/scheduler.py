@@ -22,14 +22,20 @@ def run_grouped(bits: torch.Tensor, feats: torch.Tensor,
         raise ValueError(f"{bits.shape[0]} bit assignments for {feats.shape[0]} patches")
     out = None
     groups = []
-    for b in sorted(set(bits.tolist())):
-        idx = torch.nonzero(bits == b, as_tuple=True)[0]
-        y = run(feats[idx.to(feats.device)], int(b))
+    for b, idx in bit_groups(bits, feats.device):
+        y = run(feats[idx], b)
         if out is None:
             out = y.new_empty((feats.shape[0],) + tuple(y.shape[1:]))
         out[idx.to(y.device)] = y
-        groups.append((int(b), int(idx.numel())))
+        groups.append((b, int(idx.numel())))
     return out, groups
+
+
+def bit_groups(bits: torch.Tensor, device: torch.device):
+    """(bit-width, indices on ``device`` of the patches that have it), for each distinct value of
+    ``bits`` (P,), ascending: the unit of one batched body launch."""
+    for b in sorted(set(bits.tolist())):
+        yield int(b), torch.nonzero(bits == b, as_tuple=True)[0].to(device)
 
 
 def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32):
