@@ -15,12 +15,8 @@ which is exactly the sum over in-image taps with padding contributing code 0.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -14,10 +14,13 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+from gdq_engine.ops.reference import check_weight_codes
+from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits
 
-from .conv3x3 import INTERPRET, _packed_conv3x3_kernel, _quantize_pack_kernel, _unpack_kernel
+from .conv3x3 import _packed_conv3x3_kernel, _quantize_pack_kernel, _unpack_kernel
 
+INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
 # GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
 AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
@@ -65,8 +68,7 @@ def check_channels(channels: int, what: str = "input", power_of_two: bool = Fals
 
 def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
     """(Cout, C, 3, 3) int8 weight codes -> :class:`PreparedWeight` for activations of ``a_bits``."""
-    if w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3) or w_codes.dtype != torch.int8:
-        raise ValueError(f"expected (Cout, C, 3, 3) int8 weight codes, got {tuple(w_codes.shape)} {w_codes.dtype}")
+    check_weight_codes(w_codes)
     cout, cin = w_codes.shape[:2]
     check_channels(cin)
     check_channels(cout, "output")

@@ -13,6 +13,7 @@ import torch
 
 from ..quant.quantizer import ActQuant, container_bits
 from . import HAS_CPP
+from .reference import check_weight_codes
 
 
 def available() -> bool:
@@ -36,8 +37,7 @@ class PreparedCpuWeight:
 
 def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> PreparedCpuWeight:
     """(Cout, C, 3, 3) int8 weight codes -> :class:`PreparedCpuWeight` (any activation width)."""
-    if w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3) or w_codes.dtype != torch.int8:
-        raise ValueError(f"expected (Cout, C, 3, 3) int8 weight codes, got {tuple(w_codes.shape)} {w_codes.dtype}")
+    check_weight_codes(w_codes)
     cout, cin = w_codes.shape[:2]
     if cin % 4:
         raise ValueError(f"the C++ conv needs input channels in multiples of 4, got {cin}")

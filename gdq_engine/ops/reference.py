@@ -18,6 +18,12 @@ from ..quant.packing import pack_codes, unpack_codes
 from ..quant.quantizer import ActQuant, container_bits, quantize
 
 
+def check_weight_codes(w_codes: torch.Tensor) -> None:
+    """Raise unless ``w_codes`` is a (Cout, C, 3, 3) int8 tensor (what the fast backends prepare)."""
+    if w_codes.dim() != 4 or w_codes.shape[2:] != (3, 3) or w_codes.dtype != torch.int8:
+        raise ValueError(f"expected (Cout, C, 3, 3) int8 weight codes, got {tuple(w_codes.shape)} {w_codes.dtype}")
+
+
 def conv3x3_int(codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
     """(N,H,W,C) integer codes * (Cout,C,3,3) int8 -> (N,H,W,Cout) int32, stride 1, zero pad 1.
 
