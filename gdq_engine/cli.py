@@ -59,6 +59,11 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
                   backend=args.backend)
 
 
+def _command(args) -> str:
+    """The command line that made an artefact (stored in checkpoints and tables)."""
+    return "python -m gdq_engine " + shlex.join(args.argv)
+
+
 def _sample_image(name: str, folder: Path) -> Path:
     try:
         from skimage import data
@@ -160,7 +165,7 @@ def cmd_train(args) -> int:
     cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
                         lr_patch=args.patch, lr=args.lr, warmup=args.warmup, seed=args.seed, val_every=args.val_every,
                         init=args.init, bf16=args.bf16)
-    command = "python -m gdq_engine " + shlex.join(args.argv)
+    command = _command(args)
     out = train_fp(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
@@ -176,7 +181,7 @@ def cmd_calibrate(args) -> int:
 
         fp = load_model(args.model)
         table = save_calibration_table(fp, calibration_patches(args.calib, fp.scale, args.calib_patch), args.out,
-                                       meta={"command": "python -m gdq_engine " + shlex.join(args.argv)})
+                                       meta={"command": _command(args)})
         print(f"wrote calibration table {args.out}: widths {sorted(table['act_scales'])}, entropy thresholds "
               f"{[round(t, 4) for t in table['entropy']['thresholds']]}")
         return 0
@@ -184,16 +189,12 @@ def cmd_calibrate(args) -> int:
     if name in (None, "fp"):
         raise ValueError("calibrate needs a quantized policy (static:B or entropy:B1,B2,B3) or --table")
     q = quantize(args.model, name, bits, calib=args.calib, w_bits=args.w_bits, calib_patch=args.calib_patch)
-    meta = {"command": "python -m gdq_engine " + shlex.join(args.argv), "source_model": str(args.model)}
+    meta = {"command": _command(args), "source_model": str(args.model)}
     if args.dqc_iters > 0:
-        from .quantized import calibration_patches
         from .train.data import random_lr_patches
         from .train.dqc import dqc_calibrate
 
-        if isinstance(args.calib, str):
-            patches = random_lr_patches([args.calib], q.scale, count=256, size=args.dqc_patch, seed=args.seed)
-        else:
-            patches = calibration_patches(args.calib, q.scale, args.dqc_patch)
+        patches = random_lr_patches([args.calib], q.scale, count=256, size=args.dqc_patch, seed=args.seed)
         q, history = dqc_calibrate(q, patches, iters=args.dqc_iters, seed=args.seed)
         meta["dqc_loss"] = {str(b): [round(v, 5) for v in losses] for b, losses in history.items()}
     save_quantized(q, args.out, meta=meta)
