@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "packing.h"
+
 namespace gdq {
 namespace {
 
@@ -167,6 +169,18 @@ __attribute__((target("avx512f"))) void pack_row_avx512(const int32_t* codes, in
 }
 #endif
 
+// Pack one row of codes: 16 bytes per AVX-512 step where allowed and the packed row is a multiple
+// of 16 bytes, the shared scalar loop otherwise.
+void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst, bool avx512) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512 && (C * bits / 8) % 16 == 0) {
+    pack_row_avx512(codes, C, bits, dst);
+    return;
+  }
+#endif
+  pack_row(codes, C, bits, dst);
+}
+
 // ---- unpack into the padded image --------------------------------------------------------------
 
 // packed (N,H,W,CP) -> padded (N,H+2,W+2,C) uint8: signed codes + 128 (pad 128), unsigned as is (pad 0).
@@ -249,7 +263,6 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   const float* pb = bs.data_ptr<float>();
   const float* pr = residual.has_value() ? res.data_ptr<float>() : nullptr;
   const float rs = static_cast<float>(res_scale), inv = static_cast<float>(inv_s);
-  const int64_t groups = o_bits ? 8 / o_bits : 1, gsize = Cout / groups;
   const int32_t shift_fix = a_signed ? -128 : 0;
   float* out_f = o_bits ? nullptr : out.data_ptr<float>();
   uint8_t* out_b = o_bits ? out.data_ptr<uint8_t>() : nullptr;
@@ -292,21 +305,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
             out_f[pix * Cout + o] = v;
           }
         }
-        if (o_bits) {
-          uint8_t* ob = out_b + pix * out_c;
-#if defined(__x86_64__) && defined(__GNUC__)
-          if (vnni && out_c % 16 == 0) {
-            pack_row_avx512(codes.data(), Cout, o_bits, ob);
-            continue;
-          }
-#endif
-          const uint32_t mask = (1u << o_bits) - 1u;
-          for (int64_t j = 0; j < gsize; ++j) {
-            uint32_t byte = 0;
-            for (int64_t i = 0; i < groups; ++i) byte |= (static_cast<uint32_t>(codes[j + i * gsize]) & mask) << (i * o_bits);
-            ob[j] = static_cast<uint8_t>(byte);
-          }
-        }
+        if (o_bits) pack_codes_row(codes.data(), Cout, o_bits, out_b + pix * out_c, vnni);  // VNNI implies AVX-512
       }
     }
   });
@@ -326,7 +325,6 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
   const float* in = src.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float inv = static_cast<float>(inv_s);
-  const uint32_t mask = (1u << bits) - 1u;
   bool vec = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vec = C % 16 == 0 && __builtin_cpu_supports("avx512f");
@@ -340,17 +338,7 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
       } else
 #endif
       for (int64_t c = 0; c < C; ++c) codes[c] = requantize(in[r * C + c], inv, lo, hi);
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (vec && gsize % 16 == 0) {
-        pack_row_avx512(codes.data(), C, bits, dst + r * gsize);
-        continue;
-      }
-#endif
-      for (int64_t j = 0; j < gsize; ++j) {
-        uint32_t byte = 0;
-        for (int64_t i = 0; i < groups; ++i) byte |= (static_cast<uint32_t>(codes[j + i * gsize]) & mask) << (i * bits);
-        dst[r * gsize + j] = static_cast<uint8_t>(byte);
-      }
+      pack_codes_row(codes.data(), C, bits, dst + r * gsize, vec);
     }
   });
   return out;

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "packing.h"
+
 namespace gdq {
 namespace {
 
@@ -35,19 +37,8 @@ at::Tensor pack_codes_cpu(const at::Tensor& codes, int64_t bits) {
   auto out = at::empty(sizes, codes.options().dtype(at::kByte));
   const int32_t* in = src.data_ptr<int32_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const uint32_t mask = (1u << bits) - 1u;
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int32_t* row = in + r * channels;
-      uint8_t* orow = dst + r * group;
-      for (int64_t j = 0; j < group; ++j) {
-        uint32_t byte = 0;
-        for (int64_t i = 0; i < per_byte; ++i) {
-          byte |= (static_cast<uint32_t>(row[j + i * group]) & mask) << (i * bits);
-        }
-        orow[j] = static_cast<uint8_t>(byte);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) pack_row(in + r * channels, channels, bits, dst + r * group);
   });
   return out;
 }
