@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,3 +61,14 @@ def write_results(name: str, payload: dict, out_dir: str | Path | None = None) -
     path = out / f"{name}-{device_tag()}-{env['date'][:10]}.json"
     path.write_text(json.dumps({"environment": env, **payload}, indent=1) + "\n")
     return path
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median host-timer milliseconds of ``reps`` calls of ``fn`` after one warm-up call (CPU)."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)

@@ -17,15 +17,13 @@ the fp32 output. Writes latency-<device>-<date>.json; prints a table last.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import median_ms, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,13 +46,7 @@ def time_ms(fn, gpu: bool, reps: int) -> float:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=200, rep=1000, return_mode="median")
-    fn()
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+    return median_ms(fn, reps)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
