@@ -174,10 +174,10 @@ class QuantizedSR(nn.Module):
         from .runtime.intgraph import IntegerBody, prepare_blocks
 
         device = self.act_scales.device
-        backend = resolve_backend(backend or self.backend, device)
-        key = (str(device), backend, cuda_graphs)
-        if key not in self._bodies:
-            self._bodies = {key: IntegerBody(prepare_blocks(self.fp, self.w_bits), self.act_quants(), backend=backend,
+        key = (str(device), backend or self.backend, cuda_graphs)
+        if key not in self._bodies:  # resolved once per key, not on every forward
+            resolved = resolve_backend(backend or self.backend, device)
+            self._bodies = {key: IntegerBody(prepare_blocks(self.fp, self.w_bits), self.act_quants(), backend=resolved,
                                              cuda_graphs=cuda_graphs)}
         return self._bodies[key]
 
