@@ -19,6 +19,11 @@ except ImportError as exc:  # pragma: no cover - explained to the user
                      "(CPU) or your CUDA build first, then `pip install --no-build-isolation .`") from exc
 
 
+# No fast math: the epilogue is exact IEEE fp32 (docs/numerics.md); __fmul_rn/__fadd_rn already
+# keep the compiler from fusing, --fmad=false makes that the default for everything else.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
@@ -33,7 +38,7 @@ def extension():
                 and os.environ.get("GDQ_NO_CUDA") != "1")
     if use_cuda:
         return CUDAExtension("gdq_engine._C", sources + cuda_sources, extra_link_args=link,
-                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+                             extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS})
     return CppExtension("gdq_engine._C", sources, extra_compile_args=cxx, extra_link_args=link)
 
 

@@ -6,7 +6,9 @@ Workload: the 3x3 convs of EDSR-baseline on the 96x96 LR patches (stride 90) tha
 *output* frame (x4: 480x270 LR -> 18 patches), the papers' protocol. For each activation width
 a in {8,4,2} and weight width w in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack out)
 and conv2 (unsigned codes in, fp32 residual add, fp32 out), plus the 64->256 upsampler conv (fp32
-out). Baseline: torch fp16 NHWC conv (cudnn.benchmark) of the same shape, same run.
+out). Baseline: torch fp16 NHWC conv (cudnn.benchmark) of the same shape, same run. The CUDA C++
+kernels (csrc/cuda, mma.sync) are timed on the same inputs when the extension was built with CUDA
+(column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
     import triton  # noqa: F401
     from gdq_engine.kernels import ops as tk
 
+    from gdq_engine.ops import cuda_ops
     from gdq_engine.quant.packing import pack_codes
     from gdq_engine.quant.quantizer import ActQuant, code_range
 
@@ -138,9 +141,19 @@ def main(argv=None) -> int:
             nbytes = in_bytes + 2 * res.numel() * 4
         t = time_rotating(lambda x: tk.packed_conv3x3(x, a_bits, signed, prep, mult, bias, **kw), xs) * 1e3
         floor = floor_us(m * 9 * c * 64, nbytes)
+        cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         return {"conv": kind, "cin": c, "cout": 64, "a_bits": a_bits, "w_bits": w_bits, "us": t,
                 "cudnn_fp16_us": base[64], "speedup_vs_fp16": base[64] / t, "floor_us": floor,
-                "pct_of_floor": 100 * floor / t}
+                "pct_of_floor": 100 * floor / t,
+                "cuda_us": cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias,
+                                                                                **cuda_kw))}
+
+    def cuda_us(w, xs, run) -> float | None:
+        """Median us of the CUDA C++ kernel (csrc/cuda) on the same inputs; None when not built."""
+        if cuda_ops.unavailable_reason(torch.device("cuda")) is not None:
+            return None
+        wp = cuda_ops.prepare_conv_weight(w)
+        return time_rotating(lambda x: run(x, wp), xs) * 1e3
 
     base = {64: cudnn_us(64), 256: cudnn_us(256)}
     rows = [conv_case(kind, a_bits, w_bits) for a_bits in (8, 4, 2) for w_bits in (8, 4, 2)
@@ -156,7 +169,8 @@ def main(argv=None) -> int:
     macs, nbytes = m * 9 * c * 256, m * c + out.numel() * 4
     rows.append({"conv": "upsampler", "cin": c, "cout": 256, "a_bits": 8, "w_bits": 8, "us": t,
                  "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
-                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t})
+                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t,
+                 "cuda_us": cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))})
     best = {}
     for key, cfg in tk._tuned_conv.cache.items():
         best[str(key)] = str(cfg)
@@ -165,10 +179,12 @@ def main(argv=None) -> int:
     path = write_results("kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
-    print(f"{'conv':9} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7}")
+    print(f"{'conv':9} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "
+          f"{'cuda us':>8}")
     for r in rows:
+        cuda = "-" if r["cuda_us"] is None else f"{r['cuda_us']:.1f}"
         print(f"{r['conv']:9} {r['a_bits']:>2} {r['w_bits']:>2} {r['us']:8.1f} {r['cudnn_fp16_us']:8.1f} "
-              f"{r['speedup_vs_fp16']:7.2f} {r['floor_us']:8.1f} {r['pct_of_floor']:7.1f}")
+              f"{r['speedup_vs_fp16']:7.2f} {r['floor_us']:8.1f} {r['pct_of_floor']:7.1f} {cuda:>8}")
     print(f"wrote {path}")
     return 0
 

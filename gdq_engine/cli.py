@@ -25,18 +25,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None,
                    help="folder of images (or a .calib.pt table) for calibrating quantized policies; default: "
                         "the table shipped with the shipped models")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton", "cuda"],
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
-    """'fp' | 'static:8' | 'entropy:2,4,8' -> (policy name, bits); None or 'model' -> (None, None),
-    the model's own policy (a quantized checkpoint's, else fp)."""
+    """'fp' | 'static:8' | 'entropy:2,4,8' | 'granular' -> (policy name, bits); None or 'model' ->
+    (None, None), the model's own policy (a quantized checkpoint's, else fp). 'granular' is the
+    QAT-trained Granular-DQ model shipped with a shipped model."""
     if spec is None or spec == "model":
         return None, None
     name, _, bits = spec.partition(":")
-    if name not in ("fp", "static", "entropy"):
-        raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B or entropy:B1,B2,B3")
+    if name not in ("fp", "static", "entropy", "granular"):
+        raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B, entropy:B1,B2,B3 or granular")
     if not bits:
         return name, None
     try:
@@ -102,9 +103,14 @@ def cmd_upscale(args) -> int:
             jobs = [(f, out / f"{f.stem}_x{engine.scale}.png") for f in files]
         else:
             jobs = [(src, out)]
+    if args.bitmap and len(jobs) > 1:
+        raise ValueError("--bitmap takes one input image")
     for s, d in tqdm(jobs, desc="images", disable=len(jobs) < 2):
-        h, w = upscale_file(engine, s, d, compare=args.compare if len(jobs) == 1 else None)
+        h, w = upscale_file(engine, s, d, compare=args.compare if len(jobs) == 1 else None, bitmap=args.bitmap)
         print(f"wrote {d} ({w}x{h})", file=sys.stderr)
+    if args.bitmap:
+        print(f"wrote {args.bitmap} (patches tinted by bits: blue 2, green 4, yellow 5, orange 6, red 8)",
+              file=sys.stderr)
     if args.compare and len(jobs) == 1:
         print(f"wrote {args.compare} (bicubic | {engine.model.arch})", file=sys.stderr)
     return 0
@@ -159,14 +165,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .train.fp import FPTrainConfig, train_fp
+def _bits_list(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"bad bit-widths {text!r}; write e.g. 2,4,8") from exc
 
-    cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters, batch=args.batch,
-                        lr_patch=args.patch, lr=args.lr, warmup=args.warmup, seed=args.seed, val_every=args.val_every,
-                        init=args.init, bf16=args.bf16)
+
+def cmd_train(args) -> int:
     command = _command(args)
-    out = train_fp(cfg, args.out, device=args.device, command=command)
+    if args.method == "fp":
+        from .train.fp import FPTrainConfig, train_fp
+
+        cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters or 10000,
+                            batch=args.batch or 16, lr_patch=args.patch, lr=args.lr or 2e-4, warmup=args.warmup,
+                            seed=args.seed, val_every=args.val_every or 1000, init=args.init, bf16=args.bf16)
+        out = train_fp(cfg, args.out, device=args.device, command=command)
+    else:
+        from .train.qat import QATConfig, train_qat
+
+        bits = _bits_list(args.bits) or ((2, 4, 8) if args.method == "granular" else (8,))
+        cfg = QATConfig(model=args.model, method=args.method, bits=bits, e2b_bits=_bits_list(args.e2b_bits),
+                        w_bits=args.w_bits, calib=args.calib, calib_patch=args.calib_patch, data=tuple(args.data),
+                        val=args.val, iters=args.iters or 1000, batch=args.batch or 8, lr_patch=args.patch,
+                        lr=args.lr or 1e-5, step_lr=args.step_lr, gbc_lr=args.gbc_lr, bit_weight=args.bit_weight,
+                        atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250)
+        out = train_qat(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
 
@@ -233,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (folder when input is a folder)")
     p.add_argument("--sample", choices=SAMPLES, help="use a scikit-image sample photo as input")
     p.add_argument("--compare", help="also write a side-by-side PNG: bicubic | model")
+    p.add_argument("--bitmap", help="also write the LR input with each patch tinted by its bits (quantized policies)")
     p.add_argument("--policy", default=None,
-                   help="fp | static:B | entropy:B1,B2,B3 (default: the model's own: fp, or a quantized checkpoint's)")
+                   help="fp | static:B | entropy:B1,B2,B3 | granular (default: the model's own: fp, or a quantized "
+                        "checkpoint's)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_upscale)
 
@@ -264,21 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="quantized checkpoint to write (use it as --model anywhere)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("train", help="train an FP EDSR-baseline (resumable)")
-    p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4])
+    p = sub.add_parser("train", help="train an FP model, or quantization-aware training (resumable)")
+    p.add_argument("--method", default="fp", choices=["fp", "granular", "static"],
+                   help="fp: FP EDSR-baseline; granular: Granular-DQ QAT (GBC + E2B + ATC); static: LSQ QAT at "
+                        "one activation width (QuantSR-style WxAx with --w-bits)")
+    p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4], help="fp: the model's scale")
     p.add_argument("--out", required=True, help="output checkpoint (a .state.pt beside it makes runs resumable)")
     p.add_argument("--data", nargs="+", default=["../shared/data/train"])
     p.add_argument("--val", default="../shared/data/val/Set5", help="HR folder for periodic PSNR ('' to skip)")
-    p.add_argument("--iters", type=int, default=10000)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--iters", type=int, default=None, help="default: fp 10000, QAT 1000")
+    p.add_argument("--batch", type=int, default=None, help="default: fp 16, QAT 8")
     p.add_argument("--patch", type=int, default=48, help="LR crop side")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to 1%%)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up iterations")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the weights, cosine decay to 1%% (default: fp 2e-4, QAT 1e-5)")
+    p.add_argument("--warmup", type=int, default=100, help="fp: linear warm-up iterations")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=1000)
-    p.add_argument("--init", default=None, help="start from the matching tensors of this checkpoint")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU / AMX CPUs)")
+    p.add_argument("--val-every", type=int, default=None, help="default: fp 1000, QAT 250")
+    p.add_argument("--init", default=None, help="fp: start from the matching tensors of this checkpoint")
+    p.add_argument("--bf16", action="store_true", help="fp: bf16 autocast (GPU / AMX CPUs)")
     p.add_argument("--device", default=None)
+    p.add_argument("--model", default="edsr-baseline-x4", help="QAT: the FP model (shipped name or checkpoint)")
+    p.add_argument("--bits", default=None, help="QAT: GBC widths (granular, default 2,4,8) or one width (static, 8)")
+    p.add_argument("--e2b-bits", default=None, help="granular: E2B widths (default: --bits; paper 4,5,8)")
+    p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8], help="QAT: weight bit-width")
+    p.add_argument("--calib", default=None,
+                   help="QAT: starting DOBI scales: a .calib.pt table or image folder (default: the shipped table)")
+    p.add_argument("--calib-patch", type=int, default=96, help="QAT: LR crop side of --calib image crops")
+    p.add_argument("--step-lr", type=float, default=1e-3, help="QAT: learning rate of the LSQ steps")
+    p.add_argument("--gbc-lr", type=float, default=1e-3, help="granular: learning rate of GBC")
+    p.add_argument("--bit-weight", type=float, default=0.0,
+                   help="granular: loss weight of the mean bits (0 = the paper's L1 only)")
+    p.add_argument("--atc-iters", type=int, default=0, help="granular: iterations of ATC threshold adaptation")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="versions, devices, backends and known models")

@@ -73,10 +73,11 @@ class Engine:
         backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
             path, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI where available),
             ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
-            ``TRITON_INTERPRET=1``), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
+            ``TRITON_INTERPRET=1``), ``"cuda"`` (CUDA C++ mma.sync kernels, when the extension was
+            built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
             reference).
             All give bit-identical results.
-        cuda_graphs: replay the Triton integer body as one CUDA graph per (bit-width, batch shape)
+        cuda_graphs: replay the Triton / CUDA integer body as one CUDA graph per (bit-width, batch shape)
             (captured on its second use; removes per-kernel launch overhead). CUDA only.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
@@ -138,8 +139,8 @@ class Engine:
         if qmodel is not None:
             self.policy, self.w_bits = qmodel.policy, qmodel.w_bits
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
-            self.int_body = qmodel.integer_body(
-                body_backend, cuda_graphs=self.cuda_graphs and body_backend == "triton" and self.device.type == "cuda")
+            graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
+            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs)
             model = qmodel.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
@@ -206,12 +207,15 @@ class Engine:
                              "(divide 0..255 data by 255, or pass a uint8 tensor)")
         check_image_size(h, w)
 
-    def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
-        h, w = img.shape[-2:]
+    def grid(self, height: int, width: int):
+        """The :class:`~gdq_engine.runtime.tiler.TileGrid` this engine cuts an LR image of
+        ``height`` x ``width`` pixels into (report bits are in its tile order)."""
         if self.patch_size is None:
-            grid = whole_image_grid(h, w)
-        else:
-            grid = make_grid(h, w, self.patch_size, self.stride, self.margin)
+            return whole_image_grid(height, width)
+        return make_grid(height, width, self.patch_size, self.stride, self.margin)
+
+    def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
+        grid = self.grid(*img.shape[-2:])
         bs = self.batch_size
         todo = list(range(len(grid)))
         bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
@@ -280,17 +284,25 @@ def _read_model_file(model):
     return model
 
 
-def upscale_file(engine: Engine, src, dst, compare: str | None = None) -> tuple[int, int]:
+def upscale_file(engine: Engine, src, dst, compare: str | None = None, bitmap: str | None = None) -> tuple[int, int]:
     """Upscale an image file to ``dst``; alpha is upscaled with bicubic and kept.
 
-    ``compare``: optional path of a side-by-side PNG (bicubic | engine). Returns the output size
-    (height, width). Outputs are written atomically; nothing is written if upscaling fails.
+    ``compare``: optional path of a side-by-side PNG (bicubic | engine). ``bitmap``: optional path
+    of the LR input with each patch tinted by its bits (:func:`gdq_engine.bitmap.bit_map`; needs a
+    quantized policy). Returns the output size (height, width). Outputs are written atomically;
+    nothing is written if upscaling fails.
     """
+    from .bitmap import bit_map
     from .io import load_image_rgba, save_image
     from .metrics import imresize
 
+    if bitmap is not None and engine.policy is None:
+        raise ValueError("--bitmap shows per-patch bits: it needs a quantized policy (e.g. --policy entropy:2,4,8)")
     rgb, alpha = load_image_rgba(src)
-    hr = engine.upscale(rgb.unsqueeze(0))[0]
+    hr, report = engine.upscale(rgb.unsqueeze(0), return_report=True)
+    hr = hr[0]
+    if bitmap is not None:
+        save_image(bit_map(rgb, report.bits, engine.grid(*rgb.shape[-2:])), bitmap)
     alpha_hr = imresize(alpha, engine.scale).clamp(0, 1) if alpha is not None else None
     if compare is not None:
         bic = imresize(rgb, engine.scale).clamp(0, 1)

@@ -37,11 +37,14 @@ def make_policy(policy: str | BitPolicy, bits=None) -> BitPolicy:
         return Static(8 if bits is None else bits)
     if policy == "entropy":
         return EntropyOnly(tuple(bits) if bits is not None else (2, 4, 8))
-    if policy in ("granular", "cadyq"):
-        what = "GBC" if policy == "granular" else "bit selectors"
-        cls = "GranularDQ" if policy == "granular" else "CADyQ"
-        raise NotImplementedError(f"policy={policy!r} needs {what} trained by quantization-aware training, which "
-                                  f"is not shipped yet; pass a trained gdq_engine.policy.{cls} object")
+    if policy == "granular":
+        raise NotImplementedError("policy='granular' needs a GBC trained by quantization-aware training: shipped for "
+                                  "the shipped models that have one (gdq_engine/weights/*.granular.pt); for others run "
+                                  "`python -m gdq_engine train --method granular --model <model> --out q.pt` and use "
+                                  "q.pt as the model")
+    if policy == "cadyq":
+        raise NotImplementedError("policy='cadyq' needs bit selectors trained by quantization-aware training, which "
+                                  "is not shipped yet; pass a trained gdq_engine.policy.CADyQ object")
     raise ValueError(f"unknown quantized policy {policy!r}; choose 'static', 'entropy' or a BitPolicy")
 
 
@@ -119,6 +122,17 @@ def shipped_calibration(name) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_quantized(name, policy: str) -> Path | None:
+    """The quantized checkpoint shipped for a shipped model and a trained policy name
+    (``weights/<model>.<policy>.pt``, e.g. ``edsr_baseline_x4.granular.pt``), or None."""
+    from .models.pretrained import SHIPPED, WEIGHTS_DIR
+
+    if not isinstance(name, str) or name not in SHIPPED or not isinstance(policy, str):
+        return None
+    path = WEIGHTS_DIR / f"{Path(SHIPPED[name]).stem}.{policy}.pt"
+    return path if path.is_file() else None
+
+
 def _from_table(fp, policy: BitPolicy, table: dict) -> dict:
     """Activation quantizers for ``policy.bits`` from a calibration table; fits the policy's
     entropy thresholds from it when they use the table's quantiles."""
@@ -144,7 +158,7 @@ class QuantizedSR(nn.Module):
 
     Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
     (``"auto"``: Triton on CUDA, the C++ kernels on CPUs with AVX512-VNNI, else the reference;
-    ``"reference"``; ``"cpp"``; ``"triton"``).
+    ``"reference"``; ``"cpp"``; ``"triton"``; ``"cuda"``: the CUDA C++ kernels).
     """
 
     def __init__(self, fp_model: nn.Module, policy: BitPolicy, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
@@ -212,7 +226,7 @@ class QuantizedSR(nn.Module):
         return (y, bits) if return_bits else y
 
 
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -231,6 +245,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError(f"backend='cpp' runs on CPU tensors, not {device}")
         if not cpu_ops.available():
             raise RuntimeError("backend='cpp' needs the compiled extension gdq_engine._C")
+        return backend
+    if backend == "cuda":
+        from .ops import cuda_ops
+
+        reason = cuda_ops.unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"backend='cuda' cannot run: {reason}")
         return backend
     reason = unavailable_reason(device)
     if backend == "triton":
@@ -252,7 +273,9 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
     Args:
         model: an SR model (module, checkpoint path or shipped name); it is copied, never changed.
         policy: ``"static"`` (every image at ``bits``, default 8), ``"entropy"`` (EntropyOnly over
-            ``bits``, default (2, 4, 8)) or a :class:`~gdq_engine.policy.BitPolicy`.
+            ``bits``, default (2, 4, 8)), ``"granular"`` (the QAT-trained Granular-DQ model shipped for
+            a shipped model: its weights, scales and GBC; ``calib`` must be None) or a
+            :class:`~gdq_engine.policy.BitPolicy`.
         calib: folder of HR images (``calib_patch``-sized LR crops are drawn), (N,3,h,w) LR
             patches in [0,1], or a calibration table (``*.calib.pt``, :func:`save_calibration_table`):
             DOBI activation scales and the policy's thresholds come from it. ``None`` uses the
@@ -265,6 +288,16 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
     from .models import load_model
     from .runtime.intgraph import calibrate
 
+    shipped = shipped_quantized(model, policy) if calib is None else None
+    if shipped is not None:  # a QAT-trained model ships for this (model, policy): weights, scales, controller
+        q = load_quantized(shipped, backend=backend)
+        own = tuple(getattr(q.policy, "gbc_bits", q.policy.bits))
+        if bits is not None and tuple(bits if not isinstance(bits, int) else (bits,)) != own:
+            raise ValueError(f"the shipped {policy} model for {model} uses bits {own}, not {bits}; "
+                             f"train your own with `python -m gdq_engine train --method {policy} --bits ...`")
+        if w_bits != q.w_bits:
+            raise ValueError(f"the shipped {policy} model for {model} has {q.w_bits}-bit weights, not {w_bits}")
+        return q.to(device) if device is not None else q
     policy = make_policy(policy, bits)
     if w_bits not in (2, 4, 8):
         raise ValueError(f"w_bits must be 8, 4 or 2, got {w_bits!r}")

@@ -72,7 +72,7 @@ class EntropyOnly(BitPolicy):
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
         if self.thresholds is None:
             raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
-        h = patch_entropy(lr)
+        h = patch_entropy(lr).cpu()
         t1, t2 = self.thresholds
         out = torch.full((lr.shape[0],), self.bits[2], dtype=torch.int64)
         out[h <= t2] = self.bits[1]

@@ -85,7 +85,7 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
                 for x_in, mid in acts] for b in bits}
 
 
-BODY_BACKENDS = ("reference", "cpp", "triton")
+BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
 def _backend_module(backend: str):
@@ -102,6 +102,12 @@ def _backend_module(backend: str):
         from ..ops import triton_ops
 
         return triton_ops.kernel_ops()
+    if backend == "cuda":
+        from ..ops import cuda_ops
+
+        if not cuda_ops.available():
+            raise RuntimeError(cuda_ops.unavailable_reason(torch.device("cuda")))
+        return cuda_ops
     raise ValueError(f"unknown integer-body backend {backend!r}; choose from {BODY_BACKENDS}")
 
 

@@ -16,37 +16,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
-from ..quant.fakequant import LSQQuantizer
-from ..quant.quantizer import ActQuant, quantize_weight
-
-
-class _FakeQuantBody(nn.Module):
-    """The residual blocks with fake-quantized activations (learnable steps) and fixed weight codes."""
-
-    def __init__(self, model, act_quants: list, w_bits: int):
-        super().__init__()
-        self.blocks = list(model.body)
-        self.q_in = nn.ModuleList(LSQQuantizer(q.bits, True, q.scale) for q, _ in act_quants)
-        self.q_mid = nn.ModuleList(LSQQuantizer(q.bits, False, q.scale) for _, q in act_quants)
-        self.weights = []
-        for blk in self.blocks:
-            pair = []
-            for conv in (blk.conv1, blk.conv2):
-                codes, scale = quantize_weight(conv.weight, w_bits)
-                pair.append((codes.float() * scale.view(-1, 1, 1, 1), conv.bias.detach().float()))
-            self.weights.append(pair)
-
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        x = feat
-        for blk, q_in, q_mid, ((w1, b1), (w2, b2)) in zip(self.blocks, self.q_in, self.q_mid, self.weights):
-            mid = F.relu(F.conv2d(q_in(x), w1, b1, padding=1))
-            res = F.conv2d(q_mid(mid), w2, b2, padding=1)
-            x = x + res * float(getattr(blk, "res_scale", 1.0))
-        return x
+from .fakebody import FakeQuantBody
 
 
 def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int = 16, lr: float = 1e-2,
@@ -68,8 +40,8 @@ def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int
     device = next(fp.parameters()).device
     patches = lr_patches.float().to(device)
     for bits, pairs in quants.items():
-        body = _FakeQuantBody(fp, pairs, out.w_bits).to(device)
-        opt = torch.optim.Adam([p for q in (*body.q_in, *body.q_mid) for p in q.parameters()], lr=lr)
+        body = FakeQuantBody(fp, {bits: pairs}, out.w_bits).to(device)
+        opt = torch.optim.Adam(body.parameters(), lr=lr)
         losses = []
         for _ in tqdm(range(iters), desc=f"DQC {bits}-bit", disable=not progress):
             idx = torch.randint(len(patches), (min(batch, len(patches)),), generator=gen).to(device)
@@ -88,8 +60,6 @@ def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int
             opt.step()
             losses.append(float(loss.detach()))
         history[bits] = losses
-        quants[bits] = [(ActQuant(q_in.bits, True, float(qi.step.detach().abs())),
-                         ActQuant(q_mid.bits, False, float(qm.step.detach().abs())))
-                        for (q_in, q_mid), qi, qm in zip(pairs, body.q_in, body.q_mid)]
+        quants[bits] = body.act_quants()[bits]
     trained = QuantizedSR(out.fp, out.policy, quants, w_bits=out.w_bits, backend=out.backend).eval()
     return trained, history

@@ -1,0 +1,96 @@
+"""The float training model of the integer body: fake-quantized residual blocks (QAT and DQC).
+
+Each block runs ``x -> Q_in(x) -> conv1 -> ReLU -> Q_mid -> conv2 -> x + res_scale * res`` with the
+residual stream in fp32, exactly the integer graph's structure (docs/numerics.md). Weights are
+fake-quantized per output channel by :func:`~gdq_engine.quant.quantizer.quantize_weight`'s formula
+with a straight-through rounding gradient, so the exported model's integer weight codes are the
+ones trained. Activation quantizers are LSQ steps, one per (block, position, bit-width); a
+per-patch mixing matrix selects (or, for Gumbel straight-through, softly weights) the width each
+patch runs at, which is how one batch trains every width of a patch-wise policy at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.fakequant import LSQQuantizer
+from ..quant.quantizer import ActQuant
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """(Cout,Cin,kh,kw) float -> the same shape, values ``code * scale`` of the engine's symmetric
+    per-channel ``bits``-bit weights; the rounding passes the gradient straight through."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = (w.detach().abs().flatten(1).amax(1) / qmax).clamp_min(1e-12).view(-1, 1, 1, 1)
+    u = w / scale
+    codes = (torch.round(u) - u).detach() + u
+    return codes.clamp(-qmax, qmax) * scale
+
+
+class MixedBitQuant(nn.Module):
+    """LSQ quantizers of one activation at several widths.
+
+    ``forward(x, mix)``: ``x`` (N,C,H,W); ``mix`` (N, len(widths)) rows summing to 1 (one-hot values,
+    possibly carrying straight-through gradients) or None when there is a single width.
+    """
+
+    def __init__(self, widths: tuple[int, ...], signed: bool, steps: list[float]):
+        super().__init__()
+        self.widths = tuple(int(b) for b in widths)
+        self.quants = nn.ModuleList(LSQQuantizer(b, signed, s) for b, s in zip(self.widths, steps))
+
+    def forward(self, x: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
+        if mix is None:
+            if len(self.quants) != 1:
+                raise ValueError(f"{len(self.quants)} widths need a (N, {len(self.quants)}) mixing matrix")
+            return self.quants[0](x)
+        out = 0
+        for k, q in enumerate(self.quants):
+            w = mix[:, k].view(-1, 1, 1, 1)
+            if w.requires_grad or bool((w != 0).any()):  # unused widths cost nothing without gradients
+                out = out + w * q(x)
+        return out
+
+    def steps(self) -> list[float]:
+        return [float(q.step.detach().abs()) for q in self.quants]
+
+
+class FakeQuantBody(nn.Module):
+    """Fake-quantized residual blocks of ``model`` (an EDSR / SRResNet-style :class:`SRModel`).
+
+    Args:
+        model: the FP model; its block convs are used (and trained, if they require grad) in place.
+        act_quants: {bits: per block (input, mid) :class:`ActQuant`}: the starting LSQ steps.
+        w_bits: weight bit-width (8, 4 or 2).
+    """
+
+    def __init__(self, model, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]], w_bits: int):
+        super().__init__()
+        self.blocks = list(model.body)
+        self.widths = tuple(sorted(act_quants))
+        self.w_bits = int(w_bits)
+        self.q_in = nn.ModuleList(MixedBitQuant(self.widths, True, [act_quants[b][i][0].scale for b in self.widths])
+                                  for i in range(len(self.blocks)))
+        self.q_mid = nn.ModuleList(MixedBitQuant(self.widths, False, [act_quants[b][i][1].scale for b in self.widths])
+                                   for i in range(len(self.blocks)))
+
+    def forward(self, feat: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,F,H,W) block-stack input -> (N,F,H,W) output; ``mix`` (N, len(widths)) as in
+        :class:`MixedBitQuant`."""
+        x = feat
+        for blk, q_in, q_mid in zip(self.blocks, self.q_in, self.q_mid):
+            c1, c2 = blk.conv1, blk.conv2
+            mid = F.relu(F.conv2d(q_in(x, mix), fake_quantize_weight(c1.weight, self.w_bits), c1.bias, padding=1))
+            res = F.conv2d(q_mid(mid, mix), fake_quantize_weight(c2.weight, self.w_bits), c2.bias, padding=1)
+            x = x + res * float(getattr(blk, "res_scale", 1.0))
+        return x
+
+    def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
+        """The trained steps as the engine's quantizers."""
+        out: dict[int, list[tuple[ActQuant, ActQuant]]] = {b: [] for b in self.widths}
+        for q_in, q_mid in zip(self.q_in, self.q_mid):
+            for b, s_in, s_mid in zip(self.widths, q_in.steps(), q_mid.steps()):
+                out[b].append((ActQuant(b, True, s_in), ActQuant(b, False, s_mid)))
+        return out

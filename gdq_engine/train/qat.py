@@ -1,0 +1,255 @@
+"""Quantization-aware training: Granular-DQ (GBC + E2B + ATC) and static LSQ (QuantSR-style WxAx).
+
+Recipe (PAPERS.md, Granular-DQ; scaled down to what a session can run, see docs/training.md):
+start from the FP model and its DOBI activation scales (the shipped calibration table or calib
+images); train the model's weights (fake-quantized at ``w_bits``, straight-through), every LSQ step
+and the GBC with L1 to the HR crops. Each patch runs the whole body at one width: GBC picks one of
+``gbc_bits`` by Gumbel-softmax straight-through, patches sent to its top code get E2B's width from
+their entropy, and the per-patch mixing matrix of :class:`~gdq_engine.train.fakebody.FakeQuantBody`
+makes every layer use it. ATC moves E2B's thresholds by EMA during the first ``atc_iters``.
+
+PAPERS.md lists L1 as Granular-DQ's only loss. With L1 alone nothing rewards fewer bits, so GBC
+drifts to its top code and E2B alone sets the FAB; ``bit_weight`` adds ``bit_weight * mean bits``
+of the straight-through choice (CADyQ's bit penalty, without its schedule) for users who want GBC to
+trade quality for bits. The result is a :class:`~gdq_engine.quantized.QuantizedSR` checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..models.checkpoints import atomic_torch_save
+from ..policy import GranularDQ, Static
+from .data import PairedPatches
+from .fakebody import FakeQuantBody
+
+QAT_METHODS = ("granular", "static")
+
+
+@dataclass
+class QATConfig:
+    """Hyperparameters of :func:`train_qat` (plain values, stored in the output's meta)."""
+
+    model: str = "edsr-baseline-x4"
+    method: str = "granular"
+    bits: tuple[int, ...] = (2, 4, 8)  # granular: GBC codes; static: one width
+    e2b_bits: tuple[int, ...] | None = None  # granular: E2B codes (default: ``bits``)
+    w_bits: int = 8
+    calib: str | None = None  # None: the shipped calibration table of a shipped model
+    calib_patch: int = 96  # LR crop side when ``calib`` is an image folder
+    data: tuple[str, ...] = ("../shared/data/train",)
+    val: str | None = "../shared/data/val/Set5"
+    iters: int = 1000
+    batch: int = 8
+    lr_patch: int = 48
+    lr: float = 1e-5  # model weights (fine-tuning a trained FP model)
+    step_lr: float = 1e-3  # LSQ steps
+    gbc_lr: float = 1e-3
+    bit_weight: float = 0.0
+    atc_iters: int = 0
+    gbc_init_top: float = 2.0  # logit bias for GBC's top code at the start: training begins at E2B's allocation
+    seed: int = 0
+    val_every: int = 250
+    save_every: int = 50
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+
+def _policy(cfg: QATConfig, channels: int):
+    if cfg.method == "granular":
+        if len(tuple(cfg.bits)) != 3:
+            raise ValueError(f"Granular-DQ needs three GBC widths, got {cfg.bits}")
+        return GranularDQ(tuple(cfg.bits), tuple(cfg.e2b_bits or cfg.bits), channels=channels)
+    if cfg.method == "static":
+        if len(tuple(cfg.bits)) != 1:
+            raise ValueError(f"static QAT trains one activation width, got {cfg.bits}")
+        return Static(int(cfg.bits[0]))
+    raise ValueError(f"unknown QAT method {cfg.method!r}; choose from {QAT_METHODS}")
+
+
+class QATModel(torch.nn.Module):
+    """FP model + fake-quantized body + (Granular-DQ) GBC: the trained unit of :func:`train_qat`.
+
+    ``forward(lr, training)``: (N,3,h,w) in [0,1] -> (SR (N,3,sh,sw), bits (N,) float: the width each
+    patch ran at, carrying GBC's straight-through gradient).
+    """
+
+    def __init__(self, qmodel, gbc_init_top: float = 0.0):
+        super().__init__()
+        self.fp = qmodel.fp
+        self.policy = qmodel.policy
+        self.w_bits = qmodel.w_bits
+        self.body = FakeQuantBody(self.fp, qmodel.act_quants(), qmodel.w_bits)
+        self.gbc = self.policy.gbc if isinstance(self.policy, GranularDQ) else None
+        if self.gbc is not None and not self.policy.trained:
+            with torch.no_grad():
+                self.gbc.fc.bias[-1] += gbc_init_top
+
+    def mix(self, lr: torch.Tensor, feat: torch.Tensor, training: bool):
+        """(N, widths) mixing matrix (None for one width) and the (N,) bits of each patch."""
+        widths = torch.tensor(self.body.widths, device=feat.device, dtype=torch.float32)
+        if self.gbc is None:
+            return None, widths.expand(feat.shape[0])
+        choice = self.policy.gbc_choice(feat.detach(), training=training)  # (N, 3), straight-through
+        e2b = self.policy.e2b.assign(lr, None).to(feat.device, torch.float32)
+        gbc = torch.tensor(self.policy.gbc_bits[:2], device=feat.device, dtype=torch.float32)
+        options = torch.cat([gbc.expand(feat.shape[0], 2), e2b[:, None]], 1)  # (N, 3) width per GBC code
+        onehot = (options[:, :, None] == widths[None, None, :]).to(choice.dtype)  # (N, 3, W)
+        return torch.einsum("nk,nkw->nw", choice, onehot), (choice * options).sum(1)
+
+    def forward(self, lr: torch.Tensor, training: bool = True):
+        fp = self.fp
+        xn = fp.normalize(lr)
+        feat = fp.head(xn)
+        mix, bits = self.mix(lr, feat, training)
+        body = self.body(feat, mix)
+        out = fp.forward_output(fp.forward_body(feat, run_blocks=lambda _: body), xn)
+        return fp.denormalize(out), bits
+
+    def export(self, backend: str = "auto"):
+        """The trained model as a :class:`~gdq_engine.quantized.QuantizedSR` (copies; eval mode)."""
+        from ..quantized import QuantizedSR
+
+        policy = copy.deepcopy(self.policy)
+        if isinstance(policy, GranularDQ):
+            policy.trained = True
+            policy.gbc.eval()
+        fp = copy.deepcopy(self.fp).eval()
+        return QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend).eval()
+
+
+def _lr_factor(cfg: QATConfig, step: int) -> float:
+    """Cosine decay to 1% over the run (no warm-up: training starts from trained weights)."""
+    progress = min(step / max(cfg.iters, 1), 1.0)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def validate(qmodel, folder: str, progress: bool = False) -> dict:
+    """Set-level PSNR / SSIM / FAB of a quantized model through the Engine (96-pixel patches)."""
+    from ..engine import Engine
+    from ..evaluate import evaluate_folder
+
+    engine = Engine(qmodel, device=qmodel.act_scales.device)
+    fabs: list[float] = []
+
+    def upscale(x):
+        hr, report = engine.upscale(x, return_report=True)
+        fabs.append(report.fab)
+        return hr
+
+    res = evaluate_folder(upscale, folder, qmodel.scale, progress=progress)
+    return {"psnr": res.mean_psnr, "ssim": res.mean_ssim, "fab": sum(fabs) / len(fabs)}
+
+
+def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progress: bool = True, log=print,
+              command: str | None = None, stop_at: int | None = None) -> Path | None:
+    """Train (or resume) a quantized model and write a quantized checkpoint to ``out``.
+
+    ``out.state.pt`` beside it makes the run resumable (model, quantizers, GBC, thresholds,
+    optimizer, RNG, step): a resumed run continues exactly where the state was saved.
+    ``out.log.json`` is the loss / FAB / validation log, rewritten as it grows. ``stop_at``: save
+    the state and return None after that many steps (time-sliced runs); rerun to continue.
+    Returns ``out`` when the run is complete.
+    """
+    from ..models import load_model
+    from ..quantized import quantize, save_quantized
+
+    out = Path(out)
+    state_path = out.with_suffix(".state.pt")
+    log_path = out.with_suffix(".log.json")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    if cfg.method not in QAT_METHODS:
+        raise ValueError(f"unknown QAT method {cfg.method!r}; choose from {QAT_METHODS}")
+    fp = load_model(cfg.model)
+    policy = _policy(cfg, fp.head.out_channels)
+    calib = cfg.calib
+    if calib is None:  # the shipped table of a shipped model (quantize() finds it by name)
+        from ..quantized import shipped_calibration
+
+        calib = shipped_calibration(cfg.model)
+    qmodel = quantize(fp, policy, calib=calib, w_bits=cfg.w_bits, calib_patch=cfg.calib_patch,
+                      device=device)
+    net = QATModel(qmodel, cfg.gbc_init_top).to(device)
+    groups = [{"params": list(net.fp.parameters()), "lr": cfg.lr, "base": cfg.lr},
+              {"params": list(net.body.parameters()), "lr": cfg.step_lr, "base": cfg.step_lr}]
+    if net.gbc is not None:
+        groups.append({"params": list(net.gbc.parameters()), "lr": cfg.gbc_lr, "base": cfg.gbc_lr})
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, history = 0, {"train": [], "val": []}
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(st["net"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        if st["thresholds"]:
+            net.policy.thresholds = tuple(st["thresholds"])
+        step, history = int(st["step"]), st["history"]
+        log(f"resumed {state_path} at step {step}")
+    data = PairedPatches(list(cfg.data), qmodel.scale, cfg.lr_patch, progress=progress)
+
+    def write_log():
+        log_path.write_text(json.dumps({"config": asdict(cfg), "command": command or "", **history}, indent=1))
+
+    def save_state():
+        atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "rng": gen.get_state(),
+                           "torch_rng": torch.get_rng_state(), "step": step, "history": history,
+                           "thresholds": list(getattr(net.policy, "thresholds", None) or [])}, state_path)
+
+    net.train()
+    bar = tqdm(total=cfg.iters, initial=step, desc=f"QAT {cfg.method} {list(cfg.bits)}", disable=not progress)
+    t0, run_l1, run_bits, run_n = time.time(), 0.0, 0.0, 0
+    while step < cfg.iters:
+        lr_img, hr_img = data.sample(cfg.batch, gen)
+        lr_img, hr_img = lr_img.to(device), hr_img.to(device)
+        if step < cfg.atc_iters and isinstance(net.policy, GranularDQ):
+            net.policy.adapt_thresholds(lr_img)
+        factor = _lr_factor(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * factor
+        sr, bits = net(lr_img, training=True)
+        l1 = (sr - hr_img).abs().mean()
+        loss = l1 + cfg.bit_weight * bits.mean() if cfg.bit_weight else l1
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        run_l1, run_bits, run_n = run_l1 + float(l1.detach()), run_bits + float(bits.detach().mean()), run_n + 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.iters:
+            history["train"].append({"step": step, "l1": run_l1 / run_n, "fab": run_bits / run_n,
+                                     "lr_factor": factor, "seconds": round(time.time() - t0, 1)})
+            bar.set_postfix(l1=f"{run_l1 / run_n:.4f}", fab=f"{run_bits / run_n:.2f}")
+            run_l1, run_bits, run_n = 0.0, 0.0, 0
+            write_log()
+        if cfg.val and (step % cfg.val_every == 0 or step == cfg.iters):
+            net.eval()
+            res = validate(net.export(), cfg.val)
+            net.train()
+            history["val"].append({"step": step, **res})
+            log(f"step {step}: val PSNR {res['psnr']:.3f} dB, FAB {res['fab']:.2f} ({time.time() - t0:.0f} s)")
+            write_log()
+        if step % cfg.save_every == 0 or step == cfg.iters or step == stop_at:
+            save_state()
+        if step == stop_at and step < cfg.iters:
+            bar.close()
+            log(f"stopped at step {step}; state in {state_path}")
+            return None
+    bar.close()
+    net.eval()
+    final = net.export()
+    meta = {"train_config": asdict(cfg), "history": history, "steps": step, "device": str(device),
+            "command": command or "", "source_model": cfg.model}
+    save_quantized(final.cpu(), out, meta=meta)
+    write_log()
+    return out

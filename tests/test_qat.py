@@ -1,0 +1,124 @@
+"""Quantization-aware training (gdq_engine/train/qat.py, fakebody.py) on a tiny model and images
+the tests write: the fake-quant model is the integer engine's float twin, runs resume exactly, the
+result is a working quantized checkpoint, and GBC, steps and weights all learn."""
+
+import json
+
+import pytest
+import torch
+from conftest import random_image
+
+from gdq_engine import Engine, load_quantized, quantize
+from gdq_engine.io import save_image
+from gdq_engine.models import EDSR
+from gdq_engine.models.checkpoints import save_checkpoint
+from gdq_engine.policy import GranularDQ, Static
+from gdq_engine.train.fakebody import fake_quantize_weight
+from gdq_engine.train.qat import QATConfig, QATModel, train_qat
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder of 4 HR images (smooth and textured) and a tiny trained-looking EDSR x2 checkpoint."""
+    root = tmp_path_factory.mktemp("qat")
+    images = root / "images"
+    images.mkdir()
+    for i in range(4):
+        img = random_image(64, 72, seed=i)
+        if i % 2:  # smooth: low entropy patches
+            img = torch.nn.functional.avg_pool2d(img[None], 9, stride=1, padding=4)[0]
+        save_image(img, images / f"img{i}.png")
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=8, n_blocks=2)
+    save_checkpoint(model, root / "tiny.pt")
+    return root
+
+
+def config(workdir, **kw) -> QATConfig:
+    base = dict(model=str(workdir / "tiny.pt"), calib=str(workdir / "images"), calib_patch=16,
+                data=(str(workdir / "images"),), val=None, iters=4, batch=3, lr_patch=16, save_every=100, log_every=1,
+                lr=1e-3, step_lr=1e-2, gbc_lr=1e-2)
+    return QATConfig(**{**base, **kw})
+
+
+def test_fake_quantize_weight_matches_engine_codes_and_passes_gradients():
+    from gdq_engine.quant.quantizer import quantize_weight
+
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    for bits in (8, 4, 2):
+        codes, scale = quantize_weight(w, bits)
+        assert torch.equal(fake_quantize_weight(w, bits), codes.float() * scale.view(-1, 1, 1, 1))
+    fake_quantize_weight(w, 4).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through inside the clamp (max |w| maps to qmax)
+
+
+def test_fake_quant_model_is_the_integer_engines_twin(workdir):
+    q = quantize(str(workdir / "tiny.pt"), GranularDQ((2, 4, 8), (2, 4, 8), channels=8),
+                 calib=str(workdir / "images"), calib_patch=16, backend="reference")
+    net = QATModel(q).eval()
+    x = random_image(16, 16, n=6, seed=9)
+    with torch.no_grad():
+        fake, bits = net(x, training=False)
+    exported = net.export(backend="reference")
+    real, real_bits = exported(x, return_bits=True)
+    assert torch.equal(bits.long(), real_bits)  # same GBC argmax + E2B per patch
+    # Codes agree except where a value sits on a rounding boundary (float conv vs exact integer sums).
+    assert (fake - real).abs().mean() < 1e-4 and (fake - real).abs().max() < 0.05
+
+
+def test_granular_qat_learns_and_exports_a_working_checkpoint(workdir, tmp_path):
+    cfg = config(workdir)
+    out = train_qat(cfg, tmp_path / "g.pt", progress=False, log=lambda *_: None)
+    q = load_quantized(out)
+    assert isinstance(q.policy, GranularDQ) and q.policy.trained and q.policy.gbc_bits == (2, 4, 8)
+    start = quantize(cfg.model, GranularDQ((2, 4, 8), (2, 4, 8), channels=8), calib=cfg.calib, calib_patch=16)
+    assert not torch.equal(q.act_scales, start.act_scales)  # LSQ steps moved
+    assert not torch.equal(q.fp.body[0].conv1.weight, start.fp.body[0].conv1.weight)  # weights trained
+    assert not torch.equal(q.policy.gbc.fc.weight, start.policy.gbc.fc.weight)  # GBC trained
+    log = json.loads((tmp_path / "g.log.json").read_text())
+    assert [r["step"] for r in log["train"]] == [1, 2, 3, 4] and all(r["l1"] > 0 for r in log["train"])
+    hr, report = Engine(out, patch_size=16, stride=14).upscale(random_image(30, 34), return_report=True)
+    assert hr.shape == (3, 60, 68) and set(report.bits) <= {2, 4, 8}
+
+
+def test_resumed_run_equals_uninterrupted_run(workdir, tmp_path):
+    cfg = config(workdir, iters=4, bit_weight=1e-3)
+    straight = load_quantized(train_qat(cfg, tmp_path / "a.pt", progress=False, log=lambda *_: None))
+    assert train_qat(cfg, tmp_path / "b.pt", progress=False, log=lambda *_: None, stop_at=2) is None
+    assert (tmp_path / "b.state.pt").exists() and not (tmp_path / "b.pt").exists()
+    resumed = load_quantized(train_qat(cfg, tmp_path / "b.pt", progress=False, log=lambda *_: None))
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), k
+    assert straight.policy.thresholds == resumed.policy.thresholds
+
+
+def test_static_qat_w4a4(workdir, tmp_path):
+    out = train_qat(config(workdir, method="static", bits=(4,), w_bits=4, iters=2), tmp_path / "s.pt",
+                    progress=False, log=lambda *_: None)
+    q = load_quantized(out)
+    assert isinstance(q.policy, Static) and q.policy.bits == (4,) and q.w_bits == 4
+    assert q(random_image(16, 16, n=1)).shape == (1, 3, 32, 32)
+
+
+def test_bad_qat_configs_raise(workdir, tmp_path):
+    with pytest.raises(ValueError, match="unknown QAT method"):
+        train_qat(config(workdir, method="cadyq"), tmp_path / "x.pt", progress=False)
+    with pytest.raises(ValueError, match="three GBC widths"):
+        train_qat(config(workdir, bits=(4, 8)), tmp_path / "x.pt", progress=False)
+    with pytest.raises(ValueError, match="one activation width"):
+        train_qat(config(workdir, method="static", bits=(4, 8)), tmp_path / "x.pt", progress=False)
+
+
+def test_cli_train_granular(workdir, tmp_path):
+    from gdq_engine.cli import main
+
+    out = tmp_path / "cli.pt"
+    args = ["train", "--method", "granular", "--model", str(workdir / "tiny.pt"), "--calib", str(workdir / "images"),
+            "--data", str(workdir / "images"), "--val", "", "--iters", "2", "--batch", "2", "--patch", "16",
+            "--bits", "2,4,8", "--out", str(out)]
+    assert main(args) == 2 and not out.exists()  # default --calib-patch 96 > these 32-pixel LR images: clear error
+    assert main(args + ["--calib-patch", "16"]) == 0
+    q = load_quantized(out)
+    assert q.policy.trained and "--method granular" in json.loads(out.with_suffix(".log.json").read_text())["command"]
+    assert main(["train", "--method", "granular", "--bits", "2,x", "--out", str(tmp_path / "y.pt")]) == 2
