@@ -16,7 +16,7 @@ from torch.library import wrap_triton
 
 from gdq_engine.ops.reference import check_weight_codes
 from gdq_engine.ops.triton_ops import interpreting
-from gdq_engine.quant.quantizer import ActQuant, container_bits
+from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _quantize_pack_kernel, _unpack_kernel
 
@@ -121,14 +121,10 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
             raise ValueError(f"residual must be fp32 {(n, h, w_, cout)}, got {residual.dtype} {tuple(residual.shape)}")
         residual = residual.contiguous()
     if out_quant is not None:
-        o_bits = container_bits(out_quant.bits)
         check_channels(cout, "output", power_of_two=True)
         if cout > 256:
             raise ValueError(f"re-quantized outputs need Cout <= 256 (one tile holds all packed groups), got {cout}")
-        lo, hi = out_quant.range
-        inv_s = out_quant.inv_scale
-    else:
-        o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
+    o_bits, lo, hi, inv_s = requant_args(out_quant)
     shape = (n, h, w_, cout * o_bits // 8) if o_bits else (n, h, w_, cout)
     out = _output(out, shape, torch.uint8 if o_bits else torch.float32, dev)
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),

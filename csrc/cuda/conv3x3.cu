@@ -263,35 +263,30 @@ namespace {
 
 // ---- quantize + pack, pack, unpack ---------------------------------------------------------------
 
-__global__ void quantize_pack_kernel(const float* __restrict__ x, uint8_t* __restrict__ out, int64_t rows, int C,
-                                     int bits, int lo, int hi, float inv_s) {
-  const int per_byte = 8 / bits, group = C / per_byte;
-  const uint32_t mask = (1u << bits) - 1u;
-  const int64_t total = rows * group;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / group;
-    const int j = static_cast<int>(i % group);
-    uint32_t byte = 0;
-    for (int f = 0; f < per_byte; ++f) {
-      const int code = quantize_code(x[r * C + j + f * group], inv_s, lo, hi);
-      byte |= (static_cast<uint32_t>(code) & mask) << (f * bits);
-    }
-    out[i] = static_cast<uint8_t>(byte);
-  }
-}
+// Packing: byte j of a row holds the codes of channels j + f*G (G = C / codes per byte) in bits
+// [f*bits, (f+1)*bits). CodeAt(index into the (rows, C) input) -> int code.
+struct QuantizedCode {
+  const float* x;
+  float inv_s;
+  int lo, hi;
+  __device__ int operator()(int64_t i) const { return quantize_code(x[i], inv_s, lo, hi); }
+};
 
-__global__ void pack_kernel(const int32_t* __restrict__ codes, uint8_t* __restrict__ out, int64_t rows, int C,
-                            int bits) {
+struct StoredCode {
+  const int32_t* codes;
+  __device__ int operator()(int64_t i) const { return codes[i]; }
+};
+
+template <typename CodeAt>
+__global__ void pack_kernel(CodeAt code_at, uint8_t* __restrict__ out, int64_t rows, int C, int bits) {
   const int per_byte = 8 / bits, group = C / per_byte;
   const uint32_t mask = (1u << bits) - 1u;
   const int64_t total = rows * group;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / group;
-    const int j = static_cast<int>(i % group);
+    const int64_t first = (i / group) * C + i % group;
     uint32_t byte = 0;
-    for (int f = 0; f < per_byte; ++f) byte |= (static_cast<uint32_t>(codes[r * C + j + f * group]) & mask) << (f * bits);
+    for (int f = 0; f < per_byte; ++f) byte |= (static_cast<uint32_t>(code_at(first + f * group)) & mask) << (f * bits);
     out[i] = static_cast<uint8_t>(byte);
   }
 }
@@ -322,13 +317,14 @@ unsigned blocks_for(int64_t n) {
 // fp32 (rows, C) -> packed (rows, C * bits / 8) codes.
 cudaError_t launch_quantize_pack(const float* x, uint8_t* out, int64_t rows, int C, int bits, int lo, int hi,
                                  float inv_s, cudaStream_t stream) {
-  quantize_pack_kernel<<<blocks_for(rows * (C * bits / 8)), 256, 0, stream>>>(x, out, rows, C, bits, lo, hi, inv_s);
+  pack_kernel<<<blocks_for(rows * (C * bits / 8)), 256, 0, stream>>>(QuantizedCode{x, inv_s, lo, hi}, out, rows, C,
+                                                                    bits);
   return cudaGetLastError();
 }
 
 // int32 codes (rows, C) -> packed (rows, C * bits / 8).
 cudaError_t launch_pack(const int32_t* codes, uint8_t* out, int64_t rows, int C, int bits, cudaStream_t stream) {
-  pack_kernel<<<blocks_for(rows * (C * bits / 8)), 256, 0, stream>>>(codes, out, rows, C, bits);
+  pack_kernel<<<blocks_for(rows * (C * bits / 8)), 256, 0, stream>>>(StoredCode{codes}, out, rows, C, bits);
   return cudaGetLastError();
 }
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.quantizer import ActQuant, container_bits
+from ..quant.quantizer import ActQuant, container_bits, requant_args
 from . import HAS_CPP
 from .reference import check_weight_codes
 
@@ -55,10 +55,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     """
     if not isinstance(weight, PreparedCpuWeight):
         weight = prepare_conv_weight(weight)
-    if out_quant is not None:
-        o_bits, (lo, hi), inv_s = container_bits(out_quant.bits), out_quant.range, out_quant.inv_scale
-    else:
-        o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
+    o_bits, lo, hi, inv_s = requant_args(out_quant)
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni)

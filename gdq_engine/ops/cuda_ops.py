@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.quantizer import ActQuant, container_bits
+from ..quant.quantizer import ActQuant, container_bits, requant_args
 from . import HAS_CPP
 from .reference import check_weight_codes
 
@@ -51,10 +51,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     """
     if weight.dim() == 4:
         weight = prepare_conv_weight(weight)
-    if out_quant is not None:
-        o_bits, (lo, hi), inv_s = container_bits(out_quant.bits), out_quant.range, out_quant.inv_scale
-    else:
-        o_bits, lo, hi, inv_s = 0, 0, 0, 1.0
+    o_bits, lo, hi, inv_s = requant_args(out_quant)
     return torch.ops.gdq_engine.packed_conv3x3_cuda(
         x_packed.contiguous(), container_bits(a_bits), bool(a_signed), weight, mult.float().contiguous(),
         bias.float().contiguous(), None if residual is None else residual.float().contiguous(), float(res_scale),

@@ -56,6 +56,15 @@ class ActQuant:
         return code_range(self.bits, self.signed)
 
 
+def requant_args(q: ActQuant | None) -> tuple[int, int, int, float]:
+    """The fused epilogue's re-quantization arguments (container bits, lo, hi, fp32 inv_scale) of
+    the kernels' calling convention; ``(0, 0, 0, 1.0)`` (fp32 out) when ``q`` is None."""
+    if q is None:
+        return 0, 0, 0, 1.0
+    lo, hi = q.range
+    return container_bits(q.bits), lo, hi, q.inv_scale
+
+
 def quantize(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     """fp32 tensor -> int32 codes by the contract (floor(x * inv_s + 0.5), clamped)."""
     lo, hi = q.range
