@@ -20,7 +20,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +60,6 @@ class QATConfig:
     val_every: int = 250
     save_every: int = 50
     log_every: int = 10
-    extra: dict = field(default_factory=dict)
 
 
 def _policy(cfg: QATConfig, channels: int):
