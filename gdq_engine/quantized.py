@@ -112,25 +112,26 @@ def load_calibration_table(path: str | os.PathLike) -> dict:
     return table
 
 
-def shipped_calibration(name) -> Path | None:
-    """The calibration table shipped beside a shipped model's weights (None if there is none)."""
+def _shipped_beside(name, suffix: str) -> Path | None:
+    """``weights/<stem of the shipped model's file><suffix>`` when ``name`` is a shipped model and
+    the file exists, else None."""
     from .models.pretrained import SHIPPED, WEIGHTS_DIR
 
     if not isinstance(name, str) or name not in SHIPPED:
         return None
-    path = WEIGHTS_DIR / (Path(SHIPPED[name]).stem + ".calib.pt")
+    path = WEIGHTS_DIR / (Path(SHIPPED[name]).stem + suffix)
     return path if path.is_file() else None
 
 
-def shipped_quantized(name, policy: str) -> Path | None:
+def shipped_calibration(name) -> Path | None:
+    """The calibration table shipped beside a shipped model's weights (None if there is none)."""
+    return _shipped_beside(name, ".calib.pt")
+
+
+def shipped_quantized(name, policy) -> Path | None:
     """The quantized checkpoint shipped for a shipped model and a trained policy name
     (``weights/<model>.<policy>.pt``, e.g. ``edsr_baseline_x4.granular.pt``), or None."""
-    from .models.pretrained import SHIPPED, WEIGHTS_DIR
-
-    if not isinstance(name, str) or name not in SHIPPED or not isinstance(policy, str):
-        return None
-    path = WEIGHTS_DIR / f"{Path(SHIPPED[name]).stem}.{policy}.pt"
-    return path if path.is_file() else None
+    return _shipped_beside(name, f".{policy}.pt") if isinstance(policy, str) else None
 
 
 def _from_table(fp, policy: BitPolicy, table: dict) -> dict:

@@ -178,8 +178,7 @@ def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     if x.dtype != torch.float32:
         raise ValueError(f"quantize_pack expects fp32 activations, got {x.dtype}")
     check_channels(x.shape[-1], power_of_two=True)
-    lo, hi = q.range
-    return _quantize_pack(x.contiguous(), container_bits(q.bits), lo, hi, q.inv_scale)
+    return _quantize_pack(x.contiguous(), *requant_args(q))
 
 
 def _quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False):

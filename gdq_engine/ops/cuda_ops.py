@@ -60,5 +60,4 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (container of ``q.bits``)."""
-    lo, hi = q.range
-    return torch.ops.gdq_engine.quantize_pack_cuda(x.float(), container_bits(q.bits), lo, hi, q.inv_scale)
+    return torch.ops.gdq_engine.quantize_pack_cuda(x.float(), *requant_args(q))

@@ -16,17 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.fakequant import LSQQuantizer
-from ..quant.quantizer import ActQuant
+from ..quant.quantizer import ActQuant, quantize_weight
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """(Cout,Cin,kh,kw) float -> the same shape, values ``code * scale`` of the engine's symmetric
-    per-channel ``bits``-bit weights; the rounding passes the gradient straight through."""
-    qmax = (1 << (bits - 1)) - 1
-    scale = (w.detach().abs().flatten(1).amax(1) / qmax).clamp_min(1e-12).view(-1, 1, 1, 1)
-    u = w / scale
-    codes = (torch.round(u) - u).detach() + u
-    return codes.clamp(-qmax, qmax) * scale
+    per-channel ``bits``-bit weights (:func:`quantize_weight`); the gradient passes straight
+    through (the per-channel scale maps max |w| to the top code, so nothing is clipped)."""
+    codes, scale = quantize_weight(w, bits)
+    return w + (codes.to(w.dtype) * scale.to(w.dtype).view(-1, 1, 1, 1) - w).detach()
 
 
 class MixedBitQuant(nn.Module):
@@ -89,8 +87,7 @@ class FakeQuantBody(nn.Module):
 
     def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
         """The trained steps as the engine's quantizers."""
-        out: dict[int, list[tuple[ActQuant, ActQuant]]] = {b: [] for b in self.widths}
-        for q_in, q_mid in zip(self.q_in, self.q_mid):
-            for b, s_in, s_mid in zip(self.widths, q_in.steps(), q_mid.steps()):
-                out[b].append((ActQuant(b, True, s_in), ActQuant(b, False, s_mid)))
-        return out
+        from ..quantized import act_quants_from_scales
+
+        per_block = [list(zip(q_in.steps(), q_mid.steps())) for q_in, q_mid in zip(self.q_in, self.q_mid)]
+        return act_quants_from_scales(self.widths, [[pair[k] for pair in per_block] for k in range(len(self.widths))])

@@ -171,7 +171,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     fp = load_model(cfg.model)
     policy = _policy(cfg, fp.head.out_channels)
     calib = cfg.calib
-    if calib is None:  # the shipped table of a shipped model (quantize() finds it by name)
+    if calib is None:  # quantize() gets the loaded module, not the name: look the shipped table up here
         from ..quantized import shipped_calibration
 
         calib = shipped_calibration(cfg.model)
