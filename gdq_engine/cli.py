@@ -30,14 +30,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
-    """'fp' | 'static:8' | 'entropy:2,4,8' | 'granular' -> (policy name, bits); None or 'model' ->
-    (None, None), the model's own policy (a quantized checkpoint's, else fp). 'granular' is the
-    QAT-trained Granular-DQ model shipped with a shipped model."""
+    """'fp' | 'static:8' | 'entropy:2,4,8' | 'granular' | 'cadyq' -> (policy name, bits); None or
+    'model' -> (None, None), the model's own policy (a quantized checkpoint's, else fp). 'granular'
+    and 'cadyq' are the QAT-trained models shipped with a shipped model."""
     if spec is None or spec == "model":
         return None, None
     name, _, bits = spec.partition(":")
-    if name not in ("fp", "static", "entropy", "granular"):
-        raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B, entropy:B1,B2,B3 or granular")
+    if name not in ("fp", "static", "entropy", "granular", "cadyq"):
+        raise ValueError(f"unknown policy spec {spec!r}; use fp, static:B, entropy:B1,B2,B3, granular or cadyq")
     if not bits:
         return name, None
     try:
@@ -121,16 +121,23 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
+    checkpoints = [spec for spec in args.policies if spec.endswith(".pt")]
+    for path in checkpoints:
+        if not Path(path).is_file():
+            raise ValueError(f"--policies {path}: no such quantized checkpoint")
     calib = None
     if args.calib is not None and not str(args.calib).endswith(".calib.pt") and any(
-            parse_policy(spec)[0] not in (None, "fp") for spec in args.policies):
+            parse_policy(spec)[0] not in (None, "fp") for spec in args.policies if spec not in checkpoints):
         # Read and downscale the calibration folder once for every policy compared, in crops of the
         # inference patch size (entropy thresholds depend on the patch size).
         size = DEFAULT_CALIB_PATCH if args.whole_image else args.patch_size
         calib = calibration_patches(args.calib, load_model(args.model).scale, size)
     rows = []
     for spec in args.policies:
-        engine = _engine(args, policy=spec, calib=calib)
+        if spec in checkpoints:  # a quantized checkpoint, run with its own policy
+            engine = _engine(argparse.Namespace(**{**vars(args), "model": spec}), policy="model")
+        else:
+            engine = _engine(args, policy=spec, calib=calib)
         reports = []
 
         def upscale(x, engine=engine, reports=reports):
@@ -144,7 +151,8 @@ def cmd_eval(args) -> int:
                 res = evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale, name="bicubic",
                                       limit=args.limit)
                 rows.append((Path(folder).name, res, None, None))
-            res = evaluate_folder(upscale, folder, engine.scale, name=spec, limit=args.limit)
+            name = Path(spec).name if spec in checkpoints else spec
+            res = evaluate_folder(upscale, folder, engine.scale, name=name, limit=args.limit)
             bits = [b for r in reports for b in r.bits]
             fab = sum(bits) / len(bits) if bits else 32.0
             bitops = sum(r.bitops for r in reports) / len(reports) if bits else None
@@ -186,11 +194,12 @@ def cmd_train(args) -> int:
     else:
         from .train.qat import QATConfig, train_qat
 
-        bits = _bits_list(args.bits) or ((2, 4, 8) if args.method == "granular" else (8,))
+        bits = _bits_list(args.bits) or {"granular": (2, 4, 8), "cadyq": (4, 6, 8)}.get(args.method, (8,))
         cfg = QATConfig(model=args.model, method=args.method, bits=bits, e2b_bits=_bits_list(args.e2b_bits),
                         w_bits=args.w_bits, calib=args.calib, calib_patch=args.calib_patch, data=tuple(args.data),
                         val=args.val, iters=args.iters or 1000, batch=args.batch or 8, lr_patch=args.patch,
                         lr=args.lr or 1e-5, step_lr=args.step_lr, gbc_lr=args.gbc_lr, bit_weight=args.bit_weight,
+                        fab_target=args.fab_target, bit_ramp=args.bit_ramp, at_weight=args.at_weight,
                         atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250)
         out = train_qat(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
@@ -269,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="PSNR/SSIM (Y, border = scale) on folders of HR images")
     p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
     p.add_argument("--policies", nargs="+", default=["fp"],
-                   help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8 ...; 'model' = a "
-                        "quantized checkpoint's own policy")
+                   help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8, granular, cadyq ...; "
+                        "'model' = a quantized --model's own policy; a path ending in .pt = that quantized "
+                        "checkpoint with its own policy (one table for several trained models)")
     p.add_argument("--bicubic", action="store_true", help="add the MATLAB-bicubic baseline rows")
     p.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
     p.add_argument("--json", help="also write the results (per image too) to this JSON file")
@@ -293,9 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train", help="train an FP model, or quantization-aware training (resumable)")
-    p.add_argument("--method", default="fp", choices=["fp", "granular", "static"],
-                   help="fp: FP EDSR-baseline; granular: Granular-DQ QAT (GBC + E2B + ATC); static: LSQ QAT at "
-                        "one activation width (QuantSR-style WxAx with --w-bits)")
+    p.add_argument("--method", default="fp", choices=["fp", "granular", "cadyq", "static"],
+                   help="fp: FP EDSR-baseline; granular: Granular-DQ QAT (GBC + E2B + ATC); cadyq: CADyQ QAT "
+                        "(per-layer selectors); static: LSQ QAT at one activation width (QuantSR-style WxAx with "
+                        "--w-bits)")
     p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4], help="fp: the model's scale")
     p.add_argument("--out", required=True, help="output checkpoint (a .state.pt beside it makes runs resumable)")
     p.add_argument("--data", nargs="+", default=["../shared/data/train"])
@@ -312,16 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="fp: bf16 autocast (GPU / AMX CPUs)")
     p.add_argument("--device", default=None)
     p.add_argument("--model", default="edsr-baseline-x4", help="QAT: the FP model (shipped name or checkpoint)")
-    p.add_argument("--bits", default=None, help="QAT: GBC widths (granular, default 2,4,8) or one width (static, 8)")
+    p.add_argument("--bits", default=None, help="QAT: GBC widths (granular, default 2,4,8), selector widths "
+                   "(cadyq, default 4,6,8) or one width (static, default 8)")
     p.add_argument("--e2b-bits", default=None, help="granular: E2B widths (default: --bits; paper 4,5,8)")
     p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8], help="QAT: weight bit-width")
     p.add_argument("--calib", default=None,
                    help="QAT: starting DOBI scales: a .calib.pt table or image folder (default: the shipped table)")
     p.add_argument("--calib-patch", type=int, default=96, help="QAT: LR crop side of --calib image crops")
     p.add_argument("--step-lr", type=float, default=1e-3, help="QAT: learning rate of the LSQ steps")
-    p.add_argument("--gbc-lr", type=float, default=1e-3, help="granular: learning rate of GBC")
+    p.add_argument("--gbc-lr", type=float, default=1e-3, help="granular / cadyq: learning rate of GBC / the selectors")
     p.add_argument("--bit-weight", type=float, default=0.0,
-                   help="granular: loss weight of the mean bits (0 = the paper's L1 only)")
+                   help="granular / cadyq: loss weight of the mean bits (0 = L1 only, Granular-DQ's loss)")
+    p.add_argument("--fab-target", type=float, default=None,
+                   help="with --bit-weight, penalise only the batch FAB above this (a bit budget)")
+    p.add_argument("--bit-ramp", type=int, default=0,
+                   help="the bit weight grows linearly over this many steps (CADyQ's growing penalty; 0: constant)")
+    p.add_argument("--at-weight", type=float, default=0.0,
+                   help="attention-transfer distillation from the starting FP model (CADyQ; 0: off)")
     p.add_argument("--atc-iters", type=int, default=0, help="granular: iterations of ATC threshold adaptation")
     p.set_defaults(func=cmd_train)
 

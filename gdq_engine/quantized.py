@@ -43,8 +43,10 @@ def make_policy(policy: str | BitPolicy, bits=None) -> BitPolicy:
                                   "`python -m gdq_engine train --method granular --model <model> --out q.pt` and use "
                                   "q.pt as the model")
     if policy == "cadyq":
-        raise NotImplementedError("policy='cadyq' needs bit selectors trained by quantization-aware training, which "
-                                  "is not shipped yet; pass a trained gdq_engine.policy.CADyQ object")
+        raise NotImplementedError("policy='cadyq' needs bit selectors trained by quantization-aware training: shipped "
+                                  "for the shipped models that have one (gdq_engine/weights/*.cadyq.pt); for others "
+                                  "run `python -m gdq_engine train --method cadyq --model <model> --out q.pt` and use "
+                                  "q.pt as the model")
     raise ValueError(f"unknown quantized policy {policy!r}; choose 'static', 'entropy' or a BitPolicy")
 
 

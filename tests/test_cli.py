@@ -131,3 +131,10 @@ def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):
     assert main(["calibrate", "--model", ckpt, "--policy", "static:4", "--calib", str(calib), "--calib-patch", "16",
                  "--dqc-iters", "3", "--dqc-patch", "16", "--out", str(dqc)]) == 0
     assert len(torch.load(dqc, weights_only=True)["meta"]["dqc_loss"]["4"]) == 3
+    # One table for several checkpoints: each .pt in --policies runs with its own policy, beside the base model.
+    assert main(["eval", "--model", ckpt, "--data", str(calib), "--policies", "fp", str(qpath), str(dqc),
+                 "--patch-size", "16", "--stride", "12", "--json", str(tmp_path / "t.json")]) == 0
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert [r["method"] for r in table] == ["fp", "q.pt", "dqc.pt"]
+    assert table[0]["fab"] == 32.0 and table[1] == {**rows[0], "method": "q.pt"} and table[2]["fab"] == 4.0
+    assert main(["eval", "--model", ckpt, "--data", str(calib), "--policies", str(tmp_path / "missing.pt")]) == 2

@@ -12,9 +12,9 @@ from gdq_engine import Engine, load_quantized, quantize
 from gdq_engine.io import save_image
 from gdq_engine.models import EDSR
 from gdq_engine.models.checkpoints import save_checkpoint
-from gdq_engine.policy import GranularDQ, Static
+from gdq_engine.policy import CADyQ, GranularDQ, Static
 from gdq_engine.train.fakebody import fake_quantize_weight
-from gdq_engine.train.qat import QATConfig, QATModel, train_qat
+from gdq_engine.train.qat import QATConfig, QATModel, attention_transfer, bit_penalty, train_qat
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,56 @@ def test_granular_qat_learns_and_exports_a_working_checkpoint(workdir, tmp_path)
     assert hr.shape == (3, 60, 68) and set(report.bits) <= {2, 4, 8}
 
 
+def test_bit_penalty_is_a_mean_or_a_hinge_above_the_target():
+    bits = torch.tensor([2.0, 4.0, 8.0, 8.0], requires_grad=True)
+    assert bit_penalty(bits, None).item() == 5.5
+    assert bit_penalty(bits, 5.0).item() == 0.5
+    assert bit_penalty(bits, 6.0).item() == 0.0
+    bit_penalty(bits, 6.0).backward()
+    assert torch.equal(bits.grad, torch.zeros(4))  # under budget: no pull towards fewer bits
+
+
+def test_attention_transfer_is_zero_for_equal_maps_and_scale_invariant():
+    f = [torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)]
+    assert attention_transfer(f, [3 * t for t in f]).item() < 1e-10  # maps are normalised
+    g = [torch.randn(2, 8, 6, 6) for _ in f]
+    assert attention_transfer(f, g).item() > 1e-3
+
+
+def test_cadyq_fake_quant_model_is_the_integer_engines_twin(workdir):
+    """Per-layer selectors (driven by hand to mix widths): the exported integer model picks the same
+    bits per layer and gives the same outputs as the float training model."""
+    policy = CADyQ((2, 4, 8), channels=8, n_layers=4)
+    q = quantize(str(workdir / "tiny.pt"), policy, calib=str(workdir / "images"), calib_patch=16, backend="reference")
+    net = QATModel(q).eval()
+    with torch.no_grad():
+        for i, sel in enumerate(net.selectors):
+            sel.weight[2, -2] = 0.05 if i % 2 else -0.05  # Sobel x feature: textured patches differ per layer
+            sel.bias.copy_(torch.tensor([0.0, 3.0, 0.0]))
+    x = torch.cat([torch.full((2, 3, 16, 16), 0.4), random_image(16, 16, n=4, seed=5)])
+    with torch.no_grad():
+        fake, bits = net(x, training=False)
+    assert len(set(bits.tolist())) > 1  # the selectors really mix widths
+    exported = net.export(backend="reference")
+    real, real_bits = exported(x, return_bits=True)
+    assert torch.allclose(bits, real_bits.float())
+    assert (fake - real).abs().mean() < 1e-4 and (fake - real).abs().max() < 0.05
+
+
+def test_cadyq_qat_trains_selectors_with_growing_penalty_and_distillation(workdir, tmp_path):
+    cfg = config(workdir, method="cadyq", bits=(2, 4, 8), bit_weight=1e-2, bit_ramp=3, at_weight=1.0)
+    out = train_qat(cfg, tmp_path / "c.pt", progress=False, log=lambda *_: None)
+    q = load_quantized(out)
+    assert isinstance(q.policy, CADyQ) and q.policy.trained and q.policy.bits == (2, 4, 8)
+    start = QATModel(quantize(cfg.model, CADyQ((2, 4, 8), channels=8, n_layers=4), calib=cfg.calib,
+                              calib_patch=16))
+    assert not torch.equal(q.policy.selectors[0].weight, start.selectors[0].weight)  # selectors trained
+    log = json.loads((tmp_path / "c.log.json").read_text())
+    assert all(r["at"] > 0 for r in log["train"]) and all(2 <= r["fab"] <= 8 for r in log["train"])
+    hr, report = Engine(out, patch_size=16, stride=14).upscale(random_image(30, 34), return_report=True)
+    assert hr.shape == (3, 60, 68) and 2 <= report.fab <= 8
+
+
 def test_resumed_run_equals_uninterrupted_run(workdir, tmp_path):
     cfg = config(workdir, iters=4, bit_weight=1e-3)
     straight = load_quantized(train_qat(cfg, tmp_path / "a.pt", progress=False, log=lambda *_: None))
@@ -103,7 +153,9 @@ def test_static_qat_w4a4(workdir, tmp_path):
 
 def test_bad_qat_configs_raise(workdir, tmp_path):
     with pytest.raises(ValueError, match="unknown QAT method"):
-        train_qat(config(workdir, method="cadyq"), tmp_path / "x.pt", progress=False)
+        train_qat(config(workdir, method="pams"), tmp_path / "x.pt", progress=False)
+    with pytest.raises(ValueError, match="three widths"):
+        train_qat(config(workdir, method="cadyq", bits=(4, 8)), tmp_path / "x.pt", progress=False)
     with pytest.raises(ValueError, match="three GBC widths"):
         train_qat(config(workdir, bits=(4, 8)), tmp_path / "x.pt", progress=False)
     with pytest.raises(ValueError, match="one activation width"):

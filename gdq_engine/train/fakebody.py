@@ -5,8 +5,9 @@ residual stream in fp32, exactly the integer graph's structure (docs/numerics.md
 fake-quantized per output channel by :func:`~gdq_engine.quant.quantizer.quantize_weight`'s formula
 with a straight-through rounding gradient, so the exported model's integer weight codes are the
 ones trained. Activation quantizers are LSQ steps, one per (block, position, bit-width); a
-per-patch mixing matrix selects (or, for Gumbel straight-through, softly weights) the width each
-patch runs at, which is how one batch trains every width of a patch-wise policy at once.
+per-patch mixing matrix selects (or, for straight-through estimators, softly weights) the width each
+patch runs at, which is how one batch trains every width of a patch-wise policy at once; a mixing
+function of the layer and its input does the same per layer (CADyQ).
 """
 
 from __future__ import annotations
@@ -74,15 +75,24 @@ class FakeQuantBody(nn.Module):
         self.q_mid = nn.ModuleList(MixedBitQuant(self.widths, False, [act_quants[b][i][1].scale for b in self.widths])
                                    for i in range(len(self.blocks)))
 
-    def forward(self, feat: torch.Tensor, mix: torch.Tensor | None = None) -> torch.Tensor:
-        """(N,F,H,W) block-stack input -> (N,F,H,W) output; ``mix`` (N, len(widths)) as in
-        :class:`MixedBitQuant`."""
+    def forward(self, feat: torch.Tensor, mix=None, features: list | None = None) -> torch.Tensor:
+        """(N,F,H,W) block-stack input -> (N,F,H,W) output.
+
+        ``mix``: None (one width), a (N, len(widths)) matrix as in :class:`MixedBitQuant` used by
+        every layer (patch-wise, layer-invariant: Granular-DQ), or a callable ``mix(layer, x)`` ->
+        that matrix for quantized conv ``layer`` (block i: 2i and 2i+1) from its FP input ``x``
+        (N,F,H,W) (per layer: CADyQ). ``features``: if a list, each block's output is appended.
+        """
         x = feat
-        for blk, q_in, q_mid in zip(self.blocks, self.q_in, self.q_mid):
+        for i, (blk, q_in, q_mid) in enumerate(zip(self.blocks, self.q_in, self.q_mid)):
             c1, c2 = blk.conv1, blk.conv2
-            mid = F.relu(F.conv2d(q_in(x, mix), fake_quantize_weight(c1.weight, self.w_bits), c1.bias, padding=1))
-            res = F.conv2d(q_mid(mid, mix), fake_quantize_weight(c2.weight, self.w_bits), c2.bias, padding=1)
+            m_in = mix(2 * i, x) if callable(mix) else mix
+            mid = F.relu(F.conv2d(q_in(x, m_in), fake_quantize_weight(c1.weight, self.w_bits), c1.bias, padding=1))
+            m_mid = mix(2 * i + 1, mid) if callable(mix) else mix
+            res = F.conv2d(q_mid(mid, m_mid), fake_quantize_weight(c2.weight, self.w_bits), c2.bias, padding=1)
             x = x + res * float(getattr(blk, "res_scale", 1.0))
+            if features is not None:
+                features.append(x)
         return x
 
     def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:

@@ -1,17 +1,26 @@
-"""Quantization-aware training: Granular-DQ (GBC + E2B + ATC) and static LSQ (QuantSR-style WxAx).
+"""Quantization-aware training: Granular-DQ (GBC + E2B + ATC), CADyQ (per-layer selectors) and static
+LSQ (QuantSR-style WxAx).
 
-Recipe (PAPERS.md, Granular-DQ; scaled down to what a session can run, see docs/training.md):
-start from the FP model and its DOBI activation scales (the shipped calibration table or calib
-images); train the model's weights (fake-quantized at ``w_bits``, straight-through), every LSQ step
-and the GBC with L1 to the HR crops. Each patch runs the whole body at one width: GBC picks one of
-``gbc_bits`` by Gumbel-softmax straight-through, patches sent to its top code get E2B's width from
-their entropy, and the per-patch mixing matrix of :class:`~gdq_engine.train.fakebody.FakeQuantBody`
-makes every layer use it. ATC moves E2B's thresholds by EMA during the first ``atc_iters``.
+Recipe (PAPERS.md; scaled down to what a session can run, see docs/training.md): start from the FP
+model and its DOBI activation scales (the shipped calibration table or calib images); train the
+model's weights (fake-quantized at ``w_bits``, straight-through), every LSQ step and the bit
+controller with L1 to the HR crops.
+
+* Granular-DQ: each patch runs the whole body at one width. GBC picks one of ``gbc_bits`` by
+  Gumbel-softmax straight-through, patches sent to its top code get E2B's width from their entropy,
+  and the per-patch mixing matrix of :class:`~gdq_engine.train.fakebody.FakeQuantBody` makes every
+  layer use it. ATC moves E2B's thresholds by EMA during the first ``atc_iters``.
+* CADyQ: a selector before every quantized conv (Sobel features + the layer input's channel std),
+  softmax straight-through, so widths change from layer to layer; the bit penalty may grow over
+  ``bit_ramp`` steps and ``at_weight`` adds attention-transfer distillation (the teacher is the
+  starting FP model, not the paper's 8-bit PAMS model).
 
 PAPERS.md lists L1 as Granular-DQ's only loss. With L1 alone nothing rewards fewer bits, so GBC
 drifts to its top code and E2B alone sets the FAB; ``bit_weight`` adds ``bit_weight * mean bits``
-of the straight-through choice (CADyQ's bit penalty, without its schedule) for users who want GBC to
-trade quality for bits. The result is a :class:`~gdq_engine.quantized.QuantizedSR` checkpoint.
+of the straight-through choice (CADyQ's bit penalty) for users who want the controller to trade
+quality for bits; with ``fab_target`` only the batch FAB above the target is penalised, a budget
+rather than a price, so the patches whose L1 gains most from bits keep them. The result is a
+:class:`~gdq_engine.quantized.QuantizedSR` checkpoint.
 """
 
 from __future__ import annotations
@@ -24,14 +33,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.checkpoints import atomic_torch_save
-from ..policy import GranularDQ, Static
+from ..policy import CADyQ, GranularDQ, Static
+from ..policy.cadyq import sobel_features
 from .data import PairedPatches
 from .fakebody import FakeQuantBody
 
-QAT_METHODS = ("granular", "static")
+QAT_METHODS = ("granular", "cadyq", "static")
 
 
 @dataclass
@@ -40,7 +51,7 @@ class QATConfig:
 
     model: str = "edsr-baseline-x4"
     method: str = "granular"
-    bits: tuple[int, ...] = (2, 4, 8)  # granular: GBC codes; static: one width
+    bits: tuple[int, ...] = (2, 4, 8)  # granular: GBC codes; cadyq: selector codes; static: one width
     e2b_bits: tuple[int, ...] | None = None  # granular: E2B codes (default: ``bits``)
     w_bits: int = 8
     calib: str | None = None  # None: the shipped calibration table of a shipped model
@@ -52,17 +63,24 @@ class QATConfig:
     lr_patch: int = 48
     lr: float = 1e-5  # model weights (fine-tuning a trained FP model)
     step_lr: float = 1e-3  # LSQ steps
-    gbc_lr: float = 1e-3
+    gbc_lr: float = 1e-3  # the bit controller: GBC (granular) or the per-layer selectors (cadyq)
     bit_weight: float = 0.0
+    fab_target: float | None = None  # with bit_weight: penalise only the batch FAB above this (hinge)
+    bit_ramp: int = 0  # the bit weight grows linearly over the first bit_ramp steps (CADyQ's growing penalty)
+    at_weight: float = 0.0  # attention-transfer distillation from the starting FP model (CADyQ)
     atc_iters: int = 0
-    gbc_init_top: float = 2.0  # logit bias for GBC's top code at the start: training begins at E2B's allocation
+    gbc_init_top: float = 2.0  # logit bias for the controller's top code at the start (GBC: E2B's allocation)
     seed: int = 0
     val_every: int = 250
     save_every: int = 50
     log_every: int = 10
 
 
-def _policy(cfg: QATConfig, channels: int):
+def _policy(cfg: QATConfig, channels: int, n_blocks: int):
+    if cfg.method == "cadyq":
+        if len(tuple(cfg.bits)) != 3:
+            raise ValueError(f"CADyQ selects among three widths, got {cfg.bits}")
+        return CADyQ(tuple(cfg.bits), channels=channels, n_layers=2 * n_blocks)
     if cfg.method == "granular":
         if len(tuple(cfg.bits)) != 3:
             raise ValueError(f"Granular-DQ needs three GBC widths, got {cfg.bits}")
@@ -75,10 +93,12 @@ def _policy(cfg: QATConfig, channels: int):
 
 
 class QATModel(torch.nn.Module):
-    """FP model + fake-quantized body + (Granular-DQ) GBC: the trained unit of :func:`train_qat`.
+    """FP model + fake-quantized body + bit controller (Granular-DQ's GBC or CADyQ's per-layer
+    selectors): the trained unit of :func:`train_qat`.
 
-    ``forward(lr, training)``: (N,3,h,w) in [0,1] -> (SR (N,3,sh,sw), bits (N,) float: the width each
-    patch ran at, carrying GBC's straight-through gradient).
+    ``forward(lr, training, features=None)``: (N,3,h,w) in [0,1] -> (SR (N,3,sh,sw), bits (N,) float:
+    the width each patch ran at (CADyQ: its mean over layers), carrying the controller's
+    straight-through gradient); ``features``: a list that receives every block's output.
     """
 
     def __init__(self, qmodel, gbc_init_top: float = 0.0):
@@ -88,9 +108,15 @@ class QATModel(torch.nn.Module):
         self.w_bits = qmodel.w_bits
         self.body = FakeQuantBody(self.fp, qmodel.act_quants(), qmodel.w_bits)
         self.gbc = self.policy.gbc if isinstance(self.policy, GranularDQ) else None
+        self.selectors = self.policy.selectors if isinstance(self.policy, CADyQ) else None
         if self.gbc is not None and not self.policy.trained:
             with torch.no_grad():
                 self.gbc.fc.bias[-1] += gbc_init_top
+        if self.selectors is not None and not self.policy.trained:
+            with torch.no_grad():  # Sobel inputs are O(100): random weights would saturate every softmax
+                for sel in self.selectors:
+                    sel.weight.zero_()
+                    sel.bias.copy_(torch.tensor([0.0, 0.0, gbc_init_top]))
 
     def mix(self, lr: torch.Tensor, feat: torch.Tensor, training: bool):
         """(N, widths) mixing matrix (None for one width) and the (N,) bits of each patch."""
@@ -104,12 +130,32 @@ class QATModel(torch.nn.Module):
         onehot = (options[:, :, None] == widths[None, None, :]).to(choice.dtype)  # (N, 3, W)
         return torch.einsum("nk,nkw->nw", choice, onehot), (choice * options).sum(1)
 
-    def forward(self, lr: torch.Tensor, training: bool = True):
+    def layer_mix(self, lr: torch.Tensor, training: bool, layer_bits: list):
+        """CADyQ: the mixing function of :class:`FakeQuantBody` (selector of each quantized conv on
+        its FP input and the patches' Sobel features); appends each layer's (N,) bits to ``layer_bits``."""
+        grads = sobel_features(lr)
+        codes = torch.tensor(self.policy.bits, device=lr.device, dtype=torch.float32)
+        widths = torch.tensor(self.body.widths, device=lr.device, dtype=torch.float32)
+        onehot = (codes[:, None] == widths[None, :]).float()  # (3, W)
+
+        def mix(layer: int, x: torch.Tensor) -> torch.Tensor:
+            choice = self.policy.choice(layer, x.detach().permute(0, 2, 3, 1), grads, training=training)
+            layer_bits.append(choice @ codes)
+            return choice @ onehot
+
+        return mix
+
+    def forward(self, lr: torch.Tensor, training: bool = True, features: list | None = None):
         fp = self.fp
         xn = fp.normalize(lr)
         feat = fp.head(xn)
-        mix, bits = self.mix(lr, feat, training)
-        body = self.body(feat, mix)
+        if self.selectors is not None:
+            layer_bits: list[torch.Tensor] = []
+            body = self.body(feat, self.layer_mix(lr, training, layer_bits), features)
+            bits = torch.stack(layer_bits).mean(0)
+        else:
+            mix, bits = self.mix(lr, feat, training)
+            body = self.body(feat, mix, features)
         out = fp.forward_output(fp.forward_body(feat, run_blocks=lambda _: body), xn)
         return fp.denormalize(out), bits
 
@@ -121,8 +167,38 @@ class QATModel(torch.nn.Module):
         if isinstance(policy, GranularDQ):
             policy.trained = True
             policy.gbc.eval()
+        if isinstance(policy, CADyQ):
+            policy.trained = True
         fp = copy.deepcopy(self.fp).eval()
         return QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend).eval()
+
+
+def bit_penalty(bits: torch.Tensor, fab_target: float | None) -> torch.Tensor:
+    """The bit term of the QAT loss from the (N,) straight-through widths of a batch: their mean, or
+    with ``fab_target`` the hinge ``max(0, mean - fab_target)``: no pull below the target, so L1 alone
+    decides which patches keep the widths the budget allows."""
+    fab = bits.mean()
+    return fab if fab_target is None else (fab - fab_target).clamp(min=0)
+
+
+def block_features(model, lr: torch.Tensor) -> list[torch.Tensor]:
+    """Every residual block's output (N,F,h,w) of an FP model on LR images (N,3,h,w) in [0,1]."""
+    x = model.head(model.normalize(lr))
+    out = []
+    for blk in model.body:
+        x = blk(x)
+        out.append(x)
+    return out
+
+
+def attention_transfer(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Attention-transfer loss (Zagoruyko & Komodakis; CADyQ's distillation): per block, the
+    L2-normalised spatial map of mean squared activations, squared distance summed over pixels,
+    averaged over patches and blocks. Lists of (N,F,h,w) -> scalar."""
+    def attention(f):
+        return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+    return torch.stack([(attention(s) - attention(t)).pow(2).sum(1).mean() for s, t in zip(student, teacher)]).mean()
 
 
 def _lr_factor(cfg: QATConfig, step: int) -> float:
@@ -169,7 +245,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     if cfg.method not in QAT_METHODS:
         raise ValueError(f"unknown QAT method {cfg.method!r}; choose from {QAT_METHODS}")
     fp = load_model(cfg.model)
-    policy = _policy(cfg, fp.head.out_channels)
+    policy = _policy(cfg, fp.head.out_channels, len(fp.body))
     calib = cfg.calib
     if calib is None:  # quantize() gets the loaded module, not the name: look the shipped table up here
         from ..quantized import shipped_calibration
@@ -180,8 +256,10 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     net = QATModel(qmodel, cfg.gbc_init_top).to(device)
     groups = [{"params": list(net.fp.parameters()), "lr": cfg.lr, "base": cfg.lr},
               {"params": list(net.body.parameters()), "lr": cfg.step_lr, "base": cfg.step_lr}]
-    if net.gbc is not None:
-        groups.append({"params": list(net.gbc.parameters()), "lr": cfg.gbc_lr, "base": cfg.gbc_lr})
+    controller = net.gbc if net.gbc is not None else net.selectors
+    if controller is not None:
+        groups.append({"params": list(controller.parameters()), "lr": cfg.gbc_lr, "base": cfg.gbc_lr})
+    teacher = copy.deepcopy(net.fp).eval().requires_grad_(False) if cfg.at_weight else None
     opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = 0, {"train": [], "val": []}
@@ -207,7 +285,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
 
     net.train()
     bar = tqdm(total=cfg.iters, initial=step, desc=f"QAT {cfg.method} {list(cfg.bits)}", disable=not progress)
-    t0, run_l1, run_bits, run_n = time.time(), 0.0, 0.0, 0
+    t0, run_l1, run_bits, run_at, run_n = time.time(), 0.0, 0.0, 0.0, 0
     while step < cfg.iters:
         lr_img, hr_img = data.sample(cfg.batch, gen)
         lr_img, hr_img = lr_img.to(device), hr_img.to(device)
@@ -216,9 +294,19 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         factor = _lr_factor(cfg, step)
         for group in opt.param_groups:
             group["lr"] = group["base"] * factor
-        sr, bits = net(lr_img, training=True)
+        feats: list[torch.Tensor] | None = [] if teacher is not None else None
+        sr, bits = net(lr_img, training=True, features=feats)
         l1 = (sr - hr_img).abs().mean()
-        loss = l1 + cfg.bit_weight * bits.mean() if cfg.bit_weight else l1
+        loss = l1
+        if cfg.bit_weight:
+            ramp = min(1.0, (step + 1) / cfg.bit_ramp) if cfg.bit_ramp else 1.0
+            loss = loss + ramp * cfg.bit_weight * bit_penalty(bits, cfg.fab_target)
+        if teacher is not None:
+            with torch.no_grad():
+                target = block_features(teacher, lr_img)
+            at = attention_transfer(feats, target)
+            loss = loss + cfg.at_weight * at
+            run_at += float(at.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -226,10 +314,13 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         run_l1, run_bits, run_n = run_l1 + float(l1.detach()), run_bits + float(bits.detach().mean()), run_n + 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.iters:
-            history["train"].append({"step": step, "l1": run_l1 / run_n, "fab": run_bits / run_n,
-                                     "lr_factor": factor, "seconds": round(time.time() - t0, 1)})
+            record = {"step": step, "l1": run_l1 / run_n, "fab": run_bits / run_n, "lr_factor": factor,
+                      "seconds": round(time.time() - t0, 1)}
+            if teacher is not None:
+                record["at"] = run_at / run_n
+            history["train"].append(record)
             bar.set_postfix(l1=f"{run_l1 / run_n:.4f}", fab=f"{run_bits / run_n:.2f}")
-            run_l1, run_bits, run_n = 0.0, 0.0, 0
+            run_l1, run_bits, run_at, run_n = 0.0, 0.0, 0.0, 0
             write_log()
         if cfg.val and (step % cfg.val_every == 0 or step == cfg.iters):
             net.eval()
