@@ -27,6 +27,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the table shipped with the shipped models")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton", "cuda"],
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="depth version of a quantized model trained with --depths (first D residual blocks)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
@@ -57,7 +59,17 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
     return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
-                  backend=args.backend)
+                  backend=args.backend, depth=None if name == "fp" else getattr(args, "depth", None))
+
+
+def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:
+    """'q.pt' -> ('q.pt', None); 'q.pt@8' -> ('q.pt', 8) (depth version 8); other specs -> None."""
+    path, at, depth = spec.rpartition("@")
+    if at and path.endswith(".pt"):
+        if not depth.isdigit():
+            raise ValueError(f"bad depth in {spec!r}; write e.g. q.pt@8")
+        return path, int(depth)
+    return (spec, None) if spec.endswith(".pt") else None
 
 
 def _command(args) -> str:
@@ -121,8 +133,8 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
-    checkpoints = [spec for spec in args.policies if spec.endswith(".pt")]
-    for path in checkpoints:
+    checkpoints = {spec: parse_checkpoint_spec(spec) for spec in args.policies if parse_checkpoint_spec(spec)}
+    for path, _ in checkpoints.values():
         if not Path(path).is_file():
             raise ValueError(f"--policies {path}: no such quantized checkpoint")
     calib = None
@@ -134,8 +146,10 @@ def cmd_eval(args) -> int:
         calib = calibration_patches(args.calib, load_model(args.model).scale, size)
     rows = []
     for spec in args.policies:
-        if spec in checkpoints:  # a quantized checkpoint, run with its own policy
-            engine = _engine(argparse.Namespace(**{**vars(args), "model": spec}), policy="model")
+        if spec in checkpoints:  # a quantized checkpoint, run with its own policy (and a depth version)
+            path, depth = checkpoints[spec]
+            engine = _engine(argparse.Namespace(**{**vars(args), "model": path, "depth": depth or args.depth}),
+                             policy="model")
         else:
             engine = _engine(args, policy=spec, calib=calib)
         reports = []
@@ -151,7 +165,7 @@ def cmd_eval(args) -> int:
                 res = evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale, name="bicubic",
                                       limit=args.limit)
                 rows.append((Path(folder).name, res, None, None))
-            name = Path(spec).name if spec in checkpoints else spec
+            name = Path(spec).name if spec in checkpoints else spec  # keeps an @depth suffix
             res = evaluate_folder(upscale, folder, engine.scale, name=name, limit=args.limit)
             bits = [b for r in reports for b in r.bits]
             fab = sum(bits) / len(bits) if bits else 32.0
@@ -173,13 +187,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _bits_list(text: str | None) -> tuple[int, ...] | None:
+def _bits_list(text: str | None, what: str = "bit-widths") -> tuple[int, ...] | None:
+    """'2,4,8' -> (2, 4, 8); None -> None; ValueError naming ``what`` otherwise."""
     if text is None:
         return None
     try:
         return tuple(int(b) for b in text.split(","))
     except ValueError as exc:
-        raise ValueError(f"bad bit-widths {text!r}; write e.g. 2,4,8") from exc
+        raise ValueError(f"bad {what} {text!r}; write e.g. 2,4,8") from exc
 
 
 def cmd_train(args) -> int:
@@ -200,7 +215,8 @@ def cmd_train(args) -> int:
                         val=args.val, iters=args.iters or 1000, batch=args.batch or 8, lr_patch=args.patch,
                         lr=args.lr or 1e-5, step_lr=args.step_lr, gbc_lr=args.gbc_lr, bit_weight=args.bit_weight,
                         fab_target=args.fab_target, bit_ramp=args.bit_ramp, at_weight=args.at_weight,
-                        atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250)
+                        atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250,
+                        depths=_bits_list(args.depths, "depths") or ())
         out = train_qat(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
@@ -270,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="also write a side-by-side PNG: bicubic | model")
     p.add_argument("--bitmap", help="also write the LR input with each patch tinted by its bits (quantized policies)")
     p.add_argument("--policy", default=None,
-                   help="fp | static:B | entropy:B1,B2,B3 | granular (default: the model's own: fp, or a quantized "
-                        "checkpoint's)")
+                   help="fp | static:B | entropy:B1,B2,B3 | granular | cadyq (default: the model's own: fp, or a "
+                        "quantized checkpoint's)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_upscale)
 
@@ -280,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", default=["fp"],
                    help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8, granular, cadyq ...; "
                         "'model' = a quantized --model's own policy; a path ending in .pt = that quantized "
-                        "checkpoint with its own policy (one table for several trained models)")
+                        "checkpoint with its own policy (one table for several trained models); q.pt@D = its "
+                        "depth version D")
     p.add_argument("--bicubic", action="store_true", help="add the MATLAB-bicubic baseline rows")
     p.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
     p.add_argument("--json", help="also write the results (per image too) to this JSON file")
@@ -341,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-weight", type=float, default=0.0,
                    help="attention-transfer distillation from the starting FP model (CADyQ; 0: off)")
     p.add_argument("--atc-iters", type=int, default=0, help="granular: iterations of ATC threshold adaptation")
+    p.add_argument("--depths", default=None,
+                   help="QAT: depth versions trained together (QuantSR's DQA), e.g. 16,12,8: each step runs the "
+                        "first D blocks for a random D of them, with trained per-block residual weights; pick one "
+                        "at inference with --depth")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="versions, devices, backends and known models")

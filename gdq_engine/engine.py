@@ -90,12 +90,14 @@ class Engine:
             policies it is the dtype of the FP layers around the integer body (head, body-end
             conv, upsampler, tail); calibration and weight codes always come from the fp32 model.
         progress: show a progress bar over batches.
+        depth: the depth version of a quantized model trained with depth versions (QuantSR's DQA,
+            ``train --depths``): the first ``depth`` residual blocks run; ``None``: the model's own.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
-                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True):
+                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -130,6 +132,7 @@ class Engine:
         self.dtype = dtype
         self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         self.policy: BitPolicy | None = None
+        self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self.int_body = None
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -137,13 +140,17 @@ class Engine:
         elif qmodel is None and caller_module:
             model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
         if qmodel is not None:
-            self.policy, self.w_bits = qmodel.policy, qmodel.w_bits
+            if depth is not None:
+                qmodel.set_depth(depth)  # a copy (deepcopy above or quantize()): never the caller's model
+            self.policy, self.w_bits, self.depth = qmodel.policy, qmodel.w_bits, qmodel.depth
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs)
             model = qmodel.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
+        elif depth is not None:
+            raise ValueError("depth selects a depth version of a quantized model; this engine runs FP")
         self.model: SRModel = load_model(model).eval().to(self.device, dtype)
         self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
 
@@ -161,7 +168,7 @@ class Engine:
 
     def __repr__(self) -> str:
         tiling = "whole-image" if self.patch_size is None else f"patch {self.patch_size}/{self.stride}+{self.margin}"
-        policy = "fp" if self.policy is None else f"{self.policy.name}{list(self.policy.bits)}"
+        policy = "fp" if self.policy is None else f"{self.policy.name}{list(self.policy.bits)}, depth={self.depth}"
         return (f"Engine({self.model.arch} x{self.scale}, policy={policy}, device={self.device}, "
                 f"dtype={self.dtype}, {tiling})")
 
@@ -262,6 +269,7 @@ class Engine:
         if not torch.isfinite(y).all():
             raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
         q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])
+        q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
         per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
         report.bits.extend(per_patch)
         report.groups.extend(groups)

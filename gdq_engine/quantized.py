@@ -162,13 +162,19 @@ class QuantizedSR(nn.Module):
     Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
     (``"auto"``: Triton on CUDA, the C++ kernels on CPUs with AVX512-VNNI, else the reference;
     ``"reference"``; ``"cpp"``; ``"triton"``; ``"cuda"``: the CUDA C++ kernels).
+
+    ``depths``: the depth versions the model was trained for (QuantSR's DQA: the first ``d``
+    residual blocks, weights shared; default: only the full depth). :meth:`set_depth` picks the one
+    that runs (default: the deepest); the FP layers around the body are the same for every depth.
     """
 
     def __init__(self, fp_model: nn.Module, policy: BitPolicy, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
-                 w_bits: int = 8, backend: str = "auto"):
+                 w_bits: int = 8, backend: str = "auto", depths: tuple[int, ...] | None = None):
         super().__init__()
         self.fp = fp_model
         self.policy, self.w_bits, self.backend = policy, int(w_bits), backend
+        self.depths = check_depths(depths, len(fp_model.body))
+        self.depth = self.depths[-1]
         bits = sorted(act_quants)
         if tuple(bits) != tuple(sorted(policy.bits)):
             raise ValueError(f"quantizers calibrated for {bits} but the policy uses {sorted(policy.bits)}")
@@ -186,16 +192,26 @@ class QuantizedSR(nn.Module):
         """The calibrated quantizers: bit-width -> per block (input, mid)."""
         return act_quants_from_scales(self.act_bits.tolist(), self.act_scales.detach().cpu().tolist())
 
+    def set_depth(self, depth: int) -> QuantizedSR:
+        """Run the depth version ``depth`` (one of :attr:`depths`) from now on; returns ``self``."""
+        if depth not in self.depths:
+            raise ValueError(f"this model was trained for depths {list(self.depths)}, not {depth!r}; "
+                             "train depth versions with `python -m gdq_engine train --depths ...`")
+        self.depth, self._bodies = int(depth), {}
+        return self
+
     def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
-        """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` on the model's current device."""
+        """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
+        the model's current device."""
         from .runtime.intgraph import IntegerBody, prepare_blocks
 
         device = self.act_scales.device
-        key = (str(device), backend or self.backend, cuda_graphs)
+        key = (str(device), backend or self.backend, cuda_graphs, self.depth)
         if key not in self._bodies:  # resolved once per key, not on every forward
             resolved = resolve_backend(backend or self.backend, device)
-            self._bodies = {key: IntegerBody(prepare_blocks(self.fp, self.w_bits), self.act_quants(), backend=resolved,
-                                             cuda_graphs=cuda_graphs)}
+            blocks = prepare_blocks(self.fp, self.w_bits)[: self.depth]
+            quants = {b: pairs[: self.depth] for b, pairs in self.act_quants().items()}
+            self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs)}
         return self._bodies[key]
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): prepared integer weights go stale
@@ -207,11 +223,22 @@ class QuantizedSR(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_extra_state(self) -> dict:
-        return {"policy": self.policy.state(), "w_bits": self.w_bits}
+        return {"policy": self.policy.state(), "w_bits": self.w_bits, "depths": list(self.depths),
+                "depth": self.depth, "res_scales": [float(getattr(b, "res_scale", 1.0)) for b in self.fp.body]}
 
     def set_extra_state(self, state: dict) -> None:
         self.policy = policy_from_state(state["policy"])
         self.w_bits = int(state["w_bits"])
+        self.depths = check_depths(state.get("depths"), len(self.fp.body))  # absent before depth versions
+        self.depth = int(state.get("depth", self.depths[-1]))
+        if self.depth not in self.depths:
+            raise ValueError(f"depth {self.depth} is not one of the depth versions {list(self.depths)}")
+        res_scales = state.get("res_scales")
+        if res_scales is not None:  # trained per-block residual weights (DQA's beta)
+            if len(res_scales) != len(self.fp.body):
+                raise ValueError(f"{len(res_scales)} residual scales for {len(self.fp.body)} blocks")
+            for block, beta in zip(self.fp.body, res_scales):
+                block.res_scale = float(beta)
         self._bodies = {}
 
     @torch.inference_mode()
@@ -227,6 +254,17 @@ class QuantizedSR(nn.Module):
         if not getattr(self.policy, "layerwise", False):
             bits = bits.to(torch.int64)
         return (y, bits) if return_bits else y
+
+
+def check_depths(depths, n_blocks: int) -> tuple[int, ...]:
+    """Depth versions as an ascending tuple of distinct block counts in 1..``n_blocks``
+    (None or empty: ``(n_blocks,)``); ``ValueError`` otherwise."""
+    if not depths:
+        return (int(n_blocks),)
+    out = tuple(sorted({int(d) for d in depths}))
+    if out[0] < 1 or out[-1] > n_blocks or any(int(d) != d for d in depths):
+        raise ValueError(f"depth versions must be block counts in 1..{n_blocks}, got {list(depths)}")
+    return out
 
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
@@ -343,7 +381,8 @@ def quantized_from_payload(payload: dict, source: str = "checkpoint", backend: s
         state = payload["state_dict"]
         quant = payload["quant"]
         act_quants = act_quants_from_scales(state["act_bits"].tolist(), state["act_scales"].tolist())
-        q = QuantizedSR(fp, policy_from_state(quant["policy"]), act_quants, w_bits=quant["w_bits"], backend=backend)
+        q = QuantizedSR(fp, policy_from_state(quant["policy"]), act_quants, w_bits=quant["w_bits"], backend=backend,
+                        depths=quant.get("depths"))
         q.load_state_dict(state, strict=False)
         missing = set(q.state_dict()) - set(state) - {"_extra_state"}
         if missing:

@@ -174,3 +174,63 @@ def test_cli_train_granular(workdir, tmp_path):
     q = load_quantized(out)
     assert q.policy.trained and "--method granular" in json.loads(out.with_suffix(".log.json").read_text())["command"]
     assert main(["train", "--method", "granular", "--bits", "2,x", "--out", str(tmp_path / "y.pt")]) == 2
+
+
+def test_depth_versions_dqa(workdir, tmp_path):
+    """QuantSR's DQA: one run trains depth versions 1 and 2 of the 2-block model with per-block
+    residual weights; depth d is exactly the model cut after its first d blocks, the float twin
+    agrees with the integer model at every depth, and depths survive checkpoints, Engine and CLI."""
+    from gdq_engine import QuantizedSR, save_quantized
+    from gdq_engine.cli import main
+
+    out = train_qat(config(workdir, method="static", bits=(4,), depths=(2, 1), iters=6), tmp_path / "d.pt",
+                    progress=False, log=lambda *_: None)
+    q = load_quantized(out)
+    assert q.depths == (1, 2) and q.depth == 2
+    betas = [blk.res_scale for blk in q.fp.body]
+    assert all(b != 1.0 for b in betas)  # beta trained (starts at the model's res_scale, 1)
+    x = random_image(16, 16, n=3, seed=3)
+    full = q(x)
+    shallow = q.set_depth(1)(x)
+    assert not torch.equal(full, shallow)
+    # Depth 1 = the same model with only its first block, bit for bit.
+    cut = load_quantized(out)
+    cut.fp.body = torch.nn.ModuleList(list(cut.fp.body)[:1])
+    quants = {b: pairs[:1] for b, pairs in cut.act_quants().items()}
+    assert torch.equal(QuantizedSR(cut.fp, cut.policy, quants, w_bits=cut.w_bits)(x), shallow)
+    # The float training model is the integer model's twin at each depth.
+    start = quantize(str(workdir / "tiny.pt"), Static(4), calib=str(workdir / "images"), calib_patch=16)
+    net = QATModel(start, depths=(1, 2)).eval()
+    with torch.no_grad():
+        net.body.res_scales.copy_(torch.tensor([0.7, 1.3]))
+        for d in (1, 2):
+            fake, _ = net(x, training=False, depth=d)
+            real = net.export(backend="reference").set_depth(d)(x)
+            assert (fake - real).abs().mean() < 1e-4 and (fake - real).abs().max() < 0.05
+    with pytest.raises(ValueError, match="trained for depths"):
+        q.set_depth(3)
+    # Checkpoints keep the depth versions, the chosen depth and the betas.
+    save_quantized(q, tmp_path / "d1.pt")
+    again = load_quantized(tmp_path / "d1.pt")
+    assert again.depths == (1, 2) and again.depth == 1 and [b.res_scale for b in again.fp.body] == betas
+    assert torch.equal(again(x), shallow)
+    eng = Engine(out, patch_size=16, stride=14, depth=1)
+    assert eng.depth == 1 and "depth=1" in repr(eng)
+    hr, report = eng.upscale(x[:1], return_report=True)
+    assert torch.equal(hr[0], shallow[0].clamp(0, 1))
+    full_report = Engine(out, patch_size=16, stride=14).upscale(x[:1], return_report=True)[1]
+    q_macs = 2 * 2 * 16 * 16 * 8 * 8 * 9  # 2 blocks x 2 convs x 16x16 pixels x 8x8 channels x 3x3
+    assert full_report.bitops - report.bitops == q_macs // 2 * 8 * 4  # one block less at W8A4
+    with pytest.raises(ValueError, match="trained for depths"):
+        Engine(out, depth=5)
+    with pytest.raises(ValueError, match="runs FP"):
+        Engine(str(workdir / "tiny.pt"), depth=1)
+    with pytest.raises(ValueError, match="depth versions must be"):
+        train_qat(config(workdir, method="static", bits=(4,), depths=(0, 2)), tmp_path / "x.pt", progress=False)
+    table = tmp_path / "t.json"
+    assert main(["eval", "--model", str(workdir / "tiny.pt"), "--data", str(workdir / "images"), "--policies",
+                 str(out), f"{out}@1", "--patch-size", "16", "--stride", "14", "--json", str(table)]) == 0
+    rows = json.loads(table.read_text())
+    assert [r["method"] for r in rows] == ["d.pt", "d.pt@1"] and rows[0]["psnr"] != rows[1]["psnr"]
+    assert main(["eval", "--model", str(workdir / "tiny.pt"), "--data", str(workdir / "images"), "--policies",
+                 f"{out}@x"]) == 2

@@ -7,7 +7,9 @@ with a straight-through rounding gradient, so the exported model's integer weigh
 ones trained. Activation quantizers are LSQ steps, one per (block, position, bit-width); a
 per-patch mixing matrix selects (or, for straight-through estimators, softly weights) the width each
 patch runs at, which is how one batch trains every width of a patch-wise policy at once; a mixing
-function of the layer and its input does the same per layer (CADyQ).
+function of the layer and its input does the same per layer (CADyQ). ``depth`` runs only the first
+blocks (QuantSR's DQA depth versions) and ``res_scales`` (trainable with ``learn_res_scale``:
+DQA's per-block weight beta) scale each block's residual branch, as the engine's ``res_scale``.
 """
 
 from __future__ import annotations
@@ -63,11 +65,18 @@ class FakeQuantBody(nn.Module):
         model: the FP model; its block convs are used (and trained, if they require grad) in place.
         act_quants: {bits: per block (input, mid) :class:`ActQuant`}: the starting LSQ steps.
         w_bits: weight bit-width (8, 4 or 2).
+        learn_res_scale: make the blocks' residual scales a trained parameter (else a buffer).
     """
 
-    def __init__(self, model, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]], w_bits: int):
+    def __init__(self, model, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]], w_bits: int,
+                 learn_res_scale: bool = False):
         super().__init__()
         self.blocks = list(model.body)
+        res_scales = torch.tensor([float(getattr(b, "res_scale", 1.0)) for b in self.blocks])
+        if learn_res_scale:
+            self.res_scales = nn.Parameter(res_scales)
+        else:
+            self.register_buffer("res_scales", res_scales)
         self.widths = tuple(sorted(act_quants))
         self.w_bits = int(w_bits)
         self.q_in = nn.ModuleList(MixedBitQuant(self.widths, True, [act_quants[b][i][0].scale for b in self.widths])
@@ -75,22 +84,25 @@ class FakeQuantBody(nn.Module):
         self.q_mid = nn.ModuleList(MixedBitQuant(self.widths, False, [act_quants[b][i][1].scale for b in self.widths])
                                    for i in range(len(self.blocks)))
 
-    def forward(self, feat: torch.Tensor, mix=None, features: list | None = None) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, mix=None, features: list | None = None,
+                depth: int | None = None) -> torch.Tensor:
         """(N,F,H,W) block-stack input -> (N,F,H,W) output.
 
         ``mix``: None (one width), a (N, len(widths)) matrix as in :class:`MixedBitQuant` used by
         every layer (patch-wise, layer-invariant: Granular-DQ), or a callable ``mix(layer, x)`` ->
         that matrix for quantized conv ``layer`` (block i: 2i and 2i+1) from its FP input ``x``
         (N,F,H,W) (per layer: CADyQ). ``features``: if a list, each block's output is appended.
+        ``depth``: run only the first ``depth`` blocks (default: all).
         """
         x = feat
-        for i, (blk, q_in, q_mid) in enumerate(zip(self.blocks, self.q_in, self.q_mid)):
+        stack = list(zip(self.blocks, self.q_in, self.q_mid))[:depth]
+        for i, (blk, q_in, q_mid) in enumerate(stack):
             c1, c2 = blk.conv1, blk.conv2
             m_in = mix(2 * i, x) if callable(mix) else mix
             mid = F.relu(F.conv2d(q_in(x, m_in), fake_quantize_weight(c1.weight, self.w_bits), c1.bias, padding=1))
             m_mid = mix(2 * i + 1, mid) if callable(mix) else mix
             res = F.conv2d(q_mid(mid, m_mid), fake_quantize_weight(c2.weight, self.w_bits), c2.bias, padding=1)
-            x = x + res * float(getattr(blk, "res_scale", 1.0))
+            x = x + res * self.res_scales[i]
             if features is not None:
                 features.append(x)
         return x

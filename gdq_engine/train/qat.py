@@ -14,6 +14,10 @@ controller with L1 to the HR crops.
   softmax straight-through, so widths change from layer to layer; the bit penalty may grow over
   ``bit_ramp`` steps and ``at_weight`` adds attention-transfer distillation (the teacher is the
   starting FP model, not the paper's 8-bit PAMS model).
+* Depth versions (QuantSR's DQA, any method): with ``depths`` every step runs a depth drawn from
+  them (the first ``d`` residual blocks, weights shared) and each block's residual branch gets a
+  trained weight beta (the engine's per-block ``res_scale``); the exported model runs any of them
+  (``QuantizedSR.set_depth``, ``Engine(depth=...)``).
 
 PAPERS.md lists L1 as Granular-DQ's only loss. With L1 alone nothing rewards fewer bits, so GBC
 drifts to its top code and E2B alone sets the FAB; ``bit_weight`` adds ``bit_weight * mean bits``
@@ -68,6 +72,7 @@ class QATConfig:
     fab_target: float | None = None  # with bit_weight: penalise only the batch FAB above this (hinge)
     bit_ramp: int = 0  # the bit weight grows linearly over the first bit_ramp steps (CADyQ's growing penalty)
     at_weight: float = 0.0  # attention-transfer distillation from the starting FP model (CADyQ)
+    depths: tuple[int, ...] = ()  # DQA depth versions (block counts) trained together; () = full depth only
     atc_iters: int = 0
     gbc_init_top: float = 2.0  # logit bias for the controller's top code at the start (GBC: E2B's allocation)
     seed: int = 0
@@ -96,17 +101,22 @@ class QATModel(torch.nn.Module):
     """FP model + fake-quantized body + bit controller (Granular-DQ's GBC or CADyQ's per-layer
     selectors): the trained unit of :func:`train_qat`.
 
-    ``forward(lr, training, features=None)``: (N,3,h,w) in [0,1] -> (SR (N,3,sh,sw), bits (N,) float:
-    the width each patch ran at (CADyQ: its mean over layers), carrying the controller's
-    straight-through gradient); ``features``: a list that receives every block's output.
+    ``forward(lr, training, features=None, depth=None)``: (N,3,h,w) in [0,1] -> (SR (N,3,sh,sw),
+    bits (N,) float: the width each patch ran at (CADyQ: its mean over layers), carrying the
+    controller's straight-through gradient); ``features``: a list that receives every block's
+    output; ``depth``: the depth version (first blocks) to run, default all. ``depths``: the depth
+    versions trained (given: the residual scales are trained too, DQA's beta).
     """
 
-    def __init__(self, qmodel, gbc_init_top: float = 0.0):
+    def __init__(self, qmodel, gbc_init_top: float = 0.0, depths: tuple[int, ...] = ()):
         super().__init__()
+        from ..quantized import check_depths
+
         self.fp = qmodel.fp
         self.policy = qmodel.policy
         self.w_bits = qmodel.w_bits
-        self.body = FakeQuantBody(self.fp, qmodel.act_quants(), qmodel.w_bits)
+        self.depths = check_depths(depths, len(self.fp.body))
+        self.body = FakeQuantBody(self.fp, qmodel.act_quants(), qmodel.w_bits, learn_res_scale=bool(depths))
         self.gbc = self.policy.gbc if isinstance(self.policy, GranularDQ) else None
         self.selectors = self.policy.selectors if isinstance(self.policy, CADyQ) else None
         if self.gbc is not None and not self.policy.trained:
@@ -145,17 +155,18 @@ class QATModel(torch.nn.Module):
 
         return mix
 
-    def forward(self, lr: torch.Tensor, training: bool = True, features: list | None = None):
+    def forward(self, lr: torch.Tensor, training: bool = True, features: list | None = None,
+                depth: int | None = None):
         fp = self.fp
         xn = fp.normalize(lr)
         feat = fp.head(xn)
         if self.selectors is not None:
             layer_bits: list[torch.Tensor] = []
-            body = self.body(feat, self.layer_mix(lr, training, layer_bits), features)
+            body = self.body(feat, self.layer_mix(lr, training, layer_bits), features, depth)
             bits = torch.stack(layer_bits).mean(0)
         else:
             mix, bits = self.mix(lr, feat, training)
-            body = self.body(feat, mix, features)
+            body = self.body(feat, mix, features, depth)
         out = fp.forward_output(fp.forward_body(feat, run_blocks=lambda _: body), xn)
         return fp.denormalize(out), bits
 
@@ -170,7 +181,10 @@ class QATModel(torch.nn.Module):
         if isinstance(policy, CADyQ):
             policy.trained = True
         fp = copy.deepcopy(self.fp).eval()
-        return QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend).eval()
+        for block, beta in zip(fp.body, self.body.res_scales.detach().tolist()):
+            block.res_scale = float(beta)
+        return QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend,
+                           depths=self.depths).eval()
 
 
 def bit_penalty(bits: torch.Tensor, fab_target: float | None) -> torch.Tensor:
@@ -253,7 +267,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         calib = shipped_calibration(cfg.model)
     qmodel = quantize(fp, policy, calib=calib, w_bits=cfg.w_bits, calib_patch=cfg.calib_patch,
                       device=device)
-    net = QATModel(qmodel, cfg.gbc_init_top).to(device)
+    net = QATModel(qmodel, cfg.gbc_init_top, tuple(cfg.depths)).to(device)
     groups = [{"params": list(net.fp.parameters()), "lr": cfg.lr, "base": cfg.lr},
               {"params": list(net.body.parameters()), "lr": cfg.step_lr, "base": cfg.step_lr}]
     controller = net.gbc if net.gbc is not None else net.selectors
@@ -295,7 +309,8 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         for group in opt.param_groups:
             group["lr"] = group["base"] * factor
         feats: list[torch.Tensor] | None = [] if teacher is not None else None
-        sr, bits = net(lr_img, training=True, features=feats)
+        depth = net.depths[int(torch.randint(len(net.depths), (1,), generator=gen))] if cfg.depths else None
+        sr, bits = net(lr_img, training=True, features=feats, depth=depth)
         l1 = (sr - hr_img).abs().mean()
         loss = l1
         if cfg.bit_weight:
@@ -304,7 +319,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         if teacher is not None:
             with torch.no_grad():
                 target = block_features(teacher, lr_img)
-            at = attention_transfer(feats, target)
+            at = attention_transfer(feats, target[: len(feats)])
             loss = loss + cfg.at_weight * at
             run_at += float(at.detach())
         opt.zero_grad(set_to_none=True)
@@ -324,7 +339,11 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
             write_log()
         if cfg.val and (step % cfg.val_every == 0 or step == cfg.iters):
             net.eval()
-            res = validate(net.export(), cfg.val)
+            exported = net.export()
+            res = validate(exported, cfg.val)
+            if cfg.depths:  # the shallower depth versions too
+                res["psnr_by_depth"] = {str(d): validate(exported.set_depth(d), cfg.val)["psnr"]
+                                        for d in net.depths[:-1]}
             net.train()
             history["val"].append({"step": step, **res})
             log(f"step {step}: val PSNR {res['psnr']:.3f} dB, FAB {res['fab']:.2f} ({time.time() - t0:.0f} s)")
