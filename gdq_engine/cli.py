@@ -59,7 +59,7 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
     return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
-                  backend=args.backend, depth=None if name == "fp" else getattr(args, "depth", None))
+                  backend=args.backend, depth=None if name == "fp" else args.depth)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:
@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
-    checkpoints = {spec: parse_checkpoint_spec(spec) for spec in args.policies if parse_checkpoint_spec(spec)}
+    checkpoints = {spec: parsed for spec in args.policies if (parsed := parse_checkpoint_spec(spec))}
     for path, _ in checkpoints.values():
         if not Path(path).is_file():
             raise ValueError(f"--policies {path}: no such quantized checkpoint")

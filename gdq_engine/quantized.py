@@ -200,6 +200,14 @@ class QuantizedSR(nn.Module):
         self.depth, self._bodies = int(depth), {}
         return self
 
+    def set_res_scales(self, res_scales) -> None:
+        """Set every residual block's ``res_scale`` (DQA's trained beta), one float per block."""
+        if len(res_scales) != len(self.fp.body):
+            raise ValueError(f"{len(res_scales)} residual scales for {len(self.fp.body)} blocks")
+        for block, beta in zip(self.fp.body, res_scales):
+            block.res_scale = float(beta)
+        self._bodies = {}
+
     def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
         """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
         the model's current device."""
@@ -230,16 +238,9 @@ class QuantizedSR(nn.Module):
         self.policy = policy_from_state(state["policy"])
         self.w_bits = int(state["w_bits"])
         self.depths = check_depths(state.get("depths"), len(self.fp.body))  # absent before depth versions
-        self.depth = int(state.get("depth", self.depths[-1]))
-        if self.depth not in self.depths:
-            raise ValueError(f"depth {self.depth} is not one of the depth versions {list(self.depths)}")
-        res_scales = state.get("res_scales")
-        if res_scales is not None:  # trained per-block residual weights (DQA's beta)
-            if len(res_scales) != len(self.fp.body):
-                raise ValueError(f"{len(res_scales)} residual scales for {len(self.fp.body)} blocks")
-            for block, beta in zip(self.fp.body, res_scales):
-                block.res_scale = float(beta)
-        self._bodies = {}
+        self.set_depth(int(state.get("depth", self.depths[-1])))
+        if state.get("res_scales") is not None:  # absent before trained residual weights
+            self.set_res_scales(state["res_scales"])
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, return_bits: bool = False):

@@ -181,10 +181,9 @@ class QATModel(torch.nn.Module):
         if isinstance(policy, CADyQ):
             policy.trained = True
         fp = copy.deepcopy(self.fp).eval()
-        for block, beta in zip(fp.body, self.body.res_scales.detach().tolist()):
-            block.res_scale = float(beta)
-        return QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend,
-                           depths=self.depths).eval()
+        q = QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend, depths=self.depths)
+        q.set_res_scales(self.body.res_scales.detach().tolist())
+        return q.eval()
 
 
 def bit_penalty(bits: torch.Tensor, fab_target: float | None) -> torch.Tensor:
@@ -195,11 +194,12 @@ def bit_penalty(bits: torch.Tensor, fab_target: float | None) -> torch.Tensor:
     return fab if fab_target is None else (fab - fab_target).clamp(min=0)
 
 
-def block_features(model, lr: torch.Tensor) -> list[torch.Tensor]:
-    """Every residual block's output (N,F,h,w) of an FP model on LR images (N,3,h,w) in [0,1]."""
+def block_features(model, lr: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
+    """Every residual block's output (N,F,h,w) of an FP model on LR images (N,3,h,w) in [0,1]
+    (the first ``depth`` blocks; default all)."""
     x = model.head(model.normalize(lr))
     out = []
-    for blk in model.body:
+    for blk in list(model.body)[:depth]:
         x = blk(x)
         out.append(x)
     return out
@@ -318,8 +318,8 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
             loss = loss + ramp * cfg.bit_weight * bit_penalty(bits, cfg.fab_target)
         if teacher is not None:
             with torch.no_grad():
-                target = block_features(teacher, lr_img)
-            at = attention_transfer(feats, target[: len(feats)])
+                target = block_features(teacher, lr_img, depth)
+            at = attention_transfer(feats, target)
             loss = loss + cfg.at_weight * at
             run_at += float(at.detach())
         opt.zero_grad(set_to_none=True)
