@@ -214,9 +214,10 @@ def cmd_train(args) -> int:
                         w_bits=args.w_bits, calib=args.calib, calib_patch=args.calib_patch, data=tuple(args.data),
                         val=args.val, iters=args.iters or 1000, batch=args.batch or 8, lr_patch=args.patch,
                         lr=args.lr or 1e-5, step_lr=args.step_lr, gbc_lr=args.gbc_lr, bit_weight=args.bit_weight,
-                        fab_target=args.fab_target, bit_ramp=args.bit_ramp, at_weight=args.at_weight,
+                        fab_target=args.fab_target, fab_exact=args.fab_exact, bit_ramp=args.bit_ramp,
+                        at_weight=args.at_weight,
                         atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250,
-                        depths=_bits_list(args.depths, "depths") or ())
+                        depths=_bits_list(args.depths, "depths") or (), init=args.init)
         out = train_qat(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100, help="fp: linear warm-up iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=None, help="default: fp 1000, QAT 250")
-    p.add_argument("--init", default=None, help="fp: start from the matching tensors of this checkpoint")
+    p.add_argument("--init", default=None, help="fp: start from the matching tensors of this checkpoint; QAT: from "
+                   "this quantized checkpoint of the same model (its weights and the steps of the widths it shares)")
     p.add_argument("--bf16", action="store_true", help="fp: bf16 autocast (GPU / AMX CPUs)")
     p.add_argument("--device", default=None)
     p.add_argument("--model", default="edsr-baseline-x4", help="QAT: the FP model (shipped name or checkpoint)")
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="granular / cadyq: loss weight of the mean bits (0 = L1 only, Granular-DQ's loss)")
     p.add_argument("--fab-target", type=float, default=None,
                    help="with --bit-weight, penalise only the batch FAB above this (a bit budget)")
+    p.add_argument("--fab-exact", action="store_true",
+                   help="with --fab-target, penalise the batch FAB's distance to it on both sides (spend the budget)")
     p.add_argument("--bit-ramp", type=int, default=0,
                    help="the bit weight grows linearly over this many steps (CADyQ's growing penalty; 0: constant)")
     p.add_argument("--at-weight", type=float, default=0.0,

@@ -14,7 +14,7 @@ from gdq_engine.models import EDSR
 from gdq_engine.models.checkpoints import save_checkpoint
 from gdq_engine.policy import CADyQ, GranularDQ, Static
 from gdq_engine.train.fakebody import fake_quantize_weight
-from gdq_engine.train.qat import QATConfig, QATModel, attention_transfer, bit_penalty, train_qat
+from gdq_engine.train.qat import QATConfig, QATModel, attention_transfer, bit_penalty, train_qat, warm_start
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,13 @@ def test_bit_penalty_is_a_mean_or_a_hinge_above_the_target():
     assert bit_penalty(bits, None).item() == 5.5
     assert bit_penalty(bits, 5.0).item() == 0.5
     assert bit_penalty(bits, 6.0).item() == 0.0
+    assert bit_penalty(bits, 6.0, exact=True).item() == 0.5  # below the target: pushed up too
+    assert bit_penalty(bits, 5.0, exact=True).item() == 0.5
     bit_penalty(bits, 6.0).backward()
     assert torch.equal(bits.grad, torch.zeros(4))  # under budget: no pull towards fewer bits
+    bits.grad = None
+    bit_penalty(bits, 6.0, exact=True).backward()
+    assert torch.equal(bits.grad, torch.full((4,), -0.25))  # exact budget: under it, a push to more bits
 
 
 def test_attention_transfer_is_zero_for_equal_maps_and_scale_invariant():
@@ -149,6 +154,36 @@ def test_static_qat_w4a4(workdir, tmp_path):
     q = load_quantized(out)
     assert isinstance(q.policy, Static) and q.policy.bits == (4,) and q.w_bits == 4
     assert q(random_image(16, 16, n=1)).shape == (1, 3, 32, 32)
+
+
+def test_warm_start_from_another_quantized_checkpoint(workdir, tmp_path):
+    """--init: a {4,6,8} run starts from a {2,4,8} run's weights and its 4- and 8-bit steps."""
+    from gdq_engine.models.checkpoints import CheckpointError
+
+    src = load_quantized(train_qat(config(workdir, iters=2), tmp_path / "src.pt", progress=False,
+                                   log=lambda *_: None))
+    cfg = config(workdir, bits=(4, 6, 8), e2b_bits=(4, 5, 8))
+    fresh = quantize(cfg.model, GranularDQ((4, 6, 8), (4, 5, 8), channels=8), calib=cfg.calib, calib_patch=16)
+    warm = quantize(cfg.model, GranularDQ((4, 6, 8), (4, 5, 8), channels=8), calib=cfg.calib, calib_patch=16)
+    assert warm_start(warm, tmp_path / "src.pt") == [4, 8]
+    for name, tensor in src.fp.state_dict().items():
+        assert torch.equal(warm.fp.state_dict()[name], tensor)
+    own, theirs = warm.act_bits.tolist(), src.act_bits.tolist()
+    for b in (4, 8):
+        assert torch.equal(warm.act_scales[own.index(b)], src.act_scales[theirs.index(b)])
+    for b in (5, 6):  # not in the source: the calibrated steps stay
+        assert torch.equal(warm.act_scales[own.index(b)], fresh.act_scales[own.index(b)])
+    out = train_qat(config(workdir, bits=(4, 6, 8), e2b_bits=(4, 5, 8), iters=1, init=str(tmp_path / "src.pt")),
+                    tmp_path / "warm.pt", progress=False, log=lambda *_: None)
+    assert load_quantized(out).policy.gbc_bits == (4, 6, 8)
+    other = EDSR(scale=2, n_feats=16, n_blocks=2)
+    save_checkpoint(other, tmp_path / "other.pt")
+    wrong = quantize(str(tmp_path / "other.pt"), "static", bits=8, calib=cfg.calib, calib_patch=16)
+    with pytest.raises(CheckpointError, match="not the edsr"):
+        warm_start(wrong, tmp_path / "src.pt")
+    w4 = quantize(cfg.model, "static", bits=8, calib=cfg.calib, calib_patch=16, w_bits=4)
+    with pytest.raises(ValueError, match="8-bit weights"):
+        warm_start(w4, tmp_path / "src.pt")
 
 
 def test_bad_qat_configs_raise(workdir, tmp_path):

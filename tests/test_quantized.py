@@ -1,5 +1,7 @@
 """gdq_engine.quantize: the drop-in quantized module, its state and checkpoints, and the Engine on it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_image, shared
@@ -129,6 +131,16 @@ def test_other_residual_models_quantize_identically_on_every_backend(arch, backe
     assert torch.equal(q_fast(x.to(device)).cpu(), y)
     with torch.no_grad():
         assert float(((y - model(x)) ** 2).mean()) < 1e-4
+
+
+def test_rdn_is_refused_with_the_reason():
+    from gdq_engine.models import RDN
+
+    model = RDN(2, n_feats=8, n_blocks=2, n_layers=2, growth=4).eval()
+    with pytest.raises(NotImplementedError, match="Not yet: RDN"):
+        quantize(model, "static", bits=8, calib=calib_patches())
+    assert "## What is quantized" in (Path(__file__).parents[1] / "docs" / "numerics.md").read_text()
+    assert "Not yet: RDN" in (Path(__file__).parents[1] / "docs" / "numerics.md").read_text()
 
 
 def test_dqc_trains_the_activation_scales(small_edsr):

@@ -1,6 +1,6 @@
 // CPU packed 3x3 convolution (stride 1, zero pad 1, NHWC) with the fused epilogue of
 // docs/numerics.md, and quantize+pack. Registered as torch.ops.gdq_engine.packed_conv3x3_cpu and
-// torch.ops.gdq_engine.quantize_pack_cpu; bit-exact with gdq_engine/ops/reference.py.
+// the CPU kernel of torch.ops.gdq_engine.quantize_pack; bit-exact with gdq_engine/ops/reference.py.
 //
 // Integer core: activations are unpacked once into a zero-padded uint8 image (signed codes are
 // stored as code + 128, so padding is 128 and the dot products run unsigned x signed); weights
@@ -353,11 +353,10 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
       "bool allow_vnni=True) -> Tensor");
-  m.def("quantize_pack_cpu(Tensor x, int bits, int lo, int hi, float inv_s) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
 }
 
 TORCH_LIBRARY_IMPL(gdq_engine, CPU, m) {
   m.impl("packed_conv3x3_cpu", &gdq::packed_conv3x3_cpu);
-  m.impl("quantize_pack_cpu", &gdq::quantize_pack_cpu);
+  m.impl("quantize_pack", &gdq::quantize_pack_cpu);
 }

@@ -83,6 +83,9 @@ at::Tensor unpack_codes_cpu(const at::Tensor& packed, int64_t bits, bool is_sign
 TORCH_LIBRARY(gdq_engine, m) {
   m.def("pack_codes(Tensor codes, int bits) -> Tensor");
   m.def("unpack_codes(Tensor packed, int bits, bool signed) -> Tensor");
+  // fp32 (..., C) -> packed uint8 codes: clamp(floor(x * inv_s + 0.5), lo, hi) in a bits container.
+  // Kernels: CPU in conv.cpp, CUDA in csrc/cuda/conv3x3.cu (one op, dispatched by device).
+  m.def("quantize_pack(Tensor x, int bits, int lo, int hi, float inv_s) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gdq_engine, CPU, m) {

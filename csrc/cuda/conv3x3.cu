@@ -421,7 +421,7 @@ at::Tensor packed_conv3x3_cuda(const at::Tensor& x, int64_t a_bits, bool a_signe
 
 at::Tensor quantize_pack_cuda(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s) {
   check_bits(bits);
-  TORCH_CHECK(x.is_cuda() && x.dim() >= 1, "quantize_pack_cuda expects a CUDA tensor (..., C)");
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1, "quantize_pack (CUDA) expects a CUDA tensor (..., C)");
   c10::cuda::CUDAGuard guard(x.device());
   const auto src = x.to(at::kFloat).contiguous();
   const int64_t C = x.size(-1), per_byte = 8 / bits;
@@ -479,12 +479,11 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
   m.def(
       "packed_conv3x3_cuda(Tensor x, int a_bits, bool a_signed, Tensor w, Tensor mult, Tensor bias, "
       "Tensor? residual, float res_scale, bool relu, int o_bits, int lo, int hi, float inv_s) -> Tensor");
-  m.def("quantize_pack_cuda(Tensor x, int bits, int lo, int hi, float inv_s) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gdq_engine, CUDA, m) {
   m.impl("packed_conv3x3_cuda", &gdq::packed_conv3x3_cuda);
-  m.impl("quantize_pack_cuda", &gdq::quantize_pack_cuda);
+  m.impl("quantize_pack", &gdq::quantize_pack_cuda);
   m.impl("pack_codes", &gdq::pack_codes_cuda);
   m.impl("unpack_codes", &gdq::unpack_codes_cuda);
 }

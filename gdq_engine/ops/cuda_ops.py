@@ -60,4 +60,4 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (container of ``q.bits``)."""
-    return torch.ops.gdq_engine.quantize_pack_cuda(x.float(), *requant_args(q))
+    return torch.ops.gdq_engine.quantize_pack(x.float(), *requant_args(q))

@@ -41,7 +41,8 @@ class QuantBlock:
 def _blocks_of(model: SRModel) -> list:
     blocks = list(model.body)
     if not blocks or not all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in blocks):
-        raise NotImplementedError(f"{model.arch}: only residual-block bodies (EDSR, MSRResNet) are quantized so far")
+        raise NotImplementedError(f"{model.arch}: only residual-block bodies (EDSR, MSRResNet) are quantized so "
+                                  "far; docs/numerics.md ('Not yet: RDN') says what dense blocks need")
     return blocks
 
 

@@ -70,10 +70,12 @@ class QATConfig:
     gbc_lr: float = 1e-3  # the bit controller: GBC (granular) or the per-layer selectors (cadyq)
     bit_weight: float = 0.0
     fab_target: float | None = None  # with bit_weight: penalise only the batch FAB above this (hinge)
+    fab_exact: bool = False  # with fab_target: penalise |FAB - target| (spend the whole budget)
     bit_ramp: int = 0  # the bit weight grows linearly over the first bit_ramp steps (CADyQ's growing penalty)
     at_weight: float = 0.0  # attention-transfer distillation from the starting FP model (CADyQ)
     depths: tuple[int, ...] = ()  # DQA depth versions (block counts) trained together; () = full depth only
     atc_iters: int = 0
+    init: str | None = None  # warm start: a quantized checkpoint of the same model (weights + shared widths' steps)
     gbc_init_top: float = 2.0  # logit bias for the controller's top code at the start (GBC: E2B's allocation)
     seed: int = 0
     val_every: int = 250
@@ -186,12 +188,15 @@ class QATModel(torch.nn.Module):
         return q.eval()
 
 
-def bit_penalty(bits: torch.Tensor, fab_target: float | None) -> torch.Tensor:
+def bit_penalty(bits: torch.Tensor, fab_target: float | None, exact: bool = False) -> torch.Tensor:
     """The bit term of the QAT loss from the (N,) straight-through widths of a batch: their mean, or
     with ``fab_target`` the hinge ``max(0, mean - fab_target)``: no pull below the target, so L1 alone
-    decides which patches keep the widths the budget allows."""
+    decides which patches keep the widths the budget allows. ``exact``: ``|mean - fab_target|``,
+    a push up as well when the controller leaves budget unspent (L1 still decides which patches)."""
     fab = bits.mean()
-    return fab if fab_target is None else (fab - fab_target).clamp(min=0)
+    if fab_target is None:
+        return fab
+    return (fab - fab_target).abs() if exact else (fab - fab_target).clamp(min=0)
 
 
 def block_features(model, lr: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
@@ -213,6 +218,31 @@ def attention_transfer(student: list[torch.Tensor], teacher: list[torch.Tensor])
         return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
 
     return torch.stack([(attention(s) - attention(t)).pow(2).sum(1).mean() for s, t in zip(student, teacher)]).mean()
+
+
+def warm_start(qmodel, init: str | Path) -> list[int]:
+    """Start QAT from another quantized checkpoint of the same FP model: copy its (fake-quant
+    trained) FP weights and residual scales, and the activation steps of every width both models
+    use; the other widths keep their calibrated steps. The controller starts fresh. Returns the
+    widths whose steps were copied.
+    """
+    from ..models.checkpoints import CheckpointError
+    from ..quantized import load_quantized
+
+    src = load_quantized(init)
+    if src.fp.arch != qmodel.fp.arch or dict(src.fp.config) != dict(qmodel.fp.config):
+        raise CheckpointError(f"{init}: a quantized {src.fp.arch} {dict(src.fp.config)}, "
+                              f"not the {qmodel.fp.arch} {dict(qmodel.fp.config)} being trained")
+    if src.w_bits != qmodel.w_bits:
+        raise ValueError(f"{init} has {src.w_bits}-bit weights, this run trains {qmodel.w_bits}-bit ones")
+    qmodel.fp.load_state_dict(src.fp.state_dict())
+    qmodel.set_res_scales([float(getattr(b, "res_scale", 1.0)) for b in src.fp.body])
+    own, theirs = qmodel.act_bits.tolist(), src.act_bits.tolist()
+    shared = [b for b in own if b in theirs]
+    with torch.no_grad():
+        for b in shared:
+            qmodel.act_scales[own.index(b)] = src.act_scales[theirs.index(b)].to(qmodel.act_scales.device)
+    return shared
 
 
 def _lr_factor(cfg: QATConfig, step: int) -> float:
@@ -267,13 +297,16 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         calib = shipped_calibration(cfg.model)
     qmodel = quantize(fp, policy, calib=calib, w_bits=cfg.w_bits, calib_patch=cfg.calib_patch,
                       device=device)
+    if cfg.init:
+        warm_start(qmodel, cfg.init)
     net = QATModel(qmodel, cfg.gbc_init_top, tuple(cfg.depths)).to(device)
     groups = [{"params": list(net.fp.parameters()), "lr": cfg.lr, "base": cfg.lr},
               {"params": list(net.body.parameters()), "lr": cfg.step_lr, "base": cfg.step_lr}]
     controller = net.gbc if net.gbc is not None else net.selectors
     if controller is not None:
         groups.append({"params": list(controller.parameters()), "lr": cfg.gbc_lr, "base": cfg.gbc_lr})
-    teacher = copy.deepcopy(net.fp).eval().requires_grad_(False) if cfg.at_weight else None
+    # The AT teacher is the FP model itself, also when the student starts from --init's weights.
+    teacher = copy.deepcopy(fp).float().to(device).eval().requires_grad_(False) if cfg.at_weight else None
     opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = 0, {"train": [], "val": []}
@@ -315,7 +348,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
         loss = l1
         if cfg.bit_weight:
             ramp = min(1.0, (step + 1) / cfg.bit_ramp) if cfg.bit_ramp else 1.0
-            loss = loss + ramp * cfg.bit_weight * bit_penalty(bits, cfg.fab_target)
+            loss = loss + ramp * cfg.bit_weight * bit_penalty(bits, cfg.fab_target, cfg.fab_exact)
         if teacher is not None:
             with torch.no_grad():
                 target = block_features(teacher, lr_img, depth)
