@@ -23,8 +23,10 @@ PAPERS.md lists L1 as Granular-DQ's only loss. With L1 alone nothing rewards few
 drifts to its top code and E2B alone sets the FAB; ``bit_weight`` adds ``bit_weight * mean bits``
 of the straight-through choice (CADyQ's bit penalty) for users who want the controller to trade
 quality for bits; with ``fab_target`` only the batch FAB above the target is penalised, a budget
-rather than a price, so the patches whose L1 gains most from bits keep them. The result is a
-:class:`~gdq_engine.quantized.QuantizedSR` checkpoint.
+rather than a price, so the patches whose L1 gains most from bits keep them (``fab_exact``: the
+budget is spent too, ``|FAB - target|``). ``init`` warm-starts from another quantized checkpoint of
+the same model (:func:`warm_start`). The result is a :class:`~gdq_engine.quantized.QuantizedSR`
+checkpoint.
 """
 
 from __future__ import annotations
