@@ -63,9 +63,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, backend: str = "
     return packing.unpack_codes(packed, bits, signed)
 
 
+def compiled_quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """The compiled ``quantize_pack`` kernel of ``x``'s device, no checks (the ``cpp`` and ``cuda``
+    backends' quantize+pack): fp32 (..., C) -> packed uint8 codes of ``q``."""
+    return torch.ops.gdq_engine.quantize_pack(x.float(), *requant_args(q))
+
+
 def quantize_pack(x: torch.Tensor, q: ActQuant, backend: str = "auto") -> torch.Tensor:
     """fp32 (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``, in the container
     of ``q.bits`` (docs/numerics.md: clamp(floor(x / s + 0.5), lo, hi))."""
     if _use_compiled(x, "quantize_pack", backend):
-        return torch.ops.gdq_engine.quantize_pack(x.float(), *requant_args(q))
+        return compiled_quantize_pack(x, q)
     return reference.quantize_pack(x, q)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.quantizer import ActQuant, container_bits, requant_args
-from . import HAS_CPP
+from . import HAS_CPP, compiled_quantize_pack
 from .reference import check_weight_codes
 
 
@@ -61,6 +61,4 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni)
 
 
-def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
-    """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (container of ``q.bits``)."""
-    return torch.ops.gdq_engine.quantize_pack(x.float(), *requant_args(q))
+quantize_pack = compiled_quantize_pack  # fp32 NHWC (..., C) -> packed uint8 codes of an ActQuant

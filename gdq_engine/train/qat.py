@@ -307,8 +307,8 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     controller = net.gbc if net.gbc is not None else net.selectors
     if controller is not None:
         groups.append({"params": list(controller.parameters()), "lr": cfg.gbc_lr, "base": cfg.gbc_lr})
-    # The AT teacher is the FP model itself, also when the student starts from --init's weights.
-    teacher = copy.deepcopy(fp).float().to(device).eval().requires_grad_(False) if cfg.at_weight else None
+    # The AT teacher is the loaded FP model itself (quantize() copied it), also under --init.
+    teacher = fp.float().to(device).eval().requires_grad_(False) if cfg.at_weight else None
     opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = 0, {"train": [], "val": []}
