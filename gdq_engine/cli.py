@@ -197,12 +197,17 @@ def _bits_list(text: str | None, what: str = "bit-widths") -> tuple[int, ...] | 
         raise ValueError(f"bad {what} {text!r}; write e.g. 2,4,8") from exc
 
 
+def _default(value, default):
+    """``value`` unless it was not given (0 is a value: ``--iters 0``)."""
+    return default if value is None else value
+
+
 def cmd_train(args) -> int:
     command = _command(args)
     if args.method == "fp":
         from .train.fp import FPTrainConfig, train_fp
 
-        cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=args.iters or 10000,
+        cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=_default(args.iters, 10000),
                             batch=args.batch or 16, lr_patch=args.patch, lr=args.lr or 2e-4, warmup=args.warmup,
                             seed=args.seed, val_every=args.val_every or 1000, init=args.init, bf16=args.bf16)
         out = train_fp(cfg, args.out, device=args.device, command=command)
@@ -212,12 +217,13 @@ def cmd_train(args) -> int:
         bits = _bits_list(args.bits) or {"granular": (2, 4, 8), "cadyq": (4, 6, 8)}.get(args.method, (8,))
         cfg = QATConfig(model=args.model, method=args.method, bits=bits, e2b_bits=_bits_list(args.e2b_bits),
                         w_bits=args.w_bits, calib=args.calib, calib_patch=args.calib_patch, data=tuple(args.data),
-                        val=args.val, iters=args.iters or 1000, batch=args.batch or 8, lr_patch=args.patch,
+                        val=args.val, iters=_default(args.iters, 1000), batch=args.batch or 8, lr_patch=args.patch,
                         lr=args.lr or 1e-5, step_lr=args.step_lr, gbc_lr=args.gbc_lr, bit_weight=args.bit_weight,
                         fab_target=args.fab_target, fab_exact=args.fab_exact, bit_ramp=args.bit_ramp,
                         at_weight=args.at_weight,
                         atc_iters=args.atc_iters, seed=args.seed, val_every=args.val_every or 250,
-                        depths=_bits_list(args.depths, "depths") or (), init=args.init)
+                        depths=_bits_list(args.depths, "depths") or (), init=args.init, gbc_fit=args.gbc_fit,
+                        gbc_fit_patch=args.gbc_fit_patch)
         out = train_qat(cfg, args.out, device=args.device, command=command)
     print(f"wrote {out}")
     return 0
@@ -362,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-weight", type=float, default=0.0,
                    help="attention-transfer distillation from the starting FP model (CADyQ; 0: off)")
     p.add_argument("--atc-iters", type=int, default=0, help="granular: iterations of ATC threshold adaptation")
+    p.add_argument("--gbc-fit", type=int, default=0,
+                   help="granular: after QAT, refit GBC on the measured per-width PSNR of this many training crops "
+                        "to meet --fab-target (with --init q.pt --iters 0: refit a trained model's GBC only)")
+    p.add_argument("--gbc-fit-patch", type=int, default=96, help="LR side of the --gbc-fit crops (inference patch)")
     p.add_argument("--depths", default=None,
                    help="QAT: depth versions trained together (QuantSR's DQA), e.g. 16,12,8: each step runs the "
                         "first D blocks for a random D of them, with trained per-block residual weights; pick one "

@@ -226,6 +226,9 @@ class QuantizedSR(nn.Module):
         self._bodies = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self) -> dict:  # copies (Engine deep-copies its model) rebuild the cache, never copy it
+        return {**super().__getstate__(), "_bodies": {}}
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._bodies = {}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

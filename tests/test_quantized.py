@@ -79,6 +79,21 @@ def test_engine_on_quantized_model_rules(small_edsr):
     assert q.policy.bits == (4,)  # the caller's quantized model is not changed by the engine
 
 
+def test_a_quantized_model_that_has_run_can_be_copied_and_given_to_an_engine(small_edsr):
+    """The model caches its prepared integer body on first use; copies (Engine deep-copies its
+    model) drop that cache and rebuild it, with the same outputs."""
+    import copy
+
+    q = quantize(small_edsr, "static", bits=4, calib=calib_patches())
+    x = random_image(12, 12, n=1, seed=4)
+    y = q(x)
+    assert q._bodies  # cached
+    twin = copy.deepcopy(q)
+    assert not twin._bodies and torch.equal(twin(x), y)
+    hr = Engine(q, device="cpu", patch_size=None).upscale(x)
+    assert torch.allclose(hr, y[0].clamp(0, 1), atol=1e-6)
+
+
 def test_bad_quantized_inputs(small_edsr, tmp_path):
     with pytest.raises(ValueError, match="calibration data"):
         quantize(small_edsr, "static")

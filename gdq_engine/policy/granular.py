@@ -38,6 +38,10 @@ class GBC(nn.Module):
         self.fc = nn.Linear(3 * channels, n_codes)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.descriptor(feat))
+
+    def descriptor(self, feat: torch.Tensor) -> torch.Tensor:
+        """(P, F, h, w) head features -> (P, 3F) input of the linear layer (normalised, pooled views)."""
         if feat.dim() != 4:
             raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
         h, w = feat.shape[-2:]
@@ -46,7 +50,7 @@ class GBC(nn.Module):
         views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
         coarse = views[2].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
-        return self.fc(torch.cat(pooled, 1).mean((2, 3)))
+        return torch.cat(pooled, 1).mean((2, 3))
 
 
 class GranularDQ(BitPolicy):

@@ -25,7 +25,9 @@ of the straight-through choice (CADyQ's bit penalty) for users who want the cont
 quality for bits; with ``fab_target`` only the batch FAB above the target is penalised, a budget
 rather than a price, so the patches whose L1 gains most from bits keep them (``fab_exact``: the
 budget is spent too, ``|FAB - target|``). ``init`` warm-starts from another quantized checkpoint of
-the same model (:func:`warm_start`). The result is a :class:`~gdq_engine.quantized.QuantizedSR`
+the same model (:func:`warm_start`). ``gbc_fit``: after the iterations, GBC is refitted on how each
+width really changes the PSNR of ``gbc_fit`` training crops, to meet ``fab_target``
+(:mod:`gdq_engine.train.controller`). The result is a :class:`~gdq_engine.quantized.QuantizedSR`
 checkpoint.
 """
 
@@ -78,6 +80,8 @@ class QATConfig:
     depths: tuple[int, ...] = ()  # DQA depth versions (block counts) trained together; () = full depth only
     atc_iters: int = 0
     init: str | None = None  # warm start: a quantized checkpoint of the same model (weights + shared widths' steps)
+    gbc_fit: int = 0  # granular: after QAT, refit GBC on the measured per-width PSNR of this many crops (0: off)
+    gbc_fit_patch: int = 96  # LR side of those crops (the inference patch)
     gbc_init_top: float = 2.0  # logit bias for the controller's top code at the start (GBC: E2B's allocation)
     seed: int = 0
     val_every: int = 250
@@ -247,6 +251,18 @@ def warm_start(qmodel, init: str | Path) -> list[int]:
     return shared
 
 
+def _fit_controller(cfg: QATConfig, qmodel, device, progress: bool, log) -> dict:
+    """The ``gbc_fit`` stage: seeded 96x96 (``gbc_fit_patch``) training crops, GBC refitted in place."""
+    from .controller import fit_granular_controller
+
+    crops = PairedPatches(list(cfg.data), qmodel.scale, cfg.gbc_fit_patch, progress=progress)
+    lr, hr = crops.sample(cfg.gbc_fit, torch.Generator().manual_seed(cfg.seed + 1))
+    record = fit_granular_controller(qmodel.to(device), lr, hr, cfg.fab_target, seed=cfg.seed, progress=progress)
+    log(f"GBC fit on {cfg.gbc_fit} crops: price {record['price_db_per_bit']:.4f} dB/bit, crop FAB {record['fab']:.2f}, "
+        f"crop PSNR {record['psnr']:.3f} dB (lowest code {record['lowest_code']['psnr']:.3f})")
+    return record
+
+
 def _lr_factor(cfg: QATConfig, step: int) -> float:
     """Cosine decay to 1% over the run (no warm-up: training starts from trained weights)."""
     progress = min(step / max(cfg.iters, 1), 1.0)
@@ -254,20 +270,22 @@ def _lr_factor(cfg: QATConfig, step: int) -> float:
 
 
 def validate(qmodel, folder: str, progress: bool = False) -> dict:
-    """Set-level PSNR / SSIM / FAB of a quantized model through the Engine (96-pixel patches)."""
+    """Set-level PSNR / SSIM (means over images) and FAB (mean over every patch of the set, as in
+    ``eval``'s table; logs before 2026-11-25 hold the mean of per-image FABs) of a quantized model
+    through the Engine (96-pixel patches)."""
     from ..engine import Engine
     from ..evaluate import evaluate_folder
 
     engine = Engine(qmodel, device=qmodel.act_scales.device)
-    fabs: list[float] = []
+    bits: list[float] = []
 
     def upscale(x):
         hr, report = engine.upscale(x, return_report=True)
-        fabs.append(report.fab)
+        bits.extend(report.bits)
         return hr
 
     res = evaluate_folder(upscale, folder, qmodel.scale, progress=progress)
-    return {"psnr": res.mean_psnr, "ssim": res.mean_ssim, "fab": sum(fabs) / len(fabs)}
+    return {"psnr": res.mean_psnr, "ssim": res.mean_ssim, "fab": sum(bits) / len(bits)}
 
 
 def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progress: bool = True, log=print,
@@ -290,6 +308,10 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     torch.manual_seed(cfg.seed)
     if cfg.method not in QAT_METHODS:
         raise ValueError(f"unknown QAT method {cfg.method!r}; choose from {QAT_METHODS}")
+    if cfg.gbc_fit < 0:
+        raise ValueError(f"gbc_fit is a number of crops (0: off), got {cfg.gbc_fit}")
+    if cfg.gbc_fit and (cfg.method != "granular" or cfg.fab_target is None):
+        raise ValueError("gbc_fit refits Granular-DQ's GBC to a bit budget: it needs method 'granular' and fab_target")
     fp = load_model(cfg.model)
     policy = _policy(cfg, fp.head.out_channels, len(fp.body))
     calib = cfg.calib
@@ -392,6 +414,12 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     bar.close()
     net.eval()
     final = net.export()
+    if cfg.gbc_fit:
+        history["gbc_fit"] = _fit_controller(cfg, final, device, progress, log)
+        if cfg.val:
+            res = validate(final, cfg.val)
+            history["val"].append({"step": step, "after": "gbc_fit", **res})
+            log(f"after the GBC fit: val PSNR {res['psnr']:.3f} dB, FAB {res['fab']:.2f}")
     meta = {"train_config": asdict(cfg), "history": history, "steps": step, "device": str(device),
             "command": command or "", "source_model": cfg.model}
     save_quantized(final.cpu(), out, meta=meta)
