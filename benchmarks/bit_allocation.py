@@ -18,6 +18,7 @@ from pathlib import Path
 from common import write_results
 
 from gdq_engine import Engine
+from gdq_engine.evaluate import hr_folder
 from gdq_engine.io import load_image
 from gdq_engine.train.data import list_images, make_lr
 
@@ -25,10 +26,9 @@ from gdq_engine.train.data import list_images, make_lr
 def allocation(engine: Engine, folder: str) -> dict:
     """Bit histogram of every patch of the images in ``folder`` (``HR/`` inside it if present):
     {"patches": {bits: count}} and, for layer-wise policies, {"layers": {layer: {bits: count}}}."""
-    root = Path(folder) / "HR" if (Path(folder) / "HR").is_dir() else Path(folder)
     patches: Counter = Counter()
     layers: defaultdict[int, Counter] = defaultdict(Counter)
-    for path in list_images(root):
+    for path in list_images(hr_folder(folder)):
         lr, _ = make_lr(load_image(path), engine.scale)
         _, report = engine.upscale(lr, return_report=True)
         patches.update(round(float(b), 2) for b in report.bits)

@@ -18,7 +18,6 @@ import torch
 from common import write_results
 
 from gdq_engine import load_quantized
-from gdq_engine.policy.granular import GBC
 from gdq_engine.train.controller import allocation, fit_gbc_to_budget, gbc_descriptors, option_table, width_psnr
 from gdq_engine.train.data import PairedPatches
 
@@ -41,11 +40,7 @@ def main() -> None:
     crops = PairedPatches(args.data, q.scale, args.patch)
     lr, hr = crops.sample(args.crops + args.heldout, torch.Generator().manual_seed(args.seed))
     psnr = width_psnr(q, lr, hr)
-    gbc = GBC(q.policy.gbc.fc.in_features // 3, 3)
-    with torch.no_grad():
-        feats = torch.cat([q.fp.head(q.fp.normalize(lr[i:i + 64])) for i in range(0, lr.shape[0], 64)])
-    desc = gbc_descriptors(gbc, feats)
-    del feats
+    desc = gbc_descriptors(q, lr)
     bits, option_psnr = option_table(q.policy, lr, psnr, q.act_bits.tolist())
     held = slice(args.crops, None)
     lowest = float(option_psnr[held, 0].mean())

@@ -22,22 +22,18 @@ import torch
 from common import write_results
 
 from gdq_engine import Engine, load_quantized
+from gdq_engine.evaluate import hr_folder
 from gdq_engine.io import load_image
-from gdq_engine.metrics import _Y_WEIGHTS
+from gdq_engine.metrics import rgb_to_y
 from gdq_engine.policy import Static
 from gdq_engine.train.data import list_images, make_lr
-
-
-def y_channel(img: torch.Tensor) -> torch.Tensor:
-    """(3,H,W) RGB in [0,1] -> (H,W) BT.601 Y on the 16..235 scale (the metrics' Y)."""
-    return (img * torch.tensor(_Y_WEIGHTS).view(3, 1, 1)).sum(0) + 16.0
 
 
 def patch_errors(engine: Engine, lr: torch.Tensor, hr: torch.Tensor) -> list[float]:
     """Squared error on Y (8-bit SR, ``scale`` border cropped) in the output region of each patch."""
     s = engine.scale
     sr = (engine.upscale(lr).clamp(0, 1) * 255).round() / 255
-    err = (y_channel(sr) - y_channel(hr)) ** 2
+    err = (rgb_to_y(sr) - rgb_to_y(hr))[0, 0] ** 2  # float64, as psnr_y
     err[:s], err[-s:], err[:, :s], err[:, -s:] = 0, 0, 0, 0
     return [float(err[y0 * s:y1 * s, x0 * s:x1 * s].sum())
             for (y0, y1), (x0, x1) in ((t.keep_y, t.keep_x) for t in engine.grid(*lr.shape[-2:]).tiles)]
@@ -95,9 +91,8 @@ def main() -> None:
         forced[b] = Engine(q, device="cpu")
     results = {}
     for folder in args.data:
-        root = Path(folder) / "HR" if (Path(folder) / "HR").is_dir() else Path(folder)
         images = []
-        for path in list_images(root):
+        for path in list_images(hr_folder(folder)):
             lr, hr = make_lr(load_image(path), own.scale)
             _, report = own.upscale(lr, return_report=True)
             s = own.scale

@@ -36,15 +36,19 @@ class EvalResult:
         return sum(self.ssim.values()) / len(self.ssim)
 
 
+def hr_folder(folder: str | Path) -> Path:
+    """The folder of HR images: ``folder/HR`` when it exists (Set5's layout), else ``folder``."""
+    folder = Path(folder)
+    return folder / "HR" if (folder / "HR").is_dir() else folder
+
+
 def evaluate_folder(upscale: Callable[[torch.Tensor], torch.Tensor], folder: str | Path, scale: int,
                     name: str = "model", progress: bool = True, limit: int | None = None) -> EvalResult:
     """Evaluate ``upscale`` ((1,3,h,w) LR in [0,1] -> (1,3,h*s,w*s)) on the HR images in ``folder``.
 
     Folders that hold ``HR/`` (like Set5) use that sub-folder. Returns PSNR (dB) and SSIM per file.
     """
-    folder = Path(folder)
-    if (folder / "HR").is_dir():
-        folder = folder / "HR"
+    folder = hr_folder(folder)
     files = list_images(folder)[:limit]
     result = EvalResult(name=name, scale=scale)
     for path in tqdm(files, desc=f"eval {name} x{scale} on {folder.name}", disable=not progress, leave=False):

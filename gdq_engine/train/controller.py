@@ -2,7 +2,7 @@
 
 QAT trains GBC with a straight-through Gumbel estimator of how L1 changes with each patch's width.
 In a short run that signal is too weak to learn which patches gain from bits (docs/training.md,
-"Fitting GBC on measured quality"). This stage keeps the trained weights and activation steps fixed
+"Where the bits should go"). This stage keeps the trained weights and activation steps fixed
 and fits GBC on what each width really does to each patch:
 
 1. :func:`width_psnr`: the Y-PSNR (dB, the evaluation protocol's) of LR training crops at the
@@ -80,10 +80,15 @@ def option_table(policy: GranularDQ, lr: torch.Tensor, psnr: torch.Tensor,
     return bits.double(), psnr.gather(1, column)
 
 
-def gbc_descriptors(gbc: GBC, head_feat: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """(N, 3F) inputs of GBC's linear layer for (N,F,h,w) head features, in batches."""
+def gbc_descriptors(qmodel, lr: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """(N, 3F) float32 CPU inputs of GBC's linear layer for (N,3,h,w) LR crops in [0,1]: the FP
+    head's features through a fresh GBC's normalised, pooled views (GroupNorm affine = identity,
+    which a fitted linear layer absorbs), in batches (head features never held for all crops)."""
+    device = qmodel.act_scales.device
+    gbc = GBC(qmodel.fp.head.out_channels, 3).to(device)
     with torch.no_grad():
-        return torch.cat([gbc.descriptor(head_feat[i:i + batch]) for i in range(0, head_feat.shape[0], batch)])
+        return torch.cat([gbc.descriptor(qmodel.fp.head(qmodel.fp.normalize(lr[i:i + batch].to(device)))).cpu()
+                          for i in range(0, lr.shape[0], batch)])
 
 
 def fit_gbc(desc: torch.Tensor, bits: torch.Tensor, psnr: torch.Tensor, price: float, steps: int = 400,
@@ -171,19 +176,13 @@ def fit_granular_controller(qmodel, lr: torch.Tensor, hr: torch.Tensor, fab_targ
     policy = qmodel.policy
     if not isinstance(policy, GranularDQ):
         raise ValueError(f"GBC fitting needs a Granular-DQ model, got policy {policy.name!r}")
-    device = qmodel.act_scales.device
-    gbc = GBC(policy.gbc.fc.in_features // 3, 3).to(device)  # identity GroupNorm affine: the linear layer absorbs it
-    with torch.no_grad():
-        feats = torch.cat([qmodel.fp.head(qmodel.fp.normalize(lr[i:i + 64].to(device)))
-                           for i in range(0, lr.shape[0], 64)])
-    desc = gbc_descriptors(gbc, feats).cpu()
-    del feats
+    desc = gbc_descriptors(qmodel, lr)
     psnr = width_psnr(qmodel, lr, hr, progress=progress)
     bits, option_psnr = option_table(policy, lr, psnr, qmodel.act_bits.tolist())
     fc, record = fit_gbc_to_budget(desc, bits, option_psnr, fab_target, seed=seed, log=log)
-    with torch.no_grad():
-        gbc.fc.load_state_dict(fc.state_dict())
-    policy.gbc.load_state_dict(gbc.cpu().state_dict())
+    gbc = GBC(qmodel.fp.head.out_channels, 3)  # identity GroupNorm affine, as in the descriptors
+    gbc.fc.load_state_dict(fc.state_dict())
+    policy.gbc.load_state_dict(gbc.state_dict())
     policy.gbc.eval()
     policy.trained = True
     record["width_psnr"] = {str(b): float(psnr[:, k].mean()) for k, b in enumerate(qmodel.act_bits.tolist())}

@@ -251,13 +251,13 @@ def warm_start(qmodel, init: str | Path) -> list[int]:
     return shared
 
 
-def _fit_controller(cfg: QATConfig, qmodel, device, progress: bool, log) -> dict:
+def _fit_controller(cfg: QATConfig, qmodel, progress: bool, log) -> dict:
     """The ``gbc_fit`` stage: seeded 96x96 (``gbc_fit_patch``) training crops, GBC refitted in place."""
     from .controller import fit_granular_controller
 
     crops = PairedPatches(list(cfg.data), qmodel.scale, cfg.gbc_fit_patch, progress=progress)
     lr, hr = crops.sample(cfg.gbc_fit, torch.Generator().manual_seed(cfg.seed + 1))
-    record = fit_granular_controller(qmodel.to(device), lr, hr, cfg.fab_target, seed=cfg.seed, progress=progress)
+    record = fit_granular_controller(qmodel, lr, hr, cfg.fab_target, seed=cfg.seed, progress=progress)
     log(f"GBC fit on {cfg.gbc_fit} crops: price {record['price_db_per_bit']:.4f} dB/bit, crop FAB {record['fab']:.2f}, "
         f"crop PSNR {record['psnr']:.3f} dB (lowest code {record['lowest_code']['psnr']:.3f})")
     return record
@@ -415,7 +415,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     net.eval()
     final = net.export()
     if cfg.gbc_fit:
-        history["gbc_fit"] = _fit_controller(cfg, final, device, progress, log)
+        history["gbc_fit"] = _fit_controller(cfg, final, progress, log)
         if cfg.val:
             res = validate(final, cfg.val)
             history["val"].append({"step": step, "after": "gbc_fit", **res})
