@@ -72,3 +72,24 @@ def median_ms(fn, reps: int) -> float:
         fn()
         samples.append((time.perf_counter() - t) * 1e3)
     return statistics.median(samples)
+
+
+def measure_gpu_peaks(rep_ms: int = 200) -> dict:
+    """Measured int8 tensor-core peak (``torch._int_mm`` 8192^3, TOPS), fp16 matmul peak (TFLOP/s)
+    and HBM bandwidth (a 1 GiB device copy, GB/s read + write) of the current CUDA device: the
+    roofline the benchmarks compare against (medians of ``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    def bench(fn) -> float:
+        return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").t().contiguous().t()
+    t_mm = bench(lambda: torch._int_mm(a, b))
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t_cp = bench(lambda: y.copy_(x))
+    h = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
+    t_h = bench(lambda: h @ h)
+    return {"int8_tops": 2 * 8192**3 / t_mm / 1e9, "fp16_tflops": 2 * 8192**3 / t_h / 1e9,
+            "hbm_gbs": 2 * x.numel() / t_cp / 1e6}

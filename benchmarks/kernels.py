@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import measure_gpu_peaks, write_results  # noqa: E402
 
 
 def bench(fn, rep_ms: int = 200) -> float:
@@ -38,19 +38,6 @@ def rotating(make, nbytes: int, l2_bytes: int = 50 << 20):
     """Enough independent buffers that cycling through them defeats the L2 cache."""
     count = max(2, math.ceil(3 * l2_bytes / max(nbytes, 1)))
     return [make() for _ in range(min(count, 16))]
-
-
-def measure_peaks() -> dict:
-    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
-    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").t().contiguous().t()
-    t_mm = bench(lambda: torch._int_mm(a, b))
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t_cp = bench(lambda: y.copy_(x))
-    h = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
-    t_h = bench(lambda: h @ h)
-    return {"int8_tops": 2 * 8192**3 / t_mm / 1e9, "fp16_tflops": 2 * 8192**3 / t_h / 1e9,
-            "hbm_gbs": 2 * x.numel() / t_cp / 1e6}
 
 
 def patch_batch(scale: int, out_w: int, out_h: int) -> int:
@@ -82,7 +69,7 @@ def main(argv=None) -> int:
     out_w, out_h = map(int, args.output.lower().split("x"))
     n, hw, c = patch_batch(args.scale, out_w, out_h), 96, 64
     m = n * hw * hw
-    peaks = measure_peaks()
+    peaks = measure_gpu_peaks()
     g = torch.Generator(device="cuda").manual_seed(0)
 
     def floor_us(macs: int, nbytes: int) -> float:

@@ -1,44 +1,131 @@
-"""End-to-end upscaling latency: torch FP baselines vs the quantized engine, same frame, same run.
+"""End-to-end upscaling latency: torch FP baselines vs the quantized engine, same frames, same run.
 
-    python benchmarks/latency.py --gpu [--out DIR] [--scale 4] [--output 1920x1080] [--image PATH]
-    python benchmarks/latency.py          # CPU mode (small frame)
+    python benchmarks/latency.py --gpu [--out DIR] [--arch edsr-baseline] [--scale 4]
+                                 [--output 1280x720,1920x1080,3840x2160] [--frames 4] [--compile max-autotune]
+    python benchmarks/latency.py          # CPU mode (small frames)
 
-The LR frame is a crop of a real photo (``--image``, default the first image of
-../shared/data/train, tiled periodically if smaller). Every row upscales the same frame with the
-papers' 96/90 tiling through ``Engine.upscale``: FP rows (fp32, and fp16/bf16 channels_last with
-cudnn.benchmark on GPU) and quantized rows (static a8/a4/a2 and EntropyOnly {2,4,8} on the
-``auto`` backend: Triton on GPU, the C++ kernels on CPU; on GPU their FP layers run in fp16 and
-one row shows static a8 with fp32 FP layers; on CPU a bf16 channels_last row and a static a8 row
-on the pure-torch reference backend). Columns: median ms (do_bench on GPU, host
-timer medians on CPU), speed-up vs the fp16 (GPU) or fp32 (CPU) row, FAB, PSNR of the output vs
-the fp32 output. Writes latency-<device>-<date>.json; prints a table last.
+The LR frames are crops of real photos: ``--frames`` K distinct images of ../shared/data/train
+(``--image`` for one given file), each tiled by reflection if smaller, and the timed call rotates
+over them, so dynamic policies meet K different patch mixes. Every row upscales the same frames
+with the papers' 96/90 tiling through ``Engine.upscale``:
+
+* FP rows: fp32, and on GPU fp16/bf16 channels_last (cudnn.benchmark) and fp16 channels_last
+  under ``torch.compile`` (``--compile`` mode, default max-autotune on GPU, none on CPU); on CPU
+  bf16 channels_last (the AMX anchor).
+* Quantized rows (residual-block bodies only: EDSR, MSRResNet): static a8/a4/a2, EntropyOnly
+  {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
+  x4), on the ``auto`` backend (Triton on GPU, the C++ kernels on CPU); on GPU their FP layers run
+  in fp16 and one row shows static a8 with fp32 FP layers; on CPU one static a8 row runs on the
+  pure-torch reference backend.
+
+``--arch edsr-baseline`` uses the shipped weights; ``msrresnet`` and ``rdn`` are built untrained
+(their speed is what is measured; the PSNR column then only shows numerical agreement).
+
+Columns: median ms per frame (``triton.testing.do_bench`` on GPU, host-timer medians on CPU),
+speed-up vs the fp16 channels_last (GPU) or fp32 (CPU) row, % of the int8 roofline floor (GPU:
+max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR out bytes) / measured HBM
+bandwidth), peaks measured in the same run), ms per output megapixel (linear scaling shows as a
+constant), FAB (mean over the patches of all frames), PSNR of the output vs the fp32 output (mean
+over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, write_results  # noqa: E402
+from common import measure_gpu_peaks, median_ms, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("edsr-baseline", "msrresnet", "rdn")
 
 
-def lr_frame(path: Path | None, height: int, width: int) -> torch.Tensor:
-    """(1,3,height,width) crop of a real image in [0,1] (tiled by reflection if it is smaller)."""
+def lr_frames(paths: list[Path], height: int, width: int) -> list[torch.Tensor]:
+    """One (1,3,height,width) crop in [0,1] per image (tiled by reflection where it is smaller)."""
     from gdq_engine.io import load_image
+
+    frames = []
+    for path in paths:
+        img = load_image(path)
+        while img.shape[1] < height or img.shape[2] < width:
+            img = torch.cat([img, img.flip(1)], 1) if img.shape[1] < height else torch.cat([img, img.flip(2)], 2)
+        frames.append(img[:, :height, :width].unsqueeze(0).contiguous())
+    return frames
+
+
+def frame_paths(image: Path | None, count: int) -> list[Path]:
+    """``--image``, or the first ``count`` images of ../shared/data/train (cycled if fewer)."""
     from gdq_engine.train.data import list_images
 
-    if path is None:
-        path = list_images([ROOT.parent / "shared" / "data" / "train"])[0]
-    img = load_image(path)
-    while img.shape[1] < height or img.shape[2] < width:
-        img = torch.cat([img, img.flip(1)], 1) if img.shape[1] < height else torch.cat([img, img.flip(2)], 2)
-    return img[:, :height, :width].unsqueeze(0).contiguous()
+    if image is not None:
+        return [image]
+    found = list_images([ROOT.parent / "shared" / "data" / "train"])
+    return [found[i % len(found)] for i in range(count)]
+
+
+def build_fp_model(arch: str, scale: int):
+    """The FP model of a row set: shipped EDSR-baseline weights, or an untrained MSRResNet / RDN."""
+    from gdq_engine import load_model
+    from gdq_engine.models import RDN, MSRResNet
+
+    if arch == "edsr-baseline":
+        if scale not in (2, 4):
+            raise ValueError("shipped EDSR-baseline weights exist for x2 and x4")
+        return load_model(f"edsr-baseline-x{scale}")
+    torch.manual_seed(0)
+    return (MSRResNet if arch == "msrresnet" else RDN)(scale=scale).eval()
+
+
+def quantizable(model) -> bool:
+    """Whether the integer body supports this model (residual-block bodies)."""
+    return all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in model.body)
+
+
+def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> list[tuple[str, dict]]:
+    """(row name, Engine kwargs) of the compared methods; ``model`` / ``compile`` keys are the
+    row's own model (a quantized checkpoint) and torch.compile mode."""
+    half = torch.float16
+    fp = [("fp32", dict(policy="fp"))]
+    if gpu:
+        fp += [("fp16 CL", dict(policy="fp", dtype=half)), ("bf16 CL", dict(policy="fp", dtype=torch.bfloat16))]
+        if compile_mode != "none":
+            fp.append((f"fp16 CL compile({compile_mode})", dict(policy="fp", dtype=half, compile=compile_mode)))
+    else:  # the CPU anchor: bf16 channels_last (oneDNN; AMX where present)
+        fp.append(("bf16 CL", dict(policy="fp", dtype=torch.bfloat16)))
+        if compile_mode != "none":
+            fp.append((f"fp32 CL compile({compile_mode})", dict(policy="fp", compile=compile_mode)))
+    if not quantizable(model):
+        return fp
+    quant = [("static a8", dict(policy="static", bits=8)), ("static a4", dict(policy="static", bits=4)),
+             ("static a2", dict(policy="static", bits=2)), ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
+    if granular is not None:
+        quant.append(("granular {2,4,8}", dict(model=granular)))
+    if not gpu:
+        return fp + quant + [("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
+    # On GPU the quantized rows run their FP layers (head, upsampler, tail) in fp16 too.
+    return fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))] + [
+        (name, dict(kw, dtype=half)) for name, kw in quant]
+
+
+def make_engine(model, kw: dict, device: str, calib):
+    from gdq_engine import Engine
+
+    kw = dict(kw)
+    compile_mode = kw.pop("compile", None)
+    own = kw.pop("model", None)
+    if own is not None:  # a shipped quantized checkpoint brings its policy and calibration
+        engine = Engine(str(own), device=device, **kw)
+    else:
+        extra = dict(calib=calib) if kw["policy"] != "fp" else {}
+        engine = Engine(model, device=device, **kw, **extra)
+    if compile_mode is not None:
+        engine.model = torch.compile(engine.model, mode=None if compile_mode == "default" else compile_mode)
+    return engine
 
 
 def time_ms(fn, gpu: bool, reps: int) -> float:
@@ -54,18 +141,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
-def cases_for(gpu: bool) -> list[tuple[str, dict]]:
-    """(row name, Engine kwargs) of the compared methods."""
-    cases = [("fp32", dict(policy="fp")), ("static a8", dict(policy="static", bits=8)),
-             ("static a4", dict(policy="static", bits=4)), ("static a2", dict(policy="static", bits=2)),
-             ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
-    if not gpu:  # the CPU anchors: bf16 channels_last, and the exact reference backend
-        return cases[:1] + [("bf16 CL", dict(policy="fp", dtype=torch.bfloat16))] + cases[1:] + [
-            ("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
-    half = torch.float16  # quantized rows run their FP layers (head, upsampler, tail) in fp16 too
-    return [cases[0], ("fp16 CL", dict(policy="fp", dtype=half)), ("bf16 CL", dict(policy="fp", dtype=torch.bfloat16)),
-            ("static a8 (fp32 FP layers)", dict(policy="static", bits=8))] + [
-                (name, dict(kw, dtype=half)) for name, kw in cases[1:]]
+def frame_macs(model, engine, frame: torch.Tensor) -> int:
+    """Conv MACs of one frame as the engine tiles it (every patch, overlaps included)."""
+    from gdq_engine.runtime.cost import conv_macs
+
+    grid = engine.grid(*frame.shape[-2:])
+    return sum(conv_macs(model, *grid.window)) * len(grid)
+
+
+def floor_ms(macs: int, nbytes: int, peaks: dict) -> float:
+    """Roofline floor: max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth), ms."""
+    return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e3
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -97,63 +183,93 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="run on CUDA (else CPU mode)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--arch", default="edsr-baseline", choices=ARCHS)
     p.add_argument("--scale", type=int, default=4, choices=[2, 4])
     p.add_argument("--output", default=None,
                    help="HR frame sizes WxH, comma-separated (default 1920x1080 on GPU, 744x744 on CPU: four "
                         "96x96 LR patches at x4); e.g. 1280x720,1920x1080,3840x2160")
-    p.add_argument("--image", type=Path, default=None)
+    p.add_argument("--image", type=Path, default=None, help="one image to crop the frame from (default: --frames "
+                                                             "images of ../shared/data/train)")
+    p.add_argument("--frames", type=int, default=4, help="distinct frames the timed call rotates over")
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
+    p.add_argument("--calib-count", type=int, default=32, help="96x96 calibration crops")
     p.add_argument("--reps", type=int, default=3, help="CPU-mode repeats")
+    p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
+                   help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
     args = p.parse_args(argv)
 
-    from gdq_engine import Engine, load_model
+    from gdq_engine.quantized import shipped_quantized
     from gdq_engine.train.data import random_lr_patches
 
     if args.gpu and not torch.cuda.is_available():
         print("--gpu given but no CUDA device", file=sys.stderr)
         return 2
+    if args.frames < 1:
+        p.error("--frames must be >= 1")
     dev = "cuda" if args.gpu else "cpu"
+    compile_mode = args.compile or ("max-autotune" if args.gpu else "none")
     torch.backends.cudnn.benchmark = True
     sizes = [tuple(map(int, s.lower().split("x"))) for s in (args.output or (
         "1920x1080" if args.gpu else "744x744")).split(",")]
-    model = load_model(f"edsr-baseline-x{args.scale}")
-    calib = random_lr_patches([args.calib], args.scale, count=32, size=96)
+    model = build_fp_model(args.arch, args.scale)
+    model_name = f"{args.arch}-x{args.scale}"
+    granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
+    cases = cases_for(args.gpu, model, granular, compile_mode)
+    calib = random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96) if quantizable(model) else None
+    peaks = measure_gpu_peaks() if args.gpu else None
+    paths = frame_paths(args.image, args.frames)
     engines = {}
     rows = []
     base_name = "fp16 CL" if args.gpu else "fp32"
     for out_w, out_h in sizes:
-        lr = lr_frame(args.image, out_h // args.scale, out_w // args.scale).to(dev)
-        ref_out, size_rows = None, []
-        for name, kw in cases_for(args.gpu):
+        frames = [f.to(dev) for f in lr_frames(paths, out_h // args.scale, out_w // args.scale)]
+        ref_outs, size_rows = None, []
+        for name, kw in cases:
             if name not in engines:
-                extra = dict(calib=calib) if kw["policy"] != "fp" else {}
-                engines[name] = Engine(model, device=dev, **kw, **extra)
+                engines[name] = make_engine(model, kw, dev, calib)
             engine = engines[name]
             with torch.inference_mode():
-                out, report = engine.upscale(lr, return_report=True)
-                ms = time_ms(lambda engine=engine, lr=lr: engine.upscale(lr), args.gpu, args.reps)
-            ref_out = out if ref_out is None else ref_out
-            size_rows.append({"output": f"{out_w}x{out_h}", "method": name, "ms": ms, "fab": report.fab,
-                              "patches": report.patches, "backend": getattr(engine.int_body, "backend", "fp"),
-                              "psnr_vs_fp32": psnr(out, ref_out), "groups": report.groups})
+                results = [engine.upscale(f, return_report=True) for f in frames]
+                turn = itertools.cycle(frames)
+                ms = time_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn)), args.gpu, args.reps)
+            outs = [out for out, _ in results]
+            ref_outs = outs if ref_outs is None else ref_outs
+            bits = [b for _, report in results for b in report.bits]
+            macs = sum(frame_macs(model, engine, f) for f in frames) / len(frames)
+            row = {"output": f"{out_w}x{out_h}", "method": name, "ms": ms,
+                   "ms_per_mpix": ms / (out_w * out_h / 1e6),
+                   "fab": sum(bits) / len(bits) if bits else 32.0,
+                   "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
+                   "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
+                   "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
+            if peaks is not None:
+                nbytes = frames[0].numel() * 4 * (1 + args.scale**2)  # fp32 LR in, HR out
+                row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)
+                row["pct_of_floor"] = 100 * row["floor_ms"] / ms
+            size_rows.append(row)
             print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
         base = next(r["ms"] for r in size_rows if r["method"] == base_name)
         for r in size_rows:
             r[f"speedup_vs_{base_name.split()[0]}"] = base / r["ms"]
         rows += size_rows
-    payload = {"workload": {"model": f"edsr-baseline-x{args.scale}", "outputs": [f"{w}x{h}" for w, h in sizes],
-                            "tiling": "96/90"}, "rows": rows}
+    payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
+                            "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
+                            "frames": [str(p) for p in paths], "compile": compile_mode},
+               "peaks": peaks, "rows": rows}
     path = write_results("latency", payload, args.out)
     if args.plot:
         plot(rows, args.plot)
     key = f"speedup_vs_{base_name.split()[0]}"
-    print(f"EDSR-baseline x{args.scale}, device {dev}")
-    print(f"{'output':10} {'method':27} {'patches':>7} {'ms':>9} {'x ' + base_name:>10} {'FAB':>5} "
-          f"{'PSNR vs fp32':>12} backend")
+    print(f"{model_name} ({payload['workload']['weights']} weights), device {dev}, {len(paths)} frame(s)")
+    if peaks is not None:
+        print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, HBM {peaks['hbm_gbs']:.0f} GB/s")
+    print(f"{'output':10} {'method':32} {'patches':>7} {'ms':>9} {'x ' + base_name:>10} {'% floor':>7} "
+          f"{'ms/MPix':>8} {'FAB':>5} {'PSNR vs fp32':>12} backend")
     for r in rows:
-        print(f"{r['output']:10} {r['method']:27} {r['patches']:7d} {r['ms']:9.2f} {r[key]:10.2f} {r['fab']:5.1f} "
-              f"{r['psnr_vs_fp32']:12.2f} {r['backend']}")
+        floor = f"{r['pct_of_floor']:7.1f}" if "pct_of_floor" in r else f"{'-':>7}"
+        print(f"{r['output']:10} {r['method']:32} {r['patches']:7d} {r['ms']:9.2f} {r[key]:10.2f} {floor} "
+              f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
     print(f"wrote {path}")
     return 0
 

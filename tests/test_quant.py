@@ -205,6 +205,25 @@ def test_grouped_equals_per_patch_and_shuffled(small_edsr):
         assert torch.equal(run(feats[i:i + 1], int(bits[i]))[0], out[i])
 
 
+def test_graph_batch_buckets_pad_by_at_most_a_third():
+    from gdq_engine.runtime.intgraph import graph_batch
+
+    buckets = [graph_batch(n) for n in range(1, 257)]
+    assert sorted(set(buckets)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert all(n <= b and (b - n) * 3 <= b for n, b in zip(range(1, 257), buckets))
+    assert buckets == sorted(buckets)
+    with pytest.raises(ValueError, match="at least one patch"):
+        graph_batch(0)
+
+
+def test_zero_padding_patches_leave_the_real_patches_unchanged(small_edsr):
+    """What the CUDA-graph buckets rely on: a padded batch's first n outputs are the unpadded ones."""
+    body = IntegerBody(prepare_blocks(small_edsr), calibrate(small_edsr, random_image(16, 16, n=4, seed=1), (4,)))
+    feats = torch.randn(5, 16, 7, 9, generator=torch.Generator().manual_seed(3))
+    padded = torch.cat([feats, torch.zeros(1, 16, 7, 9)])
+    assert torch.equal(body(padded, 4)[:5], body(feats, 4))
+
+
 @pytest.mark.parametrize("fill", ["random", "extreme"])
 def test_int_conv_exact_full_width(fill):
     """64 channels (K = 576), 8-bit unsigned codes: the fp32 fast path must stay exact, borders too."""

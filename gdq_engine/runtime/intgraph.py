@@ -89,6 +89,16 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
+def graph_batch(n: int) -> int:
+    """The batch a CUDA graph is captured for when ``n`` patches run: ``n`` rounded up to the next
+    of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and 1.5x them), so at most a third of a
+    replay is padding and batch sizes up to 2^k share 2k graphs per bit-width."""
+    if n < 1:
+        raise ValueError(f"need at least one patch, got {n}")
+    power = 1 << (n - 1).bit_length()  # the next power of two >= n
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
+
+
 def _backend_module(backend: str):
     if backend == "reference":
         return reference
@@ -124,7 +134,7 @@ class IntegerBody:
             where available) or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     """
 
-    MAX_GRAPHS = 8  # captured (bits, shape) variants kept; least recently used dropped first
+    MAX_GRAPHS = 32  # captured (bits, batch bucket, shape) variants kept; least recently used dropped first
 
     def __init__(self, blocks: list[QuantBlock], act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
                  backend: str = "reference", cuda_graphs: bool = False):
@@ -141,6 +151,7 @@ class IntegerBody:
         self._weights: dict[tuple[int, int], list[tuple]] = {}
         self.cuda_graphs = cuda_graphs
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self._pool = None  # CUDA graph memory pool shared by the captures
         self._calls: Counter[tuple] = Counter()
 
     @property
@@ -159,37 +170,46 @@ class IntegerBody:
     def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
         """(N,F,H,W) block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``.
 
-        With ``cuda_graphs`` on a CUDA tensor, the second call of a (bits, shape) captures the
-        whole body as one CUDA graph (the first ran eagerly, which also autotunes the kernels);
-        later calls replay it. Results are identical to eager runs.
+        With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
+        bucket, patch shape): N is padded up to :func:`graph_batch` (N), so the varying group sizes
+        of a dynamic policy share a few graphs. The second call of a key captures the graph (the
+        first ran eagerly, which also autotunes the kernels); later calls replay it. Patches are
+        independent (static scales, per-pixel convs), so padding never changes a result: outputs
+        are identical to eager runs.
         """
         if bits not in self.act_quants:
             raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
         if self.cuda_graphs and feat.is_cuda:
-            key = (bits, tuple(feat.shape), feat.dtype, feat.device)
+            n = feat.shape[0]
+            key = (bits, (graph_batch(n),) + tuple(feat.shape[1:]), feat.dtype, feat.device)
             entry = self._graphs.get(key)
             if entry is None:
                 self._calls[key] += 1
                 if self._calls[key] >= 2:
-                    entry = self._capture(key, feat, bits)
+                    entry = self._capture(key, bits)
             if entry is not None:
                 self._graphs.move_to_end(key)
                 graph, static_in, static_out = entry
-                static_in.copy_(feat)
+                static_in[:n].copy_(feat)
                 graph.replay()
-                return static_out.clone()
+                return static_out[:n].clone()
         return self._run(feat, bits)
 
-    def _capture(self, key: tuple, feat: torch.Tensor, bits: int):
-        static_in = feat.clone()
-        side = torch.cuda.Stream(feat.device)
-        side.wait_stream(torch.cuda.current_stream(feat.device))
+    def _capture(self, key: tuple, bits: int):
+        _, shape, dtype, device = key
+        static_in = torch.zeros(shape, dtype=dtype, device=device)  # padding patches stay finite
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph expects
             self._run(static_in, bits)
-        torch.cuda.current_stream(feat.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # One memory pool for all graphs: they replay one at a time and each output is cloned
+            # right after its replay, so a graph may reuse another's intermediate buffers.
+            with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self._run(static_in, bits)
         except RuntimeError as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
             warnings.warn(f"CUDA graph capture failed, running the integer body eagerly: {exc}", stacklevel=3)

@@ -1,0 +1,72 @@
+"""benchmarks/latency.py in CPU mode on tiny frames: every row runs, rotates over its frames, and its
+columns agree with what the engine computes (the timings themselves are not checked)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import latency  # noqa: E402
+
+TRAIN = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
+needs_data = pytest.mark.skipif(not TRAIN.is_dir(), reason="../shared/data/train is not present")
+
+
+def run(tmp_path, *args) -> dict:
+    assert latency.main(["--output", "96x96", "--frames", "2", "--reps", "1", "--calib-count", "4",
+                         "--out", str(tmp_path), *args]) == 0
+    (path,) = tmp_path.glob("latency-*.json")
+    return json.loads(path.read_text())
+
+
+@needs_data
+def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
+    result = run(tmp_path)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["fp32", "bf16 CL", "static a8", "static a4", "static a2", "entropy {2,4,8}",
+                          "granular {2,4,8}", "static a8 (reference)"]
+    assert len(result["workload"]["frames"]) == 2 and len({*result["workload"]["frames"]}) == 2
+    assert rows["fp32"]["speedup_vs_fp32"] == 1.0 and rows["fp32"]["fab"] == 32.0
+    assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
+    assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
+    # The backends are bit-identical, so the two a8 rows give the same image.
+    assert rows["static a8"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
+    assert rows["granular {2,4,8}"]["fab"] in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+    for r in rows.values():
+        assert len(r["groups"]) == 2  # one report per frame
+        assert r["ms"] > 0 and r["ms_per_mpix"] == pytest.approx(r["ms"] / (96 * 96 / 1e6))
+        assert "pct_of_floor" not in r  # GPU only: no measured int8 peak on CPU
+    # 96x96 output at x4: one 24x24 LR patch per frame; MACs from the model's convs.
+    from gdq_engine import load_model
+    from gdq_engine.runtime.cost import conv_macs
+
+    assert rows["fp32"]["gmacs"] == pytest.approx(sum(conv_macs(load_model("edsr-baseline-x4"), 24, 24)) / 1e9)
+
+
+@needs_data
+def test_an_architecture_without_an_integer_body_gets_fp_rows_only(tmp_path):
+    result = run(tmp_path, "--arch", "rdn", "--scale", "2")
+    assert [r["method"] for r in result["rows"]] == ["fp32", "bf16 CL"]
+    assert result["workload"] == {**result["workload"], "model": "rdn-x2", "weights": "untrained"}
+
+
+def test_floor_is_the_slower_of_compute_and_memory():
+    peaks = {"int8_tops": 1000.0, "hbm_gbs": 2000.0}
+    assert latency.floor_ms(10**12, 10**6, peaks) == pytest.approx(2.0)  # 2e12 ops / 1e15 op/s
+    assert latency.floor_ms(10, 4 * 10**9, peaks) == pytest.approx(2.0)  # 4e9 B / 2e12 B/s
+
+
+def test_frames_are_distinct_crops_tiled_by_reflection(tmp_path):
+    from gdq_engine.io import save_image
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        save_image(torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(i)), paths[-1])
+    frames = latency.lr_frames(paths, 25, 30)
+    assert [tuple(f.shape) for f in frames] == [(1, 3, 25, 30)] * 2
+    assert not torch.equal(frames[0], frames[1])
+    assert torch.equal(frames[0][..., 10:20, :12], frames[0][..., :10, :12].flip(2))
