@@ -21,7 +21,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=90, help="patch stride (papers: 90)")
     p.add_argument("--margin", type=int, default=0, help="extra LR context per patch, removes seams")
     p.add_argument("--whole-image", action="store_true", help="run the network on the whole image")
-    p.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="patches per forward pass (default: as many as half the free GPU memory holds; 16 on CPU)")
     p.add_argument("--calib", default=None,
                    help="folder of images (or a .calib.pt table) for calibrating quantized policies; default: "
                         "the table shipped with the shipped models")

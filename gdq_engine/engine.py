@@ -77,14 +77,19 @@ class Engine:
             built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
             reference).
             All give bit-identical results.
-        cuda_graphs: replay the Triton / CUDA integer body as one CUDA graph per (bit-width, batch shape)
-            (captured on its second use; removes per-kernel launch overhead). CUDA only.
+        cuda_graphs: replay the Triton / CUDA integer body as one CUDA graph per (bit-width, batch
+            bucket, patch shape): group sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ... patches
+            so a dynamic policy's varying groups share a few graphs (captured on a bucket's second
+            use; removes per-kernel launch overhead; results unchanged). CUDA only.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
         stride: patch stride (papers: 90).
         margin: extra LR context per patch, cropped after the network (0 = papers' protocol; a
             margin >= ``model.receptive_radius`` makes tiled output equal whole-image output).
-        batch_size: patches per forward pass (halved automatically on CUDA out-of-memory).
+        batch_size: patches per forward pass; ``None`` (default) chooses: on CUDA as many patches as
+            half the free device memory holds (:func:`auto_batch_size`: every patch of a 1080p
+            frame in one pass on an 80 GB GPU), on CPU 16. Halved automatically on CUDA
+            out-of-memory.
         dtype: compute dtype of the FP network (float32 default; float16/bfloat16 on GPU, with an
             automatic float32 re-run if the half-precision result is not finite). With quantized
             policies it is the dtype of the FP layers around the integer body (head, body-end
@@ -95,7 +100,7 @@ class Engine:
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
-                 patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int = 16,
+                 patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
@@ -104,7 +109,7 @@ class Engine:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         if patch_size is not None and (int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size)):
             raise ValueError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size}, {stride}")
-        if margin < 0 or batch_size < 1:
+        if margin < 0 or (batch_size is not None and batch_size < 1):
             raise ValueError(f"need margin >= 0 and batch_size >= 1, got margin={margin}, batch_size={batch_size}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -151,7 +156,13 @@ class Engine:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
         elif depth is not None:
             raise ValueError("depth selects a depth version of a quantized model; this engine runs FP")
-        self.model: SRModel = load_model(model).eval().to(self.device, dtype)
+        fp_model = load_model(model).eval()
+        # A non-finite half-precision FP result is recomputed with the fp32 weights (not the half
+        # weights cast back), kept here; the FP models are small (EDSR-baseline: 6 MB in fp32).
+        self._fp32_model = None
+        if self.policy is None and dtype != torch.float32:
+            self._fp32_model = copy.deepcopy(fp_model).float().to(self.device, memory_format=torch.channels_last)
+        self.model: SRModel = fp_model.to(self.device, dtype)
         self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN run NHWC convs faster
 
     @classmethod
@@ -206,9 +217,10 @@ class Engine:
             raise ValueError(f"expected 3 colour channels, got {c}{hint}")
         if n == 0 or h == 0 or w == 0:
             raise ValueError(f"empty image batch of shape {tuple(batch.shape)}")
-        if not torch.isfinite(batch).all():
+        # One device-to-host transfer for the three checks (a sync each on CUDA otherwise).
+        finite, lo, hi = torch.stack([torch.isfinite(batch).all().to(batch.dtype), batch.amin(), batch.amax()]).tolist()
+        if not finite:
             raise ValueError("input contains NaN or Inf values")
-        lo, hi = float(batch.min()), float(batch.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"float input must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
                              "(divide 0..255 data by 255, or pass a uint8 tensor)")
@@ -221,15 +233,48 @@ class Engine:
             return whole_image_grid(height, width)
         return make_grid(height, width, self.patch_size, self.stride, self.margin)
 
+    def batch_size_for(self, grid) -> int:
+        """Patches per forward pass for an image cut into ``grid``: ``batch_size`` when given, else
+        :func:`auto_batch_size` (CUDA) or 16 (CPU)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if self.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return auto_batch_size(self.model, grid.window, len(grid), free)
+
     def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
+        """Upscale one (3,H,W) image into ``canvas``; the one host sync is the finiteness check at
+        the end (a non-finite half-precision FP result is recomputed in fp32)."""
         grid = self.grid(*img.shape[-2:])
-        bs = self.batch_size
+        finite = self._run_tiles(img, canvas, grid, report)
+        if bool(finite):
+            return
+        if self.policy is not None:
+            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
+        if self.dtype == torch.float32:
+            raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
+        warnings.warn(f"{self.dtype} produced non-finite values; re-running this image in float32", stacklevel=3)
+        report.fallbacks.append("non-finite half-precision output: image re-run in float32")
+        half, self.model, self.dtype = (self.model, self.dtype), self._fp32_model, torch.float32
+        try:
+            if not bool(self._run_tiles(img, canvas, grid, report, count=False)):
+                raise FloatingPointError("the network produced NaN/Inf values in float32 too (check the checkpoint)")
+        finally:
+            self.model, self.dtype = half
+
+    def _run_tiles(self, img: torch.Tensor, canvas: torch.Tensor, grid, report: UpscaleReport,
+                   count: bool = True) -> torch.Tensor:
+        """Every patch of ``grid`` through the network in batches, stitched into ``canvas``;
+        returns a 0-dim bool tensor on the compute device: whether every output value is finite."""
+        bs = self.batch_size_for(grid)
         todo = list(range(len(grid)))
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
         while todo:
             idx = todo[:bs]
             try:
-                sr = self._forward(extract_windows(img, grid, idx), report)
+                sr = self._forward(extract_windows(img, grid, idx), report if count else None)
             except torch.cuda.OutOfMemoryError:
                 if bs == 1:
                     raise
@@ -237,37 +282,32 @@ class Engine:
                 torch.cuda.empty_cache()
                 report.fallbacks.append(f"out of memory: batch size lowered to {bs}")
                 continue
-            stitch_windows(canvas, sr, grid, idx, self.scale)
-            report.patches += len(idx)
-            report.batches += 1
+            finite &= torch.isfinite(sr).all()
+            stitch_windows(canvas, sr.to(canvas.device), grid, idx, self.scale)
+            if count:
+                report.patches += len(idx)
+                report.batches += 1
             todo = todo[len(idx):]
             bar.update(len(idx))
         bar.close()
+        return finite
 
-    def _forward(self, windows: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
+    def _forward(self, windows: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
+        """(P,3,h,w) LR windows -> (P,3,sh,sw) float32 SR windows on the compute device."""
         x = windows.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if self.policy is not None:
-            return self._forward_quantized(x, report).to(windows.device)
+            return self._forward_quantized(x, report)
         with torch.inference_mode():
-            y = self.model(x.to(self.dtype))
-            if self.dtype != torch.float32 and not torch.isfinite(y).all():
-                warnings.warn(f"{self.dtype} produced non-finite values; re-running this batch in float32",
-                              stacklevel=3)
-                report.fallbacks.append("non-finite half-precision output: batch re-run in float32")
-                y = self.model.float()(x.float())
-                self.model.to(self.dtype)
-        if not torch.isfinite(y).all():
-            raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
-        return y.float().to(windows.device)
+            return self.model(x.to(self.dtype)).float()
 
-    def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport) -> torch.Tensor:
+    def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
         from .runtime.cost import bitops, conv_macs
         from .runtime.scheduler import forward_quantized
 
         with torch.inference_mode():
             y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype)
-        if not torch.isfinite(y).all():
-            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
+        if report is None:
+            return y
         q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])
         q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
         per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
@@ -275,6 +315,22 @@ class Engine:
         report.groups.extend(groups)
         report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in per_patch))
         return y
+
+
+CPU_BATCH_SIZE = 16
+AUTO_BATCH_MAX = 256
+PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest activation's size live at once
+
+
+def auto_batch_size(model: SRModel, window: tuple[int, int], patches: int, free_bytes: int) -> int:
+    """Patches per forward pass that fit half of ``free_bytes`` of device memory: each patch of
+    ``window`` (LR height, width) is budgeted 16 bytes per element of the model's largest activation
+    (:func:`~gdq_engine.runtime.cost.largest_activation`; 151 MB for EDSR x4 on 96x96). At least 1,
+    at most ``patches`` and 256."""
+    from .runtime.cost import largest_activation
+
+    per_patch = PATCH_BYTES_PER_PEAK_ELEMENT * largest_activation(model, *window)
+    return max(1, min(patches, AUTO_BATCH_MAX, int(free_bytes // 2 // per_patch)))
 
 
 def _read_model_file(model):

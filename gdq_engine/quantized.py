@@ -257,7 +257,7 @@ class QuantizedSR(nn.Module):
         y, bits, _ = forward_quantized(self.fp, self.integer_body(), self.policy, x.float(), dtype)
         if not getattr(self.policy, "layerwise", False):
             bits = bits.to(torch.int64)
-        return (y, bits) if return_bits else y
+        return (y, bits.to(y.device)) if return_bits else y
 
 
 def check_depths(depths, n_blocks: int) -> tuple[int, ...]:

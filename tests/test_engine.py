@@ -116,6 +116,52 @@ def test_report(engine):
     assert report.patches == 2 * 9 and report.batches == 2 and report.seconds > 0 and report.device == "cpu"
 
 
+
+def _poison_in_half(model):
+    """Make ``model``'s tail output Inf whenever it runs in a half-precision dtype."""
+    forward = model.tail.forward
+    model.tail.forward = lambda x: forward(x) * (float("inf") if x.dtype != torch.float32 else 1.0)
+
+
+def test_non_finite_half_precision_output_is_recomputed_with_the_fp32_weights(tiny_edsr):
+    x = random_image(30, 26, n=1, seed=4)
+    fp32 = Engine(tiny_edsr, device="cpu", patch_size=16, stride=12).upscale(x)
+    half = Engine(tiny_edsr, device="cpu", patch_size=16, stride=12, batch_size=2, dtype=torch.bfloat16)
+    _poison_in_half(half.model)
+    with pytest.warns(UserWarning, match="re-running this image in float32"):
+        out, report = half.upscale(x, return_report=True)
+    assert torch.equal(out, fp32)  # the fp32 weights, not the bf16 ones cast back
+    assert report.fallbacks == ["non-finite half-precision output: image re-run in float32"]
+    assert report.patches == 6 and report.batches == 3  # the re-run is not counted twice
+    assert half.dtype == torch.bfloat16 and next(half.model.parameters()).dtype == torch.bfloat16
+
+
+def test_non_finite_output_of_fp32_and_quantized_runs_raises(tiny_edsr):
+    x = random_image(20, 20, n=1)
+    fp32 = Engine(tiny_edsr, device="cpu", patch_size=16, stride=12)
+    fp32.model.tail.forward = lambda t: t[:, :3] * float("nan")
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        fp32.upscale(x)
+    quant = Engine(tiny_edsr, device="cpu", policy="static", bits=8, calib=random_image(16, 16, n=2))
+    quant.model.tail.forward = lambda t: t[:, :3] * float("inf")
+    with pytest.raises(FloatingPointError, match="NaN/Inf values in torch.float32"):
+        quant.upscale(x)
+
+
+def test_default_batch_size_is_16_on_cpu_and_fits_free_memory_on_cuda(tiny_edsr):
+    from gdq_engine import load_model
+    from gdq_engine.engine import auto_batch_size
+
+    engine = Engine(tiny_edsr, device="cpu", patch_size=4, stride=4)
+    _, report = engine.upscale(random_image(20, 16, n=1), return_report=True)
+    assert engine.batch_size is None and report.patches == 20 and report.batches == 2  # 16 + 4
+    edsr = load_model("edsr-baseline-x4")
+    per_patch = 16 * 192 * 192 * 256  # fp32 x 4 tensors of the second upsampler conv's output
+    assert auto_batch_size(edsr, (96, 96), 18, 80 << 30) == 18  # a 1080p frame in one pass
+    assert auto_batch_size(edsr, (96, 96), 500, 80 << 30) == 256
+    assert auto_batch_size(edsr, (96, 96), 18, 6 * per_patch) == 3
+    assert auto_batch_size(edsr, (96, 96), 18, per_patch) == 1
+
 def test_upscale_file_keeps_alpha_and_writes_atomically(engine, tmp_path):
     rgba = np.dstack([(random_image(20, 22).permute(1, 2, 0).numpy() * 255).astype(np.uint8),
                       np.full((20, 22), 128, np.uint8)])

@@ -205,6 +205,13 @@ def test_grouped_equals_per_patch_and_shuffled(small_edsr):
         assert torch.equal(run(feats[i:i + 1], int(bits[i]))[0], out[i])
 
 
+def test_bit_groups_are_ascending_with_indices_in_patch_order():
+    from gdq_engine.runtime.scheduler import bit_groups
+
+    groups = [(b, idx.tolist()) for b, idx in bit_groups(torch.tensor([8, 2, 4, 2, 8, 2]), torch.device("cpu"))]
+    assert groups == [(2, [1, 3, 5]), (4, [2]), (8, [0, 4])]
+
+
 def test_graph_batch_buckets_pad_by_at_most_a_third():
     from gdq_engine.runtime.intgraph import graph_batch
 

@@ -1,4 +1,5 @@
-"""Analytic cost of a patch: MACs of quantized and FP convolutions, BitOPs (Granular-DQ's metric)."""
+"""Analytic cost of a patch: MACs of quantized and FP convolutions, BitOPs (Granular-DQ's metric),
+and the largest activation (what bounds the batch size)."""
 
 from __future__ import annotations
 
@@ -7,34 +8,50 @@ from torch import nn
 
 from ..models import SRModel
 
-_CACHE: dict[tuple, tuple[int, int]] = {}
+_CACHE: dict[tuple, dict[str, int]] = {}
 
 
-def conv_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
-    """(MACs in the quantized body convs, MACs in all other convs) for one height x width LR patch.
-
-    Cached by architecture, config and size (not by model object, so no model is kept alive)."""
+def _probe(model: SRModel, height: int, width: int) -> dict[str, int]:
+    """One forward of a zero patch, cached by architecture, config and size (not by model object,
+    so no model is kept alive): quantized-body MACs, other MACs, largest module output (elements)."""
     key = (model.arch, repr(sorted(model.config.items())), int(height), int(width))
     if key not in _CACHE:
         if len(_CACHE) >= 256:
             _CACHE.clear()
-        _CACHE[key] = _count_macs(model, height, width)
+        _CACHE[key] = _count(getattr(model, "_orig_mod", model), height, width)  # torch.compile'd: probe eagerly
     return _CACHE[key]
 
 
-def _count_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
+def conv_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
+    """(MACs in the quantized body convs, MACs in all other convs) for one height x width LR patch."""
+    probe = _probe(model, height, width)
+    return probe["q_macs"], probe["fp_macs"]
+
+
+def largest_activation(model: SRModel, height: int, width: int) -> int:
+    """Elements of the largest tensor a module of ``model`` outputs for one height x width LR patch
+    (for EDSR x4: the second upsampler conv's 256 channels at 2x the patch side)."""
+    return _probe(model, height, width)["peak"]
+
+
+def _count(model: SRModel, height: int, width: int) -> dict[str, int]:
     body_convs = {id(m) for m in model.body.modules() if isinstance(m, nn.Conv2d)}
-    totals = {"q": 0, "fp": 0}
+    totals = {"q_macs": 0, "fp_macs": 0, "peak": 0}
     hooks = []
 
-    def hook(mod, args, out):
+    def conv_hook(mod, args, out):
         macs = out.shape[-2] * out.shape[-1] * out.shape[1] * (mod.in_channels // mod.groups) * mod.kernel_size[0] * \
             mod.kernel_size[1]
-        totals["q" if id(mod) in body_convs else "fp"] += macs
+        totals["q_macs" if id(mod) in body_convs else "fp_macs"] += macs
+
+    def size_hook(mod, args, out):
+        if torch.is_tensor(out):
+            totals["peak"] = max(totals["peak"], out.numel())
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(hook))
+            hooks.append(m.register_forward_hook(conv_hook))
+        hooks.append(m.register_forward_hook(size_hook))
     try:
         p = next(model.parameters())
         with torch.no_grad():
@@ -42,7 +59,7 @@ def _count_macs(model: SRModel, height: int, width: int) -> tuple[int, int]:
     finally:
         for h in hooks:
             h.remove()
-    return totals["q"], totals["fp"]
+    return totals
 
 
 def bitops(q_macs: int, fp_macs: int, a_bits: int | None, w_bits: int = 8) -> int:

@@ -33,9 +33,21 @@ def run_grouped(bits: torch.Tensor, feats: torch.Tensor,
 
 def bit_groups(bits: torch.Tensor, device: torch.device):
     """(bit-width, indices on ``device`` of the patches that have it), for each distinct value of
-    ``bits`` (P,), ascending: the unit of one batched body launch."""
-    for b in sorted(set(bits.tolist())):
-        yield int(b), torch.nonzero(bits == b, as_tuple=True)[0].to(device)
+    ``bits`` (P,), ascending: the unit of one batched body launch.
+
+    One host read of ``bits`` (a CPU tensor costs no device sync); the indices are slices of one
+    stable argsort made where ``bits`` lives, so no per-group ``nonzero`` sync."""
+    values = bits.tolist()
+    order = torch.argsort(bits, stable=True)
+    if order.device.type == "cpu" and torch.device(device).type == "cuda":
+        order = order.pin_memory().to(device, non_blocking=True)  # a pageable copy would sync the stream
+    else:
+        order = order.to(device)
+    start = 0
+    for b in sorted(set(values)):
+        count = values.count(b)
+        yield int(b), order[start:start + count]
+        start += count
 
 
 def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -48,8 +60,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             a layer-wise one (``layerwise = True``, e.g. CADyQ: regrouped before every conv).
         x: (P,3,h,w) float32 patches in [0,1].
     Returns:
-        (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch, groups: body
-        launches as (bits, patches) for patch-wise or (layer, bits, patches) for layer-wise).
+        (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
+        patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
+        (layer, bits, patches) for layer-wise).
     """
     xn = model.normalize(x.to(dtype))
     feat = model.head(xn)
@@ -67,7 +80,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         out = model.forward_body(feat, run_blocks=blocks)
         bits, groups = seen["bits"], seen["groups"]
     else:
-        assigned = policy.assign(x, feat)
+        # Bits on the host once: grouping needs them there, and the report reads them without
+        # waiting for the body (a CPU tensor's .tolist() is no device sync).
+        assigned = policy.assign(x, feat).cpu()
         # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
         out, groups = run_grouped(
             assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
