@@ -14,9 +14,10 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   bf16 channels_last (the AMX anchor).
 * Quantized rows (residual-block bodies only: EDSR, MSRResNet): static a8/a4/a2, EntropyOnly
   {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
-  x4), on the ``auto`` backend (Triton on GPU, the C++ kernels on CPU); on GPU their FP layers run
-  in fp16 and one row shows static a8 with fp32 FP layers; on CPU one static a8 row runs on the
-  pure-torch reference backend.
+  x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
+  upsampler convs as int8 convs, gdq_engine/runtime/inttail.py); on the ``auto`` backend
+  (Triton on GPU, the C++ kernels on CPU); on GPU their FP layers run in fp16 and one row shows
+  static a8 with fp32 FP layers; on CPU one static a8 row runs on the pure-torch reference backend.
 
 ``--arch edsr-baseline`` uses the shipped weights; ``msrresnet`` and ``rdn`` are built untrained
 (their speed is what is measured; the PSNR column then only shows numerical agreement).
@@ -103,8 +104,10 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         return fp
     quant = [("static a8", dict(policy="static", bits=8)), ("static a4", dict(policy="static", bits=4)),
              ("static a2", dict(policy="static", bits=2)), ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
+    quant.append(("static a8 + int8 tail", dict(policy="static", bits=8, tail_bits=8)))
     if granular is not None:
-        quant.append(("granular {2,4,8}", dict(model=granular)))
+        quant += [("granular {2,4,8}", dict(model=granular)),
+                  ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
     if not gpu:
         return fp + quant + [("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
     # On GPU the quantized rows run their FP layers (head, upsampler, tail) in fp16 too.
@@ -118,8 +121,8 @@ def make_engine(model, kw: dict, device: str, calib):
     kw = dict(kw)
     compile_mode = kw.pop("compile", None)
     own = kw.pop("model", None)
-    if own is not None:  # a shipped quantized checkpoint brings its policy and calibration
-        engine = Engine(str(own), device=device, **kw)
+    if own is not None:  # a shipped quantized checkpoint brings its policy and calibration (the tail's: calib)
+        engine = Engine(str(own), device=device, **kw, **(dict(calib=calib) if "tail_bits" in kw else {}))
     else:
         extra = dict(calib=calib) if kw["policy"] != "fp" else {}
         engine = Engine(model, device=device, **kw, **extra)

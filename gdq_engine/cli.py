@@ -30,6 +30,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
     p.add_argument("--depth", type=int, default=None,
                    help="depth version of a quantized model trained with --depths (first D residual blocks)")
+    p.add_argument("--tail-bits", type=int, default=None,
+                   help="quantized policies: also run the body-end conv and upsampler convs as integer convs with "
+                        "activations at this width (8 recommended); scales from --calib or the shipped table")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
@@ -56,11 +59,12 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
 
     name, bits = parse_policy(policy)
     quantized = name not in (None, "fp")
-    calib = (args.calib if calib is None else calib) if quantized else None
+    tail_bits = None if name == "fp" else args.tail_bits  # the model's own policy (None) may be a quantized one
+    calib = (args.calib if calib is None else calib) if quantized or tail_bits is not None else None
     return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
-                  backend=args.backend, depth=None if name == "fp" else args.depth)
+                  backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:

@@ -97,12 +97,18 @@ class Engine:
         progress: show a progress bar over batches.
         depth: the depth version of a quantized model trained with depth versions (QuantSR's DQA,
             ``train --depths``): the first ``depth`` residual blocks run; ``None``: the model's own.
+        tail_bits: run the body-end conv and the upsampler convs as packed integer convs too
+            (:mod:`gdq_engine.runtime.inttail`: signed activations at this width, 8-bit weights,
+            one scale per conv for every patch); ``None``: as the model has it (FP unless it was
+            quantized with a tail). Scales come from ``calib`` (also with an already quantized
+            model) or the shipped calibration table.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
-                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None):
+                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
+                 tail_bits: int | None = None):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -124,7 +130,8 @@ class Engine:
             model = _read_model_file(model)
         qmodel = model if isinstance(model, QuantizedSR) else None
         if qmodel is not None:
-            if policy not in (None, "fp") or bits is not None or calib is not None:
+            tail_calib = tail_bits is not None and qmodel.tail_bits != tail_bits  # calib then fits the tail only
+            if policy not in (None, "fp") or bits is not None or (calib is not None and not tail_calib):
                 raise ValueError("the model is already quantized (its policy, bits and calibration are fixed); "
                                  "pass policy='fp' to run its FP weights, or quantize the FP model instead")
             if policy == "fp":  # run the quantized model's FP weights
@@ -141,17 +148,27 @@ class Engine:
         self.int_body = None
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
-                              calib_patch=patch_size or DEFAULT_CALIB_PATCH, device=self.device)
+                              calib_patch=patch_size or DEFAULT_CALIB_PATCH, device=self.device, tail_bits=tail_bits)
         elif qmodel is None and caller_module:
             model = copy.deepcopy(model)  # the engine changes device, dtype and layout: never the caller's module
+        self.tail_bits: int | None = None  # activation bits of the integer tail (None: FP tail)
         if qmodel is not None:
             if depth is not None:
                 qmodel.set_depth(depth)  # a copy (deepcopy above or quantize()): never the caller's model
+            if tail_bits is not None and qmodel.tail_bits != tail_bits:
+                if calib is None:
+                    raise ValueError(f"this quantized model has no {tail_bits}-bit integer tail; pass calib=<folder or "
+                                     "LR patches> to fit one")
+                qmodel.quantize_tail(calib, tail_bits)
             self.policy, self.w_bits, self.depth = qmodel.policy, qmodel.w_bits, qmodel.depth
+            self.tail_bits = qmodel.tail_bits
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs)
-            model = qmodel.fp  # the integer body is prepared (from fp32 weights); FP layers may change dtype
+            # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
+            model = qmodel.runtime_model(body_backend)
+        elif tail_bits is not None:
+            raise ValueError("tail_bits only apply to quantized policies")
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
         elif depth is not None:
@@ -301,7 +318,7 @@ class Engine:
             return self.model(x.to(self.dtype)).float()
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
-        from .runtime.cost import bitops, conv_macs
+        from .runtime.cost import bitops, conv_macs, integer_tail_macs
         from .runtime.scheduler import forward_quantized
 
         with torch.inference_mode():
@@ -313,7 +330,8 @@ class Engine:
         per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
         report.bits.extend(per_patch)
         report.groups.extend(groups)
-        report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits) for b in per_patch))
+        tail_macs = integer_tail_macs(self.model, x.shape[-2], x.shape[-1])
+        report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits, tail_macs, self.tail_bits) for b in per_patch))
         return y
 
 

@@ -97,11 +97,24 @@ def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.Pa
     table = {"format": CALIBRATION_FORMAT, "version": 1, "arch": fp_model.arch, "config": dict(fp_model.config),
              "act_scales": {int(b): [[q_in.scale, q_mid.scale] for q_in, q_mid in pairs]
                             for b, pairs in quants.items()},
+             "tail_scales": _tail_scales_all_widths(fp_model, patches),
              "entropy": {"patch": list(patches.shape[-2:]), "quantiles": list(quantiles),
                          "thresholds": list(entropy_quantiles(patches, quantiles))},
              "meta": dict(meta or {})}
     atomic_torch_save(table, path)
     return table
+
+
+def _tail_scales_all_widths(fp_model, patches: torch.Tensor) -> dict[int, list[float]]:
+    """{code width: DOBI scale per integer-tail conv} (empty when the model has no such conv)."""
+    from .quant.calibrate import dobi_scale
+    from .quant.quantizer import CODE_WIDTHS
+    from .runtime.inttail import collect_tail_inputs, tail_conv_names
+
+    if not tail_conv_names(fp_model):
+        return {}
+    inputs = collect_tail_inputs(fp_model, lambda: fp_model(patches))
+    return {int(b): [dobi_scale(x, b, True) for x in inputs] for b in CODE_WIDTHS}
 
 
 def load_calibration_table(path: str | os.PathLike) -> dict:
@@ -166,10 +179,15 @@ class QuantizedSR(nn.Module):
     ``depths``: the depth versions the model was trained for (QuantSR's DQA: the first ``d``
     residual blocks, weights shared; default: only the full depth). :meth:`set_depth` picks the one
     that runs (default: the deepest); the FP layers around the body are the same for every depth.
+
+    ``tail_quants``: quantizers of the integer tail (:mod:`gdq_engine.runtime.inttail`: body-end
+    conv and upsampler convs as packed integer convs at ``tail_bits``); ``None``: the tail runs FP.
+    Add one later with :meth:`quantize_tail`.
     """
 
     def __init__(self, fp_model: nn.Module, policy: BitPolicy, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
-                 w_bits: int = 8, backend: str = "auto", depths: tuple[int, ...] | None = None):
+                 w_bits: int = 8, backend: str = "auto", depths: tuple[int, ...] | None = None,
+                 tail_quants: list[ActQuant] | None = None):
         super().__init__()
         self.fp = fp_model
         self.policy, self.w_bits, self.backend = policy, int(w_bits), backend
@@ -183,6 +201,11 @@ class QuantizedSR(nn.Module):
         self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64))
         self.register_buffer("act_scales", torch.tensor(scales, dtype=torch.float32))
         self._bodies: dict = {}
+        self._runtime: dict = {}
+        self.tail_bits: int | None = None
+        self.register_buffer("tail_scales", None)
+        if tail_quants:
+            self._set_tail(tail_quants)
 
     @property
     def scale(self) -> int:
@@ -197,7 +220,8 @@ class QuantizedSR(nn.Module):
         if depth not in self.depths:
             raise ValueError(f"this model was trained for depths {list(self.depths)}, not {depth!r}; "
                              "train depth versions with `python -m gdq_engine train --depths ...`")
-        self.depth, self._bodies = int(depth), {}
+        self.depth = int(depth)
+        self._drop_caches()
         return self
 
     def set_res_scales(self, res_scales) -> None:
@@ -206,7 +230,7 @@ class QuantizedSR(nn.Module):
             raise ValueError(f"{len(res_scales)} residual scales for {len(self.fp.body)} blocks")
         for block, beta in zip(self.fp.body, res_scales):
             block.res_scale = float(beta)
-        self._bodies = {}
+        self._drop_caches()
 
     def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
         """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
@@ -222,20 +246,71 @@ class QuantizedSR(nn.Module):
             self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs)}
         return self._bodies[key]
 
+    def runtime_model(self, backend: str | None = None) -> nn.Module:
+        """The model whose head, body-end conv, upsampler and tail run around the integer body:
+        :attr:`fp` itself, or with an integer tail a copy of it whose tail convs are
+        :class:`~gdq_engine.runtime.inttail.IntegerConv` s on ``backend`` (cached like
+        :meth:`integer_body`)."""
+        if self.tail_scales is None:
+            return self.fp
+        from .runtime.intgraph import _backend_module
+        from .runtime.inttail import with_integer_tail
+
+        device = self.act_scales.device
+        key = (str(device), backend or self.backend)
+        if key not in self._runtime:
+            ops = _backend_module(resolve_backend(backend or self.backend, device))
+            self._runtime = {key: with_integer_tail(self.fp, self.tail_quants(), ops)}
+        return self._runtime[key]
+
+    def tail_quants(self) -> list[ActQuant] | None:
+        """The integer tail's quantizers (signed, :attr:`tail_bits`), one per tail conv; None if FP."""
+        if self.tail_scales is None:
+            return None
+        return [ActQuant(self.tail_bits, True, s) for s in self.tail_scales.detach().cpu().tolist()]
+
+    def _set_tail(self, quants: list[ActQuant]) -> None:
+        from .runtime.inttail import tail_conv_names
+
+        names = tail_conv_names(self.fp)
+        if len(quants) != len(names) or len({q.bits for q in quants}) != 1 or not all(q.signed for q in quants):
+            raise ValueError(f"need one signed quantizer of one bit-width per tail conv {names}, got {quants}")
+        self.tail_bits = int(quants[0].bits)
+        self.tail_scales = torch.tensor([q.scale for q in quants], dtype=torch.float32, device=self.act_scales.device)
+        self._drop_caches()
+
+    @torch.no_grad()
+    def quantize_tail(self, calib, bits: int = 8) -> QuantizedSR:
+        """Run the body-end conv and upsampler convs on the integer path from now on, at ``bits``
+        (per-tensor signed activations, DOBI scales fitted on the FP model's activations for
+        ``calib``: a folder of images or (N,3,h,w) LR patches in [0,1]; 8-bit weights). Returns
+        ``self``."""
+        from .runtime.inttail import calibrate_tail
+
+        patches = calibration_patches(calib, self.fp.scale).to(self.act_scales.device)
+        fp = self.fp if next(self.fp.parameters()).dtype == torch.float32 else copy.deepcopy(self.fp).float()
+        scales = calibrate_tail(fp, lambda: fp(patches), bits)
+        self._set_tail([ActQuant(bits, True, s) for s in scales])
+        return self
+
+    def _drop_caches(self) -> None:
+        self._bodies, self._runtime = {}, {}
+
     def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): prepared integer weights go stale
-        self._bodies = {}
+        self._drop_caches()
         return super()._apply(fn, *args, **kwargs)
 
-    def __getstate__(self) -> dict:  # copies (Engine deep-copies its model) rebuild the cache, never copy it
-        return {**super().__getstate__(), "_bodies": {}}
+    def __getstate__(self) -> dict:  # copies (Engine deep-copies its model) rebuild the caches, never copy them
+        return {**super().__getstate__(), "_bodies": {}, "_runtime": {}}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._bodies = {}
+        self._drop_caches()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def get_extra_state(self) -> dict:
         return {"policy": self.policy.state(), "w_bits": self.w_bits, "depths": list(self.depths),
-                "depth": self.depth, "res_scales": [float(getattr(b, "res_scale", 1.0)) for b in self.fp.body]}
+                "depth": self.depth, "res_scales": [float(getattr(b, "res_scale", 1.0)) for b in self.fp.body],
+                "tail_bits": self.tail_bits}
 
     def set_extra_state(self, state: dict) -> None:
         self.policy = policy_from_state(state["policy"])
@@ -244,6 +319,9 @@ class QuantizedSR(nn.Module):
         self.set_depth(int(state.get("depth", self.depths[-1])))
         if state.get("res_scales") is not None:  # absent before trained residual weights
             self.set_res_scales(state["res_scales"])
+        if state.get("tail_bits") != self.tail_bits:  # absent before the integer tail
+            raise ValueError(f"the state's tail_bits {state.get('tail_bits')} do not match this model's "
+                             f"{self.tail_bits}; load it with load_quantized")
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, return_bits: bool = False):
@@ -254,7 +332,7 @@ class QuantizedSR(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (N,3,H,W) images, got {tuple(x.shape)}")
         dtype = next(self.fp.parameters()).dtype
-        y, bits, _ = forward_quantized(self.fp, self.integer_body(), self.policy, x.float(), dtype)
+        y, bits, _ = forward_quantized(self.runtime_model(), self.integer_body(), self.policy, x.float(), dtype)
         if not getattr(self.policy, "layerwise", False):
             bits = bits.to(torch.int64)
         return (y, bits.to(y.device)) if return_bits else y
@@ -312,7 +390,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @torch.no_grad()
 def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w_bits: int = 8,
-             backend: str = "auto", calib_patch: int = DEFAULT_CALIB_PATCH, device=None) -> QuantizedSR:
+             backend: str = "auto", calib_patch: int = DEFAULT_CALIB_PATCH, device=None,
+             tail_bits: int | None = None) -> QuantizedSR:
     """Post-training quantization of an FP SR model into a drop-in :class:`QuantizedSR`.
 
     Args:
@@ -327,6 +406,11 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
             table shipped with a shipped model (named by string).
         w_bits: weight bit-width (8, 4 or 2), per output channel.
         device: where to calibrate and put the result (default: the model's device).
+        tail_bits: also run the body-end conv and the upsampler convs on the integer path, with
+            activations at this width (8 recommended; :meth:`QuantizedSR.quantize_tail`); ``None``
+            keeps them FP (Granular-DQ's placement). Their scales come from ``calib`` (a table
+            needs tail scales, written by :func:`save_calibration_table` since 2026-11-25; a shipped
+            QAT model takes them from its FP model's shipped table).
     Returns:
         A :class:`QuantizedSR` in eval mode.
     """
@@ -342,6 +426,12 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
                              f"train your own with `python -m gdq_engine train --method {policy} --bits ...`")
         if w_bits != q.w_bits:
             raise ValueError(f"the shipped {policy} model for {model} has {q.w_bits}-bit weights, not {w_bits}")
+        if tail_bits is not None:  # the shipped table's tail scales (fitted on the FP model the QAT started from)
+            table_path = shipped_calibration(model)
+            if table_path is None:
+                raise ValueError(f"no calibration table ships for {model}; call .quantize_tail(<images>, {tail_bits}) "
+                                 "on the quantized model")
+            q._set_tail(_tail_from_table(load_calibration_table(table_path), tail_bits, table_path))
         return q.to(device) if device is not None else q
     policy = make_policy(policy, bits)
     if w_bits not in (2, 4, 8):
@@ -355,15 +445,31 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
     if calib is None:
         raise ValueError(f"policy {policy.name!r} needs calibration data: calib=<folder of images>, "
                          "<(N,3,h,w) LR patches in [0,1]> or <a .calib.pt table>")
+    tail = None
     if isinstance(calib, (str, os.PathLike)) and str(calib).endswith(".calib.pt"):
-        act_quants = _from_table(fp, policy, load_calibration_table(calib))
+        table = load_calibration_table(calib)
+        act_quants = _from_table(fp, policy, table)
+        if tail_bits is not None:
+            tail = _tail_from_table(table, tail_bits, calib)
     else:
         device = next(fp.parameters()).device
         patches = calibration_patches(calib, fp.scale, calib_patch).to(device)
         act_quants = calibrate(fp, patches, policy.bits)
         if not policy.is_fitted:
             policy.fit(patches)
-    return QuantizedSR(fp, policy, act_quants, w_bits=w_bits, backend=backend).eval()
+        if tail_bits is not None:
+            from .runtime.inttail import calibrate_tail
+
+            tail = [ActQuant(tail_bits, True, s) for s in calibrate_tail(fp, lambda: fp(patches), tail_bits)]
+    return QuantizedSR(fp, policy, act_quants, w_bits=w_bits, backend=backend, tail_quants=tail).eval()
+
+
+def _tail_from_table(table: dict, bits: int, source) -> list[ActQuant]:
+    scales = table.get("tail_scales", {}).get(int(bits))
+    if scales is None:
+        raise ValueError(f"the calibration table {source} has no integer-tail scales at {bits} bits; regenerate it "
+                         "with `python -m gdq_engine calibrate --table` or pass calibration images")
+    return [ActQuant(int(bits), True, s) for s in scales]
 
 
 def save_quantized(qmodel: QuantizedSR, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -385,8 +491,11 @@ def quantized_from_payload(payload: dict, source: str = "checkpoint", backend: s
         state = payload["state_dict"]
         quant = payload["quant"]
         act_quants = act_quants_from_scales(state["act_bits"].tolist(), state["act_scales"].tolist())
+        tail = None
+        if quant.get("tail_bits") is not None:
+            tail = [ActQuant(int(quant["tail_bits"]), True, s) for s in state["tail_scales"].tolist()]
         q = QuantizedSR(fp, policy_from_state(quant["policy"]), act_quants, w_bits=quant["w_bits"], backend=backend,
-                        depths=quant.get("depths"))
+                        depths=quant.get("depths"), tail_quants=tail)
         q.load_state_dict(state, strict=False)
         missing = set(q.state_dict()) - set(state) - {"_extra_state"}
         if missing:

@@ -148,6 +148,24 @@ def test_engine_triton_backend_equals_reference(policy, bits):
     assert torch.equal(out_fast.cpu(), out_slow.cpu())
 
 
+
+@pytest.mark.parametrize("tail_bits", [8, 4])
+def test_engine_triton_integer_tail_equals_reference(tail_bits):
+    """The integer tail (64 -> 256 upsampler conv, fp32 out) on Triton gives the reference's output."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=64, n_blocks=1).eval()
+    kw = dict(policy="static", bits=4, calib=random_image(12, 12, n=4, seed=1), patch_size=6, stride=6, device=DEV,
+              tail_bits=tail_bits)
+    fast, slow = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+    assert fast.model.upsampler[0]._ops.__name__ == "gdq_engine.kernels.ops"  # the Triton launchers
+    lr = random_image(7, 6, n=1, seed=2).to(DEV)
+    assert torch.equal(fast.upscale(lr).cpu(), slow.upscale(lr).cpu())
+
 def test_engine_rejects_triton_where_it_cannot_run(monkeypatch, tiny_edsr):
     from gdq_engine import Engine
 

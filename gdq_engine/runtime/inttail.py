@@ -1,0 +1,122 @@
+"""The network's tail on the integer path: body-end conv, upsampler convs (and tail convs wide enough).
+
+Granular-DQ quantizes only the residual blocks; the rest stays FP. For EDSR-baseline x4 that FP
+rest is 40% of the MACs (the two 64->256 upsampler convs alone 37%), so however fast the body
+gets, the whole network cannot run more than 1 / 0.40 = 2.5x faster than its FP version, and with
+int8 at twice the fp16 tensor-core rate at most 1 / (0.40 + 0.60 / 2) = 1.4x. ``tail_bits`` runs
+those convs as packed integer convs too: per-tensor signed activation codes (one DOBI scale per
+conv, the same for every patch, whatever bit-width the policy gave the patch's body) and 8-bit
+per-output-channel weights, fp32 out, on the body's backend and numeric contract
+(docs/numerics.md). Pixel shuffles, activations, the global skip add and the last conv (3 output
+channels) stay in torch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..quant.calibrate import dobi_scale
+from ..quant.quantizer import ActQuant, quantize_weight
+
+TAIL_W_BITS = 8
+TAIL_PARTS = ("body_tail", "upsampler", "tail")
+
+
+def _qualifies(conv: nn.Module) -> bool:
+    """A conv every integer backend runs: 3x3, stride 1, zero pad 1, no groups or dilation,
+    input channels a multiple of 32, output channels a multiple of 64."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0)
+
+
+def tail_conv_names(model: nn.Module) -> list[str]:
+    """Qualified names (``upsampler.0``, ...) of the convs ``tail_bits`` quantizes, in forward order:
+    every qualifying conv of ``body_tail``, ``upsampler`` and ``tail`` (EDSR-baseline x4: the
+    body-end conv and both upsampler convs; its last conv has 3 outputs and stays FP)."""
+    names = []
+    for part in TAIL_PARTS:
+        module = getattr(model, part, None)
+        if module is None:
+            continue
+        if _qualifies(module):
+            names.append(part)
+        names += [f"{part}.{name}" for name, m in module.named_modules() if name and _qualifies(m)]
+    return names
+
+
+@torch.no_grad()
+def collect_tail_inputs(model: nn.Module, run) -> list[torch.Tensor]:
+    """The inputs of the :func:`tail_conv_names` convs (flattened, fp32), seen while ``run()`` runs
+    ``model`` on calibration patches."""
+    names = tail_conv_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no conv the integer tail can run "
+                         "(3x3, input channels a multiple of 32, output channels a multiple of 64)")
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0].detach().float()))
+             for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat([x.flatten() for x in seen[n]]) for n in names]
+
+
+def calibrate_tail(model: nn.Module, run, bits: int) -> list[float]:
+    """DOBI scales (signed, ``bits``) of the tail convs' inputs (:func:`collect_tail_inputs`)."""
+    return [dobi_scale(x, bits, True) for x in collect_tail_inputs(model, run)]
+
+
+class IntegerConv(nn.Module):
+    """A 3x3 conv on the integer path: (N,C,H,W) float (any dtype, NCHW or channels_last) ->
+    quantize + pack (``quant``) -> packed conv with 8-bit per-channel weights -> fp32 epilogue
+    ``acc * m[o] + bias[o]`` -> (N,Cout,H,W) in the input's dtype, channels_last memory.
+
+    The prepared weights and fp32 multipliers are plain attributes, so ``.to(dtype)`` on the model
+    never rounds them; build it on the device it runs on.
+    """
+
+    is_integer_conv = True
+
+    def __init__(self, conv: nn.Conv2d, quant: ActQuant, ops):
+        super().__init__()
+        if not _qualifies(conv):
+            raise ValueError(f"the integer tail cannot run {conv}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.groups = conv.kernel_size, conv.groups
+        self.quant, self._ops = quant, ops
+        w_codes, s_w = quantize_weight(conv.weight.detach().float(), TAIL_W_BITS)
+        self.mult = torch.tensor(quant.scale, dtype=torch.float32) * s_w.float()
+        self.bias_fp32 = (conv.bias.detach().float() if conv.bias is not None
+                          else torch.zeros(conv.out_channels, device=conv.weight.device))
+        prep = getattr(ops, "prepare_conv_weight", None)
+        self.weight_codes = w_codes.contiguous() if prep is None else prep(w_codes.contiguous(), quant.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        packed = self._ops.quantize_pack(nhwc, self.quant)
+        y = self._ops.packed_conv3x3(packed, self.quant.bits, True, self.weight_codes, self.mult, self.bias_fp32)
+        return y.permute(0, 3, 1, 2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, a{self.quant.bits} w{TAIL_W_BITS}"
+
+
+def with_integer_tail(model: nn.Module, quants: list[ActQuant], ops) -> nn.Module:
+    """A copy of ``model`` whose :func:`tail_conv_names` convs are :class:`IntegerConv` s (one
+    quantizer each, in that order) on the backend module ``ops``."""
+    names = tail_conv_names(model)
+    if len(quants) != len(names):
+        raise ValueError(f"{len(quants)} tail quantizers for {len(names)} tail convs {names}")
+    out = copy.deepcopy(model)
+    for name, q in zip(names, quants):
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, IntegerConv(getattr(parent, child), q, ops))
+    return out

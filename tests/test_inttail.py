@@ -1,0 +1,126 @@
+"""The integer tail (runtime/inttail.py): which convs it takes, exact integer semantics on every CPU
+backend, checkpoints, calibration tables, Engine options and BitOPs."""
+
+import pytest
+import torch
+from conftest import random_image
+
+from gdq_engine import Engine, load_quantized, quantize, save_quantized
+from gdq_engine.models import EDSR, MSRResNet
+from gdq_engine.ops import cpu_ops, reference
+from gdq_engine.quant.quantizer import ActQuant, quantize_weight
+from gdq_engine.runtime.inttail import IntegerConv, calibrate_tail, tail_conv_names
+
+needs_cpp = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ extension is not built")
+
+
+@pytest.fixture(scope="module")
+def edsr32():
+    """EDSR x4 with 32 channels (the smallest width every integer backend takes), 2 blocks."""
+    torch.manual_seed(0)
+    return EDSR(scale=4, n_feats=32, n_blocks=2).eval()
+
+
+def test_tail_convs_are_the_body_end_and_upsampler_convs_the_kernels_take():
+    assert tail_conv_names(EDSR(scale=4, n_feats=64, n_blocks=1)) == ["body_tail", "upsampler.0", "upsampler.2"]
+    assert tail_conv_names(EDSR(scale=2, n_feats=64, n_blocks=1)) == ["body_tail", "upsampler.0"]
+    # MSRResNet: no body-end conv; upsampler stages are [conv, shuffle, act]; tail = conv_hr, act, conv_last.
+    assert tail_conv_names(MSRResNet(scale=4, n_feats=64, n_blocks=1)) == ["upsampler.0", "upsampler.3", "tail.0"]
+    # Output channels must be a multiple of 64 (the CUDA kernel's tile): 32 -> 32 and 32 -> 288 stay FP.
+    assert tail_conv_names(EDSR(scale=3, n_feats=32, n_blocks=1)) == []
+    assert tail_conv_names(EDSR(scale=4, n_feats=32, n_blocks=1)) == ["upsampler.0", "upsampler.2"]
+    tiny = EDSR(scale=2, n_feats=8, n_blocks=1)
+    with pytest.raises(ValueError, match="no conv the integer tail can run"):
+        calibrate_tail(tiny, lambda: None, 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_conv_is_the_reference_op_and_close_to_the_fp_conv(edsr32, bits):
+    conv = edsr32.upsampler[0]
+    x = torch.randn(2, 32, 7, 5, generator=torch.Generator().manual_seed(bits)).to(memory_format=torch.channels_last)
+    q = ActQuant(bits, True, float(x.abs().max()) / ((1 << (bits - 1)) - 1))
+    y = IntegerConv(conv, q, reference)(x)
+    w_codes, s_w = quantize_weight(conv.weight.detach(), 8)
+    expected = reference.packed_conv3x3(reference.quantize_pack(x.permute(0, 2, 3, 1).contiguous(), q), bits, True,
+                                        w_codes, torch.tensor(q.scale) * s_w, conv.bias.detach())
+    assert y.shape == (2, 128, 7, 5) and y.dtype == torch.float32
+    assert torch.equal(y.permute(0, 2, 3, 1), expected)
+    with torch.no_grad():
+        fp = conv(x)
+    assert (y - fp).abs().max() < (0.02 if bits == 8 else 0.3) * fp.abs().max()
+    assert IntegerConv(conv, q, reference)(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_cpp
+@pytest.mark.parametrize("bits", [8, 5, 2])
+def test_cpp_tail_is_bit_exact_with_the_reference(edsr32, bits):
+    calib = random_image(12, 12, n=4, seed=1)
+    q = quantize(edsr32, "static", bits=4, calib=calib, tail_bits=bits)
+    assert q.tail_bits == bits and q.tail_scales.shape == (2,)
+    x = random_image(10, 9, n=2, seed=2)
+    q.backend = "reference"
+    ref = q(x)
+    q.backend = "cpp"
+    q._drop_caches()
+    assert torch.equal(q(x), ref)
+    assert isinstance(q.runtime_model().upsampler[2], IntegerConv) and q.fp.upsampler[2].__class__.__name__ == "Conv2d"
+
+
+def test_tail_checkpoint_round_trip_and_older_checkpoints(edsr32, tmp_path):
+    calib = random_image(12, 12, n=4, seed=1)
+    q = quantize(edsr32, "static", bits=8, calib=calib, tail_bits=8)
+    save_quantized(q, tmp_path / "q.pt")
+    back = load_quantized(tmp_path / "q.pt")
+    assert back.tail_bits == 8 and torch.equal(back.tail_scales, q.tail_scales)
+    x = random_image(9, 11, n=1, seed=3)
+    assert torch.equal(back(x), q(x))
+    plain = quantize(edsr32, "static", bits=8, calib=calib)
+    save_quantized(plain, tmp_path / "plain.pt")
+    again = load_quantized(tmp_path / "plain.pt")
+    assert again.tail_bits is None and again.tail_scales is None and "tail_scales" not in again.state_dict()
+    assert not torch.equal(again(x), q(x))  # the tail really changed the computation
+
+
+def test_tail_scales_from_a_table_equal_those_from_its_patches(edsr32, tmp_path):
+    from gdq_engine.quantized import save_calibration_table
+
+    calib = random_image(12, 12, n=4, seed=1)
+    save_calibration_table(edsr32, calib, tmp_path / "t.calib.pt")
+    from_table = quantize(edsr32, "static", bits=8, calib=str(tmp_path / "t.calib.pt"), tail_bits=8)
+    from_patches = quantize(edsr32, "static", bits=8, calib=calib, tail_bits=8)
+    assert torch.equal(from_table.tail_scales, from_patches.tail_scales)
+    table = torch.load(tmp_path / "t.calib.pt", weights_only=True)
+    del table["tail_scales"]
+    torch.save(table, tmp_path / "old.calib.pt")
+    with pytest.raises(ValueError, match="no integer-tail scales"):
+        quantize(edsr32, "static", bits=8, calib=str(tmp_path / "old.calib.pt"), tail_bits=8)
+
+
+def test_engine_tail_options(edsr32):
+    calib = random_image(12, 12, n=4, seed=1)
+    with pytest.raises(ValueError, match="tail_bits only apply to quantized policies"):
+        Engine(edsr32, device="cpu", tail_bits=8)
+    q = quantize(edsr32, "static", bits=8, calib=calib)
+    with pytest.raises(ValueError, match="pass calib"):
+        Engine(q, device="cpu", tail_bits=8)
+    engine = Engine(q, device="cpu", tail_bits=8, calib=calib, patch_size=8, stride=8)
+    assert engine.tail_bits == 8 and q.tail_bits is None  # the caller's model is not changed
+    direct = Engine(edsr32, device="cpu", policy="static", bits=8, calib=calib, tail_bits=8, patch_size=8, stride=8)
+    x = random_image(16, 8, n=1, seed=4)
+    out, report = engine.upscale(x, return_report=True)
+    assert torch.equal(out, direct.upscale(x))
+    # BitOPs: the tail convs count 8 x 8 instead of 32 x 32.
+    _, fp_report = Engine(q, device="cpu", patch_size=8, stride=8).upscale(x, return_report=True)
+    from gdq_engine.runtime.cost import integer_tail_macs
+
+    tail_macs = integer_tail_macs(engine.model, 8, 8)
+    assert tail_macs == (8 * 8 + 16 * 16) * 128 * 32 * 9  # the two upsampler convs (32 -> 128)
+    assert fp_report.bitops - report.bitops == 2 * tail_macs * (32 * 32 - 8 * 8)
+
+
+def test_shipped_quantized_model_takes_tail_scales_from_the_shipped_table():
+    from gdq_engine.quantized import load_calibration_table, shipped_calibration
+
+    q = quantize("edsr-baseline-x4", "granular", tail_bits=8)
+    table = load_calibration_table(shipped_calibration("edsr-baseline-x4"))
+    assert q.tail_bits == 8 and q.tail_scales.tolist() == pytest.approx(table["tail_scales"][8], rel=1e-7)
