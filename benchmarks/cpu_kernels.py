@@ -4,9 +4,10 @@
 
 Workload: EDSR-baseline's 64->64 3x3 conv on ``--patches`` 96x96 LR patches (NHWC). Rows: for
 a in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack) and conv2 (unsigned codes in, fp32
-residual add, fp32 out) on the C++ kernel (AVX512-VNNI where the CPU has it, and the portable
-loop) and on the pure-torch reference; quantize+pack of the fp32 block input; torch fp32 and bf16
-channels_last convs of the same shape. Medians of host-timer repeats after one warm-up, all in
+residual add, fp32 out) on the C++ kernel's three paths (AMX-INT8 tiles and AVX512-VNNI where the
+CPU has them, else the next one down; and the portable loop) and on the pure-torch reference;
+quantize+pack of the fp32 block input; torch fp32 and bf16 channels_last convs of the same shape
+(bf16 is oneDNN's AMX path on AMX CPUs). Medians of host-timer repeats after one warm-up, all in
 one run. Writes cpu-kernels-<date>.json; prints a table last.
 """
 
@@ -49,11 +50,12 @@ def main(argv=None) -> int:
         xp = pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), generator=g), a_bits)
         kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02)) if signed else dict(residual=residual)
         few = max(2, args.reps // 5)
-        return {"op": kind, "a_bits": a_bits,
-                "cpp_ms": median_ms(lambda: cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, **kw),
-                                    args.reps),
-                "cpp_portable_ms": median_ms(lambda: cpu_ops.packed_conv3x3(
-                    xp, a_bits, signed, prep, mult, bias, allow_vnni=False, **kw), few),
+        def cpp(reps, **paths):
+            return median_ms(lambda: cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, **paths, **kw), reps)
+
+        return {"op": kind, "a_bits": a_bits, "cpp_ms": cpp(args.reps),
+                "cpp_vnni_ms": cpp(args.reps, allow_amx=False),
+                "cpp_portable_ms": cpp(few, allow_amx=False, allow_vnni=False),
                 "reference_ms": median_ms(lambda: ref.packed_conv3x3(xp, a_bits, signed, w, mult, bias, **kw), few)}
 
     rows = [conv_row(kind, a_bits) for a_bits in (8, 4, 2) for kind in ("conv1", "conv2")]
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     q = ActQuant(8, True, 0.05)
     rows.append({"op": "quantize_pack", "a_bits": 8, "cpp_ms": median_ms(lambda: cpu_ops.quantize_pack(x, q),
                                                                          args.reps),
-                 "cpp_portable_ms": None, "reference_ms": median_ms(lambda: ref.quantize_pack(x, q), args.reps)})
+                 "cpp_vnni_ms": None, "cpp_portable_ms": None,
+                 "reference_ms": median_ms(lambda: ref.quantize_pack(x, q), args.reps)})
     conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
     xf = torch.randn(n, c, hw, hw, generator=g).to(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -69,15 +72,17 @@ def main(argv=None) -> int:
         conv_b, xb = conv.to(torch.bfloat16), xf.to(torch.bfloat16)
         bf16 = median_ms(lambda: conv_b(xb), args.reps)
     payload = {"workload": {"patches": n, "patch": hw, "channels": c}, "vnni": cpu_ops.has_vnni(),
-               "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows}
+               "amx": cpu_ops.has_amx(), "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows}
     path = write_results("cpu-kernels", payload, args.out)
-    print(f"{n} patches of {hw}x{hw}, 64->64 3x3; VNNI: {cpu_ops.has_vnni()}; torch fp32 CL {fp32:.2f} ms, "
-          f"bf16 CL {bf16:.2f} ms")
-    print(f"{'op':14} {'a':>2} {'C++ ms':>8} {'portable':>9} {'reference':>10} {'x fp32 CL':>10}")
+    print(f"{n} patches of {hw}x{hw}, 64->64 3x3; AMX: {cpu_ops.has_amx()}, VNNI: {cpu_ops.has_vnni()}; torch fp32 CL "
+          f"{fp32:.2f} ms, bf16 CL {bf16:.2f} ms")
+    print(f"{'op':14} {'a':>2} {'C++ ms':>8} {'VNNI':>8} {'portable':>9} {'reference':>10} {'x fp32 CL':>10} "
+          f"{'x bf16 CL':>10}")
     for r in rows:
+        vnni = "-" if r["cpp_vnni_ms"] is None else f"{r['cpp_vnni_ms']:8.2f}"
         port = "-" if r["cpp_portable_ms"] is None else f"{r['cpp_portable_ms']:9.2f}"
-        print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {port:>9} {r['reference_ms']:10.2f} "
-              f"{fp32 / r['cpp_ms']:10.2f}")
+        print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {vnni:>8} {port:>9} {r['reference_ms']:10.2f} "
+              f"{fp32 / r['cpp_ms']:10.2f} {bf16 / r['cpp_ms']:10.2f}")
     print(f"wrote {path}")
     return 0
 

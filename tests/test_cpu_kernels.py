@@ -1,8 +1,10 @@
 """C++ CPU kernels (csrc/cpu/conv.cpp) vs the reference backend, bit for bit.
 
-Both code paths run on every machine: the AVX512-VNNI kernel where the CPU has it, and the
-portable loop (forced with ``allow_vnni=False``). Fresh random codes per case, odd H/W, batch 1
-and > 1, signed and unsigned codes, every container and weight width, every epilogue.
+Every code path runs on every machine: the AMX-INT8 tile kernel and the AVX512-VNNI kernel where
+the CPU has them (each falls back to the next path down elsewhere, so the same cases still run),
+and the portable loop (forced with ``allow_vnni=False``). Fresh random codes per case, odd H/W
+(rows not multiples of the AMX kernel's 32-pixel blocks), batch 1 and > 1, signed and unsigned
+codes, every container and weight width, every epilogue.
 """
 
 import itertools
@@ -18,7 +20,8 @@ from gdq_engine.quant.quantizer import ActQuant, container_bits
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="gdq_engine._C is not built")  # CI builds it
 _seed = itertools.count(5000)
-PATHS = [True, False]  # allow_vnni
+PATHS = ["amx", "vnni", "portable"]
+PATH_FLAGS = {"amx": {}, "vnni": dict(allow_amx=False), "portable": dict(allow_amx=False, allow_vnni=False)}
 
 
 def gen():
@@ -29,57 +32,68 @@ def test_extension_is_built():
     assert cpu_ops.available()  # CI installs the package, so the kernels must be there
 
 
-def check(x_codes, a_bits, signed, w, mult, bias, allow_vnni, **kw):
+def test_each_path_is_taken_where_the_cpu_has_it():
+    best = "amx" if cpu_ops.has_amx() else "vnni" if cpu_ops.has_vnni() else "portable"
+    assert cpu_ops.conv_path(64, 64) == best and cpu_ops.conv_path(64, 256) == best
+    assert cpu_ops.conv_path(64, 64, allow_amx=False) == ("vnni" if cpu_ops.has_vnni() else "portable")
+    assert cpu_ops.conv_path(64, 64, allow_vnni=False, allow_amx=False) == "portable"
+    if cpu_ops.has_amx():  # 96 channels would need two chunk sizes, 48 outputs an odd tile pair: VNNI
+        assert cpu_ops.conv_path(96, 64) == cpu_ops.conv_path(64, 48) == "vnni"
+
+
+def check(x_codes, a_bits, signed, w, mult, bias, path, **kw):
     xp = pack_codes(x_codes, container_bits(a_bits))
     want = ref.packed_conv3x3(xp, a_bits, signed, w, mult, bias, **kw)
     got = cpu_ops.packed_conv3x3(xp, a_bits, signed, cpu_ops.prepare_conv_weight(w), mult, bias,
-                                 allow_vnni=allow_vnni, **kw)
+                                 **PATH_FLAGS[path], **kw)
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("allow_vnni", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("a_bits", [8, 4, 2, 3, 6])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("w_bits", [8, 4, 2])
-def test_int32_sums_equal_reference(allow_vnni, a_bits, signed, w_bits):
+def test_int32_sums_equal_reference(path, a_bits, signed, w_bits):
     g = gen()
-    shape = (1, 5, 7, 64) if a_bits % 2 else (3, 9, 13, 64)
+    shape = (1, 5, 7, 64) if a_bits % 2 else (3, 9, 37, 64)
     x = rand_codes(shape, a_bits, signed, g)
-    check(x, a_bits, signed, rand_weights(64, 64, w_bits, g), torch.ones(64), torch.zeros(64), allow_vnni)
+    check(x, a_bits, signed, rand_weights(64, 64, w_bits, g), torch.ones(64), torch.zeros(64), path)
 
 
-@pytest.mark.parametrize("allow_vnni", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("a_bits", [8, 4, 2])
 @pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (2, False), (4, True), (5, False)])
-def test_relu_requantize_pack_epilogue(allow_vnni, a_bits, o_bits, o_signed):
+def test_relu_requantize_pack_epilogue(path, a_bits, o_bits, o_signed):
     g = gen()
     x = rand_codes((2, 7, 11, 64), a_bits, True, g)
     q = ActQuant(o_bits, o_signed, float(torch.rand(1, generator=g)) * 0.05 + 0.01)
     check(x, a_bits, True, rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 2e-3,
-          torch.randn(64, generator=g) * 0.1, allow_vnni, relu=not o_signed, out_quant=q)
+          torch.randn(64, generator=g) * 0.1, path, relu=not o_signed, out_quant=q)
 
 
-@pytest.mark.parametrize("allow_vnni", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("a_bits", [8, 4, 2])
 @pytest.mark.parametrize("res_scale", [1.0, 0.1])
-def test_residual_fp32_epilogue(allow_vnni, a_bits, res_scale):
+def test_residual_fp32_epilogue(path, a_bits, res_scale):
     g = gen()
     x = rand_codes((2, 6, 9, 64), a_bits, False, g)
     check(x, a_bits, False, rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3,
-          torch.randn(64, generator=g), allow_vnni, residual=torch.randn(2, 6, 9, 64, generator=g),
+          torch.randn(64, generator=g), path, residual=torch.randn(2, 6, 9, 64, generator=g),
           res_scale=res_scale)
 
 
-@pytest.mark.parametrize("allow_vnni", PATHS)
-@pytest.mark.parametrize("cin,cout,a_bits", [(64, 256, 8), (32, 48, 4), (16, 16, 2), (8, 8, 8), (48, 64, 4)])
-def test_other_channel_counts(allow_vnni, cin, cout, a_bits):
-    """Upsampler-wide outputs, Cout not a multiple of 64 (VNNI tail tiles) or of 16 (portable)."""
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cin,cout,a_bits", [(64, 256, 8), (32, 48, 4), (16, 16, 2), (8, 8, 8), (48, 64, 4),
+                                             (128, 64, 8), (192, 32, 2), (96, 64, 8)])
+def test_other_channel_counts(path, cin, cout, a_bits):
+    """Upsampler-wide outputs, Cout not a multiple of 64 (VNNI tail tiles) or of 16 (portable), C over
+    64 in 64-byte AMX chunks (128, 192) and C the AMX kernel leaves to VNNI (96: chunks would differ)."""
     g = gen()
     x = rand_codes((1, 5, 14, cin), a_bits, True, g)
     w = rand_weights(cout, cin, 8, g)
-    check(x, a_bits, True, w, torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g), allow_vnni,
+    check(x, a_bits, True, w, torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g), path,
           relu=True)
-    check(x, a_bits, True, w, torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g), allow_vnni,
+    check(x, a_bits, True, w, torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g), path,
           relu=True, out_quant=ActQuant(a_bits, False, 0.02))
 
 

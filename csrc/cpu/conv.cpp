@@ -10,6 +10,14 @@
 // without it a portable loop computes the same int32 sums. For signed inputs the shift is removed
 // with -128 * sum(w[o]) over all taps (padding, stored as 128, is code 0).
 //
+// With AMX-INT8 (Sapphire Rapids and later; Linux grants the tile state on request) the same sums
+// come from tile matrix multiplies (tdpbusd: u8 x s8 -> s32, 16 x 16 outputs x 64 bytes of K per
+// instruction): per output row, blocks of 32 pixels x 32 output channels are four accumulator
+// tiles; per tap and 64-channel chunk, two A tiles (16 consecutive pixels of the padded image,
+// rows C bytes apart: no im2col) and two B tiles (the same (9, C/4, Cout, 4) weights, rows Cout*4
+// bytes apart) feed four tdpbusd. Pixels past the row end compute garbage that is never read: the
+// padded image and the accumulator rows carry slack for them.
+//
 // Epilogue, one fp32 operation per step, no fused multiply-add (built with -ffp-contract=off):
 // y = float(acc) * mult[o]; y = y + bias[o]; ReLU; y = y * res_scale; y = residual + y;
 // then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits.
@@ -24,7 +32,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define GDQ_AMX 1
+#endif
 
 #include "packing.h"
 
@@ -35,6 +51,23 @@ bool cpu_has_vnni() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// AMX-INT8 in the CPU (CPUID.(7,0):EDX[25] AMX-INT8, [24] AMX-TILE), AVX-512 for the epilogue,
+// and the kernel's permission to use the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16).
+bool cpu_has_amx() {
+#ifdef GDQ_AMX
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1) || !cpu_has_vnni()) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return has;
 #else
   return false;
@@ -113,6 +146,65 @@ void row_vnni(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y,
   }
 }
 
+#ifdef GDQ_AMX
+constexpr int64_t kAmxPx = 32;  // pixels per accumulator block (two 16-row tiles)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether the AMX row kernel takes these channel counts: K chunks of min(C, 64) bytes that divide
+// C (a multiple of 4), output channels in pairs of 16.
+bool amx_fits(const ConvGeom& g) {
+  const int64_t kb = std::min<int64_t>(g.C, 64);
+  return g.C % 4 == 0 && g.C % kb == 0 && g.Cout % 32 == 0;
+}
+
+// acc[x][o] for x < round_up(W, 32) (pixels >= W are garbage) of output row y; tiles 0-3 hold
+// (pixels 0-15 | 16-31) x (channels o..o+15 | o+16..o+31), 4-5 the A tiles, 6-7 the B tiles.
+__attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(const uint8_t* in, const int8_t* wv,
+                                                                   const ConvGeom& g, int64_t y, int32_t* acc) {
+  const int64_t kb = std::min<int64_t>(g.C, 64), C4 = g.C / 4, Wp = g.W + 2;
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(kb);
+  for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kb / 4), cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t a_stride = g.C, b_stride = g.Cout * 4, c_stride = g.Cout * 4;
+  for (int64_t x0 = 0; x0 < g.W; x0 += kAmxPx) {
+    for (int64_t o0 = 0; o0 < g.Cout; o0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t tap = 0; tap < 9; ++tap) {
+        const int64_t ky = tap / 3, kx = tap % 3;
+        const uint8_t* a = in + ((y + ky) * Wp + x0 + kx) * g.C;
+        for (int64_t k = 0; k < g.C; k += kb) {
+          const int8_t* w = wv + ((tap * C4 + k / 4) * g.Cout + o0) * 4;
+          _tile_loadd(4, a + k, a_stride);
+          _tile_loadd(5, a + 16 * g.C + k, a_stride);
+          _tile_loadd(6, w, b_stride);
+          _tile_loadd(7, w + 64, b_stride);
+          _tile_dpbusd(0, 4, 6);
+          _tile_dpbusd(1, 4, 7);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+      }
+      int32_t* c = acc + x0 * g.Cout + o0;
+      _tile_stored(0, c, c_stride);
+      _tile_stored(1, c + 16, c_stride);
+      _tile_stored(2, c + 16 * g.Cout, c_stride);
+      _tile_stored(3, c + 16 * g.Cout + 16, c_stride);
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // Epilogue of one pixel's Cout accumulators, 16 channels per step (same fp32 operations, in the
 // same order, as the scalar epilogue: separate multiply and add, floor by roundscale).
 __attribute__((target("avx512f"))) void epilogue_pixel_avx512(
@@ -183,28 +275,48 @@ void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst,
 
 // ---- unpack into the padded image --------------------------------------------------------------
 
+// One image row of W pixels: packed (W, CP) bytes -> (W, C) unpacked bytes, signed codes as
+// code + 128 (= the code's byte ^ 0x80). Bit widths are template arguments so the inner loops are
+// branch-free with constant shifts and the compiler vectorises them.
+template <int BITS, bool SIGNED>
+void unpack_row(const uint8_t* src, uint8_t* dst, int64_t W, int64_t CP) {
+  constexpr int kPer = 8 / BITS, kUp = 8 - BITS;
+  const int64_t C = CP * kPer;
+  for (int64_t p = 0; p < W; ++p) {
+    const uint8_t* in = src + p * CP;
+    uint8_t* o = dst + p * C;
+    for (int i = 0; i < kPer; ++i) {
+      const int sh = kUp - i * BITS;
+      for (int64_t j = 0; j < CP; ++j) {
+        const uint8_t top = static_cast<uint8_t>(in[j] << sh);
+        o[i * CP + j] = SIGNED ? static_cast<uint8_t>(static_cast<uint8_t>(static_cast<int8_t>(top) >> kUp) ^ 0x80)
+                               : static_cast<uint8_t>(top >> kUp);
+      }
+    }
+  }
+}
+
+using UnpackRow = void (*)(const uint8_t*, uint8_t*, int64_t, int64_t);
+
+UnpackRow unpack_row_for(int64_t bits, bool is_signed) {
+  if (bits == 8) return is_signed ? unpack_row<8, true> : unpack_row<8, false>;
+  if (bits == 4) return is_signed ? unpack_row<4, true> : unpack_row<4, false>;
+  return is_signed ? unpack_row<2, true> : unpack_row<2, false>;
+}
+
 // packed (N,H,W,CP) -> padded (N,H+2,W+2,C) uint8: signed codes + 128 (pad 128), unsigned as is (pad 0).
-at::Tensor unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C) {
+// `slack` extra pixels of padding value follow the last row (the AMX kernel reads past row ends).
+at::Tensor unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C, int64_t slack = 0) {
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2), CP = x.size(3);
   const uint8_t pad = is_signed ? 128 : 0;
-  auto out = at::full({N, H + 2, W + 2, C}, pad, x.options().dtype(at::kByte));
+  auto out = at::full({N * (H + 2) * (W + 2) * C + slack * C}, pad, x.options().dtype(at::kByte));
   const uint8_t* src = x.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  const int64_t per_byte = 8 / bits, shift_up = 8 - bits;
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  const UnpackRow row = unpack_row_for(bits, is_signed);
+  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, y = r % H;
-      for (int64_t xx = 0; xx < W; ++xx) {
-        const uint8_t* in = src + ((n * H + y) * W + xx) * CP;
-        uint8_t* o = dst + ((n * (H + 2) + y + 1) * (W + 2) + xx + 1) * C;
-        for (int64_t i = 0; i < per_byte; ++i) {
-          for (int64_t j = 0; j < CP; ++j) {
-            const uint8_t top = static_cast<uint8_t>(in[j] << (shift_up - i * bits));
-            int32_t code = is_signed ? (static_cast<int8_t>(top) >> shift_up) : (top >> shift_up);
-            o[j + i * CP] = static_cast<uint8_t>(is_signed ? code + 128 : code);
-          }
-        }
-      }
+      row(src + (n * H + y) * W * CP, dst + ((n * (H + 2) + y + 1) * (W + 2) + 1) * C, W, CP);
     }
   });
   return out;
@@ -224,7 +336,7 @@ inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
 at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a_signed, const at::Tensor& w_vnni,
                               const at::Tensor& wsum, const at::Tensor& mult, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, double res_scale, bool relu, int64_t o_bits,
-                              int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni) {
+                              int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx) {
   TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
@@ -248,14 +360,22 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     res = residual->contiguous();
     TORCH_CHECK(res.scalar_type() == at::kFloat && res.numel() == N * H * W * Cout, "residual must be fp32 (N,H,W,Cout)");
   }
-  const at::Tensor padded = unpack_padded(xin, a_bits, a_signed, C);
-  const int64_t out_c = o_bits ? Cout * o_bits / 8 : Cout;
-  auto out = at::empty({N, H, W, out_c}, x_packed.options().dtype(o_bits ? at::kByte : at::kFloat));
   const ConvGeom g{H, W, C, Cout};
-  bool vnni = false;
+  bool vnni = false, amx = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vnni = allow_vnni && cpu_has_vnni() && Cout % 16 == 0;
 #endif
+#ifdef GDQ_AMX
+  amx = allow_amx && cpu_has_amx() && amx_fits(g);
+  const int64_t acc_w = amx ? (W + kAmxPx - 1) / kAmxPx * kAmxPx : W;
+#else
+  const int64_t acc_w = W;
+#endif
+  // AMX blocks read up to 32 + 2 pixels past a row's first pixel: slack for the last row.
+  const at::Tensor padded = unpack_padded(xin, a_bits, a_signed, C, amx ? kAmxPx + 2 : 0);
+  const int64_t out_c = o_bits ? Cout * o_bits / 8 : Cout;
+  auto out = at::empty({N, H, W, out_c}, x_packed.options().dtype(o_bits ? at::kByte : at::kFloat));
+  const bool avx512 = vnni || amx;  // both imply AVX-512F; Cout % 16 == 0 in both
   const uint8_t* pin = padded.data_ptr<uint8_t>();
   const int8_t* pw = wv.data_ptr<int8_t>();
   const int32_t* pws = ws.data_ptr<int32_t>();
@@ -267,11 +387,16 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   float* out_f = o_bits ? nullptr : out.data_ptr<float>();
   uint8_t* out_b = o_bits ? out.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(W * Cout);
+    std::vector<int32_t> acc(acc_w * Cout);
     std::vector<int32_t> codes(o_bits ? Cout : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, y = r % H;
       const uint8_t* img = pin + n * (H + 2) * (W + 2) * C;
+#ifdef GDQ_AMX
+      if (amx) {
+        row_amx(img, pw, g, y, acc.data());
+      } else
+#endif
 #if defined(__x86_64__) && defined(__GNUC__)
       if (vnni) {
         row_vnni(img, pw, g, y, acc.data());
@@ -285,7 +410,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
         const int64_t pix = (n * H + y) * W + x;
         const int32_t* a = acc.data() + x * Cout;
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (vnni) {  // VNNI implies AVX512F; Cout % 16 == 0 there
+        if (avx512) {
           epilogue_pixel_avx512(a, pws, shift_fix, pm, pb, relu, pr ? pr + pix * Cout : nullptr, rs, rs != 1.0f, Cout,
                                 o_bits ? nullptr : out_f + pix * Cout, o_bits ? codes.data() : nullptr, inv, o_lo,
                                 o_hi);
@@ -305,7 +430,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
             out_f[pix * Cout + o] = v;
           }
         }
-        if (o_bits) pack_codes_row(codes.data(), Cout, o_bits, out_b + pix * out_c, vnni);  // VNNI implies AVX-512
+        if (o_bits) pack_codes_row(codes.data(), Cout, o_bits, out_b + pix * out_c, avx512);
       }
     }
   });
@@ -345,6 +470,16 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
 }
 
 bool has_vnni() { return cpu_has_vnni(); }
+bool has_amx() { return cpu_has_amx(); }
+
+// Which integer core packed_conv3x3_cpu runs for these channel counts on this CPU.
+std::string conv_path(int64_t C, int64_t Cout, bool allow_vnni, bool allow_amx) {
+#ifdef GDQ_AMX
+  if (allow_amx && cpu_has_amx() && amx_fits(ConvGeom{1, 1, C, Cout})) return "amx";
+#endif
+  if (allow_vnni && cpu_has_vnni() && Cout % 16 == 0) return "vnni";
+  return "portable";
+}
 
 }  // namespace gdq
 
@@ -352,8 +487,10 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
   m.def(
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
-      "bool allow_vnni=True) -> Tensor");
+      "bool allow_vnni=True, bool allow_amx=True) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
+  m.def("cpu_has_amx() -> bool", &gdq::has_amx);
+  m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True) -> str", &gdq::conv_path);
 }
 
 TORCH_LIBRARY_IMPL(gdq_engine, CPU, m) {

@@ -1,8 +1,9 @@
 """The ``cpp`` backend: packed 3x3 conv and quantize+pack in C++ (csrc/cpu/conv.cpp).
 
-AVX512-VNNI (``vpdpbusd``) where the CPU has it, a portable int32 loop elsewhere; threads through
-ATen's ``parallel_for`` (OpenMP). Same arguments and results as :mod:`gdq_engine.ops.reference`,
-except that conv weights are prepared once by :func:`prepare_conv_weight`.
+AMX-INT8 tiles (``tdpbusd``) where the CPU and OS allow them, else AVX512-VNNI (``vpdpbusd``),
+else a portable int32 loop; threads through ATen's ``parallel_for`` (OpenMP). Same arguments and
+results as :mod:`gdq_engine.ops.reference`, except that conv weights are prepared once by
+:func:`prepare_conv_weight`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ def has_vnni() -> bool:
     return available() and bool(torch.ops.gdq_engine.cpu_has_vnni())
 
 
+def has_amx() -> bool:
+    """Whether this CPU (and OS) runs the AMX-INT8 tile kernel (used for C = 4..64 or a multiple
+    of 64 input channels and output channels in multiples of 32; else VNNI)."""
+    return available() and bool(torch.ops.gdq_engine.cpu_has_amx())
+
+
+def conv_path(cin: int, cout: int, allow_vnni: bool = True, allow_amx: bool = True) -> str:
+    """The integer core :func:`packed_conv3x3` runs for ``cin`` -> ``cout`` channels on this CPU:
+    ``"amx"``, ``"vnni"`` or ``"portable"``."""
+    return str(torch.ops.gdq_engine.cpu_conv_path(cin, cout, allow_vnni, allow_amx))
+
+
 @dataclass(frozen=True)
 class PreparedCpuWeight:
     """``w``: (9, C/4, Cout, 4) int8, four input channels of one output channel per 32-bit lane;
@@ -47,18 +60,20 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> Pre
 
 def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, mult: torch.Tensor,
                    bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
-                   res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True) -> torch.Tensor:
+                   res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True,
+                   allow_amx: bool = True) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
-    ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_vnni=False``
-    forces the portable loop (for tests). Returns packed uint8 when ``out_quant`` else fp32.
+    ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
+    forces the VNNI kernel, both False the portable loop (for tests and benchmarks). Returns packed
+    uint8 when ``out_quant`` else fp32.
     """
     if not isinstance(weight, PreparedCpuWeight):
         weight = prepare_conv_weight(weight)
     o_bits, lo, hi, inv_s = requant_args(out_quant)
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
-        residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni)
+        residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx)
 
 
 quantize_pack = compiled_quantize_pack  # fp32 NHWC (..., C) -> packed uint8 codes of an ActQuant
