@@ -97,6 +97,50 @@ def test_other_channel_counts(path, cin, cout, a_bits):
           relu=True, out_quant=ActQuant(a_bits, False, 0.02))
 
 
+def _shuffled(y: torch.Tensor, r: int) -> torch.Tensor:
+    """(N,H,W,r*r*C) sub-pixel-major -> (N,rH,rW,C)."""
+    n, h, w, crr = y.shape
+    return y.view(n, h, w, r, r, crr // (r * r)).permute(0, 1, 3, 2, 4, 5).reshape(n, h * r, w * r, -1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cout,r", [(256, 2), (64, 2), (576, 3), (32, 2)])
+@pytest.mark.parametrize("out", ["fp32", "bf16", 8, 4])
+def test_pixel_shuffle_store_and_bf16_output(path, cout, r, out):
+    """The upsampler's stores: sub-pixel blocks to their pixels, fp32 rounded to bf16 (nearest even)
+    or re-quantized and packed per stored pixel."""
+    g = gen()
+    x = rand_codes((2, 5, 11, 64), 8, True, g)
+    w = rand_weights(cout, 64, 8, g)
+    mult, bias = torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g)
+    xp = pack_codes(x, 8)
+    y = ref.packed_conv3x3(xp, 8, True, w, mult, bias)
+    prep = cpu_ops.prepare_conv_weight(w)
+    if out in ("fp32", "bf16"):
+        dtype = torch.float32 if out == "fp32" else torch.bfloat16
+        got = cpu_ops.packed_conv3x3(xp, 8, True, prep, mult, bias, shuffle=r, out_dtype=dtype, **PATH_FLAGS[path])
+        assert got.dtype == dtype and torch.equal(got, _shuffled(y, r).to(dtype))
+    else:
+        q = ActQuant(out, True, 0.05)
+        got = cpu_ops.packed_conv3x3(xp, 8, True, prep, mult, bias, out_quant=q, shuffle=r, **PATH_FLAGS[path])
+        codes = ref.packed_conv3x3(xp, 8, True, w, mult, bias, out_quant=q)
+        expect = pack_codes(_shuffled(ref.unpack_codes(codes, out, True), r), out)
+        assert torch.equal(got, expect)
+
+
+def test_pixel_shuffle_store_rejects_what_it_cannot_do():
+    g = gen()
+    w = cpu_ops.prepare_conv_weight(rand_weights(64, 64, 8, g))
+    xp = pack_codes(rand_codes((1, 3, 3, 64), 8, True, g), 8)
+    one, zero = torch.ones(64), torch.zeros(64)
+    with pytest.raises(RuntimeError, match="sub-pixel"):
+        cpu_ops.packed_conv3x3(xp, 8, True, w, one, zero, shuffle=3)
+    with pytest.raises(RuntimeError, match="no residual"):
+        cpu_ops.packed_conv3x3(xp, 8, True, w, one, zero, shuffle=2, residual=torch.zeros(1, 3, 3, 64))
+    with pytest.raises(RuntimeError, match="bf16 output"):
+        cpu_ops.packed_conv3x3(xp, 8, True, w, one, zero, out_quant=ActQuant(8, True, 0.1), out_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2, 3])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("channels", [64, 8])

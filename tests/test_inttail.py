@@ -9,7 +9,7 @@ from gdq_engine import Engine, load_quantized, quantize, save_quantized
 from gdq_engine.models import EDSR, MSRResNet
 from gdq_engine.ops import cpu_ops, reference
 from gdq_engine.quant.quantizer import ActQuant, quantize_weight
-from gdq_engine.runtime.inttail import IntegerConv, calibrate_tail, tail_conv_names
+from gdq_engine.runtime.inttail import IntegerConv, IntegerUpsampler, calibrate_tail, tail_conv_names
 
 needs_cpp = pytest.mark.skipif(not cpu_ops.available(), reason="the C++ extension is not built")
 
@@ -63,7 +63,32 @@ def test_cpp_tail_is_bit_exact_with_the_reference(edsr32, bits):
     q.backend = "cpp"
     q._drop_caches()
     assert torch.equal(q(x), ref)
-    assert isinstance(q.runtime_model().upsampler[2], IntegerConv) and q.fp.upsampler[2].__class__.__name__ == "Conv2d"
+    up = q.runtime_model().upsampler
+    if bits >= 5:  # fused: 8-bit codes move through the pixel shuffle
+        assert isinstance(up, IntegerUpsampler) and up.factors == [2, 2]
+    else:
+        assert isinstance(up[2], IntegerConv)
+    assert type(q.fp.upsampler[2]).__name__ == "Conv2d"  # the FP model is untouched
+
+
+def test_fused_upsampler_equals_conv_by_conv_with_fp32_in_between(edsr32):
+    """Re-quantizing in the epilogue and shuffling codes gives what quantizing the shuffled fp32
+    output gives: a permutation commutes with per-tensor quantization."""
+    calib = random_image(12, 12, n=4, seed=1)
+    q = quantize(edsr32, "static", bits=8, calib=calib, tail_bits=8)
+    from gdq_engine.runtime.intgraph import _backend_module
+
+    fused = q.runtime_model().upsampler
+    ops = _backend_module("cpp" if cpu_ops.available() else "reference")
+    quants = q.tail_quants()
+    stepwise = torch.nn.Sequential(IntegerConv(edsr32.upsampler[0], quants[0], ops), torch.nn.PixelShuffle(2),
+                                   IntegerConv(edsr32.upsampler[2], quants[1], ops), torch.nn.PixelShuffle(2))
+    x = torch.randn(2, 32, 7, 6, generator=torch.Generator().manual_seed(5))
+    out = fused(x)
+    assert out.shape == (2, 32, 28, 24) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, stepwise(x))
+    assert fused.integer_macs((2, 32, 7, 6)) == 2 * 9 * 32 * 128 * (7 * 6 + 14 * 12)
+    assert fused(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_tail_checkpoint_round_trip_and_older_checkpoints(edsr32, tmp_path):

@@ -20,7 +20,9 @@
 //
 // Epilogue, one fp32 operation per step, no fused multiply-add (built with -ffp-contract=off):
 // y = float(acc) * mult[o]; y = y + bias[o]; ReLU; y = y * res_scale; y = residual + y;
-// then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits.
+// then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits. Optionally the store
+// pixel-shuffles (output channels sub-pixel major: block b = i*r + j of Cout / r^2 channels goes to
+// pixel (r*y + i, r*x + j)) and fp32 results are stored as bf16 (round to nearest even).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -324,6 +326,16 @@ at::Tensor unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int6
 
 // ---- epilogue ----------------------------------------------------------------------------------
 
+// fp32 -> bf16 bits, round to nearest even (NaN -> 0x7FC0): torch's own conversion.
+void to_bf16_row(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, in + i, 4);
+    out[i] = std::isnan(in[i]) ? static_cast<uint16_t>(0x7FC0)
+                               : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
   float t = y * inv_s;
   t = t + 0.5f;
@@ -336,7 +348,8 @@ inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
 at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a_signed, const at::Tensor& w_vnni,
                               const at::Tensor& wsum, const at::Tensor& mult, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, double res_scale, bool relu, int64_t o_bits,
-                              int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx) {
+                              int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx,
+                              int64_t shuffle, bool out_bf16) {
   TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
@@ -349,7 +362,12 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
               " channels, weights expect ", C);
   TORCH_CHECK(wsum.numel() == Cout && mult.numel() == Cout && bias.numel() == Cout, "per-channel vectors need ", Cout,
               " entries");
-  TORCH_CHECK(o_bits == 0 || Cout % (8 / o_bits) == 0, Cout, " output channels cannot be packed at ", o_bits, " bits");
+  TORCH_CHECK(shuffle >= 1 && Cout % (shuffle * shuffle) == 0, "shuffle must be >= 1 and divide Cout into r*r "
+              "sub-pixel blocks, got ", shuffle, " for ", Cout, " channels");
+  const int64_t blocks = shuffle * shuffle, Cs = Cout / blocks;  // output channels per stored pixel
+  TORCH_CHECK(shuffle == 1 || !residual.has_value(), "a pixel-shuffle store takes no residual");
+  TORCH_CHECK(!out_bf16 || o_bits == 0, "bf16 output is for unquantized (o_bits 0) results");
+  TORCH_CHECK(o_bits == 0 || Cs % (8 / o_bits) == 0, Cs, " output channels cannot be packed at ", o_bits, " bits");
   const auto xin = x_packed.contiguous();
   const auto wv = w_vnni.contiguous();
   const auto ws = wsum.to(at::kInt).contiguous();
@@ -373,9 +391,10 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 #endif
   // AMX blocks read up to 32 + 2 pixels past a row's first pixel: slack for the last row.
   const at::Tensor padded = unpack_padded(xin, a_bits, a_signed, C, amx ? kAmxPx + 2 : 0);
-  const int64_t out_c = o_bits ? Cout * o_bits / 8 : Cout;
-  auto out = at::empty({N, H, W, out_c}, x_packed.options().dtype(o_bits ? at::kByte : at::kFloat));
-  const bool avx512 = vnni || amx;  // both imply AVX-512F; Cout % 16 == 0 in both
+  const int64_t out_c = o_bits ? Cs * o_bits / 8 : Cs;
+  auto out = at::empty({N, H * shuffle, W * shuffle, out_c},
+                       x_packed.options().dtype(o_bits ? at::kByte : out_bf16 ? at::kBFloat16 : at::kFloat));
+  const bool avx512 = (vnni || amx) && Cs % 16 == 0;  // VNNI and AMX imply AVX-512F
   const uint8_t* pin = padded.data_ptr<uint8_t>();
   const int8_t* pw = wv.data_ptr<int8_t>();
   const int32_t* pws = ws.data_ptr<int32_t>();
@@ -384,11 +403,13 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   const float* pr = residual.has_value() ? res.data_ptr<float>() : nullptr;
   const float rs = static_cast<float>(res_scale), inv = static_cast<float>(inv_s);
   const int32_t shift_fix = a_signed ? -128 : 0;
-  float* out_f = o_bits ? nullptr : out.data_ptr<float>();
+  float* out_f = o_bits || out_bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* out_h = out_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   uint8_t* out_b = o_bits ? out.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(acc_w * Cout);
-    std::vector<int32_t> codes(o_bits ? Cout : 0);
+    std::vector<int32_t> codes(o_bits ? Cs : 0);
+    std::vector<float> staged(out_bf16 ? Cs : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, y = r % H;
       const uint8_t* img = pin + n * (H + 2) * (W + 2) * C;
@@ -408,29 +429,34 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 #endif
       for (int64_t x = 0; x < W; ++x) {
         const int64_t pix = (n * H + y) * W + x;
-        const int32_t* a = acc.data() + x * Cout;
+        for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle); one block without shuffle
+          const int64_t o0 = b * Cs, dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + x * shuffle + b % shuffle;
+          const int32_t* a = acc.data() + x * Cout + o0;
+          float* f = out_bf16 ? staged.data() : o_bits ? nullptr : out_f + dst * Cs;
+          const float* rp = pr ? pr + pix * Cout : nullptr;
 #if defined(__x86_64__) && defined(__GNUC__)
-        if (avx512) {
-          epilogue_pixel_avx512(a, pws, shift_fix, pm, pb, relu, pr ? pr + pix * Cout : nullptr, rs, rs != 1.0f, Cout,
-                                o_bits ? nullptr : out_f + pix * Cout, o_bits ? codes.data() : nullptr, inv, o_lo,
-                                o_hi);
-        } else
+          if (avx512) {
+            epilogue_pixel_avx512(a, pws + o0, shift_fix, pm + o0, pb + o0, relu, rp, rs, rs != 1.0f, Cs, f,
+                                  o_bits ? codes.data() : nullptr, inv, o_lo, o_hi);
+          } else
 #endif
-        for (int64_t o = 0; o < Cout; ++o) {
-          float v = static_cast<float>(a[o] + shift_fix * pws[o]) * pm[o];
-          v = v + pb[o];
-          if (relu) v = v < 0.0f ? 0.0f : v;
-          if (pr != nullptr) {
-            if (rs != 1.0f) v = v * rs;
-            v = pr[pix * Cout + o] + v;
+          for (int64_t o = 0; o < Cs; ++o) {
+            float v = static_cast<float>(a[o] + shift_fix * pws[o0 + o]) * pm[o0 + o];
+            v = v + pb[o0 + o];
+            if (relu) v = v < 0.0f ? 0.0f : v;
+            if (rp != nullptr) {
+              if (rs != 1.0f) v = v * rs;
+              v = rp[o] + v;
+            }
+            if (o_bits) {
+              codes[o] = requantize(v, inv, o_lo, o_hi);
+            } else {
+              f[o] = v;
+            }
           }
-          if (o_bits) {
-            codes[o] = requantize(v, inv, o_lo, o_hi);
-          } else {
-            out_f[pix * Cout + o] = v;
-          }
+          if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512);
+          if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs);
         }
-        if (o_bits) pack_codes_row(codes.data(), Cout, o_bits, out_b + pix * out_c, avx512);
       }
     }
   });
@@ -487,7 +513,7 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
   m.def(
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
-      "bool allow_vnni=True, bool allow_amx=True) -> Tensor");
+      "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
   m.def("cpu_has_amx() -> bool", &gdq::has_amx);
   m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True) -> str", &gdq::conv_path);

@@ -61,19 +61,25 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> Pre
 def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, mult: torch.Tensor,
                    bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True,
-                   allow_amx: bool = True) -> torch.Tensor:
+                   allow_amx: bool = True, shuffle: int = 1, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
     ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
     forces the VNNI kernel, both False the portable loop (for tests and benchmarks). Returns packed
-    uint8 when ``out_quant`` else fp32.
+    uint8 when ``out_quant`` else fp32 (or ``out_dtype=torch.bfloat16``: the fp32 values rounded to
+    nearest even). ``shuffle=r`` stores pixel-shuffled: output channels are read sub-pixel major
+    (block i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2) (no residual).
     """
     if not isinstance(weight, PreparedCpuWeight):
         weight = prepare_conv_weight(weight)
     o_bits, lo, hi, inv_s = requant_args(out_quant)
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
-        residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx)
+        residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx, int(shuffle),
+        out_dtype == torch.bfloat16)
+
+
+SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.inttail uses them)
 
 
 quantize_pack = compiled_quantize_pack  # fp32 NHWC (..., C) -> packed uint8 codes of an ActQuant

@@ -14,7 +14,8 @@ _CACHE: dict[tuple, dict[str, int]] = {}
 def _probe(model: SRModel, height: int, width: int) -> dict[str, int]:
     """One forward of a zero patch, cached by architecture, config and size (not by model object,
     so no model is kept alive): quantized-body MACs, other MACs, largest module output (elements)."""
-    integer_tail = tuple(n for n, m in model.named_modules() if getattr(m, "is_integer_conv", False))
+    integer_tail = tuple(n for n, m in model.named_modules()
+                         if getattr(m, "is_integer_conv", False) or hasattr(m, "integer_macs"))
     key = (model.arch, repr(sorted(model.config.items())), integer_tail, int(height), int(width))
     if key not in _CACHE:
         if len(_CACHE) >= 256:
@@ -55,6 +56,9 @@ def _count(model: SRModel, height: int, width: int) -> dict[str, int]:
         else:
             totals["tail_macs" if getattr(mod, "is_integer_conv", False) else "fp_macs"] += macs
 
+    def fused_hook(mod, args, out):  # e.g. IntegerUpsampler: its convs run inside one forward
+        totals["tail_macs"] += mod.integer_macs(args[0].shape)
+
     def size_hook(mod, args, out):
         if torch.is_tensor(out):
             totals["peak"] = max(totals["peak"], out.numel())
@@ -62,6 +66,8 @@ def _count(model: SRModel, height: int, width: int) -> dict[str, int]:
     for m in model.modules():
         if isinstance(m, nn.Conv2d) or getattr(m, "is_integer_conv", False):
             hooks.append(m.register_forward_hook(conv_hook))
+        elif hasattr(m, "integer_macs"):
+            hooks.append(m.register_forward_hook(fused_hook))
         hooks.append(m.register_forward_hook(size_hook))
     try:
         p = next(model.parameters())

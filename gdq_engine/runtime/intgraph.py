@@ -168,7 +168,8 @@ class IntegerBody:
         return self._weights[key]
 
     def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
-        """(N,F,H,W) block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``.
+        """(N,F,H,W) block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``, in
+        channels_last memory (the kernels' NHWC result).
 
         With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
         bucket, patch shape): N is padded up to :func:`graph_batch` (N), so the varying group sizes
@@ -260,4 +261,4 @@ class IntegerBody:
             packed = ops.quantize_pack(x, q_in)
             mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
             x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale)
-        return x.permute(0, 3, 1, 2).contiguous()
+        return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy

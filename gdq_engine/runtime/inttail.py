@@ -108,14 +108,96 @@ class IntegerConv(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, a{self.quant.bits} w{TAIL_W_BITS}"
 
 
+class IntegerUpsampler(nn.Module):
+    """An upsampler of [conv, PixelShuffle(r)] stages (EDSR's) on the integer path, fused: each
+    stage's conv re-quantizes its output in its epilogue straight to the next stage's 8-bit input
+    codes, and the pixel shuffle moves those bytes (a permutation commutes with per-tensor
+    quantization); only the last stage writes fp32, shuffled into the input's dtype. No fp32
+    intermediate, no separate quantize pass. (N,C,H,W) -> (N,C',rH,rW) channels_last. Backends
+    whose kernel stores pixel-shuffled (``SHUFFLE_STORE``: the C++ one, also in bf16) do the
+    shuffle and cast in the epilogue; the others copy once after the conv.
+
+    Needs every stage but the first to take 8-bit-container codes (``tail_bits`` 5..8): packed
+    4/2-bit bytes hold channels the shuffle separates. Each conv's output channels are reordered
+    once (sub-pixel major: (i, j, c) instead of PixelShuffle's (c, i, j)), so the shuffle copies
+    runs of C contiguous values instead of scattering single ones; the values are unchanged
+    (per-output-channel weight codes and scales move with their channel).
+    """
+
+    def __init__(self, stages: list[tuple[nn.Conv2d, ActQuant, int]], ops):
+        super().__init__()
+        self.convs = nn.ModuleList(IntegerConv(_subpixel_major(conv, r), q, ops) for conv, q, r in stages)
+        self.factors = [int(r) for _, _, r in stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = self.convs[0]._ops
+        codes = ops.quantize_pack(x.to(torch.float32).permute(0, 2, 3, 1).contiguous(), self.convs[0].quant)
+        for i, (conv, r) in enumerate(zip(self.convs, self.factors)):
+            nxt = self.convs[i + 1].quant if i + 1 < len(self.convs) else None
+            dtype = torch.uint8 if nxt is not None else x.dtype
+            args = (codes, conv.quant.bits, True, conv.weight_codes, conv.mult, conv.bias_fp32)
+            if getattr(ops, "SHUFFLE_STORE", False) and dtype in (torch.uint8, torch.float32, torch.bfloat16):
+                codes = ops.packed_conv3x3(*args, out_quant=nxt, shuffle=r,
+                                           out_dtype=torch.float32 if dtype == torch.uint8 else dtype)
+            else:  # the kernel writes (N,H,W,r*r*C) in its own dtype; the shuffle moves (and casts) it
+                codes = _shuffle_nhwc(ops.packed_conv3x3(*args, out_quant=nxt), r, dtype)
+        return codes.permute(0, 3, 1, 2)
+
+    def integer_macs(self, shape) -> int:
+        """Conv MACs of one forward on an input of ``shape`` (N,C,H,W) (for runtime.cost)."""
+        n, _, h, w = shape
+        total = 0
+        for conv, r in zip(self.convs, self.factors):
+            total += n * h * w * conv.out_channels * conv.in_channels * 9
+            h, w = h * r, w * r
+        return total
+
+
+def _subpixel_major(conv: nn.Conv2d, r: int) -> nn.Conv2d:
+    """A copy of ``conv`` whose output channel (i*r + j)*C + c is the original c*r*r + i*r + j."""
+    c = conv.out_channels // (r * r)
+    order = torch.arange(conv.out_channels).view(c, r * r).t().reshape(-1)
+    out = copy.deepcopy(conv)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight[order])
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias[order])
+    return out
+
+
+def _shuffle_nhwc(y: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """PixelShuffle(r) of a sub-pixel-major NHWC conv output (N,H,W,r*r*C) -> (N,rH,rW,C) in
+    ``dtype``: one copy of C-long contiguous runs."""
+    n, h, w, crr = y.shape
+    c = crr // (r * r)
+    out = torch.empty((n, h * r, w * r, c), dtype=dtype, device=y.device)
+    out.view(n, h, r, w, r, c).copy_(y.view(n, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5))
+    return out
+
+
+def _fusable(upsampler: nn.Module, bits: int) -> bool:
+    layers = list(upsampler.children()) if isinstance(upsampler, nn.Sequential) else []
+    return (bits >= 5 and len(layers) >= 2 and len(layers) % 2 == 0 and all(_qualifies(c) for c in layers[0::2])
+            and all(isinstance(s, nn.PixelShuffle) for s in layers[1::2]))
+
+
 def with_integer_tail(model: nn.Module, quants: list[ActQuant], ops) -> nn.Module:
-    """A copy of ``model`` whose :func:`tail_conv_names` convs are :class:`IntegerConv` s (one
-    quantizer each, in that order) on the backend module ``ops``."""
+    """A copy of ``model`` whose :func:`tail_conv_names` convs run on the integer path (one
+    quantizer each, in that order) on the backend module ``ops``: an EDSR-style upsampler as one
+    :class:`IntegerUpsampler`, every other tail conv as an :class:`IntegerConv`."""
     names = tail_conv_names(model)
     if len(quants) != len(names):
         raise ValueError(f"{len(quants)} tail quantizers for {len(names)} tail convs {names}")
     out = copy.deepcopy(model)
-    for name, q in zip(names, quants):
+    by_name = dict(zip(names, quants))
+    up = getattr(out, "upsampler", None)
+    if up is not None and _fusable(up, quants[0].bits):
+        layers = list(up.children())
+        stages = zip(layers[0::2], layers[1::2])
+        out.upsampler = IntegerUpsampler([(conv, by_name[f"upsampler.{2 * k}"], shuf.upscale_factor)
+                                          for k, (conv, shuf) in enumerate(stages)], ops)
+        by_name = {n: q for n, q in by_name.items() if not n.startswith("upsampler.")}
+    for name, q in by_name.items():
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, child, IntegerConv(getattr(parent, child), q, ops))
