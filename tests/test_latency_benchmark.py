@@ -36,7 +36,7 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     # The backends are bit-identical, so the two a8 rows give the same image.
     assert rows["static a8"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
     assert rows["granular {2,4,8}"]["fab"] in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
-    assert 40 < rows["static a8 + int8 tail"]["psnr_vs_fp32"] < rows["static a8"]["psnr_vs_fp32"]
+    assert 30 < rows["static a8 + int8 tail"]["psnr_vs_fp32"] < rows["static a8"]["psnr_vs_fp32"]  # 4 calib crops
     for r in rows.values():
         assert len(r["groups"]) == 2  # one report per frame
         assert r["ms"] > 0 and r["ms_per_mpix"] == pytest.approx(r["ms"] / (96 * 96 / 1e6))
