@@ -23,10 +23,11 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
 (their speed is what is measured; the PSNR column then only shows numerical agreement).
 
 Columns: median ms per frame (``triton.testing.do_bench`` on GPU, host-timer medians on CPU),
-speed-up vs the fp16 channels_last (GPU) or fp32 (CPU) row, % of the int8 roofline floor (GPU:
-max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR out bytes) / measured HBM
-bandwidth), peaks measured in the same run), ms per output megapixel (linear scaling shows as a
-constant), FAB (mean over the patches of all frames), PSNR of the output vs the fp32 output (mean
+speed-up vs the fp16 channels_last row (GPU) or the fp32 and bf16 channels_last rows (CPU), % of
+the int8 roofline floor (GPU: max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR
+out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per output megapixel
+(linear scaling shows as a constant), FAB (mean over the patches of all frames), PSNR of the
+output vs the fp32 output (mean
 over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
 """
 
@@ -108,8 +109,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if granular is not None:
         quant += [("granular {2,4,8}", dict(model=granular)),
                   ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
-    if not gpu:
-        return fp + quant + [("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
+    if not gpu:  # the anchor there is bf16: also the tail rows with their FP layers (head, last conv) in bf16
+        bf16 = [(f"{name} (bf16 FP layers)", dict(kw, dtype=torch.bfloat16)) for name, kw in quant if "tail" in name]
+        return fp + quant + bf16 + [("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
     # On GPU the quantized rows run their FP layers (head, upsampler, tail) in fp16 too.
     return fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))] + [
         (name, dict(kw, dtype=half)) for name, kw in quant]
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     paths = frame_paths(args.image, args.frames)
     engines = {}
     rows = []
-    base_name = "fp16 CL" if args.gpu else "fp32"
+    bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows
     for out_w, out_h in sizes:
         frames = [f.to(dev) for f in lr_frames(paths, out_h // args.scale, out_w // args.scale)]
         ref_outs, size_rows = None, []
@@ -252,9 +254,10 @@ def main(argv=None) -> int:
                 row["pct_of_floor"] = 100 * row["floor_ms"] / ms
             size_rows.append(row)
             print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
-        base = next(r["ms"] for r in size_rows if r["method"] == base_name)
-        for r in size_rows:
-            r[f"speedup_vs_{base_name.split()[0]}"] = base / r["ms"]
+        for name in bases:
+            base = next(r["ms"] for r in size_rows if r["method"] == name)
+            for r in size_rows:
+                r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
         rows += size_rows
     payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
                             "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
@@ -263,15 +266,17 @@ def main(argv=None) -> int:
     path = write_results("latency", payload, args.out)
     if args.plot:
         plot(rows, args.plot)
-    key = f"speedup_vs_{base_name.split()[0]}"
+    keys = [f"speedup_vs_{name.split()[0]}" for name in bases]
     print(f"{model_name} ({payload['workload']['weights']} weights), device {dev}, {len(paths)} frame(s)")
     if peaks is not None:
         print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, HBM {peaks['hbm_gbs']:.0f} GB/s")
-    print(f"{'output':10} {'method':32} {'patches':>7} {'ms':>9} {'x ' + base_name:>10} {'% floor':>7} "
-          f"{'ms/MPix':>8} {'FAB':>5} {'PSNR vs fp32':>12} backend")
+    ratios = "".join(f"{'x ' + name:>10}" for name in bases)
+    print(f"{'output':10} {'method':42} {'patches':>7} {'ms':>9}{ratios} {'% floor':>7} {'ms/MPix':>8} {'FAB':>5} "
+          f"{'PSNR vs fp32':>12} backend")
     for r in rows:
         floor = f"{r['pct_of_floor']:7.1f}" if "pct_of_floor" in r else f"{'-':>7}"
-        print(f"{r['output']:10} {r['method']:32} {r['patches']:7d} {r['ms']:9.2f} {r[key]:10.2f} {floor} "
+        ratios = "".join(f"{r[k]:10.2f}" for k in keys)
+        print(f"{r['output']:10} {r['method']:42} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
     print(f"wrote {path}")
     return 0

@@ -28,9 +28,10 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["fp32", "bf16 CL", "static a8", "static a4", "static a2", "entropy {2,4,8}",
                           "static a8 + int8 tail", "granular {2,4,8}", "granular {2,4,8} + int8 tail",
+                          "static a8 + int8 tail (bf16 FP layers)", "granular {2,4,8} + int8 tail (bf16 FP layers)",
                           "static a8 (reference)"]
     assert len(result["workload"]["frames"]) == 2 and len({*result["workload"]["frames"]}) == 2
-    assert rows["fp32"]["speedup_vs_fp32"] == 1.0 and rows["fp32"]["fab"] == 32.0
+    assert rows["fp32"]["speedup_vs_fp32"] == rows["bf16 CL"]["speedup_vs_bf16"] == 1.0 and rows["fp32"]["fab"] == 32.0
     assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
     assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
     # The backends are bit-identical, so the two a8 rows give the same image.
