@@ -128,6 +128,21 @@ def test_pixel_shuffle_store_and_bf16_output(path, cout, r, out):
         assert torch.equal(got, expect)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_output_written_into_the_residual_buffer(path):
+    g = gen()
+    x = rand_codes((2, 6, 37, 64), 8, False, g)
+    w, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = torch.randn(2, 6, 37, 64, generator=g)
+    xp = pack_codes(x, 8)
+    want = ref.packed_conv3x3(xp, 8, False, w, mult, bias, residual=residual, res_scale=0.5)
+    got = cpu_ops.packed_conv3x3(xp, 8, False, cpu_ops.prepare_conv_weight(w), mult, bias, residual=residual,
+                                 res_scale=0.5, out=residual, **PATH_FLAGS[path])
+    assert got.data_ptr() == residual.data_ptr() and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        cpu_ops.packed_conv3x3(xp, 8, False, cpu_ops.prepare_conv_weight(w), mult, bias, out=torch.empty(2, 6, 37, 63))
+
+
 def test_pixel_shuffle_store_rejects_what_it_cannot_do():
     g = gen()
     w = cpu_ops.prepare_conv_weight(rand_weights(64, 64, 8, g))

@@ -212,6 +212,21 @@ def test_bit_groups_are_ascending_with_indices_in_patch_order():
     assert groups == [(2, [1, 3, 5]), (4, [2]), (8, [0, 4])]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_integer_body_leaves_its_input_alone(small_edsr, backend):
+    """The C++ backend updates the residual stream in place: never in the caller's (fp32, NHWC) tensor."""
+    from gdq_engine.ops import cpu_ops
+
+    if backend == "cpp" and not cpu_ops.available():
+        pytest.skip("the C++ extension is not built")
+    body = IntegerBody(prepare_blocks(small_edsr), calibrate(small_edsr, random_image(16, 16, n=4, seed=1), (8,)),
+                       backend=backend)
+    feat = torch.randn(2, 16, 7, 9, generator=torch.Generator().manual_seed(4)).to(memory_format=torch.channels_last)
+    before = feat.clone()
+    out = body(feat, 8)
+    assert torch.equal(feat, before) and not torch.equal(out, feat)
+
+
 def test_graph_batch_buckets_pad_by_at_most_a_third():
     from gdq_engine.runtime.intgraph import graph_batch
 

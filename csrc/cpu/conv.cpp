@@ -308,20 +308,33 @@ UnpackRow unpack_row_for(int64_t bits, bool is_signed) {
 
 // packed (N,H,W,CP) -> padded (N,H+2,W+2,C) uint8: signed codes + 128 (pad 128), unsigned as is (pad 0).
 // `slack` extra pixels of padding value follow the last row (the AMX kernel reads past row ends).
-at::Tensor unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C, int64_t slack = 0) {
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), CP = x.size(3);
+// The buffer is the calling thread's own and is reused across calls (a fresh multi-megabyte
+// allocation costs a page fault per 4 KiB on first touch); only the border is re-filled, the
+// interior is overwritten.
+const uint8_t* unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C, int64_t slack = 0) {
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), CP = x.size(3), Wp = W + 2;
   const uint8_t pad = is_signed ? 128 : 0;
-  auto out = at::full({N * (H + 2) * (W + 2) * C + slack * C}, pad, x.options().dtype(at::kByte));
+  thread_local std::vector<uint8_t> buffer;
+  const size_t bytes = static_cast<size_t>(N * (H + 2) * Wp * C + slack * C);
+  if (buffer.size() < bytes) buffer.resize(bytes);
   const uint8_t* src = x.data_ptr<uint8_t>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
+  uint8_t* dst = buffer.data();
   const UnpackRow row = unpack_row_for(bits, is_signed);
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * (H + 2), 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / H, y = r % H;
-      row(src + (n * H + y) * W * CP, dst + ((n * (H + 2) + y + 1) * (W + 2) + 1) * C, W, CP);
+      const int64_t n = r / (H + 2), yp = r % (H + 2);
+      uint8_t* line = dst + r * Wp * C;
+      if (yp == 0 || yp == H + 1) {
+        std::memset(line, pad, Wp * C);
+        continue;
+      }
+      std::memset(line, pad, C);
+      std::memset(line + (W + 1) * C, pad, C);
+      row(src + (n * H + yp - 1) * W * CP, line + C, W, CP);
     }
   });
-  return out;
+  std::memset(dst + N * (H + 2) * Wp * C, pad, slack * C);
+  return dst;
 }
 
 // ---- epilogue ----------------------------------------------------------------------------------
@@ -349,7 +362,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
                               const at::Tensor& wsum, const at::Tensor& mult, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, double res_scale, bool relu, int64_t o_bits,
                               int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx,
-                              int64_t shuffle, bool out_bf16) {
+                              int64_t shuffle, bool out_bf16, const std::optional<at::Tensor>& out_buffer) {
   TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
@@ -390,12 +403,20 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   const int64_t acc_w = W;
 #endif
   // AMX blocks read up to 32 + 2 pixels past a row's first pixel: slack for the last row.
-  const at::Tensor padded = unpack_padded(xin, a_bits, a_signed, C, amx ? kAmxPx + 2 : 0);
+  const uint8_t* pin = unpack_padded(xin, a_bits, a_signed, C, amx ? kAmxPx + 2 : 0);
   const int64_t out_c = o_bits ? Cs * o_bits / 8 : Cs;
-  auto out = at::empty({N, H * shuffle, W * shuffle, out_c},
-                       x_packed.options().dtype(o_bits ? at::kByte : out_bf16 ? at::kBFloat16 : at::kFloat));
+  const auto out_type = o_bits ? at::kByte : out_bf16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor out;
+  if (out_buffer.has_value()) {  // e.g. the residual itself: each value is read before its output is written
+    out = *out_buffer;
+    TORCH_CHECK(out.scalar_type() == out_type && out.is_contiguous() && out.device().is_cpu() &&
+                    out.sizes() == at::IntArrayRef({N, H * shuffle, W * shuffle, out_c}),
+                "out must be a contiguous CPU ", out_type, " tensor of shape (", N, ", ", H * shuffle, ", ",
+                W * shuffle, ", ", out_c, ")");
+  } else {
+    out = at::empty({N, H * shuffle, W * shuffle, out_c}, x_packed.options().dtype(out_type));
+  }
   const bool avx512 = (vnni || amx) && Cs % 16 == 0;  // VNNI and AMX imply AVX-512F
-  const uint8_t* pin = padded.data_ptr<uint8_t>();
   const int8_t* pw = wv.data_ptr<int8_t>();
   const int32_t* pws = ws.data_ptr<int32_t>();
   const float* pm = m.data_ptr<float>();
@@ -513,7 +534,7 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
   m.def(
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
-      "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False) -> Tensor");
+      "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False, Tensor(a!)? out=None) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
   m.def("cpu_has_amx() -> bool", &gdq::has_amx);
   m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True) -> str", &gdq::conv_path);

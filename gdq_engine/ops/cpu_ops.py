@@ -61,7 +61,8 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> Pre
 def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, mult: torch.Tensor,
                    bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True,
-                   allow_amx: bool = True, shuffle: int = 1, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   allow_amx: bool = True, shuffle: int = 1, out_dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
     ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
@@ -69,6 +70,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     uint8 when ``out_quant`` else fp32 (or ``out_dtype=torch.bfloat16``: the fp32 values rounded to
     nearest even). ``shuffle=r`` stores pixel-shuffled: output channels are read sub-pixel major
     (block i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2) (no residual).
+    ``out``: write into this contiguous tensor of the result's shape and dtype instead of a new
+    one; it may be ``residual`` itself (each value is read before its result is written).
     """
     if not isinstance(weight, PreparedCpuWeight):
         weight = prepare_conv_weight(weight)
@@ -76,10 +79,11 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx, int(shuffle),
-        out_dtype == torch.bfloat16)
+        out_dtype == torch.bfloat16, out)
 
 
 SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.inttail uses them)
+OUT_INTO_RESIDUAL = True  # packed_conv3x3(..., residual=x, out=x) is allowed (runtime.intgraph uses it)
 
 
 quantize_pack = compiled_quantize_pack  # fp32 NHWC (..., C) -> packed uint8 codes of an ActQuant

@@ -257,8 +257,12 @@ class IntegerBody:
         ops, quants = self._ops, self.act_quants[bits]
         weights = self._weights_for(quants[0][0].bits, quants[0][1].bits) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        into_residual = getattr(ops, "OUT_INTO_RESIDUAL", False)  # the residual stream updated in place
+        if into_residual and x.data_ptr() == feat.data_ptr():
+            x = x.clone()  # never the caller's tensor
         for blk, (q_in, q_mid), (w1, w2), (m1, m2) in zip(self.blocks, quants, weights, self._mults[bits]):
             packed = ops.quantize_pack(x, q_in)
             mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
-            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale)
+            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
+                                   **({"out": x} if into_residual else {}))
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
