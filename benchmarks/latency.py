@@ -4,9 +4,10 @@
                                  [--output 1280x720,1920x1080,3840x2160] [--frames 4] [--compile max-autotune]
     python benchmarks/latency.py          # CPU mode (small frames)
 
-The LR frames are crops of real photos: ``--frames`` K distinct images of ../shared/data/train
-(``--image`` for one given file), each tiled by reflection if smaller, and the timed call rotates
-over them, so dynamic policies meet K different patch mixes. Every row upscales the same frames
+The LR frames are crops of real photos: ``--frames`` K distinct images of the ``--calib``
+folder (default ../shared/data/train; ``--image`` for one given file), each tiled by reflection
+if smaller, and the timed call rotates over them, so dynamic policies meet K different patch
+mixes. Every row upscales the same frames
 with the papers' 96/90 tiling through ``Engine.upscale``:
 
 * FP rows: fp32, and on GPU fp16/bf16 channels_last (cudnn.benchmark) and fp16 channels_last
@@ -60,13 +61,14 @@ def lr_frames(paths: list[Path], height: int, width: int) -> list[torch.Tensor]:
     return frames
 
 
-def frame_paths(image: Path | None, count: int) -> list[Path]:
-    """``--image``, or the first ``count`` images of ../shared/data/train (cycled if fewer)."""
+def frame_paths(image: Path | None, count: int, folder) -> list[Path]:
+    """``--image``, or the first ``count`` images of ``folder`` (the ``--calib`` folder, default
+    ../shared/data/train; cycled if fewer)."""
     from gdq_engine.train.data import list_images
 
     if image is not None:
         return [image]
-    found = list_images([ROOT.parent / "shared" / "data" / "train"])
+    found = list_images([folder])
     return [found[i % len(found)] for i in range(count)]
 
 
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
                    help="HR frame sizes WxH, comma-separated (default 1920x1080 on GPU, 744x744 on CPU: four "
                         "96x96 LR patches at x4); e.g. 1280x720,1920x1080,3840x2160")
     p.add_argument("--image", type=Path, default=None, help="one image to crop the frame from (default: --frames "
-                                                             "images of ../shared/data/train)")
+                                                             "images of the --calib folder)")
     p.add_argument("--frames", type=int, default=4, help="distinct frames the timed call rotates over")
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
     p.add_argument("--calib-count", type=int, default=32, help="96x96 calibration crops")
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     cases = cases_for(args.gpu, model, granular, compile_mode)
     calib = random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96) if quantizable(model) else None
     peaks = measure_gpu_peaks() if args.gpu else None
-    paths = frame_paths(args.image, args.frames)
+    paths = frame_paths(args.image, args.frames, args.calib)
     engines = {}
     rows = []
     bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows
@@ -271,12 +273,12 @@ def main(argv=None) -> int:
     if peaks is not None:
         print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, HBM {peaks['hbm_gbs']:.0f} GB/s")
     ratios = "".join(f"{'x ' + name:>10}" for name in bases)
-    print(f"{'output':10} {'method':42} {'patches':>7} {'ms':>9}{ratios} {'% floor':>7} {'ms/MPix':>8} {'FAB':>5} "
+    print(f"{'output':10} {'method':46} {'patches':>7} {'ms':>9}{ratios} {'% floor':>7} {'ms/MPix':>8} {'FAB':>5} "
           f"{'PSNR vs fp32':>12} backend")
     for r in rows:
         floor = f"{r['pct_of_floor']:7.1f}" if "pct_of_floor" in r else f"{'-':>7}"
         ratios = "".join(f"{r[k]:10.2f}" for k in keys)
-        print(f"{r['output']:10} {r['method']:42} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
+        print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
     print(f"wrote {path}")
     return 0
