@@ -167,6 +167,9 @@ class Engine:
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs)
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
             model = qmodel.runtime_model(body_backend)
+            for m in model.modules():  # the engine's own copy: its upsampler output is consumed at once
+                if hasattr(m, "reuse_output"):
+                    m.reuse_output = True
         elif tail_bits is not None:
             raise ValueError("tail_bits only apply to quantized policies")
         elif bits is not None:

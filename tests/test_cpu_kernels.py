@@ -167,6 +167,16 @@ def test_quantize_pack(bits, signed, channels):
     assert torch.equal(cpu_ops.quantize_pack(x, q), ref.quantize_pack(x, q))
 
 
+def test_quantize_pack_into_a_given_buffer():
+    g = gen()
+    x = torch.randn(2, 5, 7, 64, generator=g) * 3
+    q = ActQuant(4, True, 0.07)
+    out = torch.full((2, 5, 7, 32), 0xA5, dtype=torch.uint8)
+    assert cpu_ops.quantize_pack(x, q, out=out) is out and torch.equal(out, ref.quantize_pack(x, q))
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU uint8"):
+        cpu_ops.quantize_pack(x, q, out=torch.empty(2, 5, 7, 64, dtype=torch.uint8))
+
+
 def test_bad_inputs_raise_clear_errors():
     g = gen()
     with pytest.raises(ValueError, match="multiples of 4"):

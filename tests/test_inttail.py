@@ -89,6 +89,10 @@ def test_fused_upsampler_equals_conv_by_conv_with_fp32_in_between(edsr32):
     assert torch.equal(out, stepwise(x))
     assert fused.integer_macs((2, 32, 7, 6)) == 2 * 9 * 32 * 128 * (7 * 6 + 14 * 12)
     assert fused(x.bfloat16()).dtype == torch.bfloat16
+    fused.reuse_output = True  # as the Engine sets it: the next call overwrites the result
+    first = fused(x).clone()
+    again = fused(x)
+    assert torch.equal(first, out) and torch.equal(again, out)
 
 
 def test_tail_checkpoint_round_trip_and_older_checkpoints(edsr32, tmp_path):
@@ -134,6 +138,10 @@ def test_engine_tail_options(edsr32):
     x = random_image(16, 8, n=1, seed=4)
     out, report = engine.upscale(x, return_report=True)
     assert torch.equal(out, direct.upscale(x))
+    # The engine's private model reuses the upsampler's output buffer; the drop-in module does not.
+    qt = quantize(edsr32, "static", bits=8, calib=calib, tail_bits=8)
+    whole = Engine(qt, device="cpu", patch_size=None)
+    assert torch.equal(whole.upscale(x), qt(x).clamp(0, 1)) and torch.equal(whole.upscale(x), qt(x).clamp(0, 1))
     # BitOPs: the tail convs count 8 x 8 instead of 32 x 32.
     _, fp_report = Engine(q, device="cpu", patch_size=8, stride=8).upscale(x, return_report=True)
     from gdq_engine.runtime.cost import integer_tail_macs

@@ -340,13 +340,37 @@ const uint8_t* unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, 
 // ---- epilogue ----------------------------------------------------------------------------------
 
 // fp32 -> bf16 bits, round to nearest even (NaN -> 0x7FC0): torch's own conversion.
-void to_bf16_row(const float* in, int64_t n, uint16_t* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, in + i, 4);
-    out[i] = std::isnan(in[i]) ? static_cast<uint16_t>(0x7FC0)
-                               : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return std::isnan(f) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same on 16 lanes with integer operations (bit-identical, NaN included).
+__attribute__((target("avx512f"))) void to_bf16_row_avx512(const float* in, int64_t n, uint16_t* out) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 f = _mm512_loadu_ps(in + i);
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(h));
   }
+  for (; i < n; ++i) out[i] = to_bf16(in[i]);
+}
+#endif
+
+void to_bf16_row(const float* in, int64_t n, uint16_t* out, bool avx512) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512) {
+    to_bf16_row_avx512(in, n, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = to_bf16(in[i]);
 }
 
 inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
@@ -476,7 +500,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
             }
           }
           if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512);
-          if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs);
+          if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs, avx512);
         }
       }
     }
@@ -484,7 +508,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   return out;
 }
 
-at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s) {
+at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s,
+                              const std::optional<at::Tensor>& out_buffer) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be a container (2, 4, 8)");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1, "x must be a CPU fp32 tensor");
   const int64_t C = x.size(-1), groups = 8 / bits;
@@ -493,7 +518,15 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
   const int64_t rows = src.numel() / std::max<int64_t>(C, 1), gsize = C / groups;
   auto sizes = x.sizes().vec();
   sizes.back() = gsize;
-  auto out = at::empty(sizes, x.options().dtype(at::kByte));
+  at::Tensor out;
+  if (out_buffer.has_value()) {
+    out = *out_buffer;
+    TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() && out.device().is_cpu() &&
+                    out.sizes() == at::IntArrayRef(sizes),
+                "out must be a contiguous CPU uint8 tensor of shape ", at::IntArrayRef(sizes));
+  } else {
+    out = at::empty(sizes, x.options().dtype(at::kByte));
+  }
   const float* in = src.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float inv = static_cast<float>(inv_s);
@@ -516,6 +549,10 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
   return out;
 }
 
+at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s) {
+  return quantize_pack_into(x, bits, lo, hi, inv_s, std::nullopt);
+}
+
 bool has_vnni() { return cpu_has_vnni(); }
 bool has_amx() { return cpu_has_amx(); }
 
@@ -535,6 +572,8 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
       "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False, Tensor(a!)? out=None) -> Tensor");
+  m.def("quantize_pack_cpu_into(Tensor x, int bits, int lo, int hi, float inv_s, Tensor(a!)? out) -> Tensor",
+        &gdq::quantize_pack_into);
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
   m.def("cpu_has_amx() -> bool", &gdq::has_amx);
   m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True) -> str", &gdq::conv_path);

@@ -83,7 +83,14 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
 
 
 SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.inttail uses them)
-OUT_INTO_RESIDUAL = True  # packed_conv3x3(..., residual=x, out=x) is allowed (runtime.intgraph uses it)
+# packed_conv3x3 and quantize_pack take out= buffers (packed_conv3x3's may be its residual):
+# runtime.intgraph / inttail reuse workspaces, since a fresh multi-megabyte tensor costs a page
+# fault per 4 KiB on first touch.
+OUT_BUFFERS = True
 
 
-quantize_pack = compiled_quantize_pack  # fp32 NHWC (..., C) -> packed uint8 codes of an ActQuant
+def quantize_pack(x: torch.Tensor, q: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (the compiled kernel), into ``out`` if given."""
+    if out is None:
+        return compiled_quantize_pack(x, q)
+    return torch.ops.gdq_engine.quantize_pack_cpu_into(x.float(), *requant_args(q), out)

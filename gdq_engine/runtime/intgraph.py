@@ -21,7 +21,7 @@ import torch
 from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
-from ..quant.quantizer import ActQuant, quantize_weight
+from ..quant.quantizer import ActQuant, container_bits, quantize_weight
 from .scheduler import bit_groups
 
 
@@ -127,6 +127,8 @@ class IntegerBody:
 
     All backends compute the same codes and fp32 values bit for bit (docs/numerics.md).
 
+    Not for concurrent calls from several threads: workspaces and CUDA graphs are reused.
+
     Args:
         blocks: from :func:`prepare_blocks`.
         act_quants: bit-width -> per block (input quantizer, mid quantizer), from :func:`calibrate`.
@@ -152,6 +154,7 @@ class IntegerBody:
         self.cuda_graphs = cuda_graphs
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._pool = None  # CUDA graph memory pool shared by the captures
+        self._buffers: dict[tuple, torch.Tensor] = {}  # reused workspaces (backends with OUT_BUFFERS)
         self._calls: Counter[tuple] = Counter()
 
     @property
@@ -257,12 +260,29 @@ class IntegerBody:
         ops, quants = self._ops, self.act_quants[bits]
         weights = self._weights_for(quants[0][0].bits, quants[0][1].bits) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
-        into_residual = getattr(ops, "OUT_INTO_RESIDUAL", False)  # the residual stream updated in place
-        if into_residual and x.data_ptr() == feat.data_ptr():
+        buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
+        if buffers and x.data_ptr() == feat.data_ptr():
             x = x.clone()  # never the caller's tensor
         for blk, (q_in, q_mid), (w1, w2), (m1, m2) in zip(self.blocks, quants, weights, self._mults[bits]):
-            packed = ops.quantize_pack(x, q_in)
-            mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
-            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
-                                   **({"out": x} if into_residual else {}))
+            if buffers:
+                packed = ops.quantize_pack(x, q_in, out=self._workspace("in", x, q_in.bits))
+                mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
+                                         out=self._workspace("mid", x, q_mid.bits))
+                x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
+                                       out=x)
+            else:
+                packed = ops.quantize_pack(x, q_in)
+                mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
+                x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale)
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
+
+    def _workspace(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """A reused uint8 buffer for ``x``'s (N,H,W,C) codes at ``bits`` (their container): the
+        packed block input or mid activations, which never leave :meth:`_run`."""
+        shape = (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8)
+        key = (name, shape, x.device)
+        if key not in self._buffers:
+            if len(self._buffers) >= 8:
+                self._buffers.clear()
+            self._buffers[key] = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        return self._buffers[key]

@@ -128,20 +128,38 @@ class IntegerUpsampler(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(IntegerConv(_subpixel_major(conv, r), q, ops) for conv, q, r in stages)
         self.factors = [int(r) for _, _, r in stages]
+        # True: the result is a buffer reused by the next call (for an owner that consumes it at
+        # once, as the Engine's private model does: a fresh tensor of tens of megabytes costs a
+        # page fault per 4 KiB on first touch). Intermediate codes always reuse their buffer.
+        self.reuse_output = False
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.convs[0]._ops
         codes = ops.quantize_pack(x.to(torch.float32).permute(0, 2, 3, 1).contiguous(), self.convs[0].quant)
         for i, (conv, r) in enumerate(zip(self.convs, self.factors)):
-            nxt = self.convs[i + 1].quant if i + 1 < len(self.convs) else None
-            dtype = torch.uint8 if nxt is not None else x.dtype
+            last = i + 1 == len(self.convs)
+            nxt = None if last else self.convs[i + 1].quant
+            dtype = x.dtype if last else torch.uint8
             args = (codes, conv.quant.bits, True, conv.weight_codes, conv.mult, conv.bias_fp32)
             if getattr(ops, "SHUFFLE_STORE", False) and dtype in (torch.uint8, torch.float32, torch.bfloat16):
+                n, h, w, _ = codes.shape
+                out = None
+                if getattr(ops, "OUT_BUFFERS", False) and (not last or self.reuse_output):
+                    out = self._buffer(i, (n, h * r, w * r, conv.out_channels // (r * r)), dtype, codes.device)
                 codes = ops.packed_conv3x3(*args, out_quant=nxt, shuffle=r,
-                                           out_dtype=torch.float32 if dtype == torch.uint8 else dtype)
+                                           out_dtype=torch.float32 if dtype == torch.uint8 else dtype, out=out)
             else:  # the kernel writes (N,H,W,r*r*C) in its own dtype; the shuffle moves (and casts) it
                 codes = _shuffle_nhwc(ops.packed_conv3x3(*args, out_quant=nxt), r, dtype)
         return codes.permute(0, 3, 1, 2)
+
+    def _buffer(self, stage: int, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (stage, shape, dtype, device)
+        if key not in self._buffers:
+            if len(self._buffers) >= 8:
+                self._buffers.clear()
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
 
     def integer_macs(self, shape) -> int:
         """Conv MACs of one forward on an input of ``shape`` (N,C,H,W) (for runtime.cost)."""
