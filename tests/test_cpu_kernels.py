@@ -167,6 +167,24 @@ def test_quantize_pack(bits, signed, channels):
     assert torch.equal(cpu_ops.quantize_pack(x, q), ref.quantize_pack(x, q))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("next_bits", [8, 4, 2, 5])
+def test_residual_output_also_packed_for_the_next_block(path, next_bits):
+    g = gen()
+    x = rand_codes((2, 5, 35, 64), 4, False, g)
+    w, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = torch.randn(2, 5, 35, 64, generator=g)
+    xp = pack_codes(x, 4)
+    y = ref.packed_conv3x3(xp, 4, False, w, mult, bias, residual=residual)
+    q = ActQuant(next_bits, True, 0.05)
+    nxt = torch.full((2, 5, 35, 64 * container_bits(next_bits) // 8), 0xA5, dtype=torch.uint8)
+    got = cpu_ops.packed_conv3x3(xp, 4, False, cpu_ops.prepare_conv_weight(w), mult, bias, residual=residual,
+                                 next_quant=q, next_out=nxt, **PATH_FLAGS[path])
+    assert torch.equal(got, y) and torch.equal(nxt, ref.quantize_pack(y, q))
+    with pytest.raises(RuntimeError, match="q2"):
+        cpu_ops.packed_conv3x3(xp, 4, False, cpu_ops.prepare_conv_weight(w), mult, bias, next_quant=q)
+
+
 def test_quantize_pack_into_a_given_buffer():
     g = gen()
     x = torch.randn(2, 5, 7, 64, generator=g) * 3

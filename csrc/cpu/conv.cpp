@@ -22,7 +22,8 @@
 // y = float(acc) * mult[o]; y = y + bias[o]; ReLU; y = y * res_scale; y = residual + y;
 // then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits. Optionally the store
 // pixel-shuffles (output channels sub-pixel major: block b = i*r + j of Cout / r^2 channels goes to
-// pixel (r*y + i, r*x + j)) and fp32 results are stored as bf16 (round to nearest even).
+// pixel (r*y + i, r*x + j)) and fp32 results are stored as bf16 (round to nearest even); an fp32
+// result can also be re-quantized and packed into a second output (the next block's input codes).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -386,7 +387,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
                               const at::Tensor& wsum, const at::Tensor& mult, const at::Tensor& bias,
                               const std::optional<at::Tensor>& residual, double res_scale, bool relu, int64_t o_bits,
                               int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx,
-                              int64_t shuffle, bool out_bf16, const std::optional<at::Tensor>& out_buffer) {
+                              int64_t shuffle, bool out_bf16, const std::optional<at::Tensor>& out_buffer,
+                              int64_t q2_bits, int64_t q2_lo, int64_t q2_hi, double q2_inv,
+                              const std::optional<at::Tensor>& q2_out) {
   TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
@@ -405,6 +408,10 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   TORCH_CHECK(shuffle == 1 || !residual.has_value(), "a pixel-shuffle store takes no residual");
   TORCH_CHECK(!out_bf16 || o_bits == 0, "bf16 output is for unquantized (o_bits 0) results");
   TORCH_CHECK(o_bits == 0 || Cs % (8 / o_bits) == 0, Cs, " output channels cannot be packed at ", o_bits, " bits");
+  // Second output: the fp32 result also quantized and packed at q2_bits (the next block's input).
+  TORCH_CHECK(q2_bits == 0 || ((q2_bits == 2 || q2_bits == 4 || q2_bits == 8) && o_bits == 0 && !out_bf16 &&
+                               shuffle == 1 && q2_out.has_value() && Cout % (8 / q2_bits) == 0),
+              "q2 (a second, packed output) needs fp32 output without shuffle, a container width and q2_out");
   const auto xin = x_packed.contiguous();
   const auto wv = w_vnni.contiguous();
   const auto ws = wsum.to(at::kInt).contiguous();
@@ -451,10 +458,21 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   float* out_f = o_bits || out_bf16 ? nullptr : out.data_ptr<float>();
   uint16_t* out_h = out_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   uint8_t* out_b = o_bits ? out.data_ptr<uint8_t>() : nullptr;
+  uint8_t* q2_b = nullptr;
+  const float q2_inv_f = static_cast<float>(q2_inv);
+  if (q2_bits) {
+    const at::Tensor& q2 = *q2_out;
+    TORCH_CHECK(q2.scalar_type() == at::kByte && q2.is_contiguous() && q2.device().is_cpu() &&
+                    q2.sizes() == at::IntArrayRef({N, H, W, Cout * q2_bits / 8}),
+                "q2_out must be a contiguous CPU uint8 tensor of shape (", N, ", ", H, ", ", W, ", ",
+                Cout * q2_bits / 8, ")");
+    q2_b = q2.data_ptr<uint8_t>();
+  }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(acc_w * Cout);
     std::vector<int32_t> codes(o_bits ? Cs : 0);
     std::vector<float> staged(out_bf16 ? Cs : 0);
+    std::vector<int32_t> codes2(q2_bits ? Cout : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, y = r % H;
       const uint8_t* img = pin + n * (H + 2) * (W + 2) * C;
@@ -500,6 +518,15 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
             }
           }
           if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512);
+          if (q2_bits) {  // the fp32 values just stored, re-read from L1
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (avx512) {
+              requantize_row_avx512(f, Cs, q2_inv_f, q2_lo, q2_hi, codes2.data());
+            } else
+#endif
+            for (int64_t o = 0; o < Cs; ++o) codes2[o] = requantize(f[o], q2_inv_f, q2_lo, q2_hi);
+            pack_codes_row(codes2.data(), Cs, q2_bits, q2_b + dst * Cs * q2_bits / 8, avx512);
+          }
           if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs, avx512);
         }
       }
@@ -571,7 +598,8 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
   m.def(
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
-      "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False, Tensor(a!)? out=None) -> Tensor");
+      "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False, Tensor(a!)? out=None, "
+      "int q2_bits=0, int q2_lo=0, int q2_hi=0, float q2_inv=1.0, Tensor(b!)? q2_out=None) -> Tensor");
   m.def("quantize_pack_cpu_into(Tensor x, int bits, int lo, int hi, float inv_s, Tensor(a!)? out) -> Tensor",
         &gdq::quantize_pack_into);
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);

@@ -62,7 +62,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
                    bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True,
                    allow_amx: bool = True, shuffle: int = 1, out_dtype: torch.dtype = torch.float32,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, next_quant: ActQuant | None = None,
+                   next_out: torch.Tensor | None = None) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
     ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
@@ -72,6 +73,9 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     (block i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2) (no residual).
     ``out``: write into this contiguous tensor of the result's shape and dtype instead of a new
     one; it may be ``residual`` itself (each value is read before its result is written).
+    ``next_quant`` with ``next_out`` (fp32 results only): also write the result's packed codes of
+    ``next_quant`` into ``next_out`` (N,H,W,Cout*container/8), exactly ``quantize_pack(result,
+    next_quant)`` without another pass over the fp32 values.
     """
     if not isinstance(weight, PreparedCpuWeight):
         weight = prepare_conv_weight(weight)
@@ -79,7 +83,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx, int(shuffle),
-        out_dtype == torch.bfloat16, out)
+        out_dtype == torch.bfloat16, out, *requant_args(next_quant), next_out)
 
 
 SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.inttail uses them)

@@ -263,13 +263,17 @@ class IntegerBody:
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
         if buffers and x.data_ptr() == feat.data_ptr():
             x = x.clone()  # never the caller's tensor
-        for blk, (q_in, q_mid), (w1, w2), (m1, m2) in zip(self.blocks, quants, weights, self._mults[bits]):
-            if buffers:
-                packed = ops.quantize_pack(x, q_in, out=self._workspace("in", x, q_in.bits))
+        packed = None
+        for i, (blk, (q_in, q_mid), (w1, w2), (m1, m2)) in enumerate(zip(self.blocks, quants, weights,
+                                                                        self._mults[bits])):
+            if buffers:  # conv2 also writes the next block's packed input: no quantize_pack pass after block 0
+                if packed is None:
+                    packed = ops.quantize_pack(x, q_in, out=self._workspace("in", x, q_in.bits))
                 mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
                                          out=self._workspace("mid", x, q_mid.bits))
+                nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
-                                       out=x)
+                                       out=x, next_quant=nxt, next_out=None if nxt is None else packed)
             else:
                 packed = ops.quantize_pack(x, q_in)
                 mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
