@@ -23,7 +23,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
 ``--arch edsr-baseline`` uses the shipped weights; ``msrresnet`` and ``rdn`` are built untrained
 (their speed is what is measured; the PSNR column then only shows numerical agreement).
 
-Columns: median ms per frame (``triton.testing.do_bench`` on GPU, host-timer medians on CPU),
+Columns: median ms per frame (``triton.testing.do_bench`` on GPU; on CPU host-timer medians of
+``--reps`` rounds that call every row once, so drifting machine load hits all rows alike),
 speed-up vs the fp16 channels_last row (GPU) or the fp32 and bf16 channels_last rows (CPU), % of
 the int8 roofline floor (GPU: max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR
 out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per output megapixel
@@ -36,13 +37,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measure_gpu_peaks, median_ms, write_results  # noqa: E402
+from common import measure_gpu_peaks, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("edsr-baseline", "msrresnet", "rdn")
@@ -135,12 +138,26 @@ def make_engine(model, kw: dict, device: str, calib):
     return engine
 
 
-def time_ms(fn, gpu: bool, reps: int) -> float:
-    if gpu:
-        from triton.testing import do_bench
+def gpu_ms(fn) -> float:
+    """Median ms of ``fn`` on the GPU (``triton.testing.do_bench``, after warm-up)."""
+    from triton.testing import do_bench
 
-        return do_bench(fn, warmup=200, rep=1000, return_mode="median")
-    return median_ms(fn, reps)
+    return do_bench(fn, warmup=200, rep=1000, return_mode="median")
+
+
+def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int) -> list[float]:
+    """CPU: median ms per engine over ``rounds`` rounds, each round calling every engine once
+    (frames rotating), so load drifting over the run hits every row alike (a row-after-row
+    timing moved the bf16 anchor between 110 and 150 ms on a shared 2-core machine)."""
+    samples = [[] for _ in engines]
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for i, engine in enumerate(engines):
+                t = time.perf_counter()
+                engine.upscale(frames[(r + i) % len(frames)])
+                if r:  # round 0 warms up
+                    samples[i].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(s) for s in samples]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=4, help="distinct frames the timed call rotates over")
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
     p.add_argument("--calib-count", type=int, default=32, help="96x96 calibration crops")
-    p.add_argument("--reps", type=int, default=3, help="CPU-mode repeats")
+    p.add_argument("--reps", type=int, default=5, help="CPU mode: timed rounds over all rows (median)")
     p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
                    help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
@@ -239,7 +256,8 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 results = [engine.upscale(f, return_report=True) for f in frames]
                 turn = itertools.cycle(frames)
-                ms = time_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn)), args.gpu, args.reps)
+                # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
+                ms = gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu else 0.0
             outs = [out for out, _ in results]
             ref_outs = outs if ref_outs is None else ref_outs
             bits = [b for _, report in results for b in report.bits]
@@ -255,7 +273,12 @@ def main(argv=None) -> int:
                 row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)
                 row["pct_of_floor"] = 100 * row["floor_ms"] / ms
             size_rows.append(row)
-            print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
+            if args.gpu:
+                print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
+        if not args.gpu:
+            for row, ms in zip(size_rows, interleaved_ms([engines[name] for name, _ in cases], frames, args.reps)):
+                row["ms"], row["ms_per_mpix"] = ms, ms / (out_w * out_h / 1e6)
+                print(f"{out_w}x{out_h} {row['method']}: {ms:.2f} ms", flush=True)
         for name in bases:
             base = next(r["ms"] for r in size_rows if r["method"] == name)
             for r in size_rows:
