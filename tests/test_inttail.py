@@ -93,6 +93,7 @@ def test_fused_upsampler_equals_conv_by_conv_with_fp32_in_between(edsr32):
     first = fused(x).clone()
     again = fused(x)
     assert torch.equal(first, out) and torch.equal(again, out)
+    assert not list(fused.buffers()) and not fused.state_dict()  # scratch and integer weights stay outside
 
 
 def test_tail_checkpoint_round_trip_and_older_checkpoints(edsr32, tmp_path):

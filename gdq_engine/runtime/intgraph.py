@@ -89,6 +89,26 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 
+class Workspace:
+    """Reused scratch tensors by key (name, shape, dtype, device), least recently used dropped past
+    ``capacity``: a fresh multi-megabyte CPU tensor costs a page fault per 4 KiB on first touch,
+    and a bounded count keeps memory bounded when image shapes vary (whole-image mode)."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._tensors: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def get(self, name, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (name, tuple(shape), dtype, torch.device(device))
+        if key in self._tensors:
+            self._tensors.move_to_end(key)
+        else:
+            self._tensors[key] = torch.empty(shape, dtype=dtype, device=device)
+            while len(self._tensors) > self.capacity:
+                self._tensors.popitem(last=False)
+        return self._tensors[key]
+
+
 def graph_batch(n: int) -> int:
     """The batch a CUDA graph is captured for when ``n`` patches run: ``n`` rounded up to the next
     of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and 1.5x them), so at most a third of a
@@ -154,7 +174,7 @@ class IntegerBody:
         self.cuda_graphs = cuda_graphs
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._pool = None  # CUDA graph memory pool shared by the captures
-        self._buffers: dict[tuple, torch.Tensor] = {}  # reused workspaces (backends with OUT_BUFFERS)
+        self._scratch = Workspace()  # packed input and mid codes (backends with OUT_BUFFERS), 2 batch shapes
         self._calls: Counter[tuple] = Counter()
 
     @property
@@ -283,10 +303,5 @@ class IntegerBody:
     def _workspace(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
         """A reused uint8 buffer for ``x``'s (N,H,W,C) codes at ``bits`` (their container): the
         packed block input or mid activations, which never leave :meth:`_run`."""
-        shape = (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8)
-        key = (name, shape, x.device)
-        if key not in self._buffers:
-            if len(self._buffers) >= 8:
-                self._buffers.clear()
-            self._buffers[key] = torch.empty(shape, dtype=torch.uint8, device=x.device)
-        return self._buffers[key]
+        return self._scratch.get(name, (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8), torch.uint8,
+                                 x.device)

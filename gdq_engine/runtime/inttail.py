@@ -20,6 +20,7 @@ from torch import nn
 
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
+from .intgraph import Workspace
 
 TAIL_W_BITS = 8
 TAIL_PARTS = ("body_tail", "upsampler", "tail")
@@ -132,7 +133,7 @@ class IntegerUpsampler(nn.Module):
         # once, as the Engine's private model does: a fresh tensor of tens of megabytes costs a
         # page fault per 4 KiB on first touch). Intermediate codes always reuse their buffer.
         self.reuse_output = False
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._scratch = Workspace(capacity=2 * len(stages))  # each stage's output, 2 batch shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.convs[0]._ops
@@ -146,20 +147,12 @@ class IntegerUpsampler(nn.Module):
                 n, h, w, _ = codes.shape
                 out = None
                 if getattr(ops, "OUT_BUFFERS", False) and (not last or self.reuse_output):
-                    out = self._buffer(i, (n, h * r, w * r, conv.out_channels // (r * r)), dtype, codes.device)
+                    out = self._scratch.get(i, (n, h * r, w * r, conv.out_channels // (r * r)), dtype, codes.device)
                 codes = ops.packed_conv3x3(*args, out_quant=nxt, shuffle=r,
                                            out_dtype=torch.float32 if dtype == torch.uint8 else dtype, out=out)
             else:  # the kernel writes (N,H,W,r*r*C) in its own dtype; the shuffle moves (and casts) it
                 codes = _shuffle_nhwc(ops.packed_conv3x3(*args, out_quant=nxt), r, dtype)
         return codes.permute(0, 3, 1, 2)
-
-    def _buffer(self, stage: int, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
-        key = (stage, shape, dtype, device)
-        if key not in self._buffers:
-            if len(self._buffers) >= 8:
-                self._buffers.clear()
-            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return self._buffers[key]
 
     def integer_macs(self, shape) -> int:
         """Conv MACs of one forward on an input of ``shape`` (N,C,H,W) (for runtime.cost)."""
