@@ -1,8 +1,9 @@
 """pytest-benchmark suite on CPU: ``pytest benchmarks/ --benchmark-only`` (any session, no GPU).
 
 The latency.py cases at CPU scale: EDSR-baseline x4 on one 96x96 LR patch through the Engine
-(fp32, bf16 channels_last, static a8/a4 and EntropyOnly on the auto backend, static a8 on the
-reference backend), and one 64->64 conv of the C++ kernel against torch fp32. Not part of the test
+(fp32, bf16 channels_last, static a8/a4 and EntropyOnly on the auto backend, static a8 with the
+integer tail (fp32 and bf16 FP layers), static a8 on the reference backend), and one 64->64 conv
+of the C++ kernel (best path and VNNI) against torch fp32 and bf16 channels_last. Not part of the test
 suite (``testpaths = ["tests"]``); results are pytest-benchmark's own tables and JSON
 (``--benchmark-json``).
 """
@@ -36,6 +37,8 @@ CASES = {
     "static-a8": dict(policy="static", bits=8),
     "static-a4": dict(policy="static", bits=4),
     "entropy-248": dict(policy="entropy", bits=(2, 4, 8)),
+    "static-a8-tail8": dict(policy="static", bits=8, tail_bits=8),
+    "static-a8-tail8-bf16": dict(policy="static", bits=8, tail_bits=8, dtype=torch.bfloat16),
     "static-a8-reference": dict(policy="static", bits=8, backend="reference"),
 }
 
@@ -51,21 +54,23 @@ def test_edsr_x4_one_patch(benchmark, case, lr, calib):
     assert out.shape == (1, 3, 384, 384)
 
 
-@pytest.mark.parametrize("impl", ["cpp-a8", "torch-fp32-CL"])
+@pytest.mark.parametrize("impl", ["cpp-a8", "cpp-a8-vnni", "torch-fp32-CL", "torch-bf16-CL"])
 def test_conv_64(benchmark, impl):
     from gdq_engine.ops import cpu_ops
     from gdq_engine.quant.packing import pack_codes
 
     g = torch.Generator().manual_seed(0)
-    if impl == "cpp-a8":
+    if impl.startswith("cpp"):  # the best path of this CPU (AMX where present), or VNNI
         if not cpu_ops.available():
             pytest.skip("gdq_engine._C not built")
         xp = pack_codes(torch.randint(-128, 128, (4, 96, 96, 64), generator=g), 8)
         w = cpu_ops.prepare_conv_weight(torch.randint(-127, 128, (64, 64, 3, 3), generator=g).to(torch.int8))
         m, b = torch.rand(64) * 1e-3, torch.zeros(64)
-        benchmark.pedantic(cpu_ops.packed_conv3x3, args=(xp, 8, True, w, m, b), rounds=20, warmup_rounds=2)
+        benchmark.pedantic(cpu_ops.packed_conv3x3, args=(xp, 8, True, w, m, b),
+                           kwargs=dict(allow_amx=impl == "cpp-a8"), rounds=20, warmup_rounds=2)
     else:
-        conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
-        x = torch.randn(4, 64, 96, 96, generator=g).to(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if "bf16" in impl else torch.float32
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last, dtype=dtype)
+        x = torch.randn(4, 64, 96, 96, generator=g).to(memory_format=torch.channels_last, dtype=dtype)
         with torch.no_grad():
             benchmark.pedantic(conv, args=(x,), rounds=20, warmup_rounds=2)
