@@ -23,6 +23,8 @@ def run_grouped(bits: torch.Tensor, feats: torch.Tensor,
     out = None
     groups = []
     for b, idx in bit_groups(bits, feats.device):
+        if idx.numel() == feats.shape[0]:  # one group (e.g. a static policy): no gather, no scatter
+            return run(feats, b), [(b, int(idx.numel()))]
         y = run(feats[idx], b)
         if out is None:
             out = y.new_empty((feats.shape[0],) + tuple(y.shape[1:]))
