@@ -276,6 +276,11 @@ def cmd_info(args) -> int:
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"C++ extension: {'built' if ops.HAS_CPP else 'missing'}")
+    from .ops import cpu_ops
+
+    if cpu_ops.available():  # which integer core the CPU backend runs for EDSR's 64 -> 64 convs
+        print(f"CPU integer conv: {cpu_ops.conv_path(64, 64)} (AMX-INT8: {cpu_ops.has_amx()}, "
+              f"AVX512-VNNI: {cpu_ops.has_vnni()})")
     try:
         import triton
 

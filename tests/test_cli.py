@@ -37,6 +37,9 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "edsr-baseline-x4" in out and "C++ extension: built" in out
+    from gdq_engine.ops import cpu_ops
+
+    assert f"CPU integer conv: {cpu_ops.conv_path(64, 64)}" in out
 
 
 def test_upscale_file_and_folder(tmp_path, ckpt):
