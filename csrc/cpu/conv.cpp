@@ -381,6 +381,29 @@ inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
   return static_cast<int32_t>(std::min(std::max(q, static_cast<float>(lo)), static_cast<float>(hi)));
 }
 
+// fp32 row of C values -> codes clamp(floor(x * inv + 0.5)) packed at `bits` into dst (one
+// quantize_pack row; `vec`: AVX-512 with C % 16 == 0).
+void quantize_pack_row(const float* in, int64_t C, float inv, int64_t lo, int64_t hi, int64_t bits, int32_t* codes,
+                       uint8_t* dst, bool vec) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vec) {
+    requantize_row_avx512(in, C, inv, lo, hi, codes);
+  } else
+#endif
+  for (int64_t c = 0; c < C; ++c) codes[c] = requantize(in[c], inv, lo, hi);
+  pack_codes_row(codes, C, bits, dst, vec);
+}
+
+const char* dtype_name(at::ScalarType t) {
+  return t == at::kByte ? "uint8" : t == at::kBFloat16 ? "bfloat16" : "float32";
+}
+
+// A caller-given output buffer: contiguous, on the CPU, of this dtype and shape.
+void check_out_buffer(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu() && t.sizes() == sizes, what,
+              " must be a contiguous CPU ", dtype_name(dtype), " tensor of shape ", sizes);
+}
+
 }  // namespace
 
 at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a_signed, const at::Tensor& w_vnni,
@@ -440,10 +463,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   at::Tensor out;
   if (out_buffer.has_value()) {  // e.g. the residual itself: each value is read before its output is written
     out = *out_buffer;
-    TORCH_CHECK(out.scalar_type() == out_type && out.is_contiguous() && out.device().is_cpu() &&
-                    out.sizes() == at::IntArrayRef({N, H * shuffle, W * shuffle, out_c}),
-                "out must be a contiguous CPU ", out_type, " tensor of shape (", N, ", ", H * shuffle, ", ",
-                W * shuffle, ", ", out_c, ")");
+    check_out_buffer(out, out_type, {N, H * shuffle, W * shuffle, out_c}, "out");
   } else {
     out = at::empty({N, H * shuffle, W * shuffle, out_c}, x_packed.options().dtype(out_type));
   }
@@ -461,12 +481,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   uint8_t* q2_b = nullptr;
   const float q2_inv_f = static_cast<float>(q2_inv);
   if (q2_bits) {
-    const at::Tensor& q2 = *q2_out;
-    TORCH_CHECK(q2.scalar_type() == at::kByte && q2.is_contiguous() && q2.device().is_cpu() &&
-                    q2.sizes() == at::IntArrayRef({N, H, W, Cout * q2_bits / 8}),
-                "q2_out must be a contiguous CPU uint8 tensor of shape (", N, ", ", H, ", ", W, ", ",
-                Cout * q2_bits / 8, ")");
-    q2_b = q2.data_ptr<uint8_t>();
+    check_out_buffer(*q2_out, at::kByte, {N, H, W, Cout * q2_bits / 8}, "q2_out");
+    q2_b = q2_out->data_ptr<uint8_t>();
   }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> acc(acc_w * Cout);
@@ -493,7 +509,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
       for (int64_t x = 0; x < W; ++x) {
         const int64_t pix = (n * H + y) * W + x;
         for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle); one block without shuffle
-          const int64_t o0 = b * Cs, dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + x * shuffle + b % shuffle;
+          const int64_t o0 = b * Cs;
+          const int64_t dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + x * shuffle + b % shuffle;
           const int32_t* a = acc.data() + x * Cout + o0;
           float* f = out_bf16 ? staged.data() : o_bits ? nullptr : out_f + dst * Cs;
           const float* rp = pr ? pr + pix * Cout : nullptr;
@@ -519,13 +536,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
           }
           if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512);
           if (q2_bits) {  // the fp32 values just stored, re-read from L1
-#if defined(__x86_64__) && defined(__GNUC__)
-            if (avx512) {
-              requantize_row_avx512(f, Cs, q2_inv_f, q2_lo, q2_hi, codes2.data());
-            } else
-#endif
-            for (int64_t o = 0; o < Cs; ++o) codes2[o] = requantize(f[o], q2_inv_f, q2_lo, q2_hi);
-            pack_codes_row(codes2.data(), Cs, q2_bits, q2_b + dst * Cs * q2_bits / 8, avx512);
+            quantize_pack_row(f, Cs, q2_inv_f, q2_lo, q2_hi, q2_bits, codes2.data(), q2_b + dst * Cs * q2_bits / 8,
+                              avx512);
           }
           if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs, avx512);
         }
@@ -548,9 +560,7 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
   at::Tensor out;
   if (out_buffer.has_value()) {
     out = *out_buffer;
-    TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() && out.device().is_cpu() &&
-                    out.sizes() == at::IntArrayRef(sizes),
-                "out must be a contiguous CPU uint8 tensor of shape ", at::IntArrayRef(sizes));
+    check_out_buffer(out, at::kByte, sizes, "out");
   } else {
     out = at::empty(sizes, x.options().dtype(at::kByte));
   }
@@ -564,13 +574,7 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> codes(C);
     for (int64_t r = begin; r < end; ++r) {
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (vec) {
-        requantize_row_avx512(in + r * C, C, inv, lo, hi, codes.data());
-      } else
-#endif
-      for (int64_t c = 0; c < C; ++c) codes[c] = requantize(in[r * C + c], inv, lo, hi);
-      pack_codes_row(codes.data(), C, bits, dst + r * gsize, vec);
+      quantize_pack_row(in + r * C, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec);
     }
   });
   return out;

@@ -286,18 +286,16 @@ class IntegerBody:
         packed = None
         for i, (blk, (q_in, q_mid), (w1, w2), (m1, m2)) in enumerate(zip(self.blocks, quants, weights,
                                                                         self._mults[bits])):
-            if buffers:  # conv2 also writes the next block's packed input: no quantize_pack pass after block 0
-                if packed is None:
-                    packed = ops.quantize_pack(x, q_in, out=self._workspace("in", x, q_in.bits))
-                mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                         out=self._workspace("mid", x, q_mid.bits))
+            # With buffers, conv2 also writes the next block's packed input: one quantize_pack per call.
+            if packed is None or not buffers:
+                packed = ops.quantize_pack(x, q_in, **({"out": self._workspace("in", x, q_in.bits)} if buffers else {}))
+            mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
+                                     **({"out": self._workspace("mid", x, q_mid.bits)} if buffers else {}))
+            into = {}
+            if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
-                x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
-                                       out=x, next_quant=nxt, next_out=None if nxt is None else packed)
-            else:
-                packed = ops.quantize_pack(x, q_in)
-                mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid)
-                x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale)
+                into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
+            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale, **into)
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
 
     def _workspace(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
