@@ -8,6 +8,7 @@ patches grouped by bit-width, one batched run of the quantized body per group ->
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 import warnings
@@ -237,9 +238,10 @@ class Engine:
             raise ValueError(f"expected 3 colour channels, got {c}{hint}")
         if n == 0 or h == 0 or w == 0:
             raise ValueError(f"empty image batch of shape {tuple(batch.shape)}")
-        # One device-to-host transfer for the three checks (a sync each on CUDA otherwise).
-        finite, lo, hi = torch.stack([torch.isfinite(batch).all().to(batch.dtype), batch.amin(), batch.amax()]).tolist()
-        if not finite:
+        # One pass and one device-to-host transfer for the three checks (min and max are NaN or
+        # infinite exactly when some value is).
+        lo, hi = torch.stack(torch.aminmax(batch.float())).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("input contains NaN or Inf values")
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"float input must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
@@ -302,7 +304,7 @@ class Engine:
                 torch.cuda.empty_cache()
                 report.fallbacks.append(f"out of memory: batch size lowered to {bs}")
                 continue
-            finite &= torch.isfinite(sr).all()
+            finite &= all_finite(sr)
             stitch_windows(canvas, sr.to(canvas.device), grid, idx, self.scale)
             if count:
                 report.patches += len(idx)
@@ -341,6 +343,14 @@ class Engine:
 CPU_BATCH_SIZE = 16
 AUTO_BATCH_MAX = 256
 PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest activation's size live at once
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on ``t``'s device: whether every value of float tensor ``t`` is finite.
+
+    One reduction pass (``aminmax``: the min or max is NaN or infinite exactly when some value
+    is), where ``isfinite(t).all()`` makes four, each with a fresh tensor of ``t``'s size."""
+    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
 
 
 def auto_batch_size(model: SRModel, window: tuple[int, int], patches: int, free_bytes: int) -> int:

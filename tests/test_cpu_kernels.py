@@ -84,10 +84,13 @@ def test_residual_fp32_epilogue(path, a_bits, res_scale):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cin,cout,a_bits", [(64, 256, 8), (32, 48, 4), (16, 16, 2), (8, 8, 8), (48, 64, 4),
-                                             (128, 64, 8), (192, 32, 2), (96, 64, 8)])
+                                             (128, 64, 8), (192, 32, 2), (96, 64, 8), (64, 128, 8), (64, 32, 4)])
 def test_other_channel_counts(path, cin, cout, a_bits):
     """Upsampler-wide outputs, Cout not a multiple of 64 (VNNI tail tiles) or of 16 (portable), C over
-    64 in 64-byte AMX chunks (128, 192) and C the AMX kernel leaves to VNNI (96: chunks would differ)."""
+    64 in 64-byte AMX chunks (128, 192) and C the AMX kernel leaves to VNNI (96: chunks would differ);
+    the register-held epilogue's widths (32, 64, 128 channels; packed rows that are not whole
+    16-byte vectors, e.g. 32 channels at 2 bits, take the per-pixel one); packed rows of 8, 16 and
+    48 bytes per pixel (unpacked bytewise and 16 bytes at a time)."""
     g = gen()
     x = rand_codes((1, 5, 14, cin), a_bits, True, g)
     w = rand_weights(cout, cin, 8, g)

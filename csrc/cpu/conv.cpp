@@ -2,10 +2,10 @@
 // docs/numerics.md, and quantize+pack. Registered as torch.ops.gdq_engine.packed_conv3x3_cpu and
 // the CPU kernel of torch.ops.gdq_engine.quantize_pack; bit-exact with gdq_engine/ops/reference.py.
 //
-// Integer core: activations are unpacked once into a zero-padded uint8 image (signed codes are
-// stored as code + 128, so padding is 128 and the dot products run unsigned x signed); weights
-// come prepared as (9, C/4, Cout, 4) int8 so four input channels of sixteen output channels fill
-// one 64-byte vector. With AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
+// Integer core: each thread unpacks the input rows its output rows need, right before their use,
+// into a ring of three zero-padded uint8 rows (signed codes are stored as code + 128, so padding
+// is 128 and the dot products run unsigned x signed); weights come prepared as (9, C/4, Cout, 4)
+// int8 so four input channels of sixteen output channels fill one 64-byte vector. With AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
 // register tile of PX pixels x NB*16 output channels accumulates over 9 taps x C/4 channel quads;
 // without it a portable loop computes the same int32 sums. For signed inputs the shift is removed
 // with -128 * sum(w[o]) over all taps (padding, stored as 128, is code 0).
@@ -16,9 +16,12 @@
 // tiles; per tap and 64-channel chunk, two A tiles (16 consecutive pixels of the padded image,
 // rows C bytes apart: no im2col) and two B tiles (the same (9, C/4, Cout, 4) weights, rows Cout*4
 // bytes apart) feed four tdpbusd. Pixels past the row end compute garbage that is never read: the
-// padded image and the accumulator rows carry slack for them.
+// padded rows and the accumulator rows carry slack for them. Each 32-pixel block's epilogue runs
+// right after its tiles are stored, while its accumulators are in L1.
 //
-// Epilogue, one fp32 operation per step, no fused multiply-add (built with -ffp-contract=off):
+// Epilogue (AVX-512 with the per-channel constants held in registers across pixels where the
+// channel count allows, else per pixel), one fp32 operation per step, no fused multiply-add
+// (built with -ffp-contract=off):
 // y = float(acc) * mult[o]; y = y + bias[o]; ReLU; y = y * res_scale; y = residual + y;
 // then fp32 out or code = clamp(floor(y * inv_s + 0.5)) packed at o_bits. Optionally the store
 // pixel-shuffles (output channels sub-pixel major: block b = i*r + j of Cout / r^2 channels goes to
@@ -83,14 +86,26 @@ struct ConvGeom {
   int64_t H, W, C, Cout;  // C: input channels; padded image is (H+2) x (W+2) x C
 };
 
-// acc[x][o] for one output row y of one image; `in` is the padded uint8 image of that image.
-void row_portable(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int32_t* acc) {
-  const int64_t C4 = g.C / 4, Wp = g.W + 2;
+// The first 64-byte boundary in `data` (which must hold 64 bytes of slack). AMX tile rows of 64
+// bytes that straddle two cache lines load and store far slower, and a heap vector's data is only
+// 16-byte aligned.
+template <typename T>
+T* align64(T* data) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(data) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// The three padded input rows of one output row (rows[ky] starts at padding pixel -1; W + 2
+// pixels, plus slack the AMX kernel reads and never uses).
+using InRows = const uint8_t* const*;
+
+// acc[x][o] for one output row.
+void row_portable(InRows in, const int8_t* wv, const ConvGeom& g, int32_t* acc) {
+  const int64_t C4 = g.C / 4;
   std::fill(acc, acc + g.W * g.Cout, 0);
   for (int64_t tap = 0; tap < 9; ++tap) {
     const int64_t ky = tap / 3, kx = tap % 3;
     for (int64_t x = 0; x < g.W; ++x) {
-      const uint8_t* a = in + ((y + ky) * Wp + x + kx) * g.C;
+      const uint8_t* a = in[ky] + (x + kx) * g.C;
       int32_t* out = acc + x * g.Cout;
       for (int64_t c4 = 0; c4 < C4; ++c4) {
         const int8_t* w = wv + (tap * C4 + c4) * g.Cout * 4;
@@ -106,14 +121,14 @@ void row_portable(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int PX, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile_vnni(
-    const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int64_t x0, int64_t o0, int32_t* acc) {
-  const int64_t C4 = g.C / 4, Wp = g.W + 2;
+    InRows in, const int8_t* wv, const ConvGeom& g, int64_t x0, int64_t o0, int32_t* acc) {
+  const int64_t C4 = g.C / 4;
   __m512i s[PX][NB];
   for (int p = 0; p < PX; ++p)
     for (int b = 0; b < NB; ++b) s[p][b] = _mm512_setzero_si512();
   for (int64_t tap = 0; tap < 9; ++tap) {
     const int64_t ky = tap / 3, kx = tap % 3;
-    const uint8_t* a = in + ((y + ky) * Wp + x0 + kx) * g.C;
+    const uint8_t* a = in[ky] + (x0 + kx) * g.C;
     const int8_t* w = wv + (tap * C4 * g.Cout + o0) * 4;
     for (int64_t c4 = 0; c4 < C4; ++c4) {
       __m512i wr[NB];
@@ -131,20 +146,20 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile_vnni(
 }
 
 template <int NB>
-void row_blocks_vnni(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int64_t o0, int32_t* acc) {
+void row_blocks_vnni(InRows in, const int8_t* wv, const ConvGeom& g, int64_t o0, int32_t* acc) {
   constexpr int PX = NB <= 2 ? 12 : 6;  // accumulators PX*NB <= 24 of the 32 vector registers
   int64_t x = 0;
-  for (; x + PX <= g.W; x += PX) tile_vnni<PX, NB>(in, wv, g, y, x, o0, acc);
-  for (; x < g.W; ++x) tile_vnni<1, NB>(in, wv, g, y, x, o0, acc);
+  for (; x + PX <= g.W; x += PX) tile_vnni<PX, NB>(in, wv, g, x, o0, acc);
+  for (; x < g.W; ++x) tile_vnni<1, NB>(in, wv, g, x, o0, acc);
 }
 
-void row_vnni(const uint8_t* in, const int8_t* wv, const ConvGeom& g, int64_t y, int32_t* acc) {
+void row_vnni(InRows in, const int8_t* wv, const ConvGeom& g, int32_t* acc) {
   int64_t o0 = 0;
-  for (; o0 + 64 <= g.Cout; o0 += 64) row_blocks_vnni<4>(in, wv, g, y, o0, acc);
+  for (; o0 + 64 <= g.Cout; o0 += 64) row_blocks_vnni<4>(in, wv, g, o0, acc);
   switch ((g.Cout - o0) / 16) {
-    case 3: row_blocks_vnni<3>(in, wv, g, y, o0, acc); break;
-    case 2: row_blocks_vnni<2>(in, wv, g, y, o0, acc); break;
-    case 1: row_blocks_vnni<1>(in, wv, g, y, o0, acc); break;
+    case 3: row_blocks_vnni<3>(in, wv, g, o0, acc); break;
+    case 2: row_blocks_vnni<2>(in, wv, g, o0, acc); break;
+    case 1: row_blocks_vnni<1>(in, wv, g, o0, acc); break;
     default: break;
   }
 }
@@ -165,11 +180,16 @@ bool amx_fits(const ConvGeom& g) {
   return g.C % 4 == 0 && g.C % kb == 0 && g.Cout % 32 == 0;
 }
 
-// acc[x][o] for x < round_up(W, 32) (pixels >= W are garbage) of output row y; tiles 0-3 hold
+// acc[x][o] for x < round_up(W, 32) (pixels >= W are garbage) of output row `row`; tiles 0-3 hold
 // (pixels 0-15 | 16-31) x (channels o..o+15 | o+16..o+31), 4-5 the A tiles, 6-7 the B tiles.
-__attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(const uint8_t* in, const int8_t* wv,
-                                                                   const ConvGeom& g, int64_t y, int32_t* acc) {
-  const int64_t kb = std::min<int64_t>(g.C, 64), C4 = g.C / 4, Wp = g.W + 2;
+// After each block of 32 pixels, `finish(row, acc, x0, x1)` runs their epilogue while the
+// accumulators are in L1 (the accumulator row of a wide image or 256 channels is not). Measured
+// and not kept: interleaving the epilogue between K steps to overlap the AVX-512 and tile units
+// (slower: the two do not overlap on this core).
+template <class Finish>
+__attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(InRows in, const int8_t* wv, const ConvGeom& g,
+                                                                   int32_t* acc, int64_t row, const Finish& finish) {
+  const int64_t kb = std::min<int64_t>(g.C, 64), C4 = g.C / 4;
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(kb);
@@ -184,7 +204,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(const uint8_t*
       _tile_zero(3);
       for (int64_t tap = 0; tap < 9; ++tap) {
         const int64_t ky = tap / 3, kx = tap % 3;
-        const uint8_t* a = in + ((y + ky) * Wp + x0 + kx) * g.C;
+        const uint8_t* a = in[ky] + (x0 + kx) * g.C;
         for (int64_t k = 0; k < g.C; k += kb) {
           const int8_t* w = wv + ((tap * C4 + k / 4) * g.Cout + o0) * 4;
           _tile_loadd(4, a + k, a_stride);
@@ -203,6 +223,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(const uint8_t*
       _tile_stored(2, c + 16 * g.Cout, c_stride);
       _tile_stored(3, c + 16 * g.Cout + 16, c_stride);
     }
+    finish(row, acc, x0, std::min(x0 + kAmxPx, g.W));
   }
   _tile_release();
 }
@@ -276,24 +297,178 @@ void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst,
   pack_row(codes, C, bits, dst);
 }
 
-// ---- unpack into the padded image --------------------------------------------------------------
+// ---- whole-row epilogue (AVX-512, constants in registers) -------------------------------------
+
+// What the epilogue of one output row needs; pointers are null where a part is absent.
+struct EpilogueArgs {
+  const int32_t* wsum;
+  const float *mult, *bias;
+  int32_t shift_fix;
+  bool relu;
+  const float* res;  // residual of the row's first pixel, (W, Cout) fp32
+  float rs;
+  float inv;  // codes out: clamp(floor(y * inv + 0.5), lo, hi) packed at o_bits
+  int64_t lo, hi;
+  float* out_f;       // fp32 out (row start, unshuffled)
+  uint16_t* out_h;    // bf16 out
+  uint8_t* out_b;     // packed codes out
+  float q2_inv;       // second output: the fp32 result quantized at q2_bits
+  int64_t q2_lo, q2_hi;
+  uint8_t* q2_b;
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// clamp(floor(v * inv + 0.5), lo, hi) as int32: the scalar requantize's operations, in its order
+// (clamping before flooring gives the same integer: lo and hi are integers).
+__attribute__((target("avx512f"))) inline __m512i requantize16(__m512 v, __m512 inv, __m512 lo, __m512 hi) {
+  const __m512 t = _mm512_add_ps(_mm512_mul_ps(v, inv), _mm512_set1_ps(0.5f));
+  return _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(t, lo), hi), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
+// NV vectors of 16 codes (channels 16v..16v+15) -> NV * BITS / 8 * 16 packed bytes (packing.h layout).
+template <int NV, int BITS>
+__attribute__((target("avx512f"))) inline void pack16(const __m512i* codes, uint8_t* dst) {
+  constexpr int kGroups = 8 / BITS, kOut = NV / kGroups;
+  static_assert(NV % kGroups == 0, "the packed row must be whole 16-byte vectors");
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  for (int j = 0; j < kOut; ++j) {
+    __m512i v = BITS == 8 ? codes[j] : _mm512_and_si512(codes[j], mask);
+    for (int i = 1; i < kGroups; ++i) {
+      v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(codes[j + i * kOut], mask), i * BITS));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j * 16), _mm512_cvtepi32_epi8(v));
+  }
+}
+
+// Epilogue of W pixels' NV*16 channels (one sub-pixel block), the per-channel constants held in
+// registers across pixels. acc rows are acc_stride int32 apart; outputs of pixel x go to
+// out + x * out_step elements (out_step = NV*16 * shuffle: the pixel-shuffled neighbours between).
+// O_BITS: 0 = fp32 (or bf16) out, else packed codes; Q2: width of the second packed output (0 = none).
+template <int NV, int O_BITS, int Q2>
+__attribute__((target("avx512f,avx512bw"))) void epilogue_block_avx512(const int32_t* acc, int64_t acc_stride,
+                                                                       int64_t W, int64_t out_step,
+                                                                       const EpilogueArgs& e) {
+  __m512i fix[NV];
+  __m512 mult[NV], bias[NV];
+  for (int v = 0; v < NV; ++v) {
+    fix[v] = _mm512_mullo_epi32(_mm512_set1_epi32(e.shift_fix), _mm512_loadu_si512(e.wsum + 16 * v));
+    mult[v] = _mm512_loadu_ps(e.mult + 16 * v);
+    bias[v] = _mm512_loadu_ps(e.bias + 16 * v);
+  }
+  const __m512 zero = _mm512_setzero_ps(), rs = _mm512_set1_ps(e.rs);
+  const __m512 inv = _mm512_set1_ps(e.inv), lo = _mm512_set1_ps(static_cast<float>(e.lo)),
+               hi = _mm512_set1_ps(static_cast<float>(e.hi));
+  const __m512 inv2 = _mm512_set1_ps(e.q2_inv), lo2 = _mm512_set1_ps(static_cast<float>(e.q2_lo)),
+               hi2 = _mm512_set1_ps(static_cast<float>(e.q2_hi));
+  const bool scale_res = e.rs != 1.0f;
+  const __m512i bf_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int64_t x = 0; x < W; ++x) {
+    __m512 y[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512i a = _mm512_add_epi32(_mm512_loadu_si512(acc + x * acc_stride + 16 * v), fix[v]);
+      y[v] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), mult[v]), bias[v]);
+      if (e.relu) y[v] = _mm512_max_ps(y[v], zero);
+      if (e.res != nullptr) {
+        if (scale_res) y[v] = _mm512_mul_ps(y[v], rs);
+        y[v] = _mm512_add_ps(_mm512_loadu_ps(e.res + x * NV * 16 + 16 * v), y[v]);
+      }
+    }
+    if constexpr (O_BITS != 0) {
+      __m512i q[NV];
+      for (int v = 0; v < NV; ++v) q[v] = requantize16(y[v], inv, lo, hi);
+      pack16<NV, O_BITS>(q, e.out_b + x * out_step * O_BITS / 8);
+    } else {
+      if (e.out_h != nullptr) {  // bf16, round to nearest even (to_bf16_row_avx512's operations)
+        for (int v = 0; v < NV; ++v) {
+          const __m512i u = _mm512_castps_si512(y[v]);
+          const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bf_bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+          const __mmask16 nan = _mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q);
+          const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), qnan);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out_h + x * out_step + 16 * v), _mm512_cvtepi32_epi16(h));
+        }
+      } else {
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(e.out_f + x * out_step + 16 * v, y[v]);
+      }
+      if constexpr (Q2 != 0) {
+        __m512i q[NV];
+        for (int v = 0; v < NV; ++v) q[v] = requantize16(y[v], inv2, lo2, hi2);
+        pack16<NV, Q2>(q, e.q2_b + x * NV * 16 * Q2 / 8);
+      }
+    }
+  }
+}
+
+using EpilogueBlock = void (*)(const int32_t*, int64_t, int64_t, int64_t, const EpilogueArgs&);
+
+// The instance for these widths, or null where a packed row would not be whole 16-byte vectors.
+template <int NV, int O_BITS, int Q2>
+EpilogueBlock epilogue_block_if_whole() {
+  constexpr int bits = O_BITS ? O_BITS : Q2;
+  if constexpr (bits == 0 || NV % (8 / bits) == 0) {
+    return epilogue_block_avx512<NV, O_BITS, Q2>;
+  } else {
+    return nullptr;
+  }
+}
+
+template <int NV>
+EpilogueBlock epilogue_block_for_nv(int64_t o_bits, int64_t q2_bits) {
+  if (o_bits == 8) return epilogue_block_if_whole<NV, 8, 0>();
+  if (o_bits == 4) return epilogue_block_if_whole<NV, 4, 0>();
+  if (o_bits == 2) return epilogue_block_if_whole<NV, 2, 0>();
+  if (q2_bits == 8) return epilogue_block_if_whole<NV, 0, 8>();
+  if (q2_bits == 4) return epilogue_block_if_whole<NV, 0, 4>();
+  if (q2_bits == 2) return epilogue_block_if_whole<NV, 0, 2>();
+  return epilogue_block_if_whole<NV, 0, 0>();
+}
+
+// The register-held epilogue for Cs output channels per stored pixel, or null where it does not
+// apply (Cs not 32, 64 or 128; a packed row not whole 16-byte vectors): the per-pixel loop runs then.
+EpilogueBlock epilogue_block_for(int64_t Cs, int64_t o_bits, int64_t q2_bits) {
+  switch (Cs) {
+    case 32: return epilogue_block_for_nv<2>(o_bits, q2_bits);
+    case 64: return epilogue_block_for_nv<4>(o_bits, q2_bits);
+    case 128: return epilogue_block_for_nv<8>(o_bits, q2_bits);
+    default: return nullptr;
+  }
+}
+#endif
+
+// ---- unpack into padded rows --------------------------------------------------------------
 
 // One image row of W pixels: packed (W, CP) bytes -> (W, C) unpacked bytes, signed codes as
-// code + 128 (= the code's byte ^ 0x80). Bit widths are template arguments so the inner loops are
-// branch-free with constant shifts and the compiler vectorises them.
+// code + 128. Field f of a byte (BITS wide, sign bit s = 2^(BITS-1)) becomes f for unsigned codes
+// and (f ^ s) + (128 - s) for signed ones: (f ^ s) - s is the code, +128 the stored offset (for
+// 8 bits: the byte ^ 0x80). With CP a multiple of 16 the fields come out 16 bytes at a time (SSE2,
+// byte fields from 16-bit shifts and a mask); otherwise one byte at a time, same arithmetic.
 template <int BITS, bool SIGNED>
 void unpack_row(const uint8_t* src, uint8_t* dst, int64_t W, int64_t CP) {
-  constexpr int kPer = 8 / BITS, kUp = 8 - BITS;
+  constexpr int kPer = 8 / BITS;
+  constexpr uint8_t kMask = static_cast<uint8_t>((1u << BITS) - 1u), kSign = static_cast<uint8_t>(1u << (BITS - 1));
+  constexpr uint8_t kAdd = SIGNED ? static_cast<uint8_t>(128 - kSign) : 0, kXor = SIGNED ? kSign : 0;
   const int64_t C = CP * kPer;
+  if (CP % 16 == 0) {
+#if defined(__x86_64__)
+    const __m128i mask = _mm_set1_epi8(static_cast<char>(kMask)), flip = _mm_set1_epi8(static_cast<char>(kXor)),
+                  add = _mm_set1_epi8(static_cast<char>(kAdd));
+    for (int64_t p = 0; p < W; ++p) {
+      for (int64_t j = 0; j < CP; j += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + p * CP + j));
+        for (int i = 0; i < kPer; ++i) {
+          __m128i f = BITS == 8 ? v : _mm_and_si128(_mm_srli_epi16(v, i * BITS), mask);
+          if (SIGNED) f = _mm_add_epi8(_mm_xor_si128(f, flip), add);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + p * C + i * CP + j), f);
+        }
+      }
+    }
+    return;
+#endif
+  }
   for (int64_t p = 0; p < W; ++p) {
-    const uint8_t* in = src + p * CP;
-    uint8_t* o = dst + p * C;
     for (int i = 0; i < kPer; ++i) {
-      const int sh = kUp - i * BITS;
       for (int64_t j = 0; j < CP; ++j) {
-        const uint8_t top = static_cast<uint8_t>(in[j] << sh);
-        o[i * CP + j] = SIGNED ? static_cast<uint8_t>(static_cast<uint8_t>(static_cast<int8_t>(top) >> kUp) ^ 0x80)
-                               : static_cast<uint8_t>(top >> kUp);
+        const uint8_t f = static_cast<uint8_t>((src[p * CP + j] >> (i * BITS)) & kMask);
+        dst[p * C + i * CP + j] = static_cast<uint8_t>((f ^ kXor) + kAdd);
       }
     }
   }
@@ -307,36 +482,51 @@ UnpackRow unpack_row_for(int64_t bits, bool is_signed) {
   return is_signed ? unpack_row<2, true> : unpack_row<2, false>;
 }
 
-// packed (N,H,W,CP) -> padded (N,H+2,W+2,C) uint8: signed codes + 128 (pad 128), unsigned as is (pad 0).
-// `slack` extra pixels of padding value follow the last row (the AMX kernel reads past row ends).
-// The buffer is the calling thread's own and is reused across calls (a fresh multi-megabyte
-// allocation costs a page fault per 4 KiB on first touch); only the border is re-filled, the
-// interior is overwritten.
-const uint8_t* unpack_padded(const at::Tensor& x, int64_t bits, bool is_signed, int64_t C, int64_t slack = 0) {
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), CP = x.size(3), Wp = W + 2;
-  const uint8_t pad = is_signed ? 128 : 0;
-  thread_local std::vector<uint8_t> buffer;
-  const size_t bytes = static_cast<size_t>(N * (H + 2) * Wp * C + slack * C);
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  const uint8_t* src = x.data_ptr<uint8_t>();
-  uint8_t* dst = buffer.data();
-  const UnpackRow row = unpack_row_for(bits, is_signed);
-  at::parallel_for(0, N * (H + 2), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / (H + 2), yp = r % (H + 2);
-      uint8_t* line = dst + r * Wp * C;
-      if (yp == 0 || yp == H + 1) {
-        std::memset(line, pad, Wp * C);
-        continue;
-      }
-      std::memset(line, pad, C);
-      std::memset(line + (W + 1) * C, pad, C);
-      row(src + (n * H + yp - 1) * W * CP, line + C, W, CP);
+// The padded input rows an output row reads, unpacked on demand into a ring of three rows owned
+// by one thread: packed (W, CP) -> (W + 2 + slack, C) bytes, signed codes + 128 (pad 128),
+// unsigned as is (pad 0); `slack` pixels of padding value follow each row (the AMX kernel reads
+// past the row end). Output rows in order reuse two of the three rows, so each input row is
+// unpacked about once, right before its three uses, and stays in L1/L2 (a whole-image pass ahead
+// of the convolution left it in L3 for images over a few megabytes).
+class RowRing {
+ public:
+  RowRing(const uint8_t* src, int64_t H, int64_t W, int64_t CP, int64_t C, int64_t slack, int64_t bits,
+          bool is_signed)
+      : src_(src), H_(H), W_(W), CP_(CP), C_(C), pad_(is_signed ? 128 : 0),
+        row_bytes_(((W + 2 + slack) * C + 63) / 64 * 64), unpack_(unpack_row_for(bits, is_signed)),
+        buffer_(3 * row_bytes_ + 64), base_(align64(buffer_.data())) {}
+
+  // Padded rows y, y+1, y+2 of image n (padded row 0 and H+1 are the zero-code border).
+  void rows_for(int64_t n, int64_t y, const uint8_t* out[3]) {
+    for (int ky = 0; ky < 3; ++ky) out[ky] = row(n, y + ky);
+  }
+
+ private:
+  const uint8_t* row(int64_t n, int64_t yp) {
+    const int slot = static_cast<int>(yp % 3);
+    uint8_t* line = base_ + slot * row_bytes_;
+    const int64_t tag = n * (H_ + 2) + yp;
+    if (tags_[slot] == tag) return line;
+    tags_[slot] = tag;
+    if (yp == 0 || yp == H_ + 1) {
+      std::memset(line, pad_, row_bytes_);
+    } else {
+      std::memset(line, pad_, C_);
+      unpack_(src_ + (n * H_ + yp - 1) * W_ * CP_, line + C_, W_, CP_);
+      std::memset(line + (W_ + 1) * C_, pad_, row_bytes_ - (W_ + 1) * C_);
     }
-  });
-  std::memset(dst + N * (H + 2) * Wp * C, pad, slack * C);
-  return dst;
-}
+    return line;
+  }
+
+  const uint8_t* src_;
+  int64_t H_, W_, CP_, C_;
+  uint8_t pad_;
+  int64_t row_bytes_;
+  UnpackRow unpack_;
+  std::vector<uint8_t> buffer_;
+  uint8_t* base_;
+  int64_t tags_[3] = {-1, -1, -1};
+};
 
 // ---- epilogue ----------------------------------------------------------------------------------
 
@@ -456,8 +646,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 #else
   const int64_t acc_w = W;
 #endif
-  // AMX blocks read up to 32 + 2 pixels past a row's first pixel: slack for the last row.
-  const uint8_t* pin = unpack_padded(xin, a_bits, a_signed, C, amx ? kAmxPx + 2 : 0);
+  const uint8_t* src = xin.data_ptr<uint8_t>();
+  const int64_t slack = acc_w - W;  // AMX blocks of 32 pixels read up to round_up(W, 32) + 2 pixels
   const int64_t out_c = o_bits ? Cs * o_bits / 8 : Cs;
   const auto out_type = o_bits ? at::kByte : out_bf16 ? at::kBFloat16 : at::kFloat;
   at::Tensor out;
@@ -484,34 +674,40 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     check_out_buffer(*q2_out, at::kByte, {N, H, W, Cout * q2_bits / 8}, "q2_out");
     q2_b = q2_out->data_ptr<uint8_t>();
   }
+  EpilogueBlock fast_epilogue = nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512) fast_epilogue = epilogue_block_for(Cs, o_bits, q2_bits);
+#endif
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(acc_w * Cout);
+    std::vector<int32_t> acc_buffer(acc_w * Cout + 16);
+    int32_t* const acc = align64(acc_buffer.data());
+    RowRing ring(src, H, W, x_packed.size(3), C, slack, a_bits, a_signed);
+    const uint8_t* rows[3];
     std::vector<int32_t> codes(o_bits ? Cs : 0);
     std::vector<float> staged(out_bf16 ? Cs : 0);
     std::vector<int32_t> codes2(q2_bits ? Cout : 0);
-    for (int64_t r = begin; r < end; ++r) {
+    // The epilogue of pixels [xa, xb) of output row r, whose accumulators are acc (x * Cout + o).
+    const auto finish = [&](int64_t r, const int32_t* acc, int64_t xa, int64_t xb) {
       const int64_t n = r / H, y = r % H;
-      const uint8_t* img = pin + n * (H + 2) * (W + 2) * C;
-#ifdef GDQ_AMX
-      if (amx) {
-        row_amx(img, pw, g, y, acc.data());
-      } else
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-      if (vnni) {
-        row_vnni(img, pw, g, y, acc.data());
-      } else {
-        row_portable(img, pw, g, y, acc.data());
+      if (fast_epilogue != nullptr) {
+        for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle)
+          const int64_t o0 = b * Cs;
+          const int64_t dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + xa * shuffle + b % shuffle;
+          const EpilogueArgs e{pws + o0, pm + o0, pb + o0, shift_fix, relu,
+                               pr ? pr + ((n * H + y) * W + xa) * Cout : nullptr, rs, inv, o_lo, o_hi,
+                               out_f ? out_f + dst * Cs : nullptr, out_h ? out_h + dst * Cs : nullptr,
+                               out_b ? out_b + dst * out_c : nullptr, q2_inv_f, q2_lo, q2_hi,
+                               q2_b ? q2_b + dst * Cs * q2_bits / 8 : nullptr};
+          fast_epilogue(acc + xa * Cout + o0, Cout, xb - xa, Cs * shuffle, e);
+        }
+        return;
       }
-#else
-      row_portable(img, pw, g, y, acc.data());
-#endif
-      for (int64_t x = 0; x < W; ++x) {
+      for (int64_t x = xa; x < xb; ++x) {
         const int64_t pix = (n * H + y) * W + x;
         for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle); one block without shuffle
           const int64_t o0 = b * Cs;
           const int64_t dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + x * shuffle + b % shuffle;
-          const int32_t* a = acc.data() + x * Cout + o0;
+          const int32_t* a = acc + x * Cout + o0;
           float* f = out_bf16 ? staged.data() : o_bits ? nullptr : out_f + dst * Cs;
           const float* rp = pr ? pr + pix * Cout : nullptr;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -542,6 +738,28 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
           if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs, avx512);
         }
       }
+    };
+#ifdef GDQ_AMX
+    if (amx) {
+      for (int64_t r = begin; r < end; ++r) {
+        ring.rows_for(r / H, r % H, rows);
+        row_amx(rows, pw, g, acc, r, finish);
+      }
+      return;
+    }
+#endif
+    for (int64_t r = begin; r < end; ++r) {
+      ring.rows_for(r / H, r % H, rows);
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (vnni) {
+        row_vnni(rows, pw, g, acc);
+      } else {
+        row_portable(rows, pw, g, acc);
+      }
+#else
+      row_portable(rows, pw, g, acc);
+#endif
+      finish(r, acc, 0, W);
     }
   });
   return out;

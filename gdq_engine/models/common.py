@@ -78,6 +78,11 @@ class SRModel(nn.Module):
         """Network output space -> (N,3,sH,sW) image space (about [0,1], not clamped)."""
         return y / self.pixel_range + self.mean.to(y.dtype)
 
+    def denormalize_(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`denormalize` in place on ``y`` (the same operations, same values): no fresh
+        image-sized tensors, whose first touch costs a page fault per 4 KiB on CPU."""
+        return y.div_(self.pixel_range).add_(self.mean.to(y.dtype))
+
     def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
         """The residual blocks in FP: (N,F,H,W) -> (N,F,H,W). Quantized runtimes replace this."""
         for block in self.body:

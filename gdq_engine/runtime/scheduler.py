@@ -89,5 +89,8 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         out, groups = run_grouped(
             assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
         bits = assigned.float()
-    y = model.denormalize(model.forward_output(out, xn)).float()
+    # The output glue (divide by the pixel range, add the mean) in fp32, in place on the
+    # network's own output: in a half dtype it is less exact, and out of place its fresh
+    # image-sized tensors cost several times the arithmetic on CPU (a page fault per 4 KiB).
+    y = model.denormalize_(model.forward_output(out, xn).float())
     return y, bits, groups
