@@ -4,7 +4,9 @@
 
 Workload: EDSR-baseline's 64->64 3x3 conv on ``--patches`` 96x96 LR patches (NHWC). Rows: for
 a in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack) and conv2 (unsigned codes in, fp32
-residual add, fp32 out) on the C++ kernel's three paths (AMX-INT8 tiles and AVX512-VNNI where the
+residual add, fp32 out) on the C++ kernel's three paths, called as the integer body calls them
+(outputs into reused buffers; conv2 updates the residual in place and also writes the next
+block's packed codes) (AMX-INT8 tiles and AVX512-VNNI where the
 CPU has them, else the next one down; and the portable loop) and on the pure-torch reference;
 quantize+pack of the fp32 block input; torch fp32 and bf16 channels_last convs of the same shape
 (bf16 is oneDNN's AMX path on AMX CPUs). Medians of host-timer repeats after one warm-up, all in
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, write_results  # noqa: E402
+from common import keep_freed_memory, median_ms, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--patches", type=int, default=4)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default it keeps freed memory, so torch's convs, "
+                        "which allocate their outputs, do not pay page faults; see common.keep_freed_memory)")
     args = p.parse_args(argv)
+    if not args.default_malloc:
+        keep_freed_memory()
 
     from gdq_engine.ops import cpu_ops
     from gdq_engine.ops import reference as ref
@@ -49,9 +56,14 @@ def main(argv=None) -> int:
         lo, hi = code_range(a_bits, signed)
         xp = pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), generator=g), a_bits)
         kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02)) if signed else dict(residual=residual)
+        # The body's buffers: conv1's packed output; conv2's residual (updated in place) and next codes.
+        packed = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8)
+        body = dict(out=packed) if signed else dict(out=residual, next_quant=ActQuant(a_bits, True, 0.05),
+                                                     next_out=packed)
         few = max(2, args.reps // 5)
         def cpp(reps, **paths):
-            return median_ms(lambda: cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, **paths, **kw), reps)
+            return median_ms(lambda: cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, **paths, **kw,
+                                                            **body), reps)
 
         return {"op": kind, "a_bits": a_bits, "cpp_ms": cpp(args.reps),
                 "cpp_vnni_ms": cpp(args.reps, allow_amx=False),

@@ -17,14 +17,17 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
   x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
   upsampler convs as int8 convs, gdq_engine/runtime/inttail.py); on the ``auto`` backend
-  (Triton on GPU, the C++ kernels on CPU); on GPU their FP layers run in fp16 and one row shows
-  static a8 with fp32 FP layers; on CPU one static a8 row runs on the pure-torch reference backend.
+  (Triton on GPU, the C++ kernels on CPU); their FP layers run in the anchor's dtype (fp16 on
+  GPU, bf16 on CPU: column ``fp_dtype``) and one row shows static a8 with fp32 FP layers; on CPU
+  one more static a8 row (fp32 FP layers) runs on the pure-torch reference backend.
 
 ``--arch edsr-baseline`` uses the shipped weights; ``msrresnet`` and ``rdn`` are built untrained
 (their speed is what is measured; the PSNR column then only shows numerical agreement).
 
 Columns: median ms per frame (``triton.testing.do_bench`` on GPU; on CPU host-timer medians of
-``--reps`` rounds that call every row once, so drifting machine load hits all rows alike),
+``--reps`` rounds that call every row once, so drifting machine load hits all rows alike, with
+glibc's malloc keeping freed memory: with its defaults torch's bf16 anchor ran at about 110 or
+about 155 ms per frame depending on the process; ``--default-malloc`` leaves it as it is),
 speed-up vs the fp16 channels_last row (GPU) or the fp32 and bf16 channels_last rows (CPU), % of
 the int8 roofline floor (GPU: max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR
 out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per output megapixel
@@ -45,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measure_gpu_peaks, write_results  # noqa: E402
+from common import keep_freed_memory, measure_gpu_peaks, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("edsr-baseline", "msrresnet", "rdn")
@@ -114,12 +117,14 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if granular is not None:
         quant += [("granular {2,4,8}", dict(model=granular)),
                   ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
-    if not gpu:  # the anchor there is bf16: also the tail rows with their FP layers (head, last conv) in bf16
-        bf16 = [(f"{name} (bf16 FP layers)", dict(kw, dtype=torch.bfloat16)) for name, kw in quant if "tail" in name]
-        return fp + quant + bf16 + [("static a8 (reference)", dict(policy="static", bits=8, backend="reference"))]
-    # On GPU the quantized rows run their FP layers (head, upsampler, tail) in fp16 too.
-    return fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))] + [
-        (name, dict(kw, dtype=half)) for name, kw in quant]
+    # The quantized rows run their FP layers (head, upsampler unless the tail is integer, last
+    # conv) in the anchor's half dtype (fp16 on GPU, bf16 on CPU); one row shows static a8 with fp32 ones.
+    half = half if gpu else torch.bfloat16
+    cases = fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))]
+    cases += [(name, dict(kw, dtype=half)) for name, kw in quant]
+    if not gpu:  # the C++ kernels against the pure-torch reference (fp32 FP layers, as the row above)
+        cases.append(("static a8 (reference)", dict(policy="static", bits=8, backend="reference")))
+    return cases
 
 
 def make_engine(model, kw: dict, device: str, calib):
@@ -221,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
                    help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="CPU mode: leave glibc's malloc as it is (by default it keeps freed memory; see "
+                        "common.keep_freed_memory)")
     args = p.parse_args(argv)
 
     from gdq_engine.quantized import shipped_quantized
@@ -232,6 +240,8 @@ def main(argv=None) -> int:
     if args.frames < 1:
         p.error("--frames must be >= 1")
     dev = "cuda" if args.gpu else "cpu"
+    if not args.gpu and not args.default_malloc:
+        keep_freed_memory()
     compile_mode = args.compile or ("max-autotune" if args.gpu else "none")
     torch.backends.cudnn.benchmark = True
     sizes = [tuple(map(int, s.lower().split("x"))) for s in (args.output or (
@@ -266,6 +276,7 @@ def main(argv=None) -> int:
                    "ms_per_mpix": ms / (out_w * out_h / 1e6),
                    "fab": sum(bits) / len(bits) if bits else 32.0,
                    "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
+                   "fp_dtype": str(engine.dtype).removeprefix("torch."),
                    "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
                    "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
             if peaks is not None:

@@ -26,18 +26,20 @@ def run(tmp_path, *args) -> dict:
 def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     result = run(tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == ["fp32", "bf16 CL", "static a8", "static a4", "static a2", "entropy {2,4,8}",
-                          "static a8 + int8 tail", "granular {2,4,8}", "granular {2,4,8} + int8 tail",
-                          "static a8 + int8 tail (bf16 FP layers)", "granular {2,4,8} + int8 tail (bf16 FP layers)",
-                          "static a8 (reference)"]
+    assert list(rows) == ["fp32", "bf16 CL", "static a8 (fp32 FP layers)", "static a8", "static a4", "static a2",
+                          "entropy {2,4,8}", "static a8 + int8 tail", "granular {2,4,8}",
+                          "granular {2,4,8} + int8 tail", "static a8 (reference)"]
     assert len(result["workload"]["frames"]) == 2 and len({*result["workload"]["frames"]}) == 2
     assert rows["fp32"]["speedup_vs_fp32"] == rows["bf16 CL"]["speedup_vs_bf16"] == 1.0 and rows["fp32"]["fab"] == 32.0
     assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
     assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
-    # The backends are bit-identical, so the two a8 rows give the same image.
-    assert rows["static a8"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
+    assert {r["fp_dtype"] for name, r in rows.items() if name[0] in "se" and "fp32" not in name
+            and "reference" not in name} == {"bfloat16"}
+    assert rows["static a8 (fp32 FP layers)"]["fp_dtype"] == rows["static a8 (reference)"]["fp_dtype"] == "float32"
+    # The backends are bit-identical, so the two fp32 a8 rows give the same image.
+    assert rows["static a8 (fp32 FP layers)"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
     assert rows["granular {2,4,8}"]["fab"] in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
-    assert 30 < rows["static a8 + int8 tail"]["psnr_vs_fp32"] < rows["static a8"]["psnr_vs_fp32"]  # 4 calib crops
+    assert 30 < rows["static a8 + int8 tail"]["psnr_vs_fp32"] < rows["static a8 (fp32 FP layers)"]["psnr_vs_fp32"]
     for r in rows.values():
         assert len(r["groups"]) == 2  # one report per frame
         assert r["ms"] > 0 and r["ms_per_mpix"] == pytest.approx(r["ms"] / (96 * 96 / 1e6))
