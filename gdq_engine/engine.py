@@ -349,8 +349,11 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     """0-dim bool tensor on ``t``'s device: whether every value of float tensor ``t`` is finite.
 
     One reduction pass (``aminmax``: the min or max is NaN or infinite exactly when some value
-    is), where ``isfinite(t).all()`` makes four, each with a fresh tensor of ``t``'s size."""
-    return torch.isfinite(torch.stack(torch.aminmax(t))).all()
+    is), where ``isfinite(t).all()`` makes four, each with a fresh tensor of ``t``'s size; over
+    the values in memory order (a channels_last tensor reduced as it lies is 3-4x slower on CPU)."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    return torch.isfinite(torch.stack(torch.aminmax(t.reshape(-1)))).all()
 
 
 def auto_batch_size(model: SRModel, window: tuple[int, int], patches: int, free_bytes: int) -> int:

@@ -176,3 +176,28 @@ def test_upscale_file_keeps_alpha_and_writes_atomically(engine, tmp_path):
         upscale_file(engine, tmp_path / "in.png", tmp_path / "out.xyz")
     assert not (tmp_path / "out.xyz").exists()
     assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_all_finite_finds_any_nan_or_inf(layout):
+    from gdq_engine.engine import all_finite
+
+    g = torch.Generator().manual_seed(11)
+
+    def view(parent):  # the tensor checked, a view of ``parent`` in the layout under test
+        if layout == "channels_last":
+            return parent.contiguous(memory_format=torch.channels_last)
+        return parent[..., ::2] if layout == "strided" else parent
+
+    parent = torch.rand(2, 3, 9, 14, generator=g)
+    assert bool(all_finite(view(parent)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for _ in range(3):
+            p = parent.clone()
+            idx = (*(int(torch.randint(0, s, (1,), generator=g)) for s in p.shape[:3]),
+                   2 * int(torch.randint(0, 7, (1,), generator=g)))  # a column the strided view keeps
+            p[idx] = bad
+            assert not bool(all_finite(view(p))), (bad, idx)
+    odd = parent.clone()
+    odd[0, 0, 0, 1] = float("nan")  # outside the strided view only
+    assert bool(all_finite(view(odd))) == (layout == "strided")

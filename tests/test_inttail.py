@@ -71,6 +71,29 @@ def test_cpp_tail_is_bit_exact_with_the_reference(edsr32, bits):
     assert type(q.fp.upsampler[2]).__name__ == "Conv2d"  # the FP model is untouched
 
 
+@needs_cpp
+def test_cpp_tail_takes_bf16_input_as_it_is_and_rounds_its_output_like_to(edsr32):
+    """With bf16 FP layers the C++ tail reads bf16 without an fp32 copy and stores bf16 from its
+    epilogue: the same bits as widening to fp32 first and rounding with .to(bfloat16) after."""
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(2, 32, 7, 6, generator=g) * 3).bfloat16().contiguous(memory_format=torch.channels_last)
+    q = ActQuant(8, True, float(x.float().abs().max()) / 127)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()
+    assert torch.equal(cpu_ops.quantize_pack(nhwc, q), cpu_ops.quantize_pack(nhwc.float(), q))
+    out = torch.empty(2, 7, 6, 32, dtype=torch.uint8)
+    assert torch.equal(cpu_ops.quantize_pack(nhwc, q, out=out), reference.quantize_pack(nhwc.float(), q))
+    conv = edsr32.upsampler[0]
+    y = IntegerConv(conv, q, cpu_ops)(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, IntegerConv(conv, q, reference)(x))
+    calib = random_image(12, 12, n=4, seed=1)
+    model = quantize(edsr32, "static", bits=8, calib=calib, tail_bits=8)
+    from gdq_engine.runtime.inttail import with_integer_tail
+
+    quants = model.tail_quants()
+    assert torch.equal(with_integer_tail(edsr32, quants, cpu_ops).upsampler(x),
+                       with_integer_tail(edsr32, quants, reference).upsampler(x))
+
+
 def test_fused_upsampler_equals_conv_by_conv_with_fp32_in_between(edsr32):
     """Re-quantizing in the epilogue and shuffling codes gives what quantizing the shuffled fp32
     output gives: a permutation commutes with per-tensor quantization."""

@@ -768,7 +768,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int64_t hi, double inv_s,
                               const std::optional<at::Tensor>& out_buffer) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be a container (2, 4, 8)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1, "x must be a CPU fp32 tensor");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;  // read as its exact fp32 values
+  TORCH_CHECK((x.scalar_type() == at::kFloat || bf16) && x.device().is_cpu() && x.dim() >= 1,
+              "x must be a CPU fp32 or bf16 tensor");
   const int64_t C = x.size(-1), groups = 8 / bits;
   TORCH_CHECK(C % groups == 0, C, " channels cannot be packed at ", bits, " bits");
   const auto src = x.contiguous();
@@ -782,7 +784,8 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
   } else {
     out = at::empty(sizes, x.options().dtype(at::kByte));
   }
-  const float* in = src.data_ptr<float>();
+  const float* in = bf16 ? nullptr : src.data_ptr<float>();
+  const uint16_t* in_h = bf16 ? reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()) : nullptr;
   uint8_t* dst = out.data_ptr<uint8_t>();
   const float inv = static_cast<float>(inv_s);
   bool vec = false;
@@ -791,8 +794,17 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
 #endif
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> codes(C);
+    std::vector<float> widened(bf16 ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
-      quantize_pack_row(in + r * C, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec);
+      const float* row = in + r * C;
+      if (bf16) {  // bf16 bits are the top half of the fp32 value's: widening is exact
+        for (int64_t c = 0; c < C; ++c) {
+          const uint32_t u = static_cast<uint32_t>(in_h[r * C + c]) << 16;
+          std::memcpy(&widened[c], &u, 4);
+        }
+        row = widened.data();
+      }
+      quantize_pack_row(row, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec);
     }
   });
   return out;

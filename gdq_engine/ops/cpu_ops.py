@@ -93,8 +93,15 @@ SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.in
 OUT_BUFFERS = True
 
 
+# quantize_pack reads bf16 input as it lies (its exact fp32 values: the codes equal those of
+# x.float()), so the integer tail of a bf16 model skips an fp32 copy of its input.
+BF16_INPUT = True
+
+
 def quantize_pack(x: torch.Tensor, q: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 NHWC (..., C) -> packed uint8 codes of ``q`` (the compiled kernel), into ``out`` if given."""
-    if out is None:
+    """fp32 or bf16 NHWC (..., C) -> packed uint8 codes of ``q`` (the compiled kernel), into
+    ``out`` if given. bf16 values are read exactly (no rounding: their fp32 conversion)."""
+    if out is None and x.dtype != torch.bfloat16:
         return compiled_quantize_pack(x, q)
-    return torch.ops.gdq_engine.quantize_pack_cpu_into(x.float(), *requant_args(q), out)
+    src = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+    return torch.ops.gdq_engine.quantize_pack_cpu_into(src, *requant_args(q), out)

@@ -100,10 +100,12 @@ class IntegerConv(nn.Module):
         self.weight_codes = w_codes.contiguous() if prep is None else prep(w_codes.contiguous(), quant.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nhwc = x.to(torch.float32).permute(0, 2, 3, 1).contiguous()
-        packed = self._ops.quantize_pack(nhwc, self.quant)
-        y = self._ops.packed_conv3x3(packed, self.quant.bits, True, self.weight_codes, self.mult, self.bias_fp32)
-        return y.permute(0, 3, 1, 2).to(x.dtype)
+        bf16_io = x.dtype == torch.bfloat16 and getattr(self._ops, "BF16_INPUT", False)
+        packed = self._ops.quantize_pack(_nhwc_input(x, self._ops), self.quant)
+        args = (packed, self.quant.bits, True, self.weight_codes, self.mult, self.bias_fp32)
+        if bf16_io:  # the kernel rounds its fp32 results to bf16 itself (nearest even, as .to does)
+            return self._ops.packed_conv3x3(*args, out_dtype=torch.bfloat16).permute(0, 3, 1, 2)
+        return self._ops.packed_conv3x3(*args).permute(0, 3, 1, 2).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, a{self.quant.bits} w{TAIL_W_BITS}"
@@ -137,7 +139,7 @@ class IntegerUpsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.convs[0]._ops
-        codes = ops.quantize_pack(x.to(torch.float32).permute(0, 2, 3, 1).contiguous(), self.convs[0].quant)
+        codes = ops.quantize_pack(_nhwc_input(x, ops), self.convs[0].quant)
         for i, (conv, r) in enumerate(zip(self.convs, self.factors)):
             last = i + 1 == len(self.convs)
             nxt = None if last else self.convs[i + 1].quant
@@ -174,6 +176,13 @@ def _subpixel_major(conv: nn.Conv2d, r: int) -> nn.Conv2d:
         if conv.bias is not None:
             out.bias.copy_(conv.bias[order])
     return out
+
+
+def _nhwc_input(x: torch.Tensor, ops) -> torch.Tensor:
+    """(N,C,H,W) -> contiguous (N,H,W,C) for ``ops.quantize_pack``: fp32, or bf16 as it is where
+    the backend reads bf16 exactly (``BF16_INPUT``; no fp32 copy of the tail's input)."""
+    keep = x.dtype == torch.bfloat16 and getattr(ops, "BF16_INPUT", False)
+    return (x if keep else x.to(torch.float32)).permute(0, 2, 3, 1).contiguous()
 
 
 def _shuffle_nhwc(y: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
