@@ -35,6 +35,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -182,13 +183,17 @@ bool amx_fits(const ConvGeom& g) {
 
 // acc[x][o] for x < round_up(W, 32) (pixels >= W are garbage) of output row `row`; tiles 0-3 hold
 // (pixels 0-15 | 16-31) x (channels o..o+15 | o+16..o+31), 4-5 the A tiles, 6-7 the B tiles.
-// After each block of 32 pixels, `finish(row, acc, x0, x1)` runs their epilogue while the
-// accumulators are in L1 (the accumulator row of a wide image or 256 channels is not). Measured
-// and not kept: interleaving the epilogue between K steps to overlap the AVX-512 and tile units
-// (slower: the two do not overlap on this core).
+// Output channels go in groups of whole epilogue blocks of `cs` channels (lcm(cs, 32): all of Cout
+// without a shuffle, one sub-pixel block of the upsampler's 256): per group, every 32-pixel block
+// of the row, then `finish(row, acc, x0, x1, b_lo, b_hi)` runs the epilogue of those pixels and
+// blocks while the accumulators are in L1 and the group's weights (9 x C x group bytes) stay in
+// L1 across the row instead of streaming from L2 per pixel block. Measured and not kept:
+// interleaving the epilogue between K steps to overlap the AVX-512 and tile units (slower: the two
+// do not overlap on this core).
 template <class Finish>
 __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(InRows in, const int8_t* wv, const ConvGeom& g,
-                                                                   int32_t* acc, int64_t row, const Finish& finish) {
+                                                                   int64_t cs, int32_t* acc, int64_t row,
+                                                                   const Finish& finish) {
   const int64_t kb = std::min<int64_t>(g.C, 64), C4 = g.C / 4;
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -196,34 +201,37 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(InRows in, con
   for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kb / 4), cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
   const int64_t a_stride = g.C, b_stride = g.Cout * 4, c_stride = g.Cout * 4;
-  for (int64_t x0 = 0; x0 < g.W; x0 += kAmxPx) {
-    for (int64_t o0 = 0; o0 < g.Cout; o0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t tap = 0; tap < 9; ++tap) {
-        const int64_t ky = tap / 3, kx = tap % 3;
-        const uint8_t* a = in[ky] + (x0 + kx) * g.C;
-        for (int64_t k = 0; k < g.C; k += kb) {
-          const int8_t* w = wv + ((tap * C4 + k / 4) * g.Cout + o0) * 4;
-          _tile_loadd(4, a + k, a_stride);
-          _tile_loadd(5, a + 16 * g.C + k, a_stride);
-          _tile_loadd(6, w, b_stride);
-          _tile_loadd(7, w + 64, b_stride);
-          _tile_dpbusd(0, 4, 6);
-          _tile_dpbusd(1, 4, 7);
-          _tile_dpbusd(2, 5, 6);
-          _tile_dpbusd(3, 5, 7);
+  const int64_t group = std::lcm<int64_t>(cs, 32);
+  for (int64_t g0 = 0; g0 < g.Cout; g0 += group) {
+    for (int64_t x0 = 0; x0 < g.W; x0 += kAmxPx) {
+      for (int64_t o0 = g0; o0 < g0 + group; o0 += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t tap = 0; tap < 9; ++tap) {
+          const int64_t ky = tap / 3, kx = tap % 3;
+          const uint8_t* a = in[ky] + (x0 + kx) * g.C;
+          for (int64_t k = 0; k < g.C; k += kb) {
+            const int8_t* w = wv + ((tap * C4 + k / 4) * g.Cout + o0) * 4;
+            _tile_loadd(4, a + k, a_stride);
+            _tile_loadd(5, a + 16 * g.C + k, a_stride);
+            _tile_loadd(6, w, b_stride);
+            _tile_loadd(7, w + 64, b_stride);
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(1, 4, 7);
+            _tile_dpbusd(2, 5, 6);
+            _tile_dpbusd(3, 5, 7);
+          }
         }
+        int32_t* c = acc + x0 * g.Cout + o0;
+        _tile_stored(0, c, c_stride);
+        _tile_stored(1, c + 16, c_stride);
+        _tile_stored(2, c + 16 * g.Cout, c_stride);
+        _tile_stored(3, c + 16 * g.Cout + 16, c_stride);
       }
-      int32_t* c = acc + x0 * g.Cout + o0;
-      _tile_stored(0, c, c_stride);
-      _tile_stored(1, c + 16, c_stride);
-      _tile_stored(2, c + 16 * g.Cout, c_stride);
-      _tile_stored(3, c + 16 * g.Cout + 16, c_stride);
+      finish(row, acc, x0, std::min(x0 + kAmxPx, g.W), g0 / cs, (g0 + group) / cs);
     }
-    finish(row, acc, x0, std::min(x0 + kAmxPx, g.W));
   }
   _tile_release();
 }
@@ -686,11 +694,12 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     std::vector<int32_t> codes(o_bits ? Cs : 0);
     std::vector<float> staged(out_bf16 ? Cs : 0);
     std::vector<int32_t> codes2(q2_bits ? Cout : 0);
-    // The epilogue of pixels [xa, xb) of output row r, whose accumulators are acc (x * Cout + o).
-    const auto finish = [&](int64_t r, const int32_t* acc, int64_t xa, int64_t xb) {
+    // The epilogue of pixels [xa, xb) of output row r, sub-pixel blocks [b_lo, b_hi) of Cs channels
+    // (all of them without a shuffle), whose accumulators are acc (x * Cout + o).
+    const auto finish = [&](int64_t r, const int32_t* acc, int64_t xa, int64_t xb, int64_t b_lo, int64_t b_hi) {
       const int64_t n = r / H, y = r % H;
       if (fast_epilogue != nullptr) {
-        for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle)
+        for (int64_t b = b_lo; b < b_hi; ++b) {  // sub-pixel (b / shuffle, b % shuffle)
           const int64_t o0 = b * Cs;
           const int64_t dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + xa * shuffle + b % shuffle;
           const EpilogueArgs e{pws + o0, pm + o0, pb + o0, shift_fix, relu,
@@ -704,7 +713,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
       }
       for (int64_t x = xa; x < xb; ++x) {
         const int64_t pix = (n * H + y) * W + x;
-        for (int64_t b = 0; b < blocks; ++b) {  // sub-pixel (b / shuffle, b % shuffle); one block without shuffle
+        for (int64_t b = b_lo; b < b_hi; ++b) {  // sub-pixel (b / shuffle, b % shuffle); one block without shuffle
           const int64_t o0 = b * Cs;
           const int64_t dst = ((n * H + y) * shuffle + b / shuffle) * W * shuffle + x * shuffle + b % shuffle;
           const int32_t* a = acc + x * Cout + o0;
@@ -743,7 +752,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     if (amx) {
       for (int64_t r = begin; r < end; ++r) {
         ring.rows_for(r / H, r % H, rows);
-        row_amx(rows, pw, g, acc, r, finish);
+        row_amx(rows, pw, g, Cs, acc, r, finish);
       }
       return;
     }
@@ -759,7 +768,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 #else
       row_portable(rows, pw, g, acc);
 #endif
-      finish(r, acc, 0, W);
+      finish(r, acc, 0, W, 0, blocks);
     }
   });
   return out;
