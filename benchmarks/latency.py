@@ -34,6 +34,8 @@ out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per ou
 (linear scaling shows as a constant), FAB (mean over the patches of all frames), PSNR of the
 output vs the fp32 output (mean
 over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
+``--profile METHOD`` also runs that row once per frame under torch.profiler and records its top
+ops (self time per frame: where the time goes).
 """
 
 from __future__ import annotations
@@ -165,6 +167,26 @@ def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int) -> li
     return [statistics.median(s) for s in samples]
 
 
+def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) -> list[dict]:
+    """``engine.upscale`` of every frame once under torch.profiler (after the timed runs, so
+    warm): the ``top`` ops by self time (CUDA time on GPU), grouped by input shapes, per frame."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with torch.inference_mode(), profile(activities=activities, record_shapes=True) as prof:
+        for f in frames:
+            engine.upscale(f)
+        if gpu:
+            torch.cuda.synchronize()
+    events = prof.key_averages(group_by_input_shape=True)
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:120], "share": getattr(e, key, 0.0) / total,
+             "self_ms_per_frame": getattr(e, key, 0.0) / 1e3 / len(frames), "calls_per_frame": e.count / len(frames)}
+            for e in ranked]
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float(((a.float() - b.float()) ** 2).mean())
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
@@ -226,6 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
                    help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
+    p.add_argument("--profile", default=None, metavar="METHOD",
+                   help="also run this row once per frame of the last size under torch.profiler: its top ops "
+                        "(self time per frame) are printed and written to the JSON")
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU mode: leave glibc's malloc as it is (by default it keeps freed memory; see "
                         "common.keep_freed_memory)")
@@ -295,10 +320,17 @@ def main(argv=None) -> int:
             for r in size_rows:
                 r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
         rows += size_rows
+    profile = None
+    if args.profile is not None:
+        if args.profile not in engines:
+            p.error(f"--profile: no row {args.profile!r}; rows: {', '.join(engines)}")
+        profile = profile_ops(engines[args.profile], frames, args.gpu)
     payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
                             "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
                             "frames": [str(p) for p in paths], "compile": compile_mode},
                "peaks": peaks, "rows": rows}
+    if profile is not None:
+        payload["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
     path = write_results("latency", payload, args.out)
     if args.plot:
         plot(rows, args.plot)
@@ -314,6 +346,11 @@ def main(argv=None) -> int:
         ratios = "".join(f"{r[k]:10.2f}" for k in keys)
         print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
+    if profile is not None:
+        print(f"profile of {args.profile} at {sizes[-1][0]}x{sizes[-1][1]} (self time per frame, top ops):")
+        for op in profile:
+            print(f"  {op['self_ms_per_frame']:8.2f} ms {op['share'] * 100:5.1f}% {op['calls_per_frame']:6.1f} calls  "
+                  f"{op['op']} {op['shapes']}")
     print(f"wrote {path}")
     return 0
 

@@ -82,6 +82,8 @@ def test_cpp_tail_takes_bf16_input_as_it_is_and_rounds_its_output_like_to(edsr32
     assert torch.equal(cpu_ops.quantize_pack(nhwc, q), cpu_ops.quantize_pack(nhwc.float(), q))
     out = torch.empty(2, 7, 6, 32, dtype=torch.uint8)
     assert torch.equal(cpu_ops.quantize_pack(nhwc, q, out=out), reference.quantize_pack(nhwc.float(), q))
+    narrow = (torch.randn(3, 5, 8, generator=g) * 3).bfloat16()  # 8 channels: the widening's scalar loop
+    assert torch.equal(cpu_ops.quantize_pack(narrow, q), reference.quantize_pack(narrow.float(), q))
     conv = edsr32.upsampler[0]
     y = IntegerConv(conv, q, cpu_ops)(x)
     assert y.dtype == torch.bfloat16 and torch.equal(y, IntegerConv(conv, q, reference)(x))

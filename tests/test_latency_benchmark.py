@@ -24,7 +24,7 @@ def run(tmp_path, *args) -> dict:
 
 @needs_data
 def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
-    result = run(tmp_path)
+    result = run(tmp_path, "--profile", "static a8 + int8 tail")
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["fp32", "bf16 CL", "static a8 (fp32 FP layers)", "static a8", "static a4", "static a2",
                           "entropy {2,4,8}", "static a8 + int8 tail", "granular {2,4,8}",
@@ -44,6 +44,10 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
         assert len(r["groups"]) == 2  # one report per frame
         assert r["ms"] > 0 and r["ms_per_mpix"] == pytest.approx(r["ms"] / (96 * 96 / 1e6))
         assert "pct_of_floor" not in r  # GPU only: no measured int8 peak on CPU
+    profile = result["profile"]
+    assert profile["method"] == "static a8 + int8 tail" and 0 < len(profile["ops"]) <= 15
+    assert "gdq_engine::packed_conv3x3_cpu" in {op["op"] for op in profile["ops"]}
+    assert all(op["self_ms_per_frame"] >= 0 and 0 <= op["share"] <= 1 for op in profile["ops"])
     # 96x96 output at x4: one 24x24 LR patch per frame; MACs from the model's convs.
     from gdq_engine import load_model
     from gdq_engine.runtime.cost import conv_macs

@@ -5,7 +5,8 @@
 // Integer core: each thread unpacks the input rows its output rows need, right before their use,
 // into a ring of three zero-padded uint8 rows (signed codes are stored as code + 128, so padding
 // is 128 and the dot products run unsigned x signed); weights come prepared as (9, C/4, Cout, 4)
-// int8 so four input channels of sixteen output channels fill one 64-byte vector. With AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
+// int8 so four input channels of sixteen output channels fill one 64-byte vector. With
+// AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
 // register tile of PX pixels x NB*16 output channels accumulates over 9 taps x C/4 channel quads;
 // without it a portable loop computes the same int32 sums. For signed inputs the shift is removed
 // with -128 * sum(w[o]) over all taps (padding, stored as 128, is code 0).
@@ -13,7 +14,7 @@
 // With AMX-INT8 (Sapphire Rapids and later; Linux grants the tile state on request) the same sums
 // come from tile matrix multiplies (tdpbusd: u8 x s8 -> s32, 16 x 16 outputs x 64 bytes of K per
 // instruction): per output row, blocks of 32 pixels x 32 output channels are four accumulator
-// tiles; per tap and 64-channel chunk, two A tiles (16 consecutive pixels of the padded image,
+// tiles; per tap and 64-channel chunk, two A tiles (16 consecutive pixels of a padded row,
 // rows C bytes apart: no im2col) and two B tiles (the same (9, C/4, Cout, 4) weights, rows Cout*4
 // bytes apart) feed four tdpbusd. Pixels past the row end compute garbage that is never read: the
 // padded rows and the accumulator rows carry slack for them. Each 32-pixel block's epilogue runs
@@ -35,10 +36,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -84,7 +85,7 @@ bool cpu_has_amx() {
 // ---- integer core -------------------------------------------------------------------------
 
 struct ConvGeom {
-  int64_t H, W, C, Cout;  // C: input channels; padded image is (H+2) x (W+2) x C
+  int64_t H, W, C, Cout;  // C: input channels; a padded input row is W + 2 (+ slack) pixels of C bytes
 };
 
 // The first 64-byte boundary in `data` (which must hold 64 bytes of slack). AMX tile rows of 64
@@ -305,19 +306,20 @@ void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst,
   pack_row(codes, C, bits, dst);
 }
 
-// ---- whole-row epilogue (AVX-512, constants in registers) -------------------------------------
+// ---- register-held epilogue (AVX-512, per-channel constants in registers) ----------------------
 
-// What the epilogue of one output row needs; pointers are null where a part is absent.
+// What the epilogue of a run of pixels of one output row needs; pointers are null where a part
+// is absent, and point at the run's first pixel.
 struct EpilogueArgs {
   const int32_t* wsum;
   const float *mult, *bias;
   int32_t shift_fix;
   bool relu;
-  const float* res;  // residual of the row's first pixel, (W, Cout) fp32
+  const float* res;  // fp32 residual, Cout values per pixel
   float rs;
   float inv;  // codes out: clamp(floor(y * inv + 0.5), lo, hi) packed at o_bits
   int64_t lo, hi;
-  float* out_f;       // fp32 out (row start, unshuffled)
+  float* out_f;       // fp32 out
   uint16_t* out_h;    // bf16 out
   uint8_t* out_b;     // packed codes out
   float q2_inv;       // second output: the fp32 result quantized at q2_bits
@@ -389,7 +391,8 @@ __attribute__((target("avx512f,avx512bw"))) void epilogue_block_avx512(const int
       if (e.out_h != nullptr) {  // bf16, round to nearest even (to_bf16_row_avx512's operations)
         for (int v = 0; v < NV; ++v) {
           const __m512i u = _mm512_castps_si512(y[v]);
-          const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bf_bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+          const __m512i r =
+              _mm512_add_epi32(_mm512_add_epi32(u, bf_bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
           const __mmask16 nan = _mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q);
           const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), qnan);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out_h + x * out_step + 16 * v), _mm512_cvtepi32_epi16(h));
@@ -561,6 +564,35 @@ __attribute__((target("avx512f"))) void to_bf16_row_avx512(const float* in, int6
   for (; i < n; ++i) out[i] = to_bf16(in[i]);
 }
 #endif
+
+// bf16 bits -> fp32 (exact: the bits are the top half of the fp32 value's).
+inline float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void from_bf16_row_avx512(const uint16_t* in, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
+    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) out[i] = from_bf16(in[i]);
+}
+#endif
+
+void from_bf16_row(const uint16_t* in, int64_t n, float* out, bool avx512) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512) {
+    from_bf16_row_avx512(in, n, out);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = from_bf16(in[i]);
+}
 
 void to_bf16_row(const float* in, int64_t n, uint16_t* out, bool avx512) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -806,11 +838,8 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
     std::vector<float> widened(bf16 ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const float* row = in + r * C;
-      if (bf16) {  // bf16 bits are the top half of the fp32 value's: widening is exact
-        for (int64_t c = 0; c < C; ++c) {
-          const uint32_t u = static_cast<uint32_t>(in_h[r * C + c]) << 16;
-          std::memcpy(&widened[c], &u, 4);
-        }
+      if (bf16) {  // widened exactly
+        from_bf16_row(in_h + r * C, C, widened.data(), vec);
         row = widened.data();
       }
       quantize_pack_row(row, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec);
