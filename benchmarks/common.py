@@ -59,9 +59,10 @@ def keep_freed_memory() -> dict | None:
 
     With the defaults, multi-megabyte tensors are mmap-ed and unmapped per call once glibc's
     dynamic threshold says so, and every first touch then costs a page fault per 4 KiB: torch's
-    bf16 channels_last network, which allocates per layer, ran at either about 110 or about 155 ms
-    per frame depending on the process, the engine's rows (reused workspaces) at the same speed in
-    both. Applied to every row of a run alike; call before any large allocation."""
+    bf16 channels_last network, which allocates per layer, took 153-157 ms per 744x744 frame in
+    three latency.py runs with the defaults against 106-110 ms with this setting, while the
+    engine's rows (reused workspaces) moved by a few ms. Applied to every row of a run alike; call
+    before any large allocation."""
     global MALLOC_SETTINGS
     import ctypes
     import ctypes.util

@@ -4,10 +4,10 @@
 
 Workload: EDSR-baseline's 64->64 3x3 conv on ``--patches`` 96x96 LR patches (NHWC). Rows: for
 a in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack) and conv2 (unsigned codes in, fp32
-residual add, fp32 out) on the C++ kernel's three paths, called as the integer body calls them
-(outputs into reused buffers; conv2 updates the residual in place and also writes the next
-block's packed codes) (AMX-INT8 tiles and AVX512-VNNI where the
-CPU has them, else the next one down; and the portable loop) and on the pure-torch reference;
+residual add, fp32 out) on the C++ kernel's three paths (AMX-INT8 tiles and AVX512-VNNI where the
+CPU has them, else the next one down; and the portable loop), called as the integer body calls
+them (outputs into reused buffers; conv2 updates the residual in place and also writes the next
+block's packed codes), and on the pure-torch reference;
 quantize+pack of the fp32 block input; torch fp32 and bf16 channels_last convs of the same shape
 (bf16 is oneDNN's AMX path on AMX CPUs). Medians of host-timer repeats after one warm-up, all in
 one run. Writes cpu-kernels-<date>.json; prints a table last.

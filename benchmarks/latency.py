@@ -26,8 +26,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
 
 Columns: median ms per frame (``triton.testing.do_bench`` on GPU; on CPU host-timer medians of
 ``--reps`` rounds that call every row once, so drifting machine load hits all rows alike, with
-glibc's malloc keeping freed memory: with its defaults torch's bf16 anchor ran at about 110 or
-about 155 ms per frame depending on the process; ``--default-malloc`` leaves it as it is),
+glibc's malloc keeping freed memory: with its defaults torch's bf16 anchor paid page faults on
+its per-layer tensors, 153-157 ms per frame against 106-110; ``--default-malloc`` leaves it),
 speed-up vs the fp16 channels_last row (GPU) or the fp32 and bf16 channels_last rows (CPU), % of
 the int8 roofline floor (GPU: max(2 x conv MACs of all patches / measured int8 peak, (LR in + HR
 out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per output megapixel
