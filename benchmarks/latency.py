@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from gdq_engine.runtime.intgraph import has_integer_body
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import keep_freed_memory, measure_gpu_peaks, write_results  # noqa: E402
 
@@ -93,11 +95,6 @@ def build_fp_model(arch: str, scale: int):
     return (MSRResNet if arch == "msrresnet" else RDN)(scale=scale).eval()
 
 
-def quantizable(model) -> bool:
-    """Whether the integer body supports this model (residual-block bodies)."""
-    return all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in model.body)
-
-
 def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> list[tuple[str, dict]]:
     """(row name, Engine kwargs) of the compared methods; ``model`` / ``compile`` keys are the
     row's own model (a quantized checkpoint) and torch.compile mode."""
@@ -111,7 +108,7 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         fp.append(("bf16 CL", dict(policy="fp", dtype=torch.bfloat16)))
         if compile_mode != "none":
             fp.append((f"fp32 CL compile({compile_mode})", dict(policy="fp", compile=compile_mode)))
-    if not quantizable(model):
+    if not has_integer_body(model):
         return fp
     quant = [("static a8", dict(policy="static", bits=8)), ("static a4", dict(policy="static", bits=4)),
              ("static a2", dict(policy="static", bits=2)), ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
@@ -275,7 +272,8 @@ def main(argv=None) -> int:
     model_name = f"{args.arch}-x{args.scale}"
     granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
     cases = cases_for(args.gpu, model, granular, compile_mode)
-    calib = random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96) if quantizable(model) else None
+    calib = (random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96)
+             if has_integer_body(model) else None)
     peaks = measure_gpu_peaks() if args.gpu else None
     paths = frame_paths(args.image, args.frames, args.calib)
     engines = {}

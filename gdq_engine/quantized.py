@@ -289,8 +289,7 @@ class QuantizedSR(nn.Module):
 
         patches = calibration_patches(calib, self.fp.scale).to(self.act_scales.device)
         fp = self.fp if next(self.fp.parameters()).dtype == torch.float32 else copy.deepcopy(self.fp).float()
-        scales = calibrate_tail(fp, lambda: fp(patches), bits)
-        self._set_tail([ActQuant(bits, True, s) for s in scales])
+        self._set_tail(calibrate_tail(fp, lambda: fp(patches), bits))
         return self
 
     def _drop_caches(self) -> None:
@@ -460,7 +459,7 @@ def quantize(model, policy: str | BitPolicy = "static", bits=None, calib=None, w
         if tail_bits is not None:
             from .runtime.inttail import calibrate_tail
 
-            tail = [ActQuant(tail_bits, True, s) for s in calibrate_tail(fp, lambda: fp(patches), tail_bits)]
+            tail = calibrate_tail(fp, lambda: fp(patches), tail_bits)
     return QuantizedSR(fp, policy, act_quants, w_bits=w_bits, backend=backend, tail_quants=tail).eval()
 
 

@@ -238,14 +238,31 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(InRows in, con
 }
 #endif
 
+// clamp(floor(v * inv + 0.5), lo, hi) as int32: the scalar requantize's operations, in its order
+// (clamping before flooring gives the same integer: lo and hi are integers).
+__attribute__((target("avx512f"))) inline __m512i requantize16(__m512 v, __m512 inv, __m512 lo, __m512 hi) {
+  const __m512 t = _mm512_add_ps(_mm512_mul_ps(v, inv), _mm512_set1_ps(0.5f));
+  return _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(t, lo), hi), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
+// fp32 -> bf16 bits of 16 lanes, round to nearest even, NaN -> 0x7FC0 (torch's conversion, with
+// integer operations: bit-identical to the scalar to_bf16).
+__attribute__((target("avx512f"))) inline __m256i bf16x16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), _mm512_set1_epi32(0x7FC0)));
+}
+
 // Epilogue of one pixel's Cout accumulators, 16 channels per step (same fp32 operations, in the
-// same order, as the scalar epilogue: separate multiply and add, floor by roundscale).
+// same order, as the scalar epilogue: separate multiply and add, requantize16).
 __attribute__((target("avx512f"))) void epilogue_pixel_avx512(
     const int32_t* a, const int32_t* wsum, int32_t shift_fix, const float* mult, const float* bias, bool relu,
     const float* res, float rs, bool scale_res, int64_t Cout, float* out_f, int32_t* codes, float inv, int64_t lo,
     int64_t hi) {
   const __m512i fix = _mm512_set1_epi32(shift_fix);
-  const __m512 zero = _mm512_setzero_ps(), half = _mm512_set1_ps(0.5f), vinv = _mm512_set1_ps(inv);
+  const __m512 zero = _mm512_setzero_ps(), vinv = _mm512_set1_ps(inv);
   const __m512 vlo = _mm512_set1_ps(static_cast<float>(lo)), vhi = _mm512_set1_ps(static_cast<float>(hi));
   const __m512 vrs = _mm512_set1_ps(rs);
   for (int64_t o = 0; o < Cout; o += 16) {
@@ -260,22 +277,17 @@ __attribute__((target("avx512f"))) void epilogue_pixel_avx512(
     if (codes == nullptr) {
       _mm512_storeu_ps(out_f + o, v);
     } else {
-      __m512 t = _mm512_add_ps(_mm512_mul_ps(v, vinv), half);
-      t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-      _mm512_storeu_si512(codes + o, _mm512_cvtps_epi32(t));
+      _mm512_storeu_si512(codes + o, requantize16(v, vinv, vlo, vhi));
     }
   }
 }
 
 __attribute__((target("avx512f"))) void requantize_row_avx512(const float* in, int64_t C, float inv, int64_t lo,
                                                                 int64_t hi, int32_t* codes) {
-  const __m512 half = _mm512_set1_ps(0.5f), vinv = _mm512_set1_ps(inv);
+  const __m512 vinv = _mm512_set1_ps(inv);
   const __m512 vlo = _mm512_set1_ps(static_cast<float>(lo)), vhi = _mm512_set1_ps(static_cast<float>(hi));
   for (int64_t c = 0; c < C; c += 16) {
-    __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(in + c), vinv), half);
-    t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    _mm512_storeu_si512(codes + c, _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, vlo), vhi)));
+    _mm512_storeu_si512(codes + c, requantize16(_mm512_loadu_ps(in + c), vinv, vlo, vhi));
   }
 }
 
@@ -328,13 +340,6 @@ struct EpilogueArgs {
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// clamp(floor(v * inv + 0.5), lo, hi) as int32: the scalar requantize's operations, in its order
-// (clamping before flooring gives the same integer: lo and hi are integers).
-__attribute__((target("avx512f"))) inline __m512i requantize16(__m512 v, __m512 inv, __m512 lo, __m512 hi) {
-  const __m512 t = _mm512_add_ps(_mm512_mul_ps(v, inv), _mm512_set1_ps(0.5f));
-  return _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(t, lo), hi), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-}
-
 // NV vectors of 16 codes (channels 16v..16v+15) -> NV * BITS / 8 * 16 packed bytes (packing.h layout).
 template <int NV, int BITS>
 __attribute__((target("avx512f"))) inline void pack16(const __m512i* codes, uint8_t* dst) {
@@ -371,7 +376,6 @@ __attribute__((target("avx512f,avx512bw"))) void epilogue_block_avx512(const int
   const __m512 inv2 = _mm512_set1_ps(e.q2_inv), lo2 = _mm512_set1_ps(static_cast<float>(e.q2_lo)),
                hi2 = _mm512_set1_ps(static_cast<float>(e.q2_hi));
   const bool scale_res = e.rs != 1.0f;
-  const __m512i bf_bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
   for (int64_t x = 0; x < W; ++x) {
     __m512 y[NV];
     for (int v = 0; v < NV; ++v) {
@@ -388,14 +392,9 @@ __attribute__((target("avx512f,avx512bw"))) void epilogue_block_avx512(const int
       for (int v = 0; v < NV; ++v) q[v] = requantize16(y[v], inv, lo, hi);
       pack16<NV, O_BITS>(q, e.out_b + x * out_step * O_BITS / 8);
     } else {
-      if (e.out_h != nullptr) {  // bf16, round to nearest even (to_bf16_row_avx512's operations)
+      if (e.out_h != nullptr) {  // bf16, round to nearest even
         for (int v = 0; v < NV; ++v) {
-          const __m512i u = _mm512_castps_si512(y[v]);
-          const __m512i r =
-              _mm512_add_epi32(_mm512_add_epi32(u, bf_bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
-          const __mmask16 nan = _mm512_cmp_ps_mask(y[v], y[v], _CMP_UNORD_Q);
-          const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), qnan);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out_h + x * out_step + 16 * v), _mm512_cvtepi32_epi16(h));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.out_h + x * out_step + 16 * v), bf16x16(y[v]));
         }
       } else {
         for (int v = 0; v < NV; ++v) _mm512_storeu_ps(e.out_f + x * out_step + 16 * v, y[v]);
@@ -549,17 +548,11 @@ inline uint16_t to_bf16(float f) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same on 16 lanes with integer operations (bit-identical, NaN included).
+// The same 16 lanes at a time (bf16x16).
 __attribute__((target("avx512f"))) void to_bf16_row_avx512(const float* in, int64_t n, uint16_t* out) {
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 f = _mm512_loadu_ps(in + i);
-    const __m512i u = _mm512_castps_si512(f);
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
-    const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-    const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(r, 16), qnan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), bf16x16(_mm512_loadu_ps(in + i)));
   }
   for (; i < n; ++i) out[i] = to_bf16(in[i]);
 }

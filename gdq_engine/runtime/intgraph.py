@@ -38,12 +38,17 @@ class QuantBlock:
     res_scale: float
 
 
-def _blocks_of(model: SRModel) -> list:
+def has_integer_body(model: SRModel) -> bool:
+    """Whether the integer body runs this model's blocks (residual blocks of conv1 and conv2)."""
     blocks = list(model.body)
-    if not blocks or not all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in blocks):
+    return bool(blocks) and all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in blocks)
+
+
+def _blocks_of(model: SRModel) -> list:
+    if not has_integer_body(model):
         raise NotImplementedError(f"{model.arch}: only residual-block bodies (EDSR, MSRResNet) are quantized so "
                                   "far; docs/numerics.md ('Not yet: RDN') says what dense blocks need")
-    return blocks
+    return list(model.body)
 
 
 def prepare_blocks(model: SRModel, w_bits: int = 8) -> list[QuantBlock]:

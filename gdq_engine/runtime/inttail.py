@@ -69,9 +69,9 @@ def collect_tail_inputs(model: nn.Module, run) -> list[torch.Tensor]:
     return [torch.cat([x.flatten() for x in seen[n]]) for n in names]
 
 
-def calibrate_tail(model: nn.Module, run, bits: int) -> list[float]:
-    """DOBI scales (signed, ``bits``) of the tail convs' inputs (:func:`collect_tail_inputs`)."""
-    return [dobi_scale(x, bits, True) for x in collect_tail_inputs(model, run)]
+def calibrate_tail(model: nn.Module, run, bits: int) -> list[ActQuant]:
+    """Signed ``bits`` quantizers of the tail convs' inputs (:func:`collect_tail_inputs`), DOBI scales."""
+    return [ActQuant(bits, True, dobi_scale(x, bits, True)) for x in collect_tail_inputs(model, run)]
 
 
 class IntegerConv(nn.Module):
@@ -100,10 +100,9 @@ class IntegerConv(nn.Module):
         self.weight_codes = w_codes.contiguous() if prep is None else prep(w_codes.contiguous(), quant.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bf16_io = x.dtype == torch.bfloat16 and getattr(self._ops, "BF16_INPUT", False)
         packed = self._ops.quantize_pack(_nhwc_input(x, self._ops), self.quant)
         args = (packed, self.quant.bits, True, self.weight_codes, self.mult, self.bias_fp32)
-        if bf16_io:  # the kernel rounds its fp32 results to bf16 itself (nearest even, as .to does)
+        if _reads_bf16(x, self._ops):  # the kernel rounds its fp32 results to bf16 itself (nearest even, as .to does)
             return self._ops.packed_conv3x3(*args, out_dtype=torch.bfloat16).permute(0, 3, 1, 2)
         return self._ops.packed_conv3x3(*args).permute(0, 3, 1, 2).to(x.dtype)
 
@@ -178,11 +177,16 @@ def _subpixel_major(conv: nn.Conv2d, r: int) -> nn.Conv2d:
     return out
 
 
+def _reads_bf16(x: torch.Tensor, ops) -> bool:
+    """Whether ``x`` is bf16 and the backend takes bf16 as it is (``BF16_INPUT``: quantize_pack
+    reads it exactly, the conv stores bf16)."""
+    return x.dtype == torch.bfloat16 and getattr(ops, "BF16_INPUT", False)
+
+
 def _nhwc_input(x: torch.Tensor, ops) -> torch.Tensor:
     """(N,C,H,W) -> contiguous (N,H,W,C) for ``ops.quantize_pack``: fp32, or bf16 as it is where
-    the backend reads bf16 exactly (``BF16_INPUT``; no fp32 copy of the tail's input)."""
-    keep = x.dtype == torch.bfloat16 and getattr(ops, "BF16_INPUT", False)
-    return (x if keep else x.to(torch.float32)).permute(0, 2, 3, 1).contiguous()
+    :func:`_reads_bf16` (no fp32 copy of the tail's input)."""
+    return (x if _reads_bf16(x, ops) else x.to(torch.float32)).permute(0, 2, 3, 1).contiguous()
 
 
 def _shuffle_nhwc(y: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
