@@ -25,12 +25,23 @@ _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-a
 # GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
 AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
 
-_TUNE_CONFIGS = [
+TUNE_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                          (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
 ]
-_tuned_conv = triton.autotune(_TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
+ROWS_PER_PROGRAM = 64  # the quantize/unpack kernels' rows per program on a GPU
+
+
+def fixed_config(block_n: int) -> triton.Config:
+    """The conv's one config under ``GDQ_TRITON_AUTOTUNE=0``: 64 x 64 tiles, and 8 warps for output
+    tiles of 128 or 256 channels (the upsampler convs). With 4 warps those hold 128-256 int32
+    accumulators per thread and spill on sm_80, or reach 254 of 255 registers on sm_90 (Triton 3.9)
+    (``python -m gdq_engine.kernels.aot``, docs/kernels.md)."""
+    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8 if block_n >= 128 else 4, num_stages=3)
+
+
+_tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
                                                   "BLOCK_N"])(_packed_conv3x3_kernel)
 
 
@@ -148,9 +159,10 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
         _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
     elif not AUTOTUNE:
-        grid = (triton.cdiv(m, 64), triton.cdiv(cout, block_n))
-        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=64, BLOCK_K=64, num_warps=4,
-                                                           num_stages=3, **_COMPILE)
+        cfg = fixed_config(block_n)
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))
+        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                           num_stages=cfg.num_stages, **_COMPILE)
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
         _launcher(_tuned_conv, traceable)[grid](*args, **meta, **_COMPILE)
@@ -185,7 +197,7 @@ def _quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float, t
     c = x.shape[-1]
     m = x.numel() // c
     out = torch.empty((*x.shape[:-1], c * bits // 8), dtype=torch.uint8, device=x.device)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if INTERPRET else ROWS_PER_PROGRAM
     _launcher(_quantize_pack_kernel, traceable)[(triton.cdiv(m, block_m),)](
         x, out, m, inv_s, C=c, BITS=bits, LO=lo, HI=hi, BLOCK_M=block_m, **_COMPILE)
     return out
@@ -208,6 +220,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     packed = packed.contiguous()
     m = packed.numel() // packed.shape[-1]
     out = torch.empty(*packed.shape[:-1], c, dtype=torch.int8 if signed else torch.uint8, device=packed.device)
-    block_m = 32 if INTERPRET else 64
+    block_m = 32 if INTERPRET else ROWS_PER_PROGRAM
     _unpack_kernel[(triton.cdiv(m, block_m),)](packed, out, m, C=c, BITS=bits, SIGNED=bool(signed), BLOCK_M=block_m)
     return out

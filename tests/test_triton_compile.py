@@ -1,0 +1,86 @@
+"""Every Triton kernel variant the engine launches compiles for sm_90 and sm_80 without a GPU
+(Triton's bundled ptxas), on tensor-core MMAs, without spills or fused multiply-adds.
+
+The variants are recorded from real engine runs in Triton's interpreter; compiling needs a process
+without ``TRITON_INTERPRET``, so the command line runs in a subprocess (as a user would run it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+aot = pytest.importorskip("gdq_engine.kernels.aot", reason="triton is a test dependency", exc_type=ImportError)
+
+CONV = "_packed_conv3x3_kernel"
+
+
+def _env(interpret: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    path = tmp_path_factory.mktemp("aot") / "launches.json"
+    subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--record", str(path)], env=_env(True),
+                   check=True)
+    return path, [aot.Launch.from_json(d) for d in json.loads(path.read_text())]
+
+
+def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
+    _, recorded = launches
+    convs = [dict(x.constexprs) for x in recorded if x.kernel == CONV]
+    # conv1 of each container, with ReLU and re-quantized (packed) output at its own width
+    assert {c["A_BITS"] for c in convs if c["RELU"] and c["O_BITS"]} == {2, 4, 8}
+    # conv2: unsigned mid codes, residual, fp32 out; residual scale 0.1 is its own variant
+    assert {c["SCALE_RES"] for c in convs if c["HAS_RES"]} == {False, True}
+    assert all(not c["A_SIGNED"] and not c["O_BITS"] for c in convs if c["HAS_RES"])
+    # the integer tail: the fused upsampler's 64 -> 256 conv re-quantizes into one 256-wide tile
+    assert any(c["BLOCK_N"] == 256 and c["O_BITS"] == 8 and c["O_LO"] < 0 for c in convs)
+    # every quantize_pack variant takes fp32 and writes bytes
+    packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
+    assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)
+    assert len(set(recorded)) == len(recorded)
+
+
+def test_record_launches_restores_the_launcher_after_an_error():
+    from gdq_engine.kernels import ops
+
+    before = ops._launcher
+    with pytest.raises(RuntimeError, match="boom"):
+        aot.record_launches(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert ops._launcher is before
+
+
+def test_problems_flags_each_rule():
+    ok = dict(kernel=CONV, arch=90, mma=8, local_bytes=0, fma_f32=0, shared_bytes=4096)
+    assert aot.problems(ok) == []
+    assert aot.problems({**ok, "mma": 0}) == ["no tensor-core MMA"]
+    assert "spills" in aot.problems({**ok, "local_bytes": 64})[0]
+    assert "fused multiply-adds" in aot.problems({**ok, "fma_f32": 2})[0]
+    too_big = {**ok, "shared_bytes": aot.SHARED_LIMIT[90] + 1}
+    assert "shared memory" in aot.problems(too_big)[0] and aot.problems(too_big, fixed=False) == []
+    assert aot.problems({**ok, "kernel": "_quantize_pack_kernel", "mma": 0}) == []
+
+
+def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
+    path, recorded = launches
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90", "80",
+                          "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["triton"] and report["meta"]["command"].startswith("python -m gdq_engine.kernels.aot")
+    reports = report["reports"]
+    assert len(reports) == 2 * len(recorded)
+    for r in reports:
+        assert r["problems"] == [], r
+        assert r["local_bytes"] == 0 and r["fma_f32"] == 0 and r["registers"] <= 255
+        if r["kernel"] == CONV:
+            assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 on sm_80
+    assert {r["arch"] for r in reports} == {80, 90}
