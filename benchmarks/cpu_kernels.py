@@ -9,8 +9,9 @@ CPU has them, else the next one down; and the portable loop), called as the inte
 them (outputs into reused buffers; conv2 updates the residual in place and also writes the next
 block's packed codes), and on the pure-torch reference;
 quantize+pack of the fp32 block input; torch fp32 and bf16 channels_last convs of the same shape
-(bf16 is oneDNN's AMX path on AMX CPUs). Medians of host-timer repeats after one warm-up, all in
-one run. Writes cpu-kernels-<date>.json; prints a table last.
+(bf16 is oneDNN's AMX path on AMX CPUs). Also the x4 upsampler's second conv by what it writes
+(codes, bf16, fp32) and torch's bf16 last conv that reads its output (:func:`upsampler_rows`).
+Medians of host-timer repeats after one warm-up, all in one run. Writes cpu-kernels-<date>.json; prints a table last.
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def main(argv=None) -> int:
         fp32 = median_ms(lambda: conv(xf), args.reps)
         conv_b, xb = conv.to(torch.bfloat16), xf.to(torch.bfloat16)
         bf16 = median_ms(lambda: conv_b(xb), args.reps)
+    upsampler, last_conv = upsampler_rows(args, g, n, 2 * hw, c)
     payload = {"workload": {"patches": n, "patch": hw, "channels": c}, "vnni": cpu_ops.has_vnni(),
-               "amx": cpu_ops.has_amx(), "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows}
+               "amx": cpu_ops.has_amx(), "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows,
+               "upsampler": upsampler, "torch_bf16_cl_last_conv_ms": last_conv}
     path = write_results("cpu-kernels", payload, args.out)
     print(f"{n} patches of {hw}x{hw}, 64->64 3x3; AMX: {cpu_ops.has_amx()}, VNNI: {cpu_ops.has_vnni()}; torch fp32 CL "
           f"{fp32:.2f} ms, bf16 CL {bf16:.2f} ms")
@@ -95,8 +98,39 @@ def main(argv=None) -> int:
         port = "-" if r["cpp_portable_ms"] is None else f"{r['cpp_portable_ms']:9.2f}"
         print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {vnni:>8} {port:>9} {r['reference_ms']:10.2f} "
               f"{fp32 / r['cpp_ms']:10.2f} {bf16 / r['cpp_ms']:10.2f}")
+    print(f"x4 upsampler's second conv, 64->256 on {n} x {2 * hw}x{2 * hw}, pixel-shuffle stored (C++):")
+    for r in upsampler:
+        print(f"  writes {r['writes']:5} {r['out_mb']:5.0f} MB  {r['cpp_ms']:6.2f} ms")
+    print(f"torch bf16 CL last conv, 64->3 on {n} x {4 * hw}x{4 * hw}: {last_conv:.2f} ms")
     print(f"wrote {path}")
     return 0
+
+
+def upsampler_rows(args, g: torch.Generator, n: int, hw: int, c: int) -> tuple[list[dict], float]:
+    """The x4 upsampler's second conv (64 -> 256 on the 2x LR grid, stored pixel-shuffled into the
+    4x grid) by what it writes: packed int8 codes (a next integer conv), bf16 (the last conv's
+    input in a bf16 model) or fp32; and torch's bf16 channels_last last conv (64 -> 3) that reads
+    the bf16 map. The HR feature map's size is what costs here."""
+    from gdq_engine.ops import cpu_ops
+    from gdq_engine.quant.packing import pack_codes
+    from gdq_engine.quant.quantizer import ActQuant
+
+    w = torch.randint(-127, 128, (4 * c, c, 3, 3), generator=g).to(torch.int8)
+    prep = cpu_ops.prepare_conv_weight(w)
+    mult, bias = torch.rand(4 * c, generator=g) * 1e-3, torch.randn(4 * c, generator=g) * 0.01
+    xp = pack_codes(torch.randint(-128, 128, (n, hw, hw, c), generator=g), 8)
+    rows = []
+    for writes, dtype in (("codes", torch.uint8), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        out = torch.empty(n, 2 * hw, 2 * hw, c, dtype=dtype)
+        kw = dict(out_quant=ActQuant(8, True, 0.05)) if writes == "codes" else dict(out_dtype=dtype)
+        ms = median_ms(lambda out=out, kw=kw: cpu_ops.packed_conv3x3(xp, 8, True, prep, mult, bias, shuffle=2,
+                                                                     out=out, **kw), args.reps)
+        rows.append({"writes": writes, "cpp_ms": ms, "out_mb": out.numel() * out.element_size() / 1e6})
+    last = torch.nn.Conv2d(c, 3, 3, padding=1).to(torch.bfloat16, memory_format=torch.channels_last)
+    hr = torch.randn(n, c, 2 * hw, 2 * hw, generator=g).to(torch.bfloat16, memory_format=torch.channels_last)
+    with torch.no_grad():
+        last_ms = median_ms(lambda: last(hr), args.reps)
+    return rows, last_ms
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/latency.py in CPU mode on tiny frames: every row runs, rotates over its frames, and its
-columns agree with what the engine computes (the timings themselves are not checked)."""
+columns agree with what the engine computes (the timings themselves are not checked); and
+benchmarks/cpu_kernels.py writes every row."""
 
 import json
 import sys
@@ -79,3 +80,25 @@ def test_frames_are_distinct_crops_tiled_by_reflection(tmp_path):
     assert [tuple(f.shape) for f in frames] == [(1, 3, 25, 30)] * 2
     assert not torch.equal(frames[0], frames[1])
     assert torch.equal(frames[0][..., 10:20, :12], frames[0][..., :10, :12].flip(2))
+
+
+def test_cpu_kernels_benchmark_writes_every_row(tmp_path):
+    """benchmarks/cpu_kernels.py on one patch, one repeat: every conv row, quantize_pack, the
+    upsampler conv by output kind (sizes from the shapes) and torch's last conv land in the JSON."""
+    from gdq_engine.ops import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("gdq_engine._C not built")
+    import cpu_kernels
+
+    assert cpu_kernels.main(["--patches", "1", "--reps", "1", "--default-malloc", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-kernels-*.json")
+    data = json.loads(path.read_text())
+    assert [(r["op"], r["a_bits"]) for r in data["rows"]] == [
+        (k, a) for a in (8, 4, 2) for k in ("conv1", "conv2")] + [("quantize_pack", 8)]
+    assert all(r["cpp_ms"] > 0 for r in data["rows"])
+    # one patch: the 4x HR map of 64 channels is 384 x 384 pixels, 1, 2 or 4 bytes per value
+    sizes = {r["writes"]: r["out_mb"] for r in data["upsampler"]}
+    assert sizes == pytest.approx({"codes": 384 * 384 * 64 / 1e6, "bf16": 384 * 384 * 128 / 1e6,
+                                   "fp32": 384 * 384 * 256 / 1e6})
+    assert data["torch_bf16_cl_last_conv_ms"] > 0
