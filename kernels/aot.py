@@ -139,8 +139,9 @@ def _every_width_cadyq():
 
 def engine_launches() -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
-    (needs ``TRITON_INTERPRET=1``): a 64-channel EDSR block at x2/x3/x4 for static 2..8 bits,
-    residual scale 1 and 0.1, integer tails of 4, 6 and 8 bits, and CADyQ's layer-wise regrouping."""
+    (needs ``TRITON_INTERPRET=1``): one 64-channel EDSR block at static 2, 3, 4, 5, 6 and 8 bits,
+    residual scale 0.1, integer tails of 8 bits at x2/x3/x4 and of 4 and 6 bits at x4, and CADyQ's
+    layer-wise regrouping with every width in every conv."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine
