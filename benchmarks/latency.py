@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     model_name = f"{args.arch}-x{args.scale}"
     granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
     cases = cases_for(args.gpu, model, granular, compile_mode)
+    if args.profile is not None and args.profile not in dict(cases):  # before minutes of timing, not after
+        p.error(f"--profile: no row {args.profile!r}; rows: {', '.join(name for name, _ in cases)}")
     calib = (random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96)
              if has_integer_body(model) else None)
     peaks = measure_gpu_peaks() if args.gpu else None
@@ -318,11 +320,7 @@ def main(argv=None) -> int:
             for r in size_rows:
                 r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
         rows += size_rows
-    profile = None
-    if args.profile is not None:
-        if args.profile not in engines:
-            p.error(f"--profile: no row {args.profile!r}; rows: {', '.join(engines)}")
-        profile = profile_ops(engines[args.profile], frames, args.gpu)
+    profile = profile_ops(engines[args.profile], frames, args.gpu) if args.profile is not None else None
     payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
                             "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
                             "frames": [str(p) for p in paths], "compile": compile_mode},

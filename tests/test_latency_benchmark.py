@@ -102,3 +102,11 @@ def test_cpu_kernels_benchmark_writes_every_row(tmp_path):
     assert sizes == pytest.approx({"codes": 384 * 384 * 64 / 1e6, "bf16": 384 * 384 * 128 / 1e6,
                                    "fp32": 384 * 384 * 256 / 1e6})
     assert data["torch_bf16_cl_last_conv_ms"] > 0
+
+
+def test_an_unknown_profile_row_is_refused_before_any_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "make_engine", lambda *a, **k: pytest.fail("an engine was built"))
+    with pytest.raises(SystemExit):
+        latency.main(["--output", "96x96", "--frames", "1", "--profile", "no such row", "--default-malloc",
+                      "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("latency-*.json"))
