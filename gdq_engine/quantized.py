@@ -198,8 +198,10 @@ class QuantizedSR(nn.Module):
             raise ValueError(f"quantizers calibrated for {bits} but the policy uses {sorted(policy.bits)}")
         # (bits, block, [input, mid]) fp32 scales; signedness is fixed (input signed, mid unsigned).
         scales = [[[q_in.scale, q_mid.scale] for q_in, q_mid in act_quants[b]] for b in bits]
-        self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64))
-        self.register_buffer("act_scales", torch.tensor(scales, dtype=torch.float32))
+        # On the FP model's device: integer_body() and runtime_model() resolve the backend from it.
+        device = next(fp_model.parameters(), torch.empty(0)).device
+        self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64, device=device))
+        self.register_buffer("act_scales", torch.tensor(scales, dtype=torch.float32, device=device))
         self._bodies: dict = {}
         self._runtime: dict = {}
         self.tail_bits: int | None = None

@@ -36,6 +36,14 @@ def test_quantize_is_a_drop_in_module(small_edsr):
     assert all(torch.equal(v, small_edsr.state_dict()[k]) for k, v in before.items())  # caller's model untouched
 
 
+def test_scales_live_on_the_fp_models_device(small_edsr):
+    """The engine resolves the integer backend from ``act_scales.device``: calibrating on a GPU
+    must give GPU scales (they were made on the CPU, so a CUDA engine picked the CPU kernels)."""
+    q = quantize(small_edsr, "static", bits=8, calib=calib_patches())
+    moved = QuantizedSR(q.fp.to("meta"), q.policy, q.act_quants(), w_bits=q.w_bits)
+    assert moved.act_scales.device.type == "meta" and moved.act_bits.device.type == "meta"
+
+
 def test_state_dict_round_trip_is_exact(small_edsr):
     q = quantize(small_edsr, "entropy", bits=(2, 4, 8), calib=calib_patches())
     other = quantize(EDSR(scale=2, n_feats=16, n_blocks=2), "entropy", bits=(2, 4, 8),
