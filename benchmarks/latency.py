@@ -45,6 +45,7 @@ import itertools
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -279,20 +280,29 @@ def main(argv=None) -> int:
     peaks = measure_gpu_peaks() if args.gpu else None
     paths = frame_paths(args.image, args.frames, args.calib)
     engines = {}
-    rows = []
+    rows, failures = [], []  # a row that raises is recorded and skipped: the other rows' numbers are kept
     bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows
     for out_w, out_h in sizes:
         frames = [f.to(dev) for f in lr_frames(paths, out_h // args.scale, out_w // args.scale)]
         ref_outs, size_rows = None, []
         for name, kw in cases:
-            if name not in engines:
-                engines[name] = make_engine(model, kw, dev, calib)
-            engine = engines[name]
-            with torch.inference_mode():
-                results = [engine.upscale(f, return_report=True) for f in frames]
-                turn = itertools.cycle(frames)
-                # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
-                ms = gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu else 0.0
+            if engines.get(name, True) is None:  # failed at an earlier size
+                continue
+            try:
+                if name not in engines:
+                    engines[name] = make_engine(model, kw, dev, calib)
+                engine = engines[name]
+                with torch.inference_mode():
+                    results = [engine.upscale(f, return_report=True) for f in frames]
+                    turn = itertools.cycle(frames)
+                    # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
+                    ms = gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu else 0.0
+            except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
+                engines[name] = None
+                failures.append({"output": f"{out_w}x{out_h}", "method": name, "error": f"{type(exc).__name__}: {exc}"})
+                traceback.print_exc()
+                print(f"{out_w}x{out_h} {name}: FAILED ({failures[-1]['error']})", flush=True)
+                continue
             outs = [out for out, _ in results]
             ref_outs = outs if ref_outs is None else ref_outs
             bits = [b for _, report in results for b in report.bits]
@@ -312,19 +322,21 @@ def main(argv=None) -> int:
             if args.gpu:
                 print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
         if not args.gpu:
-            for row, ms in zip(size_rows, interleaved_ms([engines[name] for name, _ in cases], frames, args.reps)):
+            timed = [engines[r["method"]] for r in size_rows]
+            for row, ms in zip(size_rows, interleaved_ms(timed, frames, args.reps)):
                 row["ms"], row["ms_per_mpix"] = ms, ms / (out_w * out_h / 1e6)
                 print(f"{out_w}x{out_h} {row['method']}: {ms:.2f} ms", flush=True)
         for name in bases:
-            base = next(r["ms"] for r in size_rows if r["method"] == name)
-            for r in size_rows:
+            base = next((r["ms"] for r in size_rows if r["method"] == name), None)
+            for r in size_rows if base is not None else ():
                 r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
         rows += size_rows
-    profile = profile_ops(engines[args.profile], frames, args.gpu) if args.profile is not None else None
+    profile = (profile_ops(engines[args.profile], frames, args.gpu)
+               if args.profile is not None and engines.get(args.profile) is not None else None)
     payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
                             "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
                             "frames": [str(p) for p in paths], "compile": compile_mode},
-               "peaks": peaks, "rows": rows}
+               "peaks": peaks, "rows": rows, "failures": failures}
     if profile is not None:
         payload["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
     path = write_results("latency", payload, args.out)
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
           f"{'PSNR vs fp32':>12} backend")
     for r in rows:
         floor = f"{r['pct_of_floor']:7.1f}" if "pct_of_floor" in r else f"{'-':>7}"
-        ratios = "".join(f"{r[k]:10.2f}" for k in keys)
+        ratios = "".join(f"{r[k]:10.2f}" if k in r else f"{'-':>10}" for k in keys)
         print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
     if profile is not None:
@@ -347,8 +359,10 @@ def main(argv=None) -> int:
         for op in profile:
             print(f"  {op['self_ms_per_frame']:8.2f} ms {op['share'] * 100:5.1f}% {op['calls_per_frame']:6.1f} calls  "
                   f"{op['op']} {op['shapes']}")
+    for f in failures:
+        print(f"FAILED {f['output']} {f['method']}: {f['error']}")
     print(f"wrote {path}")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
