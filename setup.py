@@ -20,16 +20,19 @@ except ImportError as exc:  # pragma: no cover - explained to the user
 
 
 # No fast math: the epilogue is exact IEEE fp32 (docs/numerics.md); __fmul_rn/__fadd_rn already
-# keep the compiler from fusing, --fmad=false makes that the default for everything else.
-NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+# keep the compiler from fusing, --fmad=false makes that the default for everything else. nvcc
+# compiles the kernels only (csrc/cuda/*.cu include no torch header); the torch glue of the CUDA
+# kernels (csrc/cuda/*.cpp) is host C++ like csrc/cpu.
+NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false"]
 
 
 def extension():
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     # -ffp-contract=off: the integer contract's epilogue forbids fused multiply-add (docs/numerics.md);
-    # -fopenmp: ATen's parallel_for is an OpenMP pragma in the headers.
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # -fopenmp: ATen's parallel_for is an OpenMP pragma in the headers. C++20: what torch's headers
+    # are written for (torch.utils.cpp_extension's default; C++17 warns on C++20-only members).
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")

@@ -14,6 +14,9 @@ from ..quant.quantizer import ActQuant, container_bits, requant_args
 from . import HAS_CPP, compiled_quantize_pack
 from .reference import check_weight_codes
 
+IN_CHANNEL_STEP = 32  # csrc/cuda/launch.h kConvInChannels: the int8 MMA's k step
+OUT_CHANNEL_TILE = 64  # csrc/cuda/launch.h kConvOutChannels: output channels per CTA
+
 
 def available() -> bool:
     """Whether the compiled extension holds the CUDA kernels (a CUDA build of gdq_engine._C)."""
@@ -40,6 +43,18 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> tor
     return w_codes.permute(2, 3, 0, 1).reshape(9, cout, cin).contiguous()
 
 
+def check_conv_channels(x_packed: torch.Tensor, a_bits: int, weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the CUDA conv's tiles fit: input channels a multiple of
+    ``IN_CHANNEL_STEP``, output channels of ``OUT_CHANNEL_TILE`` (``weight``: (9, Cout, C))."""
+    if x_packed.dim() != 4 or weight.dim() != 3:
+        return  # the op's own checks name the expected shapes
+    cin, cout = x_packed.shape[-1] * 8 // container_bits(a_bits), weight.shape[1]
+    if cin % IN_CHANNEL_STEP:
+        raise ValueError(f"the CUDA conv needs input channels in multiples of {IN_CHANNEL_STEP}, got {cin}")
+    if cout % OUT_CHANNEL_TILE:
+        raise ValueError(f"the CUDA conv needs output channels in multiples of {OUT_CHANNEL_TILE}, got {cout}")
+
+
 def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: torch.Tensor, mult: torch.Tensor,
                    bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None) -> torch.Tensor:
@@ -51,6 +66,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     """
     if weight.dim() == 4:
         weight = prepare_conv_weight(weight)
+    check_conv_channels(x_packed, a_bits, weight)
     o_bits, lo, hi, inv_s = requant_args(out_quant)
     return torch.ops.gdq_engine.packed_conv3x3_cuda(
         x_packed.contiguous(), container_bits(a_bits), bool(a_signed), weight, mult.float().contiguous(),
