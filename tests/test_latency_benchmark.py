@@ -110,3 +110,26 @@ def test_an_unknown_profile_row_is_refused_before_any_timing(tmp_path, monkeypat
         latency.main(["--output", "96x96", "--frames", "1", "--profile", "no such row", "--default-malloc",
                       "--out", str(tmp_path)])
     assert not list(tmp_path.glob("latency-*.json"))
+
+
+@needs_data
+def test_a_failing_row_is_reported_and_the_other_rows_are_kept(tmp_path, monkeypatch, capsys):
+    """One row raising (as the first quantized row did on a GPU on 2026-11-26) loses that row only:
+    the rest are timed and written, the failure is in the JSON and the table, and the exit status is 1."""
+    real = latency.make_engine
+
+    def make_engine(model, kw, device, calib):
+        if kw.get("dtype") == torch.bfloat16:
+            raise RuntimeError("x must be a CPU fp32 or bf16 tensor")
+        return real(model, kw, device, calib)
+
+    monkeypatch.setattr(latency, "make_engine", make_engine)
+    assert latency.main(["--arch", "rdn", "--scale", "2", "--output", "96x96", "--frames", "1", "--reps", "1",
+                         "--out", str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("latency-*.json")
+    result = json.loads(path.read_text())
+    assert [r["method"] for r in result["rows"]] == ["fp32"]
+    assert "speedup_vs_bf16" not in result["rows"][0] and result["rows"][0]["speedup_vs_fp32"] == 1.0
+    assert result["failures"] == [{"output": "96x96", "method": "bf16 CL",
+                                   "error": "RuntimeError: x must be a CPU fp32 or bf16 tensor"}]
+    assert "FAILED 96x96 bf16 CL: RuntimeError" in capsys.readouterr().out
