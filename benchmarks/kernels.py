@@ -5,10 +5,12 @@
 Workload: the 3x3 convs of EDSR-baseline on the 96x96 LR patches (stride 90) that tile a 1080p
 *output* frame (x4: 480x270 LR -> 18 patches), the papers' protocol. For each activation width
 a in {8,4,2} and weight width w in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack out)
-and conv2 (unsigned codes in, fp32 residual add, fp32 out), plus the 64->256 upsampler conv (fp32
-out). Baseline: torch fp16 NHWC conv (cudnn.benchmark) of the same shape, same run. The CUDA C++
-kernels (csrc/cuda, mma.sync) are timed on the same inputs when the extension was built with CUDA
-(column ``cuda_us``).
+and conv2 (unsigned codes in, fp32 residual add, fp32 out); ``conv2+next`` (w8 only) is conv2 as
+the body runs it: residual updated in place and the next block's packed codes written beside it.
+Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
+in fp16 as the x4 integer tail's last stage runs it. Baseline: torch fp16 NHWC conv
+(cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
+on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -109,6 +111,7 @@ def main(argv=None) -> int:
 
     def conv_case(kind: str, a_bits: int, w_bits: int) -> dict:
         signed = kind == "conv1"
+        cuda_run = kind != "conv2+next"  # the CUDA op has no fused next-codes output
         hi_w = (1 << (w_bits - 1)) - 1
         w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device="cuda", generator=g).to(torch.int8)
         mult = torch.rand(64, device="cuda", generator=g) * 1e-3
@@ -122,18 +125,23 @@ def main(argv=None) -> int:
             out = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8, device="cuda")
             kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02), out=out)
             nbytes = in_bytes + out.numel()
-        else:
+        elif kind == "conv2":
             res = torch.randn(n, hw, hw, c, device="cuda", generator=g)
             kw = dict(residual=res, out=torch.empty_like(res))
             nbytes = in_bytes + 2 * res.numel() * 4
+        else:  # conv2+next: in place, plus the next block's signed codes
+            res = torch.randn(n, hw, hw, c, device="cuda", generator=g)
+            nxt = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8, device="cuda")
+            kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05), next_out=nxt)
+            nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
         t = time_rotating(lambda x: tk.packed_conv3x3(x, a_bits, signed, prep, mult, bias, **kw), xs) * 1e3
         floor = floor_us(m * 9 * c * 64, nbytes)
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
+        cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
+                     if cuda_run else None)
         return {"conv": kind, "cin": c, "cout": 64, "a_bits": a_bits, "w_bits": w_bits, "us": t,
                 "cudnn_fp16_us": base[64], "speedup_vs_fp16": base[64] / t, "floor_us": floor,
-                "pct_of_floor": 100 * floor / t,
-                "cuda_us": cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias,
-                                                                                **cuda_kw))}
+                "pct_of_floor": 100 * floor / t, "cuda_us": cuda_time}
 
     def cuda_us(w, xs, run) -> float | None:
         """Median us of the CUDA C++ kernel (csrc/cuda) on the same inputs; None when not built."""
@@ -145,6 +153,7 @@ def main(argv=None) -> int:
     base = {64: cudnn_us(64), 256: cudnn_us(256)}
     rows = [conv_case(kind, a_bits, w_bits) for a_bits in (8, 4, 2) for w_bits in (8, 4, 2)
             for kind in ("conv1", "conv2")]
+    rows += [conv_case("conv2+next", a_bits, 8) for a_bits in (8, 4, 2)]
     # Upsampler conv 64 -> 256, 8-bit codes in, fp32 out.
     w = torch.randint(-127, 128, (256, c, 3, 3), device="cuda", generator=g).to(torch.int8)
     prep = tk.prepare_conv_weight(w, 8)
@@ -158,6 +167,14 @@ def main(argv=None) -> int:
                  "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
                  "pct_of_floor": 100 * floor_us(macs, nbytes) / t,
                  "cuda_us": cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))})
+    # The x4 tail's last stage: the same conv storing its result pixel-shuffled in fp16 (N, 2h, 2w, 64).
+    out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device="cuda")
+    t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, shuffle=2, out_dtype=torch.float16,
+                                                  out=out16), xs) * 1e3
+    nbytes = m * c + out16.numel() * 2
+    rows.append({"conv": "upsampler shuffled fp16", "cin": c, "cout": 256, "a_bits": 8, "w_bits": 8, "us": t,
+                 "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
+                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t, "cuda_us": None})
     best = {}
     for key, cfg in tk._tuned_conv.cache.items():
         best[str(key)] = str(cfg)
@@ -166,11 +183,11 @@ def main(argv=None) -> int:
     path = write_results("kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
-    print(f"{'conv':9} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "
+    print(f"{'conv':23} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "
           f"{'cuda us':>8}")
     for r in rows:
         cuda = "-" if r["cuda_us"] is None else f"{r['cuda_us']:.1f}"
-        print(f"{r['conv']:9} {r['a_bits']:>2} {r['w_bits']:>2} {r['us']:8.1f} {r['cudnn_fp16_us']:8.1f} "
+        print(f"{r['conv']:23} {r['a_bits']:>2} {r['w_bits']:>2} {r['us']:8.1f} {r['cudnn_fp16_us']:8.1f} "
               f"{r['speedup_vs_fp16']:7.2f} {r['floor_us']:8.1f} {r['pct_of_floor']:7.1f} {cuda:>8}")
     print(f"wrote {path}")
     return 0

@@ -139,9 +139,11 @@ def _every_width_cadyq():
 
 def engine_launches() -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
-    (needs ``TRITON_INTERPRET=1``): one 64-channel EDSR block at static 2, 3, 4, 5, 6 and 8 bits,
-    residual scale 0.1, integer tails of 8 bits at x2/x3/x4 and of 4 and 6 bits at x4, and CADyQ's
-    layer-wise regrouping with every width in every conv."""
+    (needs ``TRITON_INTERPRET=1``): two 64-channel EDSR blocks (the first block's conv2 also writes
+    the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits,
+    residual scale 0.1, integer tails of 8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of
+    4 and 6 bits at x4, and CADyQ's layer-wise regrouping with every width in every conv; plus the
+    x4 tail's last conv storing fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine
@@ -152,10 +154,11 @@ def engine_launches() -> list[Launch]:
 
     def model(scale=4, res_scale=1.0):
         torch.manual_seed(0)
-        return EDSR(scale=scale, n_feats=64, n_blocks=1, res_scale=res_scale).eval()
+        return EDSR(scale=scale, n_feats=64, n_blocks=2, res_scale=res_scale).eval()  # 2: conv2 writes codes
 
     runs = [dict(bits=b) for b in (2, 3, 4, 5, 6, 8)]
     runs += [dict(bits=8, tail_bits=t, scale=s) for s, t in ((2, 8), (3, 8), (4, 8), (4, 6), (4, 4))]
+    runs += [dict(bits=8, tail_bits=8, scale=4, dtype=torch.bfloat16)]
     runs += [dict(bits=8, res_scale=0.1), dict(policy=_every_width_cadyq()((2, 4, 8), channels=64, n_layers=2))]
 
     def run_all():
@@ -165,6 +168,11 @@ def engine_launches() -> list[Launch]:
             kw.setdefault("policy", "static")
             image = lr if kw["policy"] != "static" else lr[..., :6]  # one patch is enough for one width
             Engine(m, backend="triton", calib=calib, patch_size=6, stride=6, device="cpu", **kw).upscale(image)
+        from . import ops
+
+        w = ops.prepare_conv_weight(torch.zeros(256, 64, 3, 3, dtype=torch.int8), 8)
+        ops.packed_conv3x3(torch.zeros(3, 6, 6, 64, dtype=torch.uint8), 8, True, w, torch.ones(256), torch.zeros(256),
+                           shuffle=2, out_dtype=torch.float16)
 
     with torch.no_grad():
         return record_launches(run_all)

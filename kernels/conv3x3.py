@@ -57,14 +57,38 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr):
 
 
 @triton.jit
+def _to_out_dtype(y, DTYPE: tl.constexpr):
+    """fp32 -> the output dtype, rounded to nearest even as torch's ``.to`` does. bf16 is rounded
+    on the bits (Triton's interpreter truncates fp32 -> bf16; the GPU would round either way)."""
+    if DTYPE == tl.bfloat16:
+        b = y.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(y != y, 0x7FC0, r)  # NaN stays a (quiet) NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(DTYPE)
+
+
+@triton.jit
 def _packed_conv3x3_kernel(
-    x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
-    M, H, W, COUT, res_scale, inv_s_out,
+    x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+    M, H, W, COUT, res_scale, inv_s_out, inv_s_next,
     C: tl.constexpr, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
+    NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
+
+    * ``O_BITS == 0``: the fp32 epilogue values, stored in ``out_ptr``'s dtype (fp32, or fp16 /
+      bf16 rounded to nearest even); with ``NEXT_BITS`` also their packed codes of the next
+      quantizer in ``next_ptr`` (``quantize_pack`` of the result, fused; needs BLOCK_N == COUT).
+    * ``O_BITS > 0``: re-quantized codes, packed (BLOCK_N == COUT).
+    * ``SHUFFLE == r > 1``: stored pixel-shuffled, (N, rH, rW, COUT / r^2), output channels read
+      sub-pixel major (channel (i*r + j) * COUT/r^2 + c goes to sub-pixel (i, j), channel c);
+      fp outputs or 8-bit codes.
+    """
     GROUPS: tl.constexpr = 8 // A_BITS
     CP: tl.constexpr = C // GROUPS  # packed bytes per pixel
     KK: tl.constexpr = 9 * CP  # packed bytes per 3x3 window (the real K of each group's MMA)
@@ -132,8 +156,24 @@ def _packed_conv3x3_kernel(
         if SCALE_RES:
             y = y * res_scale
         y = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=mn_ok, other=0.0) + y
-    if O_BITS == 0:
-        tl.store(out_ptr + offs_m[:, None] * COUT + offs_n[None, :], y, mask=mn_ok)
+    if SHUFFLE > 1:  # pixel (n, py, px), channel (i*r + j)*CQ + c -> (n, py*r + i, px*r + j), channel c
+        CQ = COUT // (SHUFFLE * SHUFFLE)
+        sub = offs_n // CQ
+        out_row = ((offs_m // W) * SHUFFLE)[:, None] + (sub // SHUFFLE)[None, :]  # (n*H + py)*r + i
+        out_col = (px * SHUFFLE)[:, None] + (sub % SHUFFLE)[None, :]
+        dst = (out_row * (W * SHUFFLE) + out_col) * CQ + (offs_n % CQ)[None, :]
+        if O_BITS == 0:
+            tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
+        else:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
+            tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI) & 0xFF).to(tl.uint8), mask=mn_ok)
+    elif O_BITS == 0:
+        tl.store(out_ptr + offs_m[:, None] * COUT + offs_n[None, :], _to_out_dtype(y, out_ptr.dtype.element_ty),
+                 mask=mn_ok)
+        if NEXT_BITS > 0:  # the next conv's packed input codes, from the same fp32 values
+            NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
+            codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI), BLOCK_M, BLOCK_N, NEXT_BITS)
+            offs_nb = tl.arange(0, NCP)
+            tl.store(next_ptr + offs_m[:, None] * NCP + offs_nb[None, :], codes.to(tl.uint8), mask=m_ok[:, None])
     else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
         OCP: tl.constexpr = BLOCK_N * O_BITS // 8
         packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)

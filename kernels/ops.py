@@ -42,7 +42,17 @@ def fixed_config(block_n: int) -> triton.Config:
 
 
 _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
-                                                  "BLOCK_N"])(_packed_conv3x3_kernel)
+                                                  "NEXT_BITS", "SHUFFLE", "BLOCK_N"])(_packed_conv3x3_kernel)
+
+# Capabilities the runtime looks for (as on the C++ CPU backend, gdq_engine/ops/cpu_ops.py):
+# packed_conv3x3 and quantize_pack take out= buffers (the conv's may be its residual, updated in
+# place), and the conv writes the next block's packed codes beside its fp32 result (next_quant=);
+# runtime.intgraph then runs one quantize_pack per body call instead of one per block.
+OUT_BUFFERS = True
+# packed_conv3x3 stores pixel-shuffled (shuffle=r) in these dtypes (out_dtype=, or uint8 8-bit
+# codes): runtime.inttail's upsampler then needs no shuffle copy and no cast of the HR map.
+SHUFFLE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+FP_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _launcher(kernel, traceable: bool):
@@ -101,9 +111,10 @@ def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: 
 
 def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: PreparedWeight | torch.Tensor,
                    mult: torch.Tensor, bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
-                   res_scale: float = 1.0, out_quant: ActQuant | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp32), NHWC.
+                   res_scale: float = 1.0, out_quant: ActQuant | None = None, out: torch.Tensor | None = None,
+                   shuffle: int = 1, out_dtype: torch.dtype = torch.float32, next_quant: ActQuant | None = None,
+                   next_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp), NHWC.
 
     Args:
         x_packed: (N, H, W, C * bits / 8) uint8 packed codes (container of ``a_bits``).
@@ -111,9 +122,18 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         mult, bias: (Cout,) fp32 epilogue multiplier (``s_in * s_w``) and bias.
         residual: (N, H, W, Cout) fp32 residual stream, added after ``res_scale``.
         out_quant: re-quantize to this quantizer's codes and pack (needs Cout <= 256).
-        out: optional preallocated result tensor (shape and dtype as returned).
+        out: optional preallocated result tensor (shape and dtype as returned); it may be
+            ``residual`` itself (every value is read before its result is written).
+        shuffle: ``r > 1`` stores pixel-shuffled: output channels are read sub-pixel major (block
+            i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2); fp outputs
+            or 8-bit-container codes, no residual.
+        out_dtype: fp32, or fp16 / bf16 (the fp32 values rounded to nearest even, as ``.to``).
+        next_quant, next_out: (fp32 results of Cout <= 128, a power of two) also write the result's
+            packed codes of ``next_quant`` into ``next_out`` (N, H, W, Cout * container / 8),
+            exactly ``quantize_pack(result, next_quant)`` without another pass.
     Returns:
-        packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else fp32 (N, H, W, Cout).
+        packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else (N, H, W, Cout) in
+        ``out_dtype`` (shuffled shapes as above).
     """
     bits = container_bits(a_bits)
     if not isinstance(weight, PreparedWeight):
@@ -135,26 +155,58 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         check_channels(cout, "output", power_of_two=True)
         if cout > 256:
             raise ValueError(f"re-quantized outputs need Cout <= 256 (one tile holds all packed groups), got {cout}")
+    if out_dtype not in FP_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {FP_OUT_DTYPES}, got {out_dtype}")
+    r = int(shuffle)
+    if r != shuffle or r < 1:
+        raise ValueError(f"shuffle must be a positive integer, got {shuffle!r}")
+    if r > 1:
+        if residual is not None or next_quant is not None:
+            raise ValueError("a pixel-shuffled store takes no residual and no next_quant")
+        if cout % (r * r):
+            raise ValueError(f"shuffle={r} needs Cout divisible by {r * r}, got {cout}")
+        if out_quant is not None and container_bits(out_quant.bits) != 8:
+            raise ValueError("a pixel-shuffled store of codes needs 8-bit containers (packed bytes would hold "
+                             f"channels the shuffle separates), got {out_quant.bits}-bit codes")
     o_bits, lo, hi, inv_s = requant_args(out_quant)
-    shape = (n, h, w_, cout * o_bits // 8) if o_bits else (n, h, w_, cout)
-    out = _output(out, shape, torch.uint8 if o_bits else torch.float32, dev)
+    next_args = requant_args(next_quant)
+    if next_quant is not None:
+        if out_quant is not None:
+            raise ValueError("next_quant goes with fp results (out_quant=None)")
+        if cout > 128 or cout & (cout - 1):
+            raise ValueError(f"next_quant needs Cout <= 128, a power of two (one tile per pixel), got {cout}")
+        next_shape = (n, h, w_, cout * next_args[0] // 8)
+        if next_out is None or tuple(next_out.shape) != next_shape or next_out.dtype != torch.uint8 \
+                or next_out.device != dev or not next_out.is_contiguous():
+            raise ValueError(f"next_quant needs next_out, a contiguous uint8 {next_shape} tensor on {dev}")
+    elif next_out is not None:
+        raise ValueError("next_out given without next_quant")
+    if r > 1:
+        shape = (n, h * r, w_ * r, cout // (r * r))
+    else:
+        shape = (n, h, w_, cout * o_bits // 8) if o_bits else (n, h, w_, cout)
+    out = _output(out, shape, torch.uint8 if o_bits else out_dtype, dev)
+    if out.numel() >= 2**31:
+        raise ValueError(f"the result has {out.numel()} values, more than 32-bit offsets reach; split the batch")
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
-               o_bits, lo, hi, inv_s)
+               o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r)
     return out
 
 
 def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
-               res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False) -> None:
+               res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
+               next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1) -> None:
     """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device)."""
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
+    next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
-            m, h, w_, cout, res_scale, inv_s)
+            next_out if next_out is not None else out, m, h, w_, cout, res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
-                BLOCK_N=block_n)
+                NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, BLOCK_N=block_n)
     if INTERPRET or out.device.type != "cuda":
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
         _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
@@ -185,18 +237,24 @@ def _triton_packed_conv3x3(x_packed: torch.Tensor, w: torch.Tensor, wsum: torch.
     return out
 
 
-def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
-    """fp32 NHWC (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``."""
+def quantize_pack(x: torch.Tensor, q: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 NHWC (..., C) -> packed uint8 (..., C * container / 8) codes of ``q`` (into ``out``
+    if given: a contiguous uint8 tensor of that shape)."""
     if x.dtype != torch.float32:
         raise ValueError(f"quantize_pack expects fp32 activations, got {x.dtype}")
     check_channels(x.shape[-1], power_of_two=True)
-    return _quantize_pack(x.contiguous(), *requant_args(q))
+    bits, lo, hi, inv_s = requant_args(q)
+    if out is not None:
+        out = _output(out, (*x.shape[:-1], x.shape[-1] * bits // 8), torch.uint8, x.device)
+    return _quantize_pack(x.contiguous(), bits, lo, hi, inv_s, out=out)
 
 
-def _quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False):
+def _quantize_pack(x: torch.Tensor, bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
+                   out: torch.Tensor | None = None):
     c = x.shape[-1]
     m = x.numel() // c
-    out = torch.empty((*x.shape[:-1], c * bits // 8), dtype=torch.uint8, device=x.device)
+    if out is None:
+        out = torch.empty((*x.shape[:-1], c * bits // 8), dtype=torch.uint8, device=x.device)
     block_m = 32 if INTERPRET else ROWS_PER_PROGRAM
     _launcher(_quantize_pack_kernel, traceable)[(triton.cdiv(m, block_m),)](
         x, out, m, inv_s, C=c, BITS=bits, LO=lo, HI=hi, BLOCK_M=block_m, **_COMPILE)

@@ -126,6 +126,90 @@ def test_bad_inputs_raise_clear_errors():
         tk.packed_conv3x3(xp, 9, True, w, torch.ones(64), torch.zeros(64))
 
 
+@pytest.mark.parametrize("a_bits", [8, 4, 2])
+@pytest.mark.parametrize("next_bits", [8, 4, 2])
+def test_residual_in_place_with_the_next_blocks_codes(a_bits, next_bits):
+    """conv2 as the body runs it: fp32 residual updated in place (out=residual) and the next
+    block's packed input codes written beside it, equal to quantize_pack of the result."""
+    g = gen()
+    shape = (2, 7, 10, 64)
+    x = pack_codes(rand_codes(shape, a_bits, False, g), container_bits(a_bits))
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = torch.randn(shape, generator=g)
+    nq = ActQuant(next_bits, True, float(torch.rand(1, generator=g)) * 0.05 + 0.02)
+    want = ref.packed_conv3x3(x, a_bits, False, wt, mult, bias, residual=residual, res_scale=0.1)
+    stream = residual.to(DEV)  # updated in place
+    codes = torch.full((*shape[:3], 64 * container_bits(next_bits) // 8), 0xA5, dtype=torch.uint8, device=DEV)
+    got = tk.packed_conv3x3(x.to(DEV), a_bits, False, tk.prepare_conv_weight(wt, a_bits), mult.to(DEV),
+                            bias.to(DEV), residual=stream, res_scale=0.1, out=stream, next_quant=nq, next_out=codes)
+    assert got.data_ptr() == stream.data_ptr() and torch.equal(stream.cpu(), want)
+    assert torch.equal(codes.cpu(), ref.quantize_pack(want, nq))
+
+
+@pytest.mark.parametrize("r,cout,out_dtype", [(2, 64, torch.float32), (2, 64, torch.float16),
+                                              (2, 64, torch.bfloat16), (3, 144, torch.float16)])
+def test_pixel_shuffled_store_in_the_output_dtype(r, cout, out_dtype):
+    """shuffle=r: the kernel stores (N, rH, rW, Cout/r^2) itself, in fp32/fp16/bf16; equal to the
+    reference conv, then the sub-pixel-major shuffle and ``.to`` (round to nearest even).
+    Cout 144 (r = 3) spans two 128-wide channel tiles, the second one partly masked."""
+    from gdq_engine.runtime.inttail import _shuffle_nhwc
+
+    g = gen()
+    x = pack_codes(rand_codes((2, 5, 7, 32), 8, True, g), 8)
+    wt, mult, bias = rand_weights(cout, 32, 8, g), torch.rand(cout, generator=g) * 1e-2, torch.randn(cout, generator=g)
+    want = _shuffle_nhwc(ref.packed_conv3x3(x, 8, True, wt, mult, bias), r, out_dtype)
+    poison = torch.full(want.shape, float("nan"), dtype=out_dtype, device=DEV)
+    got = tk.packed_conv3x3(x.to(DEV), 8, True, tk.prepare_conv_weight(wt, 8), mult.to(DEV), bias.to(DEV),
+                            shuffle=r, out_dtype=out_dtype, out=poison)
+    assert got.dtype == out_dtype and got.shape == (2, 5 * r, 7 * r, cout // (r * r))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_pixel_shuffled_store_of_8bit_codes():
+    """The x4 upsampler's first stage: re-quantized 8-bit codes stored pixel-shuffled."""
+    from gdq_engine.runtime.inttail import _shuffle_nhwc
+
+    g = gen()
+    x = pack_codes(rand_codes((1, 6, 5, 64), 4, True, g), 4)
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    q = ActQuant(8, True, 0.03)
+    want = _shuffle_nhwc(ref.packed_conv3x3(x, 4, True, wt, mult, bias, out_quant=q), 2, torch.uint8)
+    got = tk.packed_conv3x3(x.to(DEV), 4, True, tk.prepare_conv_weight(wt, 4), mult.to(DEV), bias.to(DEV),
+                            out_quant=q, shuffle=2, out=torch.full(want.shape, 0xA5, dtype=torch.uint8, device=DEV))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_quantize_pack_into_a_buffer():
+    g = gen()
+    x = torch.randn(2, 3, 5, 64, generator=g) * 3
+    q = ActQuant(4, True, 0.05)
+    buf = torch.full((2, 3, 5, 32), 0xA5, dtype=torch.uint8, device=DEV)
+    assert tk.quantize_pack(x.to(DEV), q, out=buf).data_ptr() == buf.data_ptr()
+    assert torch.equal(buf.cpu(), ref.quantize_pack(x, q))
+    with pytest.raises(ValueError, match="out must be"):
+        tk.quantize_pack(x.to(DEV), q, out=torch.empty(2, 3, 5, 64, dtype=torch.uint8, device=DEV))
+
+
+def test_fused_output_options_refuse_what_they_cannot_do():
+    g = gen()
+    x = pack_codes(rand_codes((1, 4, 4, 64), 8, True, g), 8).to(DEV)
+    w = tk.prepare_conv_weight(rand_weights(64, 64, 8, g), 8)
+    mult, bias = torch.ones(64, device=DEV), torch.zeros(64, device=DEV)
+    res = torch.zeros(1, 4, 4, 64, device=DEV)
+    with pytest.raises(ValueError, match="no residual"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, residual=res, shuffle=2)
+    with pytest.raises(ValueError, match="8-bit containers"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, out_quant=ActQuant(4, False, 0.1), shuffle=2)
+    with pytest.raises(ValueError, match="divisible by 9"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, shuffle=3)
+    with pytest.raises(ValueError, match="next_out"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, next_quant=ActQuant(8, True, 0.1))
+    with pytest.raises(ValueError, match="without next_quant"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, next_out=torch.empty(1, 4, 4, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="out_dtype"):
+        tk.packed_conv3x3(x, 8, True, w, mult, bias, out_dtype=torch.int32)
+
+
 @pytest.mark.parametrize("policy,bits", [("static", 8), ("static", 2), ("entropy", (2, 4, 8))])
 def test_engine_triton_backend_equals_reference(policy, bits):
     """The whole network: Engine(backend='triton') gives the reference backend's output exactly."""
@@ -147,6 +231,34 @@ def test_engine_triton_backend_equals_reference(policy, bits):
     assert rep_fast.bits == rep_slow.bits and len(set(rep_fast.bits)) >= (2 if policy == "entropy" else 1)
     assert torch.equal(out_fast.cpu(), out_slow.cpu())
 
+
+
+def test_engine_triton_x4_tail_stores_shuffled_and_equals_reference():
+    """x4 integer tail on Triton: the first stage stores shuffled 8-bit codes, the second the
+    shuffled fp32 result; no shuffle copy runs, and the output is the reference's."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime import inttail
+    from gdq_engine.runtime.inttail import IntegerUpsampler
+
+    torch.manual_seed(0)
+    model = EDSR(scale=4, n_feats=32, n_blocks=2).eval()  # the tail takes 32+ input, 64+ output channels
+    kw = dict(policy="static", bits=8, calib=random_image(12, 12, n=4, seed=1), patch_size=6, stride=6, device=DEV,
+              tail_bits=8)
+    fast, slow = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+    assert isinstance(fast.model.upsampler, IntegerUpsampler) and fast.model.upsampler.factors == [2, 2]
+    lr = random_image(7, 6, n=1, seed=2).to(DEV)
+    want = slow.upscale(lr).cpu()
+    copies = []
+    real_shuffle = inttail._shuffle_nhwc
+    inttail._shuffle_nhwc = lambda *a: copies.append(a) or real_shuffle(*a)
+    try:
+        got = fast.upscale(lr).cpu()
+    finally:
+        inttail._shuffle_nhwc = real_shuffle
+    assert not copies and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("tail_bits", [8, 4])

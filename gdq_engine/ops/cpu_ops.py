@@ -86,7 +86,9 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
         out_dtype == torch.bfloat16, out, *requant_args(next_quant), next_out)
 
 
-SHUFFLE_STORE = True  # packed_conv3x3 takes shuffle= and out_dtype= (runtime.inttail uses them)
+# packed_conv3x3 stores pixel-shuffled (shuffle=r) in these dtypes (out_dtype=, or uint8 8-bit
+# codes): runtime.inttail's upsampler uses it.
+SHUFFLE_DTYPES = (torch.uint8, torch.float32, torch.bfloat16)
 # packed_conv3x3 and quantize_pack take out= buffers (packed_conv3x3's may be its residual):
 # runtime.intgraph / inttail reuse workspaces, since a fresh multi-megabyte tensor costs a page
 # fault per 4 KiB on first touch.

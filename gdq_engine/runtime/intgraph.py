@@ -239,7 +239,9 @@ class IntegerBody:
             # One memory pool for all graphs: they replay one at a time and each output is cloned
             # right after its replay, so a graph may reuse another's intermediate buffers.
             with torch.cuda.graph(graph, pool=self._pool):
-                static_out = self._run(static_in, bits)
+                # Workspaces of its own, allocated in the pool: the shared ones may be dropped or
+                # resized by later calls while the graph still points at them.
+                static_out = self._run(static_in, bits, scratch=Workspace())
         except RuntimeError as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
             warnings.warn(f"CUDA graph capture failed, running the integer body eagerly: {exc}", stacklevel=3)
             self.cuda_graphs = False
@@ -281,8 +283,9 @@ class IntegerBody:
             layer_bits += [b1, b2]
         return x.permute(0, 3, 1, 2).contiguous(), torch.stack(layer_bits), groups
 
-    def _run(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
+    def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None) -> torch.Tensor:
         ops, quants = self._ops, self.act_quants[bits]
+        scratch = self._scratch if scratch is None else scratch
         weights = self._weights_for(quants[0][0].bits, quants[0][1].bits) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
@@ -293,9 +296,10 @@ class IntegerBody:
                                                                         self._mults[bits])):
             # With buffers, conv2 also writes the next block's packed input: one quantize_pack per call.
             if packed is None or not buffers:
-                packed = ops.quantize_pack(x, q_in, **({"out": self._workspace("in", x, q_in.bits)} if buffers else {}))
+                packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in.bits)}
+                                                       if buffers else {}))
             mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": self._workspace("mid", x, q_mid.bits)} if buffers else {}))
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid.bits)} if buffers else {}))
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
@@ -303,8 +307,8 @@ class IntegerBody:
             x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale, **into)
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
 
-    def _workspace(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """A reused uint8 buffer for ``x``'s (N,H,W,C) codes at ``bits`` (their container): the
-        packed block input or mid activations, which never leave :meth:`_run`."""
-        return self._scratch.get(name, (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8), torch.uint8,
-                                 x.device)
+
+def _codes_buffer(scratch: Workspace, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
+    """A reused uint8 buffer of ``scratch`` for ``x``'s (N,H,W,C) codes at ``bits`` (their
+    container): the packed block input or mid activations, which never leave ``IntegerBody._run``."""
+    return scratch.get(name, (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8), torch.uint8, x.device)

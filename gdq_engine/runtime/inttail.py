@@ -116,8 +116,9 @@ class IntegerUpsampler(nn.Module):
     codes, and the pixel shuffle moves those bytes (a permutation commutes with per-tensor
     quantization); only the last stage writes fp32, shuffled into the input's dtype. No fp32
     intermediate, no separate quantize pass. (N,C,H,W) -> (N,C',rH,rW) channels_last. Backends
-    whose kernel stores pixel-shuffled (``SHUFFLE_STORE``: the C++ one, also in bf16) do the
-    shuffle and cast in the epilogue; the others copy once after the conv.
+    whose kernel stores pixel-shuffled in the output's dtype (``SHUFFLE_DTYPES``: the C++ kernel in
+    bf16/fp32, the Triton one also in fp16) do the shuffle and cast in the epilogue; the others copy
+    once after the conv.
 
     Needs every stage but the first to take 8-bit-container codes (``tail_bits`` 5..8): packed
     4/2-bit bytes hold channels the shuffle separates. Each conv's output channels are reordered
@@ -144,7 +145,7 @@ class IntegerUpsampler(nn.Module):
             nxt = None if last else self.convs[i + 1].quant
             dtype = x.dtype if last else torch.uint8
             args = (codes, conv.quant.bits, True, conv.weight_codes, conv.mult, conv.bias_fp32)
-            if getattr(ops, "SHUFFLE_STORE", False) and dtype in (torch.uint8, torch.float32, torch.bfloat16):
+            if dtype in getattr(ops, "SHUFFLE_DTYPES", ()):
                 n, h, w, _ = codes.shape
                 out = None
                 if getattr(ops, "OUT_BUFFERS", False) and (not last or self.reuse_output):
