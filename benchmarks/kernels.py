@@ -109,6 +109,14 @@ def main(argv=None) -> int:
                 fn(x)
         return bench(graph.replay) / len(inputs)
 
+    def timed_row(conv: str, cout: int, a_bits: int, w_bits: int, us: float, macs: int, nbytes: int,
+                  cuda: float | None) -> dict:
+        """One row: our ``us`` against cuDNN fp16 of the same Cout and against the floor."""
+        floor = floor_us(macs, nbytes)
+        return {"conv": conv, "cin": c, "cout": cout, "a_bits": a_bits, "w_bits": w_bits, "us": us,
+                "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
+                "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
+
     def conv_case(kind: str, a_bits: int, w_bits: int) -> dict:
         signed = kind == "conv1"
         cuda_run = kind != "conv2+next"  # the CUDA op has no fused next-codes output
@@ -135,13 +143,10 @@ def main(argv=None) -> int:
             kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05), next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
         t = time_rotating(lambda x: tk.packed_conv3x3(x, a_bits, signed, prep, mult, bias, **kw), xs) * 1e3
-        floor = floor_us(m * 9 * c * 64, nbytes)
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
-        return {"conv": kind, "cin": c, "cout": 64, "a_bits": a_bits, "w_bits": w_bits, "us": t,
-                "cudnn_fp16_us": base[64], "speedup_vs_fp16": base[64] / t, "floor_us": floor,
-                "pct_of_floor": 100 * floor / t, "cuda_us": cuda_time}
+        return timed_row(kind, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time)
 
     def cuda_us(w, xs, run) -> float | None:
         """Median us of the CUDA C++ kernel (csrc/cuda) on the same inputs; None when not built."""
@@ -162,19 +167,14 @@ def main(argv=None) -> int:
     out = torch.empty(n, hw, hw, 256, device="cuda")
     ones, zeros = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
     t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs) * 1e3
-    macs, nbytes = m * 9 * c * 256, m * c + out.numel() * 4
-    rows.append({"conv": "upsampler", "cin": c, "cout": 256, "a_bits": 8, "w_bits": 8, "us": t,
-                 "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
-                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t,
-                 "cuda_us": cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))})
+    macs = m * 9 * c * 256
+    rows.append(timed_row("upsampler", 256, 8, 8, t, macs, m * c + out.numel() * 4,
+                          cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))))
     # The x4 tail's last stage: the same conv storing its result pixel-shuffled in fp16 (N, 2h, 2w, 64).
     out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device="cuda")
     t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, shuffle=2, out_dtype=torch.float16,
                                                   out=out16), xs) * 1e3
-    nbytes = m * c + out16.numel() * 2
-    rows.append({"conv": "upsampler shuffled fp16", "cin": c, "cout": 256, "a_bits": 8, "w_bits": 8, "us": t,
-                 "cudnn_fp16_us": base[256], "speedup_vs_fp16": base[256] / t, "floor_us": floor_us(macs, nbytes),
-                 "pct_of_floor": 100 * floor_us(macs, nbytes) / t, "cuda_us": None})
+    rows.append(timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs, m * c + out16.numel() * 2, None))
     best = {}
     for key, cfg in tk._tuned_conv.cache.items():
         best[str(key)] = str(cfg)

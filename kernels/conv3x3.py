@@ -152,28 +152,28 @@ def _packed_conv3x3_kernel(
     if RELU:
         y = tl.maximum(y, 0.0)
     mn_ok = m_ok[:, None] & n_ok[None, :]
+    nhwc = offs_m[:, None] * COUT + offs_n[None, :]  # (pixel, channel) offsets of an unshuffled (M, COUT) tensor
     if HAS_RES:
         if SCALE_RES:
             y = y * res_scale
-        y = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=mn_ok, other=0.0) + y
+        y = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0) + y
     if SHUFFLE > 1:  # pixel (n, py, px), channel (i*r + j)*CQ + c -> (n, py*r + i, px*r + j), channel c
         CQ = COUT // (SHUFFLE * SHUFFLE)
         sub = offs_n // CQ
         out_row = ((offs_m // W) * SHUFFLE)[:, None] + (sub // SHUFFLE)[None, :]  # (n*H + py)*r + i
         out_col = (px * SHUFFLE)[:, None] + (sub % SHUFFLE)[None, :]
         dst = (out_row * (W * SHUFFLE) + out_col) * CQ + (offs_n % CQ)[None, :]
-        if O_BITS == 0:
-            tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
-        else:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
-            tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI) & 0xFF).to(tl.uint8), mask=mn_ok)
-    elif O_BITS == 0:
-        tl.store(out_ptr + offs_m[:, None] * COUT + offs_n[None, :], _to_out_dtype(y, out_ptr.dtype.element_ty),
-                 mask=mn_ok)
+    else:
+        dst = nhwc
+    if O_BITS == 0:
+        tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
         if NEXT_BITS > 0:  # the next conv's packed input codes, from the same fp32 values
             NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
             codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI), BLOCK_M, BLOCK_N, NEXT_BITS)
             offs_nb = tl.arange(0, NCP)
             tl.store(next_ptr + offs_m[:, None] * NCP + offs_nb[None, :], codes.to(tl.uint8), mask=m_ok[:, None])
+    elif SHUFFLE > 1:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
+        tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI) & 0xFF).to(tl.uint8), mask=mn_ok)
     else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
         OCP: tl.constexpr = BLOCK_N * O_BITS // 8
         packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)

@@ -51,8 +51,8 @@ _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNE
 OUT_BUFFERS = True
 # packed_conv3x3 stores pixel-shuffled (shuffle=r) in these dtypes (out_dtype=, or uint8 8-bit
 # codes): runtime.inttail's upsampler then needs no shuffle copy and no cast of the HR map.
-SHUFFLE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 FP_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHUFFLE_DTYPES = (torch.uint8, *FP_OUT_DTYPES)
 
 
 def _launcher(kernel, traceable: bool):
@@ -100,11 +100,12 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
     return PreparedWeight(w.contiguous(), w_codes.sum((1, 2, 3), dtype=torch.int32).contiguous(), bits, cin, cout)
 
 
-def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
+            name: str = "out") -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} {tuple(shape)} tensor on {device}, got "
+        raise ValueError(f"{name} must be a contiguous {dtype} {tuple(shape)} tensor on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     return out
 
@@ -176,9 +177,9 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         if cout > 128 or cout & (cout - 1):
             raise ValueError(f"next_quant needs Cout <= 128, a power of two (one tile per pixel), got {cout}")
         next_shape = (n, h, w_, cout * next_args[0] // 8)
-        if next_out is None or tuple(next_out.shape) != next_shape or next_out.dtype != torch.uint8 \
-                or next_out.device != dev or not next_out.is_contiguous():
+        if next_out is None:
             raise ValueError(f"next_quant needs next_out, a contiguous uint8 {next_shape} tensor on {dev}")
+        _output(next_out, next_shape, torch.uint8, dev, "next_out")
     elif next_out is not None:
         raise ValueError("next_out given without next_quant")
     if r > 1:
