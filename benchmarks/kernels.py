@@ -7,6 +7,8 @@ Workload: the 3x3 convs of EDSR-baseline on the 96x96 LR patches (stride 90) tha
 a in {8,4,2} and weight width w in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack out)
 and conv2 (unsigned codes in, fp32 residual add, fp32 out); ``conv2+next`` (w8 only) is conv2 as
 the body runs it: residual updated in place and the next block's packed codes written beside it.
+``conv1 bytes`` / ``conv2 bytes`` (a4, a2; w8): the same codes one per byte, as the engine runs
+them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kernel.
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
 in fp16 as the x4 integer tail's last stage runs it. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measure_gpu_peaks, write_results  # noqa: E402
 
 
-def bench(fn, rep_ms: int = 200) -> float:
+def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:
+    """Median ms of ``fn()`` (``triton.testing.do_bench``); ``smoke``: one timed call on the CPU."""
+    if smoke:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
@@ -56,30 +64,35 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="1920x1080", help="HR output frame WxH whose LR patches are convolved")
     p.add_argument("--timing", choices=["graph", "eager"], default="graph",
                    help="time CUDA-graph replays of the launches (default) or eager launches (includes host overhead)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script itself: every row once on one 8x8 patch on the CPU (TRITON_INTERPRET=1); "
+                        "the numbers mean nothing")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
     import triton  # noqa: F401
     from gdq_engine.kernels import ops as tk
 
     from gdq_engine.ops import cuda_ops
     from gdq_engine.quant.packing import pack_codes
-    from gdq_engine.quant.quantizer import ActQuant, code_range
+    from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits
 
     torch.backends.cudnn.benchmark = True
     out_w, out_h = map(int, args.output.lower().split("x"))
-    n, hw, c = patch_batch(args.scale, out_w, out_h), 96, 64
+    dev = "cpu" if args.smoke else "cuda"
+    n, hw, c = (1, 8, 64) if args.smoke else (patch_batch(args.scale, out_w, out_h), 96, 64)
     m = n * hw * hw
-    peaks = measure_gpu_peaks()
-    g = torch.Generator(device="cuda").manual_seed(0)
+    peaks = {"int8_tops": 1.0, "fp16_tflops": 1.0, "hbm_gbs": 1.0} if args.smoke else measure_gpu_peaks()
+    g = torch.Generator(device=dev).manual_seed(0)
 
     def floor_us(macs: int, nbytes: int) -> float:
         return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
 
     def cudnn_us(cout: int) -> float:
-        conv = torch.nn.Conv2d(c, cout, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
-        xs = rotating(lambda: torch.randn(n, c, hw, hw, device="cuda", dtype=torch.float16).to(
+        half = torch.float32 if args.smoke else torch.float16  # CPUs lack fast fp16 convs
+        conv = torch.nn.Conv2d(c, cout, 3, padding=1).to(dev, half).to(memory_format=torch.channels_last)
+        xs = rotating(lambda: torch.randn(n, c, hw, hw, device=dev, dtype=half).to(
             memory_format=torch.channels_last), m * c * 2)
         with torch.inference_mode():
             return time_rotating(conv, xs) * 1e3
@@ -91,9 +104,9 @@ def main(argv=None) -> int:
         in one CUDA graph whose replays are timed, so host launch overhead is excluded (eager
         per-call timing measured 46-96 us for the same a8 kernel in two runs: host-bound).
         """
-        if args.timing == "eager":
+        if args.timing == "eager" or args.smoke:
             counter = iter(range(1 << 62))
-            return bench(lambda: fn(inputs[next(counter) % len(inputs)]))
+            return bench(lambda: fn(inputs[next(counter) % len(inputs)]), smoke=args.smoke)
         for x in inputs:
             fn(x)
         torch.cuda.synchronize()
@@ -110,43 +123,46 @@ def main(argv=None) -> int:
         return bench(graph.replay) / len(inputs)
 
     def timed_row(conv: str, cout: int, a_bits: int, w_bits: int, us: float, macs: int, nbytes: int,
-                  cuda: float | None) -> dict:
+                  cuda: float | None, container: int | None = None) -> dict:
         """One row: our ``us`` against cuDNN fp16 of the same Cout and against the floor."""
         floor = floor_us(macs, nbytes)
-        return {"conv": conv, "cin": c, "cout": cout, "a_bits": a_bits, "w_bits": w_bits, "us": us,
+        return {"conv": conv, "cin": c, "cout": cout, "a_bits": a_bits, "w_bits": w_bits,
+                "container": container or container_bits(a_bits), "us": us,
                 "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
-    def conv_case(kind: str, a_bits: int, w_bits: int) -> dict:
+    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False) -> dict:
         signed = kind == "conv1"
-        cuda_run = kind != "conv2+next"  # the CUDA op has no fused next-codes output
+        cuda_run = kind != "conv2+next" and not one_per_byte  # the CUDA op has no fused next-codes output
+        cont = 8 if one_per_byte else container_bits(a_bits)  # bits per stored code
         hi_w = (1 << (w_bits - 1)) - 1
-        w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device="cuda", generator=g).to(torch.int8)
-        mult = torch.rand(64, device="cuda", generator=g) * 1e-3
-        bias = torch.randn(64, device="cuda", generator=g) * 0.01
+        w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
+        mult = torch.rand(64, device=dev, generator=g) * 1e-3
+        bias = torch.randn(64, device=dev, generator=g) * 0.01
         lo, hi = code_range(a_bits, signed)
-        prep = tk.prepare_conv_weight(w, a_bits)
-        in_bytes = m * c * a_bits // 8
-        xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device="cuda", generator=g),
-                                         a_bits), in_bytes)
+        prep = tk.prepare_conv_weight(w, cont)
+        in_bytes = m * c * cont // 8
+        xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g),
+                                         cont), in_bytes)
         if kind == "conv1":
-            out = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8, device="cuda")
-            kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02), out=out)
+            out = torch.empty(n, hw, hw, c * cont // 8, dtype=torch.uint8, device=dev)
+            kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02, container=cont), out=out)
             nbytes = in_bytes + out.numel()
         elif kind == "conv2":
-            res = torch.randn(n, hw, hw, c, device="cuda", generator=g)
+            res = torch.randn(n, hw, hw, c, device=dev, generator=g)
             kw = dict(residual=res, out=torch.empty_like(res))
             nbytes = in_bytes + 2 * res.numel() * 4
         else:  # conv2+next: in place, plus the next block's signed codes
-            res = torch.randn(n, hw, hw, c, device="cuda", generator=g)
-            nxt = torch.empty(n, hw, hw, c * a_bits // 8, dtype=torch.uint8, device="cuda")
-            kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05), next_out=nxt)
+            res = torch.randn(n, hw, hw, c, device=dev, generator=g)
+            nxt = torch.empty(n, hw, hw, c * cont // 8, dtype=torch.uint8, device=dev)
+            kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05, container=cont), next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, a_bits, signed, prep, mult, bias, **kw), xs) * 1e3
+        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, signed, prep, mult, bias, **kw), xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
-        return timed_row(kind, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time)
+        name = f"{kind} bytes" if one_per_byte else kind
+        return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
     def cuda_us(w, xs, run) -> float | None:
         """Median us of the CUDA C++ kernel (csrc/cuda) on the same inputs; None when not built."""
@@ -159,27 +175,29 @@ def main(argv=None) -> int:
     rows = [conv_case(kind, a_bits, w_bits) for a_bits in (8, 4, 2) for w_bits in (8, 4, 2)
             for kind in ("conv1", "conv2")]
     rows += [conv_case("conv2+next", a_bits, 8) for a_bits in (8, 4, 2)]
+    rows += [conv_case(kind, a_bits, 8, one_per_byte=True) for a_bits in (4, 2) for kind in ("conv1", "conv2")]
     # Upsampler conv 64 -> 256, 8-bit codes in, fp32 out.
-    w = torch.randint(-127, 128, (256, c, 3, 3), device="cuda", generator=g).to(torch.int8)
+    w = torch.randint(-127, 128, (256, c, 3, 3), device=dev, generator=g).to(torch.int8)
     prep = tk.prepare_conv_weight(w, 8)
-    xs = rotating(lambda: torch.randint(0, 256, (n, hw, hw, c), device="cuda", generator=g, dtype=torch.uint8),
+    xs = rotating(lambda: torch.randint(0, 256, (n, hw, hw, c), device=dev, generator=g, dtype=torch.uint8),
                   m * c)
-    out = torch.empty(n, hw, hw, 256, device="cuda")
-    ones, zeros = torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
+    out = torch.empty(n, hw, hw, 256, device=dev)
+    ones, zeros = torch.ones(256, device=dev), torch.zeros(256, device=dev)
     t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs) * 1e3
     macs = m * 9 * c * 256
     rows.append(timed_row("upsampler", 256, 8, 8, t, macs, m * c + out.numel() * 4,
                           cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))))
     # The x4 tail's last stage: the same conv storing its result pixel-shuffled in fp16 (N, 2h, 2w, 64).
-    out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device="cuda")
-    t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, shuffle=2, out_dtype=torch.float16,
+    out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
+    small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
+    t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, small, zeros, shuffle=2, out_dtype=torch.float16,
                                                   out=out16), xs) * 1e3
     rows.append(timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs, m * c + out16.numel() * 2, None))
     best = {}
     for key, cfg in tk._tuned_conv.cache.items():
         best[str(key)] = str(cfg)
     payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw,
-                            "pixels": m}, "timing": args.timing, "peaks": peaks, "rows": rows, "autotune_choices": best}
+                            "pixels": m}, "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows, "autotune_choices": best}
     path = write_results("kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")

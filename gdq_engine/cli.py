@@ -28,6 +28,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the table shipped with the shipped models")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton", "cuda"],
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
+    p.add_argument("--containers", default="auto", choices=["auto", "packed", "bytes"],
+                   help="how the integer body stores 2/4-bit codes: packed, or one per byte so the 8-bit kernels run "
+                        "them (same results; auto: bytes on Triton/CUDA, where that is faster)")
     p.add_argument("--depth", type=int, default=None,
                    help="depth version of a quantized model trained with --depths (first D residual blocks)")
     p.add_argument("--tail-bits", type=int, default=None,
@@ -64,7 +67,8 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
     return Engine(args.model, policy=name, bits=bits, calib=calib, device=args.device,
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
-                  backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits)
+                  backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits,
+                  containers="auto" if name == "fp" else args.containers)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:

@@ -82,6 +82,11 @@ class Engine:
             bucket, patch shape): group sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ... patches
             so a dynamic policy's varying groups share a few graphs (captured on a bucket's second
             use; removes per-kernel launch overhead; results unchanged). CUDA only.
+        containers: how the integer body stores codes narrower than 8 bits between its convs:
+            ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
+            ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
+            slower than the 8-bit one; packed elsewhere: :func:`~gdq_engine.quantized.resolve_containers`).
+            Results are identical; the report's bits and BitOPs count code widths either way.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
         stride: patch stride (papers: 90).
@@ -109,7 +114,7 @@ class Engine:
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
-                 tail_bits: int | None = None):
+                 tail_bits: int | None = None, containers: str = "auto"):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -124,7 +129,10 @@ class Engine:
             "cuda" if torch.cuda.is_available() else "cpu")
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
-        from .quantized import DEFAULT_CALIB_PATCH, QuantizedSR, quantize, resolve_backend
+        from .quantized import CONTAINER_CHOICES, DEFAULT_CALIB_PATCH, QuantizedSR, quantize, resolve_backend
+
+        if containers not in CONTAINER_CHOICES:
+            raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINER_CHOICES}")
 
         caller_module = isinstance(model, torch.nn.Module)
         if not caller_module:
@@ -147,6 +155,7 @@ class Engine:
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self.int_body = None
+        self.containers: str | None = None  # resolved: "packed" or "bytes" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
                               calib_patch=patch_size or DEFAULT_CALIB_PATCH, device=self.device, tail_bits=tail_bits)
@@ -165,7 +174,8 @@ class Engine:
             self.tail_bits = qmodel.tail_bits
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
-            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs)
+            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs, containers=containers)
+            self.containers = self.int_body.containers
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
             model = qmodel.runtime_model(body_backend)
             for m in model.modules():  # the engine's own copy: its upsampler output is consumed at once
@@ -173,6 +183,8 @@ class Engine:
                     m.reuse_output = True
         elif tail_bits is not None:
             raise ValueError("tail_bits only apply to quantized policies")
+        elif containers != "auto":
+            raise ValueError("containers only apply to quantized policies")
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
         elif depth is not None:

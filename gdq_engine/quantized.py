@@ -234,18 +234,19 @@ class QuantizedSR(nn.Module):
             block.res_scale = float(beta)
         self._drop_caches()
 
-    def integer_body(self, backend: str | None = None, cuda_graphs: bool = False):
+    def integer_body(self, backend: str | None = None, cuda_graphs: bool = False, containers: str = "auto"):
         """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
-        the model's current device."""
+        the model's current device; ``containers``: see :func:`resolve_containers`."""
         from .runtime.intgraph import IntegerBody, prepare_blocks
 
         device = self.act_scales.device
-        key = (str(device), backend or self.backend, cuda_graphs, self.depth)
+        key = (str(device), backend or self.backend, cuda_graphs, self.depth, containers)
         if key not in self._bodies:  # resolved once per key, not on every forward
             resolved = resolve_backend(backend or self.backend, device)
             blocks = prepare_blocks(self.fp, self.w_bits)[: self.depth]
             quants = {b: pairs[: self.depth] for b, pairs in self.act_quants().items()}
-            self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs)}
+            self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs,
+                                             containers=resolve_containers(containers, resolved, device))}
         return self._bodies[key]
 
     def runtime_model(self, backend: str | None = None) -> nn.Module:
@@ -387,6 +388,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     # The portable C++ loop (no VNNI) is slower than the reference's float convolution: only the
     # VNNI kernel is picked automatically (benchmarks/cpu_kernels.py).
     return "cpp" if device.type == "cpu" and cpu_ops.has_vnni() else "reference"
+
+
+CONTAINER_CHOICES = ("auto", "packed", "bytes")
+
+
+def resolve_containers(containers: str, backend: str, device: torch.device) -> str:
+    """How the integer body stores codes narrower than 8 bits between its convs (the values are the
+    same either way, :func:`~gdq_engine.runtime.intgraph.in_containers`): ``"packed"`` (2 or 4
+    per byte), ``"bytes"`` (one per byte: the 8-bit kernels run them) or ``"auto"``: ``"bytes"``
+    for the ``triton`` backend on CUDA, ``"packed"`` elsewhere.
+
+    Why: Hopper has no int4 MMA, so Triton's 4/2-bit convs unpack to int8 and multiply at the int8
+    rate; at these sizes they are not bound by bytes, and the unpacking made them slower than the
+    8-bit kernel (H100/H200, 2026-11-26: conv1 40-41 us at a8, 59-61 us at a4, 68-70 us at a2,
+    ``benchmarks/results/kernels-*-2026-11-26.json``). The C++ CPU and CUDA C++ kernels run 4/2-bit
+    codes faster than 8-bit ones (``cpu-kernels-*.json``, ``cuda_us``) and keep them packed."""
+    if containers not in CONTAINER_CHOICES:
+        raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINER_CHOICES}")
+    if containers != "auto":
+        return containers
+    return "bytes" if backend == "triton" and torch.device(device).type == "cuda" else "packed"
 
 
 @torch.no_grad()

@@ -140,8 +140,8 @@ def _every_width_cadyq():
 def engine_launches() -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
     (needs ``TRITON_INTERPRET=1``): two 64-channel EDSR blocks (the first block's conv2 also writes
-    the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits,
-    residual scale 0.1, integer tails of 8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of
+    the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits, and at 2, 3 and 4 bits one code per
+    byte (``containers="bytes"``, the GPU engine's default), residual scale 0.1, integer tails of 8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of
     4 and 6 bits at x4, and CADyQ's layer-wise regrouping with every width in every conv; plus the
     x4 tail's last conv storing fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
     if not interpreting():
@@ -157,6 +157,7 @@ def engine_launches() -> list[Launch]:
         return EDSR(scale=scale, n_feats=64, n_blocks=2, res_scale=res_scale).eval()  # 2: conv2 writes codes
 
     runs = [dict(bits=b) for b in (2, 3, 4, 5, 6, 8)]
+    runs += [dict(bits=b, containers="bytes") for b in (2, 3, 4)]
     runs += [dict(bits=8, tail_bits=t, scale=s) for s, t in ((2, 8), (3, 8), (4, 8), (4, 6), (4, 4))]
     runs += [dict(bits=8, tail_bits=8, scale=4, dtype=torch.bfloat16)]
     runs += [dict(bits=8, res_scale=0.1), dict(policy=_every_width_cadyq()((2, 4, 8), channels=64, n_layers=2))]

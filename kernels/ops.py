@@ -166,7 +166,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
             raise ValueError("a pixel-shuffled store takes no residual and no next_quant")
         if cout % (r * r):
             raise ValueError(f"shuffle={r} needs Cout divisible by {r * r}, got {cout}")
-        if out_quant is not None and container_bits(out_quant.bits) != 8:
+        if out_quant is not None and out_quant.container != 8:
             raise ValueError("a pixel-shuffled store of codes needs 8-bit containers (packed bytes would hold "
                              f"channels the shuffle separates), got {out_quant.bits}-bit codes")
     o_bits, lo, hi, inv_s = requant_args(out_quant)

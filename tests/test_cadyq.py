@@ -66,6 +66,10 @@ def test_mixed_selection_regroups_per_layer_and_matches_per_patch_runs():
             alone, _, _ = body.run_layerwise(feat[p:p + 1], policy, grads[p:p + 1])
             assert torch.equal(out[p:p + 1], alone)
     assert sum(n for _, _, n in groups) == 4 * 3  # every patch runs every layer once
+    wide = IntegerBody(prepare_blocks(model), calibrate(model, calib, (2, 4, 8)), containers="bytes")
+    with torch.no_grad():
+        again, again_bits, again_groups = wide.run_layerwise(feat, policy, grads)
+    assert torch.equal(again, out) and torch.equal(again_bits, bits) and again_groups == groups
 
 
 def test_cadyq_through_quantize_engine_and_checkpoint(tmp_path):

@@ -107,6 +107,13 @@ def test_upscale_with_policy(tmp_path, ckpt):
     assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "a8.png"), "--model", ckpt, "--policy",
                  "static:8", "--calib", str(tmp_path / "calib"), "--patch-size", "16", "--stride", "12"]) == 0
     assert Image.open(tmp_path / "a8.png").size == (52, 40)
+    common = ["--model", ckpt, "--policy", "static:4", "--calib", str(tmp_path / "calib"), "--patch-size", "16",
+              "--stride", "12"]
+    for containers in ("packed", "bytes"):
+        assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / f"{containers}.png"), *common,
+                     "--containers", containers]) == 0
+    packed, one_per_byte = (np.asarray(Image.open(tmp_path / f"{c}.png")) for c in ("packed", "bytes"))
+    assert np.array_equal(packed, one_per_byte)
 
 
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):

@@ -92,6 +92,9 @@ def test_bad_input_types_and_files(engine, tmp_path):
     (dict(policy="static", calib=torch.rand(2, 8, 8)), ValueError, "calib must be"),
     (dict(bits=8), ValueError, "only apply to quantized"),
     (dict(backend="fpga"), ValueError, "unknown backend"),
+    (dict(policy="static", bits=4, calib=torch.rand(2, 3, 8, 8), containers="nibbles"), ValueError,
+     "unknown containers"),
+    (dict(containers="bytes"), ValueError, "containers only apply to quantized"),
     (dict(policy="turbo"), ValueError, "unknown policy"),
     (dict(patch_size=16, stride=17), ValueError, "stride"),
     (dict(margin=-1), ValueError, "margin"),
@@ -102,6 +105,18 @@ def test_bad_input_types_and_files(engine, tmp_path):
 def test_bad_engine_arguments(tiny_edsr, kwargs, err, match):
     with pytest.raises(err, match=match):
         Engine(tiny_edsr, device="cpu", **kwargs)
+
+
+def test_containers_auto_is_bytes_only_for_triton_on_cuda():
+    from gdq_engine.quantized import resolve_containers
+
+    assert resolve_containers("auto", "triton", torch.device("cuda")) == "bytes"
+    for backend, device in (("triton", "cpu"), ("cuda", "cuda"), ("cpp", "cpu"), ("reference", "cuda")):
+        assert resolve_containers("auto", backend, torch.device(device)) == "packed"
+    assert resolve_containers("bytes", "cpp", torch.device("cpu")) == "bytes"
+    assert resolve_containers("packed", "triton", torch.device("cuda")) == "packed"
+    with pytest.raises(ValueError, match="unknown containers"):
+        resolve_containers("nibbles", "triton", torch.device("cuda"))
 
 
 def test_bfloat16_runs_close_to_fp32(tiny_edsr):

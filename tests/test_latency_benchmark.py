@@ -104,6 +104,25 @@ def test_cpu_kernels_benchmark_writes_every_row(tmp_path):
     assert data["torch_bf16_cl_last_conv_ms"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/kernels.py itself")
+def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
+    """benchmarks/kernels.py --smoke: the GPU script's rows on one 8x8 patch in Triton's
+    interpreter, so a GPU session never loses its step to a bug in the script."""
+    pytest.importorskip("triton")
+    import kernels
+
+    assert kernels.main(["--smoke", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("kernels-*.json")
+    data = json.loads(path.read_text())
+    got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
+    want = [(k, a, w, {8: 8, 4: 4, 2: 2}[a]) for a in (8, 4, 2) for w in (8, 4, 2) for k in ("conv1", "conv2")]
+    want += [("conv2+next", a, 8, a) for a in (8, 4, 2)]
+    want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
+    want += [("upsampler", 8, 8, 8), ("upsampler shuffled fp16", 8, 8, 8)]
+    assert got == want and data["timing"] == "smoke"
+    assert all(r["us"] > 0 and r["floor_us"] > 0 and r["cuda_us"] is None for r in data["rows"])
+
+
 def test_an_unknown_profile_row_is_refused_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "make_engine", lambda *a, **k: pytest.fail("an engine was built"))
     with pytest.raises(SystemExit):

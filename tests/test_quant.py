@@ -10,8 +10,16 @@ from gdq_engine.models import EDSR
 from gdq_engine.ops import reference
 from gdq_engine.policy import EntropyOnly, Static, patch_entropy
 from gdq_engine.quant.calibrate import dobi_scale
-from gdq_engine.quant.packing import pack_codes
-from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits, fake_quantize, quantize, quantize_weight
+from gdq_engine.quant.packing import pack_codes, unpack_codes
+from gdq_engine.quant.quantizer import (
+    ActQuant,
+    code_range,
+    container_bits,
+    fake_quantize,
+    quantize,
+    quantize_weight,
+    requant_args,
+)
 from gdq_engine.runtime.intgraph import IntegerBody, calibrate, collect_block_activations, prepare_blocks
 from gdq_engine.runtime.scheduler import run_grouped
 
@@ -35,6 +43,20 @@ def test_code_ranges_and_containers():
             container_bits(bad)
     with pytest.raises(ValueError, match="positive"):
         ActQuant(8, True, 0.0)
+
+
+def test_wider_containers_hold_the_same_codes():
+    assert [ActQuant(b, True, 0.5).container for b in (2, 3, 4, 5, 8)] == [2, 4, 4, 8, 8]
+    q, wide = ActQuant(4, True, 0.5), ActQuant(4, True, 0.5, container=8)
+    assert wide.range == q.range == (-8, 7) and wide.bits == 4
+    assert requant_args(q)[0] == 4 and requant_args(wide) == (8, -8, 7, 2.0)
+    for bits, bad in ((4, 2), (8, 4), (3, 2), (2, 3), (2, 16)):
+        with pytest.raises(ValueError, match="fit containers"):
+            ActQuant(bits, True, 0.5, container=bad)
+    x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(7)) * 4
+    bytes_ = reference.quantize_pack(x, wide)
+    assert bytes_.shape == (2, 3, 5, 16) and torch.equal(bytes_, pack_codes(quantize(x, q), 8))
+    assert torch.equal(unpack_codes(bytes_, 8, True), unpack_codes(reference.quantize_pack(x, q), 4, True))
 
 
 def test_weight_quant_hand_values():
@@ -225,6 +247,41 @@ def test_integer_body_leaves_its_input_alone(small_edsr, backend):
     before = feat.clone()
     out = body(feat, 8)
     assert torch.equal(feat, before) and not torch.equal(out, feat)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_byte_containers_change_the_bytes_not_the_results(small_edsr, backend, bits, monkeypatch):
+    """containers='bytes': codes narrower than 8 bits go one per byte through the 8-bit kernels;
+    every output value equals the packed run's, bit for bit."""
+    from gdq_engine.ops import cpu_ops
+    from gdq_engine.runtime import intgraph
+
+    if backend == "cpp" and not cpu_ops.available():
+        pytest.skip("the C++ extension is not built")
+    ops = intgraph._backend_module(backend)
+    quants = calibrate(small_edsr, random_image(16, 16, n=4, seed=1), (bits,))
+    blocks = prepare_blocks(small_edsr)
+    packed = IntegerBody(blocks, quants, backend=backend)
+    wide = IntegerBody(blocks, quants, backend=backend, containers="bytes")
+    assert (packed.containers, wide.containers) == ("packed", "bytes")
+    assert all(q.container == 8 and q.bits == bits for pair in wide.act_quants[bits] for q in pair)
+    feat = torch.randn(3, 16, 9, 7, generator=torch.Generator().manual_seed(5))
+    inputs = []  # (container passed to the conv, bytes per pixel of its input)
+    real = ops.packed_conv3x3
+
+    def spy(x_packed, a_bits, *args, **kwargs):
+        inputs.append((a_bits, x_packed.shape[-1]))
+        return real(x_packed, a_bits, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "packed_conv3x3", spy)
+    want = packed(feat, bits)
+    assert set(inputs) == {(container_bits(bits), 16 * container_bits(bits) // 8)}
+    inputs.clear()
+    assert torch.equal(wide(feat, bits), want)
+    assert set(inputs) == {(8, 16)} and len(inputs) == 2 * len(blocks)
+    with pytest.raises(ValueError, match="unknown containers"):
+        IntegerBody(blocks, quants, containers="nibbles")
 
 
 def test_graph_batch_buckets_pad_by_at_most_a_third():

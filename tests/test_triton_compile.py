@@ -37,6 +37,8 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     convs = [dict(x.constexprs) for x in recorded if x.kernel == CONV]
     # conv1 of each container, with ReLU and re-quantized (packed) output at its own width
     assert {c["A_BITS"] for c in convs if c["RELU"] and c["O_BITS"]} == {2, 4, 8}
+    # ... and 2/3/4-bit codes one per byte (the GPU engine's default): the 8-bit kernel, narrower range
+    assert {c["O_HI"] for c in convs if c["RELU"] and c["O_BITS"] == 8} >= {3, 7, 15, 255}
     # conv2: unsigned mid codes, residual, fp32 out; residual scale 0.1 is its own variant
     assert {c["SCALE_RES"] for c in convs if c["HAS_RES"]} == {False, True}
     assert all(not c["A_SIGNED"] and not c["O_BITS"] for c in convs if c["HAS_RES"])

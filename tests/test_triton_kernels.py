@@ -230,6 +230,27 @@ def test_engine_triton_backend_equals_reference(policy, bits):
     out_slow, rep_slow = slow.upscale(lr.to(DEV), return_report=True)
     assert rep_fast.bits == rep_slow.bits and len(set(rep_fast.bits)) >= (2 if policy == "entropy" else 1)
     assert torch.equal(out_fast.cpu(), out_slow.cpu())
+    # auto: 2/4-bit codes one per byte on CUDA (the 8-bit kernel runs them), packed elsewhere
+    assert fast.containers == ("bytes" if DEV.type == "cuda" else "packed") and slow.containers == "packed"
+
+
+def test_engine_triton_byte_containers_equal_packed_reference():
+    """EntropyOnly {2,4,8} with every code one per byte on Triton == the packed reference engine."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=16, n_blocks=2).eval()
+    kw = dict(policy="entropy", bits=(2, 4, 8), calib=random_image(12, 12, n=8, seed=1), patch_size=8, stride=6,
+              device=DEV)
+    fast = Engine(model, backend="triton", containers="bytes", **kw)
+    slow = Engine(model, backend="reference", containers="packed", **kw)
+    assert (fast.containers, slow.containers) == ("bytes", "packed")
+    lr = random_image(13, 11, n=2, seed=2).to(DEV)
+    out_fast, rep = fast.upscale(lr, return_report=True)
+    assert {2, 4} <= set(rep.bits) and torch.equal(out_fast.cpu(), slow.upscale(lr).cpu())
 
 
 
@@ -308,6 +329,7 @@ def test_cuda_graph_replay_equals_eager_and_reference():
         lr = random_image(37, 29, n=1, seed=seed).cuda()
         assert torch.equal(graphed.upscale(lr), reference.upscale(lr))
     assert graphed.int_body.cuda_graphs and len(graphed.int_body._graphs) >= 1
+    assert graphed.containers == "bytes"  # auto on CUDA: the 4-bit codes ran through the 8-bit kernel
 
 
 

@@ -70,8 +70,8 @@ def compiled_quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant, backend: str = "auto") -> torch.Tensor:
-    """fp32 (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``, in the container
-    of ``q.bits`` (docs/numerics.md: clamp(floor(x / s + 0.5), lo, hi))."""
+    """fp32 (..., C) -> packed uint8 (..., C * container / 8) codes of ``q``, in
+    ``q.container`` (docs/numerics.md: clamp(floor(x / s + 0.5), lo, hi))."""
     if _use_compiled(x, "quantize_pack", backend):
         return compiled_quantize_pack(x, q)
     return reference.quantize_pack(x, q)

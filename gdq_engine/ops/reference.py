@@ -74,17 +74,18 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, w_codes:
                    res_scale: float = 1.0, out_quant: ActQuant | None = None) -> torch.Tensor:
     """The fused op: unpack -> int conv -> epilogue -> (re-quantize + pack | fp32).
 
-    ``a_bits`` is the code width (stored in its container). Returns packed uint8 NHWC when
-    ``out_quant`` is given (container of ``out_quant.bits``), else fp32 NHWC.
+    ``a_bits`` is the input's code width or container: only the container (:func:`container_bits`)
+    matters here. Returns packed uint8 NHWC when ``out_quant`` is given (in ``out_quant.container``),
+    else fp32 NHWC.
     """
     codes = unpack_codes(x_packed, container_bits(a_bits), a_signed)
     acc = conv3x3_int(codes, w_codes)
     out = epilogue(acc, mult, bias, relu, residual, res_scale, out_quant)
     if out_quant is None:
         return out
-    return pack_codes(out, container_bits(out_quant.bits))
+    return pack_codes(out, out_quant.container)
 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
-    """fp32 NHWC -> packed uint8 NHWC codes of ``q`` (container of ``q.bits``)."""
-    return pack_codes(quantize(x, q), container_bits(q.bits))
+    """fp32 NHWC -> packed uint8 NHWC codes of ``q`` (in ``q.container``)."""
+    return pack_codes(quantize(x, q), q.container)

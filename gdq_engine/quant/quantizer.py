@@ -32,16 +32,28 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ActQuant:
     """A calibrated per-tensor activation quantizer: ``bits``, ``signed`` and ``scale`` (rounded to
-    fp32 on construction)."""
+    fp32 on construction).
+
+    ``container``: the packed class (2, 4 or 8 bits per code) its codes are stored in; ``None``
+    (default): the smallest that holds ``bits`` (:func:`container_bits`). A wider one stores the
+    same codes with fewer per byte (e.g. 4-bit codes one per byte, so the 8-bit kernels run them):
+    the code range, and so every value, stays that of ``bits``."""
 
     bits: int
     signed: bool
     scale: float
+    container: int | None = None
 
     def __post_init__(self):
         code_range(self.bits, self.signed)
         if not self.scale > 0:
             raise ValueError(f"quantizer scale must be positive, got {self.scale}")
+        smallest = container_bits(self.bits)
+        if self.container is None:
+            object.__setattr__(self, "container", smallest)
+        elif self.container not in BIT_CLASSES or self.container < smallest:
+            raise ValueError(f"{self.bits}-bit codes fit containers {[c for c in BIT_CLASSES if c >= smallest]}, "
+                             f"not {self.container!r}")
         # The scale is an fp32 number (docs/numerics.md): round once here, so every path that
         # stores it (checkpoints, tables, buffers) and every backend sees the same value.
         object.__setattr__(self, "scale", float(torch.tensor(float(self.scale), dtype=torch.float32)))
@@ -62,7 +74,7 @@ def requant_args(q: ActQuant | None) -> tuple[int, int, int, float]:
     if q is None:
         return 0, 0, 0, 1.0
     lo, hi = q.range
-    return container_bits(q.bits), lo, hi, q.inv_scale
+    return q.container, lo, hi, q.inv_scale
 
 
 def quantize(x: torch.Tensor, q: ActQuant) -> torch.Tensor:

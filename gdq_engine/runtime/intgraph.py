@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
-from ..quant.quantizer import ActQuant, container_bits, quantize_weight
+from ..quant.quantizer import ActQuant, quantize_weight
 from .scheduler import bit_groups
 
 
@@ -92,6 +92,20 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 
 
 BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
+CONTAINERS = ("packed", "bytes")
+
+
+def in_containers(act_quants: QuantizerPairs, containers: str) -> QuantizerPairs:
+    """``act_quants`` with their codes stored ``"packed"`` (each width in its smallest container:
+    2 -> 2, 3/4 -> 4, 5..8 -> 8 bits per code) or as ``"bytes"`` (every width one code per byte,
+    so 2- and 4-bit codes run the 8-bit kernels). The codes, and every value computed from them,
+    are the same either way: only bytes moved and the unpacking work differ."""
+    if containers not in CONTAINERS:
+        raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINERS}")
+    if containers == "packed":
+        return act_quants
+    return {b: [(replace(q_in, container=8), replace(q_mid, container=8)) for q_in, q_mid in pairs]
+            for b, pairs in act_quants.items()}
 
 
 class Workspace:
@@ -159,16 +173,19 @@ class IntegerBody:
         act_quants: bit-width -> per block (input quantizer, mid quantizer), from :func:`calibrate`.
         backend: ``"reference"`` (pure torch, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI
             where available) or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        containers: ``"packed"`` or ``"bytes"``, how codes narrower than 8 bits are stored between
+            the convs (:func:`in_containers`); results are identical.
     """
 
     MAX_GRAPHS = 32  # captured (bits, batch bucket, shape) variants kept; least recently used dropped first
 
     def __init__(self, blocks: list[QuantBlock], act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
-                 backend: str = "reference", cuda_graphs: bool = False):
+                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed"):
         for b, qs in act_quants.items():
             if len(qs) != len(blocks):
                 raise ValueError(f"{len(qs)} quantizer pairs for {b} bits but {len(blocks)} blocks")
-        self.blocks, self.act_quants = blocks, act_quants
+        self.blocks, self.act_quants = blocks, in_containers(act_quants, containers)
+        self.containers = containers
         self.backend = backend
         self._ops = _backend_module(backend)
         # Epilogue multipliers m = fp32(s_in) * fp32(s_w[o]), once per (bits, block).
@@ -187,7 +204,8 @@ class IntegerBody:
         return tuple(sorted(self.act_quants))
 
     def _weights_for(self, in_bits: int, mid_bits: int) -> list[tuple]:
-        """Per block (conv1, conv2) weights in the backend's form, prepared once per bit pair."""
+        """Per block (conv1, conv2) weights in the backend's form, prepared once per pair of input
+        containers."""
         key = (in_bits, mid_bits)
         if key not in self._weights:
             prep = getattr(self._ops, "prepare_conv_weight", None)
@@ -267,7 +285,8 @@ class IntegerBody:
             for b, idx in bit_groups(b1, x.device):
                 q_in, _ = self.act_quants[b][i]
                 packed = ops.quantize_pack(x[idx].contiguous(), q_in)
-                mid[idx] = ops.packed_conv3x3(packed, q_in.bits, True, self._weights_for(b, b)[i][0],
+                mid[idx] = ops.packed_conv3x3(packed, q_in.container, True,
+                                              self._weights_for(q_in.container, q_in.container)[i][0],
                                               self._mults[b][i][0], blk.b1, relu=True)
                 groups.append((2 * i, b, idx.numel()))
             b2 = policy.select(2 * i + 1, mid, grads)
@@ -275,7 +294,8 @@ class IntegerBody:
             for b, idx in bit_groups(b2, x.device):
                 _, q_mid = self.act_quants[b][i]
                 packed = ops.quantize_pack(mid[idx].contiguous(), q_mid)
-                new_x[idx] = ops.packed_conv3x3(packed, q_mid.bits, False, self._weights_for(b, b)[i][1],
+                new_x[idx] = ops.packed_conv3x3(packed, q_mid.container, False,
+                                                self._weights_for(q_mid.container, q_mid.container)[i][1],
                                                 self._mults[b][i][1], blk.b2, residual=x[idx].contiguous(),
                                                 res_scale=blk.res_scale)
                 groups.append((2 * i + 1, b, idx.numel()))
@@ -286,7 +306,7 @@ class IntegerBody:
     def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None) -> torch.Tensor:
         ops, quants = self._ops, self.act_quants[bits]
         scratch = self._scratch if scratch is None else scratch
-        weights = self._weights_for(quants[0][0].bits, quants[0][1].bits) if quants else []
+        weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
         if buffers and x.data_ptr() == feat.data_ptr():
@@ -296,19 +316,20 @@ class IntegerBody:
                                                                         self._mults[bits])):
             # With buffers, conv2 also writes the next block's packed input: one quantize_pack per call.
             if packed is None or not buffers:
-                packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in.bits)}
+                packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in)}
                                                        if buffers else {}))
-            mid = ops.packed_conv3x3(packed, q_in.bits, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid.bits)} if buffers else {}))
+            mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}))
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
-            x = ops.packed_conv3x3(mid, q_mid.bits, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale, **into)
+            x = ops.packed_conv3x3(mid, q_mid.container, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
+                                   **into)
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
 
 
-def _codes_buffer(scratch: Workspace, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
-    """A reused uint8 buffer of ``scratch`` for ``x``'s (N,H,W,C) codes at ``bits`` (their
+def _codes_buffer(scratch: Workspace, name: str, x: torch.Tensor, q: ActQuant) -> torch.Tensor:
+    """A reused uint8 buffer of ``scratch`` for ``x``'s (N,H,W,C) codes of ``q`` (in its
     container): the packed block input or mid activations, which never leave ``IntegerBody._run``."""
-    return scratch.get(name, (*x.shape[:-1], x.shape[-1] * container_bits(bits) // 8), torch.uint8, x.device)
+    return scratch.get(name, (*x.shape[:-1], x.shape[-1] * q.container // 8), torch.uint8, x.device)
