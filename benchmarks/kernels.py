@@ -196,8 +196,9 @@ def main(argv=None) -> int:
     best = {}
     for key, cfg in tk._tuned_conv.cache.items():
         best[str(key)] = str(cfg)
-    payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw,
-                            "pixels": m}, "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows, "autotune_choices": best}
+    payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
+               "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
+               "autotune_choices": best}
     path = write_results("kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")

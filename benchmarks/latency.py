@@ -17,7 +17,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
   x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
   upsampler convs as int8 convs, gdq_engine/runtime/inttail.py); on the ``auto`` backend
-  (Triton on GPU, the C++ kernels on CPU); their FP layers run in the anchor's dtype (fp16 on
+  (Triton on GPU, the C++ kernels on CPU; on GPU 2/4-bit codes one per byte, ``containers``,
+  and one more Granular-DQ row with them packed); their FP layers run in the anchor's dtype (fp16 on
   GPU, bf16 on CPU: column ``fp_dtype``) and one row shows static a8 with fp32 FP layers; on CPU
   one more static a8 row (fp32 FP layers) runs on the pure-torch reference backend.
 
@@ -117,6 +118,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if granular is not None:
         quant += [("granular {2,4,8}", dict(model=granular)),
                   ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
+        if gpu:  # the default stores 2/4-bit codes one per byte on Triton/CUDA: the packed kernels, same run
+            quant.append(("granular {2,4,8} + int8 tail, packed", dict(model=granular, tail_bits=8,
+                                                                       containers="packed")))
     # The quantized rows run their FP layers (head, upsampler unless the tail is integer, last
     # conv) in the anchor's half dtype (fp16 on GPU, bf16 on CPU); one row shows static a8 with fp32 ones.
     half = half if gpu else torch.bfloat16
@@ -311,6 +315,7 @@ def main(argv=None) -> int:
                    "ms_per_mpix": ms / (out_w * out_h / 1e6),
                    "fab": sum(bits) / len(bits) if bits else 32.0,
                    "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
+                   "containers": engine.containers,
                    "fp_dtype": str(engine.dtype).removeprefix("torch."),
                    "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
                    "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}

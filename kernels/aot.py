@@ -141,9 +141,10 @@ def engine_launches() -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
     (needs ``TRITON_INTERPRET=1``): two 64-channel EDSR blocks (the first block's conv2 also writes
     the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits, and at 2, 3 and 4 bits one code per
-    byte (``containers="bytes"``, the GPU engine's default), residual scale 0.1, integer tails of 8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of
-    4 and 6 bits at x4, and CADyQ's layer-wise regrouping with every width in every conv; plus the
-    x4 tail's last conv storing fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
+    byte (``containers="bytes"``, the GPU engine's default), residual scale 0.1, integer tails of
+    8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
+    layer-wise regrouping with every width in every conv; plus the x4 tail's last conv storing
+    fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine

@@ -34,6 +34,8 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert rows["fp32"]["speedup_vs_fp32"] == rows["bf16 CL"]["speedup_vs_bf16"] == 1.0 and rows["fp32"]["fab"] == 32.0
     assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
     assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
+    assert rows["fp32"]["containers"] is None and {r["containers"] for n, r in rows.items() if n[0] in "seg"} == {
+        "packed"}
     assert {r["fp_dtype"] for name, r in rows.items() if name[0] in "se" and "fp32" not in name
             and "reference" not in name} == {"bfloat16"}
     assert rows["static a8 (fp32 FP layers)"]["fp_dtype"] == rows["static a8 (reference)"]["fp_dtype"] == "float32"
@@ -54,6 +56,15 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     from gdq_engine.runtime.cost import conv_macs
 
     assert rows["fp32"]["gmacs"] == pytest.approx(sum(conv_macs(load_model("edsr-baseline-x4"), 24, 24)) / 1e9)
+
+
+def test_gpu_rows_compare_byte_and_packed_containers_in_one_run():
+    from gdq_engine import load_model
+
+    cases = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), Path("g.pt"), "none"))
+    packed = cases["granular {2,4,8} + int8 tail, packed"]
+    assert packed == dict(cases["granular {2,4,8} + int8 tail"], containers="packed")
+    assert all("containers" not in kw for name, kw in cases.items() if not name.endswith("packed"))
 
 
 @needs_data
