@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from .io import as_batch, input_dtype_of, restore_kind
 from .models import SRModel, load_model
-from .policy import BitPolicy
+from .policy import BitPolicy, Static
 from .quantized import BACKENDS
+from .runtime.graphs import GraphCache
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
@@ -78,10 +79,13 @@ class Engine:
             built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
             reference).
             All give bit-identical results.
-        cuda_graphs: replay the Triton / CUDA integer body as one CUDA graph per (bit-width, batch
-            bucket, patch shape): group sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ... patches
-            so a dynamic policy's varying groups share a few graphs (captured on a bucket's second
-            use; removes per-kernel launch overhead; results unchanged). CUDA only.
+        cuda_graphs: replay the Triton / CUDA integer path as CUDA graphs, one per (bit-width,
+            batch bucket, patch shape): batch sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ...
+            patches so varying sizes share a few graphs (captured on a bucket's second use; removes
+            per-kernel launch overhead and the gaps between launches; results unchanged). A static
+            policy's graph holds the whole network (head, integer body, tail); a dynamic policy's
+            hold one bit-width's integer body each, since its groups are known only after the
+            policy ran. CUDA only.
         containers: how the integer body stores codes narrower than 8 bits between its convs:
             ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
@@ -155,6 +159,7 @@ class Engine:
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self.int_body = None
+        self.network_graphs = None  # static policies on CUDA: the whole network as graph replays
         self.containers: str | None = None  # resolved: "packed" or "bytes" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -174,7 +179,10 @@ class Engine:
             self.tail_bits = qmodel.tail_bits
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
-            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs, containers=containers)
+            if graphs and isinstance(self.policy, Static):  # one bit-width: graph the whole network
+                self.network_graphs = GraphCache(what="the network")
+            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and self.network_graphs is None,
+                                                containers=containers)
             self.containers = self.int_body.containers
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
             model = qmodel.runtime_model(body_backend)
@@ -336,10 +344,15 @@ class Engine:
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
         from .runtime.cost import bitops, conv_macs, integer_tail_macs
-        from .runtime.scheduler import forward_quantized
+        from .runtime.scheduler import forward_quantized, forward_static
 
         with torch.inference_mode():
-            y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype)
+            if self.network_graphs is not None:
+                b = self.policy.bits[0]
+                y = self.network_graphs(b, x, lambda p: forward_static(self.model, self.int_body, b, p, self.dtype))
+                bits, groups = torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
+            else:
+                y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype)
         if report is None:
             return y
         q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])

@@ -155,7 +155,7 @@ def test_integer_body_matches_reference(bits, graphs):
     feats = torch.randn(6, 64, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(bits))
     for n in (4, 5, 4, 6, 5, 1):
         assert torch.equal(body(feats[:n], bits), reference(feats[:n], bits)), n
-    assert bool(body._graphs) == graphs
+    assert bool(body.graphs and body.graphs.keys()) == graphs
 
 
 def test_engine_cuda_backend_matches_reference():
@@ -171,6 +171,8 @@ def test_engine_cuda_backend_matches_reference():
     for backend in ("reference", "cuda"):
         engine = Engine(qmodel, backend=backend, device="cuda", patch_size=32, stride=30)
         assert engine.int_body.backend == backend
+        assert (engine.network_graphs is not None) == (backend == "cuda")  # a static policy: the whole network
         outs[backend] = [engine.upscale(lr.cuda()).cpu() for _ in range(3)]  # eager, capture, replay
     for got, want in zip(outs["cuda"], outs["reference"]):
         assert torch.equal(got, want)
+    assert engine.network_graphs.keys()  # the second call captured, the third replayed

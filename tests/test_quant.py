@@ -285,7 +285,7 @@ def test_byte_containers_change_the_bytes_not_the_results(small_edsr, backend, b
 
 
 def test_graph_batch_buckets_pad_by_at_most_a_third():
-    from gdq_engine.runtime.intgraph import graph_batch
+    from gdq_engine.runtime.graphs import graph_batch
 
     buckets = [graph_batch(n) for n in range(1, 257)]
     assert sorted(set(buckets)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]

@@ -313,7 +313,8 @@ def test_engine_rejects_triton_where_it_cannot_run(monkeypatch, tiny_edsr):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
 def test_cuda_graph_replay_equals_eager_and_reference():
-    """First call eager (autotunes), second captures, third replays: all equal the reference."""
+    """A static policy's whole network as a CUDA graph: first call eager (autotunes), second
+    captures, third replays: all equal the reference."""
     from conftest import random_image
 
     from gdq_engine import Engine
@@ -328,8 +329,33 @@ def test_cuda_graph_replay_equals_eager_and_reference():
     for seed in (4, 5, 6):
         lr = random_image(37, 29, n=1, seed=seed).cuda()
         assert torch.equal(graphed.upscale(lr), reference.upscale(lr))
-    assert graphed.int_body.cuda_graphs and len(graphed.int_body._graphs) >= 1
+    assert graphed.network_graphs.keys() and graphed.int_body.graphs is None  # the body runs inside
     assert graphed.containers == "bytes"  # auto on CUDA: the 4-bit codes ran through the 8-bit kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
+    """EntropyOnly {2,4,8}: one graph per (bits, bucket) of the integer body; static a8 with the x4
+    integer tail and fp16 FP layers: the whole network in one graph (the latency rows' setup).
+    Three frames each: eager, capture, replay, all equal to the reference backend."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    calib = random_image(24, 24, n=8, seed=3)
+    for scale, kw in ((2, dict(policy="entropy", bits=(2, 4, 8))), (4, dict(policy="static", bits=8, tail_bits=8))):
+        model = EDSR(scale=scale, n_feats=64, n_blocks=2).eval()
+        kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=dtype)
+        graphed, reference = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+        for seed in (4, 4, 4):  # the same frame: same groups, so the graphs are reused
+            lr = random_image(37, 29, n=1, seed=seed).cuda()
+            assert torch.equal(graphed.upscale(lr), reference.upscale(lr)), kw["policy"]
+        graphs = graphed.network_graphs if kw["policy"] == "static" else graphed.int_body.graphs
+        assert graphs.enabled and graphs.keys(), kw["policy"]
 
 
 
@@ -352,7 +378,7 @@ def test_cuda_graph_buckets_pad_varying_group_sizes_without_changing_results():
     feats = torch.randn(6, 64, 13, 11, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     for n in (5, 6, 5, 6, 3, 4, 3, 4, 3):
         assert torch.equal(graphed(feats[:n], 4), reference(feats[:n], 4)), n
-    assert sorted(key[1][0] for key in graphed._graphs) == [3, 4, 6]
+    assert sorted(key[1][0] for key in graphed.graphs.keys()) == [3, 4, 6]
 
 def _op_args(g, a_bits=4):
     x = pack_codes(rand_codes((2, 5, 6, 64), a_bits, True, g), a_bits)

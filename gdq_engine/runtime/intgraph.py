@@ -12,8 +12,7 @@ FP (Granular-DQ's placement).
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +21,7 @@ from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
+from .graphs import GraphCache, capturing, graph_batch  # noqa: F401  (graph_batch: re-exported)
 from .scheduler import bit_groups
 
 
@@ -128,16 +128,6 @@ class Workspace:
         return self._tensors[key]
 
 
-def graph_batch(n: int) -> int:
-    """The batch a CUDA graph is captured for when ``n`` patches run: ``n`` rounded up to the next
-    of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and 1.5x them), so at most a third of a
-    replay is padding and batch sizes up to 2^k share 2k graphs per bit-width."""
-    if n < 1:
-        raise ValueError(f"need at least one patch, got {n}")
-    power = 1 << (n - 1).bit_length()  # the next power of two >= n
-    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
-
-
 def _backend_module(backend: str):
     if backend == "reference":
         return reference
@@ -193,11 +183,8 @@ class IntegerBody:
                             torch.tensor(q_mid.scale, dtype=torch.float32) * blk.s_w2.float())
                            for blk, (q_in, q_mid) in zip(blocks, qs)] for b, qs in act_quants.items()}
         self._weights: dict[tuple[int, int], list[tuple]] = {}
-        self.cuda_graphs = cuda_graphs
-        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
-        self._pool = None  # CUDA graph memory pool shared by the captures
+        self.graphs = GraphCache(self.MAX_GRAPHS) if cuda_graphs else None
         self._scratch = Workspace()  # packed input and mid codes (backends with OUT_BUFFERS), 2 batch shapes
-        self._calls: Counter[tuple] = Counter()
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -218,56 +205,23 @@ class IntegerBody:
         channels_last memory (the kernels' NHWC result).
 
         With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
-        bucket, patch shape): N is padded up to :func:`graph_batch` (N), so the varying group sizes
-        of a dynamic policy share a few graphs. The second call of a key captures the graph (the
-        first ran eagerly, which also autotunes the kernels); later calls replay it. Patches are
-        independent (static scales, per-pixel convs), so padding never changes a result: outputs
-        are identical to eager runs.
+        bucket, patch shape) (:class:`~gdq_engine.runtime.graphs.GraphCache`): N is padded up to
+        :func:`graph_batch` (N), so the varying group sizes of a dynamic policy share a few graphs.
+        The second call of a key captures the graph (the first ran eagerly, which also autotunes the
+        kernels); later calls replay it. Patches are independent (static scales, per-pixel convs),
+        so padding never changes a result: outputs are identical to eager runs. A body called while
+        a bigger graph is being captured (the Engine's whole network) runs eagerly into it.
         """
         if bits not in self.act_quants:
             raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
-        if self.cuda_graphs and feat.is_cuda:
-            n = feat.shape[0]
-            key = (bits, (graph_batch(n),) + tuple(feat.shape[1:]), feat.dtype, feat.device)
-            entry = self._graphs.get(key)
-            if entry is None:
-                self._calls[key] += 1
-                if self._calls[key] >= 2:
-                    entry = self._capture(key, bits)
-            if entry is not None:
-                self._graphs.move_to_end(key)
-                graph, static_in, static_out = entry
-                static_in[:n].copy_(feat)
-                graph.replay()
-                return static_out[:n].clone()
+        if self.graphs is not None:
+            return self.graphs(bits, feat, lambda f: self._run(f, bits))
         return self._run(feat, bits)
 
-    def _capture(self, key: tuple, bits: int):
-        _, shape, dtype, device = key
-        static_in = torch.zeros(shape, dtype=dtype, device=device)  # padding patches stay finite
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph expects
-            self._run(static_in, bits)
-        torch.cuda.current_stream(device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # One memory pool for all graphs: they replay one at a time and each output is cloned
-            # right after its replay, so a graph may reuse another's intermediate buffers.
-            with torch.cuda.graph(graph, pool=self._pool):
-                # Workspaces of its own, allocated in the pool: the shared ones may be dropped or
-                # resized by later calls while the graph still points at them.
-                static_out = self._run(static_in, bits, scratch=Workspace())
-        except RuntimeError as exc:  # e.g. a kernel that cannot be captured: run eagerly from now on
-            warnings.warn(f"CUDA graph capture failed, running the integer body eagerly: {exc}", stacklevel=3)
-            self.cuda_graphs = False
-            return None
-        self._graphs[key] = (graph, static_in, static_out)
-        while len(self._graphs) > self.MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-        return self._graphs[key]
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether CUDA tensors run as graph replays (False after a capture failed)."""
+        return self.graphs is not None and self.graphs.enabled
 
     def run_layerwise(self, feat: torch.Tensor, policy, grads: torch.Tensor):
         """CADyQ-style run: ``policy.select(layer, x, grads)`` picks each patch's bits before every
@@ -305,7 +259,8 @@ class IntegerBody:
 
     def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None) -> torch.Tensor:
         ops, quants = self._ops, self.act_quants[bits]
-        scratch = self._scratch if scratch is None else scratch
+        if scratch is None:  # a graph being captured gets workspaces of its own, in its memory pool
+            scratch = Workspace() if capturing(feat) else self._scratch
         weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place

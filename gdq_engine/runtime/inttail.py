@@ -20,6 +20,7 @@ from torch import nn
 
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
+from .graphs import capturing
 from .intgraph import Workspace
 
 TAIL_W_BITS = 8
@@ -139,6 +140,8 @@ class IntegerUpsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = self.convs[0]._ops
+        # A CUDA graph being captured gets buffers of its own (GraphCache): ours may be dropped later.
+        scratch = Workspace(capacity=len(self.convs)) if capturing(x) else self._scratch
         codes = ops.quantize_pack(_nhwc_input(x, ops), self.convs[0].quant)
         for i, (conv, r) in enumerate(zip(self.convs, self.factors)):
             last = i + 1 == len(self.convs)
@@ -149,7 +152,7 @@ class IntegerUpsampler(nn.Module):
                 n, h, w, _ = codes.shape
                 out = None
                 if getattr(ops, "OUT_BUFFERS", False) and (not last or self.reuse_output):
-                    out = self._scratch.get(i, (n, h * r, w * r, conv.out_channels // (r * r)), dtype, codes.device)
+                    out = scratch.get(i, (n, h * r, w * r, conv.out_channels // (r * r)), dtype, codes.device)
                 codes = ops.packed_conv3x3(*args, out_quant=nxt, shuffle=r,
                                            out_dtype=torch.float32 if dtype == torch.uint8 else dtype, out=out)
             else:  # the kernel writes (N,H,W,r*r*C) in its own dtype; the shuffle moves (and casts) it

@@ -52,6 +52,23 @@ def bit_groups(bits: torch.Tensor, device: torch.device):
         start += count
 
 
+def forward_static(model, body, bits: int, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The quantized network with every patch at ``bits``: (P,3,h,w) float32 patches in [0,1] ->
+    (P,3,sh,sw) float32. No policy call, no grouping and no host work, so a CUDA graph can capture
+    it whole (the Engine does, for static policies). FP layers run in ``dtype``."""
+    xn = model.normalize(x.to(dtype))
+    # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
+    out = model.forward_body(model.head(xn), run_blocks=lambda g: body(g, bits).to(g.dtype))
+    return _output(model, out, xn)
+
+
+def _output(model, feat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+    # The output glue (divide by the pixel range, add the mean) in fp32, in place on the
+    # network's own output: in a half dtype it is less exact, and out of place its fresh
+    # image-sized tensors cost several times the arithmetic on CPU (a page fault per 4 KiB).
+    return model.denormalize_(model.forward_output(feat, xn).float())
+
+
 def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32):
     """The quantized network on a batch of LR patches: FP head -> policy -> integer body -> FP tail.
 
@@ -66,6 +83,11 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
         (layer, bits, patches) for layer-wise).
     """
+    from ..policy.static import Static
+
+    if isinstance(policy, Static):  # one bit-width: nothing to assign or group
+        b = policy.bits[0]
+        return forward_static(model, body, b, x, dtype), torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
     xn = model.normalize(x.to(dtype))
     feat = model.head(xn)
     if getattr(policy, "layerwise", False):
@@ -89,8 +111,4 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         out, groups = run_grouped(
             assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
         bits = assigned.float()
-    # The output glue (divide by the pixel range, add the mean) in fp32, in place on the
-    # network's own output: in a half dtype it is less exact, and out of place its fresh
-    # image-sized tensors cost several times the arithmetic on CPU (a page fault per 4 KiB).
-    y = model.denormalize_(model.forward_output(out, xn).float())
-    return y, bits, groups
+    return _output(model, out, xn), bits, groups

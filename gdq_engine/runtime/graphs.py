@@ -1,0 +1,119 @@
+"""CUDA-graph replay of a batched function, one graph per batch bucket.
+
+The integer body uses it for one bit-width's block stack; the Engine uses it for a static policy's
+whole network (head, integer body, tail), so a batch of patches is one replay with no launch gaps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+def graph_batch(n: int) -> int:
+    """The batch a CUDA graph is captured for when ``n`` patches run: ``n`` rounded up to the next
+    of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and 1.5x them), so at most a third of a
+    replay is padding and batch sizes up to 2^k share 2k graphs per bit-width."""
+    if n < 1:
+        raise ValueError(f"need at least one patch, got {n}")
+    power = 1 << (n - 1).bit_length()  # the next power of two >= n
+    return power * 3 // 4 if power >= 4 and n <= power * 3 // 4 else power
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` is being captured into a CUDA graph now (never for CPU tensors)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class GraphCache:
+    """Runs ``fn(x)`` for (N, ...) batches as CUDA graph replays: ``cache(tag, x, fn)``.
+
+    One graph per (``tag``, N rounded up by :func:`graph_batch`, the other dims, dtype, device,
+    memory format), least recently used dropped past ``capacity``. The first call of a key runs
+    ``fn`` eagerly (which also compiles and autotunes kernels and lets cuDNN pick algorithms); the
+    second captures a graph on a zero-filled input of the bucket's size; later calls copy ``x`` into
+    that input, replay, and return a copy of the first N outputs (the graph's buffer is rewritten
+    by the next replay). ``fn`` must treat the N items independently, so padding never changes a
+    real item's result, and must not synchronise with the host.
+
+    ``fn`` is captured with whatever buffers it allocates; code it calls that keeps buffers across
+    calls should take fresh ones while :func:`capturing` (a buffer dropped later would be reused by
+    other tensors while the graph still writes it). All graphs share one memory pool: they replay
+    one at a time on one stream and each result is copied out right after its replay.
+
+    Calls on CPU tensors, calls made while another graph is being captured (``fn`` then becomes
+    part of that graph) and calls after a capture failed run ``fn`` eagerly. A failed capture
+    warns once and turns the cache off.
+    """
+
+    def __init__(self, capacity: int = 32, what: str = "the integer body"):
+        self.capacity, self.what = capacity, what
+        self.enabled = True
+        self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
+        self._calls: Counter[tuple] = Counter()
+        self._pool = None
+
+    def keys(self) -> list[tuple]:
+        """The captured keys: (tag, padded shape, dtype, device, channels_last), oldest use first."""
+        return list(self._graphs)
+
+    def _eligible(self, x: torch.Tensor) -> bool:
+        return self.enabled and x.is_cuda and not capturing(x)
+
+    def __call__(self, tag: Hashable, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if not self._eligible(x):
+            return fn(x)
+        n = x.shape[0]
+        key = (tag, (graph_batch(n),) + tuple(x.shape[1:]), x.dtype, x.device, _channels_last(x))
+        entry = self._graphs.get(key)
+        if entry is None:
+            self._calls[key] += 1
+            if self._calls[key] < 2:
+                return fn(x)
+            entry = self._capture(key, fn)
+            if entry is None:
+                return fn(x)
+        self._graphs.move_to_end(key)
+        replay, static_in, static_out = entry
+        static_in[:n].copy_(x)
+        replay()
+        return static_out[:n].clone()
+
+    def _capture(self, key: tuple, fn) -> tuple | None:
+        _, shape, dtype, device, channels_last = key
+        static_in = torch.zeros(shape, dtype=dtype, device=device)  # padding items stay finite
+        if channels_last:
+            static_in = static_in.contiguous(memory_format=torch.channels_last)
+        try:
+            replay, static_out = self._capture_graph(fn, static_in)
+        except RuntimeError as exc:  # e.g. an op that cannot be captured: run eagerly from now on
+            warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
+            self.enabled = False
+            return None
+        self._graphs[key] = (replay, static_in, static_out)
+        while len(self._graphs) > self.capacity:
+            self._graphs.popitem(last=False)
+        return self._graphs[key]
+
+    def _capture_graph(self, fn, static_in: torch.Tensor) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, output) of ``fn`` captured on ``static_in``, after a warm-up run on a side
+        stream (as ``torch.cuda.graph`` expects; it also compiles the padded shape's kernels)."""
+        device = static_in.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn(static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = fn(static_in)
+        return graph.replay, static_out

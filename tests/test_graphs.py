@@ -1,0 +1,121 @@
+"""GraphCache's bookkeeping (keys, buckets, padding, copies, eviction, failure) on the CPU, with
+the CUDA capture replaced by a recording of ``fn``; and the Engine's whole-network path through it.
+The real captures run in GPU sessions (tests/test_triton_kernels.py, tests/test_cuda_kernels.py)."""
+
+import pytest
+import torch
+from conftest import random_image
+
+from gdq_engine.runtime.graphs import GraphCache
+
+
+class FakeGraphs(GraphCache):
+    """Captures on CPU tensors: 'replay' re-runs fn on the static input into the static output."""
+
+    def __init__(self, *args, fail: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail, self.captured = fail, []
+
+    def _eligible(self, x):
+        return self.enabled
+
+    def _capture_graph(self, fn, static_in):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured.append(static_in)
+        static_out = fn(static_in)
+        return (lambda: static_out.copy_(fn(static_in))), static_out
+
+
+def per_item(calls):
+    def fn(x):
+        calls.append(x.shape[0])
+        return x * 2 + x.flatten(1).sum(1).view(-1, *[1] * (x.dim() - 1))  # each item on its own
+    return fn
+
+
+def test_first_call_eager_second_captures_later_replay():
+    cache, calls = FakeGraphs(), []
+    fn = per_item(calls)
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    outs = [cache("a", x, fn) for _ in range(3)]
+    assert all(torch.equal(o, fn(x)) for o in outs)
+    # eager (5), the capture (6: the bucket), its first replay (6), the third call's replay (6)
+    assert calls[:4] == [5, 6, 6, 6] and len(cache.captured) == 1
+    assert cache.keys() == [("a", (6, 3, 4, 4), torch.float32, torch.device("cpu"), False)]
+
+
+def test_buckets_pad_and_padding_never_reaches_the_results():
+    cache, calls = FakeGraphs(), []
+    fn = per_item(calls)
+    g = torch.Generator().manual_seed(1)
+    big, small = torch.randn(6, 2, 3, generator=g), torch.randn(5, 2, 3, generator=g) * 100
+    for x in (big, big, small, small, big):  # 5 and 6 share the bucket-6 graph
+        assert torch.equal(cache("t", x, fn), fn(x))
+    cache("t", torch.randn(3, 2, 3, generator=g), fn)  # bucket 3: eager first
+    assert [k[1][0] for k in cache.keys()] == [6] and [t.shape for t in cache.captured] == [(6, 2, 3)]
+
+
+def test_results_are_copies_not_the_graphs_buffer():
+    cache = FakeGraphs()
+    fn = per_item([])
+    x, y = torch.ones(2, 3), torch.full((2, 3), 7.0)
+    cache("t", x, fn), cache("t", x, fn)
+    first = cache("t", x, fn)
+    second = cache("t", y, fn)  # the next replay rewrites the graph's output buffer
+    assert torch.equal(first, fn(x)) and torch.equal(second, fn(y))
+
+
+def test_tags_and_layouts_are_separate_graphs_and_old_ones_are_dropped():
+    cache = FakeGraphs(capacity=2)
+    fn = per_item([])
+    x = torch.randn(2, 4, 3, 3)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    for tag, inp in ((8, x), (4, x), (8, cl)):
+        cache(tag, inp, fn), cache(tag, inp, fn)
+    assert [(k[0], k[4]) for k in cache.keys()] == [(4, False), (8, True)]  # (8, NCHW) dropped: capacity 2
+    assert cache.captured[-1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cache(8, cl, fn), fn(cl))
+
+
+def test_a_failed_capture_warns_once_and_runs_eagerly_from_then_on():
+    cache, calls = FakeGraphs(fail=True, what="the network"), []
+    fn = per_item(calls)
+    x = torch.randn(3, 2)
+    cache("t", x, fn)
+    with pytest.warns(UserWarning, match="running the network eagerly"):
+        assert torch.equal(cache("t", x, fn), fn(x))
+    assert not cache.enabled and cache.keys() == []
+    calls.clear()
+    assert torch.equal(cache("t", x, fn), fn(x)) and calls == [3, 3]
+
+
+def test_the_real_cache_runs_cpu_tensors_eagerly():
+    cache, calls = GraphCache(), []
+    for _ in range(3):
+        cache("t", torch.ones(2, 2), per_item(calls))
+    assert calls == [2, 2, 2] and cache.keys() == []
+
+
+def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
+    """What a CUDA engine does for a static policy, with the fake capture: every patch batch of the
+    second and later images is one replay of head + integer body + tail, and the output, bits and
+    groups equal the eager engine's."""
+    from gdq_engine import Engine
+
+    kw = dict(policy="static", bits=4, calib=random_image(12, 12, n=4, seed=1), patch_size=8, stride=6,
+              device="cpu", backend="reference")
+    eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
+    assert eager.network_graphs is None  # CPU: no graphs
+    graphed.network_graphs = FakeGraphs(what="the network")
+    body_calls = []
+    real_body = graphed.int_body._run
+    graphed.int_body._run = lambda feat, bits, scratch=None: body_calls.append(feat.shape[0]) or real_body(feat, bits)
+    lr = random_image(13, 11, n=1, seed=2)  # 4 patches: bucket 4
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = eager.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and rep.bits == rep_want.bits == [4] * 4 and rep.groups == [(4, 4)]
+    assert [k[0] for k in graphed.network_graphs.keys()] == [4] and len(graphed.network_graphs.captured) == 1
+    # eager, the capture, and the fake's two replays (which re-run the captured function)
+    assert body_calls == [4, 4, 4, 4]
