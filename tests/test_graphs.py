@@ -119,3 +119,24 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
     assert [k[0] for k in graphed.network_graphs.keys()] == [4] and len(graphed.network_graphs.captured) == 1
     # eager, the capture, and the fake's two replays (which re-run the captured function)
     assert body_calls == [4, 4, 4, 4]
+
+
+def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():
+    class OutOfMemory(FakeGraphs):
+        def _capture_graph(self, fn, static_in):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    cache = OutOfMemory()
+    x = torch.ones(4, 2)
+    cache("t", x, per_item([]))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        cache("t", x, per_item([]))
+    assert cache.enabled
+
+
+def test_use_counts_stay_bounded_when_every_call_has_a_new_shape(monkeypatch):
+    monkeypatch.setattr(GraphCache, "MAX_COUNTED", 8)
+    cache = FakeGraphs()
+    for w in range(1, 30):
+        cache("t", torch.ones(1, w), per_item([]))
+    assert len(cache._calls) <= 8 and cache.keys() == []

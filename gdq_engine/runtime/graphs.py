@@ -50,8 +50,10 @@ class GraphCache:
 
     Calls on CPU tensors, calls made while another graph is being captured (``fn`` then becomes
     part of that graph) and calls after a capture failed run ``fn`` eagerly. A failed capture
-    warns once and turns the cache off.
+    warns once and turns the cache off; running out of memory while capturing is raised as it is.
     """
+
+    MAX_COUNTED = 4096  # keys whose uses are counted before a capture
 
     def __init__(self, capacity: int = 32, what: str = "the integer body"):
         self.capacity, self.what = capacity, what
@@ -74,6 +76,8 @@ class GraphCache:
         key = (tag, (graph_batch(n),) + tuple(x.shape[1:]), x.dtype, x.device, _channels_last(x))
         entry = self._graphs.get(key)
         if entry is None:
+            if len(self._calls) >= self.MAX_COUNTED and key not in self._calls:
+                self._calls.clear()  # shapes seen once (whole-image mode): forget them, keep memory bounded
             self._calls[key] += 1
             if self._calls[key] < 2:
                 return fn(x)
@@ -93,6 +97,8 @@ class GraphCache:
             static_in = static_in.contiguous(memory_format=torch.channels_last)
         try:
             replay, static_out = self._capture_graph(fn, static_in)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the Engine halves the batch and retries; a smaller bucket may still be captured
         except RuntimeError as exc:  # e.g. an op that cannot be captured: run eagerly from now on
             warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
             self.enabled = False
