@@ -21,7 +21,7 @@ from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
-from .graphs import GraphCache, capturing, graph_batch  # noqa: F401  (graph_batch: re-exported)
+from .graphs import GraphCache, capturing
 from .scheduler import bit_groups
 
 
@@ -206,8 +206,8 @@ class IntegerBody:
 
         With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
         bucket, patch shape) (:class:`~gdq_engine.runtime.graphs.GraphCache`): N is padded up to
-        :func:`graph_batch` (N), so the varying group sizes of a dynamic policy share a few graphs.
-        The second call of a key captures the graph (the first ran eagerly, which also autotunes the
+        ``graph_batch(N)``, so the varying group sizes of a dynamic policy share a few graphs. The
+        second call of a key captures the graph (the first ran eagerly, which also autotunes the
         kernels); later calls replay it. Patches are independent (static scales, per-pixel convs),
         so padding never changes a result: outputs are identical to eager runs. A body called while
         a bigger graph is being captured (the Engine's whole network) runs eagerly into it.
