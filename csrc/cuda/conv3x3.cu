@@ -3,13 +3,16 @@
 // torch.ops.gdq_engine.packed_conv3x3_cuda / quantize_pack_cuda (new ops) and as the CUDA kernels
 // of pack_codes / unpack_codes; bit-exact with gdq_engine/ops/reference.py.
 //
-// Implicit GEMM: M = N*H*W output pixels, N = Cout, K = 9 taps x C. A CTA (4 warps) owns 128
-// pixels x 64 output channels; per tap it unpacks the 128 shifted input pixels into shared memory
-// as int8 (int4/int2 fields are pulled out four bytes at a time with masks and per-byte SIMD
-// sign extension, __vsub4, rather than per-element shifts) next to the tap's 64 x C weight codes,
-// then each warp runs 64 x 32 outputs with mma.sync m16n8k32 (s8 x s8, or u8 x s8 for unsigned
-// 8-bit codes, so no offset correction is needed). Rows are padded by 16 bytes: the fragment
-// loads of a warp hit 32 distinct banks.
+// Implicit GEMM: M = N*H*W output pixels, N = Cout, K = 9 taps x C. A CTA (4 warps) owns an
+// 8 x 16 pixel tile of one image (128 pixels) x 64 output channels. It loads the tile's halo,
+// (8 + 2) x (16 + 2) input pixels with zeros outside the image, into shared memory once, unpacked
+// to int8 (int4/int2 fields are pulled out four bytes at a time with masks and per-byte SIMD sign
+// extension, __vsub4, rather than per-element shifts); every tap then reads the same halo at a
+// constant row offset, so no input byte is loaded or unpacked more than once per CTA. The taps'
+// 64 x C weight tiles are double-buffered with cp.async: tap t + 1's tile loads while tap t
+// multiplies. Each warp runs 64 x 32 outputs with mma.sync m16n8k32 (s8 x s8, or u8 x s8 for
+// unsigned 8-bit codes, so no offset correction is needed). Shared-memory rows are padded by 16
+// bytes: the fragment loads of a warp hit 32 distinct banks.
 //
 // Packed outputs need every code of an output byte in one CTA: with k codes per byte and
 // G = Cout / k, the CTA with blockIdx.y = b owns bytes [b*64/k, (b+1)*64/k) of every pixel, i.e.
@@ -28,10 +31,14 @@
 namespace gdq {
 namespace {
 
-constexpr int kBM = 128;      // output pixels per CTA
+constexpr int kTileH = 8, kTileW = 16;        // output pixels per CTA: one 8 x 16 tile of one image
+constexpr int kBM = kTileH * kTileW;          // 128
+constexpr int kHaloW = kTileW + 2;            // the tile's input rows and columns, padding included
+constexpr int kHaloPx = (kTileH + 2) * kHaloW;
 constexpr int kBN = kConvOutChannels;  // output channels per CTA
 constexpr int kThreads = 128;  // 4 warps: 2 along pixels x 2 along channels
 constexpr int kPad = 16;      // bytes of padding per shared-memory row
+static_assert(kTileW == 16, "a warp's 16-row MMA fragment is one tile row");
 
 // ---- unpacking: four codes of one field of a 32-bit word, as four int8/uint8 bytes ----------------
 
@@ -42,6 +49,30 @@ __device__ __forceinline__ uint32_t unpack_field(uint32_t word, int field) {
   const uint32_t v = (word >> (field * BITS)) & kMask;
   // Per-byte sign extension: (v ^ s) - s, byte by byte without borrows between bytes.
   return SIGNED ? __vsub4(v ^ kSign, kSign) : v;
+}
+
+// ---- asynchronous global -> shared copies (sm_80+) ---------------------------------------------------
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src));
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {  // at most PENDING committed groups still in flight
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
 }
 
 // ---- one m16n8k32 int8 tensor-core MMA -------------------------------------------------------------
@@ -72,23 +103,73 @@ __device__ __forceinline__ int quantize_code(float y, float inv_s, int lo, int h
   return static_cast<int>(fminf(fmaxf(t, static_cast<float>(lo)), static_cast<float>(hi)));
 }
 
+// Shared memory: the halo (kHaloPx rows of C + kPad bytes, reused for the epilogue's codes), then
+// two weight tiles (kBN rows each). Every region and row starts on a 16-byte boundary (cp.async).
+__host__ __device__ inline size_t halo_bytes(int C) {
+  const size_t halo = static_cast<size_t>(kHaloPx) * (C + kPad), codes = static_cast<size_t>(kBM) * kBN;
+  return halo > codes ? halo : codes;
+}
+
+__host__ __device__ inline size_t conv_smem_bytes(int C) {
+  return halo_bytes(C) + 2 * static_cast<size_t>(kBN) * (C + kPad);
+}
+
+// The tap's (kBN, C) weight tile into sB with cp.async, one 16-byte chunk per copy.
+__device__ __forceinline__ void load_weight_tile(int8_t* sB, const ConvArgs& p, int tap, int j0, int kBytes, int G,
+                                                 int lda) {
+  const int chunks = p.C / 16;
+  for (int i = threadIdx.x; i < kBN * chunks; i += kThreads) {
+    const int n = i / chunks, c = i % chunks;
+    const int o = j0 + (n / kBytes) * G + (n % kBytes);
+    cp_async16(sB + n * lda + 16 * c, p.w + (static_cast<size_t>(tap) * p.Cout + o) * p.C + 16 * c);
+  }
+  cp_async_commit();
+}
+
 template <int A_BITS, bool A_SIGNED, int O_BITS>
 __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int lda = p.C + kPad;
-  const int a_rows = lda > kBN ? lda : kBN;  // the A region is reused for the epilogue's codes
   uint8_t* sA = smem;
-  int8_t* sB = reinterpret_cast<int8_t*>(smem + kBM * a_rows);
+  int8_t* const sB = reinterpret_cast<int8_t*>(smem + halo_bytes(p.C));  // two tiles, kBN * lda bytes apart
+  const int tile_bytes = kBN * lda;
   constexpr bool kU8 = A_BITS == 8 && !A_SIGNED;
   constexpr int kPerByte = O_BITS == 0 ? 1 : 8 / O_BITS;  // output codes per byte
   constexpr int kBytes = kBN / kPerByte;                    // output bytes per pixel owned here
   const int G = p.Cout / kPerByte;
   const int j0 = blockIdx.y * kBytes;
-  const int M = p.N * p.H * p.W;
-  const int m0 = blockIdx.x * kBM;
+  const int tiles_x = (p.W + kTileW - 1) / kTileW, tiles_y = (p.H + kTileH - 1) / kTileH;
+  const int img = blockIdx.x / (tiles_x * tiles_y);
+  const int y0 = (blockIdx.x / tiles_x) % tiles_y * kTileH, x0 = blockIdx.x % tiles_x * kTileW;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int warp_m = warp >> 1, warp_n = warp & 1;
+
+  load_weight_tile(sB, p, 0, j0, kBytes, G, lda);  // tap 0's weights fly while the halo loads
+
+  // The halo: input pixel (y0 - 1 + hy, x0 - 1 + hx) in row hy * kHaloW + hx, zeros outside the image
+  // (code 0, signed or not: the contract's padding).
+  const int packed_row = p.C * A_BITS / 8;
+  const int words_per_px = packed_row / 4;
+  for (int i = tid; i < kHaloPx * words_per_px; i += kThreads) {
+    const int hp = i / words_per_px, wd = i % words_per_px;
+    const int sy = y0 - 1 + hp / kHaloW, sx = x0 - 1 + hp % kHaloW;
+    uint32_t word = 0;
+    if (sy >= 0 && sy < p.H && sx >= 0 && sx < p.W) {
+      const size_t pix = (static_cast<size_t>(img) * p.H + sy) * p.W + sx;
+      word = __ldg(reinterpret_cast<const uint32_t*>(p.x + pix * packed_row) + wd);
+    }
+    uint8_t* row = sA + hp * lda;
+    if constexpr (A_BITS == 8) {
+      *reinterpret_cast<uint32_t*>(row + 4 * wd) = word;
+    } else {
+      constexpr int kFields = 8 / A_BITS;
+      const int group = p.C / kFields;  // channels per field (docs/numerics.md packing)
+#pragma unroll
+      for (int f = 0; f < kFields; ++f)
+        *reinterpret_cast<uint32_t*>(row + f * group + 4 * wd) = unpack_field<A_BITS, A_SIGNED>(word, f);
+    }
+  }
 
   int acc[4][4][4];
 #pragma unroll
@@ -98,46 +179,24 @@ __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0;
 
-  const int packed_row = p.C * A_BITS / 8;
-  const int words_per_px = packed_row / 4;
-  const int w_words = p.C / 4;
+  // Fragment rows mi*16 + g (+ 8) of warp_m's 64 pixels are tile row warp_m*4 + mi, columns g (g + 8):
+  // halo row (warp_m*4 + mi + 1) * kHaloW + g + 1 for the centre tap.
+  const int centre = (warp_m * 4 + 1) * kHaloW + g + 1;
   for (int tap = 0; tap < 9; ++tap) {
-    const int dy = tap / 3 - 1, dx = tap % 3 - 1;
-    for (int i = tid; i < kBM * words_per_px; i += kThreads) {
-      const int px = i / words_per_px, wd = i % words_per_px;
-      const int m = m0 + px;
-      uint32_t word = 0;  // zero padding: code 0 in every field, signed or not
-      if (m < M) {
-        const int xx = m % p.W, yy = (m / p.W) % p.H, nn = m / (p.W * p.H);
-        const int sy = yy + dy, sx = xx + dx;
-        if (sy >= 0 && sy < p.H && sx >= 0 && sx < p.W) {
-          const size_t pix = (static_cast<size_t>(nn) * p.H + sy) * p.W + sx;
-          word = __ldg(reinterpret_cast<const uint32_t*>(p.x + pix * packed_row) + wd);
-        }
-      }
-      uint8_t* row = sA + px * lda;
-      if constexpr (A_BITS == 8) {
-        *reinterpret_cast<uint32_t*>(row + 4 * wd) = word;
-      } else {
-        constexpr int kFields = 8 / A_BITS;
-        const int group = p.C / kFields;  // channels per field (docs/numerics.md packing)
-#pragma unroll
-        for (int f = 0; f < kFields; ++f)
-          *reinterpret_cast<uint32_t*>(row + f * group + 4 * wd) = unpack_field<A_BITS, A_SIGNED>(word, f);
-      }
+    if (tap + 1 < 9) {
+      load_weight_tile(sB + ((tap + 1) & 1) * tile_bytes, p, tap + 1, j0, kBytes, G, lda);
+      cp_async_wait<1>();  // this tap's tile has landed; the next one may still be in flight
+    } else {
+      cp_async_wait<0>();
     }
-    for (int i = tid; i < kBN * w_words; i += kThreads) {
-      const int n = i / w_words, wd = i % w_words;
-      const int o = j0 + (n / kBytes) * G + (n % kBytes);
-      *reinterpret_cast<uint32_t*>(sB + n * lda + 4 * wd) =
-          __ldg(reinterpret_cast<const uint32_t*>(p.w + (static_cast<size_t>(tap) * p.Cout + o) * p.C) + wd);
-    }
-    __syncthreads();
+    __syncthreads();  // every thread's copies (and, at tap 0, the halo) are visible
+    const int shift = (tap / 3 - 1) * kHaloW + (tap % 3 - 1);
+    const int8_t* wt = sB + (tap & 1) * tile_bytes;
     for (int k0 = 0; k0 < p.C; k0 += 32) {
       uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi) {
-        const uint8_t* r0 = sA + (warp_m * 64 + mi * 16 + g) * lda + k0 + t * 4;
+        const uint8_t* r0 = sA + (centre + mi * kHaloW + shift) * lda + k0 + t * 4;
         const uint8_t* r1 = r0 + 8 * lda;
         a[mi][0] = *reinterpret_cast<const uint32_t*>(r0);
         a[mi][1] = *reinterpret_cast<const uint32_t*>(r1);
@@ -146,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs
       }
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
-        const int8_t* c0 = sB + (warp_n * 32 + ni * 8 + g) * lda + k0 + t * 4;
+        const int8_t* c0 = wt + (warp_n * 32 + ni * 8 + g) * lda + k0 + t * 4;
         b[ni][0] = *reinterpret_cast<const uint32_t*>(c0);
         b[ni][1] = *reinterpret_cast<const uint32_t*>(c0 + 16);
       }
@@ -155,11 +214,11 @@ __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_16832<kU8>(acc[mi][ni], a[mi], b[ni]);
     }
-    __syncthreads();
+    __syncthreads();  // all reads of this tap's tile are done before the next copy overwrites it
   }
 
   // ---- epilogue ----
-  uint8_t* sC = smem;  // (kBM, kBN) codes, low O_BITS bits, when packing
+  uint8_t* sC = smem;  // (kBM, kBN) codes, low O_BITS bits, when packing (the halo is no longer read)
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
@@ -168,18 +227,19 @@ __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs
       for (int e = 0; e < 4; ++e) {
         const int px = warp_m * 64 + mi * 16 + g + (e >> 1) * 8;
         const int n = warp_n * 32 + ni * 8 + t * 2 + (e & 1);
-        const int m = m0 + px;
-        if (m >= M) continue;
+        const int yy = y0 + px / kTileW, xx = x0 + px % kTileW;
+        if (yy >= p.H || xx >= p.W) continue;
+        const size_t m = (static_cast<size_t>(img) * p.H + yy) * p.W + xx;
         const int o = j0 + (n / kBytes) * G + (n % kBytes);
         float y = __fmul_rn(__int2float_rn(acc[mi][ni][e]), p.mult[o]);
         y = __fadd_rn(y, p.bias[o]);
         if (p.relu) y = fmaxf(y, 0.0f);
         if (p.residual != nullptr) {
           if (p.scale_res) y = __fmul_rn(y, p.res_scale);
-          y = __fadd_rn(p.residual[static_cast<size_t>(m) * p.Cout + o], y);
+          y = __fadd_rn(p.residual[m * p.Cout + o], y);
         }
         if constexpr (O_BITS == 0) {
-          p.out_f[static_cast<size_t>(m) * p.Cout + o] = y;
+          p.out_f[m * p.Cout + o] = y;
         } else {
           const int code = quantize_code(y, p.inv_s, p.lo, p.hi);
           sC[px * kBN + n] = static_cast<uint8_t>(code & ((1 << O_BITS) - 1));
@@ -191,28 +251,30 @@ __global__ void __launch_bounds__(kThreads) packed_conv3x3_kernel(const ConvArgs
     __syncthreads();
     for (int i = tid; i < kBM * kBytes; i += kThreads) {
       const int px = i / kBytes, byte = i % kBytes;
-      const int m = m0 + px;
-      if (m >= M) continue;
+      const int yy = y0 + px / kTileW, xx = x0 + px % kTileW;
+      if (yy >= p.H || xx >= p.W) continue;
+      const size_t m = (static_cast<size_t>(img) * p.H + yy) * p.W + xx;
       uint32_t packed = 0;
 #pragma unroll
       for (int f = 0; f < kPerByte; ++f) packed |= static_cast<uint32_t>(sC[px * kBN + f * kBytes + byte]) << (f * O_BITS);
-      p.out_q[static_cast<size_t>(m) * G + j0 + byte] = static_cast<uint8_t>(packed);
+      p.out_q[m * G + j0 + byte] = static_cast<uint8_t>(packed);
     }
   }
 }
 
 template <int A_BITS, bool A_SIGNED, int O_BITS>
 cudaError_t launch_conv(const ConvArgs& args, cudaStream_t stream) {
-  const int lda = args.C + kPad;
-  const size_t smem = static_cast<size_t>(kBM) * (lda > kBN ? lda : kBN) + static_cast<size_t>(kBN) * lda;
+  const size_t smem = conv_smem_bytes(args.C);
   auto kernel = packed_conv3x3_kernel<A_BITS, A_SIGNED, O_BITS>;
   if (smem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const int64_t M = static_cast<int64_t>(args.N) * args.H * args.W;
-  const dim3 grid(static_cast<unsigned>((M + kBM - 1) / kBM), static_cast<unsigned>(args.Cout / kBN));
+  const int64_t tiles = static_cast<int64_t>(args.N) * ((args.H + kTileH - 1) / kTileH) *
+                        ((args.W + kTileW - 1) / kTileW);
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(args.Cout / kBN));
   kernel<<<grid, kThreads, smem, stream>>>(args);
   return cudaGetLastError();
 }

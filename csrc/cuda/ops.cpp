@@ -41,6 +41,9 @@ at::Tensor packed_conv3x3_cuda(const at::Tensor& x, int64_t a_bits, bool a_signe
   TORCH_CHECK(Cout % kConvOutChannels == 0, "the CUDA conv needs output channels in multiples of ",
               kConvOutChannels, ", got ", Cout);
   TORCH_CHECK(mult.numel() == Cout && bias.numel() == Cout, "mult and bias need ", Cout, " values");
+  // The kernel reads x in 32-bit words and copies weight rows 16 bytes at a time (cp.async).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "x must start on a 4-byte and w on a 16-byte boundary (pass tensors that own their storage)");
   TORCH_CHECK(x.numel() < (int64_t{1} << 31) && x.size(0) * x.size(1) * x.size(2) * Cout < (int64_t{1} << 31),
               "tensor too large for 32-bit pixel indexing; split the batch");
   int major = 0;
