@@ -83,9 +83,10 @@ class Engine:
             batch bucket, patch shape): batch sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ...
             patches so varying sizes share a few graphs (captured on a bucket's second use; removes
             per-kernel launch overhead and the gaps between launches; results unchanged). A static
-            policy's graph holds the whole network (head, integer body, tail); a dynamic policy's
-            hold one bit-width's integer body each, since its groups are known only after the
-            policy ran. CUDA only.
+            policy's graph holds the whole network (head, integer body, tail), one per batch size.
+            A patch-wise dynamic policy runs the head and the policy eagerly (its groups are known
+            only then), then one graph per (bit-width, group size) for each group's body (integer
+            blocks, body end) and one for the batch's upsampler and tail. CUDA only.
         containers: how the integer body stores codes narrower than 8 bits between its convs:
             ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
@@ -159,7 +160,7 @@ class Engine:
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self.int_body = None
-        self.network_graphs = None  # static policies on CUDA: the whole network as graph replays
+        self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.containers: str | None = None  # resolved: "packed" or "bytes" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -179,7 +180,7 @@ class Engine:
             self.tail_bits = qmodel.tail_bits
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
-            if graphs and isinstance(self.policy, Static):  # one bit-width: graph the whole network
+            if graphs and not getattr(self.policy, "layerwise", False):  # patch-wise: graphs of the network
                 self.network_graphs = GraphCache(what="the network")
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and self.network_graphs is None,
                                                 containers=containers)
@@ -346,13 +347,15 @@ class Engine:
         from .runtime.cost import bitops, conv_macs, integer_tail_macs
         from .runtime.scheduler import forward_quantized, forward_static
 
+        graphs, model, body = self.network_graphs, self.model, self.int_body
         with torch.inference_mode():
-            if self.network_graphs is not None:
+            if graphs is not None and isinstance(self.policy, Static):  # the whole network, one replay
                 b = self.policy.bits[0]
-                y = self.network_graphs(b, x, lambda p: forward_static(self.model, self.int_body, b, p, self.dtype))
+                # Unpadded batches: the FP convs inside see the batch sizes they see without graphs.
+                y = graphs(b, x, lambda p: forward_static(model, body, b, p, self.dtype), pad=False)
                 bits, groups = torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
-            else:
-                y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype)
+            else:  # dynamic: head and policy eagerly, then the groups' bodies and the tail replayed
+                y, bits, groups = forward_quantized(model, body, self.policy, x, self.dtype, graphs=graphs)
         if report is None:
             return y
         q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])

@@ -19,12 +19,12 @@ class FakeGraphs(GraphCache):
     def _eligible(self, x):
         return self.enabled
 
-    def _capture_graph(self, fn, static_in):
+    def _capture_graph(self, fn, static_ins):
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        self.captured.append(static_in)
-        static_out = fn(static_in)
-        return (lambda: static_out.copy_(fn(static_in))), static_out
+        self.captured.append(static_ins[0])
+        static_out = fn(*static_ins)
+        return (lambda: static_out.copy_(fn(*static_ins))), static_out
 
 
 def per_item(calls):
@@ -42,7 +42,7 @@ def test_first_call_eager_second_captures_later_replay():
     assert all(torch.equal(o, fn(x)) for o in outs)
     # eager (5), the capture (6: the bucket), its first replay (6), the third call's replay (6)
     assert calls[:4] == [5, 6, 6, 6] and len(cache.captured) == 1
-    assert cache.keys() == [("a", (6, 3, 4, 4), torch.float32, torch.device("cpu"), False)]
+    assert cache.keys() == [("a", (((6, 3, 4, 4), torch.float32, torch.device("cpu"), False),))]
 
 
 def test_buckets_pad_and_padding_never_reaches_the_results():
@@ -53,7 +53,7 @@ def test_buckets_pad_and_padding_never_reaches_the_results():
     for x in (big, big, small, small, big):  # 5 and 6 share the bucket-6 graph
         assert torch.equal(cache("t", x, fn), fn(x))
     cache("t", torch.randn(3, 2, 3, generator=g), fn)  # bucket 3: eager first
-    assert [k[1][0] for k in cache.keys()] == [6] and [t.shape for t in cache.captured] == [(6, 2, 3)]
+    assert [k[1][0][0][0] for k in cache.keys()] == [6] and [t.shape for t in cache.captured] == [(6, 2, 3)]
 
 
 def test_results_are_copies_not_the_graphs_buffer():
@@ -73,7 +73,7 @@ def test_tags_and_layouts_are_separate_graphs_and_old_ones_are_dropped():
     cl = x.contiguous(memory_format=torch.channels_last)
     for tag, inp in ((8, x), (4, x), (8, cl)):
         cache(tag, inp, fn), cache(tag, inp, fn)
-    assert [(k[0], k[4]) for k in cache.keys()] == [(4, False), (8, True)]  # (8, NCHW) dropped: capacity 2
+    assert [(k[0], k[1][0][3]) for k in cache.keys()] == [(4, False), (8, True)]  # (8, NCHW) dropped: capacity 2
     assert cache.captured[-1].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cache(8, cl, fn), fn(cl))
 
@@ -88,6 +88,34 @@ def test_a_failed_capture_warns_once_and_runs_eagerly_from_then_on():
     assert not cache.enabled and cache.keys() == []
     calls.clear()
     assert torch.equal(cache("t", x, fn), fn(x)) and calls == [3, 3]
+
+
+def test_several_inputs_pad_together_and_views_are_the_graphs_buffer():
+    cache, calls = FakeGraphs(), []
+
+    def fn(a, b):
+        calls.append((a.shape[0], b.shape[0]))
+        return a * 2 + b.sum(1, keepdim=True)
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(5, 4, generator=g)
+    want = fn(a, b)
+    calls.clear()
+    views = [cache("t", (a, b), fn, copy=False) for _ in range(3)]
+    assert all(torch.equal(v, want) for v in views)
+    assert calls == [(5, 5), (6, 6), (6, 6), (6, 6)]  # eager, capture, its first replay, a replay
+    assert [spec[0] for spec in cache.keys()[0][1]] == [(6, 3), (6, 4)]
+    assert views[1].data_ptr() == views[2].data_ptr()  # no copy: the graph's own buffer, each time
+    with pytest.raises(ValueError, match="same batch size"):
+        cache("t", (a, b[:4]), fn)
+
+
+def test_unpadded_keys_take_the_exact_batch():
+    cache = FakeGraphs()
+    fn = per_item([])
+    for n in (5, 5, 6, 6):
+        assert torch.equal(cache("t", torch.ones(n, 2), fn, pad=False), fn(torch.ones(n, 2)))
+    assert sorted(k[1][0][0][0] for k in cache.keys()) == [5, 6]
 
 
 def test_the_real_cache_runs_cpu_tensors_eagerly():
@@ -119,6 +147,29 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
     assert [k[0] for k in graphed.network_graphs.keys()] == [4] and len(graphed.network_graphs.captured) == 1
     # eager, the capture, and the fake's two replays (which re-run the captured function)
     assert body_calls == [4, 4, 4, 4]
+
+
+def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
+    """EntropyOnly with the fake capture: the groups' bodies (exact group sizes) and the batch's
+    upsampler and tail are replays; output, bits and groups equal the eager engine's."""
+    from gdq_engine import Engine
+
+    flat, ramp = torch.full((3, 8, 8), 0.5), torch.linspace(0, 1, 8).expand(3, 8, 8)
+    calib = torch.stack([flat, ramp * 0.3 + 0.2, *random_image(8, 8, n=4, seed=1)])
+    kw = dict(policy="entropy", bits=(2, 4, 8), calib=calib, patch_size=8, stride=8, device="cpu",
+              backend="reference")
+    eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
+    graphed.network_graphs = FakeGraphs(what="the network")
+    lr = torch.cat([torch.cat([flat, ramp], 2), random_image(8, 16, seed=3)], 1)  # 4 patches, mixed
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = eager.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and rep.bits == rep_want.bits and rep.groups == rep_want.groups
+    assert len(rep.groups) >= 2
+    tags = sorted(map(str, (k[0] for k in graphed.network_graphs.keys())))
+    assert tags == sorted(map(str, ["tail", *(("body", b) for b, _ in rep.groups)]))
+    sizes = {k[0]: k[1][0][0][0] for k in graphed.network_graphs.keys()}
+    assert sizes["tail"] == 4 and all(sizes[("body", b)] == n for b, n in rep.groups)
 
 
 def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():

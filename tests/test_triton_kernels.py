@@ -337,9 +337,10 @@ def test_cuda_graph_replay_equals_eager_and_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
-    """EntropyOnly {2,4,8}: one graph per (bits, bucket) of the integer body; static a8 with the x4
-    integer tail and fp16 FP layers: the whole network in one graph (the latency rows' setup).
-    Three frames each: eager, capture, replay, all equal to the reference backend."""
+    """EntropyOnly {2,4,8}: one graph per (bits, group size) of the groups' bodies and one of the
+    upsampler and tail; static a8 with the x4 integer tail and fp16 FP layers: the whole network in
+    one graph (the latency rows' setup). Three calls each: eager, capture, replay, all equal to the
+    reference backend."""
     from conftest import random_image
 
     from gdq_engine import Engine
@@ -354,8 +355,13 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
         for seed in (4, 4, 4):  # the same frame: same groups, so the graphs are reused
             lr = random_image(37, 29, n=1, seed=seed).cuda()
             assert torch.equal(graphed.upscale(lr), reference.upscale(lr)), kw["policy"]
-        graphs = graphed.network_graphs if kw["policy"] == "static" else graphed.int_body.graphs
-        assert graphs.enabled and graphs.keys(), kw["policy"]
+        graphs = graphed.network_graphs
+        assert graphs.enabled and graphed.int_body.graphs is None, kw["policy"]
+        tags = {key[0] for key in graphs.keys()}
+        if kw["policy"] == "static":
+            assert tags == {8}, tags
+        else:  # the groups this frame has, and the tail
+            assert "tail" in tags and {("body", b) for b in graphed.policy.bits} >= tags - {"tail"} != set(), tags
 
 
 

@@ -33,20 +33,27 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 class GraphCache:
-    """Runs ``fn(x)`` for (N, ...) batches as CUDA graph replays: ``cache(tag, x, fn)``.
+    """Runs ``fn(*inputs)`` for batches of N items as CUDA graph replays: ``cache(tag, x, fn)``,
+    where ``x`` is one (N, ...) tensor or a tuple of them (the same N).
 
-    One graph per (``tag``, N rounded up by :func:`graph_batch`, the other dims, dtype, device,
-    memory format), least recently used dropped past ``capacity``. The first call of a key runs
-    ``fn`` eagerly (which also compiles and autotunes kernels and lets cuDNN pick algorithms); the
-    second captures a graph on a zero-filled input of the bucket's size; later calls copy ``x`` into
-    that input, replay, and return a copy of the first N outputs (the graph's buffer is rewritten
-    by the next replay). ``fn`` must treat the N items independently, so padding never changes a
-    real item's result, and must not synchronise with the host.
+    One graph per (``tag``, and per input: N rounded up by :func:`graph_batch`, the other dims,
+    dtype, device, memory format), least recently used dropped past ``capacity``. ``pad=False``
+    keys on N itself: for ``fn`` with FP convolutions, whose library may pick another algorithm,
+    and so round differently, for another batch size (cuDNN, oneDNN). The first call of
+    a key runs ``fn`` eagerly (which also compiles and autotunes kernels and lets cuDNN pick
+    algorithms); the second captures a graph on zero-filled inputs of the bucket's size; later
+    calls copy the inputs in, replay, and return the first N outputs: a copy, or with
+    ``copy=False`` a view of the graph's own buffer, valid until the next replay of any graph of
+    this cache (the graphs share a memory pool), for a caller that consumes it at once. ``fn``
+    must treat the N items independently, so padding never changes a real item's result, and must
+    not synchronise with the host.
 
     ``fn`` is captured with whatever buffers it allocates; code it calls that keeps buffers across
     calls should take fresh ones while :func:`capturing` (a buffer dropped later would be reused by
     other tensors while the graph still writes it). All graphs share one memory pool: they replay
-    one at a time on one stream and each result is copied out right after its replay.
+    one at a time on one stream, and a later capture may place its buffers, its output included,
+    where an earlier graph keeps intermediates; so results are copied out (or consumed) before the
+    next replay.
 
     Calls on CPU tensors, calls made while another graph is being captured (``fn`` then becomes
     part of that graph) and calls after a capture failed run ``fn`` eagerly. A failed capture
@@ -63,63 +70,70 @@ class GraphCache:
         self._pool = None
 
     def keys(self) -> list[tuple]:
-        """The captured keys: (tag, padded shape, dtype, device, channels_last), oldest use first."""
+        """The captured keys, oldest use first: (tag, (padded shape, dtype, device, channels_last)
+        per input)."""
         return list(self._graphs)
 
     def _eligible(self, x: torch.Tensor) -> bool:
         return self.enabled and x.is_cuda and not capturing(x)
 
-    def __call__(self, tag: Hashable, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if not self._eligible(x):
-            return fn(x)
-        n = x.shape[0]
-        key = (tag, (graph_batch(n),) + tuple(x.shape[1:]), x.dtype, x.device, _channels_last(x))
+    def __call__(self, tag: Hashable, x: torch.Tensor | tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
+                 copy: bool = True, pad: bool = True) -> torch.Tensor:
+        inputs = x if isinstance(x, tuple) else (x,)
+        if not self._eligible(inputs[0]):
+            return fn(*inputs)
+        n = inputs[0].shape[0]
+        if any(t.shape[0] != n for t in inputs):
+            raise ValueError(f"inputs of one graph need the same batch size, got {[t.shape[0] for t in inputs]}")
+        batch = graph_batch(n) if pad else n
+        key = (tag, tuple(((batch,) + tuple(t.shape[1:]), t.dtype, t.device, _channels_last(t)) for t in inputs))
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._calls) >= self.MAX_COUNTED and key not in self._calls:
                 self._calls.clear()  # shapes seen once (whole-image mode): forget them, keep memory bounded
             self._calls[key] += 1
             if self._calls[key] < 2:
-                return fn(x)
+                return fn(*inputs)
             entry = self._capture(key, fn)
             if entry is None:
-                return fn(x)
+                return fn(*inputs)
         self._graphs.move_to_end(key)
-        replay, static_in, static_out = entry
-        static_in[:n].copy_(x)
+        replay, static_ins, static_out = entry
+        for static, t in zip(static_ins, inputs):
+            static[:n].copy_(t)
         replay()
-        return static_out[:n].clone()
+        return static_out[:n].clone() if copy else static_out[:n]
 
     def _capture(self, key: tuple, fn) -> tuple | None:
-        _, shape, dtype, device, channels_last = key
-        static_in = torch.zeros(shape, dtype=dtype, device=device)  # padding items stay finite
-        if channels_last:
-            static_in = static_in.contiguous(memory_format=torch.channels_last)
+        static_ins = []
+        for shape, dtype, device, channels_last in key[1]:
+            static = torch.zeros(shape, dtype=dtype, device=device)  # padding items stay finite
+            static_ins.append(static.contiguous(memory_format=torch.channels_last) if channels_last else static)
         try:
-            replay, static_out = self._capture_graph(fn, static_in)
+            replay, static_out = self._capture_graph(fn, static_ins)
         except torch.cuda.OutOfMemoryError:
             raise  # the Engine halves the batch and retries; a smaller bucket may still be captured
         except RuntimeError as exc:  # e.g. an op that cannot be captured: run eagerly from now on
             warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
             self.enabled = False
             return None
-        self._graphs[key] = (replay, static_in, static_out)
+        self._graphs[key] = (replay, static_ins, static_out)
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         return self._graphs[key]
 
-    def _capture_graph(self, fn, static_in: torch.Tensor) -> tuple[Callable[[], None], torch.Tensor]:
-        """(replay, output) of ``fn`` captured on ``static_in``, after a warm-up run on a side
+    def _capture_graph(self, fn, static_ins: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, output) of ``fn`` captured on ``static_ins``, after a warm-up run on a side
         stream (as ``torch.cuda.graph`` expects; it also compiles the padded shape's kernels)."""
-        device = static_in.device
+        device = static_ins[0].device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            fn(static_in)
+            fn(*static_ins)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static_out = fn(static_in)
+            static_out = fn(*static_ins)
         return graph.replay, static_out

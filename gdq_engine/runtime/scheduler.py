@@ -69,7 +69,7 @@ def _output(model, feat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
     return model.denormalize_(model.forward_output(feat, xn).float())
 
 
-def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32):
+def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None):
     """The quantized network on a batch of LR patches: FP head -> policy -> integer body -> FP tail.
 
     Args:
@@ -78,6 +78,10 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         policy: a patch-wise policy (``assign``: one bit-width per patch, patches grouped by it) or
             a layer-wise one (``layerwise = True``, e.g. CADyQ: regrouped before every conv).
         x: (P,3,h,w) float32 patches in [0,1].
+        graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a patch-wise policy's
+            per-group body (integer blocks, body end, skip) and the whole batch's upsampler and
+            tail then run as graph replays of their exact shapes, so the FP layers see the same
+            batch sizes, and give the same values, as without graphs.
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -107,8 +111,14 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         # Bits on the host once: grouping needs them there, and the report reads them without
         # waiting for the body (a CPU tensor's .tolist() is no device sync).
         assigned = policy.assign(x, feat).cpu()
-        # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
-        out, groups = run_grouped(
-            assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
+        def group(f, b):
+            # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
+            def rest(g):
+                return model.forward_body(g, run_blocks=lambda h: body(h, b).to(h.dtype))
+            return rest(f) if graphs is None else graphs(("body", b), f, rest, pad=False)
+
+        out, groups = run_grouped(assigned, feat, group)
         bits = assigned.float()
+        if graphs is not None:
+            return graphs("tail", (out, xn), lambda o, xg: _output(model, o, xg), pad=False), bits, groups
     return _output(model, out, xn), bits, groups
