@@ -79,14 +79,15 @@ class Engine:
             built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
             reference).
             All give bit-identical results.
-        cuda_graphs: replay the Triton / CUDA integer path as CUDA graphs, one per (bit-width,
-            batch bucket, patch shape): batch sizes are padded up to 1, 2, 3, 4, 6, 8, 12, 16, ...
-            patches so varying sizes share a few graphs (captured on a bucket's second use; removes
-            per-kernel launch overhead and the gaps between launches; results unchanged). A static
-            policy's graph holds the whole network (head, integer body, tail), one per batch size.
-            A patch-wise dynamic policy runs the head and the policy eagerly (its groups are known
-            only then), then one graph per (bit-width, group size) for each group's body (integer
-            blocks, body end) and one for the batch's upsampler and tail. CUDA only.
+        cuda_graphs: with the Triton / CUDA backends on CUDA, replay the network as CUDA graphs
+            (:class:`~gdq_engine.runtime.graphs.GraphCache`), each captured on its shape's second
+            use: no per-kernel launch overhead and no gaps between launches; results unchanged. A
+            static policy's graph holds the whole network (head, integer body, tail), one per
+            batch size. A patch-wise dynamic policy runs the head and the policy eagerly (its
+            groups are known only then), then one graph per (bit-width, group size) for each
+            group's body (integer blocks, body end) and one for the batch's upsampler and tail.
+            Graphs are keyed on exact batch sizes, so the FP convs see the shapes they see
+            without graphs. Layer-wise policies (CADyQ) run eagerly.
         containers: how the integer body stores codes narrower than 8 bits between its convs:
             ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
