@@ -84,10 +84,12 @@ class Engine:
             use: no per-kernel launch overhead and no gaps between launches; results unchanged. A
             static policy's graph holds the whole network (head, integer body, tail), one per
             batch size. A patch-wise dynamic policy runs the head and the policy eagerly (its
-            groups are known only then), then one graph per (bit-width, group size) for each
-            group's body (integer blocks, body end) and one for the batch's upsampler and tail.
-            Graphs are keyed on exact batch sizes, so the FP convs see the shapes they see
-            without graphs. Layer-wise policies (CADyQ) run eagerly.
+            groups are known only then), then each group's integer blocks as a graph per
+            (bit-width, group size padded to 1, 2, 3, 4, 6, 8, 12, ...: the integer blocks give
+            the same values for any batch), its body-end conv eagerly, and the batch's upsampler
+            and tail as one graph. Graphs holding FP convs are keyed on exact batch sizes, so the
+            FP convs see the shapes they see without graphs. Layer-wise policies (CADyQ) replay
+            nothing.
         containers: how the integer body stores codes narrower than 8 bits between its convs:
             ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
@@ -183,8 +185,10 @@ class Engine:
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
             if graphs and not getattr(self.policy, "layerwise", False):  # patch-wise: graphs of the network
                 self.network_graphs = GraphCache(what="the network")
-            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and self.network_graphs is None,
-                                                containers=containers)
+            # A dynamic policy's groups replay the body's own graphs (padded buckets: the integer
+            # blocks are exact for any batch); a static policy's body runs inside the network's.
+            static = isinstance(self.policy, Static)
+            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers)
             self.containers = self.int_body.containers
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
             model = qmodel.runtime_model(body_backend)
@@ -346,17 +350,11 @@ class Engine:
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
         from .runtime.cost import bitops, conv_macs, integer_tail_macs
-        from .runtime.scheduler import forward_quantized, forward_static
+        from .runtime.scheduler import forward_quantized
 
-        graphs, model, body = self.network_graphs, self.model, self.int_body
         with torch.inference_mode():
-            if graphs is not None and isinstance(self.policy, Static):  # the whole network, one replay
-                b = self.policy.bits[0]
-                # Unpadded batches: the FP convs inside see the batch sizes they see without graphs.
-                y = graphs(b, x, lambda p: forward_static(model, body, b, p, self.dtype), pad=False)
-                bits, groups = torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
-            else:  # dynamic: head and policy eagerly, then the groups' bodies and the tail replayed
-                y, bits, groups = forward_quantized(model, body, self.policy, x, self.dtype, graphs=graphs)
+            y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype,
+                                                graphs=self.network_graphs)
         if report is None:
             return y
         q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])

@@ -150,26 +150,27 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
 
 
 def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
-    """EntropyOnly with the fake capture: the groups' bodies (exact group sizes) and the batch's
-    upsampler and tail are replays; output, bits and groups equal the eager engine's."""
+    """EntropyOnly with the fake capture: the groups' integer blocks (padded buckets) and the
+    batch's upsampler and tail (exact size) are replays; output, bits and groups equal the eager
+    engine's."""
     from gdq_engine import Engine
+    from gdq_engine.runtime.graphs import graph_batch
 
     flat, ramp = torch.full((3, 8, 8), 0.5), torch.linspace(0, 1, 8).expand(3, 8, 8)
     calib = torch.stack([flat, ramp * 0.3 + 0.2, *random_image(8, 8, n=4, seed=1)])
     kw = dict(policy="entropy", bits=(2, 4, 8), calib=calib, patch_size=8, stride=8, device="cpu",
               backend="reference")
     eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
-    graphed.network_graphs = FakeGraphs(what="the network")
+    graphed.network_graphs, graphed.int_body.graphs = FakeGraphs(what="the network"), FakeGraphs()
     lr = torch.cat([torch.cat([flat, ramp], 2), random_image(8, 16, seed=3)], 1)  # 4 patches, mixed
     for _ in range(3):
         got, rep = graphed.upscale(lr, return_report=True)
         want, rep_want = eager.upscale(lr, return_report=True)
         assert torch.equal(got, want) and rep.bits == rep_want.bits and rep.groups == rep_want.groups
     assert len(rep.groups) >= 2
-    tags = sorted(map(str, (k[0] for k in graphed.network_graphs.keys())))
-    assert tags == sorted(map(str, ["tail", *(("body", b) for b, _ in rep.groups)]))
-    sizes = {k[0]: k[1][0][0][0] for k in graphed.network_graphs.keys()}
-    assert sizes["tail"] == 4 and all(sizes[("body", b)] == n for b, n in rep.groups)
+    assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [("tail", 4)]
+    body_keys = sorted((k[0], k[1][0][0][0]) for k in graphed.int_body.graphs.keys())
+    assert body_keys == sorted((b, graph_batch(n)) for b, n in rep.groups)
 
 
 def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():

@@ -78,10 +78,10 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         policy: a patch-wise policy (``assign``: one bit-width per patch, patches grouped by it) or
             a layer-wise one (``layerwise = True``, e.g. CADyQ: regrouped before every conv).
         x: (P,3,h,w) float32 patches in [0,1].
-        graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a patch-wise policy's
-            per-group body (integer blocks, body end, skip) and the whole batch's upsampler and
-            tail then run as graph replays of their exact shapes, so the FP layers see the same
-            batch sizes, and give the same values, as without graphs.
+        graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a static policy's whole
+            network, or a patch-wise policy's upsampler and tail (after the groups' bodies, which
+            ``body`` may replay itself), then run as graph replays keyed on the exact batch size,
+            so the FP convs see the batch sizes, and give the values, they do without graphs.
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -91,7 +91,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
 
     if isinstance(policy, Static):  # one bit-width: nothing to assign or group
         b = policy.bits[0]
-        return forward_static(model, body, b, x, dtype), torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
+        y = (forward_static(model, body, b, x, dtype) if graphs is None
+             else graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False))
+        return y, torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
     xn = model.normalize(x.to(dtype))
     feat = model.head(xn)
     if getattr(policy, "layerwise", False):
@@ -111,13 +113,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         # Bits on the host once: grouping needs them there, and the report reads them without
         # waiting for the body (a CPU tensor's .tolist() is no device sync).
         assigned = policy.assign(x, feat).cpu()
-        def group(f, b):
-            # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
-            def rest(g):
-                return model.forward_body(g, run_blocks=lambda h: body(h, b).to(h.dtype))
-            return rest(f) if graphs is None else graphs(("body", b), f, rest, pad=False)
-
-        out, groups = run_grouped(assigned, feat, group)
+        # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
+        out, groups = run_grouped(
+            assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
         bits = assigned.float()
         if graphs is not None:
             return graphs("tail", (out, xn), lambda o, xg: _output(model, o, xg), pad=False), bits, groups
