@@ -42,18 +42,15 @@ class GraphCache:
     and so round differently, for another batch size (cuDNN, oneDNN). The first call of
     a key runs ``fn`` eagerly (which also compiles and autotunes kernels and lets cuDNN pick
     algorithms); the second captures a graph on zero-filled inputs of the bucket's size; later
-    calls copy the inputs in, replay, and return the first N outputs: a copy, or with
-    ``copy=False`` a view of the graph's own buffer, valid until the next replay of any graph of
-    this cache (the graphs share a memory pool), for a caller that consumes it at once. ``fn``
-    must treat the N items independently, so padding never changes a real item's result, and must
-    not synchronise with the host.
+    calls copy the inputs in, replay, and return a copy of the first N outputs. ``fn`` must treat
+    the N items independently, so padding never changes a real item's result, and must not
+    synchronise with the host.
 
     ``fn`` is captured with whatever buffers it allocates; code it calls that keeps buffers across
     calls should take fresh ones while :func:`capturing` (a buffer dropped later would be reused by
     other tensors while the graph still writes it). All graphs share one memory pool: they replay
     one at a time on one stream, and a later capture may place its buffers, its output included,
-    where an earlier graph keeps intermediates; so results are copied out (or consumed) before the
-    next replay.
+    where an earlier graph keeps intermediates; so results are copied out before the next replay.
 
     Calls on CPU tensors, calls made while another graph is being captured (``fn`` then becomes
     part of that graph) and calls after a capture failed run ``fn`` eagerly. A failed capture
@@ -78,7 +75,7 @@ class GraphCache:
         return self.enabled and x.is_cuda and not capturing(x)
 
     def __call__(self, tag: Hashable, x: torch.Tensor | tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
-                 copy: bool = True, pad: bool = True) -> torch.Tensor:
+                 pad: bool = True) -> torch.Tensor:
         inputs = x if isinstance(x, tuple) else (x,)
         if not self._eligible(inputs[0]):
             return fn(*inputs)
@@ -102,7 +99,7 @@ class GraphCache:
         for static, t in zip(static_ins, inputs):
             static[:n].copy_(t)
         replay()
-        return static_out[:n].clone() if copy else static_out[:n]
+        return static_out[:n].clone()
 
     def _capture(self, key: tuple, fn) -> tuple | None:
         static_ins = []
