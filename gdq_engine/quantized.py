@@ -20,6 +20,7 @@ from torch import nn
 from .models.checkpoints import CheckpointError, atomic_torch_save, build_model
 from .policy import BitPolicy, CADyQ, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
+from .runtime.intgraph import CONTAINERS
 
 QUANTIZED_FORMAT = "gdq_engine-quantized"
 DEFAULT_CALIB_PATCH = 96  # the papers' inference patch side: entropy thresholds are fitted at it
@@ -390,7 +391,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "cpp" if device.type == "cpu" and cpu_ops.has_vnni() else "reference"
 
 
-CONTAINER_CHOICES = ("auto", "packed", "bytes")
+CONTAINER_CHOICES = ("auto", *CONTAINERS)
 
 
 def resolve_containers(containers: str, backend: str, device: torch.device) -> str:

@@ -218,11 +218,6 @@ class IntegerBody:
             return self.graphs(bits, feat, lambda f: self._run(f, bits))
         return self._run(feat, bits)
 
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether CUDA tensors run as graph replays (False after a capture failed)."""
-        return self.graphs is not None and self.graphs.enabled
-
     def run_layerwise(self, feat: torch.Tensor, policy, grads: torch.Tensor):
         """CADyQ-style run: ``policy.select(layer, x, grads)`` picks each patch's bits before every
         quantized conv, and the patches are regrouped per conv.
