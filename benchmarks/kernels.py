@@ -10,13 +10,17 @@ the body runs it: residual updated in place and the next block's packed codes wr
 ``conv1 bytes`` / ``conv2 bytes`` (a4, a2; w8): the same codes one per byte, as the engine runs
 them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kernel.
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
-in fp16 as the x4 integer tail's last stage runs it. Baseline: torch fp16 NHWC conv
+in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` (a8 w8 conv1, conv2, upsampler):
+the A/B pair of the weight layout, the same convs with the weights N-contiguous as they were
+prepared before 2026-11-26 (tiles then went through registers into shared memory every K step;
+docs/kernels.md). Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
-plain launches, host overhead included). Writes kernels-<device>-<date>.json; prints a table last.
+plain launches, host overhead included). Writes kernels-<device>-<date>.json after every row (a
+run cut short keeps its rows; ``complete`` says whether all ran); prints a table last.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,9 +136,10 @@ def main(argv=None) -> int:
                 "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
-    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False) -> dict:
+    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, n_major: bool = False) -> dict:
         signed = kind == "conv1"
-        cuda_run = kind != "conv2+next" and not one_per_byte  # the CUDA op has no fused next-codes output
+        # the CUDA op has no fused next-codes output; the A/B rows of the weight layout time Triton only
+        cuda_run = kind != "conv2+next" and not one_per_byte and not n_major
         cont = 8 if one_per_byte else container_bits(a_bits)  # bits per stored code
         hi_w = (1 << (w_bits - 1)) - 1
         w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
         bias = torch.randn(64, device=dev, generator=g) * 0.01
         lo, hi = code_range(a_bits, signed)
         prep = tk.prepare_conv_weight(w, cont)
+        if n_major:
+            prep = replace(prep, w=prep.w.contiguous())
         in_bytes = m * c * cont // 8
         xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g),
                                          cont), in_bytes)
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
-        name = f"{kind} bytes" if one_per_byte else kind
+        name = f"{kind} bytes" if one_per_byte else f"{kind} N-major w" if n_major else kind
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
     def cuda_us(w, xs, run) -> float | None:
@@ -172,34 +180,54 @@ def main(argv=None) -> int:
         return time_rotating(lambda x: run(x, wp), xs) * 1e3
 
     base = {64: cudnn_us(64), 256: cudnn_us(256)}
-    rows = [conv_case(kind, a_bits, w_bits) for a_bits in (8, 4, 2) for w_bits in (8, 4, 2)
-            for kind in ("conv1", "conv2")]
-    rows += [conv_case("conv2+next", a_bits, 8) for a_bits in (8, 4, 2)]
-    rows += [conv_case(kind, a_bits, 8, one_per_byte=True) for a_bits in (4, 2) for kind in ("conv1", "conv2")]
-    # Upsampler conv 64 -> 256, 8-bit codes in, fp32 out.
-    w = torch.randint(-127, 128, (256, c, 3, 3), device=dev, generator=g).to(torch.int8)
-    prep = tk.prepare_conv_weight(w, 8)
-    xs = rotating(lambda: torch.randint(0, 256, (n, hw, hw, c), device=dev, generator=g, dtype=torch.uint8),
-                  m * c)
-    out = torch.empty(n, hw, hw, 256, device=dev)
+    # Upsampler conv 64 -> 256, 8-bit codes in.
+    w_up = torch.randint(-127, 128, (256, c, 3, 3), device=dev, generator=g).to(torch.int8)
+    prep_up = tk.prepare_conv_weight(w_up, 8)
+    xs_up = rotating(lambda: torch.randint(0, 256, (n, hw, hw, c), device=dev, generator=g, dtype=torch.uint8),
+                     m * c)
     ones, zeros = torch.ones(256, device=dev), torch.zeros(256, device=dev)
-    t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs) * 1e3
-    macs = m * 9 * c * 256
-    rows.append(timed_row("upsampler", 256, 8, 8, t, macs, m * c + out.numel() * 4,
-                          cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones, zeros))))
-    # The x4 tail's last stage: the same conv storing its result pixel-shuffled in fp16 (N, 2h, 2w, 64).
-    out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
-    small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-    t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, small, zeros, shuffle=2, out_dtype=torch.float16,
-                                                  out=out16), xs) * 1e3
-    rows.append(timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs, m * c + out16.numel() * 2, None))
-    best = {}
-    for key, cfg in tk._tuned_conv.cache.items():
-        best[str(key)] = str(cfg)
-    payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
-               "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
-               "autotune_choices": best}
-    path = write_results("kernels", payload, args.out)
+    macs_up = m * 9 * c * 256
+
+    def upsampler(n_major: bool = False) -> dict:
+        """fp32 out; ``n_major``: the weights in the layout before 2026-11-26 (N-contiguous)."""
+        prep = replace(prep_up, w=prep_up.w.contiguous()) if n_major else prep_up
+        out = torch.empty(n, hw, hw, 256, device=dev)
+        t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
+        cuda = None if n_major else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
+                                                                                                 zeros))
+        return timed_row("upsampler N-major w" if n_major else "upsampler", 256, 8, 8, t, macs_up,
+                         m * c + out.numel() * 4, cuda)
+
+    def upsampler_shuffled_fp16() -> dict:
+        """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64)."""
+        out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
+        small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
+        t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up, small, zeros, shuffle=2,
+                                                      out_dtype=torch.float16, out=out16), xs_up) * 1e3
+        return timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs_up, m * c + out16.numel() * 2, None)
+
+    # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
+    # limit keeps what it timed): the 8-bit convs as the engine runs them, the upsampler, the weight
+    # layout's A/B pair, one code per byte (the GPU default for a4/a2), then every bit pair packed.
+    cases = [lambda: conv_case("conv1", 8, 8), lambda: conv_case("conv2", 8, 8), lambda: conv_case("conv2+next", 8, 8),
+             upsampler, upsampler_shuffled_fp16,
+             lambda: conv_case("conv1", 8, 8, n_major=True), lambda: conv_case("conv2", 8, 8, n_major=True),
+             lambda: upsampler(n_major=True)]
+    cases += [lambda a=a, k=k: conv_case(k, a, 8, one_per_byte=True) for a in (4, 2) for k in ("conv1", "conv2")]
+    cases += [lambda a=a: conv_case("conv2+next", a, 8) for a in (4, 2)]
+    cases += [lambda a=a, w=w, k=k: conv_case(k, a, w) for a in (8, 4, 2) for w in (8, 4, 2)
+              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
+    rows = []
+
+    def payload() -> dict:
+        best = {str(key): str(cfg) for key, cfg in tk._tuned_conv.cache.items()}
+        return {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
+                "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
+                "complete": len(rows) == len(cases), "autotune_choices": best}
+
+    for case in cases:
+        rows.append(case())
+        path = write_results("kernels", payload(), args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
     print(f"{'conv':23} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "

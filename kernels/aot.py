@@ -93,7 +93,10 @@ def _launch_of(kernel, args: tuple, kwargs: dict) -> Launch:
     runtime = [n for n in names if n not in kwargs]
     if len(runtime) != len(args):
         raise ValueError(f"{kernel.__name__}: {len(args)} positional arguments for {runtime}")
-    return Launch(kernel.__name__, tuple((n, _arg_type(a)) for n, a in zip(runtime, args)),
+    # Triton's launcher specialises an integer argument equal to 1 to a constant (the prepared
+    # weight's unit stride, for one), so the variant has it as a constexpr too.
+    consts.update({n: 1 for n, a in zip(runtime, args) if type(a) is int and a == 1})
+    return Launch(kernel.__name__, tuple((n, _arg_type(a)) for n, a in zip(runtime, args) if n not in consts),
                   tuple((n, consts[n]) for n in names if n in consts))
 
 
@@ -216,7 +219,10 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     Returns a dict: ``kernel``, ``variant``, ``config``, ``arch``, ``registers`` (per thread),
     ``local_bytes`` (spills and stack frame: cuobjdump's LOCAL + STACK; None without cuobjdump),
     ``shared_bytes`` (Triton's allocation), ``mma`` (MMA instructions in the PTX),
-    ``fma_f32`` (fused fp32 multiply-adds in the PTX) and ``seconds`` (compile time).
+    ``mma_a_shared`` (sm_90: wgmmas reading A from shared memory by descriptor, not from
+    registers), ``byte_stores_shared`` (single-byte stores to shared memory: a tile staged through
+    registers one byte at a time), ``fma_f32`` (fused fp32 multiply-adds in the PTX) and
+    ``seconds`` (compile time).
     """
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels by the interpreter: compile in a process "
@@ -245,6 +251,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
                 shared_bytes=int(compiled.metadata.shared), mma=len(re.findall(pattern, ptx)),
+                mma_a_shared=len(re.findall(pattern + r"\s*\{[^}]*\},\s*%rd", ptx)) if arch >= 90 else 0,
+                byte_stores_shared=len(re.findall(r"\bst\.shared\.[bsu]8\b", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), seconds=round(seconds, 2))
 
 

@@ -24,7 +24,7 @@ def _unpack_group(raw, GROUP: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.const
     """uint8 tile of packed bytes -> int8 codes of channel group ``GROUP`` (8-bit lane arithmetic)."""
     if BITS == 8:
         if SIGNED:
-            v = raw.to(tl.int8, bitcast=True)
+            v = raw if raw.dtype == tl.int8 else raw.to(tl.int8, bitcast=True)
         else:  # unsigned 0..255 -> code - 128, which fits int8 (the epilogue adds 128 * sum(w) back)
             v = (raw ^ 0x80).to(tl.int8, bitcast=True)
     else:
@@ -72,7 +72,7 @@ def _to_out_dtype(y, DTYPE: tl.constexpr):
 @triton.jit
 def _packed_conv3x3_kernel(
     x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
-    M, H, W, COUT, res_scale, inv_s_out, inv_s_next,
+    M, H, W, COUT, stride_wg, stride_wk, stride_wn, res_scale, inv_s_out, inv_s_next,
     C: tl.constexpr, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
@@ -88,6 +88,12 @@ def _packed_conv3x3_kernel(
     * ``SHUFFLE == r > 1``: stored pixel-shuffled, (N, rH, rW, COUT / r^2), output channels read
       sub-pixel major (channel (i*r + j) * COUT/r^2 + c goes to sub-pixel (i, j), channel c);
       fp outputs or 8-bit codes.
+
+    Weight element (group i, packed row k, output channel o) is at ``w_ptr + i*stride_wg +
+    k*stride_wk + o*stride_wn``. The prepared layout is K-contiguous (``stride_wk == 1``, which
+    Triton specialises to a constant): wgmma takes 8-bit B operands K-major only, so such tiles go
+    to shared memory by cp.async as they are, pipelined; N-contiguous tiles were loaded into
+    registers and stored transposed, byte by byte, every K step.
     """
     GROUPS: tl.constexpr = 8 // A_BITS
     CP: tl.constexpr = C // GROUPS  # packed bytes per pixel
@@ -138,11 +144,15 @@ def _packed_conv3x3_kernel(
             xx = px[:, None] + dx
             a_ok = m_ok[:, None] & (tap < 9)[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             a_off = (offs_m[:, None] + dy * W + dx) * CP + (kk % CP)[None, :]
-        raw = tl.load(x_ptr + a_off, mask=a_ok, other=0)
+        if A_BITS == 8 and A_SIGNED:  # loaded as int8, the tile is the MMA operand as it is: it can stay in
+            raw = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + a_off, mask=a_ok, other=0)  # shared memory
+        else:
+            raw = tl.load(x_ptr + a_off, mask=a_ok, other=0)
         w_ok = (kk < KK)[:, None] & n_ok[None, :]
+        w_off = kk[:, None] * stride_wk + offs_n[None, :] * stride_wn
         for i in tl.static_range(GROUPS):
             a = _unpack_group(raw, i, A_BITS, A_SIGNED)
-            w = tl.load(w_ptr + (i * KK + kk)[:, None] * COUT + offs_n[None, :], mask=w_ok, other=0)
+            w = tl.load(w_ptr + i * stride_wg + w_off, mask=w_ok, other=0)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
     if A_BITS == 8 and not A_SIGNED:

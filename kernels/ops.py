@@ -41,8 +41,10 @@ def fixed_config(block_n: int) -> triton.Config:
     return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8 if block_n >= 128 else 4, num_stages=3)
 
 
-_tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES",
-                                                  "NEXT_BITS", "SHUFFLE", "BLOCK_N"])(_packed_conv3x3_kernel)
+# stride_wk: the prepared K-contiguous weights (1) and benchmarks/kernels.py's N-contiguous A/B rows
+# are different specialisations, each tuned for itself.
+_tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES", "NEXT_BITS",
+                                                  "SHUFFLE", "BLOCK_N", "stride_wk"])(_packed_conv3x3_kernel)
 
 # Capabilities the runtime looks for (as on the C++ CPU backend, gdq_engine/ops/cpu_ops.py):
 # packed_conv3x3 and quantize_pack take out= buffers (the conv's may be its residual, updated in
@@ -68,6 +70,8 @@ class PreparedWeight:
 
     ``w``: (groups, 9 * C * a_bits / 8, Cout) int8 with ``groups = 8 // a_bits``; row
     ``tap * CP + j`` of group ``i`` holds input channel ``j + i * CP`` of tap ``ky * 3 + kx``.
+    K-contiguous in memory (a transposed view of (groups, Cout, 9 * CP)): the kernel's weight
+    tiles are then wgmma's K-major B operands as they are (``_packed_conv3x3_kernel``).
     ``wsum``: (Cout,) int32, the sum of each output channel's codes (for 8-bit unsigned inputs).
     """
 
@@ -96,8 +100,9 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
     bits = container_bits(a_bits)
     groups = 8 // bits
     cp = cin // groups
-    w = w_codes.permute(2, 3, 1, 0).reshape(9, groups, cp, cout).permute(1, 0, 2, 3).reshape(groups, 9 * cp, cout)
-    return PreparedWeight(w.contiguous(), w_codes.sum((1, 2, 3), dtype=torch.int32).contiguous(), bits, cin, cout)
+    w = w_codes.permute(0, 2, 3, 1).reshape(cout, 9, groups, cp).permute(2, 0, 1, 3).reshape(groups, cout, 9 * cp)
+    return PreparedWeight(w.contiguous().transpose(1, 2), w_codes.sum((1, 2, 3), dtype=torch.int32).contiguous(),
+                          bits, cin, cout)
 
 
 def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
@@ -204,7 +209,7 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
     next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
-            next_out if next_out is not None else out, m, h, w_, cout, res_scale, inv_s, next_inv_s)
+            next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, BLOCK_N=block_n)

@@ -126,11 +126,13 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     (path,) = tmp_path.glob("kernels-*.json")
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
-    want = [(k, a, w, {8: 8, 4: 4, 2: 2}[a]) for a in (8, 4, 2) for w in (8, 4, 2) for k in ("conv1", "conv2")]
-    want += [("conv2+next", a, 8, a) for a in (8, 4, 2)]
+    want = [("conv1", 8, 8, 8), ("conv2", 8, 8, 8), ("conv2+next", 8, 8, 8), ("upsampler", 8, 8, 8),
+            ("upsampler shuffled fp16", 8, 8, 8), ("conv1 N-major w", 8, 8, 8), ("conv2 N-major w", 8, 8, 8),
+            ("upsampler N-major w", 8, 8, 8)]
     want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
-    want += [("upsampler", 8, 8, 8), ("upsampler shuffled fp16", 8, 8, 8)]
-    assert got == want and data["timing"] == "smoke"
+    want += [("conv2+next", a, 8, a) for a in (4, 2)]
+    want += [(k, a, w, a) for a in (8, 4, 2) for w in (8, 4, 2) for k in ("conv1", "conv2") if (a, w) != (8, 8)]
+    assert got == want and data["timing"] == "smoke" and data["complete"]
     assert all(r["us"] > 0 and r["floor_us"] > 0 and r["cuda_us"] is None for r in data["rows"])
 
 

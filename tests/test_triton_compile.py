@@ -85,4 +85,11 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0 and r["registers"] <= 255
         if r["kernel"] == CONV:
             assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 on sm_80
+        if r["kernel"] == CONV and r["arch"] == 90 and " A_BITS=8 " in r["variant"]:
+            # Operands reach the wgmmas through shared memory as loaded: the K-contiguous weights need
+            # no byte-wise transposition through registers (the N-contiguous layout made 16 byte
+            # stores per thread per K step), and signed 8-bit codes are A operands as they are.
+            assert r["byte_stores_shared"] == 0, r
+            if " A_SIGNED=1 " in r["variant"]:
+                assert r["mma_a_shared"] == r["mma"], r
     assert {r["arch"] for r in reports} == {80, 90}

@@ -52,6 +52,29 @@ def test_int32_sums_equal_reference(a_bits, signed, w_bits):
     assert torch.equal(want, ref.conv3x3_int(x, wt).float())
 
 
+@pytest.mark.parametrize("a_bits,signed", [(8, True), (8, False), (4, True), (2, False)])
+def test_any_weight_layout_gives_the_same_sums(a_bits, signed):
+    """Prepared weights are K-contiguous (wgmma's 8-bit B operands are K-major); the kernel reads
+    them through strides, so the old N-contiguous layout (benchmarks/kernels.py's A/B rows) and a
+    layout with no unit stride give the reference's sums too."""
+    g = gen()
+    x = rand_codes((2, 5, 9, 64), a_bits, signed, g)
+    wt = rand_weights(128, 64, 8, g)
+    prep = tk.prepare_conv_weight(wt, a_bits)
+    groups = 8 // container_bits(a_bits)
+    assert prep.w.shape == (groups, 9 * 64 // groups, 128) and prep.w.stride(1) == 1
+    spread = torch.zeros(*prep.w.shape, 2, dtype=torch.int8)  # every element 2 bytes from the next: no unit stride
+    spread[..., 0] = prep.w
+    want = ref.packed_conv3x3(pack_codes(x, container_bits(a_bits)), a_bits, signed, wt, torch.ones(128),
+                              torch.zeros(128))
+    for w in (prep.w.contiguous(), spread[..., 0]):
+        layout = tk.PreparedWeight(w.to(DEV), prep.wsum, prep.a_bits, 64, 128)
+        got = tk.packed_conv3x3(pack_codes(x, container_bits(a_bits)).to(DEV), a_bits, signed, layout,
+                                torch.ones(128).to(DEV), torch.zeros(128).to(DEV),
+                                out=torch.full((2, 5, 9, 128), float("nan"), device=DEV))
+        assert torch.equal(got.cpu(), want), w.stride()
+
+
 @pytest.mark.parametrize("a_bits", [8, 4, 2])
 @pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (2, False), (4, True), (6, False)])
 def test_relu_requantize_pack_epilogue(a_bits, o_bits, o_signed):
