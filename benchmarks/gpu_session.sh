@@ -21,6 +21,10 @@ OUT=${OUT:-/tmp/gdq_gpu}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1
+# Triton keeps autotuning results on disk, so later steps reuse what earlier ones tuned (same kernel
+# source, configs and tuning key): kernels.py takes latency.py's 1080p picks, and the 720p/4K run
+# uses them too instead of tuning again at its first frame size. The machine is fresh every session.
+export TRITON_CACHE_AUTOTUNING=1
 PY=python  # `python -m pip`: a bare `pip` on the device machine may belong to another interpreter
 
 step() {  # step NAME SECONDS COMMAND...
