@@ -10,10 +10,9 @@ the body runs it: residual updated in place and the next block's packed codes wr
 ``conv1 bytes`` / ``conv2 bytes`` (a4, a2; w8): the same codes one per byte, as the engine runs
 them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kernel.
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
-in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` (a8 w8 conv1, conv2, upsampler):
-the A/B pair of the weight layout, the same convs with the weights N-contiguous as they were
-prepared before 2026-11-26 (tiles then went through registers into shared memory every K step;
-docs/kernels.md). Baseline: torch fp16 NHWC conv
+in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` and ``... L1 A`` (a8 w8
+conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
+one thing changed. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
@@ -36,6 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measure_gpu_peaks, write_results  # noqa: E402
+
+# A/B rows of the a8 w8 conv1, conv2 and the upsampler, each on the autotuner's tile config for
+# the row before it: "N-major w" has the weights N-contiguous, as prepared before 2026-11-26 (each
+# tile then went through registers into shared memory every K step); "L1 A" loads the activation
+# tiles by 8-byte cp.async.ca, through L1, instead of 16-byte cp.async.cg (docs/kernels.md).
+AB_ROWS = ("N-major w", "L1 A")
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:
@@ -136,10 +141,11 @@ def main(argv=None) -> int:
                 "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
-    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, n_major: bool = False) -> dict:
+    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "") -> dict:
+        """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS)."""
         signed = kind == "conv1"
-        # the CUDA op has no fused next-codes output; the A/B rows of the weight layout time Triton only
-        cuda_run = kind != "conv2+next" and not one_per_byte and not n_major
+        # the CUDA op has no fused next-codes output; the A/B rows time Triton only
+        cuda_run = kind != "conv2+next" and not one_per_byte and not variant
         cont = 8 if one_per_byte else container_bits(a_bits)  # bits per stored code
         hi_w = (1 << (w_bits - 1)) - 1
         w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
         bias = torch.randn(64, device=dev, generator=g) * 0.01
         lo, hi = code_range(a_bits, signed)
         prep = tk.prepare_conv_weight(w, cont)
-        if n_major:
+        if variant == "N-major w":
             prep = replace(prep, w=prep.w.contiguous())
         in_bytes = m * c * cont // 8
         xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g),
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
-        name = f"{kind} bytes" if one_per_byte else f"{kind} N-major w" if n_major else kind
+        name = f"{kind} bytes" if one_per_byte else f"{kind} {variant}" if variant else kind
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
     def cuda_us(w, xs, run) -> float | None:
@@ -188,14 +194,14 @@ def main(argv=None) -> int:
     ones, zeros = torch.ones(256, device=dev), torch.zeros(256, device=dev)
     macs_up = m * 9 * c * 256
 
-    def upsampler(n_major: bool = False) -> dict:
-        """fp32 out; ``n_major``: the weights in the layout before 2026-11-26 (N-contiguous)."""
-        prep = replace(prep_up, w=prep_up.w.contiguous()) if n_major else prep_up
+    def upsampler(variant: str = "") -> dict:
+        """fp32 out; ``variant``: an A/B row (AB_ROWS)."""
+        prep = replace(prep_up, w=prep_up.w.contiguous()) if variant == "N-major w" else prep_up
         out = torch.empty(n, hw, hw, 256, device=dev)
         t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
-        cuda = None if n_major else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
-                                                                                                 zeros))
-        return timed_row("upsampler N-major w" if n_major else "upsampler", 256, 8, 8, t, macs_up,
+        cuda = None if variant else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
+                                                                                                zeros))
+        return timed_row(f"upsampler {variant}" if variant else "upsampler", 256, 8, 8, t, macs_up,
                          m * c + out.numel() * 4, cuda)
 
     def upsampler_shuffled_fp16() -> dict:
@@ -206,27 +212,41 @@ def main(argv=None) -> int:
                                                       out_dtype=torch.float16, out=out16), xs_up) * 1e3
         return timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs_up, m * c + out16.numel() * 2, None)
 
+    def ab_row(base: dict, variant: str) -> dict:
+        """``base``'s conv again with one thing changed (AB_ROWS), on the tile config the autotuner
+        picked for ``base`` (the last launch's), so only that thing differs."""
+        config = None if args.smoke else tk._tuned_conv.best_config
+        with tk.launch_options(config=config, a_l1=variant == "L1 A"):
+            row = upsampler(variant) if base["conv"] == "upsampler" else conv_case(base["conv"], 8, 8, variant=variant)
+        row["config"] = None if config is None else str(config)
+        return row
+
+    def with_ab_rows(run_base) -> list[dict]:
+        base = run_base()
+        return [base] + [ab_row(base, variant) for variant in AB_ROWS]
+
     # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
-    # limit keeps what it timed): the 8-bit convs as the engine runs them, the upsampler, the weight
-    # layout's A/B pair, one code per byte (the GPU default for a4/a2), then every bit pair packed.
-    cases = [lambda: conv_case("conv1", 8, 8), lambda: conv_case("conv2", 8, 8), lambda: conv_case("conv2+next", 8, 8),
-             upsampler, upsampler_shuffled_fp16,
-             lambda: conv_case("conv1", 8, 8, n_major=True), lambda: conv_case("conv2", 8, 8, n_major=True),
-             lambda: upsampler(n_major=True)]
-    cases += [lambda a=a, k=k: conv_case(k, a, 8, one_per_byte=True) for a in (4, 2) for k in ("conv1", "conv2")]
+    # limit keeps what it timed): the 8-bit convs as the engine runs them, each followed by its A/B
+    # rows, the upsampler, one code per byte (the GPU default for a4/a2), then every bit pair packed.
+    groups = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),
+              lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
+              lambda: [conv_case("conv2+next", 8, 8)], lambda: with_ab_rows(upsampler),
+              lambda: [upsampler_shuffled_fp16()]]
+    cases = [lambda a=a, k=k: conv_case(k, a, 8, one_per_byte=True) for a in (4, 2) for k in ("conv1", "conv2")]
     cases += [lambda a=a: conv_case("conv2+next", a, 8) for a in (4, 2)]
     cases += [lambda a=a, w=w, k=k: conv_case(k, a, w) for a in (8, 4, 2) for w in (8, 4, 2)
               for k in ("conv1", "conv2") if (a, w) != (8, 8)]
-    rows = []
+    rows, done = [], 0
 
     def payload() -> dict:
         best = {str(key): str(cfg) for key, cfg in tk._tuned_conv.cache.items()}
         return {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                 "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
-                "complete": len(rows) == len(cases), "autotune_choices": best}
+                "complete": done == len(groups) + len(cases), "autotune_choices": best}
 
-    for case in cases:
-        rows.append(case())
+    for run in [*groups, *(lambda case=case: [case()] for case in cases)]:
+        rows.extend(run())
+        done += 1
         path = write_results("kernels", payload(), args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")

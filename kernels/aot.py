@@ -221,7 +221,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     ``shared_bytes`` (Triton's allocation), ``mma`` (MMA instructions in the PTX),
     ``mma_a_shared`` (sm_90: wgmmas reading A from shared memory by descriptor, not from
     registers), ``byte_stores_shared`` (single-byte stores to shared memory: a tile staged through
-    registers one byte at a time), ``fma_f32`` (fused fp32 multiply-adds in the PTX) and
+    registers one byte at a time), ``copies_l1`` (``cp.async.ca``: asynchronous copies cached in
+    L1; ``.cg`` ones bypass it), ``fma_f32`` (fused fp32 multiply-adds in the PTX) and
     ``seconds`` (compile time).
     """
     if interpreting():
@@ -253,6 +254,7 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 shared_bytes=int(compiled.metadata.shared), mma=len(re.findall(pattern, ptx)),
                 mma_a_shared=len(re.findall(pattern + r"\s*\{[^}]*\},\s*%rd", ptx)) if arch >= 90 else 0,
                 byte_stores_shared=len(re.findall(r"\bst\.shared\.[bsu]8\b", ptx)),
+                copies_l1=len(re.findall(r"\bcp\.async\.ca\.shared\.global", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), seconds=round(seconds, 2))
 
 

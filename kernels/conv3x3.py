@@ -77,7 +77,7 @@ def _packed_conv3x3_kernel(
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_L1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 
@@ -94,6 +94,11 @@ def _packed_conv3x3_kernel(
     Triton specialises to a constant): wgmma takes 8-bit B operands K-major only, so such tiles go
     to shared memory by cp.async as they are, pipelined; N-contiguous tiles were loaded into
     registers and stored transposed, byte by byte, every K step.
+
+    ``A_L1`` (K steps inside one tap): activation tiles come by 8-byte ``cp.async.ca``, which
+    caches in L1, instead of 16-byte ``cp.async.cg``, which bypasses it (the only cache mode of a
+    16-byte copy in Triton 3.6). The 9 taps of a tile read mostly the same input bytes, so with L1
+    most of them need not come from L2 again; the price is twice the copy instructions.
     """
     GROUPS: tl.constexpr = 8 // A_BITS
     CP: tl.constexpr = C // GROUPS  # packed bytes per pixel
@@ -121,8 +126,9 @@ def _packed_conv3x3_kernel(
             dy = tap // 3 - 1
             dx = tap % 3 - 1
             ok = m_ok & (py + dy >= 0) & (py + dy < H) & (px + dx >= 0) & (px + dx < W)
-            row = tl.multiple_of((offs_m + dy * W + dx) * CP, 16)
-            col = tl.max_contiguous(tl.multiple_of((step * BLOCK_K) % CP + kr, BLOCK_K), BLOCK_K)
+            VEC: tl.constexpr = 8 if A_L1 else BLOCK_K  # contiguity the copies may use
+            row = tl.multiple_of((offs_m + dy * W + dx) * CP, 8 if A_L1 else 16)
+            col = tl.max_contiguous(tl.multiple_of((step * BLOCK_K) % CP + kr, VEC), VEC)
             a_off = row[:, None] + col[None, :]
             a_ok = ok[:, None]
         elif MODE == 2:
@@ -144,10 +150,12 @@ def _packed_conv3x3_kernel(
             xx = px[:, None] + dx
             a_ok = m_ok[:, None] & (tap < 9)[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             a_off = (offs_m[:, None] + dy * W + dx) * CP + (kk % CP)[None, :]
-        if A_BITS == 8 and A_SIGNED:  # loaded as int8, the tile is the MMA operand as it is: it can stay in
-            raw = tl.load(x_ptr.to(tl.pointer_type(tl.int8)) + a_off, mask=a_ok, other=0)  # shared memory
+        # Signed 8-bit codes loaded as int8 are the MMA operand as they are: the tile can stay in shared memory.
+        a_ptr = x_ptr.to(tl.pointer_type(tl.int8)) if A_BITS == 8 and A_SIGNED else x_ptr
+        if A_L1 and MODE == 1:
+            raw = tl.load(a_ptr + a_off, mask=a_ok, other=0, cache_modifier=".ca")
         else:
-            raw = tl.load(x_ptr + a_off, mask=a_ok, other=0)
+            raw = tl.load(a_ptr + a_off, mask=a_ok, other=0)
         w_ok = (kk < KK)[:, None] & n_ok[None, :]
         w_off = kk[:, None] * stride_wk + offs_n[None, :] * stride_wn
         for i in tl.static_range(GROUPS):

@@ -8,6 +8,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,32 @@ def fixed_config(block_n: int) -> triton.Config:
 # stride_wk: the prepared K-contiguous weights (1) and benchmarks/kernels.py's N-contiguous A/B rows
 # are different specialisations, each tuned for itself.
 _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES", "NEXT_BITS",
-                                                  "SHUFFLE", "BLOCK_N", "stride_wk"])(_packed_conv3x3_kernel)
+                                                  "SHUFFLE", "BLOCK_N", "stride_wk", "A_L1"])(_packed_conv3x3_kernel)
+
+
+@dataclass
+class LaunchOptions:
+    """How :func:`packed_conv3x3` launches the conv (benchmarks' A/B rows; the engine never sets them):
+    ``config``, a fixed tile config instead of autotuning (on CUDA); ``a_l1``, activation tiles
+    through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
+
+    config: triton.Config | None = None
+    a_l1: bool = False
+
+
+_options = LaunchOptions()
+
+
+@contextmanager
+def launch_options(config: triton.Config | None = None, a_l1: bool = False):
+    """Within the block, convs launch with these :class:`LaunchOptions` (not thread-safe: for
+    single-threaded benchmarks)."""
+    global _options
+    before, _options = _options, LaunchOptions(config, a_l1)
+    try:
+        yield
+    finally:
+        _options = before
 
 # Capabilities the runtime looks for (as on the C++ CPU backend, gdq_engine/ops/cpu_ops.py):
 # packed_conv3x3 and quantize_pack take out= buffers (the conv's may be its residual, updated in
@@ -212,12 +238,13 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
             next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
-                NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, BLOCK_N=block_n)
+                NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, A_L1=_options.a_l1,
+                BLOCK_N=block_n)
     if INTERPRET or out.device.type != "cuda":
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
         _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
-    elif not AUTOTUNE:
-        cfg = fixed_config(block_n)
+    elif not AUTOTUNE or _options.config is not None:
+        cfg = _options.config or fixed_config(block_n)
         grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))
         _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                                            num_stages=cfg.num_stages, **_COMPILE)

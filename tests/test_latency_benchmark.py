@@ -126,9 +126,9 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     (path,) = tmp_path.glob("kernels-*.json")
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
-    want = [("conv1", 8, 8, 8), ("conv2", 8, 8, 8), ("conv2+next", 8, 8, 8), ("upsampler", 8, 8, 8),
-            ("upsampler shuffled fp16", 8, 8, 8), ("conv1 N-major w", 8, 8, 8), ("conv2 N-major w", 8, 8, 8),
-            ("upsampler N-major w", 8, 8, 8)]
+    ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A")]
+    ab += ["conv2+next"] + [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
+    want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]]
     want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
     want += [("conv2+next", a, 8, a) for a in (4, 2)]
     want += [(k, a, w, a) for a in (8, 4, 2) for w in (8, 4, 2) for k in ("conv1", "conv2") if (a, w) != (8, 8)]

@@ -93,3 +93,25 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
             if " A_SIGNED=1 " in r["variant"]:
                 assert r["mma_a_shared"] == r["mma"], r
     assert {r["arch"] for r in reports} == {80, 90}
+
+
+
+def test_l1_activation_copies_compile_to_cached_copies_that_feed_the_mma_from_shared_memory(launches, tmp_path):
+    """``A_L1`` (benchmarks/kernels.py's "L1 A" rows), compiled for sm_90 with the fixed config (one
+    tap per K step): the a8 conv1's activation tiles come by ``cp.async.ca`` (cached in L1) and
+    still feed the wgmmas from shared memory. Without it every copy of that conv is ``.cg``."""
+    from dataclasses import asdict, replace
+
+    _, recorded = launches
+    conv1 = next(x for x in recorded if x.kernel == CONV and dict(x.constexprs)["A_BITS"] == 8
+                 and dict(x.constexprs)["A_SIGNED"] and dict(x.constexprs)["O_BITS"] == 8)
+    assert dict(conv1.constexprs)["A_L1"] is False
+    l1 = replace(conv1, constexprs=tuple((k, True if k == "A_L1" else v) for k, v in conv1.constexprs))
+    path, out = tmp_path / "launches.json", tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(conv1), asdict(l1)]))
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
+                          "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    plain, cached = json.loads(out.read_text())["reports"]
+    assert plain["copies_l1"] == 0 and cached["copies_l1"] > 0, (plain, cached)
+    assert cached["mma_a_shared"] == cached["mma"] > 0 and cached["byte_stores_shared"] == 0, cached

@@ -75,6 +75,29 @@ def test_any_weight_layout_gives_the_same_sums(a_bits, signed):
         assert torch.equal(got.cpu(), want), w.stride()
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_l1_cached_activation_loads_give_the_same_results(signed):
+    """``launch_options(a_l1=True)`` (kernels.py's "L1 A" rows: 8-byte L1-cached copies of the
+    activation tiles) changes how tiles are loaded, never a value: conv1's re-quantized codes and
+    conv2's residual sums equal the reference's. On a GPU it runs the fixed tile config, the
+    path the benchmark forces a config through."""
+    g = gen()
+    x = rand_codes((2, 7, 13, 64), 8, signed, g)
+    wt = rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g) * 0.1
+    kw = (dict(relu=True, out_quant=ActQuant(8, False, 0.02)) if signed
+          else dict(residual=torch.randn(2, 7, 13, 64, generator=g), res_scale=0.5))
+    config = tk.fixed_config(64) if DEV.type == "cuda" else None
+    with tk.launch_options(config=config, a_l1=True):
+        assert tk._options.a_l1
+        got, want = run_both(x, 8, signed, wt, mult, bias, **kw)
+    assert torch.equal(got, want)
+    assert tk._options == tk.LaunchOptions()  # restored
+    with pytest.raises(RuntimeError, match="inside"), tk.launch_options(a_l1=True):
+        raise RuntimeError("inside")
+    assert not tk._options.a_l1
+
+
 @pytest.mark.parametrize("a_bits", [8, 4, 2])
 @pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (2, False), (4, True), (6, False)])
 def test_relu_requantize_pack_epilogue(a_bits, o_bits, o_signed):
