@@ -215,7 +215,8 @@ def main(argv=None) -> int:
     def ab_row(base: dict, variant: str) -> dict:
         """``base``'s conv again with one thing changed (AB_ROWS), on the tile config the autotuner
         picked for ``base`` (the last launch's), so only that thing differs."""
-        config = None if args.smoke else tk._tuned_conv.best_config
+        # None: the interpreter (--smoke), or GDQ_TRITON_AUTOTUNE=0, where every row runs the fixed config
+        config = tk._tuned_conv.best_config if tk.AUTOTUNE and not args.smoke else None
         with tk.launch_options(config=config, a_l1=variant == "L1 A"):
             row = upsampler(variant) if base["conv"] == "upsampler" else conv_case(base["conv"], 8, 8, variant=variant)
         row["config"] = None if config is None else str(config)

@@ -95,7 +95,6 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
     assert {r["arch"] for r in reports} == {80, 90}
 
 
-
 def test_l1_activation_copies_compile_to_cached_copies_that_feed_the_mma_from_shared_memory(launches, tmp_path):
     """``A_L1`` (benchmarks/kernels.py's "L1 A" rows), compiled for sm_90 with the fixed config (one
     tap per K step): the a8 conv1's activation tiles come by ``cp.async.ca`` (cached in L1) and
