@@ -35,6 +35,8 @@ out bytes) / measured HBM bandwidth), peaks measured in the same run), ms per ou
 (linear scaling shows as a constant), FAB (mean over the patches of all frames), PSNR of the
 output vs the fp32 output (mean
 over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
+On GPU the JSON is also written after every row, ``"complete": false`` until the run ends, so a
+run cut short keeps the rows it timed.
 ``--profile METHOD`` also runs that row once per frame under torch.profiler and records its top
 ops (self time per frame: where the time goes).
 """
@@ -286,6 +288,15 @@ def main(argv=None) -> int:
     engines = {}
     rows, failures = [], []  # a row that raises is recorded and skipped: the other rows' numbers are kept
     bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows
+    workload = {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
+                "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90", "frames": [str(p) for p in paths],
+                "compile": compile_mode}
+
+    def add_speedups(size_rows: list[dict]) -> None:
+        for name in bases:
+            base = next((r["ms"] for r in size_rows if r["method"] == name), None)
+            for r in size_rows if base is not None else ():
+                r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
     for out_w, out_h in sizes:
         frames = [f.to(dev) for f in lr_frames(paths, out_h // args.scale, out_w // args.scale)]
         ref_outs, size_rows = None, []
@@ -326,22 +337,21 @@ def main(argv=None) -> int:
             size_rows.append(row)
             if args.gpu:
                 print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
+                # Rows so far, in case the run is cut short (a GPU session's step limit): the final
+                # write below replaces this one with "complete": true.
+                add_speedups(size_rows)
+                write_results("latency", {"workload": workload, "peaks": peaks, "rows": rows + size_rows,
+                                          "failures": failures, "complete": False}, args.out)
         if not args.gpu:
             timed = [engines[r["method"]] for r in size_rows]
             for row, ms in zip(size_rows, interleaved_ms(timed, frames, args.reps)):
                 row["ms"], row["ms_per_mpix"] = ms, ms / (out_w * out_h / 1e6)
                 print(f"{out_w}x{out_h} {row['method']}: {ms:.2f} ms", flush=True)
-        for name in bases:
-            base = next((r["ms"] for r in size_rows if r["method"] == name), None)
-            for r in size_rows if base is not None else ():
-                r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
+        add_speedups(size_rows)
         rows += size_rows
     profile = (profile_ops(engines[args.profile], frames, args.gpu)
                if args.profile is not None and engines.get(args.profile) is not None else None)
-    payload = {"workload": {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
-                            "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90",
-                            "frames": [str(p) for p in paths], "compile": compile_mode},
-               "peaks": peaks, "rows": rows, "failures": failures}
+    payload = {"workload": workload, "peaks": peaks, "rows": rows, "failures": failures, "complete": True}
     if profile is not None:
         payload["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
     path = write_results("latency", payload, args.out)
