@@ -81,6 +81,10 @@ OUT_BUFFERS = True
 # codes): runtime.inttail's upsampler then needs no shuffle copy and no cast of the HR map.
 FP_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHUFFLE_DTYPES = (torch.uint8, *FP_OUT_DTYPES)
+# Signed 8-bit codes are the MMA operand as loaded; unsigned ones need `^ 0x80`, registers and a
+# correction. runtime.intgraph.reads_signed then passes unsigned codes that fit int8 (one per byte,
+# at most 7 bits: the GPU engine's byte containers) as signed: the same bytes, the same values.
+SIGNED_BYTES_FASTER = True
 
 
 def _launcher(kernel, traceable: bool):

@@ -284,6 +284,38 @@ def test_byte_containers_change_the_bytes_not_the_results(small_edsr, backend, b
         IntegerBody(blocks, quants, containers="nibbles")
 
 
+@pytest.mark.parametrize("bits,containers", [(4, "bytes"), (7, "bytes"), (8, "bytes"), (4, "packed")])
+def test_backends_preferring_signed_bytes_read_narrow_unsigned_codes_as_signed(small_edsr, bits, containers,
+                                                                               monkeypatch):
+    """``ops.SIGNED_BYTES_FASTER`` (Triton): conv2's unsigned mid codes of at most 7 bits, one per
+    byte, go in as signed codes (the same bytes); 8-bit codes and packed containers stay unsigned.
+    The results do not change. Checked on the reference backend with the flag set."""
+    from gdq_engine.runtime import intgraph
+
+    ops = intgraph._backend_module("reference")
+    blocks = prepare_blocks(small_edsr)
+    body = IntegerBody(blocks, calibrate(small_edsr, random_image(16, 16, n=4, seed=1), (bits,)),
+                       containers=containers)
+    feat = torch.randn(3, 16, 9, 7, generator=torch.Generator().manual_seed(6))
+    want = body(feat, bits)
+    signedness = []  # (conv, a_signed) per call
+    real = ops.packed_conv3x3
+
+    def spy(x_packed, a_bits, a_signed, *args, **kwargs):
+        signedness.append(("conv2" if kwargs.get("residual") is not None else "conv1", a_signed))
+        return real(x_packed, a_bits, a_signed, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "packed_conv3x3", spy)
+    monkeypatch.setattr(ops, "SIGNED_BYTES_FASTER", True, raising=False)
+    assert torch.equal(body(feat, bits), want)
+    as_signed = containers == "bytes" and bits <= 7
+    assert sorted(set(signedness)) == [("conv1", True), ("conv2", as_signed)]
+    assert len(signedness) == 2 * len(blocks)
+    q_mid = body.act_quants[bits][0][1]
+    monkeypatch.delattr(ops, "SIGNED_BYTES_FASTER")
+    assert intgraph.reads_signed(ops, q_mid) is False  # other backends: as the quantizer says
+
+
 def test_graph_batch_buckets_pad_by_at_most_a_third():
     from gdq_engine.runtime.graphs import graph_batch
 

@@ -41,7 +41,10 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     assert {c["O_HI"] for c in convs if c["RELU"] and c["O_BITS"] == 8} >= {3, 7, 15, 255}
     # conv2: unsigned mid codes, residual, fp32 out; residual scale 0.1 is its own variant
     assert {c["SCALE_RES"] for c in convs if c["HAS_RES"]} == {False, True}
-    assert all(not c["A_SIGNED"] and not c["O_BITS"] for c in convs if c["HAS_RES"])
+    assert all(not c["O_BITS"] for c in convs if c["HAS_RES"])
+    # ... read as signed bytes when they fit int8 one per byte (intgraph.reads_signed), else unsigned
+    assert {c["A_SIGNED"] for c in convs if c["HAS_RES"] and c["A_BITS"] == 8} == {False, True}
+    assert not any(c["A_SIGNED"] for c in convs if c["HAS_RES"] and c["A_BITS"] < 8)
     # the integer tail: the fused upsampler's 64 -> 256 conv re-quantizes into one 256-wide tile
     assert any(c["BLOCK_N"] == 256 and c["O_BITS"] == 8 and c["O_LO"] < 0 for c in convs)
     # every quantize_pack variant takes fp32 and writes bytes

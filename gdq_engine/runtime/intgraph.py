@@ -243,7 +243,7 @@ class IntegerBody:
             for b, idx in bit_groups(b2, x.device):
                 _, q_mid = self.act_quants[b][i]
                 packed = ops.quantize_pack(mid[idx].contiguous(), q_mid)
-                new_x[idx] = ops.packed_conv3x3(packed, q_mid.container, False,
+                new_x[idx] = ops.packed_conv3x3(packed, q_mid.container, reads_signed(ops, q_mid),
                                                 self._weights_for(q_mid.container, q_mid.container)[i][1],
                                                 self._mults[b][i][1], blk.b2, residual=x[idx].contiguous(),
                                                 res_scale=blk.res_scale)
@@ -274,9 +274,20 @@ class IntegerBody:
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
-            x = ops.packed_conv3x3(mid, q_mid.container, False, w2, m2, blk.b2, residual=x, res_scale=blk.res_scale,
-                                   **into)
+            x = ops.packed_conv3x3(mid, q_mid.container, reads_signed(ops, q_mid), w2, m2, blk.b2, residual=x,
+                                   res_scale=blk.res_scale, **into)
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
+
+
+def reads_signed(ops, q: ActQuant) -> bool:
+    """The ``a_signed`` a conv of backend ``ops`` reads ``q``'s codes with. Unsigned codes of at most
+    7 bits stored one per byte are the same bytes as signed 8-bit codes, so backends whose kernels
+    take signed bytes more cheaply (``ops.SIGNED_BYTES_FASTER``: Triton, where unsigned 8-bit codes
+    need a shift, a correction and a trip through registers) read them as signed; values and
+    results are unchanged."""
+    if q.signed:
+        return True
+    return bool(getattr(ops, "SIGNED_BYTES_FASTER", False)) and q.container == 8 and q.range[1] <= 127
 
 
 def _codes_buffer(scratch: Workspace, name: str, x: torch.Tensor, q: ActQuant) -> torch.Tensor:
