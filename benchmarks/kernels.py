@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     from gdq_engine.ops import cuda_ops
     from gdq_engine.quant.packing import pack_codes
     from gdq_engine.quant.quantizer import ActQuant, code_range, container_bits
+    from gdq_engine.runtime.intgraph import reads_signed
 
     torch.backends.cudnn.benchmark = True
     out_w, out_h = map(int, args.output.lower().split("x"))
@@ -171,7 +172,9 @@ def main(argv=None) -> int:
             nxt = torch.empty(n, hw, hw, c * cont // 8, dtype=torch.uint8, device=dev)
             kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05, container=cont), next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, signed, prep, mult, bias, **kw), xs) * 1e3
+        # as the body passes them: narrow unsigned codes one per byte go in as signed bytes (same values)
+        read_signed = reads_signed(tk, ActQuant(a_bits, signed, 1.0, container=cont))
+        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw), xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
