@@ -3,7 +3,8 @@
 # own time limit, so a 15-minute device budget is spent on one call: the limits add up to 580 s,
 # inside the tool's 600 s per command (2026-11-26: install 88 s, CUDA tests 59 s, latency at 1080p
 # 104 s, Triton tests 55 s, latency at 720p + 4K 58 s on an H200; kernels.py 58 s on an H100; since
-# then latency.py has one more row, kernels.py four, the Triton tests three more engine tests).
+# then latency.py has one more row, kernels.py ten (six of them A/B rows on an already tuned config),
+# the Triton tests three more engine tests; kernels.py and latency.py now save their JSON after every row).
 #
 # Before the call, on the development machine (../shared does not travel with the working tree):
 #     mkdir -p .gpu_data && cp -r ../shared/data/train .gpu_data/

@@ -232,26 +232,22 @@ def main(argv=None) -> int:
     # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
     # limit keeps what it timed): the 8-bit convs as the engine runs them, each followed by its A/B
     # rows, the upsampler, one code per byte (the GPU default for a4/a2), then every bit pair packed.
-    groups = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),
-              lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
-              lambda: [conv_case("conv2+next", 8, 8)], lambda: with_ab_rows(upsampler),
-              lambda: [upsampler_shuffled_fp16()]]
-    cases = [lambda a=a, k=k: conv_case(k, a, 8, one_per_byte=True) for a in (4, 2) for k in ("conv1", "conv2")]
-    cases += [lambda a=a: conv_case("conv2+next", a, 8) for a in (4, 2)]
-    cases += [lambda a=a, w=w, k=k: conv_case(k, a, w) for a in (8, 4, 2) for w in (8, 4, 2)
-              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
-    rows, done = [], 0
-
-    def payload() -> dict:
-        best = {str(key): str(cfg) for key, cfg in tk._tuned_conv.cache.items()}
-        return {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
-                "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
-                "complete": done == len(groups) + len(cases), "autotune_choices": best}
-
-    for run in [*groups, *(lambda case=case: [case()] for case in cases)]:
+    runs = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),  # each returns its rows
+            lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
+            lambda: [conv_case("conv2+next", 8, 8)], lambda: with_ab_rows(upsampler),
+            lambda: [upsampler_shuffled_fp16()]]
+    runs += [lambda a=a, k=k: [conv_case(k, a, 8, one_per_byte=True)] for a in (4, 2) for k in ("conv1", "conv2")]
+    runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
+    runs += [lambda a=a, w=w, k=k: [conv_case(k, a, w)] for a in (8, 4, 2) for w in (8, 4, 2)
+             for k in ("conv1", "conv2") if (a, w) != (8, 8)]
+    rows = []
+    for done, run in enumerate(runs, 1):
         rows.extend(run())
-        done += 1
-        path = write_results("kernels", payload(), args.out)
+        best = {str(key): str(cfg) for key, cfg in tk._tuned_conv.cache.items()}
+        payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
+                   "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
+                   "complete": done == len(runs), "autotune_choices": best}
+        path = write_results("kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
     print(f"{'conv':23} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "

@@ -292,6 +292,9 @@ def main(argv=None) -> int:
                 "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90", "frames": [str(p) for p in paths],
                 "compile": compile_mode}
 
+    def payload(done_rows: list[dict], complete: bool) -> dict:
+        return {"workload": workload, "peaks": peaks, "rows": done_rows, "failures": failures, "complete": complete}
+
     def add_speedups(size_rows: list[dict]) -> None:
         for name in bases:
             base = next((r["ms"] for r in size_rows if r["method"] == name), None)
@@ -340,8 +343,7 @@ def main(argv=None) -> int:
                 # Rows so far, in case the run is cut short (a GPU session's step limit): the final
                 # write below replaces this one with "complete": true.
                 add_speedups(size_rows)
-                write_results("latency", {"workload": workload, "peaks": peaks, "rows": rows + size_rows,
-                                          "failures": failures, "complete": False}, args.out)
+                write_results("latency", payload(rows + size_rows, complete=False), args.out)
         if not args.gpu:
             timed = [engines[r["method"]] for r in size_rows]
             for row, ms in zip(size_rows, interleaved_ms(timed, frames, args.reps)):
@@ -351,14 +353,14 @@ def main(argv=None) -> int:
         rows += size_rows
     profile = (profile_ops(engines[args.profile], frames, args.gpu)
                if args.profile is not None and engines.get(args.profile) is not None else None)
-    payload = {"workload": workload, "peaks": peaks, "rows": rows, "failures": failures, "complete": True}
+    results = payload(rows, complete=True)
     if profile is not None:
-        payload["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
-    path = write_results("latency", payload, args.out)
+        results["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
+    path = write_results("latency", results, args.out)
     if args.plot:
         plot(rows, args.plot)
     keys = [f"speedup_vs_{name.split()[0]}" for name in bases]
-    print(f"{model_name} ({payload['workload']['weights']} weights), device {dev}, {len(paths)} frame(s)")
+    print(f"{model_name} ({workload['weights']} weights), device {dev}, {len(paths)} frame(s)")
     if peaks is not None:
         print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, HBM {peaks['hbm_gbs']:.0f} GB/s")
     ratios = "".join(f"{'x ' + name:>10}" for name in bases)
