@@ -12,7 +12,10 @@ them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kerne
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
 in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` and ``... L1 A`` (a8 w8
 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
-one thing changed. Baseline: torch fp16 NHWC conv
+one thing changed. ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per
+byte): the same convs with every tensor in the padded layout, on the TMA kernel (the body's
+``containers="padded"``); their floor counts the image's pixels' MACs and the padded tensors'
+bytes. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
@@ -142,12 +145,16 @@ def main(argv=None) -> int:
                 "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
-    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "") -> dict:
-        """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS)."""
+    def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
+                  padded: bool = False) -> dict:
+        """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
+        ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``)."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output; the A/B rows time Triton only
-        cuda_run = kind != "conv2+next" and not one_per_byte and not variant
-        cont = 8 if one_per_byte else container_bits(a_bits)  # bits per stored code
+        cuda_run = kind != "conv2+next" and not one_per_byte and not variant and not padded
+        cont = 8 if one_per_byte or padded else container_bits(a_bits)  # bits per stored code
+        hp = hw + 2 if padded else hw  # stored side: the padded layout adds a one-pixel zero ring
+        layout = {"padded": True} if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
         w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
         mult = torch.rand(64, device=dev, generator=g) * 1e-3
@@ -156,29 +163,36 @@ def main(argv=None) -> int:
         prep = tk.prepare_conv_weight(w, cont)
         if variant == "N-major w":
             prep = replace(prep, w=prep.w.contiguous())
-        in_bytes = m * c * cont // 8
-        xs = rotating(lambda: pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g),
-                                         cont), in_bytes)
+        in_bytes = n * hp * hp * c * cont // 8
+
+        def codes():
+            x = pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g), cont)
+            return torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1)) if padded else x
+
+        xs = rotating(codes, in_bytes)
         if kind == "conv1":
-            out = torch.empty(n, hw, hw, c * cont // 8, dtype=torch.uint8, device=dev)
+            out = torch.empty(n, hp, hp, c * cont // 8, dtype=torch.uint8, device=dev)
             kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02, container=cont), out=out)
             nbytes = in_bytes + out.numel()
         elif kind == "conv2":
-            res = torch.randn(n, hw, hw, c, device=dev, generator=g)
+            res = torch.randn(n, hp, hp, c, device=dev, generator=g)
             kw = dict(residual=res, out=torch.empty_like(res))
             nbytes = in_bytes + 2 * res.numel() * 4
         else:  # conv2+next: in place, plus the next block's signed codes
-            res = torch.randn(n, hw, hw, c, device=dev, generator=g)
-            nxt = torch.empty(n, hw, hw, c * cont // 8, dtype=torch.uint8, device=dev)
+            res = torch.randn(n, hp, hp, c, device=dev, generator=g)
+            nxt = torch.empty(n, hp, hp, c * cont // 8, dtype=torch.uint8, device=dev)
             kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05, container=cont), next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
         # as the body passes them: narrow unsigned codes one per byte go in as signed bytes (same values)
         read_signed = reads_signed(tk, ActQuant(a_bits, signed, 1.0, container=cont))
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw), xs) * 1e3
+        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
+                          xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
-        name = f"{kind} bytes" if one_per_byte else f"{kind} {variant}" if variant else kind
+        name = f"{kind} {variant}" if variant else kind
+        name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
+        # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
     def cuda_us(w, xs, run) -> float | None:
@@ -231,11 +245,14 @@ def main(argv=None) -> int:
 
     # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
     # limit keeps what it timed): the 8-bit convs as the engine runs them, each followed by its A/B
-    # rows, the upsampler, one code per byte (the GPU default for a4/a2), then every bit pair packed.
+    # rows, the padded layout's TMA kernel (containers="padded"), the upsampler, the padded a4/a2
+    # conv2, one code per byte (the GPU default for a4/a2), then every bit pair packed.
     runs = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),  # each returns its rows
             lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
-            lambda: [conv_case("conv2+next", 8, 8)], lambda: with_ab_rows(upsampler),
-            lambda: [upsampler_shuffled_fp16()]]
+            lambda: [conv_case("conv2+next", 8, 8)],
+            lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
+            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()]]
+    runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]
     runs += [lambda a=a, k=k: [conv_case(k, a, 8, one_per_byte=True)] for a in (4, 2) for k in ("conv1", "conv2")]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
     runs += [lambda a=a, w=w, k=k: [conv_case(k, a, w)] for a in (8, 4, 2) for w in (8, 4, 2)
@@ -243,7 +260,8 @@ def main(argv=None) -> int:
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())
-        best = {str(key): str(cfg) for key, cfg in tk._tuned_conv.cache.items()}
+        tuners = (("conv", tk._tuned_conv), ("padded", tk._tuned_padded_conv))
+        best = {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
         payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                    "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
                    "complete": done == len(runs), "autotune_choices": best}

@@ -28,9 +28,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the table shipped with the shipped models")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton", "cuda"],
                    help="integer-body backend of quantized policies (auto: Triton on CUDA, C++ on CPU)")
-    p.add_argument("--containers", default="auto", choices=["auto", "packed", "bytes"],
+    p.add_argument("--containers", default="auto", choices=["auto", "packed", "bytes", "padded"],
                    help="how the integer body stores 2/4-bit codes: packed, or one per byte so the 8-bit kernels run "
-                        "them (same results; auto: bytes on Triton/CUDA, where that is faster)")
+                        "them (same results; auto: bytes on Triton/CUDA, where that is faster); padded: bytes in a "
+                        "zero-ringed layout read by TMA copies (Triton, 32k channels; not yet measured)")
     p.add_argument("--depth", type=int, default=None,
                    help="depth version of a quantized model trained with --depths (first D residual blocks)")
     p.add_argument("--tail-bits", type=int, default=None,

@@ -397,8 +397,9 @@ CONTAINER_CHOICES = ("auto", *CONTAINERS)
 def resolve_containers(containers: str, backend: str, device: torch.device) -> str:
     """How the integer body stores codes narrower than 8 bits between its convs (the values are the
     same either way, :func:`~gdq_engine.runtime.intgraph.in_containers`): ``"packed"`` (2 or 4
-    per byte), ``"bytes"`` (one per byte: the 8-bit kernels run them) or ``"auto"``: ``"bytes"``
-    for the ``triton`` backend on CUDA, ``"packed"`` elsewhere.
+    per byte), ``"bytes"`` (one per byte: the 8-bit kernels run them), ``"padded"`` (bytes in the
+    padded layout, Triton only: :class:`~gdq_engine.runtime.intgraph.IntegerBody`) or ``"auto"``:
+    ``"bytes"`` for the ``triton`` backend on CUDA, ``"packed"`` elsewhere.
 
     Why: Hopper has no int4 MMA, so Triton's 4/2-bit convs unpack to int8 and multiply at the int8
     rate; at these sizes they are not bound by bytes, and the unpacking made them slower than the

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gdq_engine.ops.triton_ops import interpreting
 
@@ -47,6 +48,7 @@ _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 _TILE = ("BLOCK_M", "BLOCK_K")  # chosen per GPU config, not per variant
+CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class Launch:
     constexprs: tuple[tuple[str, int | bool], ...]
 
     def label(self) -> str:
-        short = {"_packed_conv3x3_kernel": "conv", "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack"}
+        short = {"_packed_conv3x3_kernel": "conv", "_padded_conv3x3_tma_kernel": "padded conv",
+                 "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack"}
         return short.get(self.kernel, self.kernel) + " " + " ".join(f"{k}={int(v)}" for k, v in self.constexprs)
 
     @staticmethod
@@ -70,6 +73,8 @@ class Launch:
 def _arg_type(value) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + _TYPES[value.dtype]
+    if isinstance(value, TensorDescriptor):  # its box follows the tile config: filled in at compile time
+        return f"tensordesc<{_TYPES[value.base.dtype]}>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -144,7 +149,8 @@ def engine_launches() -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
     (needs ``TRITON_INTERPRET=1``): two 64-channel EDSR blocks (the first block's conv2 also writes
     the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits, and at 2, 3 and 4 bits one code per
-    byte (``containers="bytes"``, the GPU engine's default), residual scale 0.1, integer tails of
+    byte (``containers="bytes"``, the GPU engine's default), at 4 and 8 bits in the padded layout
+    (``containers="padded"``, also with residual scale 0.1), residual scale 0.1, integer tails of
     8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
     layer-wise regrouping with every width in every conv; plus the x4 tail's last conv storing
     fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
@@ -162,6 +168,7 @@ def engine_launches() -> list[Launch]:
 
     runs = [dict(bits=b) for b in (2, 3, 4, 5, 6, 8)]
     runs += [dict(bits=b, containers="bytes") for b in (2, 3, 4)]
+    runs += [dict(bits=b, containers="padded") for b in (4, 8)] + [dict(bits=8, containers="padded", res_scale=0.1)]
     runs += [dict(bits=8, tail_bits=t, scale=s) for s, t in ((2, 8), (3, 8), (4, 8), (4, 6), (4, 4))]
     runs += [dict(bits=8, tail_bits=8, scale=4, dtype=torch.bfloat16)]
     runs += [dict(bits=8, res_scale=0.1), dict(policy=_every_width_cadyq()((2, 4, 8), channels=64, n_layers=2))]
@@ -193,6 +200,12 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
         fixed = ops.fixed_config(dict(launch.constexprs)["BLOCK_N"])
         extra = [c for c in ops.TUNE_CONFIGS if all_configs and _config_label(c) != _config_label(fixed)]
         return [fixed, *extra]
+    if launch.kernel == "_padded_conv3x3_tma_kernel":
+        cin = dict(launch.constexprs)["C"]
+        fixed = ops.fixed_padded_config(cin)
+        extra = [c for c in ops._whole_tap_steps(ops.PADDED_TUNE_CONFIGS, {}, C=cin)
+                 if all_configs and _config_label(c) != _config_label(fixed)]
+        return [fixed, *extra]
     return [triton.Config({"BLOCK_M": ops.ROWS_PER_PROGRAM}, num_warps=4, num_stages=3)]
 
 
@@ -222,7 +235,9 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     ``mma_a_shared`` (sm_90: wgmmas reading A from shared memory by descriptor, not from
     registers), ``byte_stores_shared`` (single-byte stores to shared memory: a tile staged through
     registers one byte at a time), ``copies_l1`` (``cp.async.ca``: asynchronous copies cached in
-    L1; ``.cg`` ones bypass it), ``fma_f32`` (fused fp32 multiply-adds in the PTX) and
+    L1; ``.cg`` ones bypass it), ``copies_async`` (every ``cp.async.ca``/``.cg``: per-thread
+    copies), ``copies_tma`` (``cp.async.bulk.tensor``: TMA box copies), ``fma_f32`` (fused fp32
+    multiply-adds in the PTX) and
     ``seconds`` (compile time).
     """
     if interpreting():
@@ -231,11 +246,14 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import conv3x3
+    from . import conv3x3, ops
 
     kernel = getattr(conv3x3, launch.kernel)
     consts = {**dict(launch.constexprs), **config.kwargs}
     types = dict(launch.signature)
+    for name, box in ops.tma_boxes(consts).items() if "BLOCK_N" in consts else ():
+        if name in types:  # "tensordesc<i8>" -> "tensordesc<i8[128, 64]>": the box of this config
+            types[name] = types[name][:-1] + str(box) + ">"
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if signature[n].startswith("*") or signature[n] in ("i32", "i64")}
@@ -255,6 +273,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 mma_a_shared=len(re.findall(pattern + r"\s*\{[^}]*\},\s*%rd", ptx)) if arch >= 90 else 0,
                 byte_stores_shared=len(re.findall(r"\bst\.shared\.[bsu]8\b", ptx)),
                 copies_l1=len(re.findall(r"\bcp\.async\.ca\.shared\.global", ptx)),
+                copies_tma=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
+                copies_async=len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), seconds=round(seconds, 2))
 
 
@@ -271,7 +291,7 @@ def problems(report: dict, fixed: bool = True) -> list[str]:
     if report.get("error"):
         return [f"compile error: {report['error']}"]
     out = []
-    if report["kernel"] == "_packed_conv3x3_kernel" and report["mma"] == 0:
+    if report["kernel"] in CONV_KERNELS and report["mma"] == 0:
         out.append("no tensor-core MMA")
     if report["fma_f32"]:
         out.append(f"{report['fma_f32']} fused multiply-adds")
@@ -334,7 +354,7 @@ def summarize(reports: list[dict]) -> list[str]:
     for arch in sorted({r["arch"] for r in reports}, reverse=True):
         rs = [r for r in reports if r["arch"] == arch]
         ok = [r for r in rs if not r.get("error")]
-        convs = [r for r in ok if r["kernel"] == "_packed_conv3x3_kernel"]
+        convs = [r for r in ok if r["kernel"] in CONV_KERNELS]
         fixed = [r for r in ok if r["fixed"]]
         spilling = [r for r in convs if not r["fixed"] and r["local_bytes"]]
         mmas = [r["mma"] for r in convs] or [0]

@@ -70,6 +70,56 @@ def _to_out_dtype(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+              COUT, res_scale, inv_s_out, inv_s_next, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
+              RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
+              O_LO: tl.constexpr, O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr,
+              NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr, ZERO_OUTSIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """int32 sums (BLOCK_M, BLOCK_N) of pixels ``offs_m`` (rows of the (M, COUT) result; ``px``
+    their column in a W-wide image, for ``SHUFFLE``) -> the stored result (the conv kernels'
+    docstrings). ``ZERO_OUTSIDE``: pixels where ``keep`` is false get value 0 (and code 0)."""
+    if A_BITS == 8 and not A_SIGNED:
+        acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
+    y = acc.to(tl.float32) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    mn_ok = m_ok[:, None] & n_ok[None, :]
+    nhwc = offs_m[:, None] * COUT + offs_n[None, :]  # (pixel, channel) offsets of an unshuffled (M, COUT) tensor
+    if HAS_RES:
+        if SCALE_RES:
+            y = y * res_scale
+        y = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0) + y
+    if ZERO_OUTSIDE:
+        y = tl.where(keep[:, None], y, 0.0)
+    if SHUFFLE > 1:  # pixel (n, py, px), channel (i*r + j)*CQ + c -> (n, py*r + i, px*r + j), channel c
+        CQ = COUT // (SHUFFLE * SHUFFLE)
+        sub = offs_n // CQ
+        out_row = ((offs_m // W) * SHUFFLE)[:, None] + (sub // SHUFFLE)[None, :]  # (n*H + py)*r + i
+        out_col = (px * SHUFFLE)[:, None] + (sub % SHUFFLE)[None, :]
+        dst = (out_row * (W * SHUFFLE) + out_col) * CQ + (offs_n % CQ)[None, :]
+    else:
+        dst = nhwc
+    if O_BITS == 0:
+        tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
+        if NEXT_BITS > 0:  # the next conv's packed input codes, from the same fp32 values
+            NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
+            codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI), BLOCK_M, BLOCK_N, NEXT_BITS)
+            offs_nb = tl.arange(0, NCP)
+            tl.store(next_ptr + offs_m[:, None] * NCP + offs_nb[None, :], codes.to(tl.uint8), mask=m_ok[:, None])
+    elif SHUFFLE > 1:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
+        tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI) & 0xFF).to(tl.uint8), mask=mn_ok)
+    else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
+        OCP: tl.constexpr = BLOCK_N * O_BITS // 8
+        packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)
+        offs_b = tl.arange(0, OCP)
+        tl.store(out_ptr + offs_m[:, None] * OCP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
+
+
+
+
+@triton.jit
 def _packed_conv3x3_kernel(
     x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
     M, H, W, COUT, stride_wg, stride_wk, stride_wn, res_scale, inv_s_out, inv_s_next,
@@ -163,40 +213,61 @@ def _packed_conv3x3_kernel(
             w = tl.load(w_ptr + i * stride_wg + w_off, mask=w_ok, other=0)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
 
-    if A_BITS == 8 and not A_SIGNED:
-        acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
-    y = acc.to(tl.float32) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if RELU:
-        y = tl.maximum(y, 0.0)
-    mn_ok = m_ok[:, None] & n_ok[None, :]
-    nhwc = offs_m[:, None] * COUT + offs_n[None, :]  # (pixel, channel) offsets of an unshuffled (M, COUT) tensor
-    if HAS_RES:
-        if SCALE_RES:
-            y = y * res_scale
-        y = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0) + y
-    if SHUFFLE > 1:  # pixel (n, py, px), channel (i*r + j)*CQ + c -> (n, py*r + i, px*r + j), channel c
-        CQ = COUT // (SHUFFLE * SHUFFLE)
-        sub = offs_n // CQ
-        out_row = ((offs_m // W) * SHUFFLE)[:, None] + (sub // SHUFFLE)[None, :]  # (n*H + py)*r + i
-        out_col = (px * SHUFFLE)[:, None] + (sub % SHUFFLE)[None, :]
-        dst = (out_row * (W * SHUFFLE) + out_col) * CQ + (offs_n % CQ)[None, :]
-    else:
-        dst = nhwc
-    if O_BITS == 0:
-        tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
-        if NEXT_BITS > 0:  # the next conv's packed input codes, from the same fp32 values
-            NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
-            codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI), BLOCK_M, BLOCK_N, NEXT_BITS)
-            offs_nb = tl.arange(0, NCP)
-            tl.store(next_ptr + offs_m[:, None] * NCP + offs_nb[None, :], codes.to(tl.uint8), mask=m_ok[:, None])
-    elif SHUFFLE > 1:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
-        tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI) & 0xFF).to(tl.uint8), mask=mn_ok)
-    else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
-        OCP: tl.constexpr = BLOCK_N * O_BITS // 8
-        packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)
-        offs_b = tl.arange(0, OCP)
-        tl.store(out_ptr + offs_m[:, None] * OCP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
+    _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, m_ok, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+              next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=A_BITS, A_SIGNED=A_SIGNED, RELU=RELU,
+              HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
+              NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=SHUFFLE, ZERO_OUTSIDE=False, BLOCK_M=BLOCK_M,
+              BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _padded_conv3x3_tma_kernel(
+    x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+    M, H, W, COUT, res_scale, inv_s_out, inv_s_next,
+    C: tl.constexpr, A_SIGNED: tl.constexpr,
+    RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
+    O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
+    NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The conv of :func:`_packed_conv3x3_kernel` on 8-bit codes in the *padded layout*: every image
+    is stored with a one-pixel zero ring, (N, H + 2, W + 2, C), and so is the result.
+
+    Tap (dy, dx) of the pixel at flat padded index p reads pixel p + dy * (W + 2) + dx, inside
+    the image or on its zero ring, so each K step is one (BLOCK_M, BLOCK_K) box of the
+    (M = N * (H + 2) * (W + 2), C) codes at a shifted row: a TMA copy (``x_desc``; rows outside
+    [0, M) read zeros) with no per-pixel address or mask work, which wgmma reads from shared memory
+    as it landed (signed codes). ``w_desc`` tiles the prepared weights (1, Cout, 9 * C), K-major.
+
+    Ring pixels are computed too (4% more work for 96 x 96 patches) and stored as value 0 (code 0),
+    so the result is again a padded input. 8-bit containers only (``C``, the bytes per pixel, a
+    multiple of ``BLOCK_K``); no pixel shuffle.
+    """
+    STEPS_PER_TAP: tl.constexpr = C // BLOCK_K
+    WP = W + 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    p0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for step in range(9 * STEPS_PER_TAP):
+        tap = step // STEPS_PER_TAP
+        k0 = (step % STEPS_PER_TAP) * BLOCK_K
+        raw = x_desc.load([p0 + (tap // 3 - 1) * WP + (tap % 3 - 1), k0])
+        a = _unpack_group(raw, 0, 8, A_SIGNED)
+        w = w_desc.load([0, n0, tap * C + k0]).reshape(BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+
+    offs_m = p0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    px = offs_m % WP
+    py = (offs_m // WP) % (H + 2)
+    inside = (px >= 1) & (px <= W) & (py >= 1) & (py <= H)
+    _epilogue(acc, offs_m, m_ok, offs_n, offs_n < COUT, px, inside, WP, wsum_ptr, mult_ptr, bias_ptr, res_ptr,
+              out_ptr, next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=8, A_SIGNED=A_SIGNED, RELU=RELU,
+              HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
+              NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=1, ZERO_OUTSIDE=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit

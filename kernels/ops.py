@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch.library import wrap_triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gdq_engine.ops.reference import check_weight_codes
 from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
-from .conv3x3 import _packed_conv3x3_kernel, _quantize_pack_kernel, _unpack_kernel
+from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
@@ -41,6 +42,43 @@ def fixed_config(block_n: int) -> triton.Config:
     (``python -m gdq_engine.kernels.aot``, docs/kernels.md)."""
     return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8 if block_n >= 128 else 4, num_stages=3)
 
+
+
+
+def tma_boxes(meta: dict) -> dict[str, list[int]]:
+    """The padded conv's TMA box shapes for its tile sizes (``meta``: BLOCK_M, BLOCK_N, BLOCK_K)."""
+    return {"x_desc": [meta["BLOCK_M"], meta["BLOCK_K"]], "w_desc": [1, meta["BLOCK_N"], meta["BLOCK_K"]]}
+
+
+def _set_tma_boxes(nargs: dict) -> None:
+    """Autotuning pre-hook of the padded conv: its TMA boxes follow the config's tile sizes."""
+    for name, box in tma_boxes(nargs).items():
+        nargs[name].block_shape = box
+
+
+def fixed_padded_config(cin: int) -> triton.Config:
+    """The padded conv's config under ``GDQ_TRITON_AUTOTUNE=0``: 128 x 64 tiles, 64-byte K steps
+    (32 when C is not a multiple of 64), 4 warps, 4 stages."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_K": 64 if cin % 64 == 0 else 32}, num_warps=4, num_stages=4)
+
+
+# The padded TMA conv's candidates: K steps inside one tap (BLOCK_K divides C), 64+ rows (wgmma).
+PADDED_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s, pre_hook=_set_tma_boxes)
+    for bm, bk, w, s in [(64, 64, 4, 4), (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 4), (256, 32, 8, 4),
+                         (256, 64, 8, 3), (128, 64, 4, 5)]
+]
+
+
+def _whole_tap_steps(configs: list, named_args: dict, **kwargs) -> list:
+    """The padded conv's configs whose K steps stay inside one tap (BLOCK_K divides C)."""
+    return [c for c in configs if kwargs["C"] % c.kwargs["BLOCK_K"] == 0]
+
+
+_tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_SIGNED", "O_BITS", "HAS_RES",
+                                                               "NEXT_BITS", "BLOCK_N"],
+                                     prune_configs_by={"early_config_prune": _whole_tap_steps})(
+    _padded_conv3x3_tma_kernel)
 
 # stride_wk: the prepared K-contiguous weights (1) and benchmarks/kernels.py's N-contiguous A/B rows
 # are different specialisations, each tuned for itself.
@@ -85,6 +123,9 @@ SHUFFLE_DTYPES = (torch.uint8, *FP_OUT_DTYPES)
 # correction. runtime.intgraph.reads_signed then passes unsigned codes that fit int8 (one per byte,
 # at most 7 bits: the GPU engine's byte containers) as signed: the same bytes, the same values.
 SIGNED_BYTES_FASTER = True
+# packed_conv3x3(padded=True): 8-bit codes in the padded layout, each tap one TMA box
+# (runtime.intgraph's containers="padded").
+PADDED_LAYOUT = True
 
 
 def _launcher(kernel, traceable: bool):
@@ -149,7 +190,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
                    mult: torch.Tensor, bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, out: torch.Tensor | None = None,
                    shuffle: int = 1, out_dtype: torch.dtype = torch.float32, next_quant: ActQuant | None = None,
-                   next_out: torch.Tensor | None = None) -> torch.Tensor:
+                   next_out: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
     """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp), NHWC.
 
     Args:
@@ -167,6 +208,10 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         next_quant, next_out: (fp32 results of Cout <= 128, a power of two) also write the result's
             packed codes of ``next_quant`` into ``next_out`` (N, H, W, Cout * container / 8),
             exactly ``quantize_pack(result, next_quant)`` without another pass.
+        padded: every NHWC tensor (input, residual, result, next codes) is in the padded layout,
+            (N, H + 2, W + 2, .) for an H x W image whose one-pixel ring holds zeros (code 0); the
+            result's ring is written as zeros, so it is again such an input. 8-bit containers,
+            C a multiple of 32, no shuffle; TMA copies on the GPU (``_padded_conv3x3_tma_kernel``).
     Returns:
         packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else (N, H, W, Cout) in
         ``out_dtype`` (shuffled shapes as above).
@@ -181,6 +226,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     n, h, w_, cp = x_packed.shape
     if cp * 8 // bits != weight.cin:
         raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
+    if padded:
+        _check_padded(x_packed, bits, weight.cin, shuffle, out_quant, next_quant)
     cout, dev = weight.cout, x_packed.device
     x_packed = x_packed.contiguous()
     if residual is not None:
@@ -226,18 +273,52 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         raise ValueError(f"the result has {out.numel()} values, more than 32-bit offsets reach; split the batch")
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
-               o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r)
+               o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r, padded=padded)
     return out
+
+
+def _check_padded(x: torch.Tensor, bits: int, cin: int, shuffle: int, out_quant: ActQuant | None,
+                  next_quant: ActQuant | None) -> None:
+    """What ``packed_conv3x3(padded=True)`` supports."""
+    if bits != 8 or any(q is not None and q.container != 8 for q in (out_quant, next_quant)):
+        raise ValueError("the padded layout takes 8-bit containers only (in, out and next codes); use "
+                         "containers='bytes' for narrower codes")
+    if cin % 32:
+        raise ValueError(f"the padded layout needs input channels that are a multiple of 32, got {cin}")
+    if shuffle != 1:
+        raise ValueError("the padded layout has no pixel-shuffled store")
+    if x.shape[1] < 3 or x.shape[2] < 3:
+        raise ValueError(f"a padded (N, H + 2, W + 2, C) input is at least 3 x 3, got {tuple(x.shape)}")
+
+
+def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, a_signed: bool) -> tuple:
+    """TMA descriptors of the padded conv's operands (boxes set at launch): the codes as an (M, C)
+    matrix (int8 when signed: the MMA operand as loaded), the prepared weights as (1, Cout, 9 * C)."""
+    m, cin = x.numel() // x.shape[-1], x.shape[-1]
+    codes = (x.view(torch.int8) if a_signed else x).view(m, cin)
+    if codes.data_ptr() % 16:  # TMA needs 16-byte aligned bases (a view into a bigger buffer may not be)
+        codes = codes.clone()
+    groups, kk, cout = w.shape
+    w_ck = w.transpose(1, 2)  # the K-contiguous storage, (1, Cout, 9 * C)
+    if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:  # another layout (benchmarks' A/B rows): TMA needs this one
+        w_ck = w_ck.clone(memory_format=torch.contiguous_format)
+    return (TensorDescriptor(codes, [m, cin], [cin, 1], [1, 1]),
+            TensorDescriptor(w_ck, [groups, cout, kk], list(w_ck.stride()), [1, 1, 1]))
 
 
 def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
                res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
-               next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1) -> None:
+               next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1,
+               padded: bool = False) -> None:
     """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device)."""
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
     next_bits, next_lo, next_hi, next_inv_s = next_args
+    if padded:
+        _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
+                          inv_s, next_out, next_args, block_n)
+        return
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
             next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
@@ -254,7 +335,55 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
                                                            num_stages=cfg.num_stages, **_COMPILE)
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
-        _launcher(_tuned_conv, traceable)[grid](*args, **meta, **_COMPILE)
+        _launch_tuned(_tuned_conv, "conv", grid, args, meta, traceable)
+
+
+# Variants (tuner name, out dtype, constexprs) whose in-place launches the autotuner has tuned.
+_TUNED_IN_PLACE: set[tuple] = set()
+
+
+def _launch_tuned(tuner, name: str, grid, args: tuple, meta: dict, traceable: bool = False) -> None:
+    """Launch an autotuned conv (``args``: the kernel's runtime arguments, residual 6th, out 7th).
+
+    Autotuning runs the kernel many times, once per benchmark repetition of every config, so a
+    launch that updates its residual in place (``out`` is the residual: the body's conv2) would add
+    its sums to the stream that many times. The first in-place launch of each variant therefore
+    writes a scratch result, which is then copied into place; later launches (tuned) run in place."""
+    res, out = args[5], args[6]
+    key = (name, out.dtype, *sorted(meta.items()))
+    if not meta["HAS_RES"] or res.data_ptr() != out.data_ptr() or key in _TUNED_IN_PLACE:
+        _launcher(tuner, traceable)[grid](*args, **meta, **_COMPILE)
+        return
+    scratch = torch.empty_like(out)
+    _launcher(tuner, traceable)[grid](*args[:6], scratch, *args[7:], **meta, **_COMPILE)
+    out.copy_(scratch)
+    _TUNED_IN_PLACE.add(key)
+
+
+def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
+                      o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, block_n: int) -> None:
+    """:func:`_conv_into` for the padded layout: the TMA kernel, (N, H + 2, W + 2, C) tensors."""
+    n, hp, wp, cin = x_packed.shape
+    m, cout = n * hp * wp, w.shape[2]
+    next_bits, next_lo, next_hi, next_inv_s = next_args
+    x_desc, w_desc = _padded_descriptors(x_packed, w, a_signed)
+    args = (x_desc, w_desc, wsum, mult, bias, residual if residual is not None else out, out,
+            next_out if next_out is not None else out, m, hp - 2, wp - 2, cout, res_scale, inv_s, next_inv_s)
+    meta = dict(C=cin, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
+                SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
+                NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n)
+    if INTERPRET or out.device.type != "cuda" or not AUTOTUNE or _options.config is not None:
+        if INTERPRET or out.device.type != "cuda":
+            cfg = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+        else:
+            cfg = _options.config or fixed_padded_config(cin)
+        _set_tma_boxes({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": block_n, **cfg.kwargs})
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))
+        _launcher(_padded_conv3x3_tma_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                           num_stages=cfg.num_stages, **_COMPILE)
+    else:
+        grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
+        _launch_tuned(_tuned_padded_conv, "padded conv", grid, args, meta)
 
 
 @torch.library.triton_op("gdq_engine::triton_packed_conv3x3", mutates_args=())

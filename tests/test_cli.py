@@ -100,7 +100,7 @@ def test_eval_quantized_policies(tmp_path, ckpt, capsys):
     assert "unknown policy spec" in capsys.readouterr().err
 
 
-def test_upscale_with_policy(tmp_path, ckpt):
+def test_upscale_with_policy(tmp_path, ckpt, capsys):
     save_image(random_image(20, 26), tmp_path / "a.png")
     (tmp_path / "calib").mkdir()
     save_image(random_image(100, 100), tmp_path / "calib" / "c.png")
@@ -114,6 +114,10 @@ def test_upscale_with_policy(tmp_path, ckpt):
                      "--containers", containers]) == 0
     packed, one_per_byte = (np.asarray(Image.open(tmp_path / f"{c}.png")) for c in ("packed", "bytes"))
     assert np.array_equal(packed, one_per_byte)
+    # the padded layout is the Triton kernels' (tests/test_triton_kernels.py): a clear error on the C++ backend
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "p.png"), *common, "--backend", "cpp",
+                 "--containers", "padded"]) == 2
+    assert "containers='padded' needs a backend with the padded layout" in capsys.readouterr().err
 
 
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):

@@ -58,13 +58,17 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert rows["fp32"]["gmacs"] == pytest.approx(sum(conv_macs(load_model("edsr-baseline-x4"), 24, 24)) / 1e9)
 
 
-def test_gpu_rows_compare_byte_and_packed_containers_in_one_run():
+def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
     from gdq_engine import load_model
 
     cases = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), Path("g.pt"), "none"))
     packed = cases["granular {2,4,8} + int8 tail, packed"]
     assert packed == dict(cases["granular {2,4,8} + int8 tail"], containers="packed")
-    assert all("containers" not in kw for name, kw in cases.items() if not name.endswith("packed"))
+    padded = cases["static a8 + int8 tail, padded"]
+    assert padded == dict(cases["static a8 + int8 tail"], containers="padded")
+    assert all("containers" not in kw for name, kw in cases.items() if not name.endswith(("packed", "padded")))
+    assert not any(name.endswith("padded") for name, _ in latency.cases_for(False, load_model("edsr-baseline-x4"),
+                                                                             None, "none"))
 
 
 @needs_data
@@ -127,8 +131,10 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
     ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A")]
-    ab += ["conv2+next"] + [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
+    ab += ["conv2+next", "conv1 padded", "conv2 padded", "conv2+next padded"]
+    ab += [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
     want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]]
+    want += [("conv2+next padded", a, 8, 8) for a in (4, 2)]
     want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
     want += [("conv2+next", a, 8, a) for a in (4, 2)]
     want += [(k, a, w, a) for a in (8, 4, 2) for w in (8, 4, 2) for k in ("conv1", "conv2") if (a, w) != (8, 8)]

@@ -15,6 +15,7 @@ import pytest
 aot = pytest.importorskip("gdq_engine.kernels.aot", reason="triton is a test dependency", exc_type=ImportError)
 
 CONV = "_packed_conv3x3_kernel"
+PADDED = "_padded_conv3x3_tma_kernel"
 
 
 def _env(interpret: bool) -> dict:
@@ -47,6 +48,11 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     assert not any(c["A_SIGNED"] for c in convs if c["HAS_RES"] and c["A_BITS"] < 8)
     # the integer tail: the fused upsampler's 64 -> 256 conv re-quantizes into one 256-wide tile
     assert any(c["BLOCK_N"] == 256 and c["O_BITS"] == 8 and c["O_LO"] < 0 for c in convs)
+    # the padded layout (containers="padded"): conv1 re-quantizes, conv2 writes the stream and the next codes
+    padded = [dict(x.constexprs) for x in recorded if x.kernel == PADDED]
+    assert any(c["RELU"] and c["O_BITS"] == 8 for c in padded)
+    assert any(c["HAS_RES"] and c["NEXT_BITS"] == 8 for c in padded)
+    assert {c["A_SIGNED"] for c in padded if c["HAS_RES"]} == {False, True}  # a8 mid codes, and 4-bit ones as signed
     # every quantize_pack variant takes fp32 and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
     assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)
@@ -86,8 +92,14 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
     for r in reports:
         assert r["problems"] == [], r
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0 and r["registers"] <= 255
-        if r["kernel"] == CONV:
+        if r["kernel"] in (CONV, PADDED):
             assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 on sm_80
+        if r["kernel"] == PADDED and r["arch"] == 90:
+            # Both operands come by TMA box copies, no per-thread copies; signed codes feed the
+            # wgmmas from shared memory as they landed.
+            assert r["copies_tma"] > 0 and r["copies_async"] == 0, r
+            if " A_SIGNED=1 " in r["variant"]:
+                assert r["mma_a_shared"] == r["mma"], r
         if r["kernel"] == CONV and r["arch"] == 90 and " A_BITS=8 " in r["variant"]:
             # Operands reach the wgmmas through shared memory as loaded: the K-contiguous weights need
             # no byte-wise transposition through registers (the N-contiguous layout made 16 byte

@@ -470,3 +470,151 @@ def test_torch_compile_sees_the_op():
     eager = torch.ops.gdq_engine.triton_packed_conv3x3(*args)
     compiled = torch.compile(lambda *a: torch.ops.gdq_engine.triton_packed_conv3x3(*a), fullgraph=True)
     assert torch.equal(compiled(*args), eager)
+
+
+def pad_ring(t: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> (N, H + 2, W + 2, C) with a zero ring: the padded layout."""
+    return torch.nn.functional.pad(t, (0, 0, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("signed,cin,shape", [(True, 64, (2, 7, 13)), (False, 64, (1, 5, 9)), (True, 32, (3, 4, 6)),
+                                              (True, 96, (1, 1, 3))])
+def test_padded_layout_sums_equal_reference_with_a_zero_ring(signed, cin, shape):
+    """padded=True (the TMA kernel): (N, H+2, W+2, C) codes with a zero ring in, int32 sums out in
+    the same layout: the interior equals the reference conv, the ring is 0. Odd H, W (and a
+    1-pixel-high image, whose taps all but the middle row read the ring); the poisoned output
+    catches any element, ring included, the kernel does not write."""
+    g = gen()
+    n, h, w = shape
+    x = rand_codes((n, h, w, cin), 8, signed, g)
+    wt = rand_weights(64, cin, 8, g)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, signed, wt, torch.ones(64), torch.zeros(64))
+    prep = tk.prepare_conv_weight(wt, 8)
+    n_major = tk.PreparedWeight(prep.w.contiguous(), prep.wsum, 8, cin, 64)  # not TMA's layout: copied for it
+    for weight in (prep, n_major):
+        got = tk.packed_conv3x3(pad_ring(pack_codes(x, 8)).to(DEV), 8, signed, weight, torch.ones(64, device=DEV),
+                                torch.zeros(64, device=DEV), padded=True,
+                                out=torch.full((n, h + 2, w + 2, 64), float("nan"), device=DEV)).cpu()
+        assert torch.equal(got, pad_ring(want))
+
+
+@pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (6, True)])
+def test_padded_layout_requantized_codes(o_bits, o_signed):
+    """conv1 as the padded body runs it: ReLU (or not) and codes of ``o_bits`` in 8-bit containers
+    (the GPU's byte containers), ring code 0."""
+    g = gen()
+    x = rand_codes((2, 6, 11, 64), 8, True, g)
+    wt = rand_weights(64, 64, 4, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.1
+    q = ActQuant(o_bits, o_signed, float(torch.rand(1, generator=g)) * 0.05 + 0.01, container=8)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, relu=not o_signed, out_quant=q)
+    got = tk.packed_conv3x3(pad_ring(pack_codes(x, 8)).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8),
+                            mult.to(DEV), bias.to(DEV), relu=not o_signed, out_quant=q, padded=True,
+                            out=torch.full((2, 8, 13, 64), 0xA5, dtype=torch.uint8, device=DEV)).cpu()
+    assert torch.equal(got, pad_ring(want))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_padded_layout_residual_in_place_with_the_next_blocks_codes(signed):
+    """conv2 as the padded body runs it: the padded fp32 stream updated in place and the next
+    block's codes (8-bit containers) beside it, both with zero rings."""
+    g = gen()
+    shape = (2, 5, 10, 64)
+    x = rand_codes(shape, 8, signed, g)
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = torch.randn(shape, generator=g)
+    nq = ActQuant(4, True, 0.03, container=8)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, signed, wt, mult, bias, residual=residual, res_scale=0.1)
+    stream = pad_ring(residual).to(DEV)
+    codes = torch.full((2, 7, 12, 64), 0xA5, dtype=torch.uint8, device=DEV)
+    got = tk.packed_conv3x3(pad_ring(pack_codes(x, 8)).to(DEV), 8, signed, tk.prepare_conv_weight(wt, 8),
+                            mult.to(DEV), bias.to(DEV), residual=stream, res_scale=0.1, out=stream, next_quant=nq,
+                            next_out=codes, padded=True)
+    assert got.data_ptr() == stream.data_ptr() and torch.equal(stream.cpu(), pad_ring(want))
+    assert torch.equal(codes.cpu(), pad_ring(ref.quantize_pack(want, nq)))
+
+
+def test_padded_layout_refuses_what_it_cannot_do():
+    g = gen()
+    w = tk.prepare_conv_weight(rand_weights(64, 64, 8, g), 8)
+    x = torch.zeros(1, 6, 6, 64, dtype=torch.uint8, device=DEV)
+    ones, zeros = torch.ones(64, device=DEV), torch.zeros(64, device=DEV)
+    with pytest.raises(ValueError, match="8-bit containers"):
+        tk.packed_conv3x3(x[..., :32], 4, True, tk.prepare_conv_weight(rand_weights(64, 64, 8, g), 4), ones, zeros,
+                          padded=True)
+    with pytest.raises(ValueError, match="8-bit containers"):
+        tk.packed_conv3x3(x, 8, True, w, ones, zeros, out_quant=ActQuant(4, False, 0.1), padded=True)
+    with pytest.raises(ValueError, match="pixel-shuffled"):
+        tk.packed_conv3x3(x, 8, True, w, ones, zeros, shuffle=2, padded=True)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w48 = tk.prepare_conv_weight(rand_weights(64, 48, 8, g), 8)
+        tk.packed_conv3x3(x[..., :48], 8, True, w48, ones, zeros, padded=True)
+    with pytest.raises(ValueError, match="at least 3 x 3"):
+        tk.packed_conv3x3(x[:, :2], 8, True, w, ones, zeros, padded=True)
+
+
+@pytest.mark.parametrize("policy,bits", [("static", 8), ("entropy", (2, 4, 8))])
+def test_engine_padded_layout_equals_packed_reference(policy, bits):
+    """containers='padded': the body's codes and residual stream in the zero-ringed layout, every
+    conv on the TMA kernel; the output is the packed reference engine's, bit for bit."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=32, n_blocks=2, res_scale=0.5).eval()
+    kw = dict(policy=policy, bits=bits, calib=random_image(12, 12, n=8, seed=1), patch_size=8, stride=6, device=DEV)
+    fast = Engine(model, backend="triton", containers="padded", **kw)
+    slow = Engine(model, backend="reference", containers="packed", **kw)
+    assert fast.containers == "padded" and fast.int_body.padded
+    launched = []
+    real = tk._padded_conv_into
+    tk._padded_conv_into = lambda *a, **k: launched.append(a) or real(*a, **k)
+    try:
+        lr = random_image(13, 11, n=2, seed=2).to(DEV)
+        out, rep = fast.upscale(lr, return_report=True)
+    finally:
+        tk._padded_conv_into = real
+    assert len(launched) >= 4 and torch.equal(out.cpu(), slow.upscale(lr).cpu())
+    assert policy == "static" or {2, 4} <= set(rep.bits)
+
+
+def test_padded_containers_need_a_backend_and_channels_that_take_them(tiny_edsr):
+    from gdq_engine import Engine
+
+    calib = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="padded"):
+        Engine(tiny_edsr, policy="static", bits=8, calib=calib, device="cpu", backend="reference", containers="padded")
+    with pytest.raises(ValueError, match="multiple of 32"):  # tiny_edsr has 8 channels
+        Engine(tiny_edsr, policy="static", bits=8, calib=calib, device=DEV, backend="triton", containers="padded")
+
+
+def test_the_first_in_place_launch_of_an_autotuned_conv_adds_its_sums_once(monkeypatch):
+    """Autotuning runs a kernel once per benchmark repetition of every config. A conv updating its
+    residual in place (the body's conv2) must still add its sums once: its first launch per variant
+    writes a scratch result that is copied into place. A stand-in autotuner runs the kernel 5 times
+    on an untuned variant, once after, as Triton's does (``_launch_tuned``; GPU only otherwise)."""
+    tuned = set()
+
+    class FakeAutotuner:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                key = tuple(sorted(meta.items()))
+                for _ in range(1 if key in tuned else 5):
+                    args[6].copy_(args[5] + 1.0)  # out = residual + sums (the sums are 1 here)
+                tuned.add(key)
+            return run
+
+    monkeypatch.setattr(tk, "_TUNED_IN_PLACE", set())
+    meta = dict(HAS_RES=True, NEXT_BITS=0)
+    for variant in ("first", "second"):  # each variant tunes once; each call adds 1 once
+        stream = torch.zeros(4)
+        for want in (1.0, 2.0, 3.0):
+            tk._launch_tuned(FakeAutotuner(), "fake", None, (None,) * 5 + (stream, stream, stream),
+                             dict(meta, V=variant))
+            assert torch.equal(stream, torch.full((4,), want)), (variant, want)
+    # not in place: launched as it is (the stand-in's repeated runs give the same result)
+    res, out = torch.zeros(4), torch.full((4,), float("nan"))
+    tk._launch_tuned(FakeAutotuner(), "fake", None, (None,) * 5 + (res, out, out), dict(meta, V="third"))
+    assert torch.equal(out, torch.ones(4)) and torch.equal(res, torch.zeros(4))

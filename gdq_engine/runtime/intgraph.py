@@ -92,14 +92,15 @@ def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -
 
 
 BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
-CONTAINERS = ("packed", "bytes")
+CONTAINERS = ("packed", "bytes", "padded")
 
 
 def in_containers(act_quants: QuantizerPairs, containers: str) -> QuantizerPairs:
     """``act_quants`` with their codes stored ``"packed"`` (each width in its smallest container:
     2 -> 2, 3/4 -> 4, 5..8 -> 8 bits per code) or as ``"bytes"`` (every width one code per byte,
-    so 2- and 4-bit codes run the 8-bit kernels). The codes, and every value computed from them,
-    are the same either way: only bytes moved and the unpacking work differ."""
+    so 2- and 4-bit codes run the 8-bit kernels); ``"padded"`` is ``"bytes"`` in the padded
+    layout (:class:`IntegerBody`). The codes, and every value computed from them, are the same
+    either way: only bytes moved and the unpacking work differ."""
     if containers not in CONTAINERS:
         raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINERS}")
     if containers == "packed":
@@ -164,7 +165,10 @@ class IntegerBody:
         backend: ``"reference"`` (pure torch, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI
             where available) or ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
         containers: ``"packed"`` or ``"bytes"``, how codes narrower than 8 bits are stored between
-            the convs (:func:`in_containers`); results are identical.
+            the convs (:func:`in_containers`), or ``"padded"``: bytes, and every tensor between the
+            convs in the padded layout, (N, H + 2, W + 2, C) with a zero ring, so the Triton conv
+            reads each tap as one shifted box by TMA (``packed_conv3x3(padded=True)``; backends with
+            ``PADDED_LAYOUT``, 32k channels). Results are identical.
     """
 
     MAX_GRAPHS = 32  # captured (bits, batch bucket, shape) variants kept; least recently used dropped first
@@ -178,6 +182,11 @@ class IntegerBody:
         self.containers = containers
         self.backend = backend
         self._ops = _backend_module(backend)
+        self.padded = containers == "padded"
+        if self.padded and not getattr(self._ops, "PADDED_LAYOUT", False):
+            raise ValueError(f"containers='padded' needs a backend with the padded layout (triton), got {backend!r}")
+        if self.padded and any(blk.w1.shape[1] % 32 or blk.w2.shape[1] % 32 for blk in blocks):
+            raise ValueError("containers='padded' needs body channels that are a multiple of 32")
         # Epilogue multipliers m = fp32(s_in) * fp32(s_w[o]), once per (bits, block).
         self._mults = {b: [(torch.tensor(q_in.scale, dtype=torch.float32) * blk.s_w1.float(),
                             torch.tensor(q_mid.scale, dtype=torch.float32) * blk.s_w2.float())
@@ -259,8 +268,11 @@ class IntegerBody:
         weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
         x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
-        if buffers and x.data_ptr() == feat.data_ptr():
+        if self.padded:  # the zero ring quantizes to code 0; every conv writes its result's ring as 0
+            x = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1))
+        elif buffers and x.data_ptr() == feat.data_ptr():
             x = x.clone()  # never the caller's tensor
+        layout = {"padded": True} if self.padded else {}
         packed = None
         for i, (blk, (q_in, q_mid), (w1, w2), (m1, m2)) in enumerate(zip(self.blocks, quants, weights,
                                                                         self._mults[bits])):
@@ -269,13 +281,15 @@ class IntegerBody:
                 packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in)}
                                                        if buffers else {}))
             mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}))
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout)
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
             x = ops.packed_conv3x3(mid, q_mid.container, reads_signed(ops, q_mid), w2, m2, blk.b2, residual=x,
-                                   res_scale=blk.res_scale, **into)
+                                   res_scale=blk.res_scale, **into, **layout)
+        if self.padded:
+            x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
 
 
