@@ -47,7 +47,7 @@ MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.s32\.[su]8\.[su]8",
 _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32: "fp32", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-_TILE = ("BLOCK_M", "BLOCK_K")  # chosen per GPU config, not per variant
+_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT")  # chosen per GPU config, not per variant
 CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")
 
 

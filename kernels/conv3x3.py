@@ -228,7 +228,7 @@ def _padded_conv3x3_tma_kernel(
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """The conv of :func:`_packed_conv3x3_kernel` on 8-bit codes in the *padded layout*: every image
     is stored with a one-pixel zero ring, (N, H + 2, W + 2, C), and so is the result.
@@ -242,13 +242,34 @@ def _padded_conv3x3_tma_kernel(
     Ring pixels are computed too (4% more work for 96 x 96 patches) and stored as value 0 (code 0),
     so the result is again a padded input. 8-bit containers only (``C``, the bytes per pixel, a
     multiple of ``BLOCK_K``); no pixel shuffle.
+
+    ``PERSISTENT``: each program walks row tiles ``program_id(0) + i * num_programs(0)`` in one
+    flattened loop, so Triton's pipeliner issues the next tile's first copies during this tile's
+    epilogue (9 K steps per tile at C = 64 leave little loop to hide a pipeline fill in);
+    otherwise one tile per program.
     """
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), flatten=True):
+            _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H, W, COUT,
+                         res_scale, inv_s_out, inv_s_next, C, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI,
+                         NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        _padded_tile(tl.program_id(0), x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H,
+                     W, COUT, res_scale, inv_s_out, inv_s_next, C, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
+                     O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H, W, COUT,
+                 res_scale, inv_s_out, inv_s_next, C: tl.constexpr, A_SIGNED: tl.constexpr, RELU: tl.constexpr,
+                 HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr, O_LO: tl.constexpr,
+                 O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row tile ``tile`` x channel tile ``program_id(1)`` of :func:`_padded_conv3x3_tma_kernel`."""
     STEPS_PER_TAP: tl.constexpr = C // BLOCK_K
     WP = W + 2
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    p0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
+    p0 = tile * BLOCK_M
+    n0 = tl.program_id(1) * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for step in range(9 * STEPS_PER_TAP):
         tap = step // STEPS_PER_TAP

@@ -58,21 +58,43 @@ def _set_tma_boxes(nargs: dict) -> None:
 
 def fixed_padded_config(cin: int) -> triton.Config:
     """The padded conv's config under ``GDQ_TRITON_AUTOTUNE=0``: 128 x 64 tiles, 64-byte K steps
-    (32 when C is not a multiple of 64), 4 warps, 4 stages."""
-    return triton.Config({"BLOCK_M": 128, "BLOCK_K": 64 if cin % 64 == 0 else 32}, num_warps=4, num_stages=4)
+    (32 when C is not a multiple of 64), 4 warps, 4 stages, one tile per program."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_K": 64 if cin % 64 == 0 else 32, "PERSISTENT": 0}, num_warps=4,
+                         num_stages=4)
 
 
-# The padded TMA conv's candidates: K steps inside one tap (BLOCK_K divides C), 64+ rows (wgmma).
+# The padded TMA conv's candidates (BLOCK_M, BLOCK_K, PERSISTENT: programs per SM, 0 = one tile per
+# program; warps, stages). Few: configs with a pre-hook are not cached on disk, so every GPU process
+# tunes them again.
 PADDED_TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s, pre_hook=_set_tma_boxes)
-    for bm, bk, w, s in [(64, 64, 4, 4), (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 4), (256, 32, 8, 4),
-                         (256, 64, 8, 3), (128, 64, 4, 5)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "PERSISTENT": p}, num_warps=w, num_stages=s,
+                  pre_hook=_set_tma_boxes)
+    for bm, bk, p, w, s in [(128, 64, 0, 4, 4), (64, 64, 0, 4, 4), (128, 64, 0, 8, 4), (256, 64, 0, 8, 3),
+                            (128, 64, 2, 4, 4), (256, 64, 1, 8, 3), (128, 32, 0, 4, 4)]
 ]
 
 
 def _whole_tap_steps(configs: list, named_args: dict, **kwargs) -> list:
-    """The padded conv's configs whose K steps stay inside one tap (BLOCK_K divides C)."""
-    return [c for c in configs if kwargs["C"] % c.kwargs["BLOCK_K"] == 0]
+    """The padded conv's configs whose K steps stay inside one tap (BLOCK_K divides C), 64 bytes
+    wide where C allows (fewer, longer steps)."""
+    width = 64 if kwargs["C"] % 64 == 0 else 32
+    return [c for c in configs if c.kwargs["BLOCK_K"] == width]
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (2 for the interpreter: persistent programs then
+    walk several tiles each in the tests)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _padded_grid(m: int, cout: int, block_n: int, meta: dict, device: torch.device) -> tuple[int, int]:
+    """Programs of the padded conv: one per row tile, or with ``PERSISTENT = p`` at most p per SM."""
+    tiles = triton.cdiv(m, meta["BLOCK_M"])
+    if meta["PERSISTENT"]:
+        tiles = min(tiles, meta["PERSISTENT"] * _sm_count(device))
+    return tiles, triton.cdiv(cout, block_n)
 
 
 _tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_SIGNED", "O_BITS", "HAS_RES",
@@ -89,8 +111,9 @@ _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNE
 @dataclass
 class LaunchOptions:
     """How :func:`packed_conv3x3` launches the conv (benchmarks' A/B rows; the engine never sets them):
-    ``config``, a fixed tile config instead of autotuning (on CUDA); ``a_l1``, activation tiles
-    through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
+    ``config``, a fixed tile config instead of autotuning (on CUDA; for ``padded=True`` also in the
+    interpreter, where tests use it); ``a_l1``, activation tiles through L1
+    (``_packed_conv3x3_kernel``'s ``A_L1``)."""
 
     config: triton.Config | None = None
     a_l1: bool = False
@@ -372,18 +395,18 @@ def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bo
     meta = dict(C=cin, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n)
-    if INTERPRET or out.device.type != "cuda" or not AUTOTUNE or _options.config is not None:
-        if INTERPRET or out.device.type != "cuda":
-            cfg = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)
-        else:
-            cfg = _options.config or fixed_padded_config(cin)
-        _set_tma_boxes({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": block_n, **cfg.kwargs})
-        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))
-        _launcher(_padded_conv3x3_tma_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                           num_stages=cfg.num_stages, **_COMPILE)
-    else:
-        grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
+    interpreted = INTERPRET or out.device.type != "cuda"
+    if AUTOTUNE and not interpreted and _options.config is None:
+        grid = lambda cfg: _padded_grid(m, cout, block_n, cfg, out.device)
         _launch_tuned(_tuned_padded_conv, "padded conv", grid, args, meta)
+        return
+    # a benchmark's or test's config (in the interpreter too), else the interpreter's small tiles or the fixed one
+    cfg = _options.config or (triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "PERSISTENT": 0}) if interpreted
+                              else fixed_padded_config(cin))
+    _set_tma_boxes({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": block_n, **cfg.kwargs})
+    grid = _padded_grid(m, cout, block_n, cfg.kwargs, out.device)
+    _launcher(_padded_conv3x3_tma_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                       num_stages=cfg.num_stages, **_COMPILE)
 
 
 @torch.library.triton_op("gdq_engine::triton_packed_conv3x3", mutates_args=())

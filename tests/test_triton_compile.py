@@ -129,3 +129,22 @@ def test_l1_activation_copies_compile_to_cached_copies_that_feed_the_mma_from_sh
     plain, cached = json.loads(out.read_text())["reports"]
     assert plain["copies_l1"] == 0 and cached["copies_l1"] > 0, (plain, cached)
     assert cached["mma_a_shared"] == cached["mma"] > 0 and cached["byte_stores_shared"] == 0, cached
+
+
+def test_every_padded_autotuning_config_moves_operands_by_tma_into_the_mma(launches, tmp_path):
+    """The padded conv1 with each of its autotuning candidates on sm_90, the persistent ones
+    (one flattened loop over row tiles) included: TMA copies only, A from shared memory, no spills."""
+    from dataclasses import asdict
+
+    _, recorded = launches
+    conv1 = next(x for x in recorded if x.kernel == PADDED and dict(x.constexprs)["O_BITS"] == 8)
+    path, out = tmp_path / "launches.json", tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(conv1)]))
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
+                          "--all-configs", "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    reports = json.loads(out.read_text())["reports"]
+    assert {"PERSISTENT=0", "PERSISTENT=1", "PERSISTENT=2"} <= {w for r in reports for w in r["config"].split()}
+    for r in reports:
+        assert r["copies_tma"] > 0 and r["copies_async"] == 0 and r["mma_a_shared"] == r["mma"] > 0, r
+        assert r["local_bytes"] == 0, r

@@ -498,6 +498,32 @@ def test_padded_layout_sums_equal_reference_with_a_zero_ring(signed, cin, shape)
         assert torch.equal(got, pad_ring(want))
 
 
+@pytest.mark.parametrize("persistent", [1, 3])
+def test_persistent_padded_programs_walk_every_tile(persistent):
+    """PERSISTENT = p: at most p programs per SM (the interpreter counts 2 SMs) walk the row tiles
+    in one flattened loop; every tile, the last partial one included, equals the reference, and a
+    persistent config on a GPU compiles as the autotuner would run it."""
+    import triton
+
+    g = gen()
+    # interpreter: 2 * 9 * 15 = 270 padded pixels in 32-row tiles; GPU: 4 * 98 * 98 in 64-row tiles, more than 3 per SM
+    (n, h, w), block_m = ((2, 7, 13), 32) if DEV.type == "cpu" else ((4, 96, 96), 64)
+    x = rand_codes((n, h, w, 64), 8, True, g)
+    wt = rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.1
+    q = ActQuant(8, False, 0.02)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, relu=True, out_quant=q)
+    m = n * (h + 2) * (w + 2)
+    assert tk._padded_grid(m, 64, 64, dict(BLOCK_M=block_m, PERSISTENT=persistent), DEV)[0] < triton.cdiv(m, block_m)
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_K": 64 if DEV.type == "cuda" else 32, "PERSISTENT": persistent},
+                           num_warps=4, num_stages=3)
+    with tk.launch_options(config=config):
+        got = tk.packed_conv3x3(pad_ring(pack_codes(x, 8)).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8),
+                                mult.to(DEV), bias.to(DEV), relu=True, out_quant=q, padded=True,
+                                out=torch.full((n, h + 2, w + 2, 64), 0xA5, dtype=torch.uint8, device=DEV)).cpu()
+    assert torch.equal(got, pad_ring(want))
+
+
 @pytest.mark.parametrize("o_bits,o_signed", [(8, False), (4, False), (6, True)])
 def test_padded_layout_requantized_codes(o_bits, o_signed):
     """conv1 as the padded body runs it: ReLU (or not) and codes of ``o_bits`` in 8-bit containers
