@@ -43,8 +43,6 @@ def fixed_config(block_n: int) -> triton.Config:
     return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8 if block_n >= 128 else 4, num_stages=3)
 
 
-
-
 def tma_boxes(meta: dict) -> dict[str, list[int]]:
     """The padded conv's TMA box shapes for its tile sizes (``meta``: BLOCK_M, BLOCK_N, BLOCK_K)."""
     return {"x_desc": [meta["BLOCK_M"], meta["BLOCK_K"]], "w_desc": [1, meta["BLOCK_N"], meta["BLOCK_K"]]}
@@ -403,9 +401,10 @@ def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bo
     # a benchmark's or test's config (in the interpreter too), else the interpreter's small tiles or the fixed one
     cfg = _options.config or (triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "PERSISTENT": 0}) if interpreted
                               else fixed_padded_config(cin))
-    _set_tma_boxes({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": block_n, **cfg.kwargs})
-    grid = _padded_grid(m, cout, block_n, cfg.kwargs, out.device)
-    _launcher(_padded_conv3x3_tma_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+    tiles = {"PERSISTENT": 0, **cfg.kwargs}  # a flat-kernel config: one tile per program
+    _set_tma_boxes({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": block_n, **tiles})
+    grid = _padded_grid(m, cout, block_n, tiles, out.device)
+    _launcher(_padded_conv3x3_tma_kernel, False)[grid](*args, **meta, **tiles, num_warps=cfg.num_warps,
                                                        num_stages=cfg.num_stages, **_COMPILE)
 
 
