@@ -13,9 +13,9 @@ Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) sto
 in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` and ``... L1 A`` (a8 w8
 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
 one thing changed. ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per
-byte): the same convs with every tensor in the padded layout, on the TMA kernel (the body's
-``containers="padded"``); their floor counts the image's pixels' MACs and the padded tensors'
-bytes. Baseline: torch fp16 NHWC conv
+byte): the same convs with every tensor in the padded layout, on the TMA kernel, as the body's
+``containers="padded"`` runs them (8-bit unsigned codes between conv1 and conv2 as offset codes);
+their floor counts the image's pixels' MACs and the padded tensors' bytes. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
@@ -154,7 +154,11 @@ def main(argv=None) -> int:
         cuda_run = kind != "conv2+next" and not one_per_byte and not variant and not padded
         cont = 8 if one_per_byte or padded else container_bits(a_bits)  # bits per stored code
         hp = hw + 2 if padded else hw  # stored side: the padded layout adds a one-pixel zero ring
-        layout = {"padded": True} if padded else {}
+        # as the body passes them: narrow unsigned codes one per byte go in as signed bytes (same values)
+        read_signed = reads_signed(tk, ActQuant(a_bits, signed, 1.0, container=cont))
+        # ... and in the padded layout 8-bit unsigned codes as code ^ 0x80 (conv1 writes them, conv2 reads them)
+        offset = padded and a_bits == 8 and not read_signed
+        layout = dict(padded=True, offset_in=offset, offset_out=kind == "conv1" and a_bits == 8) if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
         w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
         mult = torch.rand(64, device=dev, generator=g) * 1e-3
@@ -167,7 +171,8 @@ def main(argv=None) -> int:
 
         def codes():
             x = pack_codes(torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g), cont)
-            return torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1)) if padded else x
+            x = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1)) if padded else x
+            return x ^ 0x80 if offset else x
 
         xs = rotating(codes, in_bytes)
         if kind == "conv1":
@@ -183,8 +188,6 @@ def main(argv=None) -> int:
             nxt = torch.empty(n, hp, hp, c * cont // 8, dtype=torch.uint8, device=dev)
             kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05, container=cont), next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
-        # as the body passes them: narrow unsigned codes one per byte go in as signed bytes (same values)
-        read_signed = reads_signed(tk, ActQuant(a_bits, signed, 1.0, container=cont))
         t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                           xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output

@@ -75,10 +75,11 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
               RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
               O_LO: tl.constexpr, O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr,
               NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr, ZERO_OUTSIDE: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, O_OFFSET: tl.constexpr = False):
     """int32 sums (BLOCK_M, BLOCK_N) of pixels ``offs_m`` (rows of the (M, COUT) result; ``px``
     their column in a W-wide image, for ``SHUFFLE``) -> the stored result (the conv kernels'
-    docstrings). ``ZERO_OUTSIDE``: pixels where ``keep`` is false get value 0 (and code 0)."""
+    docstrings). ``ZERO_OUTSIDE``: pixels where ``keep`` is false get value 0 (and code 0).
+    ``O_OFFSET`` (8-bit codes): each stored byte is ``code ^ 0x80``, the code - 128 as a signed byte."""
     if A_BITS == 8 and not A_SIGNED:
         acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
     y = acc.to(tl.float32) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -113,6 +114,8 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
     else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
         OCP: tl.constexpr = BLOCK_N * O_BITS // 8
         packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI), BLOCK_M, BLOCK_N, O_BITS)
+        if O_OFFSET:
+            packed = packed ^ 0x80
         offs_b = tl.arange(0, OCP)
         tl.store(out_ptr + offs_m[:, None] * OCP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
 
@@ -224,9 +227,9 @@ def _packed_conv3x3_kernel(
 def _padded_conv3x3_tma_kernel(
     x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
     M, H, W, COUT, res_scale, inv_s_out, inv_s_next,
-    C: tl.constexpr, A_SIGNED: tl.constexpr,
+    C: tl.constexpr, A_SIGNED: tl.constexpr, A_OFFSET: tl.constexpr,
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
-    O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
+    O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr, O_OFFSET: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
@@ -243,6 +246,13 @@ def _padded_conv3x3_tma_kernel(
     so the result is again a padded input. 8-bit containers only (``C``, the bytes per pixel, a
     multiple of ``BLOCK_K``); no pixel shuffle.
 
+    Offset codes: unsigned 8-bit codes stored as ``code ^ 0x80`` (code - 128 in a signed byte; the
+    ring then holds 0x80, code 0). ``O_OFFSET`` stores the result's codes so, ``A_OFFSET`` reads
+    the input's (unsigned) codes so: as signed bytes, which wgmma takes from shared memory as they
+    landed, where plain unsigned codes need ``^ 0x80`` in registers first. The epilogue's
+    ``128 * sum(w)`` correction is the same either way. TMA's zero fill (rows outside [0, M)) is
+    read only by ring pixels, whose results are discarded, so it never stands for a code.
+
     ``PERSISTENT``: each program walks row tiles ``program_id(0) + i * num_programs(0)`` in one
     flattened loop, so Triton's pipeliner issues the next tile's first copies during this tile's
     epilogue (9 K steps per tile at C = 64 leave little loop to hide a pipeline fill in);
@@ -251,20 +261,21 @@ def _padded_conv3x3_tma_kernel(
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), flatten=True):
             _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H, W, COUT,
-                         res_scale, inv_s_out, inv_s_next, C, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI,
-                         NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
+                         res_scale, inv_s_out, inv_s_next, C, A_SIGNED, A_OFFSET, RELU, HAS_RES, SCALE_RES, O_BITS,
+                         O_LO, O_HI, O_OFFSET, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         _padded_tile(tl.program_id(0), x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H,
-                     W, COUT, res_scale, inv_s_out, inv_s_next, C, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
-                     O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
+                     W, COUT, res_scale, inv_s_out, inv_s_next, C, A_SIGNED, A_OFFSET, RELU, HAS_RES, SCALE_RES,
+                     O_BITS, O_LO, O_HI, O_OFFSET, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H, W, COUT,
-                 res_scale, inv_s_out, inv_s_next, C: tl.constexpr, A_SIGNED: tl.constexpr, RELU: tl.constexpr,
-                 HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr, O_LO: tl.constexpr,
-                 O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 res_scale, inv_s_out, inv_s_next, C: tl.constexpr, A_SIGNED: tl.constexpr, A_OFFSET: tl.constexpr,
+                 RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
+                 O_LO: tl.constexpr, O_HI: tl.constexpr, O_OFFSET: tl.constexpr, NEXT_BITS: tl.constexpr,
+                 NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """Row tile ``tile`` x channel tile ``program_id(1)`` of :func:`_padded_conv3x3_tma_kernel`."""
     STEPS_PER_TAP: tl.constexpr = C // BLOCK_K
     WP = W + 2
@@ -275,7 +286,7 @@ def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, ou
         tap = step // STEPS_PER_TAP
         k0 = (step % STEPS_PER_TAP) * BLOCK_K
         raw = x_desc.load([p0 + (tap // 3 - 1) * WP + (tap % 3 - 1), k0])
-        a = _unpack_group(raw, 0, 8, A_SIGNED)
+        a = _unpack_group(raw, 0, 8, A_SIGNED or A_OFFSET)  # offset codes are the MMA operand as loaded
         w = w_desc.load([0, n0, tap * C + k0]).reshape(BLOCK_N, BLOCK_K)
         acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
 
@@ -288,7 +299,8 @@ def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, ou
     _epilogue(acc, offs_m, m_ok, offs_n, offs_n < COUT, px, inside, WP, wsum_ptr, mult_ptr, bias_ptr, res_ptr,
               out_ptr, next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=8, A_SIGNED=A_SIGNED, RELU=RELU,
               HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
-              NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=1, ZERO_OUTSIDE=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+              NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=1, ZERO_OUTSIDE=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+              O_OFFSET=O_OFFSET)
 
 
 @triton.jit

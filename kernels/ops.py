@@ -95,8 +95,8 @@ def _padded_grid(m: int, cout: int, block_n: int, meta: dict, device: torch.devi
     return tiles, triton.cdiv(cout, block_n)
 
 
-_tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_SIGNED", "O_BITS", "HAS_RES",
-                                                               "NEXT_BITS", "BLOCK_N"],
+_tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_SIGNED", "A_OFFSET", "O_BITS",
+                                                               "O_OFFSET", "HAS_RES", "NEXT_BITS", "BLOCK_N"],
                                      prune_configs_by={"early_config_prune": _whole_tap_steps})(
     _padded_conv3x3_tma_kernel)
 
@@ -211,7 +211,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
                    mult: torch.Tensor, bias: torch.Tensor, relu: bool = False, residual: torch.Tensor | None = None,
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, out: torch.Tensor | None = None,
                    shuffle: int = 1, out_dtype: torch.dtype = torch.float32, next_quant: ActQuant | None = None,
-                   next_out: torch.Tensor | None = None, padded: bool = False) -> torch.Tensor:
+                   next_out: torch.Tensor | None = None, padded: bool = False, offset_in: bool = False,
+                   offset_out: bool = False) -> torch.Tensor:
     """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp), NHWC.
 
     Args:
@@ -233,6 +234,9 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
             (N, H + 2, W + 2, .) for an H x W image whose one-pixel ring holds zeros (code 0); the
             result's ring is written as zeros, so it is again such an input. 8-bit containers,
             C a multiple of 32, no shuffle; TMA copies on the GPU (``_padded_conv3x3_tma_kernel``).
+        offset_in, offset_out: (padded only) the unsigned 8-bit input codes / the re-quantized
+            unsigned output codes are stored as ``code ^ 0x80``, code - 128 in a signed byte (a
+            ring then holds 0x80): the MMA takes such bytes from shared memory as they are.
     Returns:
         packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else (N, H, W, Cout) in
         ``out_dtype`` (shuffled shapes as above).
@@ -249,6 +253,12 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
     if padded:
         _check_padded(x_packed, bits, weight.cin, shuffle, out_quant, next_quant)
+        if offset_in and a_signed:
+            raise ValueError("offset_in stores unsigned codes as code ^ 0x80; these codes are signed")
+        if offset_out and (out_quant is None or out_quant.signed):
+            raise ValueError("offset_out stores re-quantized unsigned codes (out_quant unsigned)")
+    elif offset_in or offset_out:
+        raise ValueError("offset codes (offset_in, offset_out) go with the padded layout (padded=True)")
     cout, dev = weight.cout, x_packed.device
     x_packed = x_packed.contiguous()
     if residual is not None:
@@ -294,7 +304,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         raise ValueError(f"the result has {out.numel()} values, more than 32-bit offsets reach; split the batch")
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
-               o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r, padded=padded)
+               o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r,
+               padded=(bool(offset_in), bool(offset_out)) if padded else None)
     return out
 
 
@@ -312,11 +323,12 @@ def _check_padded(x: torch.Tensor, bits: int, cin: int, shuffle: int, out_quant:
         raise ValueError(f"a padded (N, H + 2, W + 2, C) input is at least 3 x 3, got {tuple(x.shape)}")
 
 
-def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, a_signed: bool) -> tuple:
+def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, as_int8: bool) -> tuple:
     """TMA descriptors of the padded conv's operands (boxes set at launch): the codes as an (M, C)
-    matrix (int8 when signed: the MMA operand as loaded), the prepared weights as (1, Cout, 9 * C)."""
+    matrix (int8 for signed or offset codes: the MMA operand as loaded), the prepared weights as
+    (1, Cout, 9 * C)."""
     m, cin = x.numel() // x.shape[-1], x.shape[-1]
-    codes = (x.view(torch.int8) if a_signed else x).view(m, cin)
+    codes = (x.view(torch.int8) if as_int8 else x).view(m, cin)
     if codes.data_ptr() % 16:  # TMA needs 16-byte aligned bases (a view into a bigger buffer may not be)
         codes = codes.clone()
     groups, kk, cout = w.shape
@@ -330,15 +342,16 @@ def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, a_signed: bool) -> tup
 def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
                res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
                next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1,
-               padded: bool = False) -> None:
-    """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device)."""
+               padded: tuple[bool, bool] | None = None) -> None:
+    """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device);
+    ``padded``: the padded layout's kernel, with (offset_in, offset_out)."""
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
     next_bits, next_lo, next_hi, next_inv_s = next_args
-    if padded:
+    if padded is not None:
         _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
-                          inv_s, next_out, next_args, block_n)
+                          inv_s, next_out, next_args, block_n, *padded)
         return
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
             next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
@@ -382,17 +395,18 @@ def _launch_tuned(tuner, name: str, grid, args: tuple, meta: dict, traceable: bo
 
 
 def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
-                      o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, block_n: int) -> None:
+                      o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, block_n: int,
+                      offset_in: bool, offset_out: bool) -> None:
     """:func:`_conv_into` for the padded layout: the TMA kernel, (N, H + 2, W + 2, C) tensors."""
     n, hp, wp, cin = x_packed.shape
     m, cout = n * hp * wp, w.shape[2]
     next_bits, next_lo, next_hi, next_inv_s = next_args
-    x_desc, w_desc = _padded_descriptors(x_packed, w, a_signed)
+    x_desc, w_desc = _padded_descriptors(x_packed, w, a_signed or offset_in)
     args = (x_desc, w_desc, wsum, mult, bias, residual if residual is not None else out, out,
             next_out if next_out is not None else out, m, hp - 2, wp - 2, cout, res_scale, inv_s, next_inv_s)
-    meta = dict(C=cin, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
+    meta = dict(C=cin, A_SIGNED=a_signed, A_OFFSET=offset_in, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
-                NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n)
+                O_OFFSET=offset_out, NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n)
     interpreted = INTERPRET or out.device.type != "cuda"
     if AUTOTUNE and not interpreted and _options.config is None:
         grid = lambda cfg: _padded_grid(m, cout, block_n, cfg, out.device)

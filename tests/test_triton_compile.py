@@ -52,7 +52,9 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     padded = [dict(x.constexprs) for x in recorded if x.kernel == PADDED]
     assert any(c["RELU"] and c["O_BITS"] == 8 for c in padded)
     assert any(c["HAS_RES"] and c["NEXT_BITS"] == 8 for c in padded)
-    assert {c["A_SIGNED"] for c in padded if c["HAS_RES"]} == {False, True}  # a8 mid codes, and 4-bit ones as signed
+    # 8-bit mid codes as offset codes, narrower ones as signed bytes: every padded conv takes signed bytes
+    assert {(c["A_SIGNED"], c["A_OFFSET"]) for c in padded if c["HAS_RES"]} == {(False, True), (True, False)}
+    assert any(c["O_OFFSET"] for c in padded)
     # every quantize_pack variant takes fp32 and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
     assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)
@@ -95,11 +97,10 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
         if r["kernel"] in (CONV, PADDED):
             assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 on sm_80
         if r["kernel"] == PADDED and r["arch"] == 90:
-            # Both operands come by TMA box copies, no per-thread copies; signed codes feed the
-            # wgmmas from shared memory as they landed.
+            # Both operands come by TMA box copies, no per-thread copies; signed and offset codes
+            # (every padded variant the engine launches) feed the wgmmas from shared memory as they landed.
             assert r["copies_tma"] > 0 and r["copies_async"] == 0, r
-            if " A_SIGNED=1 " in r["variant"]:
-                assert r["mma_a_shared"] == r["mma"], r
+            assert r["mma_a_shared"] == r["mma"], r
         if r["kernel"] == CONV and r["arch"] == 90 and " A_BITS=8 " in r["variant"]:
             # Operands reach the wgmmas through shared memory as loaded: the K-contiguous weights need
             # no byte-wise transposition through registers (the N-contiguous layout made 16 byte

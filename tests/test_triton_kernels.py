@@ -560,6 +560,30 @@ def test_padded_layout_residual_in_place_with_the_next_blocks_codes(signed):
     assert torch.equal(codes.cpu(), pad_ring(ref.quantize_pack(want, nq)))
 
 
+def test_padded_layout_offset_codes_between_conv1_and_conv2():
+    """8-bit unsigned codes as code ^ 0x80 (offset_out on conv1, offset_in on conv2): conv1's bytes
+    are the reference codes ^ 0x80, its ring 0x80 (code 0); conv2 reading such bytes (ring 0x80)
+    gives the reference's sums."""
+    g = gen()
+    shape = (2, 5, 9, 64)
+    x = rand_codes(shape, 8, True, g)
+    w1, w2 = rand_weights(64, 64, 8, g), rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.1
+    q = ActQuant(8, False, 0.02)
+    mid_want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, w1, mult, bias, relu=True, out_quant=q)
+    mid = tk.packed_conv3x3(pad_ring(pack_codes(x, 8)).to(DEV), 8, True, tk.prepare_conv_weight(w1, 8), mult.to(DEV),
+                            bias.to(DEV), relu=True, out_quant=q, padded=True, offset_out=True,
+                            out=torch.full((2, 7, 11, 64), 0x5A, dtype=torch.uint8, device=DEV))
+    assert torch.equal(mid.cpu() ^ 0x80, pad_ring(mid_want))
+    codes = rand_codes(shape, 8, False, g)  # every unsigned code, 0 and 255 included
+    codes[0, 0, 0, :2] = torch.tensor([0, 255])
+    want = ref.packed_conv3x3(pack_codes(codes, 8), 8, False, w2, torch.ones(64), torch.zeros(64))
+    got = tk.packed_conv3x3(pad_ring(pack_codes(codes, 8)).to(DEV) ^ 0x80, 8, False, tk.prepare_conv_weight(w2, 8),
+                            torch.ones(64, device=DEV), torch.zeros(64, device=DEV), padded=True, offset_in=True,
+                            out=torch.full((2, 7, 11, 64), float("nan"), device=DEV))
+    assert torch.equal(got.cpu(), pad_ring(want))
+
+
 def test_padded_layout_refuses_what_it_cannot_do():
     g = gen()
     w = tk.prepare_conv_weight(rand_weights(64, 64, 8, g), 8)
@@ -577,6 +601,12 @@ def test_padded_layout_refuses_what_it_cannot_do():
         tk.packed_conv3x3(x[..., :48], 8, True, w48, ones, zeros, padded=True)
     with pytest.raises(ValueError, match="at least 3 x 3"):
         tk.packed_conv3x3(x[:, :2], 8, True, w, ones, zeros, padded=True)
+    with pytest.raises(ValueError, match="these codes are signed"):
+        tk.packed_conv3x3(x, 8, True, w, ones, zeros, padded=True, offset_in=True)
+    with pytest.raises(ValueError, match="out_quant unsigned"):
+        tk.packed_conv3x3(x, 8, True, w, ones, zeros, out_quant=ActQuant(8, True, 0.1), padded=True, offset_out=True)
+    with pytest.raises(ValueError, match="padded=True"):
+        tk.packed_conv3x3(x, 8, False, w, ones, zeros, offset_in=True)
 
 
 @pytest.mark.parametrize("policy,bits", [("static", 8), ("entropy", (2, 4, 8))])
@@ -604,6 +634,8 @@ def test_engine_padded_layout_equals_packed_reference(policy, bits):
         tk._padded_conv_into = real
     assert len(launched) >= 4 and torch.equal(out.cpu(), slow.upscale(lr).cpu())
     assert policy == "static" or {2, 4} <= set(rep.bits)
+    # 8-bit unsigned mid codes travel as offset codes (conv1 writes, conv2 reads); narrower ones as signed bytes
+    assert any(args[-1] for args in launched) and any(args[-2] for args in launched)
 
 
 def test_padded_containers_need_a_backend_and_channels_that_take_them(tiny_edsr):

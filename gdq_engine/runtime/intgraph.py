@@ -280,14 +280,18 @@ class IntegerBody:
             if packed is None or not buffers:
                 packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in)}
                                                        if buffers else {}))
+            # padded: 8-bit unsigned mid codes travel as code ^ 0x80 (signed bytes the MMA takes as they are)
+            offset = {"offset_out": True} if self.padded and not reads_signed(ops, q_mid) else {}
             mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout)
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout,
+                                     **offset)
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
             x = ops.packed_conv3x3(mid, q_mid.container, reads_signed(ops, q_mid), w2, m2, blk.b2, residual=x,
-                                   res_scale=blk.res_scale, **into, **layout)
+                                   res_scale=blk.res_scale, **into, **layout,
+                                   **({"offset_in": True} if offset else {}))
         if self.padded:
             x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
