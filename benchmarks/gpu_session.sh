@@ -5,7 +5,7 @@
 # 104 s, Triton tests 55 s, latency at 720p + 4K 58 s on an H200; kernels.py 58 s on an H100; since
 # then latency.py has two more rows, one of them on the padded kernel, which autotunes in every
 # process; kernels.py fifteen (six of them A/B rows on an already tuned config, five padded), the
-# Triton tests seventeen more; kernels.py and latency.py now save their JSON after every row).
+# Triton tests eighteen more; kernels.py and latency.py now save their JSON after every row).
 # latency.py at 720p and 4K (linearity, measured 2026-11-26) moved to the second call, with the
 # torch.compile rows (docs/benchmarks.md), to give these steps their time.
 #

@@ -203,8 +203,7 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
     if launch.kernel == "_padded_conv3x3_tma_kernel":
         cin = dict(launch.constexprs)["C"]
         fixed = ops.fixed_padded_config(cin)
-        extra = [c for c in ops._whole_tap_steps(ops.PADDED_TUNE_CONFIGS, {}, C=cin)
-                 if all_configs and _config_label(c) != _config_label(fixed)]
+        extra = [c for c in ops.padded_tune_configs(cin) if all_configs and _config_label(c) != _config_label(fixed)]
         return [fixed, *extra]
     return [triton.Config({"BLOCK_M": ops.ROWS_PER_PROGRAM}, num_warps=4, num_stages=3)]
 

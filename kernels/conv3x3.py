@@ -120,8 +120,6 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
         tl.store(out_ptr + offs_m[:, None] * OCP + offs_b[None, :], packed.to(tl.uint8), mask=m_ok[:, None])
 
 
-
-
 @triton.jit
 def _packed_conv3x3_kernel(
     x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,

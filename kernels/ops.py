@@ -72,11 +72,17 @@ PADDED_TUNE_CONFIGS = [
 ]
 
 
-def _whole_tap_steps(configs: list, named_args: dict, **kwargs) -> list:
-    """The padded conv's configs whose K steps stay inside one tap (BLOCK_K divides C), 64 bytes
-    wide where C allows (fewer, longer steps)."""
-    width = 64 if kwargs["C"] % 64 == 0 else 32
-    return [c for c in configs if c.kwargs["BLOCK_K"] == width]
+def padded_tune_configs(cin: int) -> list[triton.Config]:
+    """The padded conv's autotuning candidates for ``cin`` input bytes per pixel: K steps inside one
+    tap (BLOCK_K divides C), 64 bytes wide where C allows (fewer, longer steps)."""
+    width = 64 if cin % 64 == 0 else 32
+    return [c for c in PADDED_TUNE_CONFIGS if c.kwargs["BLOCK_K"] == width]
+
+
+def _prune_padded(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune: :func:`padded_tune_configs` of the launch's C."""
+    keep = {id(c) for c in padded_tune_configs(kwargs["C"])}
+    return [c for c in configs if id(c) in keep]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -97,7 +103,7 @@ def _padded_grid(m: int, cout: int, block_n: int, meta: dict, device: torch.devi
 
 _tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_SIGNED", "A_OFFSET", "O_BITS",
                                                                "O_OFFSET", "HAS_RES", "NEXT_BITS", "BLOCK_N"],
-                                     prune_configs_by={"early_config_prune": _whole_tap_steps})(
+                                     prune_configs_by={"early_config_prune": _prune_padded})(
     _padded_conv3x3_tma_kernel)
 
 # stride_wk: the prepared K-contiguous weights (1) and benchmarks/kernels.py's N-contiguous A/B rows

@@ -676,3 +676,19 @@ def test_the_first_in_place_launch_of_an_autotuned_conv_adds_its_sums_once(monke
     res, out = torch.zeros(4), torch.full((4,), float("nan"))
     tk._launch_tuned(FakeAutotuner(), "fake", None, (None,) * 5 + (res, out, out), dict(meta, V="third"))
     assert torch.equal(out, torch.ones(4)) and torch.equal(res, torch.zeros(4))
+
+
+def test_padded_autotuning_candidates_suit_the_channels():
+    """The autotuner's prune keeps K steps inside one tap, 64 bytes where C allows: six candidates
+    at C = 64 (two persistent), one at C = 32 or 96; each with its TMA boxes set by its pre-hook."""
+    at64 = tk._prune_padded(tk.PADDED_TUNE_CONFIGS, {}, C=64)
+    assert len(at64) == 6 and {c.kwargs["BLOCK_K"] for c in at64} == {64}
+    assert sorted(c.kwargs["PERSISTENT"] for c in at64) == [0, 0, 0, 0, 1, 2]
+    for cin in (32, 96):
+        assert [c.kwargs["BLOCK_K"] for c in tk._prune_padded(tk.PADDED_TUNE_CONFIGS, {}, C=cin)] == [32]
+    assert all(c.pre_hook is not None for c in tk.PADDED_TUNE_CONFIGS)
+    x = torch.zeros(4, 64, dtype=torch.uint8)
+    w = tk.prepare_conv_weight(torch.zeros(64, 64, 3, 3, dtype=torch.int8), 8).w
+    x_desc, w_desc = tk._padded_descriptors(x.view(1, 2, 2, 64), w, as_int8=True)
+    at64[3].pre_hook({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": 64, **at64[3].kwargs})
+    assert x_desc.block_shape == [256, 64] and w_desc.block_shape == [1, 64, 64] and x_desc.base.dtype == torch.int8

@@ -272,7 +272,6 @@ class IntegerBody:
             x = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1))
         elif buffers and x.data_ptr() == feat.data_ptr():
             x = x.clone()  # never the caller's tensor
-        layout = {"padded": True} if self.padded else {}
         packed = None
         for i, (blk, (q_in, q_mid), (w1, w2), (m1, m2)) in enumerate(zip(self.blocks, quants, weights,
                                                                         self._mults[bits])):
@@ -281,17 +280,17 @@ class IntegerBody:
                 packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in)}
                                                        if buffers else {}))
             # padded: 8-bit unsigned mid codes travel as code ^ 0x80 (signed bytes the MMA takes as they are)
-            offset = {"offset_out": True} if self.padded and not reads_signed(ops, q_mid) else {}
+            offset = not reads_signed(ops, q_mid)
+            layout1 = dict(padded=True, offset_out=offset) if self.padded else {}
+            layout2 = dict(padded=True, offset_in=offset) if self.padded else {}
             mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout,
-                                     **offset)
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout1)
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
             x = ops.packed_conv3x3(mid, q_mid.container, reads_signed(ops, q_mid), w2, m2, blk.b2, residual=x,
-                                   res_scale=blk.res_scale, **into, **layout,
-                                   **({"offset_in": True} if offset else {}))
+                                   res_scale=blk.res_scale, **into, **layout2)
         if self.padded:
             x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
