@@ -692,3 +692,26 @@ def test_padded_autotuning_candidates_suit_the_channels():
     x_desc, w_desc = tk._padded_descriptors(x.view(1, 2, 2, 64), w, as_int8=True)
     at64[3].pre_hook({"x_desc": x_desc, "w_desc": w_desc, "BLOCK_N": 64, **at64[3].kwargs})
     assert x_desc.block_shape == [256, 64] and w_desc.block_shape == [1, 64, 64] and x_desc.base.dtype == torch.int8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's autotuner benchmarks on a CUDA device")
+def test_real_autotuning_of_an_in_place_conv_adds_its_sums_once(monkeypatch):
+    """With Triton's own autotuner (the GPU tests otherwise run fixed configs): the padded conv2 at
+    C = 32, updating its residual in place, tunes on its first launch (one candidate after the
+    prune, benchmarked over many repetitions) and still equals the reference, then again tuned."""
+    monkeypatch.setattr(tk, "AUTOTUNE", True)
+    monkeypatch.setattr(tk, "_TUNED_IN_PLACE", set())
+    monkeypatch.setattr(tk._tuned_padded_conv, "cache", {})
+    g = gen()
+    shape = (2, 9, 11, 32)
+    x = rand_codes(shape, 8, True, g)
+    wt, mult, bias = rand_weights(32, 32, 8, g), torch.rand(32, generator=g) * 1e-3, torch.randn(32, generator=g)
+    residual = torch.randn(shape, generator=g)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, residual=residual)
+    prep, xs = tk.prepare_conv_weight(wt, 8), pad_ring(pack_codes(x, 8)).to(DEV)
+    for _ in range(2):  # the tuning launch, then a tuned one
+        stream = pad_ring(residual).to(DEV)
+        tk.packed_conv3x3(xs, 8, True, prep, mult.to(DEV), bias.to(DEV), residual=stream, out=stream, padded=True)
+        assert torch.equal(stream.cpu(), pad_ring(want))
+    assert tk._tuned_padded_conv.cache and tk._TUNED_IN_PLACE
