@@ -411,6 +411,29 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
             assert graphed.int_body.graphs.keys()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+def test_cuda_graphs_of_the_padded_layout():
+    """containers="padded" under CUDA graphs: the TMA descriptors are captured with the launches
+    (static a8 + x4 integer tail: the whole network; EntropyOnly {2,4,8}: the groups' bodies).
+    Eager, capture and replay all equal the reference backend."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    calib = random_image(24, 24, n=8, seed=3)
+    for scale, kw in ((4, dict(policy="static", bits=8, tail_bits=8)), (2, dict(policy="entropy", bits=(2, 4, 8)))):
+        model = EDSR(scale=scale, n_feats=64, n_blocks=2).eval()
+        kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=torch.float16)
+        graphed = Engine(model, backend="triton", containers="padded", **kw)
+        reference = Engine(model, backend="reference", **kw)
+        lr = random_image(37, 29, n=1, seed=4).cuda()
+        for _ in range(3):
+            assert torch.equal(graphed.upscale(lr), reference.upscale(lr)), kw["policy"]
+        assert graphed.network_graphs.keys() and graphed.int_body.padded
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
