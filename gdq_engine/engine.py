@@ -166,7 +166,7 @@ class Engine:
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
-        self.containers: str | None = None  # resolved: "packed" or "bytes" (None: FP)
+        self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
                               calib_patch=patch_size or DEFAULT_CALIB_PATCH, device=self.device, tail_bits=tail_bits)

@@ -54,10 +54,16 @@ def _set_tma_boxes(nargs: dict) -> None:
         nargs[name].block_shape = box
 
 
+def _padded_k_step(cin: int) -> int:
+    """The padded conv's BLOCK_K for ``cin`` input bytes per pixel: K steps inside one tap (BLOCK_K
+    divides C), 64 bytes wide where C allows (fewer, longer steps), else 32."""
+    return 64 if cin % 64 == 0 else 32
+
+
 def fixed_padded_config(cin: int) -> triton.Config:
-    """The padded conv's config under ``GDQ_TRITON_AUTOTUNE=0``: 128 x 64 tiles, 64-byte K steps
-    (32 when C is not a multiple of 64), 4 warps, 4 stages, one tile per program."""
-    return triton.Config({"BLOCK_M": 128, "BLOCK_K": 64 if cin % 64 == 0 else 32, "PERSISTENT": 0}, num_warps=4,
+    """The padded conv's config under ``GDQ_TRITON_AUTOTUNE=0``: 128-row tiles, K steps of
+    :func:`_padded_k_step`, 4 warps, 4 stages, one tile per program."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_K": _padded_k_step(cin), "PERSISTENT": 0}, num_warps=4,
                          num_stages=4)
 
 
@@ -73,10 +79,9 @@ PADDED_TUNE_CONFIGS = [
 
 
 def padded_tune_configs(cin: int) -> list[triton.Config]:
-    """The padded conv's autotuning candidates for ``cin`` input bytes per pixel: K steps inside one
-    tap (BLOCK_K divides C), 64 bytes wide where C allows (fewer, longer steps)."""
-    width = 64 if cin % 64 == 0 else 32
-    return [c for c in PADDED_TUNE_CONFIGS if c.kwargs["BLOCK_K"] == width]
+    """The padded conv's autotuning candidates for ``cin`` input bytes per pixel: those whose K
+    steps are :func:`_padded_k_step`."""
+    return [c for c in PADDED_TUNE_CONFIGS if c.kwargs["BLOCK_K"] == _padded_k_step(cin)]
 
 
 def _prune_padded(configs: list, named_args: dict, **kwargs) -> list:
@@ -258,11 +263,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     if cp * 8 // bits != weight.cin:
         raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
     if padded:
-        _check_padded(x_packed, bits, weight.cin, shuffle, out_quant, next_quant)
-        if offset_in and a_signed:
-            raise ValueError("offset_in stores unsigned codes as code ^ 0x80; these codes are signed")
-        if offset_out and (out_quant is None or out_quant.signed):
-            raise ValueError("offset_out stores re-quantized unsigned codes (out_quant unsigned)")
+        _check_padded(x_packed, bits, weight.cin, shuffle, out_quant, next_quant, a_signed, offset_in, offset_out)
     elif offset_in or offset_out:
         raise ValueError("offset codes (offset_in, offset_out) go with the padded layout (padded=True)")
     cout, dev = weight.cout, x_packed.device
@@ -316,7 +317,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
 
 
 def _check_padded(x: torch.Tensor, bits: int, cin: int, shuffle: int, out_quant: ActQuant | None,
-                  next_quant: ActQuant | None) -> None:
+                  next_quant: ActQuant | None, a_signed: bool, offset_in: bool, offset_out: bool) -> None:
     """What ``packed_conv3x3(padded=True)`` supports."""
     if bits != 8 or any(q is not None and q.container != 8 for q in (out_quant, next_quant)):
         raise ValueError("the padded layout takes 8-bit containers only (in, out and next codes); use "
@@ -327,6 +328,10 @@ def _check_padded(x: torch.Tensor, bits: int, cin: int, shuffle: int, out_quant:
         raise ValueError("the padded layout has no pixel-shuffled store")
     if x.shape[1] < 3 or x.shape[2] < 3:
         raise ValueError(f"a padded (N, H + 2, W + 2, C) input is at least 3 x 3, got {tuple(x.shape)}")
+    if offset_in and a_signed:
+        raise ValueError("offset_in stores unsigned codes as code ^ 0x80; these codes are signed")
+    if offset_out and (out_quant is None or out_quant.signed):
+        raise ValueError("offset_out stores re-quantized unsigned codes (out_quant unsigned)")
 
 
 def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, as_int8: bool) -> tuple:
@@ -354,11 +359,11 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
-    next_bits, next_lo, next_hi, next_inv_s = next_args
     if padded is not None:
         _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
                           inv_s, next_out, next_args, block_n, *padded)
         return
+    next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
             next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
@@ -390,8 +395,9 @@ def _launch_tuned(tuner, name: str, grid, args: tuple, meta: dict, traceable: bo
     its sums to the stream that many times. The first in-place launch of each variant therefore
     writes a scratch result, which is then copied into place; later launches (tuned) run in place."""
     res, out = args[5], args[6]
-    key = (name, out.dtype, *sorted(meta.items()))
-    if not meta["HAS_RES"] or res.data_ptr() != out.data_ptr() or key in _TUNED_IN_PLACE:
+    in_place = meta["HAS_RES"] and res.data_ptr() == out.data_ptr()
+    key = (name, out.dtype, *sorted(meta.items())) if in_place else None
+    if not in_place or key in _TUNED_IN_PLACE:
         _launcher(tuner, traceable)[grid](*args, **meta, **_COMPILE)
         return
     scratch = torch.empty_like(out)

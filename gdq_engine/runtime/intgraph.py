@@ -279,17 +279,17 @@ class IntegerBody:
             if packed is None or not buffers:
                 packed = ops.quantize_pack(x, q_in, **({"out": _codes_buffer(scratch, "in", x, q_in)}
                                                        if buffers else {}))
+            mid_signed = reads_signed(ops, q_mid)
             # padded: 8-bit unsigned mid codes travel as code ^ 0x80 (signed bytes the MMA takes as they are)
-            offset = not reads_signed(ops, q_mid)
-            layout1 = dict(padded=True, offset_out=offset) if self.padded else {}
-            layout2 = dict(padded=True, offset_in=offset) if self.padded else {}
+            layout1 = dict(padded=True, offset_out=not mid_signed) if self.padded else {}
+            layout2 = dict(padded=True, offset_in=not mid_signed) if self.padded else {}
             mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
                                      **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout1)
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
-            x = ops.packed_conv3x3(mid, q_mid.container, reads_signed(ops, q_mid), w2, m2, blk.b2, residual=x,
+            x = ops.packed_conv3x3(mid, q_mid.container, mid_signed, w2, m2, blk.b2, residual=x,
                                    res_scale=blk.res_scale, **into, **layout2)
         if self.padded:
             x = x[:, 1:-1, 1:-1].contiguous()
