@@ -26,6 +26,24 @@ except ImportError as exc:  # pragma: no cover - explained to the user
 NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false"]
 
 
+def loaded_libstdcxx() -> str | None:
+    """Path of the shared libstdc++ this process (so torch) runs on, or None (not Linux, not found).
+
+    The extension links it by path. Some toolchains (the lent GPU machine's /opt/gcc wrapper) put a
+    directory holding only libstdc++.a first on the library path, so ``-lstdc++`` linked a second,
+    static copy of the C++ runtime into _C.so (24 MB). Two runtimes in one process do not share
+    locale facets: an error message built with an integer in it (TORCH_CHECK(..., "got ", n))
+    crashed the process there, and here came out cut short before the number.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:
+        return None
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    return paths[0] if paths else None
+
+
 def extension():
     sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -37,6 +55,9 @@ def extension():
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
         link.append("-fopenmp")
+        libstdcxx = loaded_libstdcxx()
+        if libstdcxx is not None:
+            link.append(libstdcxx)
     use_cuda = (bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
                 and os.environ.get("GDQ_NO_CUDA") != "1")
     if use_cuda:

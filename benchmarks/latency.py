@@ -37,8 +37,8 @@ output vs the fp32 output (mean
 over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
 On GPU the JSON is also written after every row, ``"complete": false`` until the run ends, so a
 run cut short keeps the rows it timed.
-``--profile METHOD`` also runs that row once per frame under torch.profiler and records its top
-ops (self time per frame: where the time goes).
+``--profile METHOD`` (repeatable) also runs that row once per frame under torch.profiler and records
+its top ops and its total self time per frame (where the time goes) under ``profiles``.
 """
 
 from __future__ import annotations
@@ -174,9 +174,11 @@ def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int) -> li
     return [statistics.median(s) for s in samples]
 
 
-def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) -> list[dict]:
+def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) -> dict:
     """``engine.upscale`` of every frame once under torch.profiler (after the timed runs, so
-    warm): the ``top`` ops by self time (CUDA time on GPU), grouped by input shapes, per frame."""
+    warm). Returns ``{"total_ms_per_frame": self time of all ops per frame (CUDA time on GPU, so
+    the frame's time minus this is launch gaps and host work), "ops": the ``top`` ops by self time,
+    grouped by input shapes, per frame}``."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
@@ -189,9 +191,10 @@ def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) ->
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
     total = sum(getattr(e, key, 0.0) for e in events) or 1.0
     ranked = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
-    return [{"op": e.key, "shapes": str(e.input_shapes)[:120], "share": getattr(e, key, 0.0) / total,
-             "self_ms_per_frame": getattr(e, key, 0.0) / 1e3 / len(frames), "calls_per_frame": e.count / len(frames)}
-            for e in ranked]
+    ops = [{"op": e.key, "shapes": str(e.input_shapes)[:120], "share": getattr(e, key, 0.0) / total,
+            "self_ms_per_frame": getattr(e, key, 0.0) / 1e3 / len(frames), "calls_per_frame": e.count / len(frames)}
+           for e in ranked]
+    return {"total_ms_per_frame": total / 1e3 / len(frames), "ops": ops}
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -255,9 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
                    help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
-    p.add_argument("--profile", default=None, metavar="METHOD",
+    p.add_argument("--profile", action="append", default=[], metavar="METHOD",
                    help="also run this row once per frame of the last size under torch.profiler: its top ops "
-                        "(self time per frame) are printed and written to the JSON")
+                        "(self time per frame) are printed and written to the JSON (repeat for more rows)")
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU mode: leave glibc's malloc as it is (by default it keeps freed memory; see "
                         "common.keep_freed_memory)")
@@ -282,8 +285,9 @@ def main(argv=None) -> int:
     model_name = f"{args.arch}-x{args.scale}"
     granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
     cases = cases_for(args.gpu, model, granular, compile_mode)
-    if args.profile is not None and args.profile not in dict(cases):  # before minutes of timing, not after
-        p.error(f"--profile: no row {args.profile!r}; rows: {', '.join(name for name, _ in cases)}")
+    unknown = [name for name in args.profile if name not in dict(cases)]
+    if unknown:  # before minutes of timing, not after
+        p.error(f"--profile: no row {unknown[0]!r}; rows: {', '.join(name for name, _ in cases)}")
     calib = (random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96)
              if has_integer_body(model) else None)
     peaks = measure_gpu_peaks() if args.gpu else None
@@ -354,11 +358,12 @@ def main(argv=None) -> int:
                 print(f"{out_w}x{out_h} {row['method']}: {ms:.2f} ms", flush=True)
         add_speedups(size_rows)
         rows += size_rows
-    profile = (profile_ops(engines[args.profile], frames, args.gpu)
-               if args.profile is not None and engines.get(args.profile) is not None else None)
+    last_size = f"{sizes[-1][0]}x{sizes[-1][1]}"
+    profiles = [{"method": name, "output": last_size, **profile_ops(engines[name], frames, args.gpu)}
+                for name in args.profile if engines.get(name) is not None]  # a failed row has no engine
     results = payload(rows, complete=True)
-    if profile is not None:
-        results["profile"] = {"method": args.profile, "output": f"{sizes[-1][0]}x{sizes[-1][1]}", "ops": profile}
+    if profiles:
+        results["profiles"] = profiles
     path = write_results("latency", results, args.out)
     if args.plot:
         plot(rows, args.plot)
@@ -374,9 +379,10 @@ def main(argv=None) -> int:
         ratios = "".join(f"{r[k]:10.2f}" if k in r else f"{'-':>10}" for k in keys)
         print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
-    if profile is not None:
-        print(f"profile of {args.profile} at {sizes[-1][0]}x{sizes[-1][1]} (self time per frame, top ops):")
-        for op in profile:
+    for prof in profiles:
+        print(f"profile of {prof['method']} at {last_size}: {prof['total_ms_per_frame']:.2f} ms of "
+              f"{'GPU' if args.gpu else 'CPU'} self time per frame; top ops:")
+        for op in prof["ops"]:
             print(f"  {op['self_ms_per_frame']:8.2f} ms {op['share'] * 100:5.1f}% {op['calls_per_frame']:6.1f} calls  "
                   f"{op['op']} {op['shapes']}")
     for f in failures:

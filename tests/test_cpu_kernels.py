@@ -8,6 +8,9 @@ codes, every container and weight width, every epilogue.
 """
 
 import itertools
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +33,19 @@ def gen():
 
 def test_extension_is_built():
     assert cpu_ops.available()  # CI installs the package, so the kernels must be there
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
+                    reason="reads the ELF dynamic section with binutils' readelf (Linux)")
+def test_extension_links_the_shared_cxx_runtime():
+    """_C.so must load libstdc++.so.6, not carry a static copy: two C++ runtimes in one process do
+    not share locale facets, and TORCH_CHECK messages holding an integer then crashed (the lent GPU
+    machine's compiler wrapper linked libstdc++.a; setup.py now links the one torch runs on)."""
+    import gdq_engine._C as ext
+
+    dynamic = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any(name.startswith("libstdc++.so") for name in needed), needed
 
 
 def test_each_path_is_taken_where_the_cpu_has_it():

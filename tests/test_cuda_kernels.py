@@ -125,8 +125,8 @@ def test_bad_shapes_raise_clear_errors():
     w48 = rand_weights(64, 48, 8, g).cuda()
     with pytest.raises(ValueError, match="multiples of 32"):
         cuda_ops.packed_conv3x3(x, 8, True, w48, torch.ones(64).cuda(), torch.zeros(64).cuda())
-    # The op's own check (a message with an integer in it, built in the C++ glue: on 2026-11-26 this
-    # crashed the process when nvcc compiled the glue; csrc/cuda/launch.h).
+    # The op's own check (a message with an integer in it, built in the C++ glue: on both 2026-11-26
+    # GPU runs this crashed the process, because _C.so carried a static libstdc++; setup.py).
     with pytest.raises(RuntimeError, match="multiples of 32, got 48"):
         torch.ops.gdq_engine.packed_conv3x3_cuda(x, 8, True, cuda_ops.prepare_conv_weight(w48), torch.ones(64).cuda(),
                                                  torch.zeros(64).cuda(), None, 1.0, False, 0, 0, 0, 1.0)

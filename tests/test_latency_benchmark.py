@@ -25,7 +25,7 @@ def run(tmp_path, *args) -> dict:
 
 @needs_data
 def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
-    result = run(tmp_path, "--profile", "static a8 + int8 tail")
+    result = run(tmp_path, "--profile", "static a8 + int8 tail", "--profile", "granular {2,4,8} + int8 tail")
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["fp32", "bf16 CL", "static a8 (fp32 FP layers)", "static a8", "static a4", "static a2",
                           "entropy {2,4,8}", "static a8 + int8 tail", "granular {2,4,8}",
@@ -47,10 +47,12 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
         assert len(r["groups"]) == 2  # one report per frame
         assert r["ms"] > 0 and r["ms_per_mpix"] == pytest.approx(r["ms"] / (96 * 96 / 1e6))
         assert "pct_of_floor" not in r  # GPU only: no measured int8 peak on CPU
-    profile = result["profile"]
-    assert profile["method"] == "static a8 + int8 tail" and 0 < len(profile["ops"]) <= 15
-    assert "gdq_engine::packed_conv3x3_cpu" in {op["op"] for op in profile["ops"]}
-    assert all(op["self_ms_per_frame"] >= 0 and 0 <= op["share"] <= 1 for op in profile["ops"])
+    assert [p["method"] for p in result["profiles"]] == ["static a8 + int8 tail", "granular {2,4,8} + int8 tail"]
+    for profile in result["profiles"]:
+        assert profile["output"] == "96x96" and 0 < len(profile["ops"]) <= 15
+        assert profile["total_ms_per_frame"] >= sum(op["self_ms_per_frame"] for op in profile["ops"]) * (1 - 1e-9)
+        assert "gdq_engine::packed_conv3x3_cpu" in {op["op"] for op in profile["ops"]}
+        assert all(op["self_ms_per_frame"] >= 0 and 0 <= op["share"] <= 1 for op in profile["ops"])
     # 96x96 output at x4: one 24x24 LR patch per frame; MACs from the model's convs.
     from gdq_engine import load_model
     from gdq_engine.runtime.cost import conv_macs
@@ -145,8 +147,8 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
 def test_an_unknown_profile_row_is_refused_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "make_engine", lambda *a, **k: pytest.fail("an engine was built"))
     with pytest.raises(SystemExit):
-        latency.main(["--output", "96x96", "--frames", "1", "--profile", "no such row", "--default-malloc",
-                      "--out", str(tmp_path)])
+        latency.main(["--output", "96x96", "--frames", "1", "--profile", "static a8", "--profile", "no such row",
+                      "--default-malloc", "--out", str(tmp_path)])
     assert not list(tmp_path.glob("latency-*.json"))
 
 

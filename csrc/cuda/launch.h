@@ -1,8 +1,8 @@
 // The CUDA kernels' host interface (csrc/cuda/conv3x3.cu): plain pointers and the CUDA runtime
 // only, no torch. The torch glue (argument checks, op registration) is csrc/cuda/ops.cpp, compiled
-// by the host C++ compiler like csrc/cpu: nvcc never compiles torch's headers. (On the 2026-11-26
-// GPU session a TORCH_CHECK message with an integer, built in nvcc-compiled host code, crashed in
-// std::ostream's integer insertion; the same checks in g++-compiled code are what csrc/cpu does.)
+// by the host C++ compiler like csrc/cpu: nvcc never compiles torch's headers. (A TORCH_CHECK
+// message with an integer crashed on the lent GPU machine, with the glue compiled by nvcc and by
+// g++ alike: its compiler wrapper had linked a static libstdc++ into _C.so; setup.py fixes that.)
 #pragma once
 
 #include <cuda_runtime.h>
