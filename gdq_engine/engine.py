@@ -95,7 +95,7 @@ class Engine:
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
             slower than the 8-bit one; packed elsewhere: :func:`~gdq_engine.quantized.resolve_containers`).
             ``"padded"``: bytes in a zero-ringed layout whose conv taps are TMA box copies
-            (Triton only; not the default until a GPU run shows it faster, docs/kernels.md).
+            (Triton only; measured no faster than ``"bytes"`` on an H200, docs/kernels.md).
             Results are identical; the report's bits and BitOPs count code widths either way.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
