@@ -1,0 +1,115 @@
+"""The body's a8 convs and the tail's last upsampler conv, launched once each for Nsight Compute.
+
+Where the Triton conv's time goes (it runs at 46-60% of its floor on an H200, 2026-11-26) is a
+question for the hardware counters: issue stalls, tensor-core and memory pipe utilisation. This
+script launches, at the 1080p x4 shapes of ``benchmarks/kernels.py`` (18 patches of 96x96, C = 64):
+
+1. conv1: signed 8-bit codes in, ReLU, unsigned 8-bit codes out;
+2. conv2 as the body runs it: unsigned 8-bit codes in, the fp32 residual updated in place, the
+   next block's signed codes out;
+3. the 64 -> 256 upsampler conv storing pixel-shuffled fp16 (the integer tail's last stage);
+
+each first once to compile, then, after a sync, ``--reps`` times on fresh random inputs. Each
+runs on the tile config the autotuner picked on the H200 (``autotune_choices`` in
+``kernels-nvidia-h200-2026-11-26-run2.json``) unless ``--config`` says otherwise. Under ncu,
+skip the three warm-up launches and profile the next three (the kernel name is the same for all):
+
+    ncu --clock-control none --kernel-name regex:_packed_conv3x3 --launch-skip 3 --launch-count 3 \\
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
+        --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \\
+        --csv --page details python benchmarks/ncu_convs.py > $OUT/ncu-convs.csv
+
+``--smoke`` runs the same launches on one 8x8 patch on the CPU (``TRITON_INTERPRET=1``), so the
+script is checked in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) the autotuner chose on the H200 on 2026-11-26
+TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4)}
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    """"BLOCK_M,BLOCK_K,warps,stages" -> a 4-tuple of ints."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected BLOCK_M,BLOCK_K,warps,stages (4 integers), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--output", default="1920x1080", help="HR output frame WxH whose LR patches are convolved")
+    p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
+    p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
+                   help="one tile config for all three convs (default: the H200's autotuned picks)")
+    p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    if not args.smoke and not torch.cuda.is_available():
+        print("benchmarks/ncu_convs.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    import triton
+    from gdq_engine.kernels import ops as tk
+
+    from gdq_engine.quant.quantizer import ActQuant
+    from gdq_engine.runtime.tiler import make_grid
+
+    dev = "cpu" if args.smoke else "cuda"
+    out_w, out_h = map(int, args.output.lower().split("x"))
+    n, hw, c = (1, 8, 64) if args.smoke else (len(make_grid(out_h // args.scale, out_w // args.scale, 96, 90)), 96, 64)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def codes(lo: int, hi: int) -> torch.Tensor:  # 8-bit codes, one per byte, stored as uint8
+        return torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g).to(torch.uint8)
+
+    def weights(cout: int):
+        w = torch.randint(-127, 128, (cout, c, 3, 3), device=dev, generator=g).to(torch.int8)
+        return tk.prepare_conv_weight(w, 8), torch.rand(cout, device=dev, generator=g) * 1e-4
+
+    w64, mult64 = weights(64)
+    w256, mult256 = weights(256)
+    bias64, bias256 = torch.zeros(64, device=dev), torch.zeros(256, device=dev)
+    res = torch.randn(n, hw, hw, c, device=dev, generator=g)
+    out_codes = torch.empty(n, hw, hw, c, dtype=torch.uint8, device=dev)
+    out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
+
+    launches = {
+        "conv1": lambda x: tk.packed_conv3x3(x, 8, True, w64, mult64, bias64, relu=True,
+                                             out_quant=ActQuant(8, False, 0.02), out=out_codes),
+        "conv2": lambda x: tk.packed_conv3x3(x, 8, False, w64, mult64, bias64, residual=res, out=res,
+                                             next_quant=ActQuant(8, True, 0.05), next_out=out_codes),
+        "upsampler": lambda x: tk.packed_conv3x3(x, 8, True, w256, mult256, bias256, shuffle=2,
+                                                 out_dtype=torch.float16, out=out16),
+    }
+    inputs = {"conv1": (-128, 127), "conv2": (0, 255), "upsampler": (-128, 127)}
+
+    def run(name: str) -> None:
+        bm, bk, warps, stages = args.config or TUNED[name]
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        with tk.launch_options(config=config):
+            launches[name](codes(*inputs[name]))
+
+    for name in launches:  # compile (not profiled: --launch-skip 3)
+        run(name)
+    if not args.smoke:
+        torch.cuda.synchronize()
+    for name in launches:
+        for _ in range(args.reps):
+            run(name)
+    if not args.smoke:
+        torch.cuda.synchronize()
+    print(f"launched {', '.join(launches)}: {n} patches of {hw}x{hw}, C = {c}, {args.reps} profiled launch(es) each "
+          f"after one warm-up, configs {args.config or TUNED}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
