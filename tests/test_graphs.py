@@ -171,6 +171,29 @@ def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
     assert body_keys == sorted((b, graph_batch(n)) for b, n in rep.groups)
 
 
+def test_engine_dynamic_policy_with_one_width_replays_the_whole_network(tiny_edsr):
+    """A patch-wise policy that puts every patch of a batch at one width runs as the static
+    policy does: one exact-size replay of the whole network (no group body padded to its bucket,
+    no separate tail graph), with the eager engine's output, bits and groups."""
+    from gdq_engine import Engine
+
+    kw = dict(policy="entropy", bits=(2, 4, 8), calib=random_image(8, 8, n=6, seed=4), patch_size=8, stride=6,
+              device="cpu", backend="reference")
+    eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
+    for engine in (eager, graphed):  # every patch's entropy lies between the thresholds: all at 4 bits
+        engine.policy.thresholds = (-1.0, 1e9)
+    graphed.network_graphs, graphed.int_body.graphs = FakeGraphs(what="the network"), FakeGraphs()
+    lr = random_image(13, 17, n=1, seed=5)  # 6 patches
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = eager.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and rep.bits == rep_want.bits == [4] * 6 and rep.groups == [(4, 6)]
+        assert rep_want.groups == [(4, 6)]
+    # the network's graph under the width's tag, not the grouped path's ("tail", 6)
+    assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [(4, 6)]
+    assert len(graphed.network_graphs.captured) == 1
+
+
 def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():
     class OutOfMemory(FakeGraphs):
         def _capture_graph(self, fn, static_in):

@@ -81,7 +81,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a static policy's whole
             network, or a patch-wise policy's upsampler and tail (after the groups' bodies, which
             ``body`` may replay itself), then run as graph replays keyed on the exact batch size,
-            so the FP convs see the batch sizes, and give the values, they do without graphs.
+            so the FP convs see the batch sizes, and give the values, they do without graphs. A
+            patch-wise policy that puts every patch of the batch at one width runs the static
+            whole-network graph of that width.
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -113,6 +115,15 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         # Bits on the host once: grouping needs them there, and the report reads them without
         # waiting for the body (a CPU tensor's .tolist() is no device sync).
         assigned = policy.assign(x, feat).cpu()
+        if graphs is not None and bool((assigned == assigned[0]).all()):
+            # Every patch at one width (the shipped Granular-DQ model put all 18 or 66 patches of
+            # the 2026-11-26 latency frames at 4 bits): the static policy's whole-network graph,
+            # keyed on the exact batch, instead of a group body padded to its bucket (18 -> 24,
+            # 66 -> 96 patches of integer blocks), an eager body-end conv and the tail's graph. The
+            # head runs once more inside it (0.03 ms a 1080p frame); the values are the same.
+            b = int(assigned[0])
+            y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
+            return y, assigned.float(), [(b, x.shape[0])]
         # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
         out, groups = run_grouped(
             assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
