@@ -164,6 +164,7 @@ class Engine:
         self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
+        self._patch_macs: dict[tuple[int, int], tuple[int, int, int]] = {}  # patch size -> (q, fp, tail) MACs
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
@@ -359,12 +360,15 @@ class Engine:
                                                 graphs=self.network_graphs)
         if report is None:
             return y
-        q_macs, fp_macs = conv_macs(self.model, x.shape[-2], x.shape[-1])
-        q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
+        size = (x.shape[-2], x.shape[-1])
+        if size not in self._patch_macs:  # cost's key walks the model's modules: 0.4 ms of host time per call
+            q_macs, fp_macs = conv_macs(self.model, *size)
+            q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
+            self._patch_macs[size] = (q_macs, fp_macs, integer_tail_macs(self.model, *size))
+        q_macs, fp_macs, tail_macs = self._patch_macs[size]
         per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
         report.bits.extend(per_patch)
         report.groups.extend(groups)
-        tail_macs = integer_tail_macs(self.model, x.shape[-2], x.shape[-1])
         report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits, tail_macs, self.tail_bits) for b in per_patch))
         return y
 

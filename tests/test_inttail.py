@@ -151,7 +151,7 @@ def test_tail_scales_from_a_table_equal_those_from_its_patches(edsr32, tmp_path)
         quantize(edsr32, "static", bits=8, calib=str(tmp_path / "old.calib.pt"), tail_bits=8)
 
 
-def test_engine_tail_options(edsr32):
+def test_engine_tail_options(edsr32, monkeypatch):
     calib = random_image(12, 12, n=4, seed=1)
     with pytest.raises(ValueError, match="tail_bits only apply to quantized policies"):
         Engine(edsr32, device="cpu", tail_bits=8)
@@ -175,6 +175,14 @@ def test_engine_tail_options(edsr32):
     tail_macs = integer_tail_macs(engine.model, 8, 8)
     assert tail_macs == (8 * 8 + 16 * 16) * 128 * 32 * 9  # the two upsampler convs (32 -> 128)
     assert fp_report.bitops - report.bitops == 2 * tail_macs * (32 * 32 - 8 * 8)
+    # The MAC counts are looked up once per patch size (the lookup walks the model's modules):
+    # a second image gives the same BitOPs from the engine's own table.
+    import gdq_engine.runtime.cost as cost
+
+    calls, real = [], cost.conv_macs
+    monkeypatch.setattr(cost, "conv_macs", lambda *a: calls.append(a[1:]) or real(*a))
+    _, again = engine.upscale(x, return_report=True)
+    assert calls == [] and again.bitops == report.bitops and engine._patch_macs
 
 
 def test_shipped_quantized_model_takes_tail_scales_from_the_shipped_table():
