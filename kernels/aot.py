@@ -153,7 +153,9 @@ def engine_launches() -> list[Launch]:
     (``containers="padded"``, also with residual scale 0.1), residual scale 0.1, integer tails of
     8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
     layer-wise regrouping with every width in every conv; plus the x4 tail's last conv storing
-    fp16, as a GPU engine runs it (fp16 engines do not run on CPU)."""
+    fp16, as a GPU engine runs it (fp16 engines do not run on CPU), and the blocks of 2, 4 and 8
+    bits one code per byte skipping padding patches (``items=``), as the group graphs of a dynamic
+    policy replay them on a GPU (graphs do not run on CPU)."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine
@@ -185,6 +187,12 @@ def engine_launches() -> list[Launch]:
         w = ops.prepare_conv_weight(torch.zeros(256, 64, 3, 3, dtype=torch.int8), 8)
         ops.packed_conv3x3(torch.zeros(3, 6, 6, 64, dtype=torch.uint8), 8, True, w, torch.ones(256), torch.zeros(256),
                            shuffle=2, out_dtype=torch.float16)
+        from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
+
+        m, feat = model(), torch.rand(2, 64, 6, 6, generator=g)
+        for b in (2, 4, 8):
+            body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (b,)), backend="triton", containers="bytes")
+            body._run(feat, b, items=torch.ones(1, dtype=torch.int32))
 
     with torch.no_grad():
         return record_launches(run_all)

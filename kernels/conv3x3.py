@@ -122,13 +122,14 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
 
 @triton.jit
 def _packed_conv3x3_kernel(
-    x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+    x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr,
     M, H, W, COUT, stride_wg, stride_wk, stride_wn, res_scale, inv_s_out, inv_s_next,
     C: tl.constexpr, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
     RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr,
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
-    A_L1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_L1: tl.constexpr, SKIP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 
@@ -150,6 +151,11 @@ def _packed_conv3x3_kernel(
     caches in L1, instead of 16-byte ``cp.async.cg``, which bypasses it (the only cache mode of a
     16-byte copy in Triton 3.6). The 9 taps of a tile read mostly the same input bytes, so with L1
     most of them need not come from L2 again; the price is twice the copy instructions.
+
+    ``SKIP_PAD``: only the first ``items_ptr[0]`` of the N images need results (a CUDA graph
+    captured for a padded batch, replayed for fewer images); programs whose row tile starts past
+    them return at once, leaving those rows unwritten. An image's taps never reach another image,
+    so the rows that are computed are exact.
     """
     GROUPS: tl.constexpr = 8 // A_BITS
     CP: tl.constexpr = C // GROUPS  # packed bytes per pixel
@@ -161,6 +167,9 @@ def _packed_conv3x3_kernel(
 
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if SKIP_PAD:
+        if pid_m * BLOCK_M >= tl.load(items_ptr) * H * W:
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M

@@ -158,6 +158,9 @@ SIGNED_BYTES_FASTER = True
 # packed_conv3x3(padded=True): 8-bit codes in the padded layout, each tap one TMA box
 # (runtime.intgraph's containers="padded").
 PADDED_LAYOUT = True
+# packed_conv3x3(items=): a (1,) int32 count of leading images that need results; the row tiles
+# past them return at once (runtime.intgraph: a group's graph padded to its bucket skips the padding).
+SKIPS_PADDING = True
 
 
 def _launcher(kernel, traceable: bool):
@@ -223,7 +226,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, out: torch.Tensor | None = None,
                    shuffle: int = 1, out_dtype: torch.dtype = torch.float32, next_quant: ActQuant | None = None,
                    next_out: torch.Tensor | None = None, padded: bool = False, offset_in: bool = False,
-                   offset_out: bool = False) -> torch.Tensor:
+                   offset_out: bool = False, items: torch.Tensor | None = None) -> torch.Tensor:
     """Fused unpack -> int8 MMA 3x3 conv -> epilogue -> (re-quantize + pack | fp), NHWC.
 
     Args:
@@ -248,6 +251,11 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         offset_in, offset_out: (padded only) the unsigned 8-bit input codes / the re-quantized
             unsigned output codes are stored as ``code ^ 0x80``, code - 128 in a signed byte (a
             ring then holds 0x80): the MMA takes such bytes from shared memory as they are.
+        items: a (1,) int32 tensor on the device holding k <= N: only the first k images need
+            results; the programs of row tiles past them return at once and leave their rows
+            unwritten (those of the tile holding the boundary are computed, exactly). A CUDA graph
+            captured for a padded batch reads k when it replays (``GraphCache(items=True)``), so
+            the padding costs no MMAs. Not with ``padded``.
     Returns:
         packed uint8 (N, H, W, Cout * out_bits / 8) when ``out_quant``, else (N, H, W, Cout) in
         ``out_dtype`` (shuffled shapes as above).
@@ -264,9 +272,14 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         raise ValueError(f"activations hold {cp * 8 // bits} channels at {bits} bits, weights expect {weight.cin}")
     if padded:
         _check_padded(x_packed, bits, weight.cin, shuffle, out_quant, next_quant, a_signed, offset_in, offset_out)
+        if items is not None:
+            raise ValueError("items (skipping padding images) is not supported in the padded layout")
     elif offset_in or offset_out:
         raise ValueError("offset codes (offset_in, offset_out) go with the padded layout (padded=True)")
     cout, dev = weight.cout, x_packed.device
+    if items is not None and (items.dtype != torch.int32 or items.numel() != 1 or items.device != dev):
+        raise ValueError(f"items must be a one-element int32 tensor on {dev}, got {items.dtype} "
+                         f"{tuple(items.shape)} on {items.device}")
     x_packed = x_packed.contiguous()
     if residual is not None:
         if residual.shape != (n, h, w_, cout) or residual.dtype != torch.float32:
@@ -312,7 +325,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
                o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r,
-               padded=(bool(offset_in), bool(offset_out)) if padded else None)
+               padded=(bool(offset_in), bool(offset_out)) if padded else None, items=items)
     return out
 
 
@@ -353,9 +366,10 @@ def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, as_int8: bool) -> tupl
 def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
                res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
                next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1,
-               padded: tuple[bool, bool] | None = None) -> None:
+               padded: tuple[bool, bool] | None = None, items: torch.Tensor | None = None) -> None:
     """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device);
-    ``padded``: the padded layout's kernel, with (offset_in, offset_out)."""
+    ``padded``: the padded layout's kernel, with (offset_in, offset_out); ``items``: the count
+    of images that need results (``SKIP_PAD``)."""
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
@@ -365,11 +379,12 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
         return
     next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
-            next_out if next_out is not None else out, m, h, w_, cout, *w.stride(), res_scale, inv_s, next_inv_s)
+            next_out if next_out is not None else out, items if items is not None else wsum, m, h, w_, cout,
+            *w.stride(), res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, A_L1=_options.a_l1,
-                BLOCK_N=block_n)
+                SKIP_PAD=items is not None, BLOCK_N=block_n)
     if INTERPRET or out.device.type != "cuda":
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
         _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
@@ -396,7 +411,8 @@ def _launch_tuned(tuner, name: str, grid, args: tuple, meta: dict, traceable: bo
     writes a scratch result, which is then copied into place; later launches (tuned) run in place."""
     res, out = args[5], args[6]
     in_place = meta["HAS_RES"] and res.data_ptr() == out.data_ptr()
-    key = (name, out.dtype, *sorted(meta.items())) if in_place else None
+    # SKIP_PAD is not in the autotuner's key: a variant tuned without it is tuned with it too
+    key = (name, out.dtype, *sorted((k, v) for k, v in meta.items() if k != "SKIP_PAD")) if in_place else None
     if not in_place or key in _TUNED_IN_PLACE:
         _launcher(tuner, traceable)[grid](*args, **meta, **_COMPILE)
         return

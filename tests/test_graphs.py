@@ -116,6 +116,23 @@ def test_unpadded_keys_take_the_exact_batch():
     assert sorted(k[1][0][0][0] for k in cache.keys()) == [5, 6]
 
 
+def test_items_tell_the_captured_function_how_many_items_are_real():
+    """``items=True``: eager calls pass None (every item real); the capture and the warm-up see the
+    full bucket; every replay first writes its call's N into the tensor the graph reads."""
+    cache, seen = FakeGraphs(), []
+
+    def fn(x, items):
+        seen.append(None if items is None else int(items))
+        return x * 2
+
+    for n in (5, 5, 6, 5):  # all in bucket 6
+        x = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
+        assert torch.equal(cache("t", x, fn, items=True), x * 2)
+    # eager (None), the capture (fake: runs once on the full bucket, 6), then a replay per call
+    # (fake: fn again), each seeing that call's N
+    assert seen == [None, 6, 5, 6, 5]
+
+
 def test_the_real_cache_runs_cpu_tensors_eagerly():
     cache, calls = GraphCache(), []
     for _ in range(3):

@@ -55,6 +55,10 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     # 8-bit mid codes as offset codes, narrower ones as signed bytes: every padded conv takes signed bytes
     assert {(c["A_SIGNED"], c["A_OFFSET"]) for c in padded if c["HAS_RES"]} == {(False, True), (True, False)}
     assert any(c["O_OFFSET"] for c in padded)
+    # a dynamic policy's group graphs skip the padding patches (items=): conv1 and conv2 of each width
+    skipping = [c for c in convs if c["SKIP_PAD"]]
+    assert {c["O_HI"] for c in skipping if c["RELU"]} >= {3, 15, 255}
+    assert any(c["HAS_RES"] and c["NEXT_BITS"] == 8 for c in skipping)
     # every quantize_pack variant takes fp32 and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
     assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)

@@ -192,6 +192,79 @@ def test_residual_in_place_with_the_next_blocks_codes(a_bits, next_bits):
     assert torch.equal(codes.cpu(), ref.quantize_pack(want, nq))
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_items_skip_the_row_tiles_of_padding_images(k):
+    """``items=[k]`` (a graph captured for a padded batch, replayed for k images): the first k
+    images equal the reference exactly, for conv1 (codes out) and conv2 (residual in place + the
+    next codes); the last image, past any tile that holds the boundary (tiles of at most 256 rows),
+    is left as it was, so its tiles were skipped."""
+    g = gen()
+    n, h, w = 6, 7, 9  # 63 rows an image: the boundary falls inside a tile
+    rows = h * w
+    items = torch.tensor([k], dtype=torch.int32, device=DEV)
+    x = rand_codes((n, h, w, 64), 8, True, g)
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    q = ActQuant(8, False, 0.05)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, relu=True, out_quant=q)
+    poison = torch.full_like(want, 0xA5, device=DEV)
+    got = tk.packed_conv3x3(pack_codes(x, 8).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8), mult.to(DEV),
+                            bias.to(DEV), relu=True, out_quant=q, out=poison, items=items).cpu()
+    assert torch.equal(got[:k], want[:k])
+    assert (got[-1] == 0xA5).all() and (n - 1) * rows >= -(-k * rows // 256) * 256
+
+    residual = torch.randn(n, h, w, 64, generator=g)
+    nq = ActQuant(8, True, 0.03)
+    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, residual=residual)
+    stream = residual.to(DEV)
+    codes = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device=DEV)
+    tk.packed_conv3x3(pack_codes(x, 8).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8), mult.to(DEV), bias.to(DEV),
+                      residual=stream, out=stream, next_quant=nq, next_out=codes, items=items)
+    assert torch.equal(stream.cpu()[:k], want[:k]) and torch.equal(codes.cpu()[:k], ref.quantize_pack(want, nq)[:k])
+    assert torch.equal(stream.cpu()[-1], residual[-1]) and (codes.cpu()[-1] == 0xA5).all()
+
+
+def test_graph_replays_of_a_padded_bucket_skip_the_padding_patches(monkeypatch):
+    """IntegerBody with graphs (a fake capture, so it runs here too): a group of 5 patches replays
+    the bucket-6 graph, its convs get ``items`` = 5, and the 5 results equal the reference body's."""
+    from conftest import random_image
+    from test_graphs import FakeGraphs
+
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=32, n_blocks=2).eval()
+    quants, blocks = calibrate(model, random_image(12, 12, n=4, seed=2), (4,)), prepare_blocks(model)
+    body = IntegerBody(blocks, quants, backend="triton", cuda_graphs=True, containers="bytes")
+    body.graphs = FakeGraphs()
+    reference = IntegerBody(blocks, quants, backend="reference")
+    counts, real = [], tk.packed_conv3x3
+
+    def spy(*args, items=None, **kwargs):
+        counts.append(None if items is None else int(items))
+        return real(*args, items=items, **kwargs)
+
+    monkeypatch.setattr(tk, "packed_conv3x3", spy)
+    feat = torch.randn(5, 32, 6, 7, generator=torch.Generator().manual_seed(3)).to(DEV)
+    for _ in range(3):  # eager, capture (+ the fake's first replay), replay
+        assert torch.equal(body(feat, 4).cpu(), reference(feat.cpu(), 4))
+    assert counts[:4] == [None] * 4 and set(counts[4:8]) == {6} and set(counts[8:]) == {5}
+
+
+def test_items_must_be_one_int32_on_the_device():
+    g = gen()
+    x = pack_codes(rand_codes((2, 4, 4, 32), 8, True, g), 8).to(DEV)
+    w = tk.prepare_conv_weight(rand_weights(32, 32, 8, g), 8)
+    for bad in (torch.tensor([1]), torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0])):
+        with pytest.raises(ValueError, match="one-element int32"):
+            tk.packed_conv3x3(x, 8, True, w, torch.ones(32, device=DEV), torch.zeros(32, device=DEV),
+                              items=bad.to(DEV))
+    xp = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match="padded layout"):
+        tk.packed_conv3x3(xp, 8, True, w, torch.ones(32, device=DEV), torch.zeros(32, device=DEV), padded=True,
+                          items=torch.tensor([1], dtype=torch.int32, device=DEV))
+
+
 @pytest.mark.parametrize("r,cout,out_dtype", [(2, 64, torch.float32), (2, 64, torch.float16),
                                               (2, 64, torch.bfloat16), (3, 144, torch.float16)])
 def test_pixel_shuffled_store_in_the_output_dtype(r, cout, out_dtype):

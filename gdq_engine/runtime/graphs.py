@@ -75,10 +75,15 @@ class GraphCache:
         return self.enabled and x.is_cuda and not capturing(x)
 
     def __call__(self, tag: Hashable, x: torch.Tensor | tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
-                 pad: bool = True) -> torch.Tensor:
+                 pad: bool = True, items: bool = False) -> torch.Tensor:
+        """``fn(*x)`` as described above. ``items``: ``fn`` takes one more argument, a (1,) int32
+        tensor on the device holding how many of its N items are real, or None when all are (the
+        eager calls); a replay first writes the call's N into it, so ``fn``'s kernels can skip the
+        padding items (``packed_conv3x3(items=)``). A tag is always called with the same ``items``."""
         inputs = x if isinstance(x, tuple) else (x,)
+        call = (lambda *ins: fn(*ins, None)) if items else fn
         if not self._eligible(inputs[0]):
-            return fn(*inputs)
+            return call(*inputs)
         n = inputs[0].shape[0]
         if any(t.shape[0] != n for t in inputs):
             raise ValueError(f"inputs of one graph need the same batch size, got {[t.shape[0] for t in inputs]}")
@@ -90,31 +95,36 @@ class GraphCache:
                 self._calls.clear()  # shapes seen once (whole-image mode): forget them, keep memory bounded
             self._calls[key] += 1
             if self._calls[key] < 2:
-                return fn(*inputs)
-            entry = self._capture(key, fn)
+                return call(*inputs)
+            entry = self._capture(key, fn, items)
             if entry is None:
-                return fn(*inputs)
+                return call(*inputs)
         self._graphs.move_to_end(key)
-        replay, static_ins, static_out = entry
+        replay, static_ins, static_out, count = entry
         for static, t in zip(static_ins, inputs):
             static[:n].copy_(t)
+        if count is not None:
+            count.fill_(n)  # read by the graph's kernels when they run (stream order)
         replay()
         return static_out[:n].clone()
 
-    def _capture(self, key: tuple, fn) -> tuple | None:
+    def _capture(self, key: tuple, fn, items: bool = False) -> tuple | None:
         static_ins = []
         for shape, dtype, device, channels_last in key[1]:
             static = torch.zeros(shape, dtype=dtype, device=device)  # padding items stay finite
             static_ins.append(static.contiguous(memory_format=torch.channels_last) if channels_last else static)
+        # the count of real items, outside the graph's pool; the warm-up and capture see a full batch
+        count = torch.full((1,), key[1][0][0][0], dtype=torch.int32, device=key[1][0][2]) if items else None
+        bound = (lambda *ins: fn(*ins, count)) if items else fn
         try:
-            replay, static_out = self._capture_graph(fn, static_ins)
+            replay, static_out = self._capture_graph(bound, static_ins)
         except torch.cuda.OutOfMemoryError:
             raise  # the Engine halves the batch and retries; a smaller bucket may still be captured
         except RuntimeError as exc:  # e.g. an op that cannot be captured: run eagerly from now on
             warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
             self.enabled = False
             return None
-        self._graphs[key] = (replay, static_ins, static_out)
+        self._graphs[key] = (replay, static_ins, static_out, count)
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         return self._graphs[key]

@@ -193,6 +193,8 @@ class IntegerBody:
                            for blk, (q_in, q_mid) in zip(blocks, qs)] for b, qs in act_quants.items()}
         self._weights: dict[tuple[int, int], list[tuple]] = {}
         self.graphs = GraphCache(self.MAX_GRAPHS) if cuda_graphs else None
+        # convs that take items= (how many leading patches are real): padded graph replays skip the rest
+        self._skips_padding = bool(getattr(self._ops, "SKIPS_PADDING", False)) and not self.padded
         self._scratch = Workspace()  # packed input and mid codes (backends with OUT_BUFFERS), 2 batch shapes
 
     @property
@@ -215,7 +217,9 @@ class IntegerBody:
 
         With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
         bucket, patch shape) (:class:`~gdq_engine.runtime.graphs.GraphCache`): N is padded up to
-        ``graph_batch(N)``, so the varying group sizes of a dynamic policy share a few graphs. The
+        ``graph_batch(N)``, so the varying group sizes of a dynamic policy share a few graphs; on
+        backends whose convs take ``items`` (``ops.SKIPS_PADDING``: Triton) a replay's convs skip
+        the row tiles of the padding patches, so they cost no MMAs. The
         second call of a key captures the graph (the first ran eagerly, which also autotunes the
         kernels); later calls replay it. Patches are independent (static scales, per-pixel convs),
         so padding never changes a result: outputs are identical to eager runs. A body called while
@@ -224,6 +228,8 @@ class IntegerBody:
         if bits not in self.act_quants:
             raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
         if self.graphs is not None:
+            if self._skips_padding:  # the graph's convs skip the row tiles of the bucket's padding patches
+                return self.graphs(bits, feat, lambda f, items: self._run(f, bits, items=items), items=True)
             return self.graphs(bits, feat, lambda f: self._run(f, bits))
         return self._run(feat, bits)
 
@@ -261,8 +267,10 @@ class IntegerBody:
             layer_bits += [b1, b2]
         return x.permute(0, 3, 1, 2).contiguous(), torch.stack(layer_bits), groups
 
-    def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None) -> torch.Tensor:
+    def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None,
+             items: torch.Tensor | None = None) -> torch.Tensor:
         ops, quants = self._ops, self.act_quants[bits]
+        skip = {} if items is None else {"items": items}  # results needed for the first items[0] patches only
         if scratch is None:  # a graph being captured gets workspaces of its own, in its memory pool
             scratch = Workspace() if capturing(feat) else self._scratch
         weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
@@ -284,13 +292,14 @@ class IntegerBody:
             layout1 = dict(padded=True, offset_out=not mid_signed) if self.padded else {}
             layout2 = dict(padded=True, offset_in=not mid_signed) if self.padded else {}
             mid = ops.packed_conv3x3(packed, q_in.container, True, w1, m1, blk.b1, relu=True, out_quant=q_mid,
-                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout1)
+                                     **({"out": _codes_buffer(scratch, "mid", x, q_mid)} if buffers else {}), **layout1,
+                                     **skip)
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
             x = ops.packed_conv3x3(mid, q_mid.container, mid_signed, w2, m2, blk.b2, residual=x,
-                                   res_scale=blk.res_scale, **into, **layout2)
+                                   res_scale=blk.res_scale, **into, **layout2, **skip)
         if self.padded:
             x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
