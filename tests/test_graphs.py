@@ -166,8 +166,8 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
 
 def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
     """EntropyOnly with the fake capture: the groups' integer blocks (padded buckets) and the
-    batch's upsampler and tail (exact size) are replays; output, bits and groups equal the eager
-    engine's."""
+    batch's body-end conv, upsampler and tail (exact size) are replays; output, bits and groups
+    equal the eager engine's. The body-end conv runs on the whole batch, never per group."""
     from gdq_engine import Engine
     from gdq_engine.runtime.graphs import graph_batch
 
@@ -178,11 +178,14 @@ def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
     eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
     graphed.network_graphs, graphed.int_body.graphs = FakeGraphs(what="the network"), FakeGraphs()
     lr = torch.cat([torch.cat([flat, ramp], 2), random_image(8, 16, seed=3)], 1)  # 4 patches, mixed
+    body_end = []
+    for engine in (eager, graphed):
+        engine.model.body_tail.register_forward_hook(lambda mod, args, out: body_end.append(args[0].shape[0]))
     for _ in range(3):
         got, rep = graphed.upscale(lr, return_report=True)
         want, rep_want = eager.upscale(lr, return_report=True)
         assert torch.equal(got, want) and rep.bits == rep_want.bits and rep.groups == rep_want.groups
-    assert len(rep.groups) >= 2
+    assert len(rep.groups) >= 2 and body_end and set(body_end) == {4}
     assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [("tail", 4)]
     body_keys = sorted((k[0], k[1][0][0][0]) for k in graphed.int_body.graphs.keys())
     assert body_keys == sorted((b, graph_batch(n)) for b, n in rep.groups)

@@ -79,8 +79,8 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             a layer-wise one (``layerwise = True``, e.g. CADyQ: regrouped before every conv).
         x: (P,3,h,w) float32 patches in [0,1].
         graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a static policy's whole
-            network, or a patch-wise policy's upsampler and tail (after the groups' bodies, which
-            ``body`` may replay itself), then run as graph replays keyed on the exact batch size,
+            network, or a patch-wise policy's body-end conv, upsampler and tail (after the groups'
+            integer blocks, which ``body`` may replay itself), then run as graph replays keyed on the exact batch size,
             so the FP convs see the batch sizes, and give the values, they do without graphs. A
             patch-wise policy that puts every patch of the batch at one width runs the static
             whole-network graph of that width.
@@ -124,10 +124,16 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             b = int(assigned[0])
             y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
             return y, assigned.float(), [(b, x.shape[0])]
-        # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
-        out, groups = run_grouped(
-            assigned, feat, lambda f, b: model.forward_body(f, run_blocks=lambda g: body(g, b).to(g.dtype)))
+        # Only the integer blocks run per group (the body takes and returns fp32, its residual
+        # stream; FP layers run in dtype); the body-end conv, the skip, the upsampler and the tail
+        # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
+        blocks_out, groups = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype))
         bits = assigned.float()
+
+        def after_blocks(blocks: torch.Tensor, head: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+            return _output(model, model.forward_body(head, run_blocks=lambda g: blocks), xg)
+
         if graphs is not None:
-            return graphs("tail", (out, xn), lambda o, xg: _output(model, o, xg), pad=False), bits, groups
+            return graphs("tail", (blocks_out, feat, xn), after_blocks, pad=False), bits, groups
+        return after_blocks(blocks_out, feat, xn), bits, groups
     return _output(model, out, xn), bits, groups
