@@ -202,23 +202,24 @@ def test_items_skip_the_row_tiles_of_padding_images(k):
     n, h, w = 6, 7, 9  # 63 rows an image: the boundary falls inside a tile
     rows = h * w
     items = torch.tensor([k], dtype=torch.int32, device=DEV)
-    x = rand_codes((n, h, w, 64), 8, True, g)
+    xp = pack_codes(rand_codes((n, h, w, 64), 8, True, g), 8)
     wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    prep = tk.prepare_conv_weight(wt, 8)
     q = ActQuant(8, False, 0.05)
-    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, relu=True, out_quant=q)
+    want = ref.packed_conv3x3(xp, 8, True, wt, mult, bias, relu=True, out_quant=q)
     poison = torch.full_like(want, 0xA5, device=DEV)
-    got = tk.packed_conv3x3(pack_codes(x, 8).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8), mult.to(DEV),
-                            bias.to(DEV), relu=True, out_quant=q, out=poison, items=items).cpu()
+    got = tk.packed_conv3x3(xp.to(DEV), 8, True, prep, mult.to(DEV), bias.to(DEV), relu=True, out_quant=q,
+                            out=poison, items=items).cpu()
     assert torch.equal(got[:k], want[:k])
     assert (got[-1] == 0xA5).all() and (n - 1) * rows >= -(-k * rows // 256) * 256
 
     residual = torch.randn(n, h, w, 64, generator=g)
     nq = ActQuant(8, True, 0.03)
-    want = ref.packed_conv3x3(pack_codes(x, 8), 8, True, wt, mult, bias, residual=residual)
+    want = ref.packed_conv3x3(xp, 8, True, wt, mult, bias, residual=residual)
     stream = residual.to(DEV)
     codes = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device=DEV)
-    tk.packed_conv3x3(pack_codes(x, 8).to(DEV), 8, True, tk.prepare_conv_weight(wt, 8), mult.to(DEV), bias.to(DEV),
-                      residual=stream, out=stream, next_quant=nq, next_out=codes, items=items)
+    tk.packed_conv3x3(xp.to(DEV), 8, True, prep, mult.to(DEV), bias.to(DEV), residual=stream, out=stream,
+                      next_quant=nq, next_out=codes, items=items)
     assert torch.equal(stream.cpu()[:k], want[:k]) and torch.equal(codes.cpu()[:k], ref.quantize_pack(want, nq)[:k])
     assert torch.equal(stream.cpu()[-1], residual[-1]) and (codes.cpu()[-1] == 0xA5).all()
 

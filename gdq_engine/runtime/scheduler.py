@@ -80,10 +80,10 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         x: (P,3,h,w) float32 patches in [0,1].
         graphs: a :class:`~gdq_engine.runtime.graphs.GraphCache` (CUDA): a static policy's whole
             network, or a patch-wise policy's body-end conv, upsampler and tail (after the groups'
-            integer blocks, which ``body`` may replay itself), then run as graph replays keyed on the exact batch size,
-            so the FP convs see the batch sizes, and give the values, they do without graphs. A
-            patch-wise policy that puts every patch of the batch at one width runs the static
-            whole-network graph of that width.
+            integer blocks, which ``body`` may replay itself), then run as graph replays keyed on
+            the exact batch size, so the FP convs see the batch sizes, and give the values, they do
+            without graphs. A patch-wise policy that puts every patch of the batch at one width runs
+            the static whole-network graph of that width.
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -118,9 +118,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         if graphs is not None and bool((assigned == assigned[0]).all()):
             # Every patch at one width (the shipped Granular-DQ model put all 18 or 66 patches of
             # the 2026-11-26 latency frames at 4 bits): the static policy's whole-network graph,
-            # keyed on the exact batch, instead of a group body padded to its bucket (18 -> 24,
-            # 66 -> 96 patches of integer blocks), an eager body-end conv and the tail's graph. The
-            # head runs once more inside it (0.03 ms a 1080p frame); the values are the same.
+            # keyed on the exact batch, one replay instead of a group body graph padded to its
+            # bucket (18 -> 24, 66 -> 96 patches) and the tail's graph. The head runs once more
+            # inside it (0.03 ms a 1080p frame); the values are the same.
             b = int(assigned[0])
             y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
             return y, assigned.float(), [(b, x.shape[0])]
