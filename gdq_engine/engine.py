@@ -361,7 +361,7 @@ class Engine:
         if report is None:
             return y
         size = (x.shape[-2], x.shape[-1])
-        if size not in self._patch_macs:  # cost's key walks the model's modules: 0.4 ms of host time per call
+        if size not in self._patch_macs:  # cost's cache key walks the model's modules on every call
             q_macs, fp_macs = conv_macs(self.model, *size)
             q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
             self._patch_macs[size] = (q_macs, fp_macs, integer_tail_macs(self.model, *size))
