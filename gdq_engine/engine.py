@@ -13,6 +13,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -51,6 +52,17 @@ class UpscaleReport:
     @property
     def fab(self) -> float:
         return sum(self.bits) / len(self.bits) if self.bits else 32.0
+
+
+class PatchCost(NamedTuple):
+    """Analytic cost of one LR window (:mod:`~gdq_engine.runtime.cost`): MACs in the quantized body
+    convs (of the blocks the depth version runs), in the other FP convs and in the integer tail's
+    convs, and the elements of the largest module output (what bounds the batch size)."""
+
+    q_macs: int
+    fp_macs: int
+    tail_macs: int
+    peak: int
 
 
 class Engine:
@@ -164,7 +176,7 @@ class Engine:
         self.w_bits, self.backend, self.cuda_graphs = w_bits, backend, bool(cuda_graphs)
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
-        self._patch_macs: dict[tuple[int, int], tuple[int, int, int]] = {}  # patch size -> (q, fp, tail) MACs
+        self._patch_costs: dict[tuple[int, int], PatchCost] = {}  # per window size, see _patch_cost
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
@@ -292,7 +304,21 @@ class Engine:
         if self.device.type != "cuda":
             return CPU_BATCH_SIZE
         free, _ = torch.cuda.mem_get_info(self.device)
-        return auto_batch_size(self.model, grid.window, len(grid), free)
+        return batch_size_fitting(self._patch_cost(grid.window).peak, len(grid), free)
+
+    def _patch_cost(self, window: tuple[int, int]) -> PatchCost:
+        """MACs and largest activation of one LR window of ``window`` (height, width) pixels, looked
+        up once per window size: :mod:`~gdq_engine.runtime.cost`'s own cache key walks the model's
+        modules on every call, host time spent before each frame's first kernel on a GPU."""
+        from .runtime.cost import conv_macs, integer_tail_macs, largest_activation
+
+        if window not in self._patch_costs:
+            q_macs, fp_macs = conv_macs(self.model, *window)
+            if self.depth is not None:  # a depth version runs the first blocks (all alike)
+                q_macs = q_macs * self.depth // len(self.model.body)
+            self._patch_costs[window] = PatchCost(q_macs, fp_macs, integer_tail_macs(self.model, *window),
+                                                  largest_activation(self.model, *window))
+        return self._patch_costs[window]
 
     def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
         """Upscale one (3,H,W) image into ``canvas``; the one host sync is the finiteness check at
@@ -352,7 +378,7 @@ class Engine:
             return self.model(x.to(self.dtype)).float()
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
-        from .runtime.cost import bitops, conv_macs, integer_tail_macs
+        from .runtime.cost import bitops
         from .runtime.scheduler import forward_quantized
 
         with torch.inference_mode():
@@ -360,16 +386,12 @@ class Engine:
                                                 graphs=self.network_graphs)
         if report is None:
             return y
-        size = (x.shape[-2], x.shape[-1])
-        if size not in self._patch_macs:  # cost's cache key walks the model's modules on every call
-            q_macs, fp_macs = conv_macs(self.model, *size)
-            q_macs = q_macs * self.depth // len(self.model.body)  # a depth version runs the first blocks (all alike)
-            self._patch_macs[size] = (q_macs, fp_macs, integer_tail_macs(self.model, *size))
-        q_macs, fp_macs, tail_macs = self._patch_macs[size]
+        cost = self._patch_cost((x.shape[-2], x.shape[-1]))
         per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
         report.bits.extend(per_patch)
         report.groups.extend(groups)
-        report.bitops += int(sum(bitops(q_macs, fp_macs, b, self.w_bits, tail_macs, self.tail_bits) for b in per_patch))
+        report.bitops += int(sum(bitops(cost.q_macs, cost.fp_macs, b, self.w_bits, cost.tail_macs, self.tail_bits)
+                                  for b in per_patch))
         return y
 
 
@@ -396,7 +418,12 @@ def auto_batch_size(model: SRModel, window: tuple[int, int], patches: int, free_
     at most ``patches`` and 256."""
     from .runtime.cost import largest_activation
 
-    per_patch = PATCH_BYTES_PER_PEAK_ELEMENT * largest_activation(model, *window)
+    return batch_size_fitting(largest_activation(model, *window), patches, free_bytes)
+
+
+def batch_size_fitting(peak_elements: int, patches: int, free_bytes: int) -> int:
+    """:func:`auto_batch_size` for patches whose largest activation has ``peak_elements`` elements."""
+    per_patch = PATCH_BYTES_PER_PEAK_ELEMENT * peak_elements
     return max(1, min(patches, AUTO_BATCH_MAX, int(free_bytes // 2 // per_patch)))
 
 

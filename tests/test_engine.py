@@ -177,6 +177,27 @@ def test_default_batch_size_is_16_on_cpu_and_fits_free_memory_on_cuda(tiny_edsr)
     assert auto_batch_size(edsr, (96, 96), 18, 6 * per_patch) == 3
     assert auto_batch_size(edsr, (96, 96), 18, per_patch) == 1
 
+
+def test_cuda_batch_size_looks_up_the_largest_activation_once_per_window(tiny_edsr, monkeypatch):
+    # On CUDA the batch size is chosen before every frame's first kernel, so its host time is
+    # latency: the activation probe (whose cache key walks the model's modules) runs once per
+    # window size, the free memory is read every time.
+    import gdq_engine.runtime.cost as cost
+    from gdq_engine.engine import auto_batch_size
+
+    engine = Engine(tiny_edsr, device="cpu", patch_size=8, stride=8)
+    engine.device = torch.device("cuda")  # batch_size_for's CUDA branch, with the device calls faked
+    free = iter([1 << 30, 1 << 16, 1 << 30])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (next(free), 1 << 40))
+    probes, real = [], cost.largest_activation
+    monkeypatch.setattr(cost, "largest_activation", lambda *a: probes.append(a[1:]) or real(*a))
+    grid = engine.grid(40, 24)
+    sizes = [engine.batch_size_for(grid) for _ in range(3)]
+    assert probes == [(8, 8)]
+    assert sizes == [auto_batch_size(engine.model, (8, 8), len(grid), f) for f in (1 << 30, 1 << 16, 1 << 30)]
+    assert sizes[1] < sizes[0] == len(grid)  # less free memory, a smaller batch
+
+
 def test_upscale_file_keeps_alpha_and_writes_atomically(engine, tmp_path):
     rgba = np.dstack([(random_image(20, 22).permute(1, 2, 0).numpy() * 255).astype(np.uint8),
                       np.full((20, 22), 128, np.uint8)])

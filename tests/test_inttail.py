@@ -182,7 +182,7 @@ def test_engine_tail_options(edsr32, monkeypatch):
     calls, real = [], cost.conv_macs
     monkeypatch.setattr(cost, "conv_macs", lambda *a: calls.append(a[1:]) or real(*a))
     _, again = engine.upscale(x, return_report=True)
-    assert calls == [] and again.bitops == report.bitops and engine._patch_macs
+    assert calls == [] and again.bitops == report.bitops and engine._patch_costs
 
 
 def test_shipped_quantized_model_takes_tail_scales_from_the_shipped_table():
