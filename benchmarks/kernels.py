@@ -10,7 +10,9 @@ the body runs it: residual updated in place and the next block's packed codes wr
 ``conv1 bytes`` / ``conv2 bytes`` (a4, a2; w8): the same codes one per byte, as the engine runs
 them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kernel.
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
-in fp16 as the x4 integer tail's last stage runs it. ``... N-major w`` and ``... L1 A`` (a8 w8
+in fp16 as the x4 integer tail's last stage runs it. ``last conv fp16``: the network's FP last conv
+(64 -> 3 on the HR map, fp16 in) on the Triton kernel (kernels/fp_conv.py) against cuDNN fp16 of
+the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w`` and ``... L1 A`` (a8 w8
 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
 one thing changed. ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per
 byte): the same convs with every tensor in the padded layout, on the TMA kernel, as the body's
@@ -232,6 +234,29 @@ def main(argv=None) -> int:
                                                       out_dtype=torch.float16, out=out16), xs_up) * 1e3
         return timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs_up, m * c + out16.numel() * 2, None)
 
+    def last_conv() -> dict:
+        """The network's last conv, FP: fp16 (N, 64, sH, sW) channels_last -> 3 channels on the HR map,
+        the Triton kernel (kernels/fp_conv.py, fp32 NCHW out) against cuDNN fp16 (fp16 out) of the
+        same shape, same inputs; the floor is max(2 MACs / fp16 peak, bytes / HBM bandwidth)."""
+        side = args.scale * hw
+        half = torch.float16
+        xs = rotating(lambda: torch.randn(n, c, side, side, device=dev, generator=g).to(half).to(
+            memory_format=torch.channels_last), n * c * side * side * 2)
+        conv = torch.nn.Conv2d(c, 3, 3, padding=1).to(dev)
+        w, b = tk.prepare_fp_weight(conv.weight.detach().to(half), conv.bias.detach().to(half))
+        t = time_rotating(lambda x: tk.fp_conv3x3(x.permute(0, 2, 3, 1), w, b, 3), xs) * 1e3
+        if args.smoke:  # CPUs lack fp16 convs: the baseline's fp32 twin, only to run the script
+            cudnn = time_rotating(lambda x: conv(x.float()), xs) * 1e3
+        else:
+            conv16 = conv.to(half).to(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                cudnn = time_rotating(conv16, xs) * 1e3
+        macs, nbytes = n * side * side * 9 * c * 3, n * side * side * (c * 2 + 3 * 4)
+        floor = max(2 * macs / (peaks["fp16_tflops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
+        return {"conv": "last conv fp16", "cin": c, "cout": 3, "a_bits": 16, "w_bits": 16, "container": 16,
+                "us": t, "cudnn_fp16_us": cudnn, "speedup_vs_fp16": cudnn / t, "floor_us": floor,
+                "pct_of_floor": 100 * floor / t, "cuda_us": None}
+
     def ab_row(base: dict, variant: str) -> dict:
         """``base``'s conv again with one thing changed (AB_ROWS), on the tile config the autotuner
         picked for ``base`` (the last launch's), so only that thing differs."""
@@ -254,7 +279,7 @@ def main(argv=None) -> int:
             lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
             lambda: [conv_case("conv2+next", 8, 8)],
             lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
-            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()]]
+            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()], lambda: [last_conv()]]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]
     runs += [lambda a=a, k=k: [conv_case(k, a, 8, one_per_byte=True)] for a in (4, 2) for k in ("conv1", "conv2")]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
@@ -263,7 +288,7 @@ def main(argv=None) -> int:
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())
-        tuners = (("conv", tk._tuned_conv), ("padded", tk._tuned_padded_conv))
+        tuners = (("conv", tk._tuned_conv), ("padded", tk._tuned_padded_conv), ("fp", tk._tuned_fp_conv))
         best = {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
         payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                    "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,

@@ -16,7 +16,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
 * Quantized rows (residual-block bodies only: EDSR, MSRResNet): static a8/a4/a2, EntropyOnly
   {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
   x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
-  upsampler convs as int8 convs, gdq_engine/runtime/inttail.py); on the ``auto`` backend
+  upsampler convs as int8 convs, gdq_engine/runtime/inttail.py; on GPU the fp16 last conv runs on
+  the Triton FP kernel, runtime/lastconv.py, and one A/B row has cuDNN's instead); on the ``auto`` backend
   (Triton on GPU, the C++ kernels on CPU; on GPU 2/4-bit codes one per byte, ``containers``,
   and one more Granular-DQ row with them packed); their FP layers run in the anchor's dtype (fp16 on
   GPU, bf16 on CPU: column ``fp_dtype``) and one row shows static a8 with fp32 FP layers; on CPU
@@ -117,6 +118,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     quant = [("static a8", dict(policy="static", bits=8)), ("static a4", dict(policy="static", bits=4)),
              ("static a2", dict(policy="static", bits=2)), ("entropy {2,4,8}", dict(policy="entropy", bits=(2, 4, 8)))]
     quant.append(("static a8 + int8 tail", dict(policy="static", bits=8, tail_bits=8)))
+    if gpu:  # A/B: the last conv on cuDNN fp16 instead of the Triton FP kernel (runtime/lastconv.py)
+        quant.append(("static a8 + int8 tail, cuDNN last conv", dict(policy="static", bits=8, tail_bits=8,
+                                                                      last_conv="torch")))
     if granular is not None:
         quant += [("granular {2,4,8}", dict(model=granular)),
                   ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
@@ -142,11 +146,16 @@ def make_engine(model, kw: dict, device: str, calib):
     kw = dict(kw)
     compile_mode = kw.pop("compile", None)
     own = kw.pop("model", None)
+    last_conv = kw.pop("last_conv", "kernel")
     if own is not None:  # a shipped quantized checkpoint brings its policy and calibration (the tail's: calib)
         engine = Engine(str(own), device=device, **kw, **(dict(calib=calib) if "tail_bits" in kw else {}))
     else:
         extra = dict(calib=calib) if kw["policy"] != "fp" else {}
         engine = Engine(model, device=device, **kw, **extra)
+    if last_conv == "torch":
+        from gdq_engine.runtime.lastconv import use_kernel_last_conv
+
+        use_kernel_last_conv(engine.model, False)
     if compile_mode is not None:
         engine.model = torch.compile(engine.model, mode=None if compile_mode == "default" else compile_mode)
     return engine

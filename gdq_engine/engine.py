@@ -23,6 +23,8 @@ from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
 from .runtime.graphs import GraphCache
+from .runtime.intgraph import _backend_module
+from .runtime.lastconv import with_kernel_last_conv
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
@@ -206,8 +208,11 @@ class Engine:
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers)
             self.containers = self.int_body.containers
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
-            model = qmodel.runtime_model(body_backend)
-            for m in model.modules():  # the engine's own copy: its upsampler output is consumed at once
+            # The engine's own copy (qmodel is): its upsampler output is consumed at once, and its
+            # last conv may run on the backend's FP kernel (fp16 on CUDA: runtime/lastconv.py).
+            model = with_kernel_last_conv(qmodel.runtime_model(body_backend), _backend_module(body_backend),
+                                          in_place=True)
+            for m in model.modules():
                 if hasattr(m, "reuse_output"):
                     m.reuse_output = True
         elif tail_bits is not None:

@@ -44,16 +44,20 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # int8 tensor-core MMAs in the PTX: warpgroup MMAs on sm_90, warp-level mma.sync before.
 MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.s32\.[su]8\.[su]8",
                80: r"\bmma\.sync\.aligned\.m16n8k32[\w.]*\.s32\.[su]8\.[su]8"}
+# fp16 tensor-core MMAs with fp32 accumulators (the FP last conv, fp_conv.py).
+FP16_MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.f32\.f16\.f16",
+                    80: r"\bmma\.sync\.aligned\.m16n8k16[\w.]*\.f32\.f16\.f16\.f32"}
 _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32: "fp32", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT")  # chosen per GPU config, not per variant
-CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")
+_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W")  # chosen per GPU config, not per variant
+CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")  # the integer convs
+FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel variant: ``kernel`` (a function of :mod:`gdq_engine.kernels.conv3x3`), the
+    """One kernel variant: ``kernel`` (a function of :mod:`gdq_engine.kernels.conv3x3` or ``fp_conv``), the
     Triton types of its runtime arguments and the values of its constexprs (tile sizes excluded)."""
 
     kernel: str
@@ -62,7 +66,7 @@ class Launch:
 
     def label(self) -> str:
         short = {"_packed_conv3x3_kernel": "conv", "_padded_conv3x3_tma_kernel": "padded conv",
-                 "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack"}
+                 "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack", FP_CONV: "fp conv"}
         return short.get(self.kernel, self.kernel) + " " + " ".join(f"{k}={int(v)}" for k, v in self.constexprs)
 
     @staticmethod
@@ -153,7 +157,8 @@ def engine_launches() -> list[Launch]:
     (``containers="padded"``, also with residual scale 0.1), residual scale 0.1, integer tails of
     8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
     layer-wise regrouping with every width in every conv; plus the x4 tail's last conv storing
-    fp16, as a GPU engine runs it (fp16 engines do not run on CPU), and the blocks of 2, 4 and 8
+    fp16 and the FP last conv (64 -> 3, fp16 in), as a GPU engine runs them (fp16 engines do not
+    run on CPU), and the blocks of 2, 4 and 8
     bits one code per byte skipping padding patches (``items=``), as the group graphs of a dynamic
     policy replay them on a GPU (graphs do not run on CPU)."""
     if not interpreting():
@@ -187,6 +192,8 @@ def engine_launches() -> list[Launch]:
         w = ops.prepare_conv_weight(torch.zeros(256, 64, 3, 3, dtype=torch.int8), 8)
         ops.packed_conv3x3(torch.zeros(3, 6, 6, 64, dtype=torch.uint8), 8, True, w, torch.ones(256), torch.zeros(256),
                            shuffle=2, out_dtype=torch.float16)
+        fp_w, fp_b = ops.prepare_fp_weight(torch.zeros(3, 64, 3, 3, dtype=torch.float16), None)
+        ops.fp_conv3x3(torch.zeros(3, 12, 12, 64, dtype=torch.float16), fp_w, fp_b, 3)  # the x4 last conv
         from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
 
         m, feat = model(), torch.rand(2, 64, 6, 6, generator=g)
@@ -213,6 +220,9 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
         fixed = ops.fixed_padded_config(cin)
         extra = [c for c in ops.padded_tune_configs(cin) if all_configs and _config_label(c) != _config_label(fixed)]
         return [fixed, *extra]
+    if launch.kernel == FP_CONV:
+        fixed = ops.FIXED_FP_CONFIG
+        return [fixed, *[c for c in ops.FP_TUNE_CONFIGS if all_configs and c is not fixed]]
     return [triton.Config({"BLOCK_M": ops.ROWS_PER_PROGRAM}, num_warps=4, num_stages=3)]
 
 
@@ -253,12 +263,12 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import conv3x3, ops
+    from . import conv3x3, fp_conv, ops
 
-    kernel = getattr(conv3x3, launch.kernel)
+    kernel = getattr(fp_conv if launch.kernel == FP_CONV else conv3x3, launch.kernel)
     consts = {**dict(launch.constexprs), **config.kwargs}
     types = dict(launch.signature)
-    for name, box in ops.tma_boxes(consts).items() if "BLOCK_N" in consts else ():
+    for name, box in ops.tma_boxes(consts).items() if launch.kernel in CONV_KERNELS else ():
         if name in types:  # "tensordesc<i8>" -> "tensordesc<i8[128, 64]>": the box of this config
             types[name] = types[name][:-1] + str(box) + ">"
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
@@ -272,7 +282,7 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
-    pattern = MMA_PATTERN[90 if arch >= 90 else 80]
+    pattern = (FP16_MMA_PATTERN if launch.kernel == FP_CONV else MMA_PATTERN)[90 if arch >= 90 else 80]
     return dict(kernel=launch.kernel, variant=launch.label(), config=_config_label(config), arch=arch,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -298,7 +308,7 @@ def problems(report: dict, fixed: bool = True) -> list[str]:
     if report.get("error"):
         return [f"compile error: {report['error']}"]
     out = []
-    if report["kernel"] in CONV_KERNELS and report["mma"] == 0:
+    if report["kernel"] in (*CONV_KERNELS, FP_CONV) and report["mma"] == 0:
         out.append("no tensor-core MMA")
     if report["fma_f32"]:
         out.append(f"{report['fma_f32']} fused multiply-adds")

@@ -21,6 +21,8 @@ from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
+from .fp_conv import BLOCK_N as FP_BLOCK_N
+from .fp_conv import _fp_conv3x3_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
@@ -510,4 +512,74 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     out = torch.empty(*packed.shape[:-1], c, dtype=torch.int8 if signed else torch.uint8, device=packed.device)
     block_m = 32 if INTERPRET else ROWS_PER_PROGRAM
     _unpack_kernel[(triton.cdiv(m, block_m),)](packed, out, m, C=c, BITS=bits, SIGNED=bool(signed), BLOCK_M=block_m)
+    return out
+
+
+# The last conv's (fp_conv.py) tiles: (BLOCK_H, BLOCK_W, warps). Plain loads in an unrolled tap
+# loop (L1 keeps a tile's tap re-reads), so one stage.
+FP_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=w, num_stages=1)
+    for bh, bw, w in [(4, 32, 4), (2, 64, 4), (8, 16, 4), (1, 128, 4), (4, 64, 8), (8, 32, 8), (16, 16, 8)]
+]
+FIXED_FP_CONFIG = FP_TUNE_CONFIGS[0]  # GDQ_TRITON_AUTOTUNE=0
+_tuned_fp_conv = triton.autotune(FP_TUNE_CONFIGS, key=["C", "COUT", "W"])(_fp_conv3x3_kernel)
+# fp16 only: Triton's interpreter returns wrong values for tl.dot of bf16 tiles (3.9: about 1e10 for
+# unit-normal 16 x 16 tiles), so CI could not check a bf16 kernel
+FP_CONV_DTYPES = (torch.float16,)
+FP_CONV_MAX_COUT = FP_BLOCK_N
+
+
+def prepare_fp_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP conv's (Cout, C, 3, 3) weight and (Cout,) bias -> :func:`fp_conv3x3`'s operands: (9 * C,
+    16) in the weight's dtype, row ``tap * C + c`` (tap = ky * 3 + kx), output channels past Cout
+    zero; and the bias as (16,) fp32, zero past Cout (zero everywhere for no bias)."""
+    cout, cin, kh, kw = weight.shape
+    if (kh, kw) != (3, 3) or cout > FP_CONV_MAX_COUT or cin % 16 or weight.dtype not in FP_CONV_DTYPES:
+        raise ValueError(f"fp_conv3x3 takes 3x3 fp16 weights with at most {FP_CONV_MAX_COUT} output channels "
+                         f"and input channels a multiple of 16, got {weight.dtype} {tuple(weight.shape)}")
+    w = torch.zeros(9 * cin, FP_BLOCK_N, dtype=weight.dtype, device=weight.device)
+    w[:, :cout] = weight.permute(2, 3, 1, 0).reshape(9 * cin, cout)
+    b = torch.zeros(FP_BLOCK_N, dtype=torch.float32, device=weight.device)
+    if bias is not None:
+        b[:cout] = bias.float()
+    return w, b
+
+
+def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """3x3 conv (stride 1, zero pad 1) of fp16 NHWC activations with fp32 accumulation
+    (``fp_conv.py``): the network's last conv on the HR map.
+
+    Args:
+        x: (N, H, W, C) fp16, contiguous (a channels_last (N, C, H, W) tensor permuted).
+        weight, bias: from :func:`prepare_fp_weight`, weight in ``x``'s dtype.
+        cout: output channels (at most 16).
+        out: optional (N, cout, H, W) fp32 contiguous output.
+    Returns:
+        (N, cout, H, W) fp32, contiguous (NCHW): bias + the conv, each product exact, summed in fp32.
+    """
+    if x.dim() != 4 or not x.is_contiguous() or x.dtype not in FP_CONV_DTYPES:
+        raise ValueError(f"x must be a contiguous (N, H, W, C) fp16 tensor, got {x.dtype} {tuple(x.shape)}")
+    n, h, w_, cin = x.shape
+    if tuple(weight.shape) != (9 * cin, FP_BLOCK_N) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous ({9 * cin}, {FP_BLOCK_N}) {x.dtype} tensor from "
+                         f"prepare_fp_weight for {cin} input channels, got {weight.dtype} {tuple(weight.shape)}")
+    if tuple(bias.shape) != (FP_BLOCK_N,) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be a ({FP_BLOCK_N},) fp32 tensor from prepare_fp_weight, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    if not 1 <= cout <= FP_CONV_MAX_COUT:
+        raise ValueError(f"fp_conv3x3 computes 1 to {FP_CONV_MAX_COUT} output channels, got {cout}")
+    if len({x.device, weight.device, bias.device}) != 1:
+        raise ValueError(f"x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}")
+    out = _output(out, (n, cout, h, w_), torch.float32, x.device)
+    args = (x, weight, bias, out, h, w_)
+    meta = dict(C=cin, COUT=cout, BLOCK_N=FP_BLOCK_N, K_STEP=min(cin, 64), **_COMPILE)
+    if INTERPRET or x.device.type != "cuda" or not AUTOTUNE:
+        cfg = FIXED_FP_CONFIG
+        grid = (triton.cdiv(w_, cfg.kwargs["BLOCK_W"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]), n)
+        _launcher(_fp_conv3x3_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                   num_stages=cfg.num_stages)
+    else:
+        grid = lambda cfg: (triton.cdiv(w_, cfg["BLOCK_W"]), triton.cdiv(h, cfg["BLOCK_H"]), n)
+        _launcher(_tuned_fp_conv, False)[grid](*args, **meta)
     return out

@@ -69,8 +69,11 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
     padded = cases["static a8 + int8 tail, padded"]
     assert padded == dict(cases["static a8 + int8 tail"], containers="padded")
     assert all("containers" not in kw for name, kw in cases.items() if not name.endswith(("packed", "padded")))
-    assert not any(name.endswith("padded") for name, _ in latency.cases_for(False, load_model("edsr-baseline-x4"),
-                                                                             None, "none"))
+    # the A/B row of the last conv: cuDNN's instead of the Triton FP kernel, all else equal
+    assert cases["static a8 + int8 tail, cuDNN last conv"] == dict(cases["static a8 + int8 tail"], last_conv="torch")
+    assert list(cases).index("static a8 + int8 tail, cuDNN last conv") == list(cases).index("static a8 + int8 tail") + 1
+    cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
+    assert not any(name.endswith(("padded", "last conv")) for name in cpu)
 
 
 @needs_data
@@ -135,7 +138,7 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A")]
     ab += ["conv2+next", "conv1 padded", "conv2 padded", "conv2+next padded"]
     ab += [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
-    want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]]
+    want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]] + [("last conv fp16", 16, 16, 16)]
     want += [("conv2+next padded", a, 8, 8) for a in (4, 2)]
     want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
     want += [("conv2+next", a, 8, a) for a in (4, 2)]

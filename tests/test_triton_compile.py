@@ -16,6 +16,7 @@ aot = pytest.importorskip("gdq_engine.kernels.aot", reason="triton is a test dep
 
 CONV = "_packed_conv3x3_kernel"
 PADDED = "_padded_conv3x3_tma_kernel"
+FP = "_fp_conv3x3_kernel"
 
 
 def _env(interpret: bool) -> dict:
@@ -62,6 +63,10 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     # every quantize_pack variant takes fp32 and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
     assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)
+    # the FP last conv (runtime/lastconv.py): fp16 in, fp32 out, 3 output channels
+    (fp,) = [x for x in recorded if x.kernel == FP]
+    assert dict(fp.signature)["x_ptr"] == "*fp16" and dict(fp.signature)["out_ptr"] == "*fp32"
+    assert dict(fp.constexprs)["COUT"] == 3
     assert len(set(recorded)) == len(recorded)
 
 
@@ -83,6 +88,7 @@ def test_problems_flags_each_rule():
     too_big = {**ok, "shared_bytes": aot.SHARED_LIMIT[90] + 1}
     assert "shared memory" in aot.problems(too_big)[0] and aot.problems(too_big, fixed=False) == []
     assert aot.problems({**ok, "kernel": "_quantize_pack_kernel", "mma": 0}) == []
+    assert aot.problems({**ok, "kernel": FP, "mma": 0}) == ["no tensor-core MMA"]
 
 
 def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
@@ -98,8 +104,8 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
     for r in reports:
         assert r["problems"] == [], r
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0 and r["registers"] <= 255
-        if r["kernel"] in (CONV, PADDED):
-            assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 on sm_80
+        if r["kernel"] in (CONV, PADDED, FP):
+            assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 (f16 for the FP conv) on sm_80
         if r["kernel"] == PADDED and r["arch"] == 90:
             # Both operands come by TMA box copies, no per-thread copies; signed and offset codes
             # (every padded variant the engine launches) feed the wgmmas from shared memory as they landed.

@@ -465,6 +465,7 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
 
     from gdq_engine import Engine
     from gdq_engine.models import EDSR
+    from gdq_engine.runtime.lastconv import use_kernel_last_conv
 
     torch.manual_seed(0)
     calib = random_image(24, 24, n=8, seed=3)
@@ -472,6 +473,7 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
         model = EDSR(scale=scale, n_feats=64, n_blocks=2).eval()
         kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=dtype)
         graphed, reference = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+        use_kernel_last_conv(graphed.model, False)  # fp16: cuDNN's last conv, as the reference has (test_lastconv.py)
         for seed in (4, 4, 4):  # the same frame: same groups, so the graphs are reused
             lr = random_image(37, 29, n=1, seed=seed).cuda()
             got, report = graphed.upscale(lr, return_report=True)
@@ -498,6 +500,7 @@ def test_cuda_graphs_of_the_padded_layout():
 
     from gdq_engine import Engine
     from gdq_engine.models import EDSR
+    from gdq_engine.runtime.lastconv import use_kernel_last_conv
 
     torch.manual_seed(0)
     calib = random_image(24, 24, n=8, seed=3)
@@ -505,6 +508,7 @@ def test_cuda_graphs_of_the_padded_layout():
         model = EDSR(scale=scale, n_feats=64, n_blocks=2).eval()
         kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=torch.float16)
         graphed = Engine(model, backend="triton", containers="padded", **kw)
+        use_kernel_last_conv(graphed.model, False)  # cuDNN's last conv, as the reference has (test_lastconv.py)
         reference = Engine(model, backend="reference", **kw)
         lr = random_image(37, 29, n=1, seed=4).cuda()
         for _ in range(3):

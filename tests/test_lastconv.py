@@ -1,0 +1,178 @@
+"""The last conv on the Triton FP kernel (kernels/fp_conv.py, runtime/lastconv.py).
+
+An FP layer: the kernel is checked against torch's conv of the same fp16 values in float64, within
+the worst-case error of summing its K = 9 * C + 1 terms in fp32 (products of fp16 values are exact
+in fp32), on odd sizes (not tile multiples), batch 1 and > 1, poisoned outputs.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE, random_image
+from torch import nn
+
+tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
+
+from gdq_engine.runtime.lastconv import (  # noqa: E402
+    KernelConv2d,
+    use_kernel_last_conv,
+    with_kernel_last_conv,
+)
+
+DEV = torch.device(KERNEL_DEVICE)
+_seed = itertools.count(7000)
+
+
+def gen():
+    return torch.Generator().manual_seed(next(_seed))
+
+
+def fp16_case(n, c, h, w, cout, g, bias=True):
+    x = torch.randn(n, c, h, w, generator=g).half()
+    wt = (torch.randn(cout, c, 3, 3, generator=g) * 0.1).half()
+    b = torch.randn(cout, generator=g).half() if bias else None
+    return x, wt, b
+
+
+def assert_within_fp32_summation(got, x, wt, b):
+    """|got - exact| <= (K + 1) * 2^-24 * sum of |terms|, K = 9 * C: the bound of summing K products
+    and the bias in fp32, in any order."""
+    exact = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), padding=1)
+    terms = F.conv2d(x.double().abs(), wt.double().abs(), None if b is None else b.double().abs(), padding=1)
+    k = 9 * x.shape[1] + 1
+    err = (got.double().cpu() - exact).abs()
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    assert bool(torch.isfinite(got).all())
+    assert bool((err <= (k + 1) * 2.0**-24 * terms + 1e-30).all()), float((err - (k + 1) * 2.0**-24 * terms).max())
+
+
+@pytest.mark.parametrize("n,c,h,w,cout", [(2, 64, 7, 13, 3), (1, 32, 1, 5, 16), (3, 16, 9, 33, 1),
+                                          (1, 128, 6, 40, 3), (2, 64, 5, 2, 7)])
+def test_fp_conv_matches_torch_within_fp32_summation(n, c, h, w, cout):
+    g = gen()
+    x, wt, b = fp16_case(n, c, h, w, cout, g, bias=cout != 7)
+    pw, pb = tk.prepare_fp_weight(wt.to(DEV), None if b is None else b.to(DEV))
+    out = torch.full((n, cout, h, w), float("nan"), device=DEV)  # poisoned: every element must be written
+    got = tk.fp_conv3x3(x.to(DEV).permute(0, 2, 3, 1).contiguous(), pw, pb, cout, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_within_fp32_summation(got, x, wt, b)
+
+
+def test_fp_conv_is_the_conv_not_a_lookalike():
+    """A wrong tap order or a transposed kernel stays within no bound: flipping the weights
+    spatially changes the result far beyond the summation error."""
+    g = gen()
+    x, wt, b = fp16_case(1, 32, 6, 9, 3, g)
+    pw, pb = tk.prepare_fp_weight(wt.flip(-1, -2).to(DEV), b.to(DEV))
+    got = tk.fp_conv3x3(x.to(DEV).permute(0, 2, 3, 1).contiguous(), pw, pb, 3)
+    with pytest.raises(AssertionError):
+        assert_within_fp32_summation(got, x, wt, b)
+
+
+def test_fp_conv_rejects_what_it_cannot_run():
+    g = gen()
+    x, wt, b = fp16_case(1, 32, 4, 4, 3, g)
+    pw, pb = tk.prepare_fp_weight(wt, b)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()
+    cases = [
+        (lambda: tk.prepare_fp_weight(wt.bfloat16(), b), "fp16 weights"),
+        (lambda: tk.prepare_fp_weight(wt[:, :24], b), "multiple of 16"),
+        (lambda: tk.prepare_fp_weight(torch.zeros(17, 32, 3, 3).half(), None), "at most 16"),
+        (lambda: tk.prepare_fp_weight(torch.zeros(3, 32, 1, 1).half(), None), "3x3"),
+        (lambda: tk.fp_conv3x3(nhwc.float(), pw, pb, 3), "fp16 tensor"),
+        (lambda: tk.fp_conv3x3(x.permute(0, 2, 3, 1), pw, pb, 3), "contiguous"),
+        (lambda: tk.fp_conv3x3(nhwc[..., :16].contiguous(), pw, pb, 3), "from prepare_fp_weight for 16"),
+        (lambda: tk.fp_conv3x3(nhwc, pw, pb.half(), 3), "bias must be"),
+        (lambda: tk.fp_conv3x3(nhwc, pw, pb, 17), "1 to 16 output channels"),
+        (lambda: tk.fp_conv3x3(nhwc, pw, pb, 3, out=torch.empty(1, 3, 4, 5)), "out must be"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_kernel_conv_module_runs_the_kernel_on_fp16_channels_last_and_is_a_plain_conv_otherwise(monkeypatch):
+    g = gen()
+    conv = nn.Conv2d(32, 3, 3, padding=1).to(DEV)
+    module = KernelConv2d(conv, tk)
+    assert module.state_dict().keys() == conv.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), conv.state_dict().values()))
+    x = torch.randn(2, 32, 5, 11, generator=g).to(DEV)
+    assert not module.uses_kernel(x) and torch.equal(module(x), conv(x))  # fp32: nn.Conv2d's own forward
+    module.half()
+    module.kernel_on_cpu = True  # on a CPU, Triton's interpreter
+    xh = x.half().contiguous(memory_format=torch.channels_last)
+    assert module.uses_kernel(xh) and not module.uses_kernel(x.half())  # NCHW fp16: torch
+    prepared = []
+    real = tk.prepare_fp_weight
+    monkeypatch.setattr(tk, "prepare_fp_weight", lambda *a: prepared.append(1) or real(*a))
+    y = module(xh)
+    assert y.is_contiguous() and len(prepared) == 1
+    assert_within_fp32_summation(y, xh.cpu(), module.weight.detach().cpu(), module.bias.detach().cpu())
+    module(xh)
+    assert len(prepared) == 1  # operands prepared once per weight storage
+    with torch.no_grad():
+        module.weight.mul_(-1)  # an in-place update re-prepares them
+    assert_within_fp32_summation(module(xh), xh.cpu(), module.weight.detach().cpu(), module.bias.detach().cpu())
+    assert len(prepared) == 2
+    module.use_kernel = False
+    assert not module.uses_kernel(xh)
+
+
+def test_last_conv_swap_copies_or_changes_in_place_and_keeps_the_mac_count():
+    from gdq_engine.models import EDSR, MSRResNet
+    from gdq_engine.ops import reference
+    from gdq_engine.runtime.cost import conv_macs
+
+    edsr = EDSR(scale=2, n_feats=16, n_blocks=1).eval()
+    swapped = with_kernel_last_conv(edsr, tk)
+    assert isinstance(swapped.tail, KernelConv2d) and type(edsr.tail) is nn.Conv2d  # a copy
+    assert conv_macs(swapped, 8, 8) == conv_macs(edsr, 8, 8)
+    x = random_image(8, 8, n=1)
+    assert torch.equal(swapped(x), edsr(x))  # fp32 on the CPU: nn.Conv2d's own forward
+    assert with_kernel_last_conv(edsr, reference) is edsr  # no FP kernel on that backend
+    assert with_kernel_last_conv(swapped, tk) is swapped  # already swapped
+    srresnet = MSRResNet(scale=2, n_feats=16, n_blocks=1)
+    assert with_kernel_last_conv(srresnet, tk, in_place=True) is srresnet
+    assert isinstance(srresnet.tail[-1], KernelConv2d)
+    assert use_kernel_last_conv(srresnet, False) == 1 and not srresnet.tail[-1].use_kernel
+    wide = EDSR(scale=2, n_feats=20, n_blocks=1)  # 20 input channels: not a multiple of 16
+    assert with_kernel_last_conv(wide, tk) is wide
+
+
+def test_engine_swaps_the_last_conv_on_the_triton_backend_only():
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    model = EDSR(scale=2, n_feats=16, n_blocks=1).eval()
+    kw = dict(policy="static", bits=8, calib=random_image(16, 16, n=2), device="cpu", patch_size=8, stride=8)
+    fast, slow = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+    assert isinstance(fast.model.tail, KernelConv2d) and type(slow.model.tail) is nn.Conv2d
+    x = random_image(12, 10, n=1)
+    assert torch.equal(fast.upscale(x), slow.upscale(x))  # fp32 on the CPU: the kernel does not run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs in the engine on CUDA fp16 only")
+def test_engine_fp16_last_conv_kernel_is_close_to_cudnn_and_graphs_replay_it():
+    """Static a8 with the x4 integer tail, fp16 FP layers: the whole network as one CUDA graph with
+    the kernel's last conv (eager, capture, replay give the same bits), within fp16 rounding of
+    the same engine with cuDNN's last conv."""
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=4, n_feats=64, n_blocks=2).eval()
+    kw = dict(policy="static", bits=8, tail_bits=8, calib=random_image(24, 24, n=8, seed=3), patch_size=16,
+              stride=14, device="cuda", dtype=torch.float16, backend="triton")
+    fast, cudnn = Engine(model, **kw), Engine(model, **kw)
+    assert use_kernel_last_conv(cudnn.model, False) == 1
+    lr = random_image(37, 29, n=1, seed=4).cuda()
+    outs = [fast.upscale(lr) for _ in range(3)]
+    assert fast.model.tail.uses_kernel(torch.zeros(1, 64, 4, 4, device="cuda", dtype=torch.float16,
+                                                   ).contiguous(memory_format=torch.channels_last))
+    assert all(torch.equal(o, outs[0]) for o in outs) and fast.network_graphs.keys()
+    diff = (outs[0] - cudnn.upscale(lr)).abs().max().item()
+    assert diff < 2e-3, diff  # cuDNN rounds the last conv's output to fp16 (about 1e-3 of a pixel value)
