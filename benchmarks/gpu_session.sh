@@ -54,9 +54,9 @@ fi
 
 step install 80 $PY -m pip install --no-build-isolation --no-deps -e .
 PYTEST="$PY -m pytest -q -p no:cacheprovider -rf --tb=short"
-step cuda_errors 25 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_cuda_kernels.py tests/test_cpu_kernels.py \
-    -k "bad_shapes or links_the_shared"
-step cuda_tests 75 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_cuda_kernels.py -k "not bad_shapes"
+step cuda_errors 30 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_cuda_kernels.py tests/test_cpu_kernels.py \
+    tests/test_engine.py -k "bad_shapes or links_the_shared or bad_cuda_input"
+step cuda_tests 70 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_cuda_kernels.py -k "not bad_shapes"
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
     step latency_1080p 200 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \

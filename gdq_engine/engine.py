@@ -264,12 +264,12 @@ class Engine:
         start = time.perf_counter()
         input_dtype = input_dtype_of(x)
         batch, kind = as_batch(x)
-        self._validate(batch)
+        bounds = self._validate(batch)
         report = UpscaleReport(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
         out = torch.empty(batch.shape[0], 3, batch.shape[2] * self.scale, batch.shape[3] * self.scale,
                           dtype=torch.float32, device=batch.device)
         for n in range(batch.shape[0]):
-            self._upscale_one(batch[n].float(), out[n], report)
+            self._upscale_one(batch[n].float(), out[n], report, bounds if n == 0 else None)
         out.clamp_(0, 1)
         report.seconds = time.perf_counter() - start
         result = restore_kind(out, kind, input_dtype)
@@ -277,22 +277,30 @@ class Engine:
 
     __call__ = upscale
 
-    def _validate(self, batch: torch.Tensor) -> None:
+    def _validate(self, batch: torch.Tensor) -> torch.Tensor | None:
+        """Check the (N,C,H,W) input: its shape now; its values (finite, in [0, 1]) now too, or,
+        where reading them would be a host sync the frame does not otherwise make
+        (:meth:`_defers_value_check`), later: then the returned (2,) device tensor (min, max) is read
+        with the first image's finiteness flag, in its one transfer at the end."""
         n, c, h, w = batch.shape
         if c != 3:
             hint = " (RGBA: use gdq_engine.upscale_file, which keeps alpha)" if c == 4 else ""
             raise ValueError(f"expected 3 colour channels, got {c}{hint}")
         if n == 0 or h == 0 or w == 0:
             raise ValueError(f"empty image batch of shape {tuple(batch.shape)}")
-        # One pass and one device-to-host transfer for the three checks (min and max are NaN or
-        # infinite exactly when some value is).
-        lo, hi = torch.stack(torch.aminmax(batch.float())).tolist()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("input contains NaN or Inf values")
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"float input must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                             "(divide 0..255 data by 255, or pass a uint8 tensor)")
         check_image_size(h, w)
+        # One pass for the three checks (min and max are NaN or infinite exactly when some value is).
+        bounds = torch.stack(torch.aminmax(batch.float()))
+        if self._defers_value_check(batch):
+            return bounds
+        check_input_values(*bounds.tolist())
+        return None
+
+    def _defers_value_check(self, batch: torch.Tensor) -> bool:
+        """Whether the input's value checks wait for the frame's one host sync: on CUDA with a
+        policy that reads nothing back before it (FP or static; dynamic policies read each batch's
+        bit-widths to the host anyway, and their feature code should never see NaNs)."""
+        return batch.is_cuda and (self.policy is None or isinstance(self.policy, Static))
 
     def grid(self, height: int, width: int):
         """The :class:`~gdq_engine.runtime.tiler.TileGrid` this engine cuts an LR image of
@@ -325,12 +333,20 @@ class Engine:
                                                   largest_activation(self.model, *window))
         return self._patch_costs[window]
 
-    def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport) -> None:
-        """Upscale one (3,H,W) image into ``canvas``; the one host sync is the finiteness check at
-        the end (a non-finite half-precision FP result is recomputed in fp32)."""
+    def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport,
+                     bounds: torch.Tensor | None = None) -> None:
+        """Upscale one (3,H,W) image into ``canvas``. With an FP or static policy the one host sync
+        is at the end: the finiteness flag of the output (a non-finite half-precision FP result is
+        recomputed in fp32), read together with the input's deferred ``bounds`` (min, max; see
+        :meth:`_validate`), which are checked first."""
         grid = self.grid(*img.shape[-2:])
         finite = self._run_tiles(img, canvas, grid, report)
-        if bool(finite):
+        if bounds is None:
+            ok = bool(finite)
+        else:
+            ok, lo, hi = torch.cat([finite.view(1).to(bounds.dtype), bounds.to(finite.device)]).tolist()
+            check_input_values(lo, hi)
+        if ok:
             return
         if self.policy is not None:
             raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
@@ -403,6 +419,16 @@ class Engine:
 CPU_BATCH_SIZE = 16
 AUTO_BATCH_MAX = 256
 PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest activation's size live at once
+
+
+def check_input_values(lo: float, hi: float) -> None:
+    """Raise ``ValueError`` unless an input's smallest and largest values ``lo``, ``hi`` are finite
+    and in [0, 1] (1e-3 of slack for rounding)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("input contains NaN or Inf values")
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"float input must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                         "(divide 0..255 data by 255, or pass a uint8 tensor)")
 
 
 def all_finite(t: torch.Tensor) -> torch.Tensor:

@@ -365,16 +365,17 @@ def compile_all(launches: list[Launch], archs: list[int], all_configs: bool = Fa
 
 
 def summarize(reports: list[dict]) -> list[str]:
-    """Per architecture: compile errors, MMA and FMA counts, the fixed configs' largest register,
-    local and shared use, the autotuning candidates that spill, and the total compile time."""
+    """Per architecture: compile errors, the integer convs' MMA counts, FMA counts, the fixed configs'
+    largest register, local and shared use, the autotuning candidates that spill (integer and FP
+    convs), and the total compile time."""
     lines = []
     for arch in sorted({r["arch"] for r in reports}, reverse=True):
         rs = [r for r in reports if r["arch"] == arch]
         ok = [r for r in rs if not r.get("error")]
-        convs = [r for r in ok if r["kernel"] in CONV_KERNELS]
+        convs = [r for r in ok if r["kernel"] in (*CONV_KERNELS, FP_CONV)]
         fixed = [r for r in ok if r["fixed"]]
         spilling = [r for r in convs if not r["fixed"] and r["local_bytes"]]
-        mmas = [r["mma"] for r in convs] or [0]
+        mmas = [r["mma"] for r in convs if r["kernel"] in CONV_KERNELS] or [0]
         lines.append(
             f"sm_{arch}: {len(rs)} compiles ({len(rs) - len(ok)} errors) in {sum(r['seconds'] for r in ok):.0f} s; "
             f"conv MMAs per kernel {min(mmas)}-{max(mmas)}"

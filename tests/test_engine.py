@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,47 @@ def test_input_kinds_agree(engine, tmp_path):
 def test_bad_inputs(engine, bad, match):
     with pytest.raises(ValueError, match=match):
         engine.upscale(bad)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_input_value_checks_wait_for_the_one_host_read_on_cuda(tiny_edsr, monkeypatch, deferred):
+    """On CUDA with an FP or static policy, reading the input's min and max would be a host sync
+    before any work: they are read with the output's finiteness flag at the end instead (the
+    network has then run on the bad input), with the same errors. Here on CPU, the CUDA choice
+    forced (``deferred``) or not."""
+    engine = Engine(tiny_edsr, device="cpu", patch_size=8, stride=8)
+    assert not engine._defers_value_check(torch.rand(1, 3, 8, 8))  # CPU input: checked at once
+    monkeypatch.setattr(Engine, "_defers_value_check", lambda self, batch: deferred)
+    calls = []
+    real = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda *a: calls.append(1) or real(*a))
+    good = random_image(12, 10, n=2)
+    assert torch.equal(engine.upscale(good), Engine(tiny_edsr, device="cpu", patch_size=8, stride=8).upscale(good))
+    for bad, match in ((good.clone().index_fill_(3, torch.tensor([4]), float("nan")), "NaN or Inf"),
+                       (good * 255, r"in \[0, 1\]")):
+        calls.clear()
+        with pytest.raises(ValueError, match=match):
+            engine.upscale(bad)
+        assert bool(calls) == deferred  # deferred: the first image's patches ran before the check
+    with pytest.raises(ValueError, match="too small"):  # shapes are checked at once either way
+        engine.upscale(torch.full((1, 3, 3, 20), float("nan")))
+    dynamic = Engine(tiny_edsr, device="cpu", policy="entropy", bits=(2, 4, 8), calib=random_image(16, 16, n=2))
+    monkeypatch.undo()
+    assert not dynamic._defers_value_check(good)  # a dynamic policy reads its bits mid-frame anyway
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred value checks are a CUDA path")
+def test_bad_cuda_input_raises_the_input_error_not_a_half_precision_fallback(tiny_edsr):
+    engine = Engine(tiny_edsr, device="cuda", patch_size=8, stride=8, dtype=torch.float16)
+    nan = random_image(12, 10, n=1).cuda().index_fill_(3, torch.tensor([4], device="cuda"), float("nan"))
+    assert engine._defers_value_check(nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "re-running this image in float32"
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            engine.upscale(nan)
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            engine.upscale(random_image(12, 10, n=1).cuda() * 255)
 
 
 def test_bad_input_types_and_files(engine, tmp_path):
