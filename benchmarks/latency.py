@@ -38,6 +38,9 @@ output vs the fp32 output (mean
 over frames). Writes latency-<device>-<date>.json (and ``--plot`` a PNG); prints a table last.
 On GPU the JSON is also written after every row, ``"complete": false`` until the run ends, so a
 run cut short keeps the rows it timed.
+``--host-uint8`` hands every row its frames as uint8 tensors in host memory, so the times include
+the copies in and the 8-bit results back (the whole ``upscale`` call a user with decoded frames
+makes); ``--rows`` keeps only the named rows (and fp32, the PSNR reference).
 ``--profile METHOD`` (repeatable) also runs that row once per frame under torch.profiler and records
 its top ops and its total self time per frame (where the time goes) under ``profiles``.
 """
@@ -270,6 +273,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="append", default=[], metavar="METHOD",
                    help="also run this row once per frame of the last size under torch.profiler: its top ops "
                         "(self time per frame) are printed and written to the JSON (repeat for more rows)")
+    p.add_argument("--rows", default=None, metavar="NAMES",
+                   help="only these rows (comma-separated names) and fp32, the PSNR reference")
+    p.add_argument("--host-uint8", action="store_true",
+                   help="frames as uint8 tensors in host memory (a decoded video frame or image file): each "
+                        "row's time then includes the copies in and the uint8 result back (default: float "
+                        "frames already on the compute device)")
     p.add_argument("--default-malloc", action="store_true",
                    help="CPU mode: leave glibc's malloc as it is (by default it keeps freed memory; see "
                         "common.keep_freed_memory)")
@@ -294,6 +303,12 @@ def main(argv=None) -> int:
     model_name = f"{args.arch}-x{args.scale}"
     granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
     cases = cases_for(args.gpu, model, granular, compile_mode)
+    if args.rows is not None:
+        wanted = {name.strip() for name in args.rows.split(",")}
+        missing = wanted - dict(cases).keys()
+        if missing:
+            p.error(f"--rows: no row {sorted(missing)[0]!r}; rows: {', '.join(name for name, _ in cases)}")
+        cases = [(name, kw) for name, kw in cases if name in wanted or name == "fp32"]
     unknown = [name for name in args.profile if name not in dict(cases)]
     if unknown:  # before minutes of timing, not after
         p.error(f"--profile: no row {unknown[0]!r}; rows: {', '.join(name for name, _ in cases)}")
@@ -306,7 +321,7 @@ def main(argv=None) -> int:
     bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows
     workload = {"model": model_name, "weights": "shipped" if args.arch == "edsr-baseline" else "untrained",
                 "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90", "frames": [str(p) for p in paths],
-                "compile": compile_mode}
+                "compile": compile_mode, "frame_memory": "host uint8" if args.host_uint8 else f"{dev} float32"}
 
     def payload(done_rows: list[dict], complete: bool) -> dict:
         return {"workload": workload, "peaks": peaks, "rows": done_rows, "failures": failures, "complete": complete}
@@ -317,7 +332,9 @@ def main(argv=None) -> int:
             for r in size_rows if base is not None else ():
                 r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
     for out_w, out_h in sizes:
-        frames = [f.to(dev) for f in lr_frames(paths, out_h // args.scale, out_w // args.scale)]
+        frames = lr_frames(paths, out_h // args.scale, out_w // args.scale)
+        # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
+        frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(dev) for f in frames]
         ref_outs, size_rows = None, []
         for name, kw in cases:
             if engines.get(name, True) is None:  # failed at an earlier size
@@ -337,7 +354,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 print(f"{out_w}x{out_h} {name}: FAILED ({failures[-1]['error']})", flush=True)
                 continue
-            outs = [out for out, _ in results]
+            outs = [out.float() / 255 if out.dtype == torch.uint8 else out for out, _ in results]
             ref_outs = outs if ref_outs is None else ref_outs
             bits = [b for _, report in results for b in report.bits]
             macs = sum(frame_macs(model, engine, f) for f in frames) / len(frames)

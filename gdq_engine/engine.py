@@ -266,11 +266,15 @@ class Engine:
         batch, kind = as_batch(x)
         bounds = self._validate(batch)
         report = UpscaleReport(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
+        # uint8 results (uint8 tensors and arrays, PIL images) are rounded where they were computed
+        # and cross to the input's device as bytes, a quarter of the fp32 image.
+        out_dtype = torch.uint8 if returns_uint8(kind, input_dtype) else torch.float32
         out = torch.empty(batch.shape[0], 3, batch.shape[2] * self.scale, batch.shape[3] * self.scale,
-                          dtype=torch.float32, device=batch.device)
+                          dtype=out_dtype, device=batch.device)
         for n in range(batch.shape[0]):
-            self._upscale_one(batch[n].float(), out[n], report, bounds if n == 0 else None)
-        out.clamp_(0, 1)
+            canvas = self._canvas_for(out[n])
+            self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
+            finish_image(canvas, out[n])
         report.seconds = time.perf_counter() - start
         result = restore_kind(out, kind, input_dtype)
         return (result, report) if return_report else result
@@ -295,6 +299,19 @@ class Engine:
             return bounds
         check_input_values(*bounds.tolist())
         return None
+
+    def _canvas_for(self, target: torch.Tensor) -> torch.Tensor:
+        """The fp32 (3,sH,sW) image the patches of one output image ``target`` are stitched into:
+        ``target`` itself when it is an fp32 image on the compute device, else a fresh one on the
+        compute device (an input on the host then gets its output over PCIe once, finished, not
+        patch batch by patch batch with the overlaps) unless it would take more than an eighth of
+        the GPU's free memory, then on ``target``'s device."""
+        if target.dtype == torch.float32 and target.device == self.device:
+            return target
+        device = self.device
+        if device.type == "cuda" and target.numel() * 4 * CANVAS_FREE_FRACTION > torch.cuda.mem_get_info(device)[0]:
+            device = target.device
+        return torch.empty(target.shape, dtype=torch.float32, device=device)
 
     def _defers_value_check(self, batch: torch.Tensor) -> bool:
         """Whether the input's value checks wait for the frame's one host sync: on CUDA with a
@@ -417,8 +434,26 @@ class Engine:
 
 
 CPU_BATCH_SIZE = 16
+CANVAS_FREE_FRACTION = 8  # an output image is stitched on the GPU when it takes at most 1/8 of its free memory
 AUTO_BATCH_MAX = 256
 PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest activation's size live at once
+
+
+def returns_uint8(kind: str, input_dtype: torch.dtype | None) -> bool:
+    """Whether :meth:`Engine.upscale` hands back 8-bit images for an input of ``kind`` and
+    ``input_dtype`` (:func:`~gdq_engine.io.as_batch`): PIL images, uint8 tensors and arrays."""
+    return kind == "pil" or input_dtype == torch.uint8
+
+
+def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
+    """Clamp the fp32 (3,sH,sW) ``canvas`` to [0, 1] in place and write it into ``target`` (the
+    same tensor, or fp32 or uint8 on any device): uint8 as ``round(255 x)``, computed on the
+    canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives)."""
+    canvas.clamp_(0, 1)
+    if target.dtype == torch.uint8:
+        target.copy_(canvas.mul_(255).round_().to(torch.uint8))
+    elif canvas is not target:
+        target.copy_(canvas)
 
 
 def check_input_values(lo: float, hi: float) -> None:

@@ -130,7 +130,17 @@ def input_dtype_of(x) -> torch.dtype | None:
 
 
 def restore_kind(y: torch.Tensor, kind: str, input_dtype: torch.dtype | None = None):
-    """Hand a (N,3,H,W) float result back in the form :func:`as_batch` reported."""
+    """Hand a (N,3,H,W) result back in the form :func:`as_batch` reported: ``y`` float in [0, 1],
+    or uint8 already rounded (``round(255 x)``, as :func:`to_uint8` does) where the form is 8-bit."""
+    if y.dtype == torch.uint8:
+        if kind in ("pil", "numpy"):
+            arr = y[0].permute(1, 2, 0).cpu().numpy()
+            if kind == "pil":
+                from PIL import Image
+
+                return Image.fromarray(arr, "RGB")
+            return arr
+        return y[0] if kind == "tensor3" else y
     if kind == "pil":
         from PIL import Image
 

@@ -55,6 +55,49 @@ def test_input_kinds_agree(engine, tmp_path):
     assert torch.allclose(out_path[0], ref, atol=1e-6)
 
 
+def test_8_bit_results_are_rounded_where_computed_with_the_values_of_to_uint8(engine, tiny_edsr):
+    """uint8 tensors and arrays and PIL images come back as the float result rounded by
+    io.to_uint8, bit for bit, though the engine now rounds on its compute device and hands over
+    bytes; float input still gets the clamped float result (stitched in place)."""
+    from gdq_engine.engine import finish_image
+    from gdq_engine.io import to_uint8
+
+    u8 = (random_image(20, 24, n=2, seed=5) * 255).round().to(torch.uint8)
+    ref = engine.upscale(u8.float() / 255)
+    assert ref.dtype == torch.float32 and float(ref.min()) >= 0 and float(ref.max()) <= 1
+    got = engine.upscale(u8)
+    want = torch.stack([torch.from_numpy(to_uint8(r)).permute(2, 0, 1) for r in ref])
+    assert got.dtype == torch.uint8 and torch.equal(got, want)
+    assert np.array_equal(engine.upscale(u8[0].permute(1, 2, 0).numpy()), want[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(np.asarray(engine.upscale(Image.fromarray(u8[0].permute(1, 2, 0).numpy()))),
+                          want[0].permute(1, 2, 0).numpy())
+    # the rounding itself, at its edges: out of range, halves (round half to even, as torch.round)
+    canvas = torch.tensor([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.7, float("-0.0")]).view(1, 1, 9)
+    target = torch.empty(1, 1, 9, dtype=torch.uint8)
+    finish_image(canvas.clone(), target)
+    assert torch.equal(target.view(-1), torch.from_numpy(to_uint8(canvas.expand(3, 1, 9)))[..., 0].view(-1))
+    assert engine._canvas_for(ref[0]).data_ptr() == ref[0].data_ptr()  # fp32 on the compute device: in place
+    assert engine._canvas_for(got[0]).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host images on a CUDA engine")
+def test_host_uint8_images_on_a_cuda_engine_equal_the_float_path(tiny_edsr, monkeypatch):
+    """A host uint8 image on a CUDA engine is stitched and rounded on the GPU (one transfer of
+    bytes back), or, when its fp32 output would take more than an eighth of the free memory,
+    stitched on the host as before: both give the rounded float result."""
+    from gdq_engine.io import to_uint8
+
+    engine = Engine(tiny_edsr, device="cuda", patch_size=8, stride=8)
+    u8 = (random_image(20, 24, seed=6) * 255).round().to(torch.uint8)
+    want = torch.from_numpy(to_uint8(engine.upscale(u8.float() / 255))).permute(2, 0, 1)
+    assert engine._canvas_for(torch.empty(3, 40, 48, dtype=torch.uint8)).is_cuda
+    assert torch.equal(engine.upscale(u8), want)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1 << 40))
+    assert not engine._canvas_for(torch.empty(3, 40, 48, dtype=torch.uint8)).is_cuda
+    assert torch.equal(engine.upscale(u8), want)
+
+
 @pytest.mark.parametrize("bad,match", [
     (torch.rand(1, 4, 20, 20), "3 colour channels, got 4.*RGBA"),
     (torch.rand(1, 1, 20, 20), "3 colour channels, got 1"),

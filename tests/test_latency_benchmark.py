@@ -77,6 +77,22 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
 
 
 @needs_data
+def test_host_uint8_frames_and_a_row_subset(tmp_path):
+    """--host-uint8: every row gets uint8 host frames and hands back uint8 (PSNR on [0, 1] values,
+    so equal to the float run's within 8-bit rounding); --rows keeps fp32 (the PSNR reference)."""
+    host = run(tmp_path / "host", "--host-uint8", "--rows", "static a8 + int8 tail")
+    assert [r["method"] for r in host["rows"]] == ["fp32", "static a8 + int8 tail"]
+    assert host["workload"]["frame_memory"] == "host uint8"
+    float_run = run(tmp_path / "float", "--rows", "static a8 + int8 tail")
+    assert float_run["workload"]["frame_memory"] == "cpu float32"
+    h, f = host["rows"][1], float_run["rows"][1]
+    assert host["rows"][0]["psnr_vs_fp32"] == float("inf") and 30 < h["psnr_vs_fp32"]
+    assert abs(h["psnr_vs_fp32"] - f["psnr_vs_fp32"]) < 1.0 and h["ms"] > 0
+    with pytest.raises(SystemExit):
+        latency.main(["--rows", "static a9", "--out", str(tmp_path)])
+
+
+@needs_data
 def test_an_architecture_without_an_integer_body_gets_fp_rows_only(tmp_path):
     result = run(tmp_path, "--arch", "rdn", "--scale", "2")
     assert [r["method"] for r in result["rows"]] == ["fp32", "bf16 CL"]
