@@ -523,14 +523,16 @@ def upscale_file(engine: Engine, src, dst, compare: str | None = None, bitmap: s
     if bitmap is not None and engine.policy is None:
         raise ValueError("--bitmap shows per-patch bits: it needs a quantized policy (e.g. --policy entropy:2,4,8)")
     rgb, alpha = load_image_rgba(src)
-    hr, report = engine.upscale(rgb.unsqueeze(0), return_report=True)
+    # The file's own bytes (rgb is k / 255): the engine hands back 8-bit values rounded where it
+    # computed them, the bytes save_image would write from its float result.
+    hr, report = engine.upscale((rgb * 255).round().to(torch.uint8).unsqueeze(0), return_report=True)
     hr = hr[0]
     if bitmap is not None:
         save_image(bit_map(rgb, report.bits, engine.grid(*rgb.shape[-2:])), bitmap)
     alpha_hr = imresize(alpha, engine.scale).clamp(0, 1) if alpha is not None else None
     if compare is not None:
         bic = imresize(rgb, engine.scale).clamp(0, 1)
-        save_image(torch.cat([bic, torch.ones(3, hr.shape[1], 8), hr], dim=2), compare)
+        save_image(torch.cat([bic, torch.ones(3, hr.shape[1], 8), hr.float() / 255], dim=2), compare)
     save_image(hr, dst, alpha=alpha_hr)
     return int(hr.shape[1]), int(hr.shape[2])
 

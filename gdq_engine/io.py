@@ -46,16 +46,20 @@ def load_image_rgba(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """(3,H,W) or (1,3,H,W) float tensor in [0,1] -> (H,W,3) uint8 array (rounded, clamped)."""
+    """(3,H,W) or (1,3,H,W) float tensor in [0,1] -> (H,W,3) uint8 array (rounded, clamped); a
+    uint8 tensor is taken as it is."""
     if img.dim() == 4:
         if img.shape[0] != 1:
             raise ValueError("to_uint8 takes a single image")
         img = img[0]
-    return (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if img.dtype != torch.uint8:
+        img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return img.permute(1, 2, 0).cpu().numpy()
 
 
 def save_image(img: torch.Tensor, path: str | os.PathLike, alpha: torch.Tensor | None = None) -> None:
-    """Write a (3,H,W) or (1,3,H,W) float image in [0,1] (rounded to 8 bit) atomically.
+    """Write a (3,H,W) or (1,3,H,W) float image in [0,1] (rounded to 8 bit), or uint8 image,
+    atomically.
 
     The file is written to a temporary name and renamed, so a failure never leaves a partial file.
     ``alpha``: optional (1,H,W) channel written as RGBA.

@@ -294,6 +294,11 @@ def test_upscale_file_keeps_alpha_and_writes_atomically(engine, tmp_path):
     assert np.asarray(out)[..., 3].min() == 128 and np.asarray(out)[..., 3].max() == 128
     assert Image.open(tmp_path / "cmp.png").size == (44 * 2 + 8, 40)
     assert load_image(tmp_path / "out.png").shape == (3, 40, 44)
+    # the file holds the float result rounded to 8 bits (the engine rounds, save_image writes bytes)
+    from gdq_engine.io import load_image_rgba, to_uint8
+
+    want = to_uint8(engine.upscale(load_image_rgba(tmp_path / "in.png")[0]))
+    assert np.array_equal(np.asarray(out)[..., :3], want)
     with pytest.raises(ValueError):
         upscale_file(engine, tmp_path / "in.png", tmp_path / "out.xyz")
     assert not (tmp_path / "out.xyz").exists()
