@@ -573,7 +573,8 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
         raise ValueError(f"x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}")
     out = _output(out, (n, cout, h, w_), torch.float32, x.device)
     args = (x, weight, bias, out, h, w_)
-    meta = dict(C=cin, COUT=cout, BLOCK_N=FP_BLOCK_N, K_STEP=min(cin, 64), **_COMPILE)
+    k_step = next(k for k in (64, 32, 16) if cin % k == 0)  # channels per tl.dot: divides C
+    meta = dict(C=cin, COUT=cout, BLOCK_N=FP_BLOCK_N, K_STEP=k_step, **_COMPILE)
     if INTERPRET or x.device.type != "cuda" or not AUTOTUNE:
         cfg = FIXED_FP_CONFIG
         grid = (triton.cdiv(w_, cfg.kwargs["BLOCK_W"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]), n)

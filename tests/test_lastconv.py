@@ -49,7 +49,7 @@ def assert_within_fp32_summation(got, x, wt, b):
 
 
 @pytest.mark.parametrize("n,c,h,w,cout", [(2, 64, 7, 13, 3), (1, 32, 1, 5, 16), (3, 16, 9, 33, 1),
-                                          (1, 128, 6, 40, 3), (2, 64, 5, 2, 7)])
+                                          (1, 128, 6, 40, 3), (2, 64, 5, 2, 7), (1, 48, 4, 7, 3), (1, 96, 3, 9, 2)])
 def test_fp_conv_matches_torch_within_fp32_summation(n, c, h, w, cout):
     g = gen()
     x, wt, b = fp16_case(n, c, h, w, cout, g, bias=cout != 7)
