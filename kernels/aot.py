@@ -57,8 +57,9 @@ FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel variant: ``kernel`` (a function of :mod:`gdq_engine.kernels.conv3x3` or ``fp_conv``), the
-    Triton types of its runtime arguments and the values of its constexprs (tile sizes excluded)."""
+    """One kernel variant: ``kernel`` (a function of :mod:`gdq_engine.kernels.conv3x3` or
+    :mod:`~gdq_engine.kernels.fp_conv`), the Triton types of its runtime arguments and the values
+    of its constexprs (tile sizes excluded)."""
 
     kernel: str
     signature: tuple[tuple[str, str], ...]
@@ -156,11 +157,11 @@ def engine_launches() -> list[Launch]:
     byte (``containers="bytes"``, the GPU engine's default), at 4 and 8 bits in the padded layout
     (``containers="padded"``, also with residual scale 0.1), residual scale 0.1, integer tails of
     8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
-    layer-wise regrouping with every width in every conv; plus the x4 tail's last conv storing
-    fp16 and the FP last conv (64 -> 3, fp16 in), as a GPU engine runs them (fp16 engines do not
-    run on CPU), and the blocks of 2, 4 and 8
-    bits one code per byte skipping padding patches (``items=``), as the group graphs of a dynamic
-    policy replay them on a GPU (graphs do not run on CPU)."""
+    layer-wise regrouping with every width in every conv; plus the x4 tail's last upsampler conv
+    storing fp16 and the FP last conv (64 -> 3, fp16 in), as a GPU engine runs them (fp16 engines
+    do not run on CPU), and the blocks of 2, 4 and 8 bits one code per byte skipping padding
+    patches (``items=``), as the group graphs of a dynamic policy replay them on a GPU (graphs do
+    not run on CPU)."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine
