@@ -1,4 +1,4 @@
-"""The body's a8 convs and the tail's last upsampler conv, launched once each for Nsight Compute.
+"""The body's a8 convs, the tail's last upsampler conv and the FP last conv, launched for Nsight Compute.
 
 Where the Triton conv's time goes (it runs at 46-60% of its floor on an H200, 2026-11-26) is a
 question for the hardware counters: issue stalls, tensor-core and memory pipe utilisation. This
@@ -8,13 +8,15 @@ script launches, at the 1080p x4 shapes of ``benchmarks/kernels.py`` (18 patches
 2. conv2 as the body runs it: unsigned 8-bit codes in, the fp32 residual updated in place, the
    next block's signed codes out;
 3. the 64 -> 256 upsampler conv storing pixel-shuffled fp16 (the integer tail's last stage);
+4. the FP last conv (``kernels/fp_conv.py``: fp16 64 -> 3 on the x4 map, fp32 out);
 
-each first once to compile, then, after a sync, ``--reps`` times on fresh random inputs. Each
-runs on the tile config the autotuner picked on the H200 (``autotune_choices`` in
-``kernels-nvidia-h200-2026-11-26-run2.json``) unless ``--config`` says otherwise. Under ncu,
-skip the three warm-up launches and profile the next three (the kernel name is the same for all):
+each first once to compile, then, after a sync, ``--reps`` times on fresh random inputs. The
+integer convs run on the tile config the autotuner picked on the H200 (``autotune_choices`` in
+``kernels-nvidia-h200-2026-11-26-run2.json``) unless ``--config`` says otherwise, the last conv
+on its fixed 4 x 32 tiles (not yet timed on a GPU). Under ncu, skip the four warm-up launches and
+profile the next four:
 
-    ncu --clock-control none --kernel-name regex:_packed_conv3x3 --launch-skip 3 --launch-count 3 \\
+    ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_fp_conv3x3" --launch-skip 4 --launch-count 4 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \\
         --csv --page details python benchmarks/ncu_convs.py > $OUT/ncu-convs.csv
@@ -32,6 +34,7 @@ import torch
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) the autotuner chose on the H200 on 2026-11-26
 TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4)}
+LAST_CONV_TILES = (4, 32, 4)  # the FP last conv's (BLOCK_H, BLOCK_W, num_warps): its fixed config
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="1920x1080", help="HR output frame WxH whose LR patches are convolved")
     p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
     p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
-                   help="one tile config for all three convs (default: the H200's autotuned picks)")
+                   help="one tile config for the three integer convs (default: the H200's autotuned picks)")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -90,12 +93,22 @@ def main(argv=None) -> int:
                                                  out_dtype=torch.float16, out=out16),
     }
     inputs = {"conv1": (-128, 127), "conv2": (0, 255), "upsampler": (-128, 127)}
+    side = args.scale * hw
+    fp_w, fp_b = tk.prepare_fp_weight((torch.randn(3, c, 3, 3, device=dev, generator=g) * 0.05).half(), None)
+    launches["last_conv"] = lambda x: tk.fp_conv3x3(x.permute(0, 2, 3, 1), fp_w, fp_b, 3)
 
     def run(name: str) -> None:
-        bm, bk, warps, stages = args.config or TUNED[name]
-        config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+        if name == "last_conv":
+            bh, bw, warps = LAST_CONV_TILES
+            config = triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
+            x = torch.randn(n, c, side, side, device=dev, generator=g).half().contiguous(
+                memory_format=torch.channels_last)
+        else:
+            bm, bk, warps, stages = args.config or TUNED[name]
+            config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            x = codes(*inputs[name])
         with tk.launch_options(config=config):
-            launches[name](codes(*inputs[name]))
+            launches[name](x)
 
     for name in launches:  # compile (not profiled: --launch-skip 3)
         run(name)

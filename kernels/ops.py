@@ -123,8 +123,8 @@ _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNE
 class LaunchOptions:
     """How :func:`packed_conv3x3` launches the conv (benchmarks' A/B rows; the engine never sets them):
     ``config``, a fixed tile config instead of autotuning (on CUDA; for ``padded=True`` also in the
-    interpreter, where tests use it); ``a_l1``, activation tiles through L1
-    (``_packed_conv3x3_kernel``'s ``A_L1``)."""
+    interpreter, where tests use it; a config of BLOCK_H and BLOCK_W is :func:`fp_conv3x3`'s
+    instead); ``a_l1``, activation tiles through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
 
     config: triton.Config | None = None
     a_l1: bool = False
@@ -575,8 +575,9 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
     args = (x, weight, bias, out, h, w_)
     k_step = next(k for k in (64, 32, 16) if cin % k == 0)  # channels per tl.dot: divides C
     meta = dict(C=cin, COUT=cout, BLOCK_N=FP_BLOCK_N, K_STEP=k_step, **_COMPILE)
-    if INTERPRET or x.device.type != "cuda" or not AUTOTUNE:
-        cfg = FIXED_FP_CONFIG
+    own = _options.config if _options.config is not None and "BLOCK_H" in _options.config.kwargs else None
+    if INTERPRET or x.device.type != "cuda" or not AUTOTUNE or own is not None:
+        cfg = own or FIXED_FP_CONFIG
         grid = (triton.cdiv(w_, cfg.kwargs["BLOCK_W"]), triton.cdiv(h, cfg.kwargs["BLOCK_H"]), n)
         _launcher(_fp_conv3x3_kernel, False)[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                                    num_stages=cfg.num_stages)

@@ -165,12 +165,12 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/ncu_convs.py under ncu")
 def test_ncu_driver_smoke_launches_each_conv(capsys):
-    """benchmarks/ncu_convs.py --smoke: the three convs the ncu step profiles, in the interpreter."""
+    """benchmarks/ncu_convs.py --smoke: the four convs the ncu step profiles, in the interpreter."""
     pytest.importorskip("triton")
     import ncu_convs
 
     assert ncu_convs.main(["--smoke", "--reps", "2"]) == 0
-    assert "launched conv1, conv2, upsampler" in capsys.readouterr().out
+    assert "launched conv1, conv2, upsampler, last_conv" in capsys.readouterr().out
     assert ncu_convs.parse_config("64,32,8,3") == (64, 32, 8, 3)
     with pytest.raises(SystemExit):
         ncu_convs.main(["--smoke", "--config", "64,32"])
