@@ -76,7 +76,7 @@ class KernelConv2d(nn.Conv2d):
 
 def last_conv_parent(model: nn.Module) -> tuple[nn.Module, str] | None:
     """(module, attribute name) holding ``model``'s last conv: ``model.tail`` itself when it is a
-    conv (EDSR, RDN), or the last child of a ``Sequential`` tail (SRResNet); None otherwise."""
+    conv (EDSR, RDN), or the last child of a ``Sequential`` tail (MSRResNet); None otherwise."""
     tail = getattr(model, "tail", None)
     if isinstance(tail, nn.Conv2d):
         return model, "tail"
