@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .io import as_batch, input_dtype_of, restore_kind
+from .io import as_batch, input_dtype_of, restore_kind, returns_uint8
 from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
@@ -276,7 +276,7 @@ class Engine:
             self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
             finish_image(canvas, out[n])
         report.seconds = time.perf_counter() - start
-        result = restore_kind(out, kind, input_dtype)
+        result = restore_kind(out, kind)
         return (result, report) if return_report else result
 
     __call__ = upscale
@@ -437,12 +437,6 @@ CPU_BATCH_SIZE = 16
 CANVAS_FREE_FRACTION = 8  # an output image is stitched on the GPU when it takes at most 1/8 of its free memory
 AUTO_BATCH_MAX = 256
 PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest activation's size live at once
-
-
-def returns_uint8(kind: str, input_dtype: torch.dtype | None) -> bool:
-    """Whether :meth:`Engine.upscale` hands back 8-bit images for an input of ``kind`` and
-    ``input_dtype`` (:func:`~gdq_engine.io.as_batch`): PIL images, uint8 tensors and arrays."""
-    return kind == "pil" or input_dtype == torch.uint8
 
 
 def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:

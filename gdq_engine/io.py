@@ -133,24 +133,20 @@ def input_dtype_of(x) -> torch.dtype | None:
     return None
 
 
-def restore_kind(y: torch.Tensor, kind: str, input_dtype: torch.dtype | None = None):
-    """Hand a (N,3,H,W) result back in the form :func:`as_batch` reported: ``y`` float in [0, 1],
-    or uint8 already rounded (``round(255 x)``, as :func:`to_uint8` does) where the form is 8-bit."""
-    if y.dtype == torch.uint8:
-        if kind in ("pil", "numpy"):
-            arr = y[0].permute(1, 2, 0).cpu().numpy()
-            if kind == "pil":
-                from PIL import Image
+def returns_uint8(kind: str, input_dtype: torch.dtype | None) -> bool:
+    """Whether the form :func:`as_batch` reported (``kind``, with :func:`input_dtype_of`'s dtype) is
+    8-bit: PIL images, uint8 tensors and arrays; their results are rounded to uint8."""
+    return kind == "pil" or input_dtype == torch.uint8
 
-                return Image.fromarray(arr, "RGB")
-            return arr
-        return y[0] if kind == "tensor3" else y
+
+def restore_kind(y: torch.Tensor, kind: str):
+    """Hand a (N,3,H,W) result back in the form :func:`as_batch` reported: ``y`` is uint8, already
+    rounded (``round(255 x)``, as :func:`to_uint8` does), where :func:`returns_uint8`, else float
+    in [0, 1]."""
     if kind == "pil":
         from PIL import Image
 
         return Image.fromarray(to_uint8(y), "RGB")
     if kind == "numpy":
-        return to_uint8(y) if input_dtype == torch.uint8 else y[0].permute(1, 2, 0).cpu().numpy()
-    if input_dtype == torch.uint8:
-        y = (y.clamp(0, 1) * 255).round().to(torch.uint8)
+        return y[0].permute(1, 2, 0).cpu().numpy()
     return y[0] if kind == "tensor3" else y
