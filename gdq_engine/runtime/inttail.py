@@ -27,12 +27,18 @@ TAIL_W_BITS = 8
 TAIL_PARTS = ("body_tail", "upsampler", "tail")
 
 
-def _qualifies(conv: nn.Module) -> bool:
-    """A conv every integer backend runs: 3x3, stride 1, zero pad 1, no groups or dilation,
-    input channels a multiple of 32, output channels a multiple of 64."""
+def is_same_size_conv3x3(conv: nn.Module) -> bool:
+    """Whether ``conv`` is the 3x3 conv the kernels compute: an ``nn.Conv2d`` with stride 1, zero
+    pad 1, no groups or dilation (the output keeps the input's size)."""
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0)
+            and conv.padding_mode == "zeros")
+
+
+def _qualifies(conv: nn.Module) -> bool:
+    """A conv every integer backend runs: :func:`is_same_size_conv3x3`, input channels a multiple
+    of 32, output channels a multiple of 64."""
+    return is_same_size_conv3x3(conv) and conv.in_channels % 32 == 0 and conv.out_channels % 64 == 0
 
 
 def tail_conv_names(model: nn.Module) -> list[str]:

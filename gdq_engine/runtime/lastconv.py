@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from .graphs import capturing
+from .inttail import is_same_size_conv3x3
 
 
 def _qualifies(conv: nn.Module, ops) -> bool:
-    """A conv ``ops.fp_conv3x3`` runs: 3x3, stride 1, zero pad 1, no groups or dilation, input
-    channels a multiple of 16, at most ``ops.FP_CONV_MAX_COUT`` outputs."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and conv.in_channels % 16 == 0
+    """A conv ``ops.fp_conv3x3`` runs: a plain ``nn.Conv2d`` (not already swapped) that
+    :func:`~gdq_engine.runtime.inttail.is_same_size_conv3x3`, input channels a multiple of 16, at
+    most ``ops.FP_CONV_MAX_COUT`` outputs."""
+    return (type(conv) is nn.Conv2d and is_same_size_conv3x3(conv) and conv.in_channels % 16 == 0
             and conv.out_channels <= ops.FP_CONV_MAX_COUT)
 
 
