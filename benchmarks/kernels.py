@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     peaks = {"int8_tops": 1.0, "fp16_tflops": 1.0, "hbm_gbs": 1.0} if args.smoke else measure_gpu_peaks()
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def floor_us(macs: int, nbytes: int) -> float:
-        return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
+    def floor_us(macs: int, nbytes: int, peak: str = "int8_tops") -> float:
+        return max(2 * macs / (peaks[peak] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
 
     def cudnn_us(cout: int) -> float:
         half = torch.float32 if args.smoke else torch.float16  # CPUs lack fast fp16 convs
@@ -139,12 +139,14 @@ def main(argv=None) -> int:
         return bench(graph.replay) / len(inputs)
 
     def timed_row(conv: str, cout: int, a_bits: int, w_bits: int, us: float, macs: int, nbytes: int,
-                  cuda: float | None, container: int | None = None) -> dict:
-        """One row: our ``us`` against cuDNN fp16 of the same Cout and against the floor."""
-        floor = floor_us(macs, nbytes)
+                  cuda: float | None, container: int | None = None, cudnn: float | None = None,
+                  peak: str = "int8_tops") -> dict:
+        """One row: our ``us`` against cuDNN fp16 (``cudnn``, by default the 64-channel conv of the
+        same Cout) and against the floor (MACs at the ``peak`` rate)."""
+        floor, cudnn = floor_us(macs, nbytes, peak), base[cout] if cudnn is None else cudnn
         return {"conv": conv, "cin": c, "cout": cout, "a_bits": a_bits, "w_bits": w_bits,
                 "container": container or container_bits(a_bits), "us": us,
-                "cudnn_fp16_us": base[cout], "speedup_vs_fp16": base[cout] / us, "floor_us": floor,
+                "cudnn_fp16_us": cudnn, "speedup_vs_fp16": cudnn / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
@@ -252,10 +254,8 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 cudnn = time_rotating(conv16, xs) * 1e3
         macs, nbytes = n * side * side * 9 * c * 3, n * side * side * (c * 2 + 3 * 4)
-        floor = max(2 * macs / (peaks["fp16_tflops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e6
-        return {"conv": "last conv fp16", "cin": c, "cout": 3, "a_bits": 16, "w_bits": 16, "container": 16,
-                "us": t, "cudnn_fp16_us": cudnn, "speedup_vs_fp16": cudnn / t, "floor_us": floor,
-                "pct_of_floor": 100 * floor / t, "cuda_us": None}
+        return timed_row("last conv fp16", 3, 16, 16, t, macs, nbytes, None, container=16, cudnn=cudnn,
+                         peak="fp16_tflops")
 
     def ab_row(base: dict, variant: str) -> dict:
         """``base``'s conv again with one thing changed (AB_ROWS), on the tile config the autotuner
