@@ -59,6 +59,6 @@ def _fp_conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr, COUT
             b = tl.load(w_ptr + ((tap * C + k0 + ks) * BLOCK_N)[:, None] + ns[None, :])
             acc = tl.dot(a, b, acc=acc)
     y = acc + tl.load(b_ptr + ns)[None, :]
-    plane = H.to(tl.int64) * W
+    plane = tl.cast(H, tl.int64) * W  # H == 1 arrives as a plain int: Triton specializes it
     dst = out_ptr + n * COUT * plane + (h.to(tl.int64) * W + w)[:, None] + ns[None, :].to(tl.int64) * plane
     tl.store(dst, y, mask=inside[:, None] & (ns < COUT)[None, :])

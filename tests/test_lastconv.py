@@ -147,12 +147,13 @@ def test_engine_swaps_the_last_conv_on_the_triton_backend_only():
     from gdq_engine.models import EDSR
 
     model = EDSR(scale=2, n_feats=16, n_blocks=1).eval()
-    kw = dict(policy="static", bits=8, calib=random_image(16, 16, n=2), device="cpu", patch_size=8, stride=8)
+    kw = dict(policy="static", bits=8, calib=random_image(16, 16, n=2), device=KERNEL_DEVICE, patch_size=8,
+              stride=8)
     fast, slow = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
     assert isinstance(fast.model.tail, KernelConv2d) and type(slow.model.tail) is nn.Conv2d
     assert type(model.tail) is nn.Conv2d  # the engine swaps its own copy, never the caller's model
-    x = random_image(12, 10, n=1)
-    assert torch.equal(fast.upscale(x), slow.upscale(x))  # fp32 on the CPU: the kernel does not run
+    x = random_image(12, 10, n=1).to(DEV)
+    assert torch.equal(fast.upscale(x), slow.upscale(x))  # fp32: the kernel does not run
 
 
 @pytest.mark.gpu
