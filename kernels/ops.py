@@ -21,7 +21,7 @@ from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
-from .fp_conv import BLOCK_N as FP_BLOCK_N
+from .fp_conv import KY
 from .fp_conv import _fp_conv3x3_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
@@ -515,34 +515,51 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     return out
 
 
-# The last conv's (fp_conv.py) tiles: (BLOCK_H, BLOCK_W, warps). Plain loads in an unrolled tap
-# loop (L1 keeps a tile's tap re-reads), so one stage.
+# The last conv's (fp_conv.py) tiles: (BLOCK_H output rows, BLOCK_W pixels wide, warps, stages). A
+# program walks BLOCK_H + 2 input rows, so taller strips re-read fewer halo rows. One stage: plain
+# loads, which L1 caches, so a row's three shifted reads mostly hit L1; more stages: Triton's
+# pipeliner fetches the next row by cp.async while the current one is multiplied, but its 16-byte
+# copies bypass L1, so each shifted read comes from L2.
 FP_TUNE_CONFIGS = [
-    triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=w, num_stages=1)
-    for bh, bw, w in [(4, 32, 4), (2, 64, 4), (8, 16, 4), (1, 128, 4), (4, 64, 8), (8, 32, 8), (16, 16, 8)]
+    triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=w, num_stages=s)
+    for bh, bw, w, s in [(16, 64, 4, 1), (32, 64, 4, 1), (16, 128, 4, 1), (16, 64, 4, 2), (32, 64, 4, 2),
+                         (16, 128, 4, 2), (32, 128, 8, 2), (16, 128, 4, 3)]
 ]
 FIXED_FP_CONFIG = FP_TUNE_CONFIGS[0]  # GDQ_TRITON_AUTOTUNE=0
 _tuned_fp_conv = triton.autotune(FP_TUNE_CONFIGS, key=["C", "COUT", "W"])(_fp_conv3x3_kernel)
 # fp16 only: Triton's interpreter returns wrong values for tl.dot of bf16 tiles (3.9: about 1e10 for
 # unit-normal 16 x 16 tiles), so CI could not check a bf16 kernel
 FP_CONV_DTYPES = (torch.float16,)
-FP_CONV_MAX_COUT = FP_BLOCK_N
+FP_CONV_MAX_COUT = 16
+FP_KY = KY.value  # the weights' kernel-row blocks (3 rows, padded)
+
+
+def _fp_padded_sizes(cin: int, cout: int) -> tuple[int, int]:
+    """(CP, COUT_P) of :func:`fp_conv3x3`: input channels rounded up to a power of two (at least
+    16, the MMA's K), output channels rounded up to a power of two (at least 4, so the weights'
+    KY * COUT_P columns reach the MMA's N of 16)."""
+    return max(16, triton.next_power_of_2(cin)), max(4, triton.next_power_of_2(cout))
 
 
 def prepare_fp_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An FP conv's (Cout, C, 3, 3) weight and (Cout,) bias -> :func:`fp_conv3x3`'s operands: (9 * C,
-    16) in the weight's dtype, row ``tap * C + c`` (tap = ky * 3 + kx), output channels past Cout
-    zero; and the bias as (16,) fp32, zero past Cout (zero everywhere for no bias)."""
+    """An FP conv's (Cout, C, 3, 3) weight and (Cout,) bias -> :func:`fp_conv3x3`'s operands.
+
+    Returns the weight as (3 * CP, 4 * COUT_P) in its dtype, row ``kx * CP + c``, column
+    ``ky * COUT_P + o`` (the kernel rows side by side in the MMA's N, fp_conv.py), zero for
+    c >= C, the fourth kernel-row block and o >= Cout; and the bias as (COUT_P,) fp32, zero past
+    Cout (zero everywhere for no bias). CP, COUT_P: C and Cout rounded up to powers of two (at
+    least 16 and 4)."""
     cout, cin, kh, kw = weight.shape
     if (kh, kw) != (3, 3) or cout > FP_CONV_MAX_COUT or cin % 16 or weight.dtype not in FP_CONV_DTYPES:
         raise ValueError(f"fp_conv3x3 takes 3x3 fp16 weights with at most {FP_CONV_MAX_COUT} output channels "
                          f"and input channels a multiple of 16, got {weight.dtype} {tuple(weight.shape)}")
-    w = torch.zeros(9 * cin, FP_BLOCK_N, dtype=weight.dtype, device=weight.device)
-    w[:, :cout] = weight.permute(2, 3, 1, 0).reshape(9 * cin, cout)
-    b = torch.zeros(FP_BLOCK_N, dtype=torch.float32, device=weight.device)
+    cp, cout_p = _fp_padded_sizes(cin, cout)
+    w = torch.zeros(3, cp, FP_KY, cout_p, dtype=weight.dtype, device=weight.device)
+    w[:, :cin, :3, :cout] = weight.permute(3, 1, 2, 0)  # (kx, c, ky, o)
+    b = torch.zeros(cout_p, dtype=torch.float32, device=weight.device)
     if bias is not None:
         b[:cout] = bias.float()
-    return w, b
+    return w.reshape(3 * cp, FP_KY * cout_p), b
 
 
 def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: int,
@@ -552,7 +569,7 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
 
     Args:
         x: (N, H, W, C) fp16, contiguous (a channels_last (N, C, H, W) tensor permuted).
-        weight, bias: from :func:`prepare_fp_weight`, weight in ``x``'s dtype.
+        weight, bias: from :func:`prepare_fp_weight` of a (cout, C, 3, 3) weight, in ``x``'s dtype.
         cout: output channels (at most 16).
         out: optional (N, cout, H, W) fp32 contiguous output.
     Returns:
@@ -560,21 +577,22 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
     """
     if x.dim() != 4 or not x.is_contiguous() or x.dtype not in FP_CONV_DTYPES:
         raise ValueError(f"x must be a contiguous (N, H, W, C) fp16 tensor, got {x.dtype} {tuple(x.shape)}")
-    n, h, w_, cin = x.shape
-    if tuple(weight.shape) != (9 * cin, FP_BLOCK_N) or weight.dtype != x.dtype or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous ({9 * cin}, {FP_BLOCK_N}) {x.dtype} tensor from "
-                         f"prepare_fp_weight for {cin} input channels, got {weight.dtype} {tuple(weight.shape)}")
-    if tuple(bias.shape) != (FP_BLOCK_N,) or bias.dtype != torch.float32:
-        raise ValueError(f"bias must be a ({FP_BLOCK_N},) fp32 tensor from prepare_fp_weight, got {bias.dtype} "
-                         f"{tuple(bias.shape)}")
     if not 1 <= cout <= FP_CONV_MAX_COUT:
         raise ValueError(f"fp_conv3x3 computes 1 to {FP_CONV_MAX_COUT} output channels, got {cout}")
+    n, h, w_, cin = x.shape
+    cp, cout_p = _fp_padded_sizes(cin, cout)
+    if tuple(weight.shape) != (3 * cp, FP_KY * cout_p) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous ({3 * cp}, {FP_KY * cout_p}) {x.dtype} tensor from "
+                         f"prepare_fp_weight for {cin} input and {cout} output channels, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if tuple(bias.shape) != (cout_p,) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be a ({cout_p},) fp32 tensor from prepare_fp_weight, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
     if len({x.device, weight.device, bias.device}) != 1:
         raise ValueError(f"x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}")
     out = _output(out, (n, cout, h, w_), torch.float32, x.device)
     args = (x, weight, bias, out, h, w_)
-    k_step = next(k for k in (64, 32, 16) if cin % k == 0)  # channels per tl.dot: divides C
-    meta = dict(C=cin, COUT=cout, BLOCK_N=FP_BLOCK_N, K_STEP=k_step, **_COMPILE)
+    meta = dict(C=cin, CP=cp, COUT=cout, COUT_P=cout_p, **_COMPILE)
     own = _options.config if _options.config is not None and "BLOCK_H" in _options.config.kwargs else None
     if INTERPRET or x.device.type != "cuda" or not AUTOTUNE or own is not None:
         cfg = own or FIXED_FP_CONFIG

@@ -15,6 +15,7 @@ from torch import nn
 
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
 
+import triton  # noqa: E402
 from gdq_engine.runtime.lastconv import (  # noqa: E402
     KernelConv2d,
     use_kernel_last_conv,
@@ -60,6 +61,21 @@ def test_fp_conv_matches_torch_within_fp32_summation(n, c, h, w, cout):
     assert_within_fp32_summation(got, x, wt, b)
 
 
+@pytest.mark.parametrize("config", [pytest.param(c, id=f"{c.kwargs['BLOCK_H']}x{c.kwargs['BLOCK_W']}")
+                                    for c in [*tk.FP_TUNE_CONFIGS, triton.Config({"BLOCK_H": 2, "BLOCK_W": 16})]])
+def test_fp_conv_strips_and_bands_meet_without_seams(config):
+    """Every tile config (and a 2 x 16 one, so the interpreter sees many strips and bands at small
+    cost) on a shape that is no multiple of its tiles: the rows above and below each band and the
+    pixels beside each strip are the neighbours' inputs, read at the seams."""
+    g = gen()
+    x, wt, b = fp16_case(2, 32, 2 * config.kwargs["BLOCK_H"] + 3, config.kwargs["BLOCK_W"] + 5, 3, g)
+    pw, pb = tk.prepare_fp_weight(wt.to(DEV), b.to(DEV))
+    out = torch.full((2, 3, *x.shape[2:]), float("nan"), device=DEV)  # poisoned: every element must be written
+    with tk.launch_options(config=config):
+        got = tk.fp_conv3x3(x.to(DEV).permute(0, 2, 3, 1).contiguous(), pw, pb, 3, out=out)
+    assert_within_fp32_summation(got, x, wt, b)
+
+
 def test_fp_conv_is_the_conv_not_a_lookalike():
     """A wrong tap order or a transposed kernel stays within no bound: flipping the weights
     spatially changes the result far beyond the summation error."""
@@ -83,7 +99,8 @@ def test_fp_conv_rejects_what_it_cannot_run():
         (lambda: tk.prepare_fp_weight(torch.zeros(3, 32, 1, 1).half(), None), "3x3"),
         (lambda: tk.fp_conv3x3(nhwc.float(), pw, pb, 3), "fp16 tensor"),
         (lambda: tk.fp_conv3x3(x.permute(0, 2, 3, 1), pw, pb, 3), "contiguous"),
-        (lambda: tk.fp_conv3x3(nhwc[..., :16].contiguous(), pw, pb, 3), "from prepare_fp_weight for 16"),
+        (lambda: tk.fp_conv3x3(nhwc[..., :16].contiguous(), pw, pb, 3), "from prepare_fp_weight for 16 input"),
+        (lambda: tk.fp_conv3x3(nhwc, pw, pb, 5), "for 32 input and 5 output"),
         (lambda: tk.fp_conv3x3(nhwc, pw, pb.half(), 3), "bias must be"),
         (lambda: tk.fp_conv3x3(nhwc, pw, pb, 17), "1 to 16 output channels"),
         (lambda: tk.fp_conv3x3(nhwc, pw, pb, 3, out=torch.empty(1, 3, 4, 5)), "out must be"),

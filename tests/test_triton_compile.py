@@ -159,3 +159,28 @@ def test_every_padded_autotuning_config_moves_operands_by_tma_into_the_mma(launc
     for r in reports:
         assert r["copies_tma"] > 0 and r["copies_async"] == 0 and r["mma_a_shared"] == r["mma"] > 0, r
         assert r["local_bytes"] == 0, r
+
+
+def test_fp_conv_compiles_for_one_row_images_and_every_tile_config(launches, tmp_path):
+    """The FP last conv with H == W == 1, which Triton's launcher passes as constants (the first
+    kernel called ``H.to()`` and failed to compile on a GPU, 2026-11-26; the interpreter cannot
+    see that), and with every autotuning candidate: fp16 wgmmas, no spills."""
+    from dataclasses import asdict, replace
+
+    from gdq_engine.kernels import ops
+
+    _, recorded = launches
+    (fp,) = [x for x in recorded if x.kernel == FP]
+    one_row = replace(fp, signature=tuple((n, t) for n, t in fp.signature if n not in ("H", "W")),
+                      constexprs=(("H", 1), ("W", 1), *fp.constexprs))
+    path, out = tmp_path / "launches.json", tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(fp), asdict(one_row)]))
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
+                          "--all-configs", "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    reports = json.loads(out.read_text())["reports"]
+    assert len(reports) == 2 * len(ops.FP_TUNE_CONFIGS)
+    assert any("H=1" in r["variant"] for r in reports)
+    for r in reports:
+        assert r["problems"] == [] and r["local_bytes"] == 0 and r["mma"] == r["mma_a_shared"] > 0, r
+
