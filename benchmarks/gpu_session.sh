@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check of a lent-GPU session in one command, most important first, each step under its
 # own time limit, so a 15-minute device budget is spent on one call: the limits add up to 590 s,
-# inside the tool's 600 s per command. Second 2026-11-26 run, on an H200 (at 97800a2; the log is
-# benchmarks/results/gpu-session-nvidia-h200-2026-11-26-run2.log): install 48 s, CUDA tests 41 s,
-# latency at 1080p 139 s (with one profile; it now profiles two rows), kernels.py 86 s, Triton
-# tests 87 s; 413 s in all. kernels.py and latency.py save their JSON after every row.
-# latency.py at 720p and 4K (linearity) and the torch.compile row run in a second and a third
-# call on the still-warm machine (docs/benchmarks.md, "Next GPU session"); on 2026-11-26 the three
-# calls took 728 s of the 900 s budget, machine start included.
+# inside the tool's 600 s per command. Third 2026-11-26 run, on an H100 (at 34ead84; the log is
+# benchmarks/results/gpu-session-nvidia-h100-80gb-hbm3-2026-11-26-run3.log): install 51 s, error
+# path 7 s, CUDA tests 33 s, latency at 1080p with two profiles 149 s, kernels.py 74 s, Triton
+# tests 92 s; 412 s in all. kernels.py and latency.py save their JSON after every row.
+# latency.py at 720p and 4K (linearity), ncu and the host-uint8 run, then the torch.compile row,
+# run in a second and a third call on the still-warm machine (docs/benchmarks.md, "Next GPU
+# session"); on the third run the three calls held the machine 783 s of the 900 s budget.
 #
 # Before the call, on the development machine (../shared does not travel with the working tree):
 #     mkdir -p .gpu_data && cp -r ../shared/data/train .gpu_data/

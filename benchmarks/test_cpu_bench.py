@@ -3,7 +3,8 @@
 The latency.py cases at CPU scale: EDSR-baseline x4 on one 96x96 LR patch through the Engine
 (fp32, bf16 channels_last, static a8/a4 and EntropyOnly on the auto backend, static a8 with the
 integer tail (fp32 and bf16 FP layers), static a8 on the reference backend), and one 64->64 conv
-of the C++ kernel (best path and VNNI) against torch fp32 and bf16 channels_last. Not part of the test
+of the C++ kernel (best path and VNNI) against torch fp32 and bf16 channels_last, and Granular-DQ's
+GBC descriptor on a 1080p frame's head features (its two paths). Not part of the test
 suite (``testpaths = ["tests"]``); results are pytest-benchmark's own tables and JSON
 (``--benchmark-json``).
 """
@@ -75,3 +76,19 @@ def test_conv_64(benchmark, impl):
         x = torch.randn(4, 64, 96, 96, generator=g).to(memory_format=torch.channels_last, dtype=dtype)
         with torch.no_grad():
             benchmark.pedantic(conv, args=(x,), rounds=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("path", ["moments", "groupnorm"])
+def test_gbc_descriptor_1080p_batch(benchmark, path):
+    """Granular-DQ's GBC descriptor on the head features of a 1080p x4 frame's 18 patches
+    (18 x 64 x 96 x 96, fp32 channels_last): the inference path from per-channel moments against
+    the GroupNorm + pooling path (what training and patch sides that are no multiple of 4 take)."""
+    from gdq_engine.policy import GBC
+
+    gbc = GBC(64, 3)
+    feat = torch.randn(18, 64, 96, 96, generator=torch.Generator().manual_seed(0)).to(
+        memory_format=torch.channels_last)
+    grad = path == "groupnorm"  # autograd enabled selects the GroupNorm path
+    with torch.set_grad_enabled(grad):
+        out = benchmark.pedantic(gbc.descriptor, args=(feat,), rounds=5, warmup_rounds=1)
+    assert out.shape == (18, 192)

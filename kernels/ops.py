@@ -21,8 +21,7 @@ from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
-from .fp_conv import KY
-from .fp_conv import _fp_conv3x3_kernel
+from .fp_conv import KY, _fp_conv3x3_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)

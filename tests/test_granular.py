@@ -31,6 +31,61 @@ def test_gbc_shapes_and_granularities():
     assert not torch.allclose(pooled[0], pooled[2])
 
 
+def _gbc_with_affine(channels: int, seed: int) -> GBC:
+    torch.manual_seed(seed)
+    gbc = GBC(channels, 3)
+    with torch.no_grad():
+        for norm in gbc.norms:
+            norm.weight.normal_()
+            norm.bias.normal_()
+    return gbc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gbc_descriptor_from_moments_matches_groupnorm_and_pooling(dtype):
+    """Inference on patch sides that are multiples of 4 takes the per-channel-moment path; it
+    equals the GroupNorm + adaptive-pool path (which autograd-enabled calls, training, take) to
+    fp32 rounding, on features with channel offsets and scales like a head conv's (a flat channel
+    and a constant group included: their variance is the spread of the channel means, or zero)."""
+    gbc = _gbc_with_affine(16, 1)
+    g = torch.Generator().manual_seed(2)
+    feat = torch.randn(7, 16, 24, 16, generator=g) * torch.rand(1, 16, 1, 1, generator=g) * 3
+    feat = feat + torch.randn(1, 16, 1, 1, generator=g) * 5
+    feat[:, 3] = 2.5  # a flat channel
+    feat[1, :4] = 0.75  # a constant group in one patch: variance 0, GroupNorm's eps decides
+    feat = feat.to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = gbc.descriptor(feat)
+    with torch.enable_grad():
+        exact = gbc.descriptor(feat).detach()
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape == (7, 48)
+    # fp32 rounding of values up to `scale`; in the constant group, (x - mu) is rounding noise of
+    # a few ulps of 0.75 that rstd = eps^-1/2 amplifies, in either path
+    tol = torch.full_like(exact, 2e-6 * max(exact.abs().amax().item(), 1.0))
+    gamma = torch.cat([n.weight.detach() for n in gbc.norms])
+    constant = [c for view in range(3) for c in range(view * 16, view * 16 + 4)]
+    tol[1, constant] += 8 * 2.0**-24 * 0.75 * gbc.norms[0].eps ** -0.5 * gamma[constant].abs()
+    assert bool(((fast - exact).abs() <= tol).all()), ((fast - exact).abs() - tol).max()
+    with torch.no_grad():  # sides that are no multiple of 4: the pooled grids do not tile, the exact path runs
+        odd = feat[..., :14]
+        assert torch.equal(gbc.descriptor(odd), torch.enable_grad()(gbc.descriptor)(odd).detach())
+
+
+def test_gbc_choices_agree_between_the_two_descriptor_paths():
+    """The bit choices (argmax of the logits) of 200 patches' features agree between the paths."""
+    torch.manual_seed(3)
+    policy = GranularDQ(channels=16)
+    gbc = _gbc_with_affine(16, 4)
+    policy.gbc.load_state_dict(gbc.state_dict())
+    feat = torch.randn(200, 16, 8, 8) * torch.rand(200, 16, 1, 1) + torch.randn(200, 16, 1, 1)
+    with torch.no_grad():
+        fast = policy.gbc_choice(feat)
+    with torch.enable_grad():
+        exact = policy.gbc_choice(feat)
+    assert torch.equal(fast, exact)
+    assert len(set(fast.argmax(1).tolist())) > 1  # not a degenerate all-one-class case
+
+
 def test_gumbel_straight_through_is_one_hot_forward_and_differentiable():
     torch.manual_seed(0)
     policy = GranularDQ(channels=16)

