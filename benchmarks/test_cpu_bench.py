@@ -81,14 +81,14 @@ def test_conv_64(benchmark, impl):
 @pytest.mark.parametrize("path", ["moments", "groupnorm"])
 def test_gbc_descriptor_1080p_batch(benchmark, path):
     """Granular-DQ's GBC descriptor on the head features of a 1080p x4 frame's 18 patches
-    (18 x 64 x 96 x 96, fp32 channels_last): the inference path from per-channel moments against
-    the GroupNorm + pooling path (what training and patch sides that are no multiple of 4 take)."""
+    (18 x 64 x 96 x 96, fp32 channels_last): from per-channel moments (CUDA inference's path)
+    against GroupNorm + pooling (the CPU's and training's)."""
     from gdq_engine.policy import GBC
 
     gbc = GBC(64, 3)
     feat = torch.randn(18, 64, 96, 96, generator=torch.Generator().manual_seed(0)).to(
         memory_format=torch.channels_last)
-    grad = path == "groupnorm"  # autograd enabled selects the GroupNorm path
-    with torch.set_grad_enabled(grad):
-        out = benchmark.pedantic(gbc.descriptor, args=(feat,), rounds=5, warmup_rounds=1)
+    with torch.no_grad():
+        out = benchmark.pedantic(gbc.descriptor, args=(feat,), kwargs=dict(from_moments=path == "moments"),
+                                 rounds=5, warmup_rounds=1)
     assert out.shape == (18, 192)

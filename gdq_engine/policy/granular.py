@@ -40,15 +40,25 @@ class GBC(nn.Module):
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return self.fc(self.descriptor(feat))
 
-    def descriptor(self, feat: torch.Tensor) -> torch.Tensor:
-        """(P, F, h, w) head features -> (P, 3F) input of the linear layer (normalised, pooled views)."""
+    def descriptor(self, feat: torch.Tensor, from_moments: bool | None = None) -> torch.Tensor:
+        """(P, F, h, w) head features -> (P, 3F) fp32 input of the linear layer (normalised, pooled views).
+
+        ``from_moments``: compute it from per-channel moments (:meth:`_normalized_mean`; h and w
+        multiples of 4) instead of GroupNorm and pooling. None: on CUDA at inference (autograd
+        off) when h and w allow it, where it saves most of the GBC's time; torch's CPU GroupNorm
+        is one fused pass and was no slower (``benchmarks/test_cpu_bench.py``)."""
         if feat.dim() != 4:
             raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
         h, w = feat.shape[-2:]
         if min(h, w) < 4:
             raise ValueError(f"GBC needs patches of at least 4x4 pixels, got {h}x{w}")
+        tiles = h % 4 == 0 and w % 4 == 0
+        if from_moments is None:
+            from_moments = tiles and feat.is_cuda and not torch.is_grad_enabled()
+        if from_moments and not tiles:
+            raise ValueError(f"the GBC descriptor from moments needs sides that are multiples of 4, got {h}x{w}")
         views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
-        if h % 4 == 0 and w % 4 == 0 and not torch.is_grad_enabled():
+        if from_moments:
             return torch.cat([self._normalized_mean(norm, v) for norm, v in zip(self.norms, views)], 1)
         coarse = views[2].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
@@ -62,10 +72,9 @@ class GBC(nn.Module):
         so adaptive-pooling a normalised view and averaging the result is its plain spatial mean:
         ``gamma * (mean_c - mu_g) * rstd_g + beta``, with the group's mean ``mu_g`` and biased
         variance (within-channel variance plus the spread of the channel means) from the channel
-        means and mean squares. One fp32-accumulating pass over ``v`` replaces the fp32 copy,
+        means and mean squares. fp32-accumulating reductions over ``v`` replace the fp32 copy,
         GroupNorm and pooling (about 0.8 ms of a 4.0 ms 1080p frame on an H100). Equal in exact
-        arithmetic; in floats it differs in summation order (tests bound it). Inference only:
-        training keeps GroupNorm's autograd path."""
+        arithmetic; in floats it differs in rounding (tests bound it)."""
         p, f, h, w = v.shape
         g = norm.num_groups
         mean_c = v.sum((2, 3), dtype=torch.float32) / (h * w)
