@@ -46,7 +46,7 @@ class GBC(nn.Module):
         ``from_moments``: compute it from per-channel moments (:meth:`_normalized_mean`; h and w
         multiples of 4) instead of GroupNorm and pooling. None: on CUDA at inference (autograd
         off) when h and w allow it, where it saves most of the GBC's time; torch's CPU GroupNorm
-        is one fused pass and was no slower (``benchmarks/test_cpu_bench.py``)."""
+        is one fused pass and was faster there (``benchmarks/test_cpu_bench.py``)."""
         if feat.dim() != 4:
             raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
         h, w = feat.shape[-2:]
