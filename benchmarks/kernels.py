@@ -14,8 +14,10 @@ in fp16 as the x4 integer tail's last stage runs it. ``last conv fp16``: the net
 (64 -> 3 on the HR map, fp16 in) on the Triton kernel (kernels/fp_conv.py) against cuDNN fp16 of
 the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w`` and ``... L1 A`` (a8 w8
 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
-one thing changed. ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per
-byte): the same convs with every tensor in the padded layout, on the TMA kernel, as the body's
+one thing changed; so are ``conv2 res early`` / ``res late`` and ``conv2+next res ...``, with the
+residual tile read before the K loop or after it, whichever the autotuner did not pick.
+``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per byte): the same
+convs with every tensor in the padded layout, on the TMA kernel, as the body's
 ``containers="padded"`` runs them (8-bit unsigned codes between conv1 and conv2 as offset codes);
 their floor counts the image's pixels' MACs and the padded tensors' bytes. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
@@ -45,6 +47,8 @@ from common import measure_gpu_peaks, write_results  # noqa: E402
 # the row before it: "N-major w" has the weights N-contiguous, as prepared before 2026-11-26 (each
 # tile then went through registers into shared memory every K step); "L1 A" loads the activation
 # tiles by 8-byte cp.async.ca, through L1, instead of 16-byte cp.async.cg (docs/kernels.md).
+# conv2 and conv2+next are also followed by "res early" or "res late": the autotuner's pick with the
+# residual tile read before the K loop instead of after it, or the other way round (RES_EARLY).
 AB_ROWS = ("N-major w", "L1 A")
 
 
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    import triton  # noqa: F401
+    import triton
     from gdq_engine.kernels import ops as tk
 
     from gdq_engine.ops import cuda_ops
@@ -267,6 +271,19 @@ def main(argv=None) -> int:
         row["config"] = None if config is None else str(config)
         return row
 
+    def res_ab_row(kind: str) -> dict:
+        """``kind`` (conv2 or conv2+next, just timed) again on the autotuner's pick with the residual
+        read moved: before the K loop when the pick reads it after, and the other way round
+        (RES_EARLY, an autotuning option of residual convs: ops.TUNE_CONFIGS)."""
+        best = tk._tuned_conv.best_config if tk.AUTOTUNE and not args.smoke else tk.fixed_config(64)
+        early = not best.kwargs.get("RES_EARLY", False)
+        config = triton.Config({**best.kwargs, "RES_EARLY": early}, num_warps=best.num_warps,
+                               num_stages=best.num_stages)
+        with tk.launch_options(config=config):
+            row = conv_case(kind, 8, 8, variant="res early" if early else "res late")
+        row["config"] = str(config)
+        return row
+
     def with_ab_rows(run_base) -> list[dict]:
         base = run_base()
         return [base] + [ab_row(base, variant) for variant in AB_ROWS]
@@ -276,8 +293,8 @@ def main(argv=None) -> int:
     # rows, the padded layout's TMA kernel (containers="padded"), the upsampler, the padded a4/a2
     # conv2, one code per byte (the GPU default for a4/a2), then every bit pair packed.
     runs = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),  # each returns its rows
-            lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)),
-            lambda: [conv_case("conv2+next", 8, 8)],
+            lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)) + [res_ab_row("conv2")],
+            lambda: [conv_case("conv2+next", 8, 8), res_ab_row("conv2+next")],
             lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
             lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()], lambda: [last_conv()]]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]

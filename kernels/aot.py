@@ -50,7 +50,7 @@ FP16_MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.f32\.f16\.f16",
 _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32: "fp32", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W")  # chosen per GPU config, not per variant
+_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W", "RES_EARLY")  # chosen per GPU config, not per variant
 CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")  # the integer convs
 FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
 
@@ -214,7 +214,8 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
 
     if launch.kernel == "_packed_conv3x3_kernel":
         fixed = ops.fixed_config(dict(launch.constexprs)["BLOCK_N"])
-        extra = [c for c in ops.TUNE_CONFIGS if all_configs and _config_label(c) != _config_label(fixed)]
+        extra = [c for c in ops.tune_configs(dict(launch.constexprs)["HAS_RES"])
+                 if all_configs and _config_label(c) != _config_label(fixed)]
         return [fixed, *extra]
     if launch.kernel == "_padded_conv3x3_tma_kernel":
         cin = dict(launch.constexprs)["C"]

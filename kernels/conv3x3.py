@@ -75,11 +75,12 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
               RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
               O_LO: tl.constexpr, O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr,
               NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr, ZERO_OUTSIDE: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, O_OFFSET: tl.constexpr = False):
+              BLOCK_N: tl.constexpr, O_OFFSET: tl.constexpr = False, res=None):
     """int32 sums (BLOCK_M, BLOCK_N) of pixels ``offs_m`` (rows of the (M, COUT) result; ``px``
     their column in a W-wide image, for ``SHUFFLE``) -> the stored result (the conv kernels'
     docstrings). ``ZERO_OUTSIDE``: pixels where ``keep`` is false get value 0 (and code 0).
-    ``O_OFFSET`` (8-bit codes): each stored byte is ``code ^ 0x80``, the code - 128 as a signed byte."""
+    ``O_OFFSET`` (8-bit codes): each stored byte is ``code ^ 0x80``, the code - 128 as a signed byte.
+    ``res``: the (BLOCK_M, BLOCK_N) fp32 residual tile when the caller loaded it already (RES_EARLY)."""
     if A_BITS == 8 and not A_SIGNED:
         acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
     y = acc.to(tl.float32) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -91,7 +92,9 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
     if HAS_RES:
         if SCALE_RES:
             y = y * res_scale
-        y = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0) + y
+        if res is None:
+            res = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0)
+        y = res + y
     if ZERO_OUTSIDE:
         y = tl.where(keep[:, None], y, 0.0)
     if SHUFFLE > 1:  # pixel (n, py, px), channel (i*r + j)*CQ + c -> (n, py*r + i, px*r + j), channel c
@@ -129,7 +132,7 @@ def _packed_conv3x3_kernel(
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
     A_L1: tl.constexpr, SKIP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, RES_EARLY: tl.constexpr = False,
 ):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 
@@ -151,6 +154,9 @@ def _packed_conv3x3_kernel(
     caches in L1, instead of 16-byte ``cp.async.cg``, which bypasses it (the only cache mode of a
     16-byte copy in Triton 3.6). The 9 taps of a tile read mostly the same input bytes, so with L1
     most of them need not come from L2 again; the price is twice the copy instructions.
+
+    ``RES_EARLY`` (with ``HAS_RES``): the tile's fp32 residual is loaded before the K loop, so its
+    read overlaps the MMAs instead of stalling the epilogue (an autotuning option: ops.TUNE_CONFIGS).
 
     ``SKIP_PAD``: only the first ``items_ptr[0]`` of the N images need results (a CUDA graph
     captured for a padded batch, replayed for fewer images); programs whose row tile starts past
@@ -178,6 +184,10 @@ def _packed_conv3x3_kernel(
     py = (offs_m // W) % H
     kr = tl.arange(0, BLOCK_K)
 
+    res = None
+    if HAS_RES and RES_EARLY:
+        res = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
+                      other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for step in range(STEPS):
         kk = step * BLOCK_K + kr  # packed-byte index within the 3x3 window
@@ -227,7 +237,7 @@ def _packed_conv3x3_kernel(
               next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=A_BITS, A_SIGNED=A_SIGNED, RELU=RELU,
               HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
               NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=SHUFFLE, ZERO_OUTSIDE=False, BLOCK_M=BLOCK_M,
-              BLOCK_N=BLOCK_N)
+              BLOCK_N=BLOCK_N, res=res)
 
 
 @triton.jit

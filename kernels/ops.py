@@ -33,6 +33,23 @@ TUNE_CONFIGS = [
     for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                          (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
 ]
+# Residual convs (conv2) also try the configs the autotuner picked for them on the H100 and H200 with
+# the residual tile loaded before the K loop (RES_EARLY): Nsight Compute found them latency-bound at
+# 2 CTAs per SM, and the early load overlaps the tile's fp32 residual read with the MMAs at no cost
+# in registers (182 against 188 for 128 x 64, 4 stages, sm_90: kernels.aot). Pruned for the others.
+TUNE_CONFIGS += [triton.Config({**c.kwargs, "RES_EARLY": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+                 for c in TUNE_CONFIGS if (c.kwargs["BLOCK_M"], c.num_warps) == (128, 4)]
+
+
+def tune_configs(has_res: bool) -> list[triton.Config]:
+    """The flat conv's autotuning candidates: the RES_EARLY ones only for residual convs."""
+    return [c for c in TUNE_CONFIGS if has_res or not c.kwargs.get("RES_EARLY")]
+
+
+def _prune_flat(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune: :func:`tune_configs` of the launch's HAS_RES."""
+    keep = {id(c) for c in tune_configs(bool(kwargs["HAS_RES"]))}
+    return [c for c in configs if id(c) in keep]
 ROWS_PER_PROGRAM = 64  # the quantize/unpack kernels' rows per program on a GPU
 
 
@@ -115,15 +132,17 @@ _tuned_padded_conv = triton.autotune(PADDED_TUNE_CONFIGS, key=["C", "COUT", "A_S
 # stride_wk: the prepared K-contiguous weights (1) and benchmarks/kernels.py's N-contiguous A/B rows
 # are different specialisations, each tuned for itself.
 _tuned_conv = triton.autotune(TUNE_CONFIGS, key=["C", "COUT", "A_BITS", "A_SIGNED", "O_BITS", "HAS_RES", "NEXT_BITS",
-                                                  "SHUFFLE", "BLOCK_N", "stride_wk", "A_L1"])(_packed_conv3x3_kernel)
+                                                  "SHUFFLE", "BLOCK_N", "stride_wk", "A_L1"],
+                              prune_configs_by={"early_config_prune": _prune_flat})(_packed_conv3x3_kernel)
 
 
 @dataclass
 class LaunchOptions:
     """How :func:`packed_conv3x3` launches the conv (benchmarks' A/B rows; the engine never sets them):
     ``config``, a fixed tile config instead of autotuning (on CUDA; for ``padded=True`` also in the
-    interpreter, where tests use it; a config of BLOCK_H and BLOCK_W is :func:`fp_conv3x3`'s
-    instead); ``a_l1``, activation tiles through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
+    interpreter, where tests use it, and its RES_EARLY in the flat kernel's interpreter launches; a
+    config of BLOCK_H and BLOCK_W is :func:`fp_conv3x3`'s instead); ``a_l1``, activation tiles
+    through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
 
     config: triton.Config | None = None
     a_l1: bool = False
@@ -386,9 +405,11 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, A_L1=_options.a_l1,
                 SKIP_PAD=items is not None, BLOCK_N=block_n)
-    if INTERPRET or out.device.type != "cuda":
+    if INTERPRET or out.device.type != "cuda":  # small tiles; a test's config may set RES_EARLY
+        early = bool(_options.config is not None and _options.config.kwargs.get("RES_EARLY"))
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
-        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, **_COMPILE)
+        _launcher(_packed_conv3x3_kernel, traceable)[grid](*args, **meta, BLOCK_M=32, BLOCK_K=32, RES_EARLY=early,
+                                                           **_COMPILE)
     elif not AUTOTUNE or _options.config is not None:
         cfg = _options.config or fixed_config(block_n)
         grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))

@@ -152,7 +152,8 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
     ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A")]
-    ab += ["conv2+next", "conv1 padded", "conv2 padded", "conv2+next padded"]
+    ab += ["conv2 res early", "conv2+next", "conv2+next res early", "conv1 padded", "conv2 padded",
+           "conv2+next padded"]
     ab += [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
     want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]] + [("last conv fp16", 16, 16, 16)]
     want += [("conv2+next padded", a, 8, 8) for a in (4, 2)]

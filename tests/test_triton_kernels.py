@@ -192,6 +192,30 @@ def test_residual_in_place_with_the_next_blocks_codes(a_bits, next_bits):
     assert torch.equal(codes.cpu(), ref.quantize_pack(want, nq))
 
 
+@pytest.mark.parametrize("a_bits", [8, 4, 2])
+def test_residual_loaded_before_the_k_loop_gives_the_same_bits(a_bits):
+    """RES_EARLY (an autotuning option of residual convs): the residual tile is read before the
+    K loop. conv2 as the body runs it (residual updated in place, next codes beside it) equals the
+    reference bit for bit, on a shape of several row tiles with a ragged last one. On a GPU it runs
+    the 128 x 64 tile config the autotuner may pick; in the interpreter the small tiles."""
+    g = gen()
+    shape = (3, 9, 23, 64)
+    x = pack_codes(rand_codes(shape, a_bits, False, g), container_bits(a_bits))
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = torch.randn(shape, generator=g)
+    nq = ActQuant(8, True, 0.03)
+    want = ref.packed_conv3x3(x, a_bits, False, wt, mult, bias, residual=residual)
+    early = [c for c in tk.TUNE_CONFIGS if c.kwargs.get("RES_EARLY")]
+    assert early and all(c in tk.tune_configs(True) and c not in tk.tune_configs(False) for c in early)
+    stream = residual.to(DEV)
+    codes = torch.zeros((*shape[:3], 64), dtype=torch.uint8, device=DEV)
+    with tk.launch_options(config=early[0]):
+        got = tk.packed_conv3x3(x.to(DEV), a_bits, False, tk.prepare_conv_weight(wt, a_bits), mult.to(DEV),
+                                bias.to(DEV), residual=stream, out=stream, next_quant=nq, next_out=codes)
+    assert got.data_ptr() == stream.data_ptr() and torch.equal(stream.cpu(), want)
+    assert torch.equal(codes.cpu(), ref.quantize_pack(want, nq))
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_items_skip_the_row_tiles_of_padding_images(k):
     """``items=[k]`` (a graph captured for a padded batch, replayed for k images): the first k
