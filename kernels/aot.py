@@ -50,7 +50,8 @@ FP16_MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.f32\.f16\.f16",
 _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32: "fp32", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
-_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W", "RES_EARLY")  # chosen per GPU config, not per variant
+# chosen per GPU config, not per variant
+_TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W", "RES_EARLY")
 CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")  # the integer convs
 FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
 
