@@ -66,12 +66,12 @@ step memcheck 45 env GDQ_TRITON_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-
     tests/test_cuda_kernels.py -k "$SMALL"
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
-    step latency_1080p 190 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
+    step latency_1080p 180 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
         --plot "$OUT/a/latency.png" --out "$OUT/a" --profile "static a8 + int8 tail" \
         --profile "granular {2,4,8} + int8 tail"
 fi
 step kernels 90 $PY benchmarks/kernels.py --out "$OUT"
-step triton_tests 105 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py tests/test_cadyq.py \
+step triton_tests 115 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py tests/test_cadyq.py \
     tests/test_inttail.py tests/test_lastconv.py
 echo "=== done $(date -u)" | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== " "$LOG" | tail -n 40
