@@ -72,6 +72,7 @@ if [ -d "$CALIB" ]; then
 fi
 step kernels 90 $PY benchmarks/kernels.py --out "$OUT"
 step triton_tests 115 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py tests/test_cadyq.py \
-    tests/test_inttail.py tests/test_lastconv.py
+    tests/test_inttail.py tests/test_lastconv.py tests/test_granular.py::test_gbc_descriptor_path_choice \
+    tests/test_granular.py::test_gbc_descriptor_from_moments_matches_groupnorm_and_pooling
 echo "=== done $(date -u)" | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== " "$LOG" | tail -n 40
