@@ -43,10 +43,10 @@ class GBC(nn.Module):
     def descriptor(self, feat: torch.Tensor, from_moments: bool | None = None) -> torch.Tensor:
         """(P, F, h, w) head features -> (P, 3F) fp32 input of the linear layer (normalised, pooled views).
 
-        ``from_moments``: compute it from per-channel moments (:meth:`_normalized_mean`; h and w
+        ``from_moments``: compute it from per-channel moments (:meth:`_normalized_means`; h and w
         multiples of 4) instead of GroupNorm and pooling. None: on CUDA at inference (autograd
         off) when h and w allow it, where it saves most of the GBC's time; torch's CPU GroupNorm
-        is one fused pass and was faster there (``benchmarks/test_cpu_bench.py``)."""
+        is one fused pass and was no slower there (``benchmarks/test_cpu_bench.py``)."""
         if feat.dim() != 4:
             raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
         h, w = feat.shape[-2:]
@@ -59,32 +59,39 @@ class GBC(nn.Module):
             raise ValueError(f"the GBC descriptor from moments needs sides that are multiples of 4, got {h}x{w}")
         views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
         if from_moments:
-            return torch.cat([self._normalized_mean(norm, v) for norm, v in zip(self.norms, views)], 1)
+            return self._normalized_means(views)
         coarse = views[2].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
         return torch.cat(pooled, 1).mean((2, 3))
 
-    @staticmethod
-    def _normalized_mean(norm: nn.GroupNorm, v: torch.Tensor) -> torch.Tensor:
-        """(P, F, h, w) view -> (P, F) fp32: the spatial mean of ``norm(v)``, from per-channel moments.
+    def _normalized_means(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Three (P, F, h_i, w_i) views -> (P, 3F) fp32: the spatial means of ``norms[i](views[i])``,
+        from per-channel moments.
 
         When the patch side is a multiple of 4, the pooled views tile exactly into the coarse grid,
         so adaptive-pooling a normalised view and averaging the result is its plain spatial mean:
         ``gamma * (mean_c - mu_g) * rstd_g + beta``, with the group's mean ``mu_g`` and biased
         variance (within-channel variance plus the spread of the channel means) from the channel
-        means and mean squares. fp32-accumulating reductions over ``v`` replace the fp32 copy,
-        GroupNorm and pooling (about 0.8 ms of a 4.0 ms 1080p frame on an H100). Equal in exact
-        arithmetic; in floats it differs in rounding (tests bound it)."""
-        p, f, h, w = v.shape
-        g = norm.num_groups
-        mean_c = v.sum((2, 3), dtype=torch.float32) / (h * w)
-        square_c = torch.linalg.vector_norm(v, 2, dim=(2, 3), dtype=torch.float32).square() / (h * w)
-        within = (square_c - mean_c.square()).clamp_min(0).view(p, g, f // g)
-        means = mean_c.view(p, g, f // g)
-        mu = means.mean(2, keepdim=True)
-        var = (within + (means - mu).square()).mean(2, keepdim=True)
-        y = ((means - mu) * torch.rsqrt(var + norm.eps)).view(p, f)
-        return y * norm.weight + norm.bias if norm.affine else y
+        means and mean squares. fp32-accumulating reductions over the views replace the fp32 copies,
+        GroupNorms and pools (about 0.8 ms of a 4.0 ms 1080p frame on an H100), and the small
+        arithmetic after them runs once on the three views stacked (few launches: it runs eagerly,
+        before the host reads the bits). Equal in exact arithmetic; in floats it differs in
+        rounding (tests bound it)."""
+        p, f = views[0].shape[:2]
+        norms = list(self.norms)
+        g, eps = norms[0].num_groups, norms[0].eps  # GBC builds the three alike
+        means = torch.stack([v.mean((2, 3), dtype=torch.float32) for v in views])  # (3, P, F)
+        rms = [torch.linalg.vector_norm(v, 2, dim=(2, 3), dtype=torch.float32) / (v.shape[2] * v.shape[3]) ** 0.5
+               for v in views]
+        squares = torch.stack(rms).square()  # (3, P, F) channel mean squares
+        within = (squares - means.square()).clamp_min(0).view(3, p, g, f // g)
+        means = means.view(3, p, g, f // g)
+        centred = means - means.mean(3, keepdim=True)
+        var = (within + centred.square()).mean(3, keepdim=True)
+        y = (centred * torch.rsqrt(var + eps)).view(3, p, f)
+        if norms[0].affine:
+            y = y * torch.stack([n.weight for n in norms])[:, None] + torch.stack([n.bias for n in norms])[:, None]
+        return y.permute(1, 0, 2).reshape(p, 3 * f)
 
 
 class GranularDQ(BitPolicy):
