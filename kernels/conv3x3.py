@@ -70,6 +70,13 @@ def _to_out_dtype(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _residual_tile(res_ptr, offs_m, m_ok, offs_n, n_ok, COUT):
+    """The (BLOCK_M, BLOCK_N) fp32 tile of the (M, COUT) residual at pixels ``offs_m``, channels
+    ``offs_n`` (0 where masked): read in the epilogue, or before the K loop (``RES_EARLY``)."""
+    return tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
               COUT, res_scale, inv_s_out, inv_s_next, A_BITS: tl.constexpr, A_SIGNED: tl.constexpr,
               RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
@@ -93,7 +100,7 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
         if SCALE_RES:
             y = y * res_scale
         if res is None:
-            res = tl.load(res_ptr + nhwc, mask=mn_ok, other=0.0)
+            res = _residual_tile(res_ptr, offs_m, m_ok, offs_n, n_ok, COUT)
         y = res + y
     if ZERO_OUTSIDE:
         y = tl.where(keep[:, None], y, 0.0)
@@ -186,8 +193,7 @@ def _packed_conv3x3_kernel(
 
     res = None
     if HAS_RES and RES_EARLY:
-        res = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :],
-                      other=0.0)
+        res = _residual_tile(res_ptr, offs_m, m_ok, offs_n, n_ok, COUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for step in range(STEPS):
         kk = step * BLOCK_K + kr  # packed-byte index within the 3x3 window
