@@ -13,8 +13,8 @@ script launches, at the 1080p x4 shapes of ``benchmarks/kernels.py`` (18 patches
 each first once to compile, then, after a sync, ``--reps`` times on fresh random inputs. The
 integer convs run on the tile config the autotuner picked on the H200 (``autotune_choices`` in
 ``kernels-nvidia-h200-2026-11-26-run2.json``) unless ``--config`` says otherwise, the last conv
-on its fixed 4 x 32 tiles (not yet timed on a GPU). Under ncu, skip the four warm-up launches and
-profile the next four:
+on its fixed config (``ops.FIXED_FP_CONFIG``, the one ``GDQ_TRITON_AUTOTUNE=0`` runs). Under ncu,
+skip the four warm-up launches and profile the next four:
 
     ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_fp_conv3x3" --launch-skip 4 --launch-count 4 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
@@ -34,7 +34,6 @@ import torch
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) the autotuner chose on the H200 on 2026-11-26
 TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4)}
-LAST_CONV_TILES = (4, 32, 4)  # the FP last conv's (BLOCK_H, BLOCK_W, num_warps): its fixed config
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
 
     def run(name: str) -> None:
         if name == "last_conv":
-            bh, bw, warps = LAST_CONV_TILES
-            config = triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=warps, num_stages=1)
+            config = tk.FIXED_FP_CONFIG
             x = torch.randn(n, c, side, side, device=dev, generator=g).half().contiguous(
                 memory_format=torch.channels_last)
         else:
