@@ -7,6 +7,8 @@ Workload: the 3x3 convs of EDSR-baseline on the 96x96 LR patches (stride 90) tha
 a in {8,4,2} and weight width w in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack out)
 and conv2 (unsigned codes in, fp32 residual add, fp32 out); ``conv2+next`` (w8 only) is conv2 as
 the body runs it: residual updated in place and the next block's packed codes written beside it.
+``conv2 float16 stream`` / ``conv2+next float16 stream`` (a8 w8): the same on an fp16 residual,
+as an fp16 engine's body keeps it on Triton/CUDA (``residual_stream="auto"``).
 ``conv1 bytes`` / ``conv2 bytes`` (a4, a2; w8): the same codes one per byte, as the engine runs
 them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kernel.
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
@@ -154,12 +156,14 @@ def main(argv=None) -> int:
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
-                  padded: bool = False) -> dict:
+                  padded: bool = False, stream: torch.dtype = torch.float32) -> dict:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
-        ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``)."""
+        ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
+        ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton)."""
         signed = kind == "conv1"
-        # the CUDA op has no fused next-codes output; the A/B rows time Triton only
-        cuda_run = kind != "conv2+next" and not one_per_byte and not variant and not padded
+        # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
+        cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
+                    and stream == torch.float32)
         cont = 8 if one_per_byte or padded else container_bits(a_bits)  # bits per stored code
         hp = hw + 2 if padded else hw  # stored side: the padded layout adds a one-pixel zero ring
         # as the body passes them: narrow unsigned codes one per byte go in as signed bytes (same values)
@@ -188,21 +192,23 @@ def main(argv=None) -> int:
             kw = dict(relu=True, out_quant=ActQuant(a_bits, False, 0.02, container=cont), out=out)
             nbytes = in_bytes + out.numel()
         elif kind == "conv2":
-            res = torch.randn(n, hp, hp, c, device=dev, generator=g)
-            kw = dict(residual=res, out=torch.empty_like(res))
-            nbytes = in_bytes + 2 * res.numel() * 4
+            res = torch.randn(n, hp, hp, c, device=dev, generator=g).to(stream)
+            kw = dict(residual=res, out=torch.empty_like(res), out_dtype=stream)
+            nbytes = in_bytes + 2 * res.numel() * res.element_size()
         else:  # conv2+next: in place, plus the next block's signed codes
-            res = torch.randn(n, hp, hp, c, device=dev, generator=g)
+            res = torch.randn(n, hp, hp, c, device=dev, generator=g).to(stream)
             nxt = torch.empty(n, hp, hp, c * cont // 8, dtype=torch.uint8, device=dev)
-            kw = dict(residual=res, out=res, next_quant=ActQuant(a_bits, True, 0.05, container=cont), next_out=nxt)
-            nbytes = in_bytes + 2 * res.numel() * 4 + nxt.numel()
+            kw = dict(residual=res, out=res, out_dtype=stream, next_quant=ActQuant(a_bits, True, 0.05, container=cont),
+                      next_out=nxt)
+            nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
         t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                           xs) * 1e3
-        cuda_kw = {k: v for k, v in kw.items() if k != "out"}  # the CUDA op allocates its output
+        cuda_kw = {k: v for k, v in kw.items() if k not in ("out", "out_dtype")}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
+        name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -295,6 +301,7 @@ def main(argv=None) -> int:
     runs = [lambda: with_ab_rows(lambda: conv_case("conv1", 8, 8)),  # each returns its rows
             lambda: with_ab_rows(lambda: conv_case("conv2", 8, 8)) + [res_ab_row("conv2")],
             lambda: [conv_case("conv2+next", 8, 8), res_ab_row("conv2+next")],
+            lambda: [conv_case(k, 8, 8, stream=torch.float16) for k in ("conv2", "conv2+next")],
             lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
             lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()], lambda: [last_conv()]]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]

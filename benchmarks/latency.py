@@ -124,6 +124,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if gpu:  # A/B: the last conv on cuDNN fp16 instead of the Triton FP kernel (runtime/lastconv.py)
         quant.append(("static a8 + int8 tail, cuDNN last conv", dict(policy="static", bits=8, tail_bits=8,
                                                                       last_conv="torch")))
+        # A/B: the body's residual stream in fp32 instead of fp16 (residual_stream="auto" on Triton/CUDA)
+        quant.append(("static a8 + int8 tail, fp32 stream", dict(policy="static", bits=8, tail_bits=8,
+                                                                  residual_stream="float32")))
     if granular is not None:
         quant += [("granular {2,4,8}", dict(model=granular)),
                   ("granular {2,4,8} + int8 tail", dict(model=granular, tail_bits=8))]
@@ -363,6 +366,8 @@ def main(argv=None) -> int:
                    "fab": sum(bits) / len(bits) if bits else 32.0,
                    "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
                    "containers": engine.containers,
+                   "residual_stream": (None if engine.int_body is None else
+                                       str(engine.int_body.stream_dtype(engine.dtype)).removeprefix("torch.")),
                    "fp_dtype": str(engine.dtype).removeprefix("torch."),
                    "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
                    "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}

@@ -32,6 +32,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how the integer body stores 2/4-bit codes: packed, or one per byte so the 8-bit kernels run "
                         "them (same results; auto: bytes on Triton/CUDA, where that is faster); padded: bytes in a "
                         "zero-ringed layout read by TMA copies (Triton, 32k channels; measured no faster on an H200)")
+    p.add_argument("--residual-stream", default="auto", choices=["auto", "float32", "dtype"],
+                   help="dtype of the integer body's residual stream: float32, the FP layers' --dtype (reference "
+                        "and Triton backends), or auto: fp16 with --dtype float16 on Triton/CUDA, else float32")
     p.add_argument("--depth", type=int, default=None,
                    help="depth version of a quantized model trained with --depths (first D residual blocks)")
     p.add_argument("--tail-bits", type=int, default=None,
@@ -69,7 +72,8 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
                   patch_size=None if args.whole_image else args.patch_size, stride=args.stride, margin=args.margin,
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
                   backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits,
-                  containers="auto" if name == "fp" else args.containers)
+                  containers="auto" if name == "fp" else args.containers,
+                  residual_stream="auto" if name == "fp" else args.residual_stream)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:

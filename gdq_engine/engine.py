@@ -111,6 +111,12 @@ class Engine:
             ``"padded"``: bytes in a zero-ringed layout whose conv taps are TMA box copies
             (Triton only; measured no faster than ``"bytes"`` on an H200, docs/kernels.md).
             Results are identical; the report's bits and BitOPs count code widths either way.
+        residual_stream: the dtype of the integer body's residual stream between blocks:
+            ``"float32"``, ``"dtype"`` (the FP layers' ``dtype``: fp16 or bf16 too; reference and
+            Triton backends) or ``"auto"`` (fp16 when ``dtype`` is float16 on the Triton backend
+            on CUDA, where it halves the residual convs' bytes; fp32 otherwise). A half stream
+            rounds each block's result to it (docs/numerics.md, "Residual stream"):
+            :func:`~gdq_engine.quantized.resolve_stream_dtypes`.
         device: ``None`` picks CUDA when available, else CPU.
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
         stride: patch stride (papers: 90).
@@ -138,7 +144,7 @@ class Engine:
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
-                 tail_bits: int | None = None, containers: str = "auto"):
+                 tail_bits: int | None = None, containers: str = "auto", residual_stream: str = "auto"):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -153,10 +159,19 @@ class Engine:
             "cuda" if torch.cuda.is_available() else "cpu")
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
-        from .quantized import CONTAINER_CHOICES, DEFAULT_CALIB_PATCH, QuantizedSR, quantize, resolve_backend
+        from .quantized import (
+            CONTAINER_CHOICES,
+            DEFAULT_CALIB_PATCH,
+            RESIDUAL_STREAMS,
+            QuantizedSR,
+            quantize,
+            resolve_backend,
+        )
 
         if containers not in CONTAINER_CHOICES:
             raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINER_CHOICES}")
+        if residual_stream not in RESIDUAL_STREAMS:
+            raise ValueError(f"unknown residual_stream {residual_stream!r}; choose from {RESIDUAL_STREAMS}")
 
         caller_module = isinstance(model, torch.nn.Module)
         if not caller_module:
@@ -205,7 +220,8 @@ class Engine:
             # A dynamic policy's groups replay the body's own graphs (padded buckets: the integer
             # blocks are exact for any batch); a static policy's body runs inside the network's.
             static = isinstance(self.policy, Static)
-            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers)
+            self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers,
+                                                residual_stream=residual_stream)
             self.containers = self.int_body.containers
             # The integer body (and tail) are prepared from fp32 weights; the FP layers may change dtype.
             # The engine's own copy (qmodel is): its upsampler output is consumed at once, and its
@@ -217,8 +233,8 @@ class Engine:
                     m.reuse_output = True
         elif tail_bits is not None:
             raise ValueError("tail_bits only apply to quantized policies")
-        elif containers != "auto":
-            raise ValueError("containers only apply to quantized policies")
+        elif containers != "auto" or residual_stream != "auto":
+            raise ValueError("containers and residual_stream only apply to quantized policies")
         elif bits is not None:
             raise ValueError("bits only apply to quantized policies (policy='static' or 'entropy')")
         elif depth is not None:

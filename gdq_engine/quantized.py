@@ -235,19 +235,23 @@ class QuantizedSR(nn.Module):
             block.res_scale = float(beta)
         self._drop_caches()
 
-    def integer_body(self, backend: str | None = None, cuda_graphs: bool = False, containers: str = "auto"):
+    def integer_body(self, backend: str | None = None, cuda_graphs: bool = False, containers: str = "auto",
+                     residual_stream: str = "auto"):
         """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
-        the model's current device; ``containers``: see :func:`resolve_containers`."""
+        the model's current device; ``containers``: see :func:`resolve_containers`;
+        ``residual_stream``: see :func:`resolve_stream_dtypes`."""
         from .runtime.intgraph import IntegerBody, prepare_blocks
 
         device = self.act_scales.device
-        key = (str(device), backend or self.backend, cuda_graphs, self.depth, containers)
+        key = (str(device), backend or self.backend, cuda_graphs, self.depth, containers, residual_stream)
         if key not in self._bodies:  # resolved once per key, not on every forward
             resolved = resolve_backend(backend or self.backend, device)
             blocks = prepare_blocks(self.fp, self.w_bits)[: self.depth]
             quants = {b: pairs[: self.depth] for b, pairs in self.act_quants().items()}
             self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs,
-                                             containers=resolve_containers(containers, resolved, device))}
+                                             containers=resolve_containers(containers, resolved, device),
+                                             stream_dtypes=resolve_stream_dtypes(residual_stream, resolved,
+                                                                                 device))}
         return self._bodies[key]
 
     def runtime_model(self, backend: str | None = None) -> nn.Module:
@@ -411,6 +415,32 @@ def resolve_containers(containers: str, backend: str, device: torch.device) -> s
     if containers != "auto":
         return containers
     return "bytes" if backend == "triton" and torch.device(device).type == "cuda" else "packed"
+
+
+RESIDUAL_STREAMS = ("auto", "float32", "dtype")
+
+
+def resolve_stream_dtypes(residual_stream: str, backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes the integer body may keep its residual stream in (``IntegerBody(stream_dtypes=)``):
+    the stream runs in the FP layers' dtype when it is one of them, else in fp32.
+
+    ``"float32"``: always fp32 (docs/numerics.md's default stream). ``"dtype"``: the FP layers'
+    dtype, fp16 or bf16 too (backends with ``STREAM_DTYPES``: reference, triton). ``"auto"``: fp16
+    too on the ``triton`` backend on CUDA, fp32 otherwise.
+
+    Why: the body's residual convs are bound by their residual bytes (read and written once per
+    block); an fp16 stream halves them, and an fp16 engine rounds the body's output to fp16 anyway.
+    fp16 keeps 11 significant bits, far finer than the 8-bit codes that quantize the stream; bf16
+    (8 bits) is not chosen automatically."""
+    if residual_stream not in RESIDUAL_STREAMS:
+        raise ValueError(f"unknown residual_stream {residual_stream!r}; choose from {RESIDUAL_STREAMS}")
+    if residual_stream == "float32":
+        return (torch.float32,)
+    if residual_stream == "dtype":
+        return (torch.float32, torch.float16, torch.bfloat16)
+    if backend == "triton" and torch.device(device).type == "cuda":
+        return (torch.float32, torch.float16)
+    return (torch.float32,)
 
 
 @torch.no_grad()

@@ -162,7 +162,8 @@ def engine_launches() -> list[Launch]:
     storing fp16 and the FP last conv (64 -> 3, fp16 in), as a GPU engine runs them (fp16 engines
     do not run on CPU), and the blocks of 2, 4 and 8 bits one code per byte skipping padding
     patches (``items=``), as the group graphs of a dynamic policy replay them on a GPU (graphs do
-    not run on CPU)."""
+    not run on CPU), on fp32 and fp16 residual streams; and the 8-bit blocks on an fp16 stream,
+    one code per byte and padded, as a static fp16 engine's graph runs them."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
     from gdq_engine import Engine
@@ -199,9 +200,16 @@ def engine_launches() -> list[Launch]:
         from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
 
         m, feat = model(), torch.rand(2, 64, 6, 6, generator=g)
+        half = (torch.float32, torch.float16)  # an fp16 engine's residual stream on CUDA (residual_stream="auto")
         for b in (2, 4, 8):
-            body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (b,)), backend="triton", containers="bytes")
-            body._run(feat, b, items=torch.ones(1, dtype=torch.int32))
+            body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (b,)), backend="triton", containers="bytes",
+                               stream_dtypes=half)
+            for f in (feat, feat.half()):
+                body._run(f, b, items=torch.ones(1, dtype=torch.int32))
+        for containers in ("bytes", "padded"):  # the static fp16 engine's whole-network graph: no items
+            body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (8,)), backend="triton", containers=containers,
+                               stream_dtypes=half)
+            body._run(feat.half(), 8)
 
     with torch.no_grad():
         return record_launches(run_all)

@@ -71,9 +71,11 @@ def _to_out_dtype(y, DTYPE: tl.constexpr):
 
 @triton.jit
 def _residual_tile(res_ptr, offs_m, m_ok, offs_n, n_ok, COUT):
-    """The (BLOCK_M, BLOCK_N) fp32 tile of the (M, COUT) residual at pixels ``offs_m``, channels
-    ``offs_n`` (0 where masked): read in the epilogue, or before the K loop (``RES_EARLY``)."""
-    return tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    """The (BLOCK_M, BLOCK_N) tile of the (M, COUT) residual at pixels ``offs_m``, channels
+    ``offs_n`` (0 where masked), as fp32 (an fp16 / bf16 stream converts exactly): read in the
+    epilogue, or before the K loop (``RES_EARLY``)."""
+    res = tl.load(res_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    return res.to(tl.float32)
 
 
 @triton.jit
@@ -113,8 +115,11 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
     else:
         dst = nhwc
     if O_BITS == 0:
-        tl.store(out_ptr + dst, _to_out_dtype(y, out_ptr.dtype.element_ty), mask=mn_ok)
-        if NEXT_BITS > 0:  # the next conv's packed input codes, from the same fp32 values
+        stored = _to_out_dtype(y, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + dst, stored, mask=mn_ok)
+        if NEXT_BITS > 0:  # the next conv's packed input codes, of the values as stored (fp16 / bf16: rounded)
+            if out_ptr.dtype.element_ty != tl.float32:
+                y = stored.to(tl.float32)
             NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
             codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI), BLOCK_M, BLOCK_N, NEXT_BITS)
             offs_nb = tl.arange(0, NCP)
@@ -144,8 +149,9 @@ def _packed_conv3x3_kernel(
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 
     * ``O_BITS == 0``: the fp32 epilogue values, stored in ``out_ptr``'s dtype (fp32, or fp16 /
-      bf16 rounded to nearest even); with ``NEXT_BITS`` also their packed codes of the next
-      quantizer in ``next_ptr`` (``quantize_pack`` of the result, fused; needs BLOCK_N == COUT).
+      bf16 rounded to nearest even); with ``NEXT_BITS`` also the packed codes of the next
+      quantizer in ``next_ptr`` (``quantize_pack`` of the stored result, fused; needs BLOCK_N ==
+      COUT). The residual (``HAS_RES``) may be fp32, fp16 or bf16; it is added in fp32.
     * ``O_BITS > 0``: re-quantized codes, packed (BLOCK_N == COUT).
     * ``SHUFFLE == r > 1``: stored pixel-shuffled, (N, rH, rW, COUT / r^2), output channels read
       sub-pixel major (channel (i*r + j) * COUT/r^2 + c goes to sub-pixel (i, j), channel c);
@@ -332,7 +338,7 @@ def _quantize_pack_kernel(x_ptr, out_ptr, M, inv_s, C: tl.constexpr, BITS: tl.co
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, C)
     m_ok = offs_m < M
-    x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None], other=0.0)
+    x = tl.load(x_ptr + offs_m[:, None] * C + offs_c[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
     packed = _pack_tile(_requantize(x, inv_s, LO, HI), BLOCK_M, C, BITS)
     CP: tl.constexpr = C * BITS // 8
     offs_b = tl.arange(0, CP)

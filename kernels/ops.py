@@ -171,6 +171,9 @@ OUT_BUFFERS = True
 # codes): runtime.inttail's upsampler then needs no shuffle copy and no cast of the HR map.
 FP_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHUFFLE_DTYPES = (torch.uint8, *FP_OUT_DTYPES)
+# The integer body's residual stream may be kept in these dtypes (runtime.intgraph's stream_dtypes):
+# packed_conv3x3 takes such a residual and out=, and quantize_pack such activations.
+STREAM_DTYPES = FP_OUT_DTYPES
 # Signed 8-bit codes are the MMA operand as loaded; unsigned ones need `^ 0x80`, registers and a
 # correction. runtime.intgraph.reads_signed then passes unsigned codes that fit int8 (one per byte,
 # at most 7 bits: the GPU engine's byte containers) as signed: the same bytes, the same values.
@@ -253,7 +256,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
         x_packed: (N, H, W, C * bits / 8) uint8 packed codes (container of ``a_bits``).
         weight: a :class:`PreparedWeight` (or raw (Cout, C, 3, 3) int8 codes, prepared here).
         mult, bias: (Cout,) fp32 epilogue multiplier (``s_in * s_w``) and bias.
-        residual: (N, H, W, Cout) fp32 residual stream, added after ``res_scale``.
+        residual: (N, H, W, Cout) residual stream (fp32, fp16 or bf16; added in fp32 after
+            ``res_scale``).
         out_quant: re-quantize to this quantizer's codes and pack (needs Cout <= 256).
         out: optional preallocated result tensor (shape and dtype as returned); it may be
             ``residual`` itself (every value is read before its result is written).
@@ -261,9 +265,10 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
             i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2); fp outputs
             or 8-bit-container codes, no residual.
         out_dtype: fp32, or fp16 / bf16 (the fp32 values rounded to nearest even, as ``.to``).
-        next_quant, next_out: (fp32 results of Cout <= 128, a power of two) also write the result's
+        next_quant, next_out: (fp results of Cout <= 128, a power of two) also write the result's
             packed codes of ``next_quant`` into ``next_out`` (N, H, W, Cout * container / 8),
-            exactly ``quantize_pack(result, next_quant)`` without another pass.
+            exactly ``quantize_pack(result, next_quant)`` of the result as stored (fp16 / bf16:
+            the rounded values) without another pass.
         padded: every NHWC tensor (input, residual, result, next codes) is in the padded layout,
             (N, H + 2, W + 2, .) for an H x W image whose one-pixel ring holds zeros (code 0); the
             result's ring is written as zeros, so it is again such an input. 8-bit containers,
@@ -302,8 +307,9 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
                          f"{tuple(items.shape)} on {items.device}")
     x_packed = x_packed.contiguous()
     if residual is not None:
-        if residual.shape != (n, h, w_, cout) or residual.dtype != torch.float32:
-            raise ValueError(f"residual must be fp32 {(n, h, w_, cout)}, got {residual.dtype} {tuple(residual.shape)}")
+        if residual.shape != (n, h, w_, cout) or residual.dtype not in STREAM_DTYPES:
+            raise ValueError(f"residual must be a {(n, h, w_, cout)} tensor of one of {STREAM_DTYPES}, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
         residual = residual.contiguous()
     if out_quant is not None:
         check_channels(cout, "output", power_of_two=True)
@@ -490,10 +496,10 @@ def _triton_packed_conv3x3(x_packed: torch.Tensor, w: torch.Tensor, wsum: torch.
 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 NHWC (..., C) -> packed uint8 (..., C * container / 8) codes of ``q`` (into ``out``
-    if given: a contiguous uint8 tensor of that shape)."""
-    if x.dtype != torch.float32:
-        raise ValueError(f"quantize_pack expects fp32 activations, got {x.dtype}")
+    """fp32 (or fp16 / bf16, converted exactly) NHWC (..., C) -> packed uint8 (..., C * container / 8)
+    codes of ``q`` (into ``out`` if given: a contiguous uint8 tensor of that shape)."""
+    if x.dtype not in STREAM_DTYPES:
+        raise ValueError(f"quantize_pack expects activations of one of {STREAM_DTYPES}, got {x.dtype}")
     check_channels(x.shape[-1], power_of_two=True)
     bits, lo, hi, inv_s = requant_args(q)
     if out is not None:

@@ -42,6 +42,11 @@ def test_layerwise_run_equals_patchwise_when_layers_agree():
         grads = torch.zeros(3, 2)
         out, bits, groups = body.run_layerwise(feat, constant_policy(1), grads)
         assert torch.equal(out, body(feat, 4))
+        half = IntegerBody(prepare_blocks(model), calibrate(model, calib, (2, 4, 8)),
+                           stream_dtypes=(torch.bfloat16,))  # a half-precision stream, rounded the same way
+        out_half, _, _ = half.run_layerwise(feat.bfloat16(), constant_policy(1), grads)
+        assert out_half.dtype == torch.bfloat16 and torch.equal(out_half, half(feat.bfloat16(), 4))
+        assert not torch.equal(out_half.float(), out)
     assert bits.shape == (4, 3) and bits.unique().tolist() == [4]
     assert groups == [(layer, 4, 3) for layer in range(4)]
 

@@ -118,6 +118,12 @@ def test_upscale_with_policy(tmp_path, ckpt, capsys):
     assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "p.png"), *common, "--backend", "cpp",
                  "--containers", "padded"]) == 2
     assert "containers='padded' needs a backend with the padded layout" in capsys.readouterr().err
+    # a bf16 residual stream on the reference backend runs; the C++ backend keeps fp32 and says so
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "s.png"), *common, "--backend", "reference",
+                 "--dtype", "bfloat16", "--residual-stream", "dtype"]) == 0
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "s.png"), *common, "--backend", "cpp",
+                 "--dtype", "bfloat16", "--residual-stream", "dtype"]) == 2
+    assert "keeps the residual stream in float32 only" in capsys.readouterr().err
 
 
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):

@@ -180,7 +180,10 @@ def test_bad_input_types_and_files(engine, tmp_path):
     (dict(backend="fpga"), ValueError, "unknown backend"),
     (dict(policy="static", bits=4, calib=torch.rand(2, 3, 8, 8), containers="nibbles"), ValueError,
      "unknown containers"),
-    (dict(containers="bytes"), ValueError, "containers only apply to quantized"),
+    (dict(containers="bytes"), ValueError, "containers and residual_stream only apply to quantized"),
+    (dict(residual_stream="dtype"), ValueError, "containers and residual_stream only apply to quantized"),
+    (dict(policy="static", bits=8, calib=torch.rand(2, 3, 8, 8), residual_stream="half"), ValueError,
+     "unknown residual_stream"),
     (dict(policy="turbo"), ValueError, "unknown policy"),
     (dict(patch_size=16, stride=17), ValueError, "stride"),
     (dict(margin=-1), ValueError, "margin"),
@@ -203,6 +206,53 @@ def test_containers_auto_is_bytes_only_for_triton_on_cuda():
     assert resolve_containers("packed", "triton", torch.device("cuda")) == "packed"
     with pytest.raises(ValueError, match="unknown containers"):
         resolve_containers("nibbles", "triton", torch.device("cuda"))
+
+
+def test_residual_stream_auto_is_fp16_only_for_triton_on_cuda():
+    from gdq_engine.quantized import resolve_stream_dtypes
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert resolve_stream_dtypes("auto", "triton", torch.device("cuda")) == (f32, f16)
+    for backend, device in (("triton", "cpu"), ("cuda", "cuda"), ("cpp", "cpu"), ("reference", "cuda")):
+        assert resolve_stream_dtypes("auto", backend, torch.device(device)) == (f32,)
+    assert resolve_stream_dtypes("float32", "triton", torch.device("cuda")) == (f32,)
+    assert resolve_stream_dtypes("dtype", "reference", torch.device("cpu")) == (f32, f16, bf16)
+    with pytest.raises(ValueError, match="unknown residual_stream"):
+        resolve_stream_dtypes("fp8", "triton", torch.device("cuda"))
+
+
+def test_engine_runs_the_residual_stream_in_its_fp_dtype_when_asked(monkeypatch):
+    """residual_stream="dtype" on a bf16 engine: the body's blocks get and return bf16 (the
+    stream; with 3 blocks its rounding shows in the result), the result stays close to the fp32
+    stream's; backends without half streams refuse."""
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime.intgraph import IntegerBody
+
+    torch.manual_seed(0)
+    tiny_edsr = EDSR(scale=2, n_feats=16, n_blocks=3).eval()
+
+    calib, x = random_image(16, 16, n=4, seed=1), random_image(20, 24, n=1, seed=2)
+    kw = dict(device="cpu", patch_size=None, policy="static", bits=8, calib=calib, dtype=torch.bfloat16,
+              backend="reference")
+    seen, real = [], IntegerBody._run
+
+    def spy(self, feat, bits, **kwargs):
+        out = real(self, feat, bits, **kwargs)
+        seen.append((feat.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(IntegerBody, "_run", spy)
+    half = Engine(tiny_edsr, residual_stream="dtype", **kw)
+    a = half.upscale(x)
+    b = Engine(tiny_edsr, **kw).upscale(x)  # auto: fp32 off the Triton backend
+    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    assert half.int_body.stream_dtype(torch.bfloat16) == torch.bfloat16
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.02
+    from gdq_engine.ops import cpu_ops
+
+    if cpu_ops.available():
+        with pytest.raises(ValueError, match="float32 only"):
+            Engine(tiny_edsr, residual_stream="dtype", **{**kw, "backend": "cpp"})
 
 
 def test_bfloat16_runs_close_to_fp32(tiny_edsr):

@@ -36,6 +36,9 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
     assert rows["fp32"]["containers"] is None and {r["containers"] for n, r in rows.items() if n[0] in "seg"} == {
         "packed"}
+    # the CPU rows keep the contract's fp32 residual stream (residual_stream="auto" off Triton/CUDA)
+    assert rows["fp32"]["residual_stream"] is None
+    assert {r["residual_stream"] for n, r in rows.items() if n[0] in "seg"} == {"float32"}
     assert {r["fp_dtype"] for name, r in rows.items() if name[0] in "se" and "fp32" not in name
             and "reference" not in name} == {"bfloat16"}
     assert rows["static a8 (fp32 FP layers)"]["fp_dtype"] == rows["static a8 (reference)"]["fp_dtype"] == "float32"
@@ -72,8 +75,11 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
     # the A/B row of the last conv: cuDNN's instead of the Triton FP kernel, all else equal
     assert cases["static a8 + int8 tail, cuDNN last conv"] == dict(cases["static a8 + int8 tail"], last_conv="torch")
     assert list(cases).index("static a8 + int8 tail, cuDNN last conv") == list(cases).index("static a8 + int8 tail") + 1
+    # ... and of the residual stream: fp32 instead of the fp16 stream residual_stream="auto" gives there
+    assert cases["static a8 + int8 tail, fp32 stream"] == dict(cases["static a8 + int8 tail"],
+                                                               residual_stream="float32")
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
-    assert not any(name.endswith(("padded", "last conv")) for name in cpu)
+    assert not any(name.endswith(("padded", "last conv", "stream")) for name in cpu)
 
 
 @needs_data
@@ -152,8 +158,8 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
     ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A")]
-    ab += ["conv2 res early", "conv2+next", "conv2+next res early", "conv1 padded", "conv2 padded",
-           "conv2+next padded"]
+    ab += ["conv2 res early", "conv2+next", "conv2+next res early", "conv2 float16 stream",
+           "conv2+next float16 stream", "conv1 padded", "conv2 padded", "conv2+next padded"]
     ab += [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A")]
     want = [(name, 8, 8, 8) for name in [*ab, "upsampler shuffled fp16"]] + [("last conv fp16", 16, 16, 16)]
     want += [("conv2+next padded", a, 8, 8) for a in (4, 2)]

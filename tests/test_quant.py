@@ -164,6 +164,45 @@ def test_integer_body_equals_fake_quant_model(small_edsr, bits):
     assert diff.mean() < 1e-3 * step and diff.max() < 2 * step * len(blocks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_residual_stream(small_edsr, dtype):
+    """``stream_dtypes``: features of a listed dtype keep the residual stream in it. Each block's
+    result is rounded to it and the next block quantizes the rounded values (a manual run of the
+    reference ops says so bit for bit); the output is that dtype, close to the fp32 stream's,
+    and fp32 features still run the fp32 stream."""
+    from gdq_engine.ops import reference as ref
+
+    quants = calibrate(small_edsr, random_image(16, 16, n=4, seed=1), (4,))
+    blocks = prepare_blocks(small_edsr)
+    body = IntegerBody(blocks, quants, stream_dtypes=(torch.float32, dtype))
+    fp32_body = IntegerBody(blocks, quants)
+    with torch.no_grad():
+        feat = small_edsr.head(small_edsr.normalize(random_image(11, 13, n=2, seed=2)))
+    out = body(feat.to(dtype), 4)
+    x = feat.to(dtype).permute(0, 2, 3, 1).contiguous()
+    for blk, (q_in, q_mid) in zip(blocks, quants[4]):
+        m1, m2 = q_in.scale * blk.s_w1.float(), q_mid.scale * blk.s_w2.float()
+        mid = ref.packed_conv3x3(ref.quantize_pack(x, q_in), 4, True, blk.w1, m1, blk.b1, relu=True, out_quant=q_mid)
+        x = ref.packed_conv3x3(mid, 4, False, blk.w2, m2, blk.b2, residual=x, res_scale=blk.res_scale).to(dtype)
+    assert out.dtype == dtype and torch.equal(out.permute(0, 2, 3, 1), x)
+    full = fp32_body(feat.to(dtype), 4)  # a dtype the body was not given for the stream: fp32
+    assert full.dtype == torch.float32 and torch.equal(body(feat, 4), fp32_body(feat, 4))
+    assert not torch.equal(out.float(), full)
+    rel = torch.finfo(dtype).eps * len(blocks) * 4
+    assert ((out.float() - full).abs() <= rel * full.abs().amax() + max(q[0].scale for q in quants[4])).all()
+
+
+def test_stream_dtypes_are_checked(small_edsr):
+    quants = calibrate(small_edsr, random_image(8, 8, n=2), (8,))
+    with pytest.raises(ValueError, match="stream_dtypes must be"):
+        IntegerBody(prepare_blocks(small_edsr), quants, stream_dtypes=(torch.int8,))
+    from gdq_engine.ops import cpu_ops
+
+    if cpu_ops.available():
+        with pytest.raises(ValueError, match="float32 only"):
+            IntegerBody(prepare_blocks(small_edsr), quants, backend="cpp", stream_dtypes=(torch.bfloat16,))
+
+
 def test_calibration_collects_every_block(small_edsr):
     acts = collect_block_activations(small_edsr, random_image(8, 8, n=2))
     assert len(acts) == 3 and all(mid.min() >= 0 for _, mid in acts)

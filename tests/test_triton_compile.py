@@ -60,9 +60,16 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     skipping = [c for c in convs if c["SKIP_PAD"]]
     assert {c["O_HI"] for c in skipping if c["RELU"]} >= {3, 15, 255}
     assert any(c["HAS_RES"] and c["NEXT_BITS"] == 8 for c in skipping)
-    # every quantize_pack variant takes fp32 and writes bytes
+    # every quantize_pack variant takes the stream (fp32, or an fp16 engine's fp16) and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
-    assert packs and all(s["x_ptr"] == "*fp32" and s["out_ptr"] == "*u8" for s in packs)
+    assert {s["x_ptr"] for s in packs} == {"*fp32", "*fp16"} and all(s["out_ptr"] == "*u8" for s in packs)
+    # the fp16 stream (residual_stream="auto" on CUDA): conv2 reads and writes it, with the next codes,
+    # in the group graphs (items=), the static graph and the padded layout
+    half = [(x.kernel, dict(x.constexprs)) for x in recorded
+            if dict(x.signature).get("res_ptr") == "*fp16" and dict(x.constexprs)["HAS_RES"]]
+    assert all(dict(x.signature)["out_ptr"] == "*fp16" for x in recorded if dict(x.signature).get("res_ptr") == "*fp16")
+    assert {(k, c.get("SKIP_PAD"), c["NEXT_BITS"]) for k, c in half} >= {(CONV, True, 8), (CONV, False, 8),
+                                                                        (PADDED, None, 8)}
     # the FP last conv (runtime/lastconv.py): fp16 in, fp32 out, 3 output channels
     (fp,) = [x for x in recorded if x.kernel == FP]
     assert dict(fp.signature)["x_ptr"] == "*fp16" and dict(fp.signature)["out_ptr"] == "*fp32"

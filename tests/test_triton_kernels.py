@@ -192,6 +192,35 @@ def test_residual_in_place_with_the_next_blocks_codes(a_bits, next_bits):
     assert torch.equal(codes.cpu(), ref.quantize_pack(want, nq))
 
 
+@pytest.mark.parametrize("a_bits,dtype,early", [(8, torch.float16, False), (2, torch.float16, True),
+                                                (4, torch.bfloat16, False)])
+def test_half_precision_residual_stream_in_place_with_the_next_blocks_codes(a_bits, dtype, early):
+    """conv2 on an fp16 / bf16 residual stream (``IntegerBody(stream_dtypes=...)``): the residual
+    is added in fp32, the result stored rounded to nearest even in place, and the next codes are
+    those of the rounded values, bit for bit; with the residual read early (RES_EARLY) too."""
+    g = gen()
+    shape = (2, 9, 11, 64)
+    x = pack_codes(rand_codes(shape, a_bits, False, g), container_bits(a_bits))
+    wt, mult, bias = rand_weights(64, 64, 8, g), torch.rand(64, generator=g) * 1e-3, torch.randn(64, generator=g)
+    residual = (torch.randn(shape, generator=g) * 4).to(dtype)
+    nq = ActQuant(8, True, 0.011)
+    want32 = ref.packed_conv3x3(x, a_bits, False, wt, mult, bias, residual=residual, res_scale=0.1)
+    want = want32.to(dtype)
+    codes_want = ref.quantize_pack(want, nq)
+    assert not torch.equal(codes_want, ref.quantize_pack(want32, nq))  # the rounding shows in the codes
+    stream = residual.to(DEV)
+    codes = torch.full((*shape[:3], 64), 0xA5, dtype=torch.uint8, device=DEV)
+    config = [c for c in tk.TUNE_CONFIGS if c.kwargs.get("RES_EARLY")][0] if early else None
+    with tk.launch_options(config=config):
+        got = tk.packed_conv3x3(x.to(DEV), a_bits, False, tk.prepare_conv_weight(wt, a_bits), mult.to(DEV),
+                                bias.to(DEV), residual=stream, res_scale=0.1, out=stream, out_dtype=dtype,
+                                next_quant=nq, next_out=codes)
+    assert got.data_ptr() == stream.data_ptr() and got.dtype == dtype
+    assert torch.equal(stream.cpu().view(torch.int16), want.view(torch.int16))
+    assert torch.equal(codes.cpu(), codes_want)
+    assert torch.equal(tk.quantize_pack(want.to(DEV), nq).cpu(), codes_want)  # the next body call's first codes
+
+
 @pytest.mark.parametrize("a_bits", [8, 4, 2])
 def test_residual_loaded_before_the_k_loop_gives_the_same_bits(a_bits):
     """RES_EARLY (an autotuning option of residual convs): the residual tile is read before the
@@ -274,6 +303,28 @@ def test_graph_replays_of_a_padded_bucket_skip_the_padding_patches(monkeypatch):
     for _ in range(3):  # eager, capture (+ the fake's first replay), replay
         assert torch.equal(body(feat, 4).cpu(), reference(feat.cpu(), 4))
     assert counts[:4] == [None] * 4 and set(counts[4:8]) == {6} and set(counts[8:]) == {5}
+
+
+@pytest.mark.parametrize("containers,dtype", [("bytes", torch.float16), ("packed", torch.bfloat16),
+                                              ("padded", torch.float16)])
+def test_integer_body_on_a_half_precision_stream_equals_reference(containers, dtype):
+    """IntegerBody(stream_dtypes=(fp32, dtype)) on the Triton backend (in-place half stream, fused
+    next codes; the padded layout too) equals the reference body on the same stream, bit for bit."""
+    from conftest import random_image
+
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=32, n_blocks=3).eval()
+    quants, blocks = calibrate(model, random_image(12, 12, n=4, seed=2), (8, 4)), prepare_blocks(model)
+    kinds = (torch.float32, dtype)
+    body = IntegerBody(blocks, quants, backend="triton", containers=containers, stream_dtypes=kinds)
+    reference = IntegerBody(blocks, quants, backend="reference", stream_dtypes=kinds)
+    feat = torch.randn(2, 32, 7, 9, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for bits in (8, 4):
+        got, want = body(feat.to(DEV), bits).cpu(), reference(feat, bits)
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_items_must_be_one_int32_on_the_device():
@@ -496,7 +547,9 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
     for scale, kw in ((2, dict(policy="entropy", bits=(2, 4, 8))), (4, dict(policy="static", bits=8, tail_bits=8))):
         model = EDSR(scale=scale, n_feats=64, n_blocks=2).eval()
         kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=dtype)
-        graphed, reference = Engine(model, backend="triton", **kw), Engine(model, backend="reference", **kw)
+        graphed = Engine(model, backend="triton", **kw)  # fp16: an fp16 residual stream (residual_stream="auto")
+        reference = Engine(model, backend="reference", residual_stream="dtype", **kw)  # the same stream
+        assert graphed.int_body.stream_dtype(dtype) == reference.int_body.stream_dtype(dtype) == dtype
         use_kernel_last_conv(graphed.model, False)  # fp16: cuDNN's last conv, as the reference has (test_lastconv.py)
         for seed in (4, 4, 4):  # the same frame: same groups, so the graphs are reused
             lr = random_image(37, 29, n=1, seed=seed).cuda()
@@ -533,7 +586,7 @@ def test_cuda_graphs_of_the_padded_layout():
         kw = dict(kw, calib=calib, patch_size=16, stride=14, device="cuda", dtype=torch.float16)
         graphed = Engine(model, backend="triton", containers="padded", **kw)
         use_kernel_last_conv(graphed.model, False)  # cuDNN's last conv, as the reference has (test_lastconv.py)
-        reference = Engine(model, backend="reference", **kw)
+        reference = Engine(model, backend="reference", residual_stream="dtype", **kw)  # fp16 stream, as Triton's
         lr = random_image(37, 29, n=1, seed=4).cuda()
         for _ in range(3):
             assert torch.equal(graphed.upscale(lr), reference.upscale(lr)), kw["policy"]

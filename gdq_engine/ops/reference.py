@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from ..quant.packing import pack_codes, unpack_codes
 from ..quant.quantizer import ActQuant, container_bits, quantize
 
+# Residual-stream dtypes this backend's integer body may keep (runtime.intgraph's stream_dtypes):
+# packed_conv3x3 takes such a residual and quantize_pack such activations, both converted exactly to fp32.
+STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def check_weight_codes(w_codes: torch.Tensor) -> None:
     """Raise unless ``w_codes`` is a (Cout, C, 3, 3) int8 tensor (what the fast backends prepare)."""
@@ -87,5 +91,5 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, w_codes:
 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant) -> torch.Tensor:
-    """fp32 NHWC -> packed uint8 NHWC codes of ``q`` (in ``q.container``)."""
+    """fp32 (or fp16 / bf16) NHWC -> packed uint8 NHWC codes of ``q`` (in ``q.container``)."""
     return pack_codes(quantize(x, q), q.container)

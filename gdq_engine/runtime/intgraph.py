@@ -4,7 +4,8 @@ For residual-block bodies (EDSR, MSRResNet): per block, per activation bit-width
 
     codes_in  = quantize(x, in_q[b])                      signed, b bits, packed
     codes_mid = requant(relu(conv1(codes_in) * m1 + b1))  unsigned, b bits, packed
-    x         = x + res_scale * (conv2(codes_mid) * m2 + b2)   fp32 residual stream
+    x         = x + res_scale * (conv2(codes_mid) * m2 + b2)   residual stream (fp32, or fp16 / bf16
+                                                               rounded per block: ``stream_dtypes``)
 
 Weights are w_bits per output channel, prepared once. Head, body-end conv, upsampler and tail stay
 FP (Granular-DQ's placement).
@@ -169,12 +170,18 @@ class IntegerBody:
             convs in the padded layout, (N, H + 2, W + 2, C) with a zero ring, so the Triton conv
             reads each tap as one shifted box by TMA (``packed_conv3x3(padded=True)``; backends with
             ``PADDED_LAYOUT``, 32k channels). Results are identical.
+        stream_dtypes: dtypes the residual stream between blocks may be kept in. Features of one of
+            them keep the stream in their dtype: each block's result is rounded to it (nearest
+            even) and the next block's codes quantize the rounded values (docs/numerics.md,
+            "Residual stream"); other features run an fp32 stream. fp16 / bf16 need a backend
+            with ``STREAM_DTYPES`` (reference, triton). Default fp32 only: the contract's fp32 stream.
     """
 
     MAX_GRAPHS = 32  # captured (bits, batch bucket, shape) variants kept; least recently used dropped first
 
     def __init__(self, blocks: list[QuantBlock], act_quants: dict[int, list[tuple[ActQuant, ActQuant]]],
-                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed"):
+                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed",
+                 stream_dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
         for b, qs in act_quants.items():
             if len(qs) != len(blocks):
                 raise ValueError(f"{len(qs)} quantizer pairs for {b} bits but {len(blocks)} blocks")
@@ -183,6 +190,7 @@ class IntegerBody:
         self.backend = backend
         self._ops = _backend_module(backend)
         self.padded = containers == "padded"
+        self.stream_dtypes = _check_stream_dtypes(stream_dtypes, self._ops, backend)
         if self.padded and not getattr(self._ops, "PADDED_LAYOUT", False):
             raise ValueError(f"containers='padded' needs a backend with the padded layout (triton), got {backend!r}")
         if self.padded and any(blk.w1.shape[1] % 32 or blk.w2.shape[1] % 32 for blk in blocks):
@@ -212,8 +220,9 @@ class IntegerBody:
         return self._weights[key]
 
     def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
-        """(N,F,H,W) block-stack input -> (N,F,H,W) fp32 block-stack output at ``bits``, in
-        channels_last memory (the kernels' NHWC result).
+        """(N,F,H,W) block-stack input -> (N,F,H,W) block-stack output at ``bits``, in channels_last
+        memory (the kernels' NHWC result), in the stream dtype: ``feat.dtype`` if it is one of
+        ``stream_dtypes``, else fp32.
 
         With ``cuda_graphs`` on a CUDA tensor the body runs as one CUDA graph per (bits, batch
         bucket, patch shape) (:class:`~gdq_engine.runtime.graphs.GraphCache`): N is padded up to
@@ -237,15 +246,16 @@ class IntegerBody:
         """CADyQ-style run: ``policy.select(layer, x, grads)`` picks each patch's bits before every
         quantized conv, and the patches are regrouped per conv.
 
-        Returns (output (N,F,H,W) fp32, bits (2 * blocks, N) int64, groups [(layer, bits, count)]).
-        The same codes and values as :meth:`__call__` whenever every layer picks the same bits.
+        Returns (output (N,F,H,W) in the stream dtype, bits (2 * blocks, N) int64, groups
+        [(layer, bits, count)]). The same codes and values as :meth:`__call__` whenever every
+        layer picks the same bits.
         """
         ops = self._ops
-        x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        x = feat.to(self.stream_dtype(feat.dtype)).permute(0, 2, 3, 1).contiguous()
         layer_bits, groups = [], []
         for i, blk in enumerate(self.blocks):
             b1 = policy.select(2 * i, x, grads)
-            mid = x.new_empty((*x.shape[:3], blk.b1.numel()))
+            mid = x.new_empty((*x.shape[:3], blk.b1.numel()), dtype=torch.float32)
             for b, idx in bit_groups(b1, x.device):
                 q_in, _ = self.act_quants[b][i]
                 packed = ops.quantize_pack(x[idx].contiguous(), q_in)
@@ -254,14 +264,14 @@ class IntegerBody:
                                               self._mults[b][i][0], blk.b1, relu=True)
                 groups.append((2 * i, b, idx.numel()))
             b2 = policy.select(2 * i + 1, mid, grads)
-            new_x = torch.empty_like(x)
+            new_x = torch.empty_like(x)  # the stream dtype: results are rounded to it as they are stored
             for b, idx in bit_groups(b2, x.device):
                 _, q_mid = self.act_quants[b][i]
                 packed = ops.quantize_pack(mid[idx].contiguous(), q_mid)
                 new_x[idx] = ops.packed_conv3x3(packed, q_mid.container, reads_signed(ops, q_mid),
                                                 self._weights_for(q_mid.container, q_mid.container)[i][1],
                                                 self._mults[b][i][1], blk.b2, residual=x[idx].contiguous(),
-                                                res_scale=blk.res_scale)
+                                                res_scale=blk.res_scale).to(x.dtype)
                 groups.append((2 * i + 1, b, idx.numel()))
             x = new_x
             layer_bits += [b1, b2]
@@ -274,7 +284,8 @@ class IntegerBody:
         if scratch is None:  # a graph being captured gets workspaces of its own, in its memory pool
             scratch = Workspace() if capturing(feat) else self._scratch
         weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
-        x = feat.to(torch.float32).permute(0, 2, 3, 1).contiguous()
+        stream = self.stream_dtype(feat.dtype)
+        x = feat.to(stream).permute(0, 2, 3, 1).contiguous()
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
         if self.padded:  # the zero ring quantizes to code 0; every conv writes its result's ring as 0
             x = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1))
@@ -298,11 +309,32 @@ class IntegerBody:
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
                 into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
+                if stream != torch.float32:
+                    into["out_dtype"] = stream
             x = ops.packed_conv3x3(mid, q_mid.container, mid_signed, w2, m2, blk.b2, residual=x,
                                    res_scale=blk.res_scale, **into, **layout2, **skip)
+            if x.dtype != stream:  # a backend without out= buffers returns fp32: round to the stream
+                x = x.to(stream)
         if self.padded:
             x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
+
+
+    def stream_dtype(self, feat_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the residual stream (and the result) runs in for block-stack input of ``feat_dtype``."""
+        return feat_dtype if feat_dtype in self.stream_dtypes else torch.float32
+
+
+def _check_stream_dtypes(dtypes, ops, backend: str) -> tuple[torch.dtype, ...]:
+    """``dtypes`` as a tuple, checked: fp dtypes, fp16 / bf16 only on backends with ``STREAM_DTYPES``."""
+    dtypes = tuple(dtypes)
+    allowed = getattr(ops, "STREAM_DTYPES", (torch.float32,))
+    for d in dtypes:
+        if d not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"stream_dtypes must be float32, float16 or bfloat16, got {d}")
+        if d not in allowed:
+            raise ValueError(f"the {backend!r} backend keeps the residual stream in float32 only, got {d}")
+    return dtypes
 
 
 def reads_signed(ops, q: ActQuant) -> bool:

@@ -57,7 +57,8 @@ def forward_static(model, body, bits: int, x: torch.Tensor, dtype: torch.dtype =
     (P,3,sh,sw) float32. No policy call, no grouping and no host work, so a CUDA graph can capture
     it whole (the Engine does, for static policies). FP layers run in ``dtype``."""
     xn = model.normalize(x.to(dtype))
-    # The integer body takes and returns fp32 (its residual stream); FP layers run in dtype.
+    # The integer body returns its residual stream's dtype (fp32, or dtype: IntegerBody.stream_dtypes);
+    # FP layers run in dtype.
     out = model.forward_body(model.head(xn), run_blocks=lambda g: body(g, bits).to(g.dtype))
     return _output(model, out, xn)
 
@@ -124,8 +125,8 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             b = int(assigned[0])
             y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
             return y, assigned.float(), [(b, x.shape[0])]
-        # Only the integer blocks run per group (the body takes and returns fp32, its residual
-        # stream; FP layers run in dtype); the body-end conv, the skip, the upsampler and the tail
+        # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
+        # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
         # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
         blocks_out, groups = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype))
         bits = assigned.float()
