@@ -71,8 +71,11 @@ if [ -d "$CALIB" ]; then
         --profile "granular {2,4,8} + int8 tail"
 fi
 step kernels 100 $PY benchmarks/kernels.py --out "$OUT"
-step triton_tests 115 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py tests/test_cadyq.py \
-    tests/test_inttail.py tests/test_lastconv.py tests/test_granular.py::test_gbc_descriptor_path_choice \
+# the fp16 residual stream's compiled kernels (new, not yet run on a GPU) first, in a step of their own
+step stream_tests 25 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py -k "half_precision"
+step triton_tests 90 env GDQ_TRITON_AUTOTUNE=0 $PYTEST --durations=12 tests/test_triton_kernels.py \
+    tests/test_cadyq.py tests/test_inttail.py tests/test_lastconv.py -k "not half_precision" \
+    tests/test_granular.py::test_gbc_descriptor_path_choice \
     tests/test_granular.py::test_gbc_descriptor_from_moments_matches_groupnorm_and_pooling
 echo "=== done $(date -u)" | tee -a "$LOG"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== " "$LOG" | tail -n 40

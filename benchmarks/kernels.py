@@ -267,15 +267,20 @@ def main(argv=None) -> int:
         return timed_row("last conv fp16", 3, 16, 16, t, macs, nbytes, None, container=16, cudnn=cudnn,
                          peak="fp16_tflops")
 
+    def rerun_row(kind: str, variant: str, config: triton.Config | None, a_l1: bool = False) -> dict:
+        """The a8 w8 ``kind`` conv (or the upsampler) again as the A/B row ``variant``, launched with
+        ``config`` (None: the default launch) and ``a_l1``; the row records the config."""
+        with tk.launch_options(config=config, a_l1=a_l1):
+            row = upsampler(variant) if kind == "upsampler" else conv_case(kind, 8, 8, variant=variant)
+        row["config"] = None if config is None else str(config)
+        return row
+
     def ab_row(base: dict, variant: str) -> dict:
         """``base``'s conv again with one thing changed (AB_ROWS), on the tile config the autotuner
         picked for ``base`` (the last launch's), so only that thing differs."""
         # None: the interpreter (--smoke), or GDQ_TRITON_AUTOTUNE=0, where every row runs the fixed config
         config = tk._tuned_conv.best_config if tk.AUTOTUNE and not args.smoke else None
-        with tk.launch_options(config=config, a_l1=variant == "L1 A"):
-            row = upsampler(variant) if base["conv"] == "upsampler" else conv_case(base["conv"], 8, 8, variant=variant)
-        row["config"] = None if config is None else str(config)
-        return row
+        return rerun_row(base["conv"], variant, config, a_l1=variant == "L1 A")
 
     def res_ab_row(kind: str) -> dict:
         """``kind`` (conv2 or conv2+next, just timed) again on the autotuner's pick with the residual
@@ -285,10 +290,7 @@ def main(argv=None) -> int:
         early = not best.kwargs.get("RES_EARLY", False)
         config = triton.Config({**best.kwargs, "RES_EARLY": early}, num_warps=best.num_warps,
                                num_stages=best.num_stages)
-        with tk.launch_options(config=config):
-            row = conv_case(kind, 8, 8, variant="res early" if early else "res late")
-        row["config"] = str(config)
-        return row
+        return rerun_row(kind, "res early" if early else "res late", config)
 
     def with_ab_rows(run_base) -> list[dict]:
         base = run_base()

@@ -9,14 +9,15 @@ script launches, at the 1080p x4 shapes of ``benchmarks/kernels.py`` (18 patches
    next block's signed codes out;
 3. the 64 -> 256 upsampler conv storing pixel-shuffled fp16 (the integer tail's last stage);
 4. the FP last conv (``kernels/fp_conv.py``: fp16 64 -> 3 on the x4 map, fp32 out);
+5. conv2 on an fp16 residual stream (an fp16 engine's body on Triton/CUDA), otherwise as 2.;
 
 each first once to compile, then, after a sync, ``--reps`` times on fresh random inputs. The
 integer convs run on the tile config the autotuner picked on the H200 (``autotune_choices`` in
 ``kernels-nvidia-h200-2026-11-26-run2.json``) unless ``--config`` says otherwise, the last conv
 on its fixed config (``ops.FIXED_FP_CONFIG``, the one ``GDQ_TRITON_AUTOTUNE=0`` runs). Under ncu,
-skip the four warm-up launches and profile the next four:
+skip the five warm-up launches and profile the next five:
 
-    ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_fp_conv3x3" --launch-skip 4 --launch-count 4 \\
+    ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_fp_conv3x3" --launch-skip 5 --launch-count 5 \\
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \\
         --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \\
         --csv --page details python benchmarks/ncu_convs.py > $OUT/ncu-convs.csv
@@ -33,7 +34,8 @@ import sys
 import torch
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) the autotuner chose on the H200 on 2026-11-26
-TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4)}
+TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4),
+         "conv2_fp16": (128, 64, 4, 4)}
 
 
 def parse_config(text: str) -> tuple[int, int, int, int]:
@@ -95,6 +97,11 @@ def main(argv=None) -> int:
     side = args.scale * hw
     fp_w, fp_b = tk.prepare_fp_weight((torch.randn(3, c, 3, 3, device=dev, generator=g) * 0.05).half(), None)
     launches["last_conv"] = lambda x: tk.fp_conv3x3(x.permute(0, 2, 3, 1), fp_w, fp_b, 3)
+    res16 = res.half()
+    launches["conv2_fp16"] = lambda x: tk.packed_conv3x3(x, 8, False, w64, mult64, bias64, residual=res16, out=res16,
+                                                         out_dtype=torch.float16, next_quant=ActQuant(8, True, 0.05),
+                                                         next_out=out_codes)
+    inputs["conv2_fp16"] = inputs["conv2"]
 
     def run(name: str) -> None:
         if name == "last_conv":
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
         with tk.launch_options(config=config):
             launches[name](x)
 
-    for name in launches:  # compile (not profiled: --launch-skip 3)
+    for name in launches:  # compile (not profiled: --launch-skip 5)
         run(name)
     if not args.smoke:
         torch.cuda.synchronize()

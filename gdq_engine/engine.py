@@ -382,7 +382,10 @@ class Engine:
         if ok:
             return
         if self.policy is not None:
-            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; use float32")
+            hint = "use float32"
+            if self.int_body is not None and self.int_body.stream_dtype(self.dtype) != torch.float32:
+                hint += " (or residual_stream='float32', if the integer body's half-precision stream overflowed)"
+            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; {hint}")
         if self.dtype == torch.float32:
             raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
         warnings.warn(f"{self.dtype} produced non-finite values; re-running this image in float32", stacklevel=3)

@@ -67,9 +67,11 @@ class Launch:
     constexprs: tuple[tuple[str, int | bool], ...]
 
     def label(self) -> str:
+        """Kernel, constexpr values and the fp16 / bf16 pointer arguments (e.g. ``res_ptr=fp16``)."""
         short = {"_packed_conv3x3_kernel": "conv", "_padded_conv3x3_tma_kernel": "padded conv",
                  "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack", FP_CONV: "fp conv"}
-        return short.get(self.kernel, self.kernel) + " " + " ".join(f"{k}={int(v)}" for k, v in self.constexprs)
+        halves = [f"{name}={kind[1:]}" for name, kind in self.signature if kind in ("*fp16", "*bf16")]
+        return " ".join([short.get(self.kernel, self.kernel), *(f"{k}={int(v)}" for k, v in self.constexprs), *halves])
 
     @staticmethod
     def from_json(d: dict) -> Launch:
@@ -205,11 +207,11 @@ def engine_launches() -> list[Launch]:
             body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (b,)), backend="triton", containers="bytes",
                                stream_dtypes=half)
             for f in (feat, feat.half()):
-                body._run(f, b, items=torch.ones(1, dtype=torch.int32))
+                body.run_eager(f, b, items=torch.ones(1, dtype=torch.int32))
         for containers in ("bytes", "padded"):  # the static fp16 engine's whole-network graph: no items
             body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (8,)), backend="triton", containers=containers,
                                stream_dtypes=half)
-            body._run(feat.half(), 8)
+            body.run_eager(feat.half(), 8)
 
     with torch.no_grad():
         return record_launches(run_all)

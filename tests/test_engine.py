@@ -234,14 +234,14 @@ def test_engine_runs_the_residual_stream_in_its_fp_dtype_when_asked(monkeypatch)
     calib, x = random_image(16, 16, n=4, seed=1), random_image(20, 24, n=1, seed=2)
     kw = dict(device="cpu", patch_size=None, policy="static", bits=8, calib=calib, dtype=torch.bfloat16,
               backend="reference")
-    seen, real = [], IntegerBody._run
+    seen, real = [], IntegerBody.run_eager
 
     def spy(self, feat, bits, **kwargs):
         out = real(self, feat, bits, **kwargs)
         seen.append((feat.dtype, out.dtype))
         return out
 
-    monkeypatch.setattr(IntegerBody, "_run", spy)
+    monkeypatch.setattr(IntegerBody, "run_eager", spy)
     half = Engine(tiny_edsr, residual_stream="dtype", **kw)
     a = half.upscale(x)
     b = Engine(tiny_edsr, **kw).upscale(x)  # auto: fp32 off the Triton backend
@@ -295,8 +295,13 @@ def test_non_finite_output_of_fp32_and_quantized_runs_raises(tiny_edsr):
         fp32.upscale(x)
     quant = Engine(tiny_edsr, device="cpu", policy="static", bits=8, calib=random_image(16, 16, n=2))
     quant.model.tail.forward = lambda t: t[:, :3] * float("inf")
-    with pytest.raises(FloatingPointError, match="NaN/Inf values in torch.float32"):
+    with pytest.raises(FloatingPointError, match="NaN/Inf values in torch.float32; use float32$"):
         quant.upscale(x)
+    half = Engine(tiny_edsr, device="cpu", policy="static", bits=8, calib=random_image(16, 16, n=2),
+                  dtype=torch.bfloat16, backend="reference", residual_stream="dtype")
+    half.model.tail.forward = lambda t: t[:, :3] * float("inf")
+    with pytest.raises(FloatingPointError, match="or residual_stream='float32'"):
+        half.upscale(x)
 
 
 def test_default_batch_size_is_16_on_cpu_and_fits_free_memory_on_cuda(tiny_edsr):

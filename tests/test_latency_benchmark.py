@@ -177,7 +177,7 @@ def test_ncu_driver_smoke_launches_each_conv(capsys):
     import ncu_convs
 
     assert ncu_convs.main(["--smoke", "--reps", "2"]) == 0
-    assert "launched conv1, conv2, upsampler, last_conv" in capsys.readouterr().out
+    assert "launched conv1, conv2, upsampler, last_conv, conv2_fp16" in capsys.readouterr().out
     assert ncu_convs.parse_config("64,32,8,3") == (64, 32, 8, 3)
     with pytest.raises(SystemExit):
         ncu_convs.main(["--smoke", "--config", "64,32"])

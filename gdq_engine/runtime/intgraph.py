@@ -238,9 +238,9 @@ class IntegerBody:
             raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
         if self.graphs is not None:
             if self._skips_padding:  # the graph's convs skip the row tiles of the bucket's padding patches
-                return self.graphs(bits, feat, lambda f, items: self._run(f, bits, items=items), items=True)
-            return self.graphs(bits, feat, lambda f: self._run(f, bits))
-        return self._run(feat, bits)
+                return self.graphs(bits, feat, lambda f, items: self.run_eager(f, bits, items=items), items=True)
+            return self.graphs(bits, feat, lambda f: self.run_eager(f, bits))
+        return self.run_eager(feat, bits)
 
     def run_layerwise(self, feat: torch.Tensor, policy, grads: torch.Tensor):
         """CADyQ-style run: ``policy.select(layer, x, grads)`` picks each patch's bits before every
@@ -277,8 +277,14 @@ class IntegerBody:
             layer_bits += [b1, b2]
         return x.permute(0, 3, 1, 2).contiguous(), torch.stack(layer_bits), groups
 
-    def _run(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None,
-             items: torch.Tensor | None = None) -> torch.Tensor:
+    def run_eager(self, feat: torch.Tensor, bits: int, scratch: Workspace | None = None,
+                  items: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`__call__` without CUDA graphs: every conv launched now (what a graph captures).
+
+        ``items``: a (1,) int32 tensor on the device, on backends with ``SKIPS_PADDING``: only
+        the first ``items[0]`` patches need results (the rest may be left unwritten), as a graph
+        captured for a padded batch replays it. ``scratch``: the workspaces to reuse (default:
+        the body's own, or fresh ones while a graph is being captured)."""
         ops, quants = self._ops, self.act_quants[bits]
         skip = {} if items is None else {"items": items}  # results needed for the first items[0] patches only
         if scratch is None:  # a graph being captured gets workspaces of its own, in its memory pool
@@ -319,7 +325,6 @@ class IntegerBody:
             x = x[:, 1:-1, 1:-1].contiguous()
         return x.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last, no copy
 
-
     def stream_dtype(self, feat_dtype: torch.dtype) -> torch.dtype:
         """The dtype the residual stream (and the result) runs in for block-stack input of ``feat_dtype``."""
         return feat_dtype if feat_dtype in self.stream_dtypes else torch.float32
@@ -350,5 +355,5 @@ def reads_signed(ops, q: ActQuant) -> bool:
 
 def _codes_buffer(scratch: Workspace, name: str, x: torch.Tensor, q: ActQuant) -> torch.Tensor:
     """A reused uint8 buffer of ``scratch`` for ``x``'s (N,H,W,C) codes of ``q`` (in its
-    container): the packed block input or mid activations, which never leave ``IntegerBody._run``."""
+    container): the packed block input or mid activations, which never leave ``IntegerBody.run_eager``."""
     return scratch.get(name, (*x.shape[:-1], x.shape[-1] * q.container // 8), torch.uint8, x.device)
