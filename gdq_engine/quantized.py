@@ -428,10 +428,10 @@ def resolve_stream_dtypes(residual_stream: str, backend: str, device: torch.devi
     dtype, fp16 or bf16 too (backends with ``STREAM_DTYPES``: reference, triton). ``"auto"``: fp16
     too on the ``triton`` backend on CUDA, fp32 otherwise.
 
-    Why: the body's residual convs are bound by their residual bytes (read and written once per
-    block); an fp16 stream halves them, and an fp16 engine rounds the body's output to fp16 anyway.
-    fp16 keeps 11 significant bits, far finer than the 8-bit codes that quantize the stream; bf16
-    (8 bits) is not chosen automatically."""
+    Why: the floor of the body's residual convs is set by their residual bytes (read and written
+    once per block), not by their MACs; an fp16 stream halves them, and an fp16 engine rounds the
+    body's output to fp16 anyway. fp16 keeps 11 significant bits, far finer than the 8-bit codes
+    that quantize the stream; bf16 (8 bits) is not chosen automatically."""
     if residual_stream not in RESIDUAL_STREAMS:
         raise ValueError(f"unknown residual_stream {residual_stream!r}; choose from {RESIDUAL_STREAMS}")
     if residual_stream == "float32":

@@ -153,7 +153,8 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
     graphed.network_graphs = FakeGraphs(what="the network")
     body_calls = []
     real_body = graphed.int_body.run_eager
-    graphed.int_body.run_eager = lambda feat, bits, scratch=None: body_calls.append(feat.shape[0]) or real_body(feat, bits)
+    graphed.int_body.run_eager = (lambda feat, bits, scratch=None:
+                                  body_calls.append(feat.shape[0]) or real_body(feat, bits))
     lr = random_image(13, 11, n=1, seed=2)  # 4 patches: bucket 4
     for _ in range(3):
         got, rep = graphed.upscale(lr, return_report=True)
