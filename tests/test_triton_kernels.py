@@ -321,10 +321,14 @@ def test_integer_body_on_a_half_precision_stream_equals_reference(containers, dt
     kinds = (torch.float32, dtype)
     body = IntegerBody(blocks, quants, backend="triton", containers=containers, stream_dtypes=kinds)
     reference = IntegerBody(blocks, quants, backend="reference", stream_dtypes=kinds)
+    # channels_last, as the FP head gives it: the NHWC stream is the caller's tensor, which stays untouched
     feat = torch.randn(2, 32, 7, 9, generator=torch.Generator().manual_seed(4)).to(dtype)
+    feat = feat.contiguous(memory_format=torch.channels_last)
     for bits in (8, 4):
-        got, want = body(feat.to(DEV), bits).cpu(), reference(feat, bits)
+        on_dev = feat.to(DEV)
+        got, want = body(on_dev, bits).cpu(), reference(feat, bits)
         assert got.dtype == dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))
+        assert torch.equal(on_dev.cpu().view(torch.int16), feat.view(torch.int16))
 
 
 def test_items_must_be_one_int32_on_the_device():

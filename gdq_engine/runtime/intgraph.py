@@ -295,8 +295,11 @@ class IntegerBody:
         buffers = getattr(ops, "OUT_BUFFERS", False)  # reused workspaces; the residual stream updated in place
         if self.padded:  # the zero ring quantizes to code 0; every conv writes its result's ring as 0
             x = torch.nn.functional.pad(x, (0, 0, 1, 1, 1, 1))
-        elif buffers and x.data_ptr() == feat.data_ptr():
-            x = x.clone()  # never the caller's tensor
+        # The stream is updated in place, never in the caller's tensor: when x is feat itself (an NHWC
+        # feat of the stream's dtype), the first conv2 writes a fresh tensor instead (no copy pass).
+        fresh = buffers and not self.padded and x.data_ptr() == feat.data_ptr()
+        if fresh and not self.blocks:
+            x = x.clone()
         packed = None
         for i, (blk, (q_in, q_mid), (w1, w2), (m1, m2)) in enumerate(zip(self.blocks, quants, weights,
                                                                         self._mults[bits])):
@@ -314,7 +317,8 @@ class IntegerBody:
             into = {}
             if buffers:
                 nxt = quants[i + 1][0] if i + 1 < len(quants) else None
-                into = dict(out=x, next_quant=nxt, next_out=None if nxt is None else packed)
+                into = dict(out=torch.empty_like(x) if fresh and i == 0 else x, next_quant=nxt,
+                            next_out=None if nxt is None else packed)
                 if stream != torch.float32:
                     into["out_dtype"] = stream
             x = ops.packed_conv3x3(mid, q_mid.container, mid_signed, w2, m2, blk.b2, residual=x,
