@@ -20,7 +20,7 @@ from common import write_results
 
 from gdq_engine import load_model, quantize
 from gdq_engine.evaluate import evaluate_folder
-from gdq_engine.runtime.scheduler import _output
+from gdq_engine.runtime.scheduler import forward_static
 
 STREAMS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,9 +32,8 @@ def upscaler(qmodel, bits: int, stream: torch.dtype, outputs: list):
     body = qmodel.integer_body("reference", residual_stream="dtype")  # the stream follows the features' dtype
 
     def run(lr: torch.Tensor) -> torch.Tensor:
-        xn = model.normalize(lr)
-        feat = model.forward_body(model.head(xn), run_blocks=lambda g: body(g.to(stream), bits).float())
-        sr = _output(model, feat, xn)
+        # the static network with fp32 FP layers; only the blocks' input enters in the stream's dtype
+        sr = forward_static(model, lambda g, b: body(g.to(stream), b), bits, lr)
         outputs.append((sr.clamp(0, 1) * 255).round())
         return sr
 
