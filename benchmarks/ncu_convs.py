@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                 memory_format=torch.channels_last)
         else:
             bm, bk, warps, stages = args.config or TUNED[name]
-            config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "RES_EARLY": False}, num_warps=warps,
+                                   num_stages=stages)
             x = codes(*inputs[name])
         with tk.launch_options(config=config):
             launches[name](x)

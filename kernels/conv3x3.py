@@ -144,7 +144,7 @@ def _packed_conv3x3_kernel(
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
     A_L1: tl.constexpr, SKIP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, RES_EARLY: tl.constexpr = False,
+    BLOCK_K: tl.constexpr, RES_EARLY: tl.constexpr,
 ):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 

@@ -28,8 +28,10 @@ _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-a
 # GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
 AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
 
+# RES_EARLY is named in every config: torch.compile's tracing of a launch (wrap_triton) counts the
+# kernel's arguments without their defaults, so a launch must pass every constexpr.
 TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "RES_EARLY": False}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
                          (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
 ]
@@ -58,7 +60,8 @@ def fixed_config(block_n: int) -> triton.Config:
     tiles of 128 or 256 channels (the upsampler convs). With 4 warps those hold 128-256 int32
     accumulators per thread and spill on sm_80, or reach 254 of 255 registers on sm_90 (Triton 3.9)
     (``python -m gdq_engine.kernels.aot``, docs/kernels.md)."""
-    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8 if block_n >= 128 else 4, num_stages=3)
+    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "RES_EARLY": False}, num_warps=8 if block_n >= 128 else 4,
+                         num_stages=3)
 
 
 def tma_boxes(meta: dict) -> dict[str, list[int]]:

@@ -647,6 +647,23 @@ def test_registered_torch_op_equals_direct_launch():
     torch.library.opcheck(torch.ops.gdq_engine.triton_packed_conv3x3, args, test_utils=utils)
 
 
+def test_flat_conv_configs_name_every_tile_constexpr():
+    """torch.compile's tracing of a launch (wrap_triton) counts the arguments passed against the
+    kernel's, defaults not filled in, so a GPU launch must name every constexpr: the flat conv has
+    no defaulted argument, and its fixed config and every autotuning candidate name the same tile
+    constexprs (the fixed config without RES_EARLY failed test_torch_compile_sees_the_op on the H100)."""
+    import inspect
+
+    from gdq_engine.kernels.conv3x3 import _packed_conv3x3_kernel
+
+    params = inspect.signature(_packed_conv3x3_kernel.fn).parameters.values()
+    defaulted = [p.name for p in params if p.default is not inspect.Parameter.empty]
+    assert defaulted == []
+    tiles = {"BLOCK_M", "BLOCK_K", "RES_EARLY"}
+    for config in [tk.fixed_config(64), tk.fixed_config(256), *tk.TUNE_CONFIGS]:
+        assert set(config.kwargs) == tiles, config
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton ops needs a CUDA device")
 def test_torch_compile_sees_the_op():
