@@ -25,6 +25,7 @@ from .quantized import BACKENDS
 from .runtime.graphs import GraphCache
 from .runtime.intgraph import _backend_module
 from .runtime.lastconv import with_kernel_last_conv
+from .runtime.scheduler import has_device_stage
 from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
@@ -196,6 +197,7 @@ class Engine:
         self._patch_costs: dict[tuple[int, int], PatchCost] = {}  # per window size, see _patch_cost
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
+        self.policy_graphs = None  # CUDA graphs of the FP head and a dynamic policy's device stage
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -217,6 +219,8 @@ class Engine:
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
             if graphs and not getattr(self.policy, "layerwise", False):  # patch-wise: graphs of the network
                 self.network_graphs = GraphCache(what="the network")
+                if has_device_stage(self.policy):
+                    self.policy_graphs = GraphCache(what="the bit policy")
             # A dynamic policy's groups replay the body's own graphs (padded buckets: the integer
             # blocks are exact for any batch); a static policy's body runs inside the network's.
             static = isinstance(self.policy, Static)
@@ -330,10 +334,12 @@ class Engine:
         return torch.empty(target.shape, dtype=torch.float32, device=device)
 
     def _defers_value_check(self, batch: torch.Tensor) -> bool:
-        """Whether the input's value checks wait for the frame's one host sync: on CUDA with a
-        policy that reads nothing back before it (FP or static; dynamic policies read each batch's
-        bit-widths to the host anyway, and their feature code should never see NaNs)."""
-        return batch.is_cuda and (self.policy is None or isinstance(self.policy, Static))
+        """Whether the input's value checks wait for the image's last host read: on CUDA, for every
+        policy. A dynamic policy reads each batch's bit-widths to the host before that, but a
+        check read at the start would be one more round trip with the GPU idle; its code takes
+        NaNs without failing (GBC's argmax and entropy's comparisons still pick valid widths), and
+        the image's result is refused once the check is read."""
+        return batch.is_cuda
 
     def grid(self, height: int, width: int):
         """The :class:`~gdq_engine.runtime.tiler.TileGrid` this engine cuts an LR image of
@@ -368,8 +374,9 @@ class Engine:
 
     def _upscale_one(self, img: torch.Tensor, canvas: torch.Tensor, report: UpscaleReport,
                      bounds: torch.Tensor | None = None) -> None:
-        """Upscale one (3,H,W) image into ``canvas``. With an FP or static policy the one host sync
-        is at the end: the finiteness flag of the output (a non-finite half-precision FP result is
+        """Upscale one (3,H,W) image into ``canvas``. On CUDA its last host read is at the end (with
+        an FP or static policy its only one; dynamic policies also read each batch's bit-widths):
+        the finiteness flag of the output (a non-finite half-precision FP result is
         recomputed in fp32), read together with the input's deferred ``bounds`` (min, max; see
         :meth:`_validate`), which are checked first."""
         grid = self.grid(*img.shape[-2:])
@@ -440,7 +447,7 @@ class Engine:
 
         with torch.inference_mode():
             y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype,
-                                                graphs=self.network_graphs)
+                                                graphs=self.network_graphs, policy_graphs=self.policy_graphs)
         if report is None:
             return y
         cost = self._patch_cost((x.shape[-2], x.shape[-1]))

@@ -124,6 +124,42 @@ def test_e2b_remaps_only_top_code_patches_by_entropy():
     assert policy.bits == (4, 5, 6, 8)
 
 
+@pytest.mark.parametrize("code", [0, 1, 2, None])
+def test_device_stage_then_host_step_equals_assign(code):
+    """The split the Engine's policy graph uses: ``assign_staged(device_stage(...))`` gives
+    ``assign``'s bits, for each forced GBC code (2: E2B's entropies decide) and an untrained GBC
+    (None: mixed codes); the stage holds each patch's code index and entropy."""
+    lr = torch.cat([torch.full((4, 3, 8, 8), 0.5), random_image(8, 8, n=4, seed=3)])
+    feat = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    policy = GranularDQ(channels=16).fit(lr)
+    if code is not None:
+        force_gbc(policy, code)
+    stage = policy.device_stage(lr, feat)
+    assert stage.shape == (8, 2) and stage.dtype == torch.float32
+    assert torch.equal(stage[:, 0].long(), policy.gbc_choice(feat).argmax(1))
+    assert torch.equal(stage[:, 1], patch_entropy(lr))
+    assert torch.equal(policy.assign_staged(lr, stage), policy.assign(lr, feat))
+
+
+def test_policy_device_stages_read_nothing_from_the_host_and_nothing_back():
+    """What lets a CUDA graph capture the stages: no tensor made from host data (``torch.tensor``,
+    which patch_entropy's grey weights were) and no value read back (``.item()``, ``bool()``; GBC's
+    one_hot reads on a CPU)."""
+    from torch.profiler import profile
+
+    from gdq_engine.policy import EntropyOnly
+
+    lr = random_image(8, 8, n=4, seed=3)
+    feat = torch.randn(4, 16, 8, 8)
+    policies = [GranularDQ(channels=16).fit(lr), EntropyOnly().fit(lr)]
+    with profile() as prof:
+        for policy in policies:
+            policy.device_stage(lr, feat)
+        policies[0].gbc.descriptor(feat, from_moments=True)  # GBC's path on CUDA
+    names = {e.name for e in prof.events()}
+    assert names and not names & {"aten::lift_fresh", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"}
+
+
 def test_atc_is_an_ema_of_batch_quantiles():
     policy = GranularDQ(channels=16, ema=0.9)
     a, b = random_image(8, 8, n=16, seed=1), random_image(8, 8, n=16, seed=2) * 0.2

@@ -178,6 +178,7 @@ def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
               backend="reference")
     eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
     graphed.network_graphs, graphed.int_body.graphs = FakeGraphs(what="the network"), FakeGraphs()
+    graphed.policy_graphs = FakeGraphs(what="the bit policy")  # the head and the entropies
     lr = torch.cat([torch.cat([flat, ramp], 2), random_image(8, 16, seed=3)], 1)  # 4 patches, mixed
     body_end = []
     for engine in (eager, graphed):
@@ -188,6 +189,7 @@ def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
         assert torch.equal(got, want) and rep.bits == rep_want.bits and rep.groups == rep_want.groups
     assert len(rep.groups) >= 2 and body_end and set(body_end) == {4}
     assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [("tail", 4)]
+    assert [k[1][0][0][0] for k in graphed.policy_graphs.keys()] == [4] and len(graphed.policy_graphs.captured) == 1
     body_keys = sorted((k[0], k[1][0][0][0]) for k in graphed.int_body.graphs.keys())
     assert body_keys == sorted((b, graph_batch(n)) for b, n in rep.groups)
 
@@ -213,6 +215,40 @@ def test_engine_dynamic_policy_with_one_width_replays_the_whole_network(tiny_eds
     # the network's graph under the width's tag, not the grouped path's ("tail", 6)
     assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [(4, 6)]
     assert len(graphed.network_graphs.captured) == 1
+
+
+def test_engine_granular_policy_runs_head_gbc_and_entropy_as_one_replay(tmp_path):
+    """GranularDQ (GBC forced to its top code, so E2B's entropy thresholds decide) with the fake
+    capture: the FP head, GBC and every patch's entropy are one exact-size replay tagged
+    ("policy", id(policy)) whose (P, 2) codes and entropies give the eager engine's bits, groups
+    and output, over mixed widths (the grouped path then runs the head eagerly)."""
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+    from gdq_engine.policy import GranularDQ
+    from gdq_engine.quantized import quantize, save_quantized
+
+    torch.manual_seed(0)
+    policy = GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=16)
+    with torch.no_grad():
+        policy.gbc.fc.weight.zero_()
+        policy.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # every patch to the top code
+    save_quantized(quantize(EDSR(scale=2, n_feats=16, n_blocks=2).eval(), policy,
+                            calib=random_image(16, 16, n=12, seed=4)), tmp_path / "g.pt")
+    kw = dict(device="cpu", patch_size=8, stride=8, backend="reference")
+    eager, graphed = Engine(tmp_path / "g.pt", **kw), Engine(tmp_path / "g.pt", **kw)
+    assert eager.policy_graphs is None  # CPU: no graphs
+    graphed.network_graphs, graphed.int_body.graphs = FakeGraphs(what="the network"), FakeGraphs()
+    graphed.policy_graphs = FakeGraphs(what="the bit policy")
+    flat, ramp = torch.full((3, 8, 8), 0.5), torch.linspace(0, 1, 8).expand(3, 8, 8)
+    lr = torch.cat([torch.cat([flat, ramp], 2), random_image(8, 16, seed=3)], 1)  # 4 patches, mixed
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = eager.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and rep.bits == rep_want.bits and rep.groups == rep_want.groups
+    assert len(set(rep.bits)) >= 2
+    assert [(k[0], k[1][0][0][0]) for k in graphed.policy_graphs.keys()] == [(("policy", id(graphed.policy)), 4)]
+    assert len(graphed.policy_graphs.captured) == 1
+    assert [(k[0], k[1][0][0][0]) for k in graphed.network_graphs.keys()] == [("tail", 4)]
 
 
 def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():

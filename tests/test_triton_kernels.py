@@ -566,9 +566,44 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
         assert graphs.enabled and tags == ({8} if kw["policy"] == "static" else {"tail"}), tags
         if kw["policy"] == "static":
             assert graphed.int_body.graphs is None  # the body runs inside the network's graph
-        else:  # every group's integer blocks replayed
+        else:  # every group's integer blocks replayed; the head and the entropies one replay of their own
             assert {key[0] for key in graphed.int_body.graphs.keys()} <= set(graphed.policy.bits)
             assert graphed.int_body.graphs.keys()
+            assert graphed.policy_graphs.enabled and len(graphed.policy_graphs.keys()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+def test_cuda_graph_of_granular_head_gbc_and_entropy(tmp_path):
+    """GranularDQ on CUDA: the FP head, GBC's descriptor from moments and every patch's entropy are
+    captured as one graph (a capture failure would turn the policy's graphs off: checked), and the
+    bits, groups and output of three calls (eager, capture, replay) equal an engine without CUDA
+    graphs, on mixed widths (GBC sent to its top code, so E2B's entropies decide)."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+    from gdq_engine.policy import GranularDQ
+    from gdq_engine.quantized import quantize, save_quantized
+
+    torch.manual_seed(0)
+    policy = GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=64)
+    with torch.no_grad():
+        policy.gbc.fc.weight.mul_(1e-3)
+        policy.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # the top code, unless a descriptor is huge
+    save_quantized(quantize(EDSR(scale=2, n_feats=64, n_blocks=2).eval(), policy,
+                            calib=random_image(24, 24, n=8, seed=3)), tmp_path / "g.pt")
+    kw = dict(patch_size=16, stride=16, device="cuda", backend="triton")
+    graphed, plain = Engine(tmp_path / "g.pt", **kw), Engine(tmp_path / "g.pt", cuda_graphs=False, **kw)
+    assert graphed.policy_graphs is not None and plain.policy_graphs is None
+    flat = torch.full((3, 16, 16), 0.5)
+    lr = torch.cat([torch.cat([flat, random_image(16, 16, seed=4)], 2), random_image(16, 32, seed=5)], 1).cuda()
+    for _ in range(3):
+        got, report = graphed.upscale(lr, return_report=True)
+        want, want_report = plain.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and report.bits == want_report.bits and report.groups == want_report.groups
+    assert len(report.groups) > 1, report.groups
+    assert graphed.policy_graphs.enabled and len(graphed.policy_graphs.keys()) == 1
 
 
 @pytest.mark.gpu

@@ -18,6 +18,20 @@ class BitPolicy:
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor | None:
+        """The part of :meth:`assign` that runs where the patches are, with no host read: a (P, ...)
+        float32 tensor in which each patch's row depends on that patch alone, turned into
+        bit-widths by :meth:`assign_staged` on the host. None (the default): the policy has no
+        such stage, and only :meth:`assign` is called.
+
+        With one, the Engine on CUDA captures the FP head and this stage in one CUDA graph, so a
+        batch's policy costs one replay and one host read instead of dozens of eager launches."""
+        return None
+
+    def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s result, copied to the CPU."""
+        raise NotImplementedError
+
     @property
     def is_fitted(self) -> bool:
         """Whether data-dependent parameters are set (policies without any are always fitted)."""

@@ -22,7 +22,11 @@ def patch_entropy(lr: torch.Tensor) -> torch.Tensor:
     """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats."""
     if lr.dim() != 4 or lr.shape[1] != 3:
         raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
-    w = torch.tensor(GRAY, dtype=torch.float32, device=lr.device).view(1, 3, 1, 1)
+    # The weights filled in place (fill_ of a Python number) rather than made from host data
+    # (torch.tensor, or item assignment): a CUDA graph can capture that.
+    w = torch.empty(1, 3, 1, 1, dtype=torch.float32, device=lr.device)
+    for i, weight in enumerate(GRAY):
+        w[0, i].fill_(weight)
     gray = (lr.float() * w).sum(1).flatten(1)  # (P, h*w)
     centres = torch.linspace(0, 1, BINS, device=lr.device)
     hist = torch.zeros(lr.shape[0], BINS, device=lr.device)
@@ -70,11 +74,22 @@ class EntropyOnly(BitPolicy):
         return self
 
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
+        return self.assign_staged(lr, self.device_stage(lr, head_feat).cpu())
+
+    def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor | None) -> torch.Tensor:
+        """(P,) float32 patch entropies (:func:`patch_entropy`) of the (P,3,h,w) patches in [0,1]."""
         if self.thresholds is None:
             raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
-        h = patch_entropy(lr).cpu()
+        return patch_entropy(lr)
+
+    def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+        """(P,) int64 bit-widths from the (P,) entropies of :meth:`device_stage`, by the thresholds
+        (``lr`` is not read: the entropies say all)."""
+        if self.thresholds is None:
+            raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
+        h = stage.cpu()
         t1, t2 = self.thresholds
-        out = torch.full((lr.shape[0],), self.bits[2], dtype=torch.int64)
+        out = torch.full((h.shape[0],), self.bits[2], dtype=torch.int64)
         out[h <= t2] = self.bits[1]
         out[h <= t1] = self.bits[0]
         return out

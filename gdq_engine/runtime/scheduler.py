@@ -70,7 +70,39 @@ def _output(model, feat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
     return model.denormalize_(model.forward_output(feat, xn).float())
 
 
-def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None):
+def has_device_stage(policy) -> bool:
+    """Whether ``policy`` splits its assignment into a device stage and a host step
+    (:meth:`~gdq_engine.policy.base.BitPolicy.device_stage`)."""
+    from ..policy.base import BitPolicy
+
+    return getattr(type(policy), "device_stage", BitPolicy.device_stage) is not BitPolicy.device_stage
+
+
+def assign_bits(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None):
+    """A patch-wise policy's bit-widths for (P,3,h,w) float32 patches in [0,1].
+
+    Returns ((P,) int64 bit-widths on the CPU, the normalised patches, the FP head features), the
+    last two None when they stayed inside a graph. With ``graphs`` (a
+    :class:`~gdq_engine.runtime.graphs.GraphCache` of its own, so that a stage which cannot be
+    captured turns off only its graphs; the Engine passes one on CUDA only) and a policy that has
+    a device stage (:func:`has_device_stage`), the FP head and the stage run as one graph replay
+    keyed on the exact batch (the head's cuDNN conv, as in the network's graphs), then
+    one host read of the stage's (P, ...) result, instead of dozens of eager launches (head, GBC
+    descriptor, entropy) that the host issues while the GPU, which must finish them before the
+    read, mostly waits. Otherwise the head runs eagerly and ``policy.assign`` decides."""
+    if graphs is not None and has_device_stage(policy):
+        def stage(p: torch.Tensor) -> torch.Tensor:
+            return policy.device_stage(p, model.head(model.normalize(p.to(dtype))))
+
+        staged = graphs(("policy", id(policy)), x, stage, pad=False)  # the id: an engine's policy may be swapped
+        return policy.assign_staged(x, staged.cpu()), None, None
+    xn = model.normalize(x.to(dtype))
+    feat = model.head(xn)
+    return policy.assign(x, feat).cpu(), xn, feat
+
+
+def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None,
+                      policy_graphs=None):
     """The quantized network on a batch of LR patches: FP head -> policy -> integer body -> FP tail.
 
     Args:
@@ -85,6 +117,8 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             the exact batch size, so the FP convs see the batch sizes, and give the values, they do
             without graphs. A patch-wise policy that puts every patch of the batch at one width runs
             the static whole-network graph of that width.
+        policy_graphs: another GraphCache (CUDA), for the FP head and a patch-wise policy's device
+            stage (:func:`assign_bits`).
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -97,11 +131,11 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         y = (forward_static(model, body, b, x, dtype) if graphs is None
              else graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False))
         return y, torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
-    xn = model.normalize(x.to(dtype))
-    feat = model.head(xn)
     if getattr(policy, "layerwise", False):
         from ..policy.cadyq import sobel_features
 
+        xn = model.normalize(x.to(dtype))
+        feat = model.head(xn)
         grads = sobel_features(x)
         seen = {}
 
@@ -115,7 +149,7 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
     else:
         # Bits on the host once: grouping needs them there, and the report reads them without
         # waiting for the body (a CPU tensor's .tolist() is no device sync).
-        assigned = policy.assign(x, feat).cpu()
+        assigned, xn, feat = assign_bits(model, policy, x, dtype, policy_graphs)
         if graphs is not None and bool((assigned == assigned[0]).all()):
             # Every patch at one width (the shipped Granular-DQ model put all 18 or 66 patches of
             # the 2026-11-26 latency frames at 4 bits): the static policy's whole-network graph,
@@ -125,6 +159,9 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             b = int(assigned[0])
             y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
             return y, assigned.float(), [(b, x.shape[0])]
+        if feat is None:  # the policy's graph computed the head features inside it
+            xn = model.normalize(x.to(dtype))
+            feat = model.head(xn)
         # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
         # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
         # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
