@@ -212,3 +212,20 @@ def test_a_failing_row_is_reported_and_the_other_rows_are_kept(tmp_path, monkeyp
     assert result["failures"] == [{"output": "96x96", "method": "bf16 CL",
                                    "error": "RuntimeError: x must be a CPU fp32 or bf16 tensor"}]
     assert "FAILED 96x96 bf16 CL: RuntimeError" in capsys.readouterr().out
+
+
+def test_gpu_session_script_fits_the_device_tool_limits():
+    """benchmarks/gpu_session.sh: each call's step limits fit the device tool's command limit with
+    room for the header (call 1 under 600 s, call 2 under the 290 s its docs give it; the opt-in
+    memcheck step not counted), and the script parses (``bash -n``)."""
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    second, first = text.split('if [ "${1:-1}" = 2 ]; then', 1)[1].split("\nfi\n\n", 1)
+    first = re.sub(r'if \[ "\$\{GDQ_MEMCHECK.*?\nfi\n', "", first, flags=re.S)  # opt-in: cuts the last step short
+    limits = [[int(n) for n in re.findall(r"^\s*step \S+ (\d+) ", part, re.M)] for part in (first, second)]
+    assert len(limits[0]) >= 6 and len(limits[1]) == 3, limits
+    assert sum(limits[0]) <= 595 and sum(limits[1]) <= 280, limits
