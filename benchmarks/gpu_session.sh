@@ -93,7 +93,7 @@ fi
 # what no GPU has run yet: the policy's CUDA graph (Granular-DQ and EntropyOnly engines) and the
 # torch.compile test that failed on the fourth run (fixed since)
 step new_tests 45 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py \
-    -k "torch_compile_sees or granular_head_gbc or dynamic_policy_and_of_the_whole"
+    -k "torch_compile_sees or granular_head_and_gbc or dynamic_policy_and_of_the_whole"
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
     step latency_1080p 270 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
@@ -105,7 +105,7 @@ step stream_tests 30 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels
 # 15 s once compiled), so it runs last and its progress dots stay in the log
 step triton_tests 105 env GDQ_TRITON_AUTOTUNE=0 $PYTEST --durations=12 tests/test_triton_kernels.py \
     tests/test_cadyq.py tests/test_inttail.py tests/test_lastconv.py \
-    -k "not half_precision and not torch_compile_sees and not granular_head_gbc and not dynamic_policy_and_of_the_whole" \
+    -k "not half_precision and not torch_compile_sees and not granular_head_and_gbc and not dynamic_policy_and_of_the_whole" \
     tests/test_granular.py::test_gbc_descriptor_path_choice \
     tests/test_granular.py::test_gbc_descriptor_from_moments_matches_groupnorm_and_pooling
 echo "=== done $(date -u)" | tee -a "$LOG"

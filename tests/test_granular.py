@@ -125,26 +125,31 @@ def test_e2b_remaps_only_top_code_patches_by_entropy():
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, None])
-def test_device_stage_then_host_step_equals_assign(code):
-    """The split the Engine's policy graph uses: ``assign_staged(device_stage(...))`` gives
-    ``assign``'s bits, for each forced GBC code (2: E2B's entropies decide) and an untrained GBC
-    (None: mixed codes); the stage holds each patch's code index and entropy."""
+def test_device_stage_holds_gbc_codes_and_the_host_step_applies_e2b(code):
+    """The split the Engine's policy graph uses: ``device_stage`` is GBC's code index per patch,
+    and ``assign_staged`` of it gives the bits the two-step rule defines (E2B's thresholds on the
+    entropies of the top code's patches), for each forced code and an untrained GBC (None: mixed
+    codes)."""
     lr = torch.cat([torch.full((4, 3, 8, 8), 0.5), random_image(8, 8, n=4, seed=3)])
     feat = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     policy = GranularDQ(channels=16).fit(lr)
     if code is not None:
         force_gbc(policy, code)
     stage = policy.device_stage(lr, feat)
-    assert stage.shape == (8, 2) and stage.dtype == torch.float32
-    assert torch.equal(stage[:, 0].long(), policy.gbc_choice(feat).argmax(1))
-    assert torch.equal(stage[:, 1], patch_entropy(lr))
-    assert torch.equal(policy.assign_staged(lr, stage), policy.assign(lr, feat))
+    codes = policy.gbc_choice(feat).argmax(1)
+    assert stage.dtype == torch.float32 and torch.equal(stage.long(), codes)
+    t1, t2 = policy.thresholds
+    h = patch_entropy(lr)
+    e2b = torch.where(h <= t1, 4, torch.where(h <= t2, 5, 8))
+    want = torch.where(codes == 2, e2b, torch.tensor([4, 6, 8])[codes])
+    assert torch.equal(policy.assign_staged(lr, stage), want)
+    assert torch.equal(policy.assign(lr, feat), want)
 
 
 def test_policy_device_stages_read_nothing_from_the_host_and_nothing_back():
-    """What lets a CUDA graph capture the stages: no tensor made from host data (``torch.tensor``,
-    which patch_entropy's grey weights were) and no value read back (``.item()``, ``bool()``; GBC's
-    one_hot reads on a CPU)."""
+    """What lets a CUDA graph capture the stages (GBC's codes; EntropyOnly's entropies): no tensor
+    made from host data (``torch.tensor``, which patch_entropy's grey weights were) and no value
+    read back (``.item()``, ``bool()``; GBC's one_hot reads on a CPU)."""
     from torch.profiler import profile
 
     from gdq_engine.policy import EntropyOnly

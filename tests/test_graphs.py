@@ -217,10 +217,10 @@ def test_engine_dynamic_policy_with_one_width_replays_the_whole_network(tiny_eds
     assert len(graphed.network_graphs.captured) == 1
 
 
-def test_engine_granular_policy_runs_head_gbc_and_entropy_as_one_replay(tmp_path):
+def test_engine_granular_policy_runs_head_and_gbc_as_one_replay(tmp_path):
     """GranularDQ (GBC forced to its top code, so E2B's entropy thresholds decide) with the fake
-    capture: the FP head, GBC and every patch's entropy are one exact-size replay tagged
-    ("policy", id(policy)) whose (P, 2) codes and entropies give the eager engine's bits, groups
+    capture: the FP head and GBC are one exact-size replay tagged ("policy", id(policy)) whose
+    codes, with the top code's entropies computed after them, give the eager engine's bits, groups
     and output, over mixed widths (the grouped path then runs the head eagerly)."""
     from gdq_engine import Engine
     from gdq_engine.models import EDSR

@@ -566,7 +566,7 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
         assert graphs.enabled and tags == ({8} if kw["policy"] == "static" else {"tail"}), tags
         if kw["policy"] == "static":
             assert graphed.int_body.graphs is None  # the body runs inside the network's graph
-        else:  # every group's integer blocks replayed; the head and the entropies one replay of their own
+        else:  # every group's integer blocks replayed; the head and the entropies in one replay of their own
             assert {key[0] for key in graphed.int_body.graphs.keys()} <= set(graphed.policy.bits)
             assert graphed.int_body.graphs.keys()
             assert graphed.policy_graphs.enabled and len(graphed.policy_graphs.keys()) == 1
@@ -574,11 +574,11 @@ def test_cuda_graphs_of_a_dynamic_policy_and_of_the_whole_tail_network(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
-def test_cuda_graph_of_granular_head_gbc_and_entropy(tmp_path):
-    """GranularDQ on CUDA: the FP head, GBC's descriptor from moments and every patch's entropy are
-    captured as one graph (a capture failure would turn the policy's graphs off: checked), and the
-    bits, groups and output of three calls (eager, capture, replay) equal an engine without CUDA
-    graphs, on mixed widths (GBC sent to its top code, so E2B's entropies decide)."""
+def test_cuda_graph_of_granular_head_and_gbc(tmp_path):
+    """GranularDQ on CUDA: the FP head and GBC (its descriptor from moments) are captured as one
+    graph (a capture failure would turn the policy's graphs off: checked), and the bits, groups and
+    output of three calls (eager, capture, replay) equal an engine without CUDA graphs, on mixed
+    widths (GBC sent to its top code, so E2B's entropies, computed after the graph, decide)."""
     from conftest import random_image
 
     from gdq_engine import Engine

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BitPolicy
-from .entropy import EntropyOnly, entropy_quantiles, patch_entropy, three_bit_widths
+from .entropy import EntropyOnly, entropy_quantiles, three_bit_widths
 
 
 class GBC(nn.Module):
@@ -160,41 +160,28 @@ class GranularDQ(BitPolicy):
         return hard + soft - soft.detach()
 
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
-        if self.thresholds is None:
-            raise RuntimeError("GranularDQ has no E2B thresholds: call fit() on calibration patches first")
-        if next(self.gbc.parameters()).device != head_feat.device:
-            self.gbc.to(head_feat.device)
-        with torch.no_grad():
-            choice = self.gbc_choice(head_feat).argmax(1).cpu()
-        out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
-        top = choice == 2
-        if top.any():
-            out[top] = self.e2b.assign(lr[top.to(lr.device)], None).cpu()
-        return out
+        return self.assign_staged(lr, self.device_stage(lr, head_feat).cpu())
 
     def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
-        """(P, 2) float32: each patch's GBC code index (0, 1, 2 over ``gbc_bits``) and its pixel
-        entropy. Every patch's entropy, where :meth:`assign` computes those of the top-code patches
-        only: the CUDA graph that runs this stage needs shapes fixed before the codes are known
-        (on a GPU the whole batch's entropy costs a few small kernels; on a CPU, :meth:`assign`'s
-        subset is far cheaper)."""
+        """(P,) float32 GBC code index of each patch (0, 1, 2 over ``gbc_bits``), from its (P,F,h,w)
+        head features. E2B's entropies are not in it: only the top code's patches need them, so
+        :meth:`assign_staged` computes theirs once the codes are known."""
         if self.thresholds is None:
             raise RuntimeError("GranularDQ has no E2B thresholds: call fit() on calibration patches first")
         if next(self.gbc.parameters()).device != head_feat.device:
             self.gbc.to(head_feat.device)
         with torch.no_grad():  # gbc_choice's index at inference, without its one_hot (which reads values back on a CPU)
-            choice = self.gbc(head_feat).argmax(1)
-        return torch.stack([choice.to(torch.float32), patch_entropy(lr).to(choice.device)], 1)
+            return self.gbc(head_feat).argmax(1).to(torch.float32)
 
     def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-        """(P,) int64 bit-widths from :meth:`device_stage`'s (P, 2) codes and entropies: GBC's code,
-        re-mapped by E2B's thresholds for the top code's patches (as :meth:`assign`)."""
-        stage = stage.cpu()
-        choice = stage[:, 0].long()
+        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s codes (on the CPU): GBC's
+        widths, with E2B's entropy thresholds deciding for the top code's patches (their entropy
+        computed here, on ``lr``'s device: one more host read when there are any)."""
+        choice = stage.cpu().long()
         out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
         top = choice == 2
         if top.any():
-            out[top] = self.e2b.assign_staged(lr, stage[top, 1])
+            out[top] = self.e2b.assign(lr[top.to(lr.device)], None).cpu()
         return out
 
     def state(self) -> dict:
