@@ -92,3 +92,17 @@ def test_gbc_descriptor_1080p_batch(benchmark, path):
         out = benchmark.pedantic(gbc.descriptor, args=(feat,), kwargs=dict(from_moments=path == "moments"),
                                  rounds=5, warmup_rounds=1)
     assert out.shape == (18, 192)
+
+
+@pytest.mark.parametrize("exp", ["normal-range", "plain"])
+def test_patch_entropy_cpu_batch(benchmark, exp, monkeypatch):
+    """EntropyOnly's and E2B's patch entropy on a CPU batch of four 96x96 LR patches: the soft
+    histogram's exp with the terms below fp32's normal range dropped (patch_entropy on a CPU)
+    against plain exp, whose vectorised CPU code is slow on underflowing lanes."""
+    from gdq_engine.policy import entropy
+
+    if exp == "plain":
+        monkeypatch.setattr(entropy, "_gauss", torch.exp)
+    lr = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    out = benchmark.pedantic(entropy.patch_entropy, args=(lr,), rounds=10, warmup_rounds=1)
+    assert out.shape == (4,)
