@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import statistics
 import sys
 import time
@@ -230,6 +231,12 @@ def floor_ms(macs: int, nbytes: int, peaks: dict) -> float:
     return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e3
 
 
+def split_row_names(text: str) -> list[str]:
+    """``--rows``' comma-separated names, commas inside braces kept: "static a8,entropy {2,4,8}" ->
+    ["static a8", "entropy {2,4,8}"]."""
+    return [name.strip() for name in re.split(r",(?![^{]*})", text) if name.strip()]
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Latency vs FAB per output size (needs matplotlib; skipped with a message otherwise)."""
     try:
@@ -277,7 +284,8 @@ def main(argv=None) -> int:
                    help="also run this row once per frame of the last size under torch.profiler: its top ops "
                         "(self time per frame) are printed and written to the JSON (repeat for more rows)")
     p.add_argument("--rows", default=None, metavar="NAMES",
-                   help="only these rows (comma-separated names) and fp32, the PSNR reference")
+                   help="only these rows (comma-separated names; commas inside braces belong to the name) "
+                        "and fp32, the PSNR reference")
     p.add_argument("--host-uint8", action="store_true",
                    help="frames as uint8 tensors in host memory (a decoded video frame or image file): each "
                         "row's time then includes the copies in and the uint8 result back (default: float "
@@ -307,7 +315,7 @@ def main(argv=None) -> int:
     granular = shipped_quantized(f"edsr-baseline-x{args.scale}", "granular") if args.arch == "edsr-baseline" else None
     cases = cases_for(args.gpu, model, granular, compile_mode)
     if args.rows is not None:
-        wanted = {name.strip() for name in args.rows.split(",")}
+        wanted = set(split_row_names(args.rows))
         missing = wanted - dict(cases).keys()
         if missing:
             p.error(f"--rows: no row {sorted(missing)[0]!r}; rows: {', '.join(name for name, _ in cases)}")

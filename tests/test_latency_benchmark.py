@@ -229,3 +229,11 @@ def test_gpu_session_script_fits_the_device_tool_limits():
     limits = [[int(n) for n in re.findall(r"^\s*step \S+ (\d+) ", part, re.M)] for part in (first, second)]
     assert len(limits[0]) >= 6 and len(limits[1]) == 3, limits
     assert sum(limits[0]) <= 595 and sum(limits[1]) <= 280, limits
+
+
+def test_row_names_with_braces_survive_the_comma_split():
+    """--rows splits on commas outside braces, so the dynamic policies' rows can be named."""
+    assert latency.split_row_names("static a8, entropy {2,4,8},granular {2,4,8} + int8 tail") == [
+        "static a8", "entropy {2,4,8}", "granular {2,4,8} + int8 tail"]
+    assert latency.split_row_names("fp16 CL,fp16 CL compile(max-autotune),") == [
+        "fp16 CL", "fp16 CL compile(max-autotune)"]
