@@ -168,11 +168,36 @@ def make_engine(model, kw: dict, device: str, calib):
     return engine
 
 
-def gpu_ms(fn) -> float:
-    """Median ms of ``fn`` on the GPU (``triton.testing.do_bench``, after warm-up)."""
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def gpu_ms(fn) -> tuple[float, dict]:
+    """Median ms of ``fn`` on the GPU (``triton.testing.do_bench``, after warm-up), and what
+    happened around the timed calls that could slow some runs and not others: the CUDA caching
+    allocator's device allocations, frees and retries (``cudaMalloc``/``cudaFree`` synchronise)
+    and Python's garbage collections, as counts over all calls (warm-up included) with the
+    number of calls. The fourth H100 run of 2026-11-26 timed the quantized rows 0.1-1.0 ms slower
+    in its first process than in a second one minutes later, the cuDNN rows alike."""
+    import gc
+
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=200, rep=1000, return_mode="median")
+    calls = 0
+
+    def counted():
+        nonlocal calls
+        calls += 1
+        return fn()
+
+    def counts() -> dict:
+        stats = torch.cuda.memory_stats()
+        return {**{k: stats.get(k, 0) for k in ALLOCATOR_COUNTS},
+                "gc_collections": sum(s["collections"] for s in gc.get_stats())}
+
+    before = counts()
+    ms = do_bench(counted, warmup=200, rep=1000, return_mode="median")
+    after = counts()
+    return ms, {"calls": calls, **{k: after[k] - before[k] for k in after}}
 
 
 def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int) -> list[float]:
@@ -358,7 +383,8 @@ def main(argv=None) -> int:
                     results = [engine.upscale(f, return_report=True) for f in frames]
                     turn = itertools.cycle(frames)
                     # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
-                    ms = gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu else 0.0
+                    ms, around = (gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu
+                                  else (0.0, None))
             except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
                 engines[name] = None
                 failures.append({"output": f"{out_w}x{out_h}", "method": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -379,6 +405,8 @@ def main(argv=None) -> int:
                    "fp_dtype": str(engine.dtype).removeprefix("torch."),
                    "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
                    "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
+            if around is not None:
+                row["timing_events"] = around
             if peaks is not None:
                 nbytes = frames[0].numel() * 4 * (1 + args.scale**2)  # fp32 LR in, HR out
                 row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)

@@ -237,3 +237,32 @@ def test_row_names_with_braces_survive_the_comma_split():
         "static a8", "entropy {2,4,8}", "granular {2,4,8} + int8 tail"]
     assert latency.split_row_names("fp16 CL,fp16 CL compile(max-autotune),") == [
         "fp16 CL", "fp16 CL compile(max-autotune)"]
+
+
+def test_gpu_timing_counts_allocator_events_and_collections_around_the_calls(monkeypatch):
+    """gpu_ms (GPU rows) also returns the caching allocator's device allocations, frees and
+    retries and Python's collections over the timed calls, with their number; here do_bench and
+    the allocator's counters are stand-ins (no GPU): each call allocates twice and frees once."""
+    import gc
+
+    import triton.testing
+
+    stats = {"num_device_alloc": 5, "num_device_free": 1, "num_alloc_retries": 0}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: dict(stats))
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        for _ in range(3):
+            fn()
+        return 1.25
+
+    def call():
+        stats["num_device_alloc"] += 2
+        stats["num_device_free"] += 1
+        gc.collect()
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    ms, around = latency.gpu_ms(call)
+    assert ms == 1.25
+    assert around == {"calls": 3, "num_device_alloc": 6, "num_device_free": 3, "num_alloc_retries": 0,
+                      "gc_collections": around["gc_collections"]}
+    assert around["gc_collections"] >= 3  # a full collection counts in every generation
