@@ -288,8 +288,8 @@ def main(argv=None) -> int:
         (RES_EARLY, an autotuning option of residual convs: ops.TUNE_CONFIGS)."""
         best = tk._tuned_conv.best_config if tk.AUTOTUNE and not args.smoke else tk.fixed_config(64)
         early = not best.kwargs.get("RES_EARLY", False)
-        config = triton.Config({**best.kwargs, "RES_EARLY": early}, num_warps=best.num_warps,
-                               num_stages=best.num_stages)
+        config = tk.flat_config(best.kwargs["BLOCK_M"], best.kwargs["BLOCK_K"], best.num_warps, best.num_stages,
+                                res_early=early)
         return rerun_row(kind, "res early" if early else "res late", config)
 
     def with_ab_rows(run_base) -> list[dict]:

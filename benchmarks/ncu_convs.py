@@ -60,7 +60,6 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("benchmarks/ncu_convs.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    import triton
     from gdq_engine.kernels import ops as tk
 
     from gdq_engine.quant.quantizer import ActQuant
@@ -110,8 +109,7 @@ def main(argv=None) -> int:
                 memory_format=torch.channels_last)
         else:
             bm, bk, warps, stages = args.config or TUNED[name]
-            config = triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "RES_EARLY": False}, num_warps=warps,
-                                   num_stages=stages)
+            config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
         with tk.launch_options(config=config):
             launches[name](x)

@@ -28,18 +28,22 @@ _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-a
 # GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
 AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
 
-# RES_EARLY is named in every config: torch.compile's tracing of a launch (wrap_triton) counts the
-# kernel's arguments without their defaults, so a launch must pass every constexpr.
-TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "RES_EARLY": False}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                         (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]
-]
+def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
+    """A tile config of the flat conv (``_packed_conv3x3_kernel``). It names every tile constexpr,
+    RES_EARLY included: torch.compile's tracing of a launch (wrap_triton) counts the kernel's
+    arguments without their defaults, so a launch must pass them all."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k, "RES_EARLY": res_early}, num_warps=warps,
+                         num_stages=stages)
+
+
+TUNE_CONFIGS = [flat_config(bm, bk, w, s) for bm, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                                                                 (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                                                 (256, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4)]]
 # Residual convs (conv2) also try the configs the autotuner picked for them on the H100 and H200 with
 # the residual tile loaded before the K loop (RES_EARLY): Nsight Compute found them latency-bound at
 # 2 CTAs per SM, and the early load overlaps the tile's fp32 residual read with the MMAs at no cost
 # in registers (182 against 188 for 128 x 64, 4 stages, sm_90: kernels.aot). Pruned for the others.
-TUNE_CONFIGS += [triton.Config({**c.kwargs, "RES_EARLY": True}, num_warps=c.num_warps, num_stages=c.num_stages)
+TUNE_CONFIGS += [flat_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, res_early=True)
                  for c in TUNE_CONFIGS if (c.kwargs["BLOCK_M"], c.num_warps) == (128, 4)]
 
 
@@ -60,8 +64,7 @@ def fixed_config(block_n: int) -> triton.Config:
     tiles of 128 or 256 channels (the upsampler convs). With 4 warps those hold 128-256 int32
     accumulators per thread and spill on sm_80, or reach 254 of 255 registers on sm_90 (Triton 3.9)
     (``python -m gdq_engine.kernels.aot``, docs/kernels.md)."""
-    return triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "RES_EARLY": False}, num_warps=8 if block_n >= 128 else 4,
-                         num_stages=3)
+    return flat_config(64, 64, 8 if block_n >= 128 else 4, 3)
 
 
 def tma_boxes(meta: dict) -> dict[str, list[int]]:
