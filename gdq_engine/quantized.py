@@ -20,7 +20,7 @@ from torch import nn
 from .models.checkpoints import CheckpointError, atomic_torch_save, build_model
 from .policy import BitPolicy, CADyQ, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
-from .runtime.intgraph import CONTAINERS
+from .runtime.intgraph import CONTAINERS, FLOAT_STREAM_DTYPES
 
 QUANTIZED_FORMAT = "gdq_engine-quantized"
 DEFAULT_CALIB_PATCH = 96  # the papers' inference patch side: entropy thresholds are fitted at it
@@ -437,7 +437,7 @@ def resolve_stream_dtypes(residual_stream: str, backend: str, device: torch.devi
     if residual_stream == "float32":
         return (torch.float32,)
     if residual_stream == "dtype":
-        return (torch.float32, torch.float16, torch.bfloat16)
+        return FLOAT_STREAM_DTYPES
     if backend == "triton" and torch.device(device).type == "cuda":
         return (torch.float32, torch.float16)
     return (torch.float32,)

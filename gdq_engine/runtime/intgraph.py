@@ -334,12 +334,15 @@ class IntegerBody:
         return feat_dtype if feat_dtype in self.stream_dtypes else torch.float32
 
 
+FLOAT_STREAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # every dtype a residual stream may have
+
+
 def _check_stream_dtypes(dtypes, ops, backend: str) -> tuple[torch.dtype, ...]:
     """``dtypes`` as a tuple, checked: fp dtypes, fp16 / bf16 only on backends with ``STREAM_DTYPES``."""
     dtypes = tuple(dtypes)
     allowed = getattr(ops, "STREAM_DTYPES", (torch.float32,))
     for d in dtypes:
-        if d not in (torch.float32, torch.float16, torch.bfloat16):
+        if d not in FLOAT_STREAM_DTYPES:
             raise ValueError(f"stream_dtypes must be float32, float16 or bfloat16, got {d}")
         if d not in allowed:
             raise ValueError(f"the {backend!r} backend keeps the residual stream in float32 only, got {d}")
