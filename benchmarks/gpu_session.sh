@@ -90,10 +90,13 @@ if [ "${GDQ_MEMCHECK:-0}" = 1 ]; then
     step memcheck 40 env GDQ_TRITON_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-exitcode 99 $PYTEST \
         tests/test_cuda_kernels.py -k "$SMALL"
 fi
-# what no GPU has run yet: the policy's CUDA graph (Granular-DQ and EntropyOnly engines) and the
-# torch.compile test that failed on the fourth run (fixed since)
-step new_tests 45 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py \
-    -k "torch_compile_sees or granular_head_and_gbc or dynamic_policy_and_of_the_whole"
+# what no GPU has run yet: the policy's CUDA graph (Granular-DQ and EntropyOnly engines), the
+# torch.compile test that failed on the fourth run (fixed since), the Triton stitch, the tail's
+# half-precision reads, the last conv finishing the image (bit for bit against torch's glue) and
+# the groups' streams
+step new_tests 55 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py tests/test_stitch.py \
+    tests/test_lastconv.py -k "torch_compile_sees or granular_head_and_gbc or dynamic_policy_and_of_the_whole \
+    or stitch or half_input or finishes_the_image or output_glue or last_conv_kernel_is_close or group_streams"
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
     step latency_1080p 270 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
@@ -103,9 +106,11 @@ fi
 step stream_tests 30 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_triton_kernels.py -k "half_precision"
 # the rest; cold, it takes longer than its limit (58 tests in 90 s on the fourth run, all of them in
 # 15 s once compiled), so it runs last and its progress dots stay in the log
-step triton_tests 105 env GDQ_TRITON_AUTOTUNE=0 $PYTEST --durations=12 tests/test_triton_kernels.py \
+step triton_tests 95 env GDQ_TRITON_AUTOTUNE=0 $PYTEST --durations=12 tests/test_triton_kernels.py \
     tests/test_cadyq.py tests/test_inttail.py tests/test_lastconv.py \
-    -k "not half_precision and not torch_compile_sees and not granular_head_and_gbc and not dynamic_policy_and_of_the_whole" \
+    -k "not half_precision and not torch_compile_sees and not granular_head_and_gbc and not dynamic_policy_and_of_the_whole \
+    and not half_input and not finishes_the_image and not output_glue and not last_conv_kernel_is_close \
+    and not group_streams" \
     tests/test_granular.py::test_gbc_descriptor_path_choice \
     tests/test_granular.py::test_gbc_descriptor_from_moments_matches_groupnorm_and_pooling
 echo "=== done $(date -u)" | tee -a "$LOG"

@@ -17,7 +17,9 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   {2,4,8}, and Granular-DQ {2,4,8} where a QAT-trained model ships for the model (EDSR-baseline
   x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
   upsampler convs as int8 convs, gdq_engine/runtime/inttail.py; on GPU the fp16 last conv runs on
-  the Triton FP kernel, runtime/lastconv.py, and one A/B row has cuDNN's instead); on the ``auto`` backend
+  the Triton FP kernel, runtime/lastconv.py, and one A/B row has cuDNN's instead; another, ``torch
+  glue``, stitches and finishes the image in torch, :func:`torch_glue`; and ``entropy {2,4,8}, group
+  streams`` runs each batch's groups side by side, ``Engine(group_streams=True)``); on the ``auto`` backend
   (Triton on GPU, the C++ kernels on CPU; on GPU 2/4-bit codes one per byte, ``containers``,
   and one more Granular-DQ row with them packed); their FP layers run in the anchor's dtype (fp16 on
   GPU, bf16 on CPU: column ``fp_dtype``) and one row shows static a8 with fp32 FP layers; on CPU
@@ -134,6 +136,10 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         if gpu:  # the default stores 2/4-bit codes one per byte on Triton/CUDA: the packed kernels, same run
             quant.append(("granular {2,4,8} + int8 tail, packed", dict(model=granular, tail_bits=8,
                                                                        containers="packed")))
+    if gpu:  # A/B: the output glue in torch, as before the fifth H100 run (make_engine's glue="torch")
+        quant.append(("static a8 + int8 tail, torch glue", dict(policy="static", bits=8, tail_bits=8, glue="torch")))
+        # A/B: a batch's groups side by side, one CUDA stream per width (Engine(group_streams=True))
+        quant.append(("entropy {2,4,8}, group streams", dict(policy="entropy", bits=(2, 4, 8), group_streams=True)))
     if gpu:  # last (a GPU step cut short loses it first): the body in the padded layout, on the TMA kernel
         quant.append(("static a8 + int8 tail, padded", dict(policy="static", bits=8, tail_bits=8,
                                                              containers="padded")))
@@ -154,6 +160,7 @@ def make_engine(model, kw: dict, device: str, calib):
     compile_mode = kw.pop("compile", None)
     own = kw.pop("model", None)
     last_conv = kw.pop("last_conv", "kernel")
+    glue = kw.pop("glue", "fused")
     if own is not None:  # a shipped quantized checkpoint brings its policy and calibration (the tail's: calib)
         engine = Engine(str(own), device=device, **kw, **(dict(calib=calib) if "tail_bits" in kw else {}))
     else:
@@ -163,9 +170,27 @@ def make_engine(model, kw: dict, device: str, calib):
         from gdq_engine.runtime.lastconv import use_kernel_last_conv
 
         use_kernel_last_conv(engine.model, False)
+    if glue == "torch":
+        torch_glue(engine)
     if compile_mode is not None:
         engine.model = torch.compile(engine.model, mode=None if compile_mode == "default" else compile_mode)
     return engine
+
+
+def torch_glue(engine) -> None:
+    """``engine`` with the work around its network as torch did it before 2026-11-26's fifth H100
+    run: one copy per window to stitch and a reduction over each batch for the finiteness check
+    (not the Triton stitch, runtime/stitch.py), each batch's graph output copied out (not lent,
+    GraphCache(lend=)), and the output glue as two passes over the HR image (not the last conv's
+    epilogue, KernelConv2d.image). The integer tail's half-precision input reads stay as they are."""
+    from gdq_engine.runtime.lastconv import KernelConv2d
+
+    engine.stitcher.fused = lambda canvas, sr: False
+    if engine.network_graphs is not None:
+        engine.network_graphs.lend = False
+    for m in engine.model.modules():
+        if isinstance(m, KernelConv2d):
+            m.fuse_output = False
 
 
 ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")

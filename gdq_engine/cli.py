@@ -40,6 +40,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail-bits", type=int, default=None,
                    help="quantized policies: also run the body-end conv and upsampler convs as integer convs with "
                         "activations at this width (8 recommended); scales from --calib or the shipped table")
+    p.add_argument("--group-streams", action="store_true",
+                   help="dynamic policies on CUDA: run a batch's groups of different widths at the same time, one "
+                        "CUDA stream per width (same results)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
@@ -73,7 +76,8 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
                   batch_size=args.batch_size, dtype=getattr(torch, args.dtype), progress=progress,
                   backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits,
                   containers="auto" if name == "fp" else args.containers,
-                  residual_stream="auto" if name == "fp" else args.residual_stream)
+                  residual_stream="auto" if name == "fp" else args.residual_stream,
+                  group_streams=args.group_streams)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:

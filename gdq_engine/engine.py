@@ -26,7 +26,9 @@ from .runtime.graphs import GraphCache
 from .runtime.intgraph import _backend_module
 from .runtime.lastconv import with_kernel_last_conv
 from .runtime.scheduler import has_device_stage
-from .runtime.tiler import check_image_size, extract_windows, make_grid, stitch_windows, whole_image_grid
+from .runtime.stitch import Stitcher
+from .runtime.streams import GroupStreams
+from .runtime.tiler import check_image_size, extract_windows, make_grid, whole_image_grid
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
 
@@ -98,13 +100,14 @@ class Engine:
             (:class:`~gdq_engine.runtime.graphs.GraphCache`), each captured on its shape's second
             use: no per-kernel launch overhead and no gaps between launches; results unchanged. A
             static policy's graph holds the whole network (head, integer body, tail), one per
-            batch size. A patch-wise dynamic policy runs the head and the policy eagerly (its
-            groups are known only then), then each group's integer blocks as a graph per
-            (bit-width, group size padded to 1, 2, 3, 4, 6, 8, 12, ...: the integer blocks give
-            the same values for any batch), its body-end conv eagerly, and the batch's upsampler
-            and tail as one graph. Graphs holding FP convs are keyed on exact batch sizes, so the
-            FP convs see the shapes they see without graphs. Layer-wise policies (CADyQ) replay
-            nothing.
+            batch size. A patch-wise dynamic policy replays the head and its policy's device work
+            as one graph and reads the bits (its groups are known only then), then each group's
+            integer blocks as a graph per (bit-width, group size padded to 1, 2, 3, 4, 6, 8, 12,
+            ...: the integer blocks give the same values for any batch), and the batch's body-end
+            conv, upsampler and tail as one more graph; a batch whose patches all get one width
+            replays that width's whole-network graph. Graphs holding FP convs are keyed on exact
+            batch sizes, so the FP convs see the shapes they see without graphs. Layer-wise
+            policies (CADyQ) replay nothing.
         containers: how the integer body stores codes narrower than 8 bits between its convs:
             ``"packed"`` (2 or 4 per byte), ``"bytes"`` (one per byte, run by the 8-bit kernels) or
             ``"auto"`` (bytes on the Triton backend on CUDA, where the 4/2-bit kernels measured
@@ -139,13 +142,20 @@ class Engine:
             one scale per conv for every patch); ``None``: as the model has it (FP unless it was
             quantized with a tail). Scales come from ``calib`` (also with an already quantized
             model) or the shipped calibration table.
+        group_streams: with a patch-wise dynamic policy on CUDA, run a batch's groups of different
+            widths at the same time, each on a CUDA stream of its width
+            (:class:`~gdq_engine.runtime.streams.GroupStreams`), so a small group's kernels need
+            not leave most of the GPU idle; results unchanged. Off by default until a GPU run
+            measures it (``latency.py``'s ``entropy {2,4,8}, group streams`` row). Elsewhere (CPU,
+            static and layer-wise policies) it changes nothing.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
                  patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
-                 tail_bits: int | None = None, containers: str = "auto", residual_stream: str = "auto"):
+                 tail_bits: int | None = None, containers: str = "auto", residual_stream: str = "auto",
+                 group_streams: bool = False):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -195,9 +205,11 @@ class Engine:
         self.policy: BitPolicy | None = None
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self._patch_costs: dict[tuple[int, int], PatchCost] = {}  # per window size, see _patch_cost
+        self.stitcher = Stitcher()  # one Triton launch per batch on CUDA (runtime/stitch.py)
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.policy_graphs = None  # CUDA graphs of the FP head and a dynamic policy's device stage
+        self.group_streams: GroupStreams | None = None  # a dynamic policy's groups side by side (CUDA)
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -218,12 +230,16 @@ class Engine:
             body_backend = resolve_backend(backend, qmodel.act_scales.device)
             graphs = self.cuda_graphs and body_backend in ("triton", "cuda") and self.device.type == "cuda"
             if graphs and not getattr(self.policy, "layerwise", False):  # patch-wise: graphs of the network
-                self.network_graphs = GraphCache(what="the network")
+                # lent outputs: _run_tiles stitches each batch's result before the next batch replays
+                self.network_graphs = GraphCache(what="the network", lend=True)
                 if has_device_stage(self.policy):
                     self.policy_graphs = GraphCache(what="the bit policy")
             # A dynamic policy's groups replay the body's own graphs (padded buckets: the integer
             # blocks are exact for any batch); a static policy's body runs inside the network's.
             static = isinstance(self.policy, Static)
+            if group_streams and self.device.type == "cuda" and not static and not getattr(self.policy, "layerwise",
+                                                                                            False):
+                self.group_streams = GroupStreams(self.device)
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers,
                                                 residual_stream=residual_stream)
             self.containers = self.int_body.containers
@@ -411,6 +427,8 @@ class Engine:
         bs = self.batch_size_for(grid)
         todo = list(range(len(grid)))
         finite = torch.ones((), dtype=torch.bool, device=self.device)
+        bad = torch.zeros(1, dtype=torch.int32, device=canvas.device)  # set by the Triton stitch's check
+        checked_by_stitch = False
         bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
         while todo:
             idx = todo[:bs]
@@ -423,15 +441,17 @@ class Engine:
                 torch.cuda.empty_cache()
                 report.fallbacks.append(f"out of memory: batch size lowered to {bs}")
                 continue
-            finite &= all_finite(sr)
-            stitch_windows(canvas, sr.to(canvas.device), grid, idx, self.scale)
+            if self.stitcher.stitch(canvas, sr, grid, idx, self.scale, bad):
+                checked_by_stitch = True
+            else:
+                finite &= all_finite(sr)  # the torch copies do not check what they copy
             if count:
                 report.patches += len(idx)
                 report.batches += 1
             todo = todo[len(idx):]
             bar.update(len(idx))
         bar.close()
-        return finite
+        return finite & (bad[0] == 0) if checked_by_stitch else finite
 
     def _forward(self, windows: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
         """(P,3,h,w) LR windows -> (P,3,sh,sw) float32 SR windows on the compute device."""
@@ -447,7 +467,8 @@ class Engine:
 
         with torch.inference_mode():
             y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype,
-                                                graphs=self.network_graphs, policy_graphs=self.policy_graphs)
+                                                graphs=self.network_graphs, policy_graphs=self.policy_graphs,
+                                                group_streams=self.group_streams)
         if report is None:
             return y
         cost = self._patch_cost((x.shape[-2], x.shape[-1]))

@@ -54,6 +54,7 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 _TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W", "RES_EARLY")
 CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")  # the integer convs
 FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
+STITCH = "_stitch_kernel"  # the engine's stitch of a batch's windows (stitch.py)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Launch:
     def label(self) -> str:
         """Kernel, constexpr values and the fp16 / bf16 pointer arguments (e.g. ``res_ptr=fp16``)."""
         short = {"_packed_conv3x3_kernel": "conv", "_padded_conv3x3_tma_kernel": "padded conv",
-                 "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack", FP_CONV: "fp conv"}
+                 "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack", FP_CONV: "fp conv",
+                 STITCH: "stitch"}
         halves = [f"{name}={kind[1:]}" for name, kind in self.signature if kind in ("*fp16", "*bf16")]
         return " ".join([short.get(self.kernel, self.kernel), *(f"{k}={int(v)}" for k, v in self.constexprs), *halves])
 
@@ -161,7 +163,8 @@ def engine_launches() -> list[Launch]:
     (``containers="padded"``, also with residual scale 0.1), residual scale 0.1, integer tails of
     8 bits at x2/x3/x4 (and at x4 with bf16 FP layers) and of 4 and 6 bits at x4, and CADyQ's
     layer-wise regrouping with every width in every conv; plus the x4 tail's last upsampler conv
-    storing fp16 and the FP last conv (64 -> 3, fp16 in), as a GPU engine runs them (fp16 engines
+    storing fp16, the FP last conv (64 -> 3, fp16 in; plain and finishing the image) and the
+    stitch of a batch's windows into the image, as a GPU engine runs them (fp16 engines
     do not run on CPU), and the blocks of 2, 4 and 8 bits one code per byte skipping padding
     patches (``items=``), as the group graphs of a dynamic policy replay them on a GPU (graphs do
     not run on CPU), on fp32 and fp16 residual streams; and the 8-bit blocks on an fp16 stream,
@@ -199,6 +202,15 @@ def engine_launches() -> list[Launch]:
                            shuffle=2, out_dtype=torch.float16)
         fp_w, fp_b = ops.prepare_fp_weight(torch.zeros(3, 64, 3, 3, dtype=torch.float16), None)
         ops.fp_conv3x3(torch.zeros(3, 12, 12, 64, dtype=torch.float16), fp_w, fp_b, 3)  # the x4 last conv
+        ops.fp_conv3x3(torch.zeros(3, 12, 12, 64, dtype=torch.float16), fp_w, fp_b, 3, out_scale=1 / 255,
+                       out_shift=torch.zeros(3))  # ... finishing the image (runtime/lastconv.py: KernelConv2d.image)
+        from gdq_engine.runtime.stitch import make_plan
+        from gdq_engine.runtime.tiler import make_grid
+
+        tiles = make_grid(12, 14, 8, 6)  # the engine's stitch of a batch into an image (runtime/stitch.py)
+        plan = make_plan(tiles, range(len(tiles)), 2, "cpu")
+        ops.stitch_windows(torch.zeros(3, 24, 28), torch.zeros(len(tiles), 3, 16, 16), plan.boxes, plan.extent,
+                           torch.zeros(1, dtype=torch.int32))
         from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
 
         m, feat = model(), torch.rand(2, 64, 6, 6, generator=g)
@@ -236,6 +248,8 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
     if launch.kernel == FP_CONV:
         fixed = ops.FIXED_FP_CONFIG
         return [fixed, *[c for c in ops.FP_TUNE_CONFIGS if all_configs and c is not fixed]]
+    if launch.kernel == STITCH:  # its block is a constexpr of the launch
+        return [triton.Config({}, num_warps=4, num_stages=3)]
     return [triton.Config({"BLOCK_M": ops.ROWS_PER_PROGRAM}, num_warps=4, num_stages=3)]
 
 
@@ -276,9 +290,9 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import conv3x3, fp_conv, ops
+    from . import conv3x3, fp_conv, ops, stitch
 
-    kernel = getattr(fp_conv if launch.kernel == FP_CONV else conv3x3, launch.kernel)
+    kernel = getattr({FP_CONV: fp_conv, STITCH: stitch}.get(launch.kernel, conv3x3), launch.kernel)
     consts = {**dict(launch.constexprs), **config.kwargs}
     types = dict(launch.signature)
     for name, box in ops.tma_boxes(consts).items() if launch.kernel in CONV_KERNELS else ():

@@ -57,14 +57,21 @@ def _kernel_row(p3, ky: tl.constexpr):
 
 
 @triton.jit
-def _fp_conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr, CP: tl.constexpr,
-                       COUT: tl.constexpr, COUT_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _fp_conv3x3_kernel(x_ptr, w_ptr, b_ptr, shift_ptr, out_ptr, H, W, out_scale, C: tl.constexpr, CP: tl.constexpr,
+                       COUT: tl.constexpr, COUT_P: tl.constexpr, AFFINE: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
     """out[n, o, h, w] = bias[o] + sum over ky, kx, c of x[n, h+ky-1, w+kx-1, c] * weight[o, c, ky, kx].
 
     x: (N, H, W, C) fp16 contiguous. w: (3 * CP, KY * COUT_P) fp16, row ``kx * CP + c``, column
     ``ky * COUT_P + o``, zero for c >= C, ky = 3 or o >= COUT. b: (COUT_P,) fp32, zero past COUT.
     out: (N, COUT, H, W) fp32 contiguous. CP: C rounded up to a power of two (>= 16); COUT_P: COUT
-    rounded up to a power of two (>= 4). Grid: (cdiv(W, BLOCK_W), cdiv(H, BLOCK_H), N)."""
+    rounded up to a power of two (>= 4). Grid: (cdiv(W, BLOCK_W), cdiv(H, BLOCK_H), N).
+
+    ``AFFINE``: each result ``y`` is stored as ``(y * out_scale) + shift[o]``, two fp32 operations
+    (not fused: the kernels compile without FMA contraction), ``shift_ptr`` (COUT,) fp32: the
+    network's output glue, ``y / pixel_range + mean``, as torch computes it on a CUDA tensor
+    (division by a scalar there multiplies by its fp32 reciprocal), without two more passes over
+    the HR image."""
     NW: tl.constexpr = KY * COUT_P
     n = tl.program_id(2).to(tl.int64)
     w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -80,6 +87,8 @@ def _fp_conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr, CP: 
     w_mid = tl.load(w_ptr + (CP + cs)[:, None] * NW + ns[None, :])
     w_right = tl.load(w_ptr + (2 * CP + cs)[:, None] * NW + ns[None, :])
     bias = tl.load(b_ptr + os)
+    if AFFINE:
+        shift = tl.load(shift_ptr + os, mask=os < COUT, other=0.0)
     above = tl.zeros((BLOCK_W, COUT_P), dtype=tl.float32)  # output row r - 1: input rows r - 2 and r - 1
     here = tl.zeros((BLOCK_W, COUT_P), dtype=tl.float32)  # output row r: input row r - 1
     for i in range(BLOCK_H + 2):  # input rows r = h0 - 1 ... h0 + BLOCK_H; output row r - 1 is complete after row r
@@ -89,6 +98,9 @@ def _fp_conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C: tl.constexpr, CP: 
         p = tl.dot(_shifted_row(image, r, w + 1, H, W, C, cs), w_right, p)
         p3 = tl.reshape(p, (BLOCK_W, KY, COUT_P))
         y = (above + _kernel_row(p3, 2)) + bias[None, :]
+        if AFFINE:
+            y = y * out_scale
+            y = y + shift[None, :]
         done = r - 1 + tl.zeros_like(w)
         row_ok = (done >= h0) & (done < H)
         tl.store(dst + (tl.cast(done, tl.int64) * W)[:, None], y, mask=store_ok & row_ok[:, None])

@@ -7,6 +7,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for 
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
 from .fp_conv import KY, _fp_conv3x3_kernel
+from .stitch import BOX_FIELDS, _stitch_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
@@ -180,6 +182,9 @@ SHUFFLE_DTYPES = (torch.uint8, *FP_OUT_DTYPES)
 # The integer body's residual stream may be kept in these dtypes (runtime.intgraph's stream_dtypes):
 # packed_conv3x3 takes such a residual and out=, and quantize_pack such activations.
 STREAM_DTYPES = FP_OUT_DTYPES
+# quantize_pack reads these as they are (their exact fp32 values): runtime.inttail then hands a
+# half-precision tail input over without an fp32 copy.
+QUANTIZE_INPUT_DTYPES = STREAM_DTYPES
 # Signed 8-bit codes are the MMA operand as loaded; unsigned ones need `^ 0x80`, registers and a
 # correction. runtime.intgraph.reads_signed then passes unsigned codes that fit int8 (one per byte,
 # at most 7 bits: the GPU engine's byte containers) as signed: the same bytes, the same values.
@@ -595,7 +600,8 @@ def prepare_fp_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[
 
 
 def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, out_scale: float | None = None,
+               out_shift: torch.Tensor | None = None) -> torch.Tensor:
     """3x3 conv (stride 1, zero pad 1) of fp16 NHWC activations with fp32 accumulation
     (``fp_conv.py``): the network's last conv on the HR map.
 
@@ -604,6 +610,9 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
         weight, bias: from :func:`prepare_fp_weight` of a (cout, C, 3, 3) weight, in ``x``'s dtype.
         cout: output channels (at most 16).
         out: optional (N, cout, H, W) fp32 contiguous output.
+        out_scale, out_shift: optional, together: an fp32 factor and a (cout,) fp32 tensor; each
+            result ``y`` of channel ``o`` is then stored as ``(y * out_scale) + out_shift[o]``, two
+            fp32 roundings (the output glue of :class:`~gdq_engine.runtime.lastconv.KernelConv2d`).
     Returns:
         (N, cout, H, W) fp32, contiguous (NCHW): bias + the conv, each product exact, summed in fp32.
     """
@@ -622,9 +631,18 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
                          f"{tuple(bias.shape)}")
     if len({x.device, weight.device, bias.device}) != 1:
         raise ValueError(f"x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}")
+    affine = out_scale is not None
+    if affine != (out_shift is not None):
+        raise ValueError("out_scale and out_shift go together")
+    if affine:
+        if tuple(out_shift.shape) != (cout,) or out_shift.dtype != torch.float32 or out_shift.device != x.device:
+            raise ValueError(f"out_shift must be a ({cout},) fp32 tensor on {x.device}, got {out_shift.dtype} "
+                             f"{tuple(out_shift.shape)} on {out_shift.device}")
+        if not math.isfinite(out_scale):
+            raise ValueError(f"out_scale must be finite, got {out_scale}")
     out = _output(out, (n, cout, h, w_), torch.float32, x.device)
-    args = (x, weight, bias, out, h, w_)
-    meta = dict(C=cin, CP=cp, COUT=cout, COUT_P=cout_p, **_COMPILE)
+    args = (x, weight, bias, out_shift if affine else bias, out, h, w_, float(out_scale) if affine else 1.0)
+    meta = dict(C=cin, CP=cp, COUT=cout, COUT_P=cout_p, AFFINE=affine, **_COMPILE)
     own = _options.config if _options.config is not None and "BLOCK_H" in _options.config.kwargs else None
     if INTERPRET or x.device.type != "cuda" or not AUTOTUNE or own is not None:
         cfg = own or FIXED_FP_CONFIG
@@ -635,3 +653,39 @@ def fp_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cout: 
         grid = lambda cfg: (triton.cdiv(w_, cfg["BLOCK_W"]), triton.cdiv(h, cfg["BLOCK_H"]), n)
         _launcher(_tuned_fp_conv, False)[grid](*args, **meta)
     return out
+
+
+STITCH_BLOCK = (8, 128)  # rows x columns of an owned box per program
+
+
+def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, boxes: torch.Tensor, extent: tuple[int, int],
+                   bad: torch.Tensor) -> None:
+    """Copy each SR window's owned box into ``canvas`` in one launch (``stitch.py``), and set
+    ``bad`` to 1 if a copied value is NaN or infinite (it is never reset here).
+
+    Args:
+        canvas: (C, H, W) fp32, any strides; written in place.
+        sr: (K, C, h, w) fp32 windows, any strides, on ``canvas``' device.
+        boxes: (K, 6) int32 contiguous, on that device: per window (y0, y1, x0, x1, oy, ox), the
+            canvas rows [y0, y1) and columns [x0, x1) it owns, taken from its pixels from (oy, ox) on.
+        extent: (rows, columns) of the largest box (the launch grid covers it).
+        bad: (1,) int32 on that device.
+    """
+    if canvas.dim() != 3 or sr.dim() != 4 or sr.shape[1] != canvas.shape[0]:
+        raise ValueError(f"expected a (C, H, W) canvas and (K, C, h, w) windows, got {tuple(canvas.shape)} and "
+                         f"{tuple(sr.shape)}")
+    if canvas.dtype != torch.float32 or sr.dtype != torch.float32:
+        raise ValueError(f"canvas and windows must be fp32, got {canvas.dtype} and {sr.dtype}")
+    if (tuple(boxes.shape) != (sr.shape[0], BOX_FIELDS) or boxes.dtype != torch.int32 or not boxes.is_contiguous()
+            or tuple(bad.shape) != (1,) or bad.dtype != torch.int32):
+        raise ValueError(f"boxes must be a contiguous ({sr.shape[0]}, {BOX_FIELDS}) int32 tensor and bad a (1,) "
+                         f"int32 one, got {boxes.dtype} {tuple(boxes.shape)} and {bad.dtype} {tuple(bad.shape)}")
+    if len({canvas.device, sr.device, boxes.device, bad.device}) != 1:
+        raise ValueError(f"canvas, windows, boxes and bad must be on one device, got {canvas.device}, {sr.device}, "
+                         f"{boxes.device}, {bad.device}")
+    if sr.shape[0] == 0 or min(extent) <= 0:
+        return
+    by, bx = STITCH_BLOCK
+    grid = (sr.shape[0], triton.cdiv(extent[0], by), triton.cdiv(extent[1], bx))
+    _launcher(_stitch_kernel, False)[grid](sr, canvas, boxes, bad, sr.shape[1], *sr.stride(), *canvas.stride(),
+                                           BLOCK_Y=by, BLOCK_X=bx, num_warps=4)

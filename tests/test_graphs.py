@@ -14,12 +14,13 @@ class FakeGraphs(GraphCache):
 
     def __init__(self, *args, fail: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fail, self.captured = fail, []
+        self.fail, self.captured, self.pools = fail, [], []
 
     def _eligible(self, x):
         return self.enabled
 
-    def _capture_graph(self, fn, static_ins):
+    def _capture_graph(self, fn, static_ins, pool=None):
+        self.pools.append(pool)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captured.append(static_ins[0])
@@ -64,6 +65,17 @@ def test_results_are_copies_not_the_graphs_buffer():
     first = cache("t", x, fn)
     second = cache("t", y, fn)  # the next replay rewrites the graph's output buffer
     assert torch.equal(first, fn(x)) and torch.equal(second, fn(y))
+
+
+def test_a_lending_cache_returns_the_graphs_buffer_until_its_next_replay():
+    cache = FakeGraphs(lend=True)
+    fn = per_item([])
+    x, y = torch.ones(2, 3), torch.full((2, 3), 7.0)
+    cache("t", x, fn), cache("t", x, fn)  # eager, then the capture
+    first = cache("t", x, fn)
+    assert torch.equal(first, fn(x))
+    second = cache("t", y, fn)
+    assert second.data_ptr() == first.data_ptr() and torch.equal(first, fn(y))  # the same buffer, rewritten
 
 
 def test_tags_and_layouts_are_separate_graphs_and_old_ones_are_dropped():
@@ -165,6 +177,22 @@ def test_engine_static_policy_replays_the_whole_network(tiny_edsr):
     assert body_calls == [4, 4, 4, 4]
 
 
+def test_engine_stitches_each_lent_batch_before_the_next_replay(tiny_edsr):
+    """The Engine's network cache lends its graphs' output buffers: with two batches per image the
+    second replay rewrites the buffer the first batch came back in, and the image is still the
+    eager engine's."""
+    from gdq_engine import Engine
+
+    kw = dict(policy="static", bits=8, calib=random_image(12, 12, n=4, seed=1), patch_size=8, stride=6,
+              device="cpu", backend="reference", batch_size=2)
+    eager, graphed = Engine(tiny_edsr, **kw), Engine(tiny_edsr, **kw)
+    graphed.network_graphs = FakeGraphs(what="the network", lend=True)
+    lr = random_image(13, 11, n=1, seed=3)  # 4 patches: two batches of 2, one graph
+    for _ in range(3):
+        assert torch.equal(graphed.upscale(lr), eager.upscale(lr))
+    assert len(graphed.network_graphs.captured) == 1
+
+
 def test_engine_dynamic_policy_replays_group_bodies_and_the_tail(tiny_edsr):
     """EntropyOnly with the fake capture: the groups' integer blocks (padded buckets) and the
     batch's body-end conv, upsampler and tail (exact size) are replays; output, bits and groups
@@ -253,7 +281,7 @@ def test_engine_granular_policy_runs_head_and_gbc_as_one_replay(tmp_path):
 
 def test_out_of_memory_while_capturing_is_raised_and_the_cache_stays_on():
     class OutOfMemory(FakeGraphs):
-        def _capture_graph(self, fn, static_in):
+        def _capture_graph(self, fn, static_in, pool=None):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     cache = OutOfMemory()

@@ -19,6 +19,7 @@ import triton  # noqa: E402
 
 from gdq_engine.runtime.lastconv import (  # noqa: E402
     KernelConv2d,
+    image_conv,
     use_kernel_last_conv,
     with_kernel_last_conv,
 )
@@ -86,6 +87,70 @@ def test_fp_conv_is_the_conv_not_a_lookalike():
     got = tk.fp_conv3x3(x.to(DEV).permute(0, 2, 3, 1).contiguous(), pw, pb, 3)
     with pytest.raises(AssertionError):
         assert_within_fp32_summation(got, x, wt, b)
+
+
+def cuda_glue(y, pixel_range, mean):
+    """``y / pixel_range + mean`` as torch computes it on a CUDA tensor: times the fp32 reciprocal."""
+    inv = torch.tensor(1.0) / torch.tensor(pixel_range, dtype=torch.float32)
+    return (y.cpu() * inv) + mean.float().view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("n,c,h,w,cout", [(2, 64, 7, 13, 3), (1, 32, 5, 9, 5)])
+def test_fp_conv_output_glue_is_two_fp32_roundings_after_the_conv(n, c, h, w, cout):
+    """out_scale / out_shift: each result times the factor, rounded, plus the channel's shift,
+    rounded: bit for bit what the same two fp32 operations give on the plain result."""
+    g = gen()
+    x, wt, b = fp16_case(n, c, h, w, cout, g)
+    pw, pb = tk.prepare_fp_weight(wt.to(DEV), b.to(DEV))
+    nhwc = x.to(DEV).permute(0, 2, 3, 1).contiguous()
+    plain = tk.fp_conv3x3(nhwc, pw, pb, cout)
+    mean = torch.rand(cout, generator=g)
+    out = torch.full((n, cout, h, w), float("nan"), device=DEV)
+    got = tk.fp_conv3x3(nhwc, pw, pb, cout, out=out, out_scale=float(1 / torch.tensor(255.0)),
+                        out_shift=mean.to(DEV))
+    assert torch.equal(got.cpu(), cuda_glue(plain, 255.0, mean))
+    scaled = tk.fp_conv3x3(nhwc, pw, pb, cout, out_scale=float(1 / torch.tensor(255.0)), out_shift=0 * mean.to(DEV))
+    assert not torch.equal(scaled.cpu(), plain.cpu() / 255.0)  # a multiply by the reciprocal, not a division
+    with pytest.raises(ValueError, match="go together"):
+        tk.fp_conv3x3(nhwc, pw, pb, cout, out_scale=0.5)
+    with pytest.raises(ValueError, match="out_shift must be"):
+        tk.fp_conv3x3(nhwc, pw, pb, cout, out_scale=0.5, out_shift=mean[:1].to(DEV))
+    with pytest.raises(ValueError, match="finite"):
+        tk.fp_conv3x3(nhwc, pw, pb, cout, out_scale=float("inf"), out_shift=mean.to(DEV))
+
+
+def test_kernel_conv_finishes_the_image_in_its_epilogue():
+    """KernelConv2d.image: the conv then the model's output glue; on the kernel in its epilogue
+    (CUDA's rounding), else the conv then ``model.denormalize_``. Only where the last conv's output
+    is the network's (EDSR, not MSRResNet with its bilinear base)."""
+    from gdq_engine.models import EDSR, MSRResNet
+
+    g = gen()
+    model = with_kernel_last_conv(EDSR(scale=2, n_feats=32, n_blocks=1).eval(), tk).to(DEV)
+    conv = image_conv(model)
+    assert conv is model.tail and image_conv(with_kernel_last_conv(MSRResNet(scale=2, n_feats=16, n_blocks=1),
+                                                                   tk)) is None
+    x = torch.randn(2, 32, 5, 11, generator=g).to(DEV)
+    with torch.no_grad():
+        assert torch.equal(conv.image(x, model), model.denormalize_(conv(x)))  # fp32: no kernel
+        model.half()
+        conv.kernel_on_cpu = True
+        xh = x.half().contiguous(memory_format=torch.channels_last)
+        got = conv.image(xh, model)
+        assert got.dtype == torch.float32 and torch.equal(got.cpu(), cuda_glue(conv(xh), model.pixel_range,
+                                                                                model.mean))
+        assert torch.equal(conv.image(xh, model), got)  # the glue's constants are kept, and give the same
+        conv.fuse_output = False  # the kernel's conv, then the glue in torch
+        assert torch.equal(conv.image(xh, model), model.denormalize_(conv(xh).float()))
+        # torch's glue divides on a CPU and multiplies by the reciprocal on a GPU, as the epilogue
+        # does (with the mean at 0, whose add would round most last-bit differences away)
+        model.mean.zero_()
+        unfused = conv.image(xh, model)
+        conv.fuse_output = True
+        assert torch.equal(conv.image(xh, model), unfused) == (DEV.type == "cuda")
+        conv.fuse_output = False
+        conv.use_kernel = False
+        assert torch.equal(conv.image(xh, model), model.denormalize_(conv(xh).float()))
 
 
 def test_fp_conv_rejects_what_it_cannot_run():
@@ -196,3 +261,7 @@ def test_engine_fp16_last_conv_kernel_is_close_to_cudnn_and_graphs_replay_it():
     assert all(torch.equal(o, outs[0]) for o in outs) and fast.network_graphs.keys()
     diff = (outs[0] - cudnn.upscale(lr)).abs().max().item()
     assert diff < 2e-3, diff  # cuDNN rounds the last conv's output to fp16 (about 1e-3 of a pixel value)
+    # the output glue in the kernel's epilogue gives what denormalize_ gives on the GPU, bit for bit
+    feats = torch.randn(2, 64, 24, 20, device="cuda").half().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(fast.model.tail.image(feats, fast.model), fast.model.denormalize_(fast.model.tail(feats)))

@@ -33,7 +33,11 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert len(result["workload"]["frames"]) == 2 and len({*result["workload"]["frames"]}) == 2
     assert rows["fp32"]["speedup_vs_fp32"] == rows["bf16 CL"]["speedup_vs_bf16"] == 1.0 and rows["fp32"]["fab"] == 32.0
     assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
-    assert rows["static a8"]["backend"] == "cpp" and rows["static a8 (reference)"]["backend"] == "reference"
+    from gdq_engine.quantized import resolve_backend
+
+    # "auto": the C++ kernels on CPUs with AVX512-VNNI (the CI machines so far), else the reference
+    assert rows["static a8"]["backend"] == resolve_backend("auto", torch.device("cpu"))
+    assert rows["static a8 (reference)"]["backend"] == "reference"
     assert rows["fp32"]["containers"] is None and {r["containers"] for n, r in rows.items() if n[0] in "seg"} == {
         "packed"}
     # the CPU rows keep the contract's fp32 residual stream (residual_stream="auto" off Triton/CUDA)
@@ -54,7 +58,11 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     for profile in result["profiles"]:
         assert profile["output"] == "96x96" and 0 < len(profile["ops"]) <= 15
         assert profile["total_ms_per_frame"] >= sum(op["self_ms_per_frame"] for op in profile["ops"]) * (1 - 1e-9)
-        assert "gdq_engine::packed_conv3x3_cpu" in {op["op"] for op in profile["ops"]}
+        ops = {op["op"] for op in profile["ops"]}
+        if rows["static a8"]["backend"] == "cpp":
+            assert "gdq_engine::packed_conv3x3_cpu" in ops
+        else:  # the reference's integer convs are float convs of the codes
+            assert any("conv" in op for op in ops), ops
         assert all(op["self_ms_per_frame"] >= 0 and 0 <= op["share"] <= 1 for op in profile["ops"])
     # 96x96 output at x4: one 24x24 LR patch per frame; MACs from the model's convs.
     from gdq_engine import load_model
@@ -78,8 +86,33 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
     # ... and of the residual stream: fp32 instead of the fp16 stream residual_stream="auto" gives there
     assert cases["static a8 + int8 tail, fp32 stream"] == dict(cases["static a8 + int8 tail"],
                                                                residual_stream="float32")
+    # ... and of the output glue: the stitch, graph-output copy and output glue in torch (torch_glue)
+    assert cases["static a8 + int8 tail, torch glue"] == dict(cases["static a8 + int8 tail"], glue="torch")
+    # ... and of the groups' streams
+    assert cases["entropy {2,4,8}, group streams"] == dict(cases["entropy {2,4,8}"], group_streams=True)
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
-    assert not any(name.endswith(("padded", "last conv", "stream")) for name in cpu)
+    assert not any(name.endswith(("padded", "last conv", "stream", "glue", "streams")) for name in cpu)
+
+
+def test_torch_glue_turns_off_the_stitch_the_lent_outputs_and_the_fused_output_glue():
+    pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime.graphs import GraphCache
+    from gdq_engine.runtime.lastconv import KernelConv2d
+
+    torch.manual_seed(0)
+    engine = Engine(EDSR(scale=2, n_feats=16, n_blocks=1).eval(), policy="static", bits=8, backend="triton",
+                    calib=random_image(12, 12, n=2), device="cpu", patch_size=8, stride=8)
+    engine.network_graphs = GraphCache(lend=True)  # as on CUDA
+    engine.stitcher.kernel_on_cpu = True
+    canvas = torch.zeros(3, 16, 16)
+    assert engine.stitcher.fused(canvas, canvas[None]) and engine.model.tail.fuse_output
+    latency.torch_glue(engine)
+    assert not engine.stitcher.fused(canvas, canvas[None]) and not engine.network_graphs.lend
+    assert isinstance(engine.model.tail, KernelConv2d) and not engine.model.tail.fuse_output
 
 
 @needs_data

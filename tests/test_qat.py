@@ -252,7 +252,9 @@ def test_depth_versions_dqa(workdir, tmp_path):
     eng = Engine(out, patch_size=16, stride=14, depth=1)
     assert eng.depth == 1 and "depth=1" in repr(eng)
     hr, report = eng.upscale(x[:1], return_report=True)
-    assert torch.equal(hr[0], shallow[0].clamp(0, 1))
+    # within fp32 rounding: the FP convs may round another batch size or memory layout differently
+    # on some CPUs (oneDNN; seen on one without AVX512-VNNI); the integer body is exact either way
+    assert (hr[0] - shallow[0].clamp(0, 1)).abs().max() <= 1e-6
     full_report = Engine(out, patch_size=16, stride=14).upscale(x[:1], return_report=True)[1]
     q_macs = 2 * 2 * 16 * 16 * 8 * 8 * 9  # 2 blocks x 2 convs x 16x16 pixels x 8x8 channels x 3x3
     assert full_report.bitops - report.bitops == q_macs // 2 * 8 * 4  # one block less at W8A4

@@ -290,9 +290,12 @@ def test_grouped_equals_per_patch_and_shuffled(small_edsr):
     assert len(set(report.bits)) >= 2, report.bits  # really mixed precision
     assert sum(c for _, c in report.groups) == report.patches == len(report.bits)
     assert report.fab == pytest.approx(sum(report.bits) / len(report.bits))
-    one = Engine(small_edsr, policy=engine.policy, calib=calib, device="cpu", patch_size=16, stride=12,
-                 batch_size=1).upscale(x)
-    assert torch.equal(y, one)
+    one, one_report = Engine(small_edsr, policy=engine.policy, calib=calib, device="cpu", patch_size=16, stride=12,
+                             batch_size=1).upscale(x, return_report=True)
+    assert one_report.bits == report.bits
+    # within fp32 rounding: the FP last conv may round another batch size differently on some CPUs
+    # (oneDNN; seen on one without AVX512-VNNI); the grouped integer body is exact (below)
+    assert (y - one).abs().max() <= 1e-6
     # Scheduler level: any order of patches gives the same per-patch results.
     feats = torch.randn(7, 16, 6, 6)
     bits = torch.tensor([8, 2, 4, 2, 8, 8, 4])

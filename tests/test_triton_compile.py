@@ -60,9 +60,10 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     skipping = [c for c in convs if c["SKIP_PAD"]]
     assert {c["O_HI"] for c in skipping if c["RELU"]} >= {3, 15, 255}
     assert any(c["HAS_RES"] and c["NEXT_BITS"] == 8 for c in skipping)
-    # every quantize_pack variant takes the stream (fp32, or an fp16 engine's fp16) and writes bytes
+    # every quantize_pack variant takes the stream (fp32, or an fp16 engine's fp16) or a bf16 engine's
+    # tail input as it is, and writes bytes
     packs = [dict(x.signature) for x in recorded if x.kernel == "_quantize_pack_kernel"]
-    assert {s["x_ptr"] for s in packs} == {"*fp32", "*fp16"} and all(s["out_ptr"] == "*u8" for s in packs)
+    assert {s["x_ptr"] for s in packs} == {"*fp32", "*fp16", "*bf16"} and all(s["out_ptr"] == "*u8" for s in packs)
     # the fp16 stream (residual_stream="auto" on CUDA): conv2 reads and writes it, with the next codes,
     # in the group graphs (items=), the static graph and the padded layout
     half = [(x.kernel, dict(x.constexprs)) for x in recorded
@@ -71,9 +72,12 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     assert {(k, c.get("SKIP_PAD"), c["NEXT_BITS"]) for k, c in half} >= {(CONV, True, 8), (CONV, False, 8),
                                                                         (PADDED, None, 8)}
     # the FP last conv (runtime/lastconv.py): fp16 in, fp32 out, 3 output channels
-    (fp,) = [x for x in recorded if x.kernel == FP]
-    assert dict(fp.signature)["x_ptr"] == "*fp16" and dict(fp.signature)["out_ptr"] == "*fp32"
-    assert dict(fp.constexprs)["COUT"] == 3
+    fps = [x for x in recorded if x.kernel == FP]
+    assert all(dict(fp.signature)["x_ptr"] == "*fp16" and dict(fp.signature)["out_ptr"] == "*fp32" for fp in fps)
+    assert {(dict(fp.constexprs)["COUT"], dict(fp.constexprs)["AFFINE"]) for fp in fps} == {(3, False), (3, True)}
+    # the stitch of a batch's windows into the image (runtime/stitch.py): fp32 in and out
+    (stitch,) = [x for x in recorded if x.kernel == "_stitch_kernel"]
+    assert dict(stitch.signature)["sr_ptr"] == dict(stitch.signature)["canvas_ptr"] == "*fp32"
     assert len(set(recorded)) == len(recorded)
 
 
@@ -177,16 +181,18 @@ def test_fp_conv_compiles_for_one_row_images_and_every_tile_config(launches, tmp
     from gdq_engine.kernels import ops
 
     _, recorded = launches
-    (fp,) = [x for x in recorded if x.kernel == FP]
+    fps = [x for x in recorded if x.kernel == FP]
+    assert sorted(dict(x.constexprs)["AFFINE"] for x in fps) == [False, True]  # plain, and finishing the image
+    fp = next(x for x in fps if dict(x.constexprs)["AFFINE"])
     one_row = replace(fp, signature=tuple((n, t) for n, t in fp.signature if n not in ("H", "W")),
                       constexprs=(("H", 1), ("W", 1), *fp.constexprs))
     path, out = tmp_path / "launches.json", tmp_path / "report.json"
-    path.write_text(json.dumps([asdict(fp), asdict(one_row)]))
+    path.write_text(json.dumps([asdict(x) for x in fps] + [asdict(one_row)]))
     run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
                           "--all-configs", "--out", str(out)], env=_env(False), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     reports = json.loads(out.read_text())["reports"]
-    assert len(reports) == 2 * len(ops.FP_TUNE_CONFIGS)
+    assert len(reports) == 3 * len(ops.FP_TUNE_CONFIGS)
     assert any("H=1" in r["variant"] for r in reports)
     for r in reports:
         assert r["problems"] == [] and r["local_bytes"] == 0 and r["mma"] == r["mma_a_shared"] > 0, r

@@ -481,6 +481,34 @@ def test_engine_triton_x4_tail_stores_shuffled_and_equals_reference():
     assert not copies and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_tail_reads_half_input_as_it_is_and_stores_half_like_to(dtype):
+    """With half-precision FP layers the Triton tail quantizes its input as it lies (no fp32 copy)
+    and the body-end conv stores the half result from its epilogue: the reference's values, which
+    widen to fp32 first and round with .to(dtype) after."""
+    from gdq_engine.models import EDSR
+    from gdq_engine.runtime.inttail import IntegerConv, IntegerUpsampler
+
+    torch.manual_seed(0)
+    model = EDSR(scale=4, n_feats=32, n_blocks=1).eval()
+    g = gen()
+    x = (torch.randn(2, 32, 5, 7, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    q = ActQuant(8, True, float(x.float().abs().max()) / 127)
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+    read = []
+    real = tk.quantize_pack
+    tk.quantize_pack = lambda t, *a, **k: read.append(t.dtype) or real(t, *a, **k)
+    try:
+        y = IntegerConv(conv, q, tk)(x.to(DEV))
+        up = IntegerUpsampler([(model.upsampler[0], q, 2), (model.upsampler[2], q, 2)], tk)(x.to(DEV))
+    finally:
+        tk.quantize_pack = real
+    assert read == [dtype, dtype]
+    assert y.dtype == dtype and torch.equal(y.cpu(), IntegerConv(conv, q, ref)(x))
+    want = IntegerUpsampler([(model.upsampler[0], q, 2), (model.upsampler[2], q, 2)], ref)(x)
+    assert up.dtype == dtype and torch.equal(up.cpu(), want)
+
+
 @pytest.mark.parametrize("tail_bits", [8, 4])
 def test_engine_triton_integer_tail_equals_reference(tail_bits):
     """The integer tail (64 -> 256 upsampler conv, fp32 out) on Triton gives the reference's output."""
@@ -604,6 +632,35 @@ def test_cuda_graph_of_granular_head_and_gbc(tmp_path):
         assert torch.equal(got, want) and report.bits == want_report.bits and report.groups == want_report.groups
     assert len(report.groups) > 1, report.groups
     assert graphed.policy_graphs.enabled and len(graphed.policy_graphs.keys()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a CUDA device (GPU sessions run this)")
+def test_group_streams_give_the_same_image_under_cuda_graphs():
+    """EntropyOnly {2,4,8} with group_streams: each width's integer blocks on a stream of its own,
+    through their first (eager) call, the capture and replays, on two frames with mixed widths,
+    give the bits, groups and output of an engine running the groups one after another."""
+    from conftest import random_image
+
+    from gdq_engine import Engine
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=2, n_feats=64, n_blocks=2).eval()
+    kw = dict(policy="entropy", bits=(2, 4, 8), calib=random_image(24, 24, n=8, seed=3), patch_size=16, stride=14,
+              device="cuda", backend="triton", dtype=torch.float16)
+    streamed, plain = Engine(model, group_streams=True, **kw), Engine(model, **kw)
+    assert streamed.group_streams is not None and plain.group_streams is None
+    widths = set()
+    for seed in (4, 4, 4, 5, 5, 5):
+        lr = random_image(37, 29, n=1, seed=seed).cuda()
+        got, report = streamed.upscale(lr, return_report=True)
+        want, want_report = plain.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and report.groups == want_report.groups
+        assert len(report.groups) > 1, report.groups
+        widths |= {b for b, _ in report.groups}
+    assert set(streamed.group_streams._streams) == widths
+    assert streamed.int_body.graphs.keys()  # the groups replayed their graphs on their streams
 
 
 @pytest.mark.gpu

@@ -96,8 +96,10 @@ OUT_BUFFERS = True
 
 
 # quantize_pack reads bf16 input as it lies (its exact fp32 values: the codes equal those of
-# x.float()), so the integer tail of a bf16 model skips an fp32 copy of its input.
-BF16_INPUT = True
+# x.float()), and packed_conv3x3 stores bf16 results (out_dtype=), so the integer tail of a bf16
+# model skips an fp32 copy of its input and a cast of its output (runtime.inttail).
+QUANTIZE_INPUT_DTYPES = (torch.float32, torch.bfloat16)
+FP_OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def quantize_pack(x: torch.Tensor, q: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -200,10 +200,13 @@ class IntegerBody:
                             torch.tensor(q_mid.scale, dtype=torch.float32) * blk.s_w2.float())
                            for blk, (q_in, q_mid) in zip(blocks, qs)] for b, qs in act_quants.items()}
         self._weights: dict[tuple[int, int], list[tuple]] = {}
-        self.graphs = GraphCache(self.MAX_GRAPHS) if cuda_graphs else None
+        # One memory pool per width: graphs of different widths may replay at the same time on
+        # their own streams (runtime/streams.py); graphs of one width replay one at a time.
+        self.graphs = GraphCache(self.MAX_GRAPHS, pool_of=lambda bits: bits) if cuda_graphs else None
         # convs that take items= (how many leading patches are real): padded graph replays skip the rest
         self._skips_padding = bool(getattr(self._ops, "SKIPS_PADDING", False)) and not self.padded
-        self._scratch = Workspace()  # packed input and mid codes (backends with OUT_BUFFERS), 2 batch shapes
+        # packed input and mid codes (backends with OUT_BUFFERS), 2 batch shapes, per width (as the pools)
+        self._scratch: dict[int, Workspace] = {}
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -288,7 +291,7 @@ class IntegerBody:
         ops, quants = self._ops, self.act_quants[bits]
         skip = {} if items is None else {"items": items}  # results needed for the first items[0] patches only
         if scratch is None:  # a graph being captured gets workspaces of its own, in its memory pool
-            scratch = Workspace() if capturing(feat) else self._scratch
+            scratch = Workspace() if capturing(feat) else self._scratch.setdefault(bits, Workspace())
         weights = self._weights_for(quants[0][0].container, quants[0][1].container) if quants else []
         stream = self.stream_dtype(feat.dtype)
         x = feat.to(stream).permute(0, 2, 3, 1).contiguous()

@@ -33,8 +33,9 @@ class KernelConv2d(nn.Conv2d):
     tracing) take ``nn.Conv2d``'s own forward. Same parameters and state dict as the conv it
     copies, so ``.to()``, hooks and MAC counting see an ordinary conv.
 
-    ``use_kernel = False`` turns the kernel off (benchmarks' A/B rows); ``kernel_on_cpu = True``
-    also runs it on CPU tensors (Triton's interpreter, for tests).
+    ``use_kernel = False`` turns the kernel off (benchmarks' A/B rows), ``fuse_output = False`` only
+    :meth:`image`'s fused output glue; ``kernel_on_cpu = True`` also runs it on CPU tensors (Triton's
+    interpreter, for tests).
     """
 
     def __init__(self, conv: nn.Conv2d, ops):
@@ -47,7 +48,9 @@ class KernelConv2d(nn.Conv2d):
         self._ops = ops
         self.use_kernel = True
         self.kernel_on_cpu = False
+        self.fuse_output = True  # image(): the output glue in the kernel's epilogue (False: benchmarks' A/B rows)
         self._prepared: tuple | None = None  # (key, weight, bias) for the parameters' current storage
+        self._glue: tuple | None = None  # (key, 1 / pixel_range, mean) for image()
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` runs the kernel on ``x``."""
@@ -73,6 +76,32 @@ class KernelConv2d(nn.Conv2d):
         w, b = self._operands(x)
         return self._ops.fp_conv3x3(x.permute(0, 2, 3, 1), w, b, self.out_channels)
 
+    def image(self, x: torch.Tensor, model) -> torch.Tensor:
+        """The network's output from the upsampled features ``x`` (N,C,H,W): this conv, then
+        ``model.denormalize_`` in fp32 (``/ pixel_range + mean``); (N,Cout,H,W) fp32.
+
+        Where :meth:`uses_kernel`, the glue runs in the kernel's epilogue instead of two passes
+        over the HR image (about 40 us of a 1080p frame on an H100): ``y * r + mean`` with ``r``
+        the fp32 reciprocal of ``pixel_range``, which is how torch divides a CUDA tensor by a
+        scalar (ATen's ``div_true_kernel_cuda``), so the values are those of the unfused path on
+        a GPU (on a CPU, where torch divides, they may differ in the last bit)."""
+        if not (self.fuse_output and self.uses_kernel(x)) or model.mean.numel() != self.out_channels:
+            return model.denormalize_(self(x).float())
+        w, b = self._operands(x)
+        inv, shift = self._output_glue(model, x)
+        return self._ops.fp_conv3x3(x.permute(0, 2, 3, 1), w, b, self.out_channels, out_scale=inv, out_shift=shift)
+
+    def _output_glue(self, model, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        mean = model.mean
+        key = (model.pixel_range, mean.data_ptr(), mean._version, mean.dtype)
+        if self._glue is not None and self._glue[0] == key:
+            return self._glue[1:]
+        inv = float(torch.tensor(1.0) / torch.tensor(model.pixel_range, dtype=torch.float32))
+        shift = mean.reshape(-1).to(torch.float32)  # what denormalize_ adds: mean.to(y.dtype)
+        if not capturing(x):  # as _operands: never keep a CUDA graph's buffer
+            self._glue = (key, inv, shift)
+        return inv, shift
+
 
 def last_conv_parent(model: nn.Module) -> tuple[nn.Module, str] | None:
     """(module, attribute name) holding ``model``'s last conv: ``model.tail`` itself when it is a
@@ -97,6 +126,19 @@ def with_kernel_last_conv(model: nn.Module, ops, in_place: bool = False) -> nn.M
     parent, name = last_conv_parent(out)
     setattr(parent, name, KernelConv2d(getattr(parent, name), ops))
     return out
+
+
+def image_conv(model: nn.Module) -> KernelConv2d | None:
+    """``model``'s last conv when it is a :class:`KernelConv2d` whose output is the network's
+    normalised output (``forward_output`` is :class:`~gdq_engine.models.SRModel`'s own: EDSR,
+    RDN), so :meth:`KernelConv2d.image` can finish the image; else None (MSRResNet adds its
+    bilinear base after the last conv)."""
+    from ..models.common import SRModel
+
+    tail = getattr(model, "tail", None)
+    if isinstance(tail, KernelConv2d) and getattr(type(model), "forward_output", None) is SRModel.forward_output:
+        return tail
+    return None
 
 
 def use_kernel_last_conv(model: nn.Module, enabled: bool) -> int:

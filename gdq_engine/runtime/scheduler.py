@@ -7,30 +7,31 @@ from collections.abc import Callable
 import torch
 
 
-def run_grouped(bits: torch.Tensor, feats: torch.Tensor,
-                run: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def run_grouped(bits: torch.Tensor, feats: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor],
+                streams=None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Run ``run(feats[idx], b)`` once per distinct bit-width ``b`` and scatter results back.
 
     Args:
         bits: (P,) int bit-width per patch.
         feats: (P, ...) per-patch inputs.
         run: the body at one bit-width; maps (p, ...) -> (p, ...).
+        streams: a :class:`~gdq_engine.runtime.streams.GroupStreams` (CUDA): the groups run at the
+            same time, each on its width's stream; None: one after another.
     Returns:
         (outputs in the original patch order, [(bits, patch count), ...] in launch order).
     """
     if bits.shape[0] != feats.shape[0]:
         raise ValueError(f"{bits.shape[0]} bit assignments for {feats.shape[0]} patches")
-    out = None
-    groups = []
-    for b, idx in bit_groups(bits, feats.device):
-        if idx.numel() == feats.shape[0]:  # one group (e.g. a static policy): no gather, no scatter
-            return run(feats, b), [(b, int(idx.numel()))]
-        y = run(feats[idx], b)
-        if out is None:
-            out = y.new_empty((feats.shape[0],) + tuple(y.shape[1:]))
+    groups = list(bit_groups(bits, feats.device))
+    if len(groups) == 1:  # one group (e.g. a static policy): no gather, no scatter
+        b, _ = groups[0]
+        return run(feats, b), [(b, feats.shape[0])]
+    inputs = [(b, feats[idx]) for b, idx in groups]
+    outs = [run(x, b) for b, x in inputs] if streams is None else streams.run(inputs, run)
+    out = outs[0].new_empty((feats.shape[0],) + tuple(outs[0].shape[1:]))
+    for (_, idx), y in zip(groups, outs):
         out[idx.to(y.device)] = y
-        groups.append((b, int(idx.numel())))
-    return out, groups
+    return out, [(b, int(idx.numel())) for b, idx in groups]
 
 
 def bit_groups(bits: torch.Tensor, device: torch.device):
@@ -67,6 +68,12 @@ def _output(model, feat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
     # The output glue (divide by the pixel range, add the mean) in fp32, in place on the
     # network's own output: in a half dtype it is less exact, and out of place its fresh
     # image-sized tensors cost several times the arithmetic on CPU (a page fault per 4 KiB).
+    # A last conv on the backend's FP kernel does it in its epilogue (runtime/lastconv.py).
+    from .lastconv import image_conv
+
+    conv = image_conv(model)
+    if conv is not None:
+        return conv.image(model.upsampler(feat), model)
     return model.denormalize_(model.forward_output(feat, xn).float())
 
 
@@ -102,7 +109,7 @@ def assign_bits(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float
 
 
 def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None,
-                      policy_graphs=None):
+                      policy_graphs=None, group_streams=None):
     """The quantized network on a batch of LR patches: FP head -> policy -> integer body -> FP tail.
 
     Args:
@@ -119,6 +126,8 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             the static whole-network graph of that width.
         policy_graphs: another GraphCache (CUDA), for the FP head and a patch-wise policy's device
             stage (:func:`assign_bits`).
+        group_streams: a :class:`~gdq_engine.runtime.streams.GroupStreams` (CUDA): a patch-wise
+            policy's groups of different widths run their integer blocks at the same time.
     Returns:
         (y (P,3,sh,sw) float32, bits (P,) float32 mean activation bits per patch (on the CPU for
         patch-wise policies), groups: body launches as (bits, patches) for patch-wise or
@@ -165,7 +174,7 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
         # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
         # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
-        blocks_out, groups = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype))
+        blocks_out, groups = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype), group_streams)
         bits = assigned.float()
 
         def after_blocks(blocks: torch.Tensor, head: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:

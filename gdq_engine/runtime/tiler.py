@@ -104,12 +104,22 @@ def extract_windows(img: torch.Tensor, grid: TileGrid, tiles: range | list[int])
                         for t in (grid.tiles[i] for i in tiles)])
 
 
-def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: range | list[int],
-                   scale: int) -> None:
-    """Write each SR window's owned region into ``canvas`` (3, H*scale, W*scale), in place."""
-    for out, i in zip(sr, tiles):
+def owned_boxes(grid: TileGrid, tiles: range | list[int], scale: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Per tile of ``tiles``, the output region its SR window owns, in output (x ``scale``) pixels:
+    (y0, y1, x0, x1, oy, ox): canvas rows [y0, y1) and columns [x0, x1), taken from the window's
+    pixels from (oy, ox) on. The boxes of all tiles of a grid tile the output exactly."""
+    boxes = []
+    for i in tiles:
         t = grid.tiles[i]
         (y0, y1), (x0, x1) = t.keep_y, t.keep_x
-        oy, ox = (y0 - t.win_y) * scale, (x0 - t.win_x) * scale
-        canvas[:, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
-            out[:, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(canvas.dtype)
+        boxes.append((y0 * scale, y1 * scale, x0 * scale, x1 * scale, (y0 - t.win_y) * scale, (x0 - t.win_x) * scale))
+    return boxes
+
+
+def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: range | list[int],
+                   scale: int) -> None:
+    """Write each SR window's owned region (:func:`owned_boxes`) into ``canvas`` (3, H*scale,
+    W*scale), in place: one copy per window (the pure-torch reference of the Triton stitch,
+    kernels/stitch.py)."""
+    for out, (y0, y1, x0, x1, oy, ox) in zip(sr, owned_boxes(grid, tiles, scale)):
+        canvas[:, y0:y1, x0:x1] = out[:, oy:oy + y1 - y0, ox:ox + x1 - x0].to(canvas.dtype)

@@ -1,0 +1,81 @@
+"""Stitching SR windows into the output image: one Triton launch per batch where it can run (the
+output on a CUDA device), else one torch copy per window (:func:`~gdq_engine.runtime.tiler.stitch_windows`).
+
+The Triton stitch (kernels/stitch.py) also checks that the values it copies are finite, so the
+engine needs no separate reduction over each batch's windows; it checks what reaches the image,
+where the torch path checks every value the batch computed (the owned boxes and the overlaps
+each window's neighbours own).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+
+from .tiler import TileGrid, owned_boxes
+
+
+class StitchPlan(NamedTuple):
+    """A batch's owned boxes for the Triton stitch: (K, 6) int32 on the device, and the largest
+    box's (rows, columns)."""
+
+    boxes: torch.Tensor
+    extent: tuple[int, int]
+
+
+def make_plan(grid: TileGrid, tiles: range | list[int], scale: int, device: torch.device) -> StitchPlan:
+    """The :class:`StitchPlan` of ``tiles`` of ``grid`` (output pixels: LR x ``scale``)."""
+    rows = owned_boxes(grid, tiles, scale)
+    boxes = torch.tensor(rows, dtype=torch.int32).view(len(rows), 6)
+    extent = (max(r[1] - r[0] for r in rows), max(r[3] - r[2] for r in rows))
+    if torch.device(device).type == "cuda":  # a pageable copy would wait for the stream's work
+        return StitchPlan(boxes.pin_memory().to(device, non_blocking=True), extent)
+    return StitchPlan(boxes.to(device), extent)
+
+
+class Stitcher:
+    """Stitches an engine's batches; the Triton path where :meth:`fused` (plans cached per grid and
+    batch, at most ``capacity``, least recently used dropped: whole-image mode sees a new grid per
+    image size). ``kernel_on_cpu = True`` runs the Triton stitch on CPU tensors too (Triton's
+    interpreter, for tests)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.kernel_on_cpu = False
+        self._plans: OrderedDict[tuple, StitchPlan] = OrderedDict()
+
+    def fused(self, canvas: torch.Tensor, sr: torch.Tensor) -> bool:
+        """Whether :meth:`stitch` runs the Triton kernel for this canvas and these windows: both
+        fp32 on one CUDA device (or a CPU with ``kernel_on_cpu``), Triton able to run there."""
+        if canvas.dtype != torch.float32 or sr.dtype != torch.float32 or canvas.device != sr.device:
+            return False
+        if not (canvas.is_cuda or (self.kernel_on_cpu and canvas.device.type == "cpu")):
+            return False
+        from ..ops.triton_ops import unavailable_reason
+
+        return unavailable_reason(canvas.device) is None
+
+    def stitch(self, canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: list[int], scale: int,
+               bad: torch.Tensor) -> bool:
+        """Write the windows ``sr`` (K,3,sh,sw) of ``tiles`` into ``canvas`` (3,sH,sW). On the
+        Triton path also set ``bad`` ((1,) int32 on the canvas' device) to 1 if a copied value is
+        not finite, and return True; else copy with torch, leave ``bad`` alone and return False
+        (the caller then checks the windows itself)."""
+        if not self.fused(canvas, sr):
+            from .tiler import stitch_windows
+
+            stitch_windows(canvas, sr.to(canvas.device), grid, tiles, scale)
+            return False
+        from ..kernels import ops
+
+        key = (grid, tuple(tiles), scale, canvas.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = make_plan(grid, tiles, scale, canvas.device)
+            while len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        ops.stitch_windows(canvas, sr, plan.boxes, plan.extent, bad)
+        return True
