@@ -362,33 +362,52 @@ def _record_in_interpreter(path: Path) -> None:
 
 
 def compile_all(launches: list[Launch], archs: list[int], all_configs: bool = False,
-                on_report: Callable[[dict], None] | None = None) -> list[dict]:
+                on_report: Callable[[dict], None] | None = None, jobs: int = 1) -> list[dict]:
     """:func:`compile_launch` of every launch x arch x :func:`gpu_configs`, in a fresh kernel
-    cache (so ``seconds`` are compile times, not cache hits) unless ``TRITON_CACHE_DIR`` is set.
-    A compile error becomes the report's ``error``; each report gets ``fixed`` and ``problems``."""
+    cache (so ``seconds`` are compile times, not cache hits) unless ``TRITON_CACHE_DIR`` is set,
+    in ``jobs`` worker processes (spawned; reports in the same order either way). A compile error
+    becomes the report's ``error``; each report gets ``fixed`` and ``problems``."""
+    tasks = [(launch, cfg, arch, i == 0) for arch in archs for launch in launches
+             for i, cfg in enumerate(gpu_configs(launch, all_configs))]
     reports = []
     with tempfile.TemporaryDirectory(prefix="gdq-aot-cache-") as cache:
         own_cache = "TRITON_CACHE_DIR" not in os.environ
         if own_cache:
-            os.environ["TRITON_CACHE_DIR"] = cache
+            os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it
         try:
-            for arch in archs:
-                for launch in launches:
-                    for i, cfg in enumerate(gpu_configs(launch, all_configs)):
-                        try:
-                            r = compile_launch(launch, cfg, arch)
-                        except Exception as exc:  # noqa: BLE001 - reported as the variant's problem
-                            r = dict(kernel=launch.kernel, variant=launch.label(), config=_config_label(cfg),
-                                     arch=arch, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                        r["fixed"] = i == 0
-                        r["problems"] = problems(r, fixed=i == 0)
+            if jobs > 1 and len(tasks) > 1:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                spawn = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn) as pool:
+                    results = pool.map(_compile_task, tasks)
+                    for r in results:
                         reports.append(r)
                         if on_report is not None:
                             on_report(r)
+            else:
+                for task in tasks:
+                    reports.append(_compile_task(task))
+                    if on_report is not None:
+                        on_report(reports[-1])
         finally:
             if own_cache:
                 del os.environ["TRITON_CACHE_DIR"]
     return reports
+
+
+def _compile_task(task: tuple[Launch, triton.Config, int, bool]) -> dict:
+    """One (launch, config, arch, fixed) of :func:`compile_all`: its report, problems included."""
+    launch, cfg, arch, fixed = task
+    try:
+        r = compile_launch(launch, cfg, arch)
+    except Exception as exc:  # noqa: BLE001 - reported as the variant's problem
+        r = dict(kernel=launch.kernel, variant=launch.label(), config=_config_label(cfg), arch=arch,
+                 error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    r["fixed"] = fixed
+    r["problems"] = problems(r, fixed=fixed)
+    return r
 
 
 def summarize(reports: list[dict]) -> list[str]:
@@ -423,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", type=Path, help="only record the engine's variants to this JSON (interpreter)")
     ap.add_argument("--out", type=Path, help="write the report here (JSON)")
     ap.add_argument("--summary", type=Path, help="only print the summary of a report written by --out")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile in this many processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.summary:
         print("\n".join(summarize(json.loads(args.summary.read_text())["reports"])))
@@ -438,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         launches = [Launch.from_json(d) for d in json.loads(path.read_text())]
     print(f"{len(launches)} variants; triton {triton.__version__}")
     print(f"{'arch':>4} {'regs':>4} {'smem KB':>7} {'mma':>4} {'local':>5}  variant / config (* fixed)  problems")
-    reports = compile_all(launches, args.arch, args.all_configs, on_report=lambda r: print(_row(r), flush=True))
+    reports = compile_all(launches, args.arch, args.all_configs, on_report=lambda r: print(_row(r), flush=True),
+                          jobs=max(1, args.jobs))
     failures = sum(bool(r["problems"]) for r in reports)
     if args.out:
         meta = dict(triton=triton.__version__, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
