@@ -21,8 +21,10 @@ launch specialises them: every pointer and integer argument a multiple of 16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -375,22 +378,15 @@ def compile_all(launches: list[Launch], archs: list[int], all_configs: bool = Fa
         if own_cache:
             os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it
         try:
-            if jobs > 1 and len(tasks) > 1:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                spawn = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn) as pool:
-                    results = pool.map(_compile_task, tasks)
-                    for r in results:
-                        reports.append(r)
-                        if on_report is not None:
-                            on_report(r)
-            else:
-                for task in tasks:
-                    reports.append(_compile_task(task))
+            with contextlib.ExitStack() as stack:
+                run = map
+                if jobs > 1 and len(tasks) > 1:
+                    spawn = multiprocessing.get_context("spawn")
+                    run = stack.enter_context(ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=spawn)).map
+                for r in run(_compile_task, tasks):
+                    reports.append(r)
                     if on_report is not None:
-                        on_report(reports[-1])
+                        on_report(r)
         finally:
             if own_cache:
                 del os.environ["TRITON_CACHE_DIR"]

@@ -14,13 +14,12 @@ class FakeGraphs(GraphCache):
 
     def __init__(self, *args, fail: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fail, self.captured, self.pools = fail, [], []
+        self.fail, self.captured = fail, []
 
     def _eligible(self, x):
         return self.enabled
 
     def _capture_graph(self, fn, static_ins, pool=None):
-        self.pools.append(pool)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captured.append(static_ins[0])

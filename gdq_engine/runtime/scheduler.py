@@ -57,11 +57,17 @@ def forward_static(model, body, bits: int, x: torch.Tensor, dtype: torch.dtype =
     """The quantized network with every patch at ``bits``: (P,3,h,w) float32 patches in [0,1] ->
     (P,3,sh,sw) float32. No policy call, no grouping and no host work, so a CUDA graph can capture
     it whole (the Engine does, for static policies). FP layers run in ``dtype``."""
-    xn = model.normalize(x.to(dtype))
+    xn, feat = _head(model, x, dtype)
     # The integer body returns its residual stream's dtype (fp32, or dtype: IntegerBody.stream_dtypes);
     # FP layers run in dtype.
-    out = model.forward_body(model.head(xn), run_blocks=lambda g: body(g, bits).to(g.dtype))
+    out = model.forward_body(feat, run_blocks=lambda g: body(g, bits).to(g.dtype))
     return _output(model, out, xn)
+
+
+def _head(model, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised patches, FP head features) of (P,3,h,w) float32 patches in [0,1], in ``dtype``."""
+    xn = model.normalize(x.to(dtype))
+    return xn, model.head(xn)
 
 
 def _output(model, feat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
@@ -99,12 +105,11 @@ def assign_bits(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float
     read, mostly waits. Otherwise the head runs eagerly and ``policy.assign`` decides."""
     if graphs is not None and has_device_stage(policy):
         def stage(p: torch.Tensor) -> torch.Tensor:
-            return policy.device_stage(p, model.head(model.normalize(p.to(dtype))))
+            return policy.device_stage(p, _head(model, p, dtype)[1])
 
         staged = graphs(("policy", id(policy)), x, stage, pad=False)  # the id: an engine's policy may be swapped
         return policy.assign_staged(x, staged.cpu()), None, None
-    xn = model.normalize(x.to(dtype))
-    feat = model.head(xn)
+    xn, feat = _head(model, x, dtype)
     return policy.assign(x, feat).cpu(), xn, feat
 
 
@@ -143,8 +148,7 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
     if getattr(policy, "layerwise", False):
         from ..policy.cadyq import sobel_features
 
-        xn = model.normalize(x.to(dtype))
-        feat = model.head(xn)
+        xn, feat = _head(model, x, dtype)
         grads = sobel_features(x)
         seen = {}
 
@@ -169,8 +173,7 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
             y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
             return y, assigned.float(), [(b, x.shape[0])]
         if feat is None:  # the policy's graph computed the head features inside it
-            xn = model.normalize(x.to(dtype))
-            feat = model.head(xn)
+            xn, feat = _head(model, x, dtype)
         # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
         # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
         # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
