@@ -92,7 +92,7 @@ def test_fp_conv_is_the_conv_not_a_lookalike():
 def cuda_glue(y, pixel_range, mean):
     """``y / pixel_range + mean`` as torch computes it on a CUDA tensor: times the fp32 reciprocal."""
     inv = torch.tensor(1.0) / torch.tensor(pixel_range, dtype=torch.float32)
-    return (y.cpu() * inv) + mean.float().view(1, -1, 1, 1)
+    return (y.cpu() * inv) + mean.float().cpu().view(1, -1, 1, 1)
 
 
 @pytest.mark.parametrize("n,c,h,w,cout", [(2, 64, 7, 13, 3), (1, 32, 5, 9, 5)])
