@@ -44,13 +44,24 @@ run cut short keeps the rows it timed.
 the copies in and the 8-bit results back (the whole ``upscale`` call a user with decoded frames
 makes); ``--rows`` keeps only the named rows (and fp32, the PSNR reference).
 ``--profile METHOD`` (repeatable) also runs that row once per frame under torch.profiler and records
-its top ops and its total self time per frame (where the time goes) under ``profiles``.
+its top ops and its total self time per frame (where the time goes) under ``profiles``, on GPU with
+the host's launch calls per frame and the places where one frame synchronises with the device.
+
+On GPU, after do_bench has timed every row of a size, ``--reps`` rounds (default 30) call every
+row once each, in turn, under the host timer (columns ``rounds`` and ``host``, keys ``ms_rounds``,
+``host_ms``, ``wait_ms``, ``speedup_rounds_vs_fp16``): rows timed one after another can meet a
+different machine (the first process of the fifth H100 run timed every row 0.2-0.5 ms above a
+second process on the fourth), rows in rounds meet the same one. ``host`` is the call's time
+outside its waits for device results (``UpscaleReport.wait_seconds``): where it nears the call's
+time, the host's Python and launches, not the GPU, set the pace. The A/B pairs (``AB_PAIRS``,
+key ``ab``) compare rows that differ in one thing by their rounds' medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import statistics
 import sys
@@ -225,26 +236,91 @@ def gpu_ms(fn) -> tuple[float, dict]:
     return ms, {"calls": calls, **{k: after[k] - before[k] for k in after}}
 
 
-def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int) -> list[float]:
-    """CPU: median ms per engine over ``rounds`` rounds, each round calling every engine once
-    (frames rotating), so load drifting over the run hits every row alike (a row-after-row
-    timing moved the bf16 anchor between 110 and 150 ms on a shared 2-core machine)."""
+def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: bool = False) -> list[dict]:
+    """Per engine, medians over ``rounds`` rounds, each round calling every engine once (frames
+    rotating), so load drifting over the run hits every row alike (a row-after-row timing moved
+    the bf16 anchor between 110 and 150 ms on a shared 2-core machine; on the fifth H100 run the
+    first process timed rows 0.2-0.5 ms slower than a second one had on the fourth): ``ms``, the
+    host timer around the whole call (on GPU the device synchronised before and after, so the
+    call's queued tail is its own), ``wait_ms``, its waits in reads of device results
+    (``UpscaleReport.wait_seconds``), and ``host_ms`` = ms - wait_ms, the host's own work (on GPU,
+    where it nears ``ms`` the call is host-bound)."""
     samples = [[] for _ in engines]
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     with torch.inference_mode():
         for r in range(rounds + 1):
             for i, engine in enumerate(engines):
+                sync()
                 t = time.perf_counter()
-                engine.upscale(frames[(r + i) % len(frames)])
+                _, report = engine.upscale(frames[(r + i) % len(frames)], return_report=True)
+                sync()
                 if r:  # round 0 warms up
-                    samples[i].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(s) for s in samples]
+                    samples[i].append(((time.perf_counter() - t) * 1e3, report.wait_seconds * 1e3))
+    out = []
+    for s in samples:
+        ms = statistics.median(t for t, _ in s)
+        wait = statistics.median(w for _, w in s)
+        out.append({"ms": ms, "wait_ms": wait, "host_ms": statistics.median(t - w for t, w in s)})
+    return out
 
 
-def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) -> dict:
+# Rows compared in pairs (the first is the reference): each pair's ratio from the interleaved
+# rounds, where both rows meet the same machine state.
+AB_PAIRS = (
+    ("static a8 + int8 tail", "static a8 + int8 tail, torch glue"),
+    ("static a8 + int8 tail", "static a8 + int8 tail, cuDNN last conv"),
+    ("static a8 + int8 tail", "static a8 + int8 tail, fp32 stream"),
+    ("static a8 + int8 tail", "static a8 + int8 tail, padded"),
+    ("static a8 + int8 tail", "granular {2,4,8} + int8 tail"),
+    ("granular {2,4,8} + int8 tail", "granular {2,4,8} + int8 tail, packed"),
+    ("entropy {2,4,8}", "entropy {2,4,8}, group streams"),
+)
+
+
+def ab_pairs(rows: list[dict], key: str = "ms") -> list[dict]:
+    """Each :data:`AB_PAIRS` pair present in ``rows`` (one output size) with both rows' ``key``
+    (ms) and ``ratio`` = reference / other (above 1: the other row is faster)."""
+    by_name = {r["method"]: r for r in rows if key in r}
+    return [{"output": by_name[a]["output"], "reference": a, "other": b, "reference_ms": by_name[a][key],
+             "other_ms": by_name[b][key], "ratio": by_name[a][key] / by_name[b][key]}
+            for a, b in AB_PAIRS if a in by_name and b in by_name]
+
+
+def sync_sites(engine, frame: torch.Tensor) -> dict:
+    """The host syncs of one warm ``engine.upscale(frame)`` on CUDA, from
+    ``torch.cuda.set_sync_debug_mode("warn")``: ``{"count": n, "sites": {"file:line": n}}`` (torch
+    warns once per synchronising call: ``.item()``, ``.cpu()``, a copy into pageable memory, ...).
+    An FP or static engine should show one (its final read), a dynamic policy one more per batch."""
+    import warnings
+
+    sites: dict[str, int] = {}
+    with torch.inference_mode():
+        engine.upscale(frame)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.upscale(frame)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            sites[where] = sites.get(where, 0) + 1
+    return {"count": sum(sites.values()), "sites": sites}
+
+
+def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15, trace: Path | None = None) -> dict:
     """``engine.upscale`` of every frame once under torch.profiler (after the timed runs, so
     warm). Returns ``{"total_ms_per_frame": self time of all ops per frame (CUDA time on GPU, so
     the frame's time minus this is launch gaps and host work), "ops": the ``top`` ops by self time,
-    grouped by input shapes, per frame}``."""
+    grouped by input shapes, per frame}``; on GPU also ``"launches_per_frame"``: the CUDA
+    runtime/driver launch calls the host made per frame by name (kernels, graph replays, copies),
+    and ``"syncs"``: :func:`sync_sites` of the first frame. With ``trace``, one more frame (the
+    first) under the profiler is written there as a Chrome trace (chrome://tracing, Perfetto): the
+    host's calls and the device's kernels on one time line, so the device's idle stretches show
+    what the host was doing."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
@@ -260,7 +336,24 @@ def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15) ->
     ops = [{"op": e.key, "shapes": str(e.input_shapes)[:120], "share": getattr(e, key, 0.0) / total,
             "self_ms_per_frame": getattr(e, key, 0.0) / 1e3 / len(frames), "calls_per_frame": e.count / len(frames)}
            for e in ranked]
-    return {"total_ms_per_frame": total / 1e3 / len(frames), "ops": ops}
+    result = {"total_ms_per_frame": total / 1e3 / len(frames), "ops": ops}
+    if trace is not None:
+        with torch.inference_mode(), profile(activities=activities) as one:
+            engine.upscale(frames[0])
+            if gpu:
+                torch.cuda.synchronize()
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        one.export_chrome_trace(str(trace))
+        result["trace"] = trace.name
+    if gpu:
+        launches = {e.key: e.count / len(frames) for e in events if LAUNCH_CALL.match(e.key)}
+        result["launches_per_frame"] = dict(sorted(launches.items()))
+        result["syncs"] = sync_sites(engine, frames[0])
+    return result
+
+
+# Host calls that queue device work (torch.profiler's names for CUDA runtime and driver calls).
+LAUNCH_CALL = re.compile(r"^(cudaLaunch\w*|cuLaunch\w*|cudaGraphLaunch|cudaMemcpy\w*|cudaMemset\w*)$")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -279,6 +372,11 @@ def frame_macs(model, engine, frame: torch.Tensor) -> int:
 def floor_ms(macs: int, nbytes: int, peaks: dict) -> float:
     """Roofline floor: max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth), ms."""
     return max(2 * macs / (peaks["int8_tops"] * 1e12), nbytes / (peaks["hbm_gbs"] * 1e9)) * 1e3
+
+
+def slug(name: str) -> str:
+    """A row name as a file name part: "static a8 + int8 tail, torch glue" -> "static-a8-int8-tail-torch-glue"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def split_row_names(text: str) -> list[str]:
@@ -326,13 +424,19 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=4, help="distinct frames the timed call rotates over")
     p.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "train"))
     p.add_argument("--calib-count", type=int, default=32, help="96x96 calibration crops")
-    p.add_argument("--reps", type=int, default=5, help="CPU mode: timed rounds over all rows (median)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed rounds over all rows, each calling every row once (median; default 5 on CPU, "
+                        "where they give the ms column, and 30 on GPU, where they give the rounds and host columns "
+                        "and the A/B pairs)")
     p.add_argument("--compile", default=None, choices=["none", "default", "max-autotune"],
                    help="torch.compile row's mode (default: max-autotune on GPU, none on CPU)")
     p.add_argument("--plot", default=None, help="also write a PNG of latency vs FAB here")
     p.add_argument("--profile", action="append", default=[], metavar="METHOD",
                    help="also run this row once per frame of the last size under torch.profiler: its top ops "
                         "(self time per frame) are printed and written to the JSON (repeat for more rows)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="with --profile: also write one frame of each profiled row as a Chrome trace "
+                        "(trace-<row>.json) into DIR")
     p.add_argument("--rows", default=None, metavar="NAMES",
                    help="only these rows (comma-separated names; commas inside braces belong to the name) "
                         "and fp32, the PSNR reference")
@@ -353,6 +457,9 @@ def main(argv=None) -> int:
         return 2
     if args.frames < 1:
         p.error("--frames must be >= 1")
+    reps = args.reps if args.reps is not None else (30 if args.gpu else 5)
+    if reps < 1:
+        p.error("--reps must be >= 1")
     dev = "cuda" if args.gpu else "cpu"
     if not args.gpu and not args.default_malloc:
         keep_freed_memory()
@@ -384,14 +491,20 @@ def main(argv=None) -> int:
                 "outputs": [f"{w}x{h}" for w, h in sizes], "tiling": "96/90", "frames": [str(p) for p in paths],
                 "compile": compile_mode, "frame_memory": "host uint8" if args.host_uint8 else f"{dev} float32"}
 
+    ab = []
+
     def payload(done_rows: list[dict], complete: bool) -> dict:
-        return {"workload": workload, "peaks": peaks, "rows": done_rows, "failures": failures, "complete": complete}
+        return {"workload": workload, "peaks": peaks, "rows": done_rows, "failures": failures, "complete": complete,
+                "ab": ab}
 
     def add_speedups(size_rows: list[dict]) -> None:
         for name in bases:
             base = next((r["ms"] for r in size_rows if r["method"] == name), None)
             for r in size_rows if base is not None else ():
                 r[f"speedup_vs_{name.split()[0]}"] = base / r["ms"]
+            base = next((r["ms_rounds"] for r in size_rows if r["method"] == name and "ms_rounds" in r), None)
+            for r in size_rows if base is not None else ():
+                r[f"speedup_rounds_vs_{name.split()[0]}"] = base / r["ms_rounds"]
     for out_w, out_h in sizes:
         frames = lr_frames(paths, out_h // args.scale, out_w // args.scale)
         # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
@@ -432,6 +545,7 @@ def main(argv=None) -> int:
                    "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
             if around is not None:
                 row["timing_events"] = around
+            row["loadavg_1min"] = os.getloadavg()[0]  # other work on the host while the row ran
             if peaks is not None:
                 nbytes = frames[0].numel() * 4 * (1 + args.scale**2)  # fp32 LR in, HR out
                 row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)
@@ -443,15 +557,21 @@ def main(argv=None) -> int:
                 # write below replaces this one with "complete": true.
                 add_speedups(size_rows)
                 write_results("latency", payload(rows + size_rows, complete=False), args.out)
-        if not args.gpu:
-            timed = [engines[r["method"]] for r in size_rows]
-            for row, ms in zip(size_rows, interleaved_ms(timed, frames, args.reps)):
-                row["ms"], row["ms_per_mpix"] = ms, ms / (out_w * out_h / 1e6)
-                print(f"{out_w}x{out_h} {row['method']}: {ms:.2f} ms", flush=True)
+        timed = [engines[r["method"]] for r in size_rows]
+        for row, t in zip(size_rows, interleaved_ms(timed, frames, reps, gpu=args.gpu)):
+            row["host_ms"], row["wait_ms"] = t["host_ms"], t["wait_ms"]
+            if args.gpu:  # beside do_bench's ms: the rounds' host-timer ms
+                row["ms_rounds"] = t["ms"]
+            else:
+                row["ms"], row["ms_per_mpix"] = t["ms"], t["ms"] / (out_w * out_h / 1e6)
+                print(f"{out_w}x{out_h} {row['method']}: {t['ms']:.2f} ms", flush=True)
         add_speedups(size_rows)
+        ab += ab_pairs(size_rows, "ms_rounds" if args.gpu else "ms")
         rows += size_rows
     last_size = f"{sizes[-1][0]}x{sizes[-1][1]}"
-    profiles = [{"method": name, "output": last_size, **profile_ops(engines[name], frames, args.gpu)}
+    profiles = [{"method": name, "output": last_size,
+                 **profile_ops(engines[name], frames, args.gpu,
+                               trace=None if args.trace is None else Path(args.trace) / f"trace-{slug(name)}.json")}
                 for name in args.profile if engines.get(name) is not None]  # a failed row has no engine
     results = payload(rows, complete=True)
     if profiles:
@@ -464,19 +584,28 @@ def main(argv=None) -> int:
     if peaks is not None:
         print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, HBM {peaks['hbm_gbs']:.0f} GB/s")
     ratios = "".join(f"{'x ' + name:>10}" for name in bases)
-    print(f"{'output':10} {'method':46} {'patches':>7} {'ms':>9}{ratios} {'% floor':>7} {'ms/MPix':>8} {'FAB':>5} "
-          f"{'PSNR vs fp32':>12} backend")
+    rounds = f" {'rounds':>7} {'host':>7}" if args.gpu else f" {'host':>7}"
+    print(f"{'output':10} {'method':46} {'patches':>7} {'ms':>9}{ratios}{rounds} {'% floor':>7} {'ms/MPix':>8} "
+          f"{'FAB':>5} {'PSNR vs fp32':>12} backend")
     for r in rows:
         floor = f"{r['pct_of_floor']:7.1f}" if "pct_of_floor" in r else f"{'-':>7}"
         ratios = "".join(f"{r[k]:10.2f}" if k in r else f"{'-':>10}" for k in keys)
-        print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios} {floor} "
+        rounds = "".join(f" {r[k]:7.2f}" if k in r else f" {'-':>7}"
+                         for k in (("ms_rounds", "host_ms") if args.gpu else ("host_ms",)))
+        print(f"{r['output']:10} {r['method']:46} {r['patches']:7d} {r['ms']:9.2f}{ratios}{rounds} {floor} "
               f"{r['ms_per_mpix']:8.2f} {r['fab']:5.1f} {r['psnr_vs_fp32']:12.2f} {r['backend']}")
+    for pair in ab:
+        print(f"A/B {pair['output']}: {pair['other']} {pair['other_ms']:.2f} ms vs {pair['reference']} "
+              f"{pair['reference_ms']:.2f} ms: x{pair['ratio']:.3f}")
     for prof in profiles:
         print(f"profile of {prof['method']} at {last_size}: {prof['total_ms_per_frame']:.2f} ms of "
               f"{'GPU' if args.gpu else 'CPU'} self time per frame; top ops:")
         for op in prof["ops"]:
             print(f"  {op['self_ms_per_frame']:8.2f} ms {op['share'] * 100:5.1f}% {op['calls_per_frame']:6.1f} calls  "
                   f"{op['op']} {op['shapes']}")
+        if "syncs" in prof:
+            print(f"  host launch calls per frame: {prof['launches_per_frame']}; host syncs in one frame: "
+                  f"{prof['syncs']['count']} at {prof['syncs']['sites']}")
     for f in failures:
         print(f"FAILED {f['output']} {f['method']}: {f['error']}")
     print(f"wrote {path}")

@@ -23,6 +23,7 @@ from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
 from .runtime.graphs import GraphCache
+from .runtime.hostreads import counting_waits, to_host, waiting
 from .runtime.intgraph import _backend_module
 from .runtime.lastconv import with_kernel_last_conv
 from .runtime.scheduler import has_device_stage
@@ -41,12 +42,17 @@ class UpscaleReport:
     mean over layers for layer-wise policies such as CADyQ); ``groups``: one entry per body
     launch: (bit-width, patches), or (layer, bit-width, patches) for layer-wise policies;
     ``bitops``: sum over patches of MAC x b_w x b_a (FP convs 32 x 32); ``fab``: mean activation
-    bits over quantized layers and patches (32.0 for FP).
+    bits over quantized layers and patches (32.0 for FP); ``seconds``: the call's wall time;
+    ``wait_seconds``: the part of it the host spent waiting in reads of device results (each
+    batch's bit-widths with a dynamic policy, the finiteness flag at the end;
+    :mod:`~gdq_engine.runtime.hostreads`). On a GPU, ``seconds - wait_seconds`` is host work:
+    where the waits are short, the call was host-bound (the GPU idled between launches).
     """
 
     patches: int = 0
     batches: int = 0
     seconds: float = 0.0
+    wait_seconds: float = 0.0
     device: str = ""
     dtype: str = ""
     bits: list[int] = field(default_factory=list)
@@ -307,11 +313,12 @@ class Engine:
         out_dtype = torch.uint8 if returns_uint8(kind, input_dtype) else torch.float32
         out = torch.empty(batch.shape[0], 3, batch.shape[2] * self.scale, batch.shape[3] * self.scale,
                           dtype=out_dtype, device=batch.device)
-        for n in range(batch.shape[0]):
-            canvas = self._canvas_for(out[n])
-            self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
-            finish_image(canvas, out[n])
-        report.seconds = time.perf_counter() - start
+        with counting_waits() as waits:
+            for n in range(batch.shape[0]):
+                canvas = self._canvas_for(out[n])
+                self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
+                finish_image(canvas, out[n])
+        report.seconds, report.wait_seconds = time.perf_counter() - start, waits[0]
         result = restore_kind(out, kind)
         return (result, report) if return_report else result
 
@@ -398,9 +405,9 @@ class Engine:
         grid = self.grid(*img.shape[-2:])
         finite = self._run_tiles(img, canvas, grid, report)
         if bounds is None:
-            ok = bool(finite)
+            ok = bool(to_host(finite))
         else:
-            ok, lo, hi = torch.cat([finite.view(1).to(bounds.dtype), bounds.to(finite.device)]).tolist()
+            ok, lo, hi = to_host(torch.cat([finite.view(1).to(bounds.dtype), bounds.to(finite.device)])).tolist()
             check_input_values(lo, hi)
         if ok:
             return
@@ -415,7 +422,7 @@ class Engine:
         report.fallbacks.append("non-finite half-precision output: image re-run in float32")
         half, self.model, self.dtype = (self.model, self.dtype), self._fp32_model, torch.float32
         try:
-            if not bool(self._run_tiles(img, canvas, grid, report, count=False)):
+            if not bool(to_host(self._run_tiles(img, canvas, grid, report, count=False))):
                 raise FloatingPointError("the network produced NaN/Inf values in float32 too (check the checkpoint)")
         finally:
             self.model, self.dtype = half
@@ -491,10 +498,14 @@ def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
     same tensor, or fp32 or uint8 on any device): uint8 as ``round(255 x)``, computed on the
     canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives)."""
     canvas.clamp_(0, 1)
-    if target.dtype == torch.uint8:
-        target.copy_(canvas.mul_(255).round_().to(torch.uint8))
-    elif canvas is not target:
-        target.copy_(canvas)
+    result = canvas.mul_(255).round_().to(torch.uint8) if target.dtype == torch.uint8 else canvas
+    if result is target:
+        return
+    if target.device.type == "cpu" and result.device.type != "cpu":
+        with waiting():  # into host memory: waits for the image's work
+            target.copy_(result)
+    else:
+        target.copy_(result)
 
 
 def check_input_values(lo: float, hi: float) -> None:

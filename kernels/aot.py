@@ -158,7 +158,7 @@ def _every_width_cadyq():
     return EveryWidthCADyQ
 
 
-def engine_launches() -> list[Launch]:
+def engine_launches(jobs: int = 1) -> list[Launch]:
     """The variants the engine launches on the Triton backend, recorded from small interpreted runs
     (needs ``TRITON_INTERPRET=1``): two 64-channel EDSR blocks (the first block's conv2 also writes
     the next block's codes) at static 2, 3, 4, 5, 6 and 8 bits, and at 2, 3 and 4 bits one code per
@@ -171,14 +171,49 @@ def engine_launches() -> list[Launch]:
     do not run on CPU), and the blocks of 2, 4 and 8 bits one code per byte skipping padding
     patches (``items=``), as the group graphs of a dynamic policy replay them on a GPU (graphs do
     not run on CPU), on fp32 and fp16 residual streams; and the 8-bit blocks on an fp16 stream,
-    one code per byte and padded, as a static fp16 engine's graph runs them."""
+    one code per byte and padded, as a static fp16 engine's graph runs them.
+
+    The runs are independent tasks (:func:`_recording_tasks`); with ``jobs`` > 1 they are recorded
+    in that many spawned processes, and the variants merged in task order, as one process would
+    have seen them first."""
     if not interpreting():
         raise RuntimeError("recording runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    count = len(_recording_tasks())
+    jobs = max(1, min(jobs, count))
+    with contextlib.ExitStack() as stack:
+        run = map
+        if jobs > 1:
+            spawn = multiprocessing.get_context("spawn")  # the workers inherit TRITON_INTERPRET
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_one_thread_each,
+                                                           initargs=(jobs,)))
+            run = pool.map
+        per_task = list(run(_record_task, range(count)))
+    seen: dict[Launch, None] = {}
+    for launches in per_task:
+        for d in launches:
+            seen.setdefault(Launch.from_json(d))
+    return list(seen)
+
+
+def _one_thread_each(jobs: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def _record_task(index: int) -> list[dict]:
+    """The variants task ``index`` of :func:`_recording_tasks` launches, first-seen order, as JSON dicts."""
+    with torch.no_grad():
+        return [asdict(x) for x in record_launches(_recording_tasks()[index])]
+
+
+def _recording_tasks() -> list[Callable[[], None]]:
+    """The recording runs of :func:`engine_launches`, each a callable that builds what it needs
+    (the same inputs in every process: one seeded generator, drawn in a fixed order)."""
     from gdq_engine import Engine
     from gdq_engine.models import EDSR
 
     g = torch.Generator().manual_seed(0)
     calib, lr = torch.rand(2, 3, 8, 8, generator=g), torch.rand(1, 3, 6, 18, generator=g)  # 3 patches of 6x6
+    feat = torch.rand(2, 64, 6, 6, generator=g)
 
     def model(scale=4, res_scale=1.0):
         torch.manual_seed(0)
@@ -191,13 +226,19 @@ def engine_launches() -> list[Launch]:
     runs += [dict(bits=8, tail_bits=8, scale=4, dtype=torch.bfloat16)]
     runs += [dict(bits=8, res_scale=0.1), dict(policy=_every_width_cadyq()((2, 4, 8), channels=64, n_layers=2))]
 
-    def run_all():
-        for kw in runs:
-            kw = dict(kw)
-            m = model(kw.pop("scale", 4), kw.pop("res_scale", 1.0))
-            kw.setdefault("policy", "static")
-            image = lr if kw["policy"] != "static" else lr[..., :6]  # one patch is enough for one width
-            Engine(m, backend="triton", calib=calib, patch_size=6, stride=6, device="cpu", **kw).upscale(image)
+    def engine_run(kw: dict) -> Callable[[], None]:
+        def run():
+            kw_ = dict(kw)
+            m = model(kw_.pop("scale", 4), kw_.pop("res_scale", 1.0))
+            kw_.setdefault("policy", "static")
+            image = lr if kw_["policy"] != "static" else lr[..., :6]  # one patch is enough for one width
+            Engine(m, backend="triton", calib=calib, patch_size=6, stride=6, device="cpu", **kw_).upscale(image)
+        return run
+
+    def single_kernels():
+        from gdq_engine.runtime.stitch import make_plan
+        from gdq_engine.runtime.tiler import make_grid
+
         from . import ops
 
         w = ops.prepare_conv_weight(torch.zeros(256, 64, 3, 3, dtype=torch.int8), 8)
@@ -207,16 +248,15 @@ def engine_launches() -> list[Launch]:
         ops.fp_conv3x3(torch.zeros(3, 12, 12, 64, dtype=torch.float16), fp_w, fp_b, 3)  # the x4 last conv
         ops.fp_conv3x3(torch.zeros(3, 12, 12, 64, dtype=torch.float16), fp_w, fp_b, 3, out_scale=1 / 255,
                        out_shift=torch.zeros(3))  # ... finishing the image (runtime/lastconv.py: KernelConv2d.image)
-        from gdq_engine.runtime.stitch import make_plan
-        from gdq_engine.runtime.tiler import make_grid
-
         tiles = make_grid(12, 14, 8, 6)  # the engine's stitch of a batch into an image (runtime/stitch.py)
         plan = make_plan(tiles, range(len(tiles)), 2, "cpu")
         ops.stitch_windows(torch.zeros(3, 24, 28), torch.zeros(len(tiles), 3, 16, 16), plan.boxes, plan.extent,
                            torch.zeros(1, dtype=torch.int32))
+
+    def group_bodies():
         from gdq_engine.runtime.intgraph import IntegerBody, calibrate, prepare_blocks
 
-        m, feat = model(), torch.rand(2, 64, 6, 6, generator=g)
+        m = model()
         half = (torch.float32, torch.float16)  # an fp16 engine's residual stream on CUDA (residual_stream="auto")
         for b in (2, 4, 8):
             body = IntegerBody(prepare_blocks(m), calibrate(m, calib, (b,)), backend="triton", containers="bytes",
@@ -228,8 +268,7 @@ def engine_launches() -> list[Launch]:
                                stream_dtypes=half)
             body.run_eager(feat.half(), 8)
 
-    with torch.no_grad():
-        return record_launches(run_all)
+    return [engine_run(kw) for kw in runs] + [single_kernels, group_bodies]
 
 
 def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config]:
@@ -439,13 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the report here (JSON)")
     ap.add_argument("--summary", type=Path, help="only print the summary of a report written by --out")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                    help="compile in this many processes (default: one per CPU)")
+                    help="record and compile in this many processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.summary:
         print("\n".join(summarize(json.loads(args.summary.read_text())["reports"])))
         return 0
     if args.record:
-        args.record.write_text(json.dumps([asdict(x) for x in engine_launches()], indent=1))
+        args.record.write_text(json.dumps([asdict(x) for x in engine_launches(max(1, args.jobs))], indent=1))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = args.launches

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.quantizer import container_bits
+from ..runtime.hostreads import to_host
 from .base import BitPolicy
 
 GRAY = (0.2989, 0.5870, 0.1140)
@@ -93,7 +94,7 @@ class EntropyOnly(BitPolicy):
         return self
 
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
-        return self.assign_staged(lr, self.device_stage(lr, head_feat).cpu())
+        return self.assign_staged(lr, to_host(self.device_stage(lr, head_feat)))
 
     def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor | None) -> torch.Tensor:
         """(P,) float32 patch entropies (:func:`patch_entropy`) of the (P,3,h,w) patches in [0,1]."""
@@ -106,7 +107,7 @@ class EntropyOnly(BitPolicy):
         (``lr`` is not read: the entropies say all)."""
         if self.thresholds is None:
             raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
-        h = stage.cpu()
+        h = to_host(stage)
         t1, t2 = self.thresholds
         out = torch.full((h.shape[0],), self.bits[2], dtype=torch.int64)
         out[h <= t2] = self.bits[1]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.hostreads import to_host
 from .base import BitPolicy
 from .entropy import EntropyOnly, entropy_quantiles, three_bit_widths
 
@@ -160,7 +161,7 @@ class GranularDQ(BitPolicy):
         return hard + soft - soft.detach()
 
     def assign(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
-        return self.assign_staged(lr, self.device_stage(lr, head_feat).cpu())
+        return self.assign_staged(lr, to_host(self.device_stage(lr, head_feat)))
 
     def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
         """(P,) float32 GBC code index of each patch (0, 1, 2 over ``gbc_bits``), from its (P,F,h,w)
@@ -177,11 +178,11 @@ class GranularDQ(BitPolicy):
         """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s codes (on the CPU): GBC's
         widths, with E2B's entropy thresholds deciding for the top code's patches (their entropy
         computed here, on ``lr``'s device: one more host read when there are any)."""
-        choice = stage.cpu().long()
+        choice = to_host(stage).long()
         out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
         top = choice == 2
         if top.any():
-            out[top] = self.e2b.assign(lr[top.to(lr.device)], None).cpu()
+            out[top] = self.e2b.assign(lr[top.to(lr.device)], None)
         return out
 
     def state(self) -> dict:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from .hostreads import to_host
+
 
 def run_grouped(bits: torch.Tensor, feats: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor],
                 streams=None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -108,7 +110,7 @@ def assign_bits(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float
             return policy.device_stage(p, _head(model, p, dtype)[1])
 
         staged = graphs(("policy", id(policy)), x, stage, pad=False)  # the id: an engine's policy may be swapped
-        return policy.assign_staged(x, staged.cpu()), None, None
+        return policy.assign_staged(x, to_host(staged)), None, None
     xn, feat = _head(model, x, dtype)
     return policy.assign(x, feat).cpu(), xn, feat
 
