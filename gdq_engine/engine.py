@@ -29,7 +29,8 @@ from .runtime.lastconv import with_kernel_last_conv
 from .runtime.scheduler import has_device_stage
 from .runtime.stitch import Stitcher
 from .runtime.streams import GroupStreams
-from .runtime.tiler import check_image_size, extract_windows, make_grid, whole_image_grid
+from .runtime.tiler import check_image_size, make_grid, whole_image_grid
+from .runtime.windows import WindowCutter
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
 
@@ -212,6 +213,7 @@ class Engine:
         self.depth: int | None = None  # residual blocks run by a quantized model (None: FP, all of them)
         self._patch_costs: dict[tuple[int, int], PatchCost] = {}  # per window size, see _patch_cost
         self.stitcher = Stitcher()  # one Triton launch per batch on CUDA (runtime/stitch.py)
+        self.cutter = WindowCutter()  # one gather per batch (runtime/windows.py)
         self.int_body = None
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.policy_graphs = None  # CUDA graphs of the FP head and a dynamic policy's device stage
@@ -440,7 +442,7 @@ class Engine:
         while todo:
             idx = todo[:bs]
             try:
-                sr = self._forward(extract_windows(img, grid, idx), report if count else None)
+                sr = self._forward(self.cutter.cut(img, grid, idx), report if count else None)
             except torch.cuda.OutOfMemoryError:
                 if bs == 1:
                     raise
