@@ -317,9 +317,10 @@ class Engine:
                           dtype=out_dtype, device=batch.device)
         with counting_waits() as waits:
             for n in range(batch.shape[0]):
-                canvas = self._canvas_for(out[n])
+                target = out[n]  # one view: finish_image skips the copy when the canvas is this very tensor
+                canvas = self._canvas_for(target)
                 self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
-                finish_image(canvas, out[n])
+                finish_image(canvas, target)
         report.seconds, report.wait_seconds = time.perf_counter() - start, waits[0]
         result = restore_kind(out, kind)
         return (result, report) if return_report else result

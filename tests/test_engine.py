@@ -383,3 +383,28 @@ def test_all_finite_finds_any_nan_or_inf(layout):
     odd = parent.clone()
     odd[0, 0, 0, 1] = float("nan")  # outside the strided view only
     assert bool(all_finite(view(odd))) == (layout == "strided")
+
+
+def test_float_images_are_finished_in_place_without_an_image_sized_copy(engine):
+    """A float image on the compute device is stitched into the result itself and clamped there:
+    no copy of an image-sized tensor (an earlier loop built two views of out[n] and copied the
+    canvas onto itself, 25 MB a 1080p frame)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    x = random_image(20, 24, n=2, seed=9)
+    want = engine.upscale(x)
+    with Copies() as copies:
+        got = engine.upscale(x)
+    assert torch.equal(got, want)
+    hr = (3, 20 * engine.scale, 24 * engine.scale)
+    assert hr not in copies.shapes, copies.shapes
