@@ -436,9 +436,8 @@ class Engine:
         returns a 0-dim bool tensor on the compute device: whether every output value is finite."""
         bs = self.batch_size_for(grid)
         todo = list(range(len(grid)))
-        finite = torch.ones((), dtype=torch.bool, device=self.device)
-        bad = torch.zeros(1, dtype=torch.int32, device=canvas.device)  # set by the Triton stitch's check
-        checked_by_stitch = False
+        finite = None  # the torch path's check of its batches (made by the first one that takes it)
+        bad = None  # the Triton stitch's flag (made by the first batch it stitches)
         bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
         while todo:
             idx = todo[:bs]
@@ -451,17 +450,21 @@ class Engine:
                 torch.cuda.empty_cache()
                 report.fallbacks.append(f"out of memory: batch size lowered to {bs}")
                 continue
-            if self.stitcher.stitch(canvas, sr, grid, idx, self.scale, bad):
-                checked_by_stitch = True
-            else:
-                finite &= all_finite(sr)  # the torch copies do not check what they copy
+            if bad is None and self.stitcher.fused(canvas, sr):
+                bad = torch.zeros(1, dtype=torch.int32, device=canvas.device)
+            if not self.stitcher.stitch(canvas, sr, grid, idx, self.scale, bad):
+                ok = all_finite(sr)  # the torch copies do not check what they copy
+                finite = ok if finite is None else finite & ok
             if count:
                 report.patches += len(idx)
                 report.batches += 1
             todo = todo[len(idx):]
             bar.update(len(idx))
         bar.close()
-        return finite & (bad[0] == 0) if checked_by_stitch else finite
+        stitched_ok = None if bad is None else bad[0] == 0
+        if finite is None:
+            return stitched_ok
+        return finite if stitched_ok is None else finite & stitched_ok
 
     def _forward(self, windows: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
         """(P,3,h,w) LR windows -> (P,3,sh,sw) float32 SR windows on the compute device."""

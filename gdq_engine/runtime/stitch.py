@@ -58,11 +58,11 @@ class Stitcher:
         return unavailable_reason(canvas.device) is None
 
     def stitch(self, canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: list[int], scale: int,
-               bad: torch.Tensor) -> bool:
+               bad: torch.Tensor | None) -> bool:
         """Write the windows ``sr`` (K,3,sh,sw) of ``tiles`` into ``canvas`` (3,sH,sW). On the
         Triton path also set ``bad`` ((1,) int32 on the canvas' device) to 1 if a copied value is
-        not finite, and return True; else copy with torch, leave ``bad`` alone and return False
-        (the caller then checks the windows itself)."""
+        not finite, and return True; else copy with torch, leave ``bad`` alone (it may then be
+        None) and return False (the caller then checks the windows itself)."""
         if not self.fused(canvas, sr):
             from .tiler import stitch_windows
 
