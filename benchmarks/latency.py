@@ -18,7 +18,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   x4); static a8 and Granular-DQ also with the integer tail (``tail_bits=8``: body-end and
   upsampler convs as int8 convs, gdq_engine/runtime/inttail.py; on GPU the fp16 last conv runs on
   the Triton FP kernel, runtime/lastconv.py, and one A/B row has cuDNN's instead; another, ``torch
-  glue``, stitches and finishes the image in torch, :func:`torch_glue`; and ``entropy {2,4,8}, group
+  glue``, stitches and finishes the image in torch, :func:`torch_glue`, ``torch stitch`` only
+  stitches in torch; and ``entropy {2,4,8}, group
   streams`` runs each batch's groups side by side, ``Engine(group_streams=True)``); on the ``auto`` backend
   (Triton on GPU, the C++ kernels on CPU; on GPU 2/4-bit codes one per byte, ``containers``,
   and one more Granular-DQ row with them packed); their FP layers run in the anchor's dtype (fp16 on
@@ -55,6 +56,9 @@ second process on the fourth), rows in rounds meet the same one. ``host`` is the
 outside its waits for device results (``UpscaleReport.wait_seconds``): where it nears the call's
 time, the host's Python and launches, not the GPU, set the pace. The A/B pairs (``AB_PAIRS``,
 key ``ab``) compare rows that differ in one thing by their rounds' medians.
+
+A SIGTERM while rows are timed (a GPU session step's ``timeout``) stops the rows: those timed so
+far get a few rounds and are written with ``"complete": false``, without profiles; exit status 3.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import argparse
 import itertools
 import os
 import re
+import signal
 import statistics
 import sys
 import time
@@ -147,8 +152,11 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         if gpu:  # the default stores 2/4-bit codes one per byte on Triton/CUDA: the packed kernels, same run
             quant.append(("granular {2,4,8} + int8 tail, packed", dict(model=granular, tail_bits=8,
                                                                        containers="packed")))
-    if gpu:  # A/B: the output glue in torch, as before the fifth H100 run (make_engine's glue="torch")
+    if gpu:  # A/B: the output glue in torch, as before the fifth H100 run (make_engine's glue="torch"), and
+        # only the stitch in torch (glue="stitch"): which of the three parts costs the fused path wall time
         quant.append(("static a8 + int8 tail, torch glue", dict(policy="static", bits=8, tail_bits=8, glue="torch")))
+        quant.append(("static a8 + int8 tail, torch stitch", dict(policy="static", bits=8, tail_bits=8,
+                                                                   glue="stitch")))
         # A/B: a batch's groups side by side, one CUDA stream per width (Engine(group_streams=True))
         quant.append(("entropy {2,4,8}, group streams", dict(policy="entropy", bits=(2, 4, 8), group_streams=True)))
     if gpu:  # last (a GPU step cut short loses it first): the body in the padded layout, on the TMA kernel
@@ -181,25 +189,33 @@ def make_engine(model, kw: dict, device: str, calib):
         from gdq_engine.runtime.lastconv import use_kernel_last_conv
 
         use_kernel_last_conv(engine.model, False)
-    if glue == "torch":
-        torch_glue(engine)
+    if glue != "fused":
+        torch_glue(engine, parts=TORCH_GLUE_PARTS if glue == "torch" else (glue,))
     if compile_mode is not None:
         engine.model = torch.compile(engine.model, mode=None if compile_mode == "default" else compile_mode)
     return engine
 
 
-def torch_glue(engine) -> None:
+TORCH_GLUE_PARTS = ("stitch", "lend", "output")
+
+
+def torch_glue(engine, parts: tuple[str, ...] = TORCH_GLUE_PARTS) -> None:
     """``engine`` with the work around its network as torch did it before 2026-11-26's fifth H100
     run: one copy per window to stitch and a reduction over each batch for the finiteness check
     (not the Triton stitch, runtime/stitch.py), each batch's graph output copied out (not lent,
     GraphCache(lend=)), and the output glue as two passes over the HR image (not the last conv's
-    epilogue, KernelConv2d.image). The integer tail's half-precision input reads stay as they are."""
+    epilogue, KernelConv2d.image). The integer tail's half-precision input reads stay as they are.
+    ``parts``: which of the three (``TORCH_GLUE_PARTS``: "stitch", "lend", "output")."""
     from gdq_engine.runtime.lastconv import KernelConv2d
 
-    engine.stitcher.fused = lambda canvas, sr: False
-    if engine.network_graphs is not None:
+    unknown = set(parts) - set(TORCH_GLUE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown glue parts {sorted(unknown)}; parts: {TORCH_GLUE_PARTS}")
+    if "stitch" in parts:
+        engine.stitcher.fused = lambda canvas, sr: False
+    if "lend" in parts and engine.network_graphs is not None:
         engine.network_graphs.lend = False
-    for m in engine.model.modules():
+    for m in engine.model.modules() if "output" in parts else ():
         if isinstance(m, KernelConv2d):
             m.fuse_output = False
 
@@ -236,6 +252,23 @@ def gpu_ms(fn) -> tuple[float, dict]:
     return ms, {"calls": calls, **{k: after[k] - before[k] for k in after}}
 
 
+class RowsCut(BaseException):
+    """Raised by SIGTERM while rows are timed (a GPU session step's ``timeout``): the rows stop,
+    and the rows timed so far get their rounds and are written before the step's kill (10 s later).
+    A BaseException, so a row's ``except Exception`` does not take it for the row's failure."""
+
+
+def _cut_rows(state: dict):
+    """A SIGTERM handler: sets ``state["cut"]``, and raises :class:`RowsCut` while
+    ``state["in_rows"]`` (elsewhere, e.g. in the rounds, the work goes on to its end)."""
+    def handler(signum, frame):
+        state["cut"] = True
+        if state["in_rows"]:
+            raise RowsCut
+
+    return handler
+
+
 def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: bool = False) -> list[dict]:
     """Per engine, medians over ``rounds`` rounds, each round calling every engine once (frames
     rotating), so load drifting over the run hits every row alike (a row-after-row timing moved
@@ -268,6 +301,7 @@ def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: 
 # rounds, where both rows meet the same machine state.
 AB_PAIRS = (
     ("static a8 + int8 tail", "static a8 + int8 tail, torch glue"),
+    ("static a8 + int8 tail", "static a8 + int8 tail, torch stitch"),
     ("static a8 + int8 tail", "static a8 + int8 tail, cuDNN last conv"),
     ("static a8 + int8 tail", "static a8 + int8 tail, fp32 stream"),
     ("static a8 + int8 tail", "static a8 + int8 tail, padded"),
@@ -505,69 +539,92 @@ def main(argv=None) -> int:
             base = next((r["ms_rounds"] for r in size_rows if r["method"] == name and "ms_rounds" in r), None)
             for r in size_rows if base is not None else ():
                 r[f"speedup_rounds_vs_{name.split()[0]}"] = base / r["ms_rounds"]
-    for out_w, out_h in sizes:
-        frames = lr_frames(paths, out_h // args.scale, out_w // args.scale)
-        # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
-        frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(dev) for f in frames]
-        ref_outs, size_rows = None, []
-        for name, kw in cases:
-            if engines.get(name, True) is None:  # failed at an earlier size
-                continue
-            try:
-                if name not in engines:
-                    engines[name] = make_engine(model, kw, dev, calib)
-                engine = engines[name]
-                with torch.inference_mode():
-                    results = [engine.upscale(f, return_report=True) for f in frames]
-                    turn = itertools.cycle(frames)
-                    # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
-                    ms, around = (gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu
-                                  else (0.0, None))
-            except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
-                engines[name] = None
-                failures.append({"output": f"{out_w}x{out_h}", "method": name, "error": f"{type(exc).__name__}: {exc}"})
-                traceback.print_exc()
-                print(f"{out_w}x{out_h} {name}: FAILED ({failures[-1]['error']})", flush=True)
-                continue
-            outs = [out.float() / 255 if out.dtype == torch.uint8 else out for out, _ in results]
-            ref_outs = outs if ref_outs is None else ref_outs
-            bits = [b for _, report in results for b in report.bits]
-            macs = sum(frame_macs(model, engine, f) for f in frames) / len(frames)
-            row = {"output": f"{out_w}x{out_h}", "method": name, "ms": ms,
-                   "ms_per_mpix": ms / (out_w * out_h / 1e6),
-                   "fab": sum(bits) / len(bits) if bits else 32.0,
-                   "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
-                   "containers": engine.containers,
-                   "residual_stream": (None if engine.int_body is None else
-                                       str(engine.int_body.stream_dtype(engine.dtype)).removeprefix("torch.")),
-                   "fp_dtype": str(engine.dtype).removeprefix("torch."),
-                   "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
-                   "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
-            if around is not None:
-                row["timing_events"] = around
-            row["loadavg_1min"] = os.getloadavg()[0]  # other work on the host while the row ran
-            if peaks is not None:
-                nbytes = frames[0].numel() * 4 * (1 + args.scale**2)  # fp32 LR in, HR out
-                row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)
-                row["pct_of_floor"] = 100 * row["floor_ms"] / ms
-            size_rows.append(row)
-            if args.gpu:
-                print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
-                # Rows so far, in case the run is cut short (a GPU session's step limit): the final
-                # write below replaces this one with "complete": true.
-                add_speedups(size_rows)
-                write_results("latency", payload(rows + size_rows, complete=False), args.out)
-        timed = [engines[r["method"]] for r in size_rows]
-        for row, t in zip(size_rows, interleaved_ms(timed, frames, reps, gpu=args.gpu)):
-            row["host_ms"], row["wait_ms"] = t["host_ms"], t["wait_ms"]
-            if args.gpu:  # beside do_bench's ms: the rounds' host-timer ms
-                row["ms_rounds"] = t["ms"]
-            else:
-                row["ms"], row["ms_per_mpix"] = t["ms"], t["ms"] / (out_w * out_h / 1e6)
-                print(f"{out_w}x{out_h} {row['method']}: {t['ms']:.2f} ms", flush=True)
-        add_speedups(size_rows)
-        ab += ab_pairs(size_rows, "ms_rounds" if args.gpu else "ms")
-        rows += size_rows
+    cut = {"cut": False, "in_rows": False}
+    previous = signal.signal(signal.SIGTERM, _cut_rows(cut))
+    try:
+        for out_w, out_h in sizes:
+            frames = lr_frames(paths, out_h // args.scale, out_w // args.scale)
+            # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
+            frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(dev) for f in frames]
+            ref_outs, size_rows = None, []
+            for name, kw in cases:
+                if cut["cut"]:
+                    break
+                if engines.get(name, True) is None:  # failed at an earlier size
+                    continue
+                try:
+                    cut["in_rows"] = True  # a SIGTERM now stops the row (make_engine, upscale, do_bench)
+                    if name not in engines:
+                        engines[name] = make_engine(model, kw, dev, calib)
+                    engine = engines[name]
+                    with torch.inference_mode():
+                        results = [engine.upscale(f, return_report=True) for f in frames]
+                        turn = itertools.cycle(frames)
+                        # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
+                        ms, around = (gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu
+                                      else (0.0, None))
+                except RowsCut:
+                    break
+                except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
+                    if cut["cut"]:  # the cut broke the row (e.g. a CUDA graph capture): not the row's fault
+                        break
+                    engines[name] = None
+                    failures.append({"output": f"{out_w}x{out_h}", "method": name,
+                                     "error": f"{type(exc).__name__}: {exc}"})
+                    traceback.print_exc()
+                    print(f"{out_w}x{out_h} {name}: FAILED ({failures[-1]['error']})", flush=True)
+                    continue
+                finally:
+                    cut["in_rows"] = False
+                outs = [out.float() / 255 if out.dtype == torch.uint8 else out for out, _ in results]
+                ref_outs = outs if ref_outs is None else ref_outs
+                bits = [b for _, report in results for b in report.bits]
+                macs = sum(frame_macs(model, engine, f) for f in frames) / len(frames)
+                row = {"output": f"{out_w}x{out_h}", "method": name, "ms": ms,
+                       "ms_per_mpix": ms / (out_w * out_h / 1e6),
+                       "fab": sum(bits) / len(bits) if bits else 32.0,
+                       "patches": results[0][1].patches, "backend": getattr(engine.int_body, "backend", "fp"),
+                       "containers": engine.containers,
+                       "residual_stream": (None if engine.int_body is None else
+                                           str(engine.int_body.stream_dtype(engine.dtype)).removeprefix("torch.")),
+                       "fp_dtype": str(engine.dtype).removeprefix("torch."),
+                       "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
+                       "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
+                if around is not None:
+                    row["timing_events"] = around
+                row["loadavg_1min"] = os.getloadavg()[0]  # other work on the host while the row ran
+                if peaks is not None:
+                    nbytes = frames[0].numel() * 4 * (1 + args.scale**2)  # fp32 LR in, HR out
+                    row["floor_ms"] = floor_ms(int(macs), nbytes, peaks)
+                    row["pct_of_floor"] = 100 * row["floor_ms"] / ms
+                size_rows.append(row)
+                if args.gpu:
+                    print(f"{out_w}x{out_h} {name}: {ms:.2f} ms", flush=True)
+                    # Rows so far, in case the run is cut short (a GPU session's step limit): the final
+                    # write below replaces this one with "complete": true.
+                    add_speedups(size_rows)
+                    write_results("latency", payload(rows + size_rows, complete=False), args.out)
+            timed = [engines[r["method"]] for r in size_rows]
+            # cut: a few quick rounds over the rows timed so far, before the step's kill
+            for row, t in zip(size_rows, interleaved_ms(timed, frames, min(reps, 5) if cut["cut"] else reps,
+                                                        gpu=args.gpu)):
+                row["host_ms"], row["wait_ms"] = t["host_ms"], t["wait_ms"]
+                if args.gpu:  # beside do_bench's ms: the rounds' host-timer ms
+                    row["ms_rounds"] = t["ms"]
+                else:
+                    row["ms"], row["ms_per_mpix"] = t["ms"], t["ms"] / (out_w * out_h / 1e6)
+                    print(f"{out_w}x{out_h} {row['method']}: {t['ms']:.2f} ms", flush=True)
+            add_speedups(size_rows)
+            ab += ab_pairs(size_rows, "ms_rounds" if args.gpu else "ms")
+            rows += size_rows
+            if cut["cut"]:
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if cut["cut"]:  # cut short: the rows timed so far, with their rounds; no profiles
+        write_results("latency", payload(rows, complete=False), args.out)
+        print(f"cut short after {len(rows)} rows (SIGTERM); rounds over those, no profiles", flush=True)
+        return 3
     last_size = f"{sizes[-1][0]}x{sizes[-1][1]}"
     profiles = [{"method": name, "output": last_size,
                  **profile_ops(engines[name], frames, args.gpu,

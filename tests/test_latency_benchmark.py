@@ -101,10 +101,11 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
                                                                residual_stream="float32")
     # ... and of the output glue: the stitch, graph-output copy and output glue in torch (torch_glue)
     assert cases["static a8 + int8 tail, torch glue"] == dict(cases["static a8 + int8 tail"], glue="torch")
+    assert cases["static a8 + int8 tail, torch stitch"] == dict(cases["static a8 + int8 tail"], glue="stitch")
     # ... and of the groups' streams
     assert cases["entropy {2,4,8}, group streams"] == dict(cases["entropy {2,4,8}"], group_streams=True)
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
-    assert not any(name.endswith(("padded", "last conv", "stream", "glue", "streams")) for name in cpu)
+    assert not any(name.endswith(("padded", "last conv", "stream", "glue", "stitch", "streams")) for name in cpu)
 
 
 def test_torch_glue_turns_off_the_stitch_the_lent_outputs_and_the_fused_output_glue():
@@ -123,9 +124,14 @@ def test_torch_glue_turns_off_the_stitch_the_lent_outputs_and_the_fused_output_g
     engine.stitcher.kernel_on_cpu = True
     canvas = torch.zeros(3, 16, 16)
     assert engine.stitcher.fused(canvas, canvas[None]) and engine.model.tail.fuse_output
+    latency.torch_glue(engine, parts=("stitch",))  # the "torch stitch" row: the stitch only
+    assert not engine.stitcher.fused(canvas, canvas[None])
+    assert engine.network_graphs.lend and engine.model.tail.fuse_output
     latency.torch_glue(engine)
     assert not engine.stitcher.fused(canvas, canvas[None]) and not engine.network_graphs.lend
     assert isinstance(engine.model.tail, KernelConv2d) and not engine.model.tail.fuse_output
+    with pytest.raises(ValueError, match="glue parts"):
+        latency.torch_glue(engine, parts=("stich",))
 
 
 @needs_data
@@ -351,3 +357,32 @@ def test_rounds_call_every_engine_once_per_round_and_split_host_from_waits():
 
     names = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), Path("granular.pt"), "none"))
     assert all(name in names for pair in latency.AB_PAIRS for name in pair)  # every pair names GPU rows
+
+
+@needs_data
+def test_a_sigterm_stops_the_rows_and_keeps_those_timed_with_their_rounds(tmp_path, monkeypatch, capsys):
+    """A GPU session step's time limit (``timeout`` sends SIGTERM, then kills 10 s later): the row
+    being built stops, the rows timed so far get their rounds (host and wait columns) and are
+    written with ``"complete": false``, the profiles are skipped, the exit status is 3, and the
+    process's own SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    real = latency.make_engine
+
+    def make_engine(model, kw, device, calib):
+        if kw.get("dtype") == torch.bfloat16:  # the second row
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, kw, device, calib)
+
+    monkeypatch.setattr(latency, "make_engine", make_engine)
+    before = signal.getsignal(signal.SIGTERM)
+    assert latency.main(["--arch", "rdn", "--scale", "2", "--output", "48x48", "--frames", "1", "--reps", "2",
+                         "--profile", "fp32", "--out", str(tmp_path)]) == 3
+    assert signal.getsignal(signal.SIGTERM) is before
+    (path,) = tmp_path.glob("latency-*.json")
+    result = json.loads(path.read_text())
+    assert result["complete"] is False and "profiles" not in result and result["failures"] == []
+    (row,) = result["rows"]
+    assert row["method"] == "fp32" and row["ms"] > 0 and row["host_ms"] == row["ms"]
+    assert "cut short after 1 rows" in capsys.readouterr().out
