@@ -9,11 +9,11 @@ each window's neighbours own).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 
+from .tables import TableCache, upload
 from .tiler import TileGrid, owned_boxes
 
 
@@ -30,9 +30,7 @@ def make_plan(grid: TileGrid, tiles: range | list[int], scale: int, device: torc
     rows = owned_boxes(grid, tiles, scale)
     boxes = torch.tensor(rows, dtype=torch.int32).view(len(rows), 6)
     extent = (max(r[1] - r[0] for r in rows), max(r[3] - r[2] for r in rows))
-    if torch.device(device).type == "cuda":  # a pageable copy would wait for the stream's work
-        return StitchPlan(boxes.pin_memory().to(device, non_blocking=True), extent)
-    return StitchPlan(boxes.to(device), extent)
+    return StitchPlan(upload(boxes, device), extent)
 
 
 class Stitcher:
@@ -42,9 +40,8 @@ class Stitcher:
     interpreter, for tests)."""
 
     def __init__(self, capacity: int = 64):
-        self.capacity = capacity
         self.kernel_on_cpu = False
-        self._plans: OrderedDict[tuple, StitchPlan] = OrderedDict()
+        self._plans = TableCache(capacity)
 
     def fused(self, canvas: torch.Tensor, sr: torch.Tensor) -> bool:
         """Whether :meth:`stitch` runs the Triton kernel for this canvas and these windows: both
@@ -70,12 +67,7 @@ class Stitcher:
             return False
         from ..kernels import ops
 
-        key = (grid, tuple(tiles), scale, canvas.device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = make_plan(grid, tiles, scale, canvas.device)
-            while len(self._plans) > self.capacity:
-                self._plans.popitem(last=False)
-        self._plans.move_to_end(key)
+        plan = self._plans.get_or_make((grid, tuple(tiles), scale, canvas.device),
+                                       lambda: make_plan(grid, tiles, scale, canvas.device))
         ops.stitch_windows(canvas, sr, plan.boxes, plan.extent, bad)
         return True

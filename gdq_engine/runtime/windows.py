@@ -6,10 +6,9 @@ the network's graph can start). The windows come out channels-last, the layout t
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from .tables import TableCache, upload
 from .tiler import TileGrid
 
 
@@ -21,9 +20,7 @@ def window_index(grid: TileGrid, tiles: range | list[int], device: torch.device 
     chosen = [grid.tiles[i] for i in tiles]
     rows = torch.tensor([t.win_y for t in chosen]).view(-1, 1, 1) + torch.arange(wh).view(1, wh, 1)
     cols = torch.tensor([t.win_x for t in chosen]).view(-1, 1, 1) + torch.arange(ww).view(1, 1, ww)
-    if torch.device(device).type == "cuda":  # a pageable copy would wait for the stream's work
-        return rows.pin_memory().to(device, non_blocking=True), cols.pin_memory().to(device, non_blocking=True)
-    return rows.to(device), cols.to(device)
+    return upload(rows, device), upload(cols, device)
 
 
 def gather_windows(img: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -37,19 +34,13 @@ class WindowCutter:
     ``capacity``, least recently used dropped: whole-image mode sees a new grid per image size)."""
 
     def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self._index: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._index = TableCache(capacity)
 
     def cut(self, img: torch.Tensor, grid: TileGrid, tiles: list[int]) -> torch.Tensor:
         """The windows of ``tiles`` of ``grid`` from the (C, H, W) image ``img``: (K, C, wh, ww),
         ``img``'s dtype and device, channels-last."""
         if tuple(img.shape[1:]) != (grid.height, grid.width):
             raise ValueError(f"image of {tuple(img.shape[1:])} pixels for a grid of {(grid.height, grid.width)}")
-        key = (grid, tuple(tiles), img.device)
-        index = self._index.get(key)
-        if index is None:
-            index = self._index[key] = window_index(grid, tiles, img.device)
-            while len(self._index) > self.capacity:
-                self._index.popitem(last=False)
-        self._index.move_to_end(key)
+        index = self._index.get_or_make((grid, tuple(tiles), img.device),
+                                        lambda: window_index(grid, tiles, img.device))
         return gather_windows(img, *index)
