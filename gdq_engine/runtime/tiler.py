@@ -84,7 +84,7 @@ def make_grid(height: int, width: int, patch: int = 96, stride: int = 90, margin
     """Tile an LR image of ``height`` x ``width`` pixels (see module doc). Raises ``ValueError``
     for a stride outside [1, patch], a negative margin, or an image side below ``MIN_SIDE``.
     Grids are immutable and cached per arguments: the engine asks for one per image, and building
-    a 1080p frame's 18 tiles took 50 us of host time."""
+    one is Python work on the host before the frame's first launch."""
     if patch < 1 or not 1 <= stride <= patch:
         raise ValueError(f"need patch >= 1 and 1 <= stride <= patch, got patch={patch}, stride={stride}")
     if margin < 0:

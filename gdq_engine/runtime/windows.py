@@ -1,7 +1,7 @@
 """Cutting a batch's LR windows out of an image: one gather per batch (index tensors cached per
 grid and batch) instead of :func:`~gdq_engine.runtime.tiler.extract_windows`' slice per window
-and a stack (on a GPU, 2 host calls instead of about 40 for a 1080p frame's 18 windows, before
-the network's graph can start). The windows come out channels-last, the layout the network takes.
+and a stack (on a GPU, host calls before the network's graph can start: a few instead of two per
+window and one more). The windows come out channels-last, the layout the network takes.
 """
 
 from __future__ import annotations
