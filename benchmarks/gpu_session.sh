@@ -26,7 +26,7 @@
 # then run each call through the device tool with carry [".gpu_data"] (timeout_s 480 and 340).
 #
 # Writes under $OUT (default /tmp/gdq_gpu): session.log (every step's output and time), load.log,
-# a/ (call 1: the 1080p latency JSON and plot, with the profiles of the two integer-tail rows) and
+# a/ (call 1: the 1080p latency JSON and plot, with the profiles of four integer-tail rows) and
 # b/ (call 2: the second 1080p JSON and the 720p/4K one; call 3: the kernels.py JSON and
 # ncu-convs.csv); the device tool brings back 8 files at most, 2 folders down. Each pytest run is
 # its own process, so a crash in one loses only that step; the error-path test runs alone first
@@ -65,7 +65,7 @@ fi
 PYTEST="$PY -m pytest -q -p no:cacheprovider -rf --tb=short"
 
 PROFILES=(--profile "static a8 + int8 tail" --profile "static a8 + int8 tail, torch glue"
-          --profile "granular {2,4,8} + int8 tail")
+          --profile "static a8 + int8 tail, image graph" --profile "granular {2,4,8} + int8 tail")
 # what else runs on the host while latency.py times (load average and the busiest processes)
 sample_load() { while true; do { date -u +%T; top -b -n 1 -w 120 | head -n 14; } >>"$OUT/load.log" 2>&1; sleep 15; done; }
 sample_load &
@@ -122,12 +122,14 @@ if [ "${GDQ_MEMCHECK:-0}" = 1 ]; then
     step memcheck 40 env GDQ_TRITON_AUTOTUNE=0 "$SANITIZER" --tool memcheck --error-exitcode 99 $PYTEST \
         tests/test_cuda_kernels.py -k "$SMALL"
 fi
-# what no GPU has run yet: the host's waits and syncs of a frame (runtime/hostreads.py) and the
-# windows' gather (runtime/windows.py)
-step new_tests 40 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_hostreads.py tests/test_windows.py
+# what no GPU has run yet: the host's waits and syncs of a frame (runtime/hostreads.py), the
+# windows' gather (runtime/windows.py), image graphs (runtime/imagegraph.py: the real capture of a
+# whole frame) and the graph cache's tuple outputs
+step new_tests 60 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_hostreads.py tests/test_windows.py \
+    tests/test_imagegraph.py tests/test_graphs.py
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
-    step latency_1080p 270 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
+    step latency_1080p 250 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \
         --plot "$OUT/a/latency.png" --out "$OUT/a" --trace "$OUT/a" "${PROFILES[@]}"
 fi
 echo "=== done $(date -u)" | tee -a "$LOG"

@@ -157,6 +157,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         quant.append(("static a8 + int8 tail, torch glue", dict(policy="static", bits=8, tail_bits=8, glue="torch")))
         quant.append(("static a8 + int8 tail, torch stitch", dict(policy="static", bits=8, tail_bits=8,
                                                                    glue="stitch")))
+        # A/B: each frame's whole work as one CUDA graph replay (Engine(image_graphs=True))
+        quant.append(("static a8 + int8 tail, image graph", dict(policy="static", bits=8, tail_bits=8,
+                                                                  image_graphs=True)))
         # A/B: a batch's groups side by side, one CUDA stream per width (Engine(group_streams=True))
         quant.append(("entropy {2,4,8}, group streams", dict(policy="entropy", bits=(2, 4, 8), group_streams=True)))
     if gpu:  # last (a GPU step cut short loses it first): the body in the padded layout, on the TMA kernel
@@ -302,6 +305,7 @@ def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: 
 AB_PAIRS = (
     ("static a8 + int8 tail", "static a8 + int8 tail, torch glue"),
     ("static a8 + int8 tail", "static a8 + int8 tail, torch stitch"),
+    ("static a8 + int8 tail", "static a8 + int8 tail, image graph"),
     ("static a8 + int8 tail", "static a8 + int8 tail, cuDNN last conv"),
     ("static a8 + int8 tail", "static a8 + int8 tail, fp32 stream"),
     ("static a8 + int8 tail", "static a8 + int8 tail, padded"),

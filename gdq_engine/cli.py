@@ -43,6 +43,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-streams", action="store_true",
                    help="dynamic policies on CUDA: run a batch's groups of different widths at the same time, one "
                         "CUDA stream per width (same results)")
+    p.add_argument("--image-graphs", action="store_true",
+                   help="static policies on CUDA: run each image's whole work as one CUDA graph replay, captured per "
+                        "image size on its second use (same results; for many images of one size, e.g. video frames)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
@@ -77,7 +80,7 @@ def _engine(args, progress: bool = False, policy: str = "fp", calib=None):
                   backend=args.backend, depth=None if name == "fp" else args.depth, tail_bits=tail_bits,
                   containers="auto" if name == "fp" else args.containers,
                   residual_stream="auto" if name == "fp" else args.residual_stream,
-                  group_streams=args.group_streams)
+                  group_streams=args.group_streams, image_graphs=args.image_graphs)
 
 
 def parse_checkpoint_spec(spec: str) -> tuple[str, int | None] | None:

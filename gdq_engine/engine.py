@@ -24,10 +24,11 @@ from .policy import BitPolicy, Static
 from .quantized import BACKENDS
 from .runtime.graphs import GraphCache
 from .runtime.hostreads import counting_waits, to_host, waiting
+from .runtime.imagegraph import ImageGraphs, ImagePlan, make_image_plan
 from .runtime.intgraph import _backend_module
 from .runtime.lastconv import with_kernel_last_conv
 from .runtime.scheduler import has_device_stage
-from .runtime.stitch import Stitcher
+from .runtime.stitch import Stitcher, finish_canvas
 from .runtime.streams import GroupStreams
 from .runtime.tiler import check_image_size, make_grid, whole_image_grid
 from .runtime.windows import WindowCutter
@@ -155,6 +156,15 @@ class Engine:
             not leave most of the GPU idle; results unchanged. Off by default until a GPU run
             measures it (``latency.py``'s ``entropy {2,4,8}, group streams`` row). Elsewhere (CPU,
             static and layer-wise policies) it changes nothing.
+        image_graphs: with a static policy and ``cuda_graphs`` on CUDA, run each image's whole work
+            (the input's check, the window gather, the network for every batch, the Triton
+            stitch, the clamp and uint8 rounding, the finiteness flag) as one CUDA graph replay
+            per image, captured per image size on its second use
+            (:mod:`~gdq_engine.runtime.imagegraph`), instead of the host queueing it piece by piece
+            around the network's replays; results unchanged. Each image size's graph keeps its
+            own fp32 output image and activations in device memory (at most 4 sizes). Off by
+            default until a GPU run measures it (``latency.py``'s ``image graph`` row).
+            Elsewhere it changes nothing.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
@@ -162,7 +172,7 @@ class Engine:
                  dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
                  w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
                  tail_bits: int | None = None, containers: str = "auto", residual_stream: str = "auto",
-                 group_streams: bool = False):
+                 group_streams: bool = False, image_graphs: bool = False):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -218,6 +228,7 @@ class Engine:
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.policy_graphs = None  # CUDA graphs of the FP head and a dynamic policy's device stage
         self.group_streams: GroupStreams | None = None  # a dynamic policy's groups side by side (CUDA)
+        self.image_graphs: ImageGraphs | None = None  # a static policy's whole image per replay (CUDA)
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -248,6 +259,8 @@ class Engine:
             if group_streams and self.device.type == "cuda" and not static and not getattr(self.policy, "layerwise",
                                                                                             False):
                 self.group_streams = GroupStreams(self.device)
+            if image_graphs and static and self.network_graphs is not None and self._triton_stitch_runs():
+                self.image_graphs = ImageGraphs()
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers,
                                                 residual_stream=residual_stream)
             self.containers = self.int_body.containers
@@ -308,7 +321,11 @@ class Engine:
         start = time.perf_counter()
         input_dtype = input_dtype_of(x)
         batch, kind = as_batch(x)
-        bounds = self._validate(batch)
+        plan = None
+        if self.image_graphs is not None:
+            self._validate(batch, values=False)  # the shape, before a plan is made for it
+            plan = self._image_plan(*batch.shape[-2:])
+        bounds = self._validate(batch) if plan is None else None  # an image graph checks its image's values
         report = UpscaleReport(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
         # uint8 results (uint8 tensors and arrays, PIL images) are rounded where they were computed
         # and cross to the input's device as bytes, a quarter of the fp32 image.
@@ -318,8 +335,14 @@ class Engine:
         with counting_waits() as waits:
             for n in range(batch.shape[0]):
                 target = out[n]  # one view: finish_image skips the copy when the canvas is this very tensor
+                if plan is not None:
+                    if self._upscale_image_graph(batch[n].float(), target, plan, report):
+                        continue
+                    # out of memory: the tiled path from here on, with the remaining images' values checked
+                    plan, bounds = None, self._validate(batch[n:])
                 canvas = self._canvas_for(target)
-                self._upscale_one(batch[n].float(), canvas, report, bounds if n == 0 else None)
+                self._upscale_one(batch[n].float(), canvas, report, bounds)
+                bounds = None  # read with the first image's flag
                 finish_image(canvas, target)
         report.seconds, report.wait_seconds = time.perf_counter() - start, waits[0]
         result = restore_kind(out, kind)
@@ -327,11 +350,12 @@ class Engine:
 
     __call__ = upscale
 
-    def _validate(self, batch: torch.Tensor) -> torch.Tensor | None:
+    def _validate(self, batch: torch.Tensor, values: bool = True) -> torch.Tensor | None:
         """Check the (N,C,H,W) input: its shape now; its values (finite, in [0, 1]) now too, or,
         where reading them would be a host sync the frame does not otherwise make
         (:meth:`_defers_value_check`), later: then the returned (2,) device tensor (min, max) is read
-        with the first image's finiteness flag, in its one transfer at the end."""
+        with the first image's finiteness flag, in its one transfer at the end. ``values=False``:
+        the shape only (image graphs check each image's values in their own read)."""
         n, c, h, w = batch.shape
         if c != 3:
             hint = " (RGBA: use gdq_engine.upscale_file, which keeps alpha)" if c == 4 else ""
@@ -339,6 +363,8 @@ class Engine:
         if n == 0 or h == 0 or w == 0:
             raise ValueError(f"empty image batch of shape {tuple(batch.shape)}")
         check_image_size(h, w)
+        if not values:
+            return None
         # One pass for the three checks (min and max are NaN or infinite exactly when some value is).
         bounds = torch.stack(torch.aminmax(batch.float()))
         if self._defers_value_check(batch):
@@ -355,9 +381,72 @@ class Engine:
         if target.dtype == torch.float32 and target.device == self.device:
             return target
         device = self.device
-        if device.type == "cuda" and target.numel() * 4 * CANVAS_FREE_FRACTION > torch.cuda.mem_get_info(device)[0]:
+        if device.type == "cuda" and not self._canvas_fits_device(target.numel()):
             device = target.device
         return torch.empty(target.shape, dtype=torch.float32, device=device)
+
+    def _canvas_fits_device(self, numel: int) -> bool:
+        """Whether an fp32 output image of ``numel`` values takes at most 1/``CANVAS_FREE_FRACTION``
+        of the free memory of the (CUDA) compute device."""
+        return numel * 4 * CANVAS_FREE_FRACTION <= torch.cuda.mem_get_info(self.device)[0]
+
+    def _triton_stitch_runs(self) -> bool:
+        from .ops.triton_ops import unavailable_reason
+
+        return unavailable_reason(self.device) is None
+
+    def _image_plan(self, height: int, width: int) -> ImagePlan | None:
+        """The image graphs' plan of an LR image of ``height`` x ``width`` pixels (cached per size
+        and ``batch_size``); None when its output image does not fit on the device
+        (:meth:`_canvas_for` would put it in host memory), so it takes the tiled path."""
+        def make() -> ImagePlan | None:
+            grid = self.grid(height, width)
+            if self.device.type == "cuda" and not self._canvas_fits_device(3 * height * width * self.scale ** 2):
+                return None
+            return make_image_plan(grid, self.batch_size_for(grid), self.scale, self.device, self.cutter,
+                                   self.stitcher)
+
+        return self.image_graphs.plan((height, width, self.batch_size), make)
+
+    def _upscale_image_graph(self, img: torch.Tensor, target: torch.Tensor, plan: ImagePlan,
+                             report: UpscaleReport) -> bool:
+        """Upscale one (3,H,W) fp32 image into ``target`` as an image graph replay
+        (:mod:`~gdq_engine.runtime.imagegraph`), then read its flag: the input's values and the
+        output's finiteness are checked. False (nothing written, image graphs now off) when the
+        device ran out of memory."""
+        from .runtime.scheduler import forward_static
+
+        b = self.policy.bits[0]
+        try:
+            result, flag = self.image_graphs.run(
+                img.to(self.device, non_blocking=True), plan,
+                lambda w: forward_static(self.model, self.int_body, b, w, self.dtype), b, target.dtype == torch.uint8)
+        except torch.cuda.OutOfMemoryError:
+            self.image_graphs = None
+            torch.cuda.empty_cache()
+            report.fallbacks.append("out of memory: image graphs off")
+            return False
+        # the host's bookkeeping while the GPU works
+        report.patches += len(plan.grid)
+        report.batches += len(plan.batches)
+        self._count(report, plan.grid.window, [b] * len(plan.grid), [(b, len(batch.tiles)) for batch in plan.batches])
+        if target.device.type == "cpu" and result.device.type != "cpu":
+            with waiting():  # into host memory: waits for the image's work
+                target.copy_(result)
+        else:
+            target.copy_(result)
+        ok, lo, hi = to_host(flag).tolist()
+        check_input_values(lo, hi)
+        if not ok:
+            raise self._non_finite_error()
+        return True
+
+    def _non_finite_error(self) -> FloatingPointError:
+        """The error of a quantized policy's non-finite output."""
+        hint = "use float32"
+        if self.int_body is not None and self.int_body.stream_dtype(self.dtype) != torch.float32:
+            hint += " (or residual_stream='float32', if the integer body's half-precision stream overflowed)"
+        return FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; {hint}")
 
     def _defers_value_check(self, batch: torch.Tensor) -> bool:
         """Whether the input's value checks wait for the image's last host read: on CUDA, for every
@@ -415,10 +504,7 @@ class Engine:
         if ok:
             return
         if self.policy is not None:
-            hint = "use float32"
-            if self.int_body is not None and self.int_body.stream_dtype(self.dtype) != torch.float32:
-                hint += " (or residual_stream='float32', if the integer body's half-precision stream overflowed)"
-            raise FloatingPointError(f"the network produced NaN/Inf values in {self.dtype}; {hint}")
+            raise self._non_finite_error()
         if self.dtype == torch.float32:
             raise FloatingPointError("the network produced NaN/Inf values (check the checkpoint)")
         warnings.warn(f"{self.dtype} produced non-finite values; re-running this image in float32", stacklevel=3)
@@ -438,7 +524,8 @@ class Engine:
         todo = list(range(len(grid)))
         finite = None  # the torch path's check of its batches (made by the first one that takes it)
         bad = None  # the Triton stitch's flag (made by the first batch it stitches)
-        bar = tqdm(total=len(todo), desc="upscale", unit="patch", disable=not self.progress, leave=False)
+        # no bar object at all without progress: a disabled tqdm still does work per frame
+        bar = tqdm(total=len(todo), desc="upscale", unit="patch", leave=False) if self.progress else None
         while todo:
             idx = todo[:bs]
             try:
@@ -459,8 +546,10 @@ class Engine:
                 report.patches += len(idx)
                 report.batches += 1
             todo = todo[len(idx):]
-            bar.update(len(idx))
-        bar.close()
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
         stitched_ok = None if bad is None else bad[0] == 0
         if finite is None:
             return stitched_ok
@@ -475,22 +564,27 @@ class Engine:
             return self.model(x.to(self.dtype)).float()
 
     def _forward_quantized(self, x: torch.Tensor, report: UpscaleReport | None) -> torch.Tensor:
-        from .runtime.cost import bitops
         from .runtime.scheduler import forward_quantized
 
         with torch.inference_mode():
             y, bits, groups = forward_quantized(self.model, self.int_body, self.policy, x, self.dtype,
                                                 graphs=self.network_graphs, policy_graphs=self.policy_graphs,
                                                 group_streams=self.group_streams)
-        if report is None:
-            return y
-        cost = self._patch_cost((x.shape[-2], x.shape[-1]))
-        per_patch = [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()]
+        if report is not None:
+            self._count(report, (x.shape[-2], x.shape[-1]),
+                        [int(b) if float(b).is_integer() else float(b) for b in bits.tolist()], groups)
+        return y
+
+    def _count(self, report: UpscaleReport, window: tuple[int, int], per_patch: list, groups: list) -> None:
+        """Add patches of ``window`` (LR height, width) at the bit-widths ``per_patch``, run as body
+        launches ``groups``, to ``report``'s bits, groups and BitOPs."""
+        from .runtime.cost import bitops
+
+        cost = self._patch_cost(window)
         report.bits.extend(per_patch)
         report.groups.extend(groups)
         report.bitops += int(sum(bitops(cost.q_macs, cost.fp_macs, b, self.w_bits, cost.tail_macs, self.tail_bits)
                                   for b in per_patch))
-        return y
 
 
 CPU_BATCH_SIZE = 16
@@ -503,8 +597,7 @@ def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
     """Clamp the fp32 (3,sH,sW) ``canvas`` to [0, 1] in place and write it into ``target`` (the
     same tensor, or fp32 or uint8 on any device): uint8 as ``round(255 x)``, computed on the
     canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives)."""
-    canvas.clamp_(0, 1)
-    result = canvas.mul_(255).round_().to(torch.uint8) if target.dtype == torch.uint8 else canvas
+    result = finish_canvas(canvas, target.dtype == torch.uint8)
     if result is target:
         return
     if target.device.type == "cpu" and result.device.type != "cpu":

@@ -126,6 +126,23 @@ def test_upscale_with_policy(tmp_path, ckpt, capsys):
     assert "keeps the residual stream in float32 only" in capsys.readouterr().err
 
 
+def test_engine_options_reach_the_engine(tmp_path, ckpt, monkeypatch):
+    """The GPU-only switches pass through to Engine (on this CPU they change nothing)."""
+    import gdq_engine.engine as engine_module
+
+    seen, real = {}, engine_module.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", spy)
+    save_image(random_image(20, 26), tmp_path / "a.png")
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", ckpt, "--image-graphs",
+                 "--group-streams"]) == 0
+    assert seen["image_graphs"] is True and seen["group_streams"] is True
+
+
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):
     calib = tmp_path / "calib"
     calib.mkdir()

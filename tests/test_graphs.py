@@ -24,7 +24,13 @@ class FakeGraphs(GraphCache):
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captured.append(static_ins[0])
         static_out = fn(*static_ins)
-        return (lambda: static_out.copy_(fn(*static_ins))), static_out
+
+        def replay():
+            fresh = fn(*static_ins)
+            for out, new in zip(static_out, fresh) if isinstance(static_out, tuple) else [(static_out, fresh)]:
+                out.copy_(new)
+
+        return replay, static_out
 
 
 def per_item(calls):
@@ -75,6 +81,36 @@ def test_a_lending_cache_returns_the_graphs_buffer_until_its_next_replay():
     assert torch.equal(first, fn(x))
     second = cache("t", y, fn)
     assert second.data_ptr() == first.data_ptr() and torch.equal(first, fn(y))  # the same buffer, rewritten
+
+
+def test_tuple_outputs_come_back_as_tuples_and_keep_lives_as_long_as_the_graph():
+    """A function of two outputs gets both back (sliced to the call's N, copied unless lent),
+    eagerly and from replays; what a call passes as ``keep`` is held by the graph it captures
+    and released when the graph is dropped."""
+    import gc
+    import weakref
+
+    class Table:
+        pass
+
+    cache = FakeGraphs(capacity=1)
+    fn = per_item([])
+
+    def two(x):
+        return fn(x), x.sum(1)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    table = Table()
+    held = weakref.ref(table)
+    for _ in range(3):  # eager, capture, replay
+        got = cache("t", x, two, keep=table)
+        assert isinstance(got, tuple) and torch.equal(got[0], fn(x)) and torch.equal(got[1], x.sum(1))
+    del table
+    gc.collect()
+    assert held() is not None  # the captured graph keeps it
+    cache("u", x, two), cache("u", x, two)  # another graph: capacity 1 drops the first
+    gc.collect()
+    assert held() is None
 
 
 def test_tags_and_layouts_are_separate_graphs_and_old_ones_are_dropped():

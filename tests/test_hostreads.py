@@ -39,11 +39,12 @@ def test_a_cpu_engine_reports_no_waits():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("policy", ["fp", "static"])
+@pytest.mark.parametrize("policy", ["fp", "static", "static, image graphs"])
 def test_a_cuda_engine_waits_in_its_one_read_per_frame(policy):
     """The engine's reads are timed (0 < wait < the call), and a warm frame of an FP or static
     engine synchronises with the device once: its final read (latency.sync_sites, the profile's
-    check); a uint8 result copied into host memory is one more, also timed."""
+    check), also as an image graph's replay; a uint8 result copied into host memory is one more,
+    also timed."""
     import sys
     from pathlib import Path
 
@@ -54,11 +55,14 @@ def test_a_cuda_engine_waits_in_its_one_read_per_frame(policy):
     import latency
 
     torch.manual_seed(0)
-    kw = dict(policy="static", bits=8, calib=torch.rand(4, 3, 24, 24)) if policy == "static" else dict(policy="fp")
+    kw = dict(policy="fp")
+    if policy.startswith("static"):
+        kw = dict(policy="static", bits=8, calib=torch.rand(4, 3, 24, 24), image_graphs="image" in policy)
     engine = Engine(EDSR(scale=2, n_feats=16, n_blocks=2).eval(), device="cuda", **kw)
     frame = torch.rand(1, 3, 60, 70, device="cuda")
-    for _ in range(2):
+    for _ in range(2):  # eager, then the capture of the network's (or the image's) graph
         _, report = engine.upscale(frame, return_report=True)
+    assert (engine.image_graphs is not None) == ("image" in policy)
     assert 0 < report.wait_seconds < report.seconds
     syncs = latency.sync_sites(engine, frame)
     assert syncs["count"] == 1, syncs

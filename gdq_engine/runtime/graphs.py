@@ -58,7 +58,12 @@ class GraphCache:
     ``lend=True`` returns the graph's own output buffer (the first N items) instead of a copy: for
     an owner that has read it (in stream order) before it calls the cache again, as the Engine's
     tile loop stitches each batch before the next; the next replay of that graph overwrites it. On
-    a 1080p frame of EDSR-baseline x4 the copy is a 32 MB round trip.
+    a 1080p frame of EDSR-baseline x4 the copy is a 32 MB round trip. ``fn`` may return a tuple of
+    (N, ...) tensors; the call then returns a tuple too.
+
+    ``keep`` (optional, per call) is held with the graph a call captures, for as long as the graph
+    lives: device tensors ``fn`` reads that are neither its inputs nor made inside it (index tables
+    from a bounded cache, which could otherwise free them while the graph still reads them).
 
     Calls on CPU tensors, calls made while another graph is being captured (``fn`` then becomes
     part of that graph) and calls after a capture failed run ``fn`` eagerly. A failed capture
@@ -84,7 +89,7 @@ class GraphCache:
         return self.enabled and x.is_cuda and not capturing(x)
 
     def __call__(self, tag: Hashable, x: torch.Tensor | tuple[torch.Tensor, ...], fn: Callable[..., torch.Tensor],
-                 pad: bool = True, items: bool = False) -> torch.Tensor:
+                 pad: bool = True, items: bool = False, keep: object = None) -> torch.Tensor:
         """``fn(*x)`` as described above. ``items``: ``fn`` takes one more argument, a (1,) int32
         tensor on the device holding how many of its N items are real, or None when all are (the
         eager calls); a replay first writes the call's N into it, so ``fn``'s kernels can skip the
@@ -105,19 +110,21 @@ class GraphCache:
             self._calls[key] += 1
             if self._calls[key] < 2:
                 return call(*inputs)
-            entry = self._capture(key, fn, items)
+            entry = self._capture(key, fn, items, keep)
             if entry is None:
                 return call(*inputs)
         self._graphs.move_to_end(key)
-        replay, static_ins, static_out, count = entry
+        replay, static_ins, static_out, count, _ = entry
         for static, t in zip(static_ins, inputs):
             static[:n].copy_(t)
         if count is not None:
             count.fill_(n)  # read by the graph's kernels when they run (stream order)
         replay()
+        if isinstance(static_out, tuple):
+            return tuple(out[:n] if self.lend else out[:n].clone() for out in static_out)
         return static_out[:n] if self.lend else static_out[:n].clone()
 
-    def _capture(self, key: tuple, fn, items: bool = False) -> tuple | None:
+    def _capture(self, key: tuple, fn, items: bool = False, keep: object = None) -> tuple | None:
         static_ins = []
         for shape, dtype, device, channels_last in key[1]:
             static = torch.zeros(shape, dtype=dtype, device=device)  # padding items stay finite
@@ -134,13 +141,13 @@ class GraphCache:
             warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
             self.enabled = False
             return None
-        self._graphs[key] = (replay, static_ins, static_out, count)
+        self._graphs[key] = (replay, static_ins, static_out, count, keep)
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)
         return self._graphs[key]
 
     def _capture_graph(self, fn, static_ins: list[torch.Tensor],
-                       pool: Hashable = None) -> tuple[Callable[[], None], torch.Tensor]:
+                       pool: Hashable = None) -> tuple[Callable[[], None], torch.Tensor | tuple]:
         """(replay, output) of ``fn`` captured on ``static_ins`` into the memory pool named ``pool``,
         after a warm-up run on a side stream (as ``torch.cuda.graph`` expects; it also compiles the
         padded shape's kernels)."""

@@ -67,7 +67,19 @@ class Stitcher:
             return False
         from ..kernels import ops
 
-        plan = self._plans.get_or_make((grid, tuple(tiles), scale, canvas.device),
-                                       lambda: make_plan(grid, tiles, scale, canvas.device))
+        plan = self.plan(grid, tiles, scale, canvas.device)
         ops.stitch_windows(canvas, sr, plan.boxes, plan.extent, bad)
         return True
+
+    def plan(self, grid: TileGrid, tiles: list[int], scale: int, device: torch.device) -> StitchPlan:
+        """The cached :class:`StitchPlan` of ``tiles`` of ``grid`` on ``device``."""
+        return self._plans.get_or_make((grid, tuple(tiles), scale, device),
+                                       lambda: make_plan(grid, tiles, scale, device))
+
+
+def finish_canvas(canvas: torch.Tensor, uint8: bool) -> torch.Tensor:
+    """The finished output image of a stitched fp32 (3, sH, sW) ``canvas``: clamped to [0, 1] in
+    place, and with ``uint8`` rounded to ``round(255 x)`` (the values
+    :func:`~gdq_engine.io.to_uint8` gives) as a new uint8 tensor (the canvas then holds 255 x)."""
+    canvas.clamp_(0, 1)
+    return canvas.mul_(255).round_().to(torch.uint8) if uint8 else canvas

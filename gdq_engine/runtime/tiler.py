@@ -65,6 +65,15 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def __hash__(self) -> int:
+        # Computed once: the engine's tables are keyed on the grid every batch, and the generated
+        # hash would walk every tile each time.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.height, self.width, self.window, self.tiles))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
 
 def _axis(length: int, patch: int, stride: int, margin: int):
     starts = patch_starts(length, patch, stride)

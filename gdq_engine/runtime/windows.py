@@ -41,6 +41,8 @@ class WindowCutter:
         ``img``'s dtype and device, channels-last."""
         if tuple(img.shape[1:]) != (grid.height, grid.width):
             raise ValueError(f"image of {tuple(img.shape[1:])} pixels for a grid of {(grid.height, grid.width)}")
-        index = self._index.get_or_make((grid, tuple(tiles), img.device),
-                                        lambda: window_index(grid, tiles, img.device))
-        return gather_windows(img, *index)
+        return gather_windows(img, *self.index(grid, tiles, img.device))
+
+    def index(self, grid: TileGrid, tiles: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached :func:`window_index` of ``tiles`` of ``grid`` on ``device``."""
+        return self._index.get_or_make((grid, tuple(tiles), device), lambda: window_index(grid, tiles, device))

@@ -1,0 +1,146 @@
+"""Image graphs (runtime/imagegraph.py, ``Engine(image_graphs=True)``): a static policy's whole image
+as one replay. On the CPU with the fake capture of tests/test_graphs.py (a replay re-runs the
+captured function on the graph's input buffer) and the Triton stitch in the interpreter (on a GPU,
+compiled): images, reports and checks equal the tiled path's. The real capture runs in GPU
+sessions (last test)."""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, random_image
+from test_graphs import FakeGraphs
+
+from gdq_engine import Engine
+from gdq_engine.runtime.imagegraph import ImageGraphs
+
+pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
+
+DEV = KERNEL_DEVICE  # the image function's Triton stitch: the interpreter on a CPU, compiled on a GPU
+
+
+def engines(model, **kw):
+    """(an engine whose images run through image graphs with the fake capture, the tiled engine)."""
+    kw = dict(dict(policy="static", bits=4, calib=random_image(12, 12, n=4, seed=1), patch_size=8, stride=6,
+                   device=DEV, backend="reference"), **kw)
+    graphed, tiled = Engine(model, **kw), Engine(model, **kw)
+    assert graphed.image_graphs is None  # the reference backend: Engine(image_graphs=True) would change nothing
+    graphed.image_graphs = ImageGraphs()
+    graphed.image_graphs.graphs = FakeGraphs(what="the whole image", lend=True)
+    return graphed, tiled
+
+
+def same_report(got, want):
+    return (got.bits, got.groups, got.patches, got.batches, got.bitops, got.fallbacks) == (
+        want.bits, want.groups, want.patches, want.batches, want.bitops, want.fallbacks)
+
+
+@pytest.mark.parametrize("h, w, n, batch_size, as_uint8", [
+    (13, 11, 1, None, False),  # 4 patches, one batch
+    (13, 17, 2, 2, False),  # 6 patches in 3 batches, 2 images
+    (9, 14, 1, 3, True),  # uint8 in and out
+])
+def test_image_graph_equals_the_tiled_path(tiny_edsr, h, w, n, batch_size, as_uint8):
+    """Eager (first call), capture (second), replay (third): the tiled engine's image and report
+    each time, one graph per image size; the tiled path's per-batch machinery is not used."""
+    graphed, tiled = engines(tiny_edsr, batch_size=batch_size)
+    lr = random_image(h, w, n=n, seed=h * w)
+    if as_uint8:
+        lr = (lr * 255).round().to(torch.uint8)
+    graphed.cutter.cut = graphed.stitcher.stitch = None  # the image function reads their tables only
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = tiled.upscale(lr, return_report=True)
+        assert got.dtype == want.dtype == (torch.uint8 if as_uint8 else torch.float32)
+        assert torch.equal(got, want) and same_report(rep, rep_want)
+    graphs = graphed.image_graphs.graphs
+    assert len(graphs.captured) == 1 and [k[0][2] for k in graphs.keys()] == [as_uint8]
+    assert graphs.keys()[0][1][0][0] == (1, 3, h, w)  # one image per replay
+
+
+def test_image_graphs_per_size_and_whole_image_mode(tiny_edsr):
+    """Two image sizes alternate: a graph each; whole-image mode (one window per image) too."""
+    for patch_size in (8, None):
+        graphed, tiled = engines(tiny_edsr, patch_size=patch_size)
+        frames = [random_image(10, 12, n=1, seed=7), random_image(11, 9, n=1, seed=8)]
+        for _ in range(3):
+            for lr in frames:
+                assert torch.equal(graphed.upscale(lr), tiled.upscale(lr))
+        assert sorted(k[1][0][0] for k in graphed.image_graphs.graphs.keys()) == [(1, 3, 10, 12), (1, 3, 11, 9)]
+
+
+def test_image_graph_checks_its_input_and_output(tiny_edsr):
+    """The graph's one read checks the input's values (NaN, outside [0, 1]) and the output's
+    finiteness, as the tiled path does."""
+    graphed, _ = engines(tiny_edsr)
+    lr = random_image(13, 11, n=1, seed=3)
+    for _ in range(2):
+        graphed.upscale(lr)  # eager, then the capture
+    bad = lr.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        graphed.upscale(bad)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        graphed.upscale(lr * 2)
+    graphed.model.tail.forward = lambda t: t[:, :3] * float("inf")  # read by the next capture
+    graphed.image_graphs = ImageGraphs()
+    graphed.image_graphs.graphs = FakeGraphs(what="the whole image", lend=True)
+    with pytest.raises(FloatingPointError, match="NaN/Inf"):
+        graphed.upscale(lr)
+
+
+def test_out_of_memory_turns_image_graphs_off_and_the_tiled_path_finishes(tiny_edsr):
+    graphed, tiled = engines(tiny_edsr)
+    lr = random_image(13, 17, n=2, seed=4)
+    graphed.upscale(lr)  # the first image size's plan and eager run
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    graphed.image_graphs.run = out_of_memory
+    got, rep = graphed.upscale(lr, return_report=True)
+    assert torch.equal(got, tiled.upscale(lr)) and graphed.image_graphs is None
+    assert rep.fallbacks == ["out of memory: image graphs off"] and rep.patches == 12
+    bad = lr.clone()
+    bad[1, 0, 0, 0] = 2.0  # the second image, which the tiled path now checks
+    graphed.image_graphs = ImageGraphs()
+    graphed.image_graphs.run = out_of_memory
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        graphed.upscale(bad)
+
+
+def test_only_static_policies_on_cuda_graphs_get_image_graphs(tiny_edsr):
+    kw = dict(calib=random_image(12, 12, n=4, seed=1), patch_size=8, stride=6, device="cpu", image_graphs=True)
+    assert Engine(tiny_edsr, policy="static", bits=8, backend="reference", **kw).image_graphs is None  # CPU
+    assert Engine(tiny_edsr, policy="entropy", backend="reference", **kw).image_graphs is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_image_graphs_equal_the_tiled_engine(dtype):
+    """The latency rows' setup (static a8, x4 integer tail) on CUDA: image graphs against the tiled
+    path (the network's graphs, the Triton stitch), bit for bit over three calls each (eager,
+    capture, replay) of device fp32 images, device uint8 images, host uint8 images and a batch of
+    two images in several batches; a capture failure would turn them off: checked."""
+    from gdq_engine.models import EDSR
+
+    torch.manual_seed(0)
+    model = EDSR(scale=4, n_feats=64, n_blocks=2).eval()
+    kw = dict(policy="static", bits=8, tail_bits=8, calib=random_image(24, 24, n=8, seed=3), patch_size=16,
+              stride=14, device="cuda", dtype=dtype, backend="triton")
+    graphed, tiled = Engine(model, image_graphs=True, **kw), Engine(model, **kw)
+    assert graphed.image_graphs is not None and tiled.image_graphs is None
+    lr = random_image(37, 29, n=2, seed=4)
+    inputs = {"fp32 cuda": lr.cuda(), "uint8 cuda": (lr * 255).round().to(torch.uint8).cuda(),
+              "uint8 host": (lr * 255).round().to(torch.uint8)}
+    for name, x in inputs.items():
+        for _ in range(3):
+            got, rep = graphed.upscale(x, return_report=True)
+            want, rep_want = tiled.upscale(x, return_report=True)
+            assert got.device == x.device and torch.equal(got, want), name
+            assert same_report(rep, rep_want), name
+    graphed.batch_size = tiled.batch_size = 2
+    for _ in range(3):
+        assert torch.equal(graphed.upscale(inputs["fp32 cuda"]), tiled.upscale(inputs["fp32 cuda"]))
+    graphs = graphed.image_graphs.graphs
+    assert graphs.enabled and len(graphs.keys()) == 3  # fp32 and uint8 outputs; the batch size of 2
+    assert not graphed.network_graphs.keys()  # the tiled path's graphs never ran
