@@ -125,8 +125,8 @@ fi
 # what no GPU has run yet: the host's waits and syncs of a frame (runtime/hostreads.py), the
 # windows' gather (runtime/windows.py), image graphs (runtime/imagegraph.py: the real capture of a
 # whole frame) and the graph cache's tuple outputs
-step new_tests 60 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_hostreads.py tests/test_windows.py \
-    tests/test_imagegraph.py tests/test_graphs.py
+step new_tests 60 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_imagegraph.py tests/test_hostreads.py \
+    tests/test_windows.py tests/test_graphs.py
 if [ -d "$CALIB" ]; then
     mkdir -p "$OUT/a"
     step latency_1080p 250 $PY benchmarks/latency.py --gpu --calib "$CALIB" --compile none --output 1920x1080 \

@@ -142,7 +142,7 @@ class Engine:
             automatic float32 re-run if the half-precision result is not finite). With quantized
             policies it is the dtype of the FP layers around the integer body (head, body-end
             conv, upsampler, tail); calibration and weight codes always come from the fp32 model.
-        progress: show a progress bar over batches.
+        progress: show a progress bar over batches (not with ``image_graphs``: one replay per image).
         depth: the depth version of a quantized model trained with depth versions (QuantSR's DQA,
             ``train --depths``): the first ``depth`` residual blocks run; ``None``: the model's own.
         tail_bits: run the body-end conv and the upsampler convs as packed integer convs too
@@ -397,7 +397,7 @@ class Engine:
 
     def _image_plan(self, height: int, width: int) -> ImagePlan | None:
         """The image graphs' plan of an LR image of ``height`` x ``width`` pixels (cached per size
-        and ``batch_size``); None when its output image does not fit on the device
+        and tiling settings); None when its output image does not fit on the device
         (:meth:`_canvas_for` would put it in host memory), so it takes the tiled path."""
         def make() -> ImagePlan | None:
             grid = self.grid(height, width)
@@ -406,7 +406,7 @@ class Engine:
             return make_image_plan(grid, self.batch_size_for(grid), self.scale, self.device, self.cutter,
                                    self.stitcher)
 
-        return self.image_graphs.plan((height, width, self.batch_size), make)
+        return self.image_graphs.plan((height, width, self.batch_size, self.patch_size, self.stride, self.margin), make)
 
     def _upscale_image_graph(self, img: torch.Tensor, target: torch.Tensor, plan: ImagePlan,
                              report: UpscaleReport) -> bool:

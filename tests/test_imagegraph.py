@@ -57,7 +57,8 @@ def test_image_graph_equals_the_tiled_path(tiny_edsr, h, w, n, batch_size, as_ui
 
 
 def test_image_graphs_per_size_and_whole_image_mode(tiny_edsr):
-    """Two image sizes alternate: a graph each; whole-image mode (one window per image) too."""
+    """Two image sizes alternate: a graph each; whole-image mode (one window per image) too; a new
+    stride on the engine: a new graph."""
     for patch_size in (8, None):
         graphed, tiled = engines(tiny_edsr, patch_size=patch_size)
         frames = [random_image(10, 12, n=1, seed=7), random_image(11, 9, n=1, seed=8)]
@@ -65,6 +66,10 @@ def test_image_graphs_per_size_and_whole_image_mode(tiny_edsr):
             for lr in frames:
                 assert torch.equal(graphed.upscale(lr), tiled.upscale(lr))
         assert sorted(k[1][0][0] for k in graphed.image_graphs.graphs.keys()) == [(1, 3, 10, 12), (1, 3, 11, 9)]
+        graphed.stride = tiled.stride = 3  # the engine's tiling changed: another graph (none without tiles)
+        for _ in range(3):
+            assert torch.equal(graphed.upscale(frames[0]), tiled.upscale(frames[0]))
+        assert len(graphed.image_graphs.graphs.captured) == (3 if patch_size else 2)
 
 
 def test_image_graph_checks_its_input_and_output(tiny_edsr):

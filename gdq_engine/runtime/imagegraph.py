@@ -89,7 +89,7 @@ class ImageGraphs:
         self._plans = TableCache(4 * capacity)
 
     def plan(self, key: tuple, make: Callable[[], ImagePlan | None]) -> ImagePlan | None:
-        """The plan of ``key`` (image size, batch size), made by ``make()`` on its first use; None
+        """The plan of ``key`` (image size and tiling), made by ``make()`` on its first use; None
         when ``make`` found that images of that size do not run as an image graph."""
         plan = self._plans.get_or_make(key, lambda: make() or False)  # False: cached "no"
         return plan or None
@@ -102,6 +102,6 @@ class ImageGraphs:
         Returns (the (3, sH, sW) image, the (3,) flag): the graph's own buffers, valid until the
         next call."""
         with torch.inference_mode():  # the buffers the graph keeps are inference tensors, as the network's
-            result, flag = self.graphs(("image", tag, uint8, plan.batch_size), img[None],
+            result, flag = self.graphs(("image", tag, uint8, plan.grid, plan.batch_size), img[None],
                                        image_fn(plan, network, uint8), pad=False, keep=plan)
         return result[0], flag[0]
