@@ -4,8 +4,8 @@ The tiled path queues an image's work from the host piece by piece: the input's 
 window gather, the network's graph replay per batch, the Triton stitch, the finish (clamp, and
 the uint8 rounding) and the finiteness flag, with Python, dispatch and table lookups between
 them, and on a GPU the network's replay starts only after the host has done the first of them.
-An image graph holds all of it, captured per (image size, bit-width, output dtype, batch size) on
-the size's second use (:class:`~gdq_engine.runtime.graphs.GraphCache`). An image then costs the
+An image graph holds all of it, captured per (image size, tiling, bit-width, output dtype, batch
+size) on the size's second use (:class:`~gdq_engine.runtime.graphs.GraphCache`). An image then costs the
 host: one copy in, one replay, one copy out and one read of (finite, min, max).
 """
 
