@@ -66,8 +66,17 @@ PYTEST="$PY -m pytest -q -p no:cacheprovider -rf --tb=short"
 
 PROFILES=(--profile "static a8 + int8 tail" --profile "static a8 + int8 tail, torch glue"
           --profile "static a8 + int8 tail, image graph" --profile "granular {2,4,8} + int8 tail")
-# what else runs on the host while latency.py times (load average and the busiest processes)
-sample_load() { while true; do { date -u +%T; top -b -n 1 -w 120 | head -n 14; } >>"$OUT/load.log" 2>&1; sleep 15; done; }
+# what else runs on the host while latency.py times (load average and the busiest processes), and the
+# clocks: the GPU's SM and memory clocks, performance state, power and temperature, and the host cores'
+# MHz (a first process slower than a second could be either side's clocks)
+sample_load() {
+    while true; do
+        { date -u +%T; top -b -n 1 -w 120 | head -n 14
+          nvidia-smi --query-gpu=clocks.sm,clocks.mem,pstate,power.draw,temperature.gpu --format=csv,noheader
+          grep -m 4 MHz /proc/cpuinfo; } >>"$OUT/load.log" 2>&1
+        sleep 15
+    done
+}
 sample_load &
 SAMPLER=$!
 trap 'kill $SAMPLER 2>/dev/null' EXIT
