@@ -15,6 +15,16 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def autotune_choices() -> dict[str, str]:
+    """The Triton autotuner's picks so far in this process (flat conv, padded conv, FP conv), as
+    ``{"<kernel> <tuning key>": "<config>"}``; empty where the kernels were never imported."""
+    ops = sys.modules.get("gdq_engine.kernels.ops")
+    if ops is None:
+        return {}
+    tuners = (("conv", ops._tuned_conv), ("padded", ops._tuned_padded_conv), ("fp", ops._tuned_fp_conv))
+    return {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
+
+
 def environment() -> dict:
     """Device, versions, date and the exact command: what a results file must carry."""
     env = {

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measure_gpu_peaks, write_results  # noqa: E402
+from common import autotune_choices, measure_gpu_peaks, write_results  # noqa: E402
 
 # A/B rows of the a8 w8 conv1, conv2 and the upsampler, each on the autotuner's tile config for
 # the row before it: "N-major w" has the weights N-contiguous, as prepared before 2026-11-26 (each
@@ -314,8 +314,7 @@ def main(argv=None) -> int:
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())
-        tuners = (("conv", tk._tuned_conv), ("padded", tk._tuned_padded_conv), ("fp", tk._tuned_fp_conv))
-        best = {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
+        best = autotune_choices()
         payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                    "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
                    "complete": done == len(runs), "autotune_choices": best}

@@ -79,7 +79,7 @@ import torch
 from gdq_engine.runtime.intgraph import has_integer_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import keep_freed_memory, measure_gpu_peaks, write_results  # noqa: E402
+from common import autotune_choices, keep_freed_memory, measure_gpu_peaks, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("edsr-baseline", "msrresnet", "rdn")
@@ -532,8 +532,9 @@ def main(argv=None) -> int:
     ab = []
 
     def payload(done_rows: list[dict], complete: bool) -> dict:
+        # the tile configs behind the rows (a first and a second process can then be compared)
         return {"workload": workload, "peaks": peaks, "rows": done_rows, "failures": failures, "complete": complete,
-                "ab": ab}
+                "ab": ab, "autotune_choices": autotune_choices()}
 
     def add_speedups(size_rows: list[dict]) -> None:
         for name in bases:

@@ -63,6 +63,7 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert result["ab"][0]["ratio"] == pytest.approx(rows["static a8 + int8 tail"]["ms"]
                                                       / rows["granular {2,4,8} + int8 tail"]["ms"])
     assert [p["method"] for p in result["profiles"]] == ["static a8 + int8 tail", "granular {2,4,8} + int8 tail"]
+    assert isinstance(result["autotune_choices"], dict)  # the tile configs behind the rows (filled on a GPU)
     assert [p["trace"] for p in result["profiles"]] == ["trace-static-a8-int8-tail.json",
                                                         "trace-granular-2-4-8-int8-tail.json"]
     for profile in result["profiles"]:
@@ -386,3 +387,19 @@ def test_a_sigterm_stops_the_rows_and_keeps_those_timed_with_their_rounds(tmp_pa
     (row,) = result["rows"]
     assert row["method"] == "fp32" and row["ms"] > 0 and row["host_ms"] == row["ms"]
     assert "cut short after 1 rows" in capsys.readouterr().out
+
+
+def test_autotune_choices_name_each_tuner_and_key(monkeypatch):
+    """The tile configs the results files record: one entry per autotuner and tuning key, none
+    before the kernels are imported."""
+    from types import SimpleNamespace
+
+    import common
+
+    monkeypatch.delitem(sys.modules, "gdq_engine.kernels.ops", raising=False)
+    assert common.autotune_choices() == {}
+    tuner = SimpleNamespace  # what the choices read of a triton.autotune object: its cache
+    fake = SimpleNamespace(_tuned_conv=tuner(cache={(64, 64, 8): "BLOCK_M: 128, num_warps: 4"}),
+                           _tuned_padded_conv=tuner(cache={}), _tuned_fp_conv=tuner(cache={(3,): "BLOCK_M: 4"}))
+    monkeypatch.setitem(sys.modules, "gdq_engine.kernels.ops", fake)
+    assert common.autotune_choices() == {"conv (64, 64, 8)": "BLOCK_M: 128, num_warps: 4", "fp (3,)": "BLOCK_M: 4"}
