@@ -23,7 +23,7 @@ from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
 from .runtime.graphs import GraphCache
-from .runtime.hostreads import counting_waits, to_host, waiting
+from .runtime.hostreads import copy_into, counting_waits, to_host
 from .runtime.imagegraph import ImageGraphs, ImagePlan, make_image_plan
 from .runtime.intgraph import _backend_module
 from .runtime.lastconv import with_kernel_last_conv
@@ -430,11 +430,7 @@ class Engine:
         report.patches += len(plan.grid)
         report.batches += len(plan.batches)
         self._count(report, plan.grid.window, [b] * len(plan.grid), [(b, len(batch.tiles)) for batch in plan.batches])
-        if target.device.type == "cpu" and result.device.type != "cpu":
-            with waiting():  # into host memory: waits for the image's work
-                target.copy_(result)
-        else:
-            target.copy_(result)
+        copy_into(target, result)
         ok, lo, hi = to_host(flag).tolist()
         check_input_values(lo, hi)
         if not ok:
@@ -598,13 +594,8 @@ def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
     same tensor, or fp32 or uint8 on any device): uint8 as ``round(255 x)``, computed on the
     canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives)."""
     result = finish_canvas(canvas, target.dtype == torch.uint8)
-    if result is target:
-        return
-    if target.device.type == "cpu" and result.device.type != "cpu":
-        with waiting():  # into host memory: waits for the image's work
-            target.copy_(result)
-    else:
-        target.copy_(result)
+    if result is not target:
+        copy_into(target, result)
 
 
 def check_input_values(lo: float, hi: float) -> None:

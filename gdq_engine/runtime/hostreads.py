@@ -44,6 +44,16 @@ def waiting() -> Iterator[None]:
             total[0] += time.perf_counter() - start
 
 
+def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)``, timed by :func:`waiting` when it copies device memory into host
+    memory (it then waits for the work computing ``source``)."""
+    if target.device.type == "cpu" and source.device.type != "cpu":
+        with waiting():
+            target.copy_(source)
+    else:
+        target.copy_(source)
+
+
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """``t.cpu()`` (any shape and dtype), timed by :func:`waiting` when ``t`` is on a device."""
     if t.device.type == "cpu":
