@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--patch-size", type=int, default=96, help="LR patch side (papers: 96)")
-    p.add_argument("--stride", type=int, default=90, help="patch stride (papers: 90)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="patch stride (default: the patch size less 6 pixels of overlap, the papers' 96/90; less an "
+                        "eighth of the patch when that is fewer)")
     p.add_argument("--margin", type=int, default=0, help="extra LR context per patch, removes seams")
     p.add_argument("--whole-image", action="store_true", help="run the network on the whole image")
     p.add_argument("--batch-size", type=int, default=None,
@@ -110,17 +113,32 @@ def _sample_image(name: str, folder: Path) -> Path:
     return path
 
 
+def output_name(src: Path, files: list[Path], scale: int) -> str:
+    """The PNG name an image ``src`` of a folder's ``files`` is written as: ``<stem>_x<scale>.png``,
+    or ``<stem>_<format>_x<scale>.png`` when another file has the same stem (a.png and a.jpg), so
+    none overwrites another."""
+    if sum(f.stem == src.stem for f in files) > 1:
+        return f"{src.stem}_{src.suffix[1:].lower()}_x{scale}.png"
+    return f"{src.stem}_x{scale}.png"
+
+
 def cmd_upscale(args) -> int:
     from tqdm import tqdm
 
     from .engine import upscale_file
-    from .io import IMAGE_SUFFIXES
+    from .io import IMAGE_SUFFIXES, check_output_path
 
+    if not args.sample and args.input is not None and not Path(args.input).exists():
+        raise ValueError(f"no such image file or folder: {args.input}")
+    one_file = args.sample or (args.input is not None and not Path(args.input).is_dir())
+    # outputs are checked (and their folders made) before the model loads: a typo costs no run
+    for path in (args.output if one_file else None, args.compare, args.bitmap):
+        if path is not None:
+            check_output_path(path, make_folder=True)
     engine = _engine(args, progress=True, policy=args.policy)
     print(f"{engine}", file=sys.stderr)
     if args.sample:
         out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
         src = _sample_image(args.sample, out.parent)
         print(f"input: scikit-image sample '{args.sample}' saved as {src}", file=sys.stderr)
         jobs = [(src, out)]
@@ -133,18 +151,30 @@ def cmd_upscale(args) -> int:
             files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise SystemExit(f"no images in {src}")
-            jobs = [(f, out / f"{f.stem}_x{engine.scale}.png") for f in files]
+            jobs = [(f, out / output_name(f, files, engine.scale)) for f in files]
         else:
             jobs = [(src, out)]
-    if args.bitmap and len(jobs) > 1:
-        raise ValueError("--bitmap takes one input image")
+    for option, value in (("--bitmap", args.bitmap), ("--compare", args.compare)):
+        if value and len(jobs) > 1:
+            raise ValueError(f"{option} takes one input image")
+    failed = []
     for s, d in tqdm(jobs, desc="images", disable=len(jobs) < 2):
-        h, w = upscale_file(engine, s, d, compare=args.compare if len(jobs) == 1 else None, bitmap=args.bitmap)
+        try:
+            h, w = upscale_file(engine, s, d, compare=args.compare, bitmap=args.bitmap)
+        except ValueError as exc:
+            if len(jobs) == 1:
+                raise
+            # a folder's unreadable or unusable image is reported and skipped, not the rest with it
+            failed.append(s)
+            print(f"skipped {s}: {exc}", file=sys.stderr)
+            continue
         print(f"wrote {d} ({w}x{h})", file=sys.stderr)
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(jobs)} images were skipped (reasons above); the others were written")
     if args.bitmap:
         print(f"wrote {args.bitmap} (patches tinted by bits: blue 2, green 4, yellow 5, orange 6, red 8)",
               file=sys.stderr)
-    if args.compare and len(jobs) == 1:
+    if args.compare:
         print(f"wrote {args.compare} (bicubic | {engine.model.arch})", file=sys.stderr)
     return 0
 
@@ -416,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded in checkpoints as the command that made them
     if getattr(args, "val", None) == "":
         args.val = None
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, as errors are
     try:
         return args.func(args)
     except (ValueError, NotImplementedError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = format_warning

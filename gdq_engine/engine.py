@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import time
 import warnings
@@ -18,7 +19,8 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .io import as_batch, input_dtype_of, restore_kind, returns_uint8
+from .compute import resolve_device, resolve_dtype
+from .io import as_batch, input_dtype_of, restore_kind, returns_uint8, to_input_dtype
 from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
@@ -30,7 +32,7 @@ from .runtime.lastconv import with_kernel_last_conv
 from .runtime.scheduler import has_device_stage
 from .runtime.stitch import Stitcher, finish_canvas
 from .runtime.streams import GroupStreams
-from .runtime.tiler import check_image_size, make_grid, whole_image_grid
+from .runtime.tiler import check_image_size, default_stride, make_grid, whole_image_grid
 from .runtime.windows import WindowCutter
 
 POLICIES_AVAILABLE = ("fp", "static", "entropy", "granular", "cadyq")
@@ -129,16 +131,20 @@ class Engine:
             on CUDA, where it halves the residual convs' bytes; fp32 otherwise). A half stream
             rounds each block's result to it (docs/numerics.md, "Residual stream"):
             :func:`~gdq_engine.quantized.resolve_stream_dtypes`.
-        device: ``None`` picks CUDA when available, else CPU.
+        device: ``None`` picks CUDA when available, else CPU; ``"cuda"`` on a torch without CUDA
+            (or no visible GPU) is a ``ValueError`` that says so (:func:`~gdq_engine.compute.resolve_device`).
         patch_size: LR patch side in pixels (papers' protocol: 96); ``None`` = whole-image mode.
-        stride: patch stride (papers: 90).
+        stride: patch stride; ``None`` (default): :func:`~gdq_engine.runtime.tiler.default_stride`,
+            the patch side less 6 pixels of overlap (the papers' 96 / 90), or less an eighth of
+            the patch when that is fewer.
         margin: extra LR context per patch, cropped after the network (0 = papers' protocol; a
             margin >= ``model.receptive_radius`` makes tiled output equal whole-image output).
         batch_size: patches per forward pass; ``None`` (default) chooses: on CUDA as many patches as
             half the free device memory holds (:func:`auto_batch_size`: every patch of a 1080p
             frame in one pass on an 80 GB GPU), on CPU 16. Halved automatically on CUDA
             out-of-memory.
-        dtype: compute dtype of the FP network (float32 default; float16/bfloat16 on GPU, with an
+        dtype: compute dtype of the FP network, a torch dtype or its name (``"fp16"``,
+            ``"bfloat16"`` ...; float32 default; float16/bfloat16 on GPU, with an
             automatic float32 re-run if the half-precision result is not finite). With quantized
             policies it is the dtype of the FP layers around the integer body (head, body-end
             conv, upsampler, tail); calibration and weight codes always come from the fp32 model.
@@ -168,23 +174,28 @@ class Engine:
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
-                 patch_size: int | None = 96, stride: int = 90, margin: int = 0, batch_size: int | None = None,
-                 dtype: torch.dtype = torch.float32, progress: bool = False, bits=None, calib=None,
-                 w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True, depth: int | None = None,
-                 tail_bits: int | None = None, containers: str = "auto", residual_stream: str = "auto",
-                 group_streams: bool = False, image_graphs: bool = False):
+                 patch_size: int | None = 96, stride: int | None = None, margin: int = 0,
+                 batch_size: int | None = None, dtype: torch.dtype | str = torch.float32, progress: bool = False,
+                 bits=None, calib=None, w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True,
+                 depth: int | None = None, tail_bits: int | None = None, containers: str = "auto",
+                 residual_stream: str = "auto", group_streams: bool = False, image_graphs: bool = False):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
-        if patch_size is not None and (int(patch_size) < 1 or not 1 <= int(stride) <= int(patch_size)):
-            raise ValueError(f"need patch_size >= 1 and 1 <= stride <= patch_size, got {patch_size}, {stride}")
-        if margin < 0 or (batch_size is not None and batch_size < 1):
+        patch_size, stride, margin, batch_size = (
+            _integer_or_none(name, value) for name, value in (("patch_size", patch_size), ("stride", stride),
+                                                              ("margin", margin), ("batch_size", batch_size)))
+        if patch_size is not None:
+            if patch_size < 1:
+                raise ValueError(f"patch_size must be >= 1 (or None: whole-image mode), got {patch_size}")
+            stride = default_stride(patch_size) if stride is None else stride
+            if not 1 <= stride <= patch_size:
+                raise ValueError(f"need 1 <= stride <= patch_size, got stride={stride}, patch_size={patch_size}")
+        if margin is None or margin < 0 or (batch_size is not None and batch_size < 1):
             raise ValueError(f"need margin >= 0 and batch_size >= 1, got margin={margin}, batch_size={batch_size}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
         from .quantized import (
@@ -311,12 +322,13 @@ class Engine:
         """Upscale images by ``self.scale``.
 
         Args:
-            x: (N,3,H,W) or (3,H,W) float tensor in [0,1] or uint8 tensor; HWC numpy array (uint8
-                or float in [0,1]); PIL image; or a file path.
+            x: (N,3,H,W) or (3,H,W) float tensor in [0,1], uint8 (0..255) or uint16 (0..65535)
+                tensor; HWC numpy array (uint8, uint16 or float in [0,1]); PIL image; or a file path.
         Returns:
-            The HR image(s) in the input's form (float in [0,1] for float input, uint8 for uint8,
-            PIL for PIL; paths give a (1,3,sH,sW) tensor), on the input's device; with
-            ``return_report`` a tuple (hr, UpscaleReport).
+            The HR image(s) in the input's form and dtype (float in [0,1] for float input, computed
+            in fp32 and cast; uint8 / uint16 for those, rounded; PIL for PIL; paths give a
+            (1,3,sH,sW) fp32 tensor), on the input's device; with ``return_report`` a tuple
+            (hr, UpscaleReport).
         """
         start = time.perf_counter()
         input_dtype = input_dtype_of(x)
@@ -345,7 +357,7 @@ class Engine:
                 bounds = None  # read with the first image's flag
                 finish_image(canvas, target)
         report.seconds, report.wait_seconds = time.perf_counter() - start, waits[0]
-        result = restore_kind(out, kind)
+        result = restore_kind(to_input_dtype(out, input_dtype), kind)
         return (result, report) if return_report else result
 
     __call__ = upscale
@@ -598,6 +610,16 @@ def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
         copy_into(target, result)
 
 
+def _integer_or_none(name: str, value):
+    """An integer setting ``value`` (Python or numpy integer) as an ``int``, None as None;
+    ``ValueError`` naming ``name`` for anything else (a float, a bool, a string)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def check_input_values(lo: float, hi: float) -> None:
     """Raise ``ValueError`` unless an input's smallest and largest values ``lo``, ``hi`` are finite
     and in [0, 1] (1e-3 of slack for rounding)."""
@@ -655,15 +677,21 @@ def upscale_file(engine: Engine, src, dst, compare: str | None = None, bitmap: s
 
     ``compare``: optional path of a side-by-side PNG (bicubic | engine). ``bitmap``: optional path
     of the LR input with each patch tinted by its bits (:func:`gdq_engine.bitmap.bit_map`; needs a
-    quantized policy). Returns the output size (height, width). Outputs are written atomically;
-    nothing is written if upscaling fails.
+    quantized policy). Returns the output size (height, width). Output paths are checked first
+    (:func:`~gdq_engine.io.check_output_path`), outputs are written atomically, and nothing is
+    written if upscaling fails. The file is upscaled as 8-bit values (a 16-bit grey file is
+    rounded to them), as :func:`~gdq_engine.io.load_image_rgba` orients it. A grey file gives a
+    grey file (the result's luma).
     """
     from .bitmap import bit_map
-    from .io import load_image_rgba, save_image
+    from .io import check_output_path, is_grey_file, load_image_rgba, save_image
     from .metrics import imresize
 
     if bitmap is not None and engine.policy is None:
         raise ValueError("--bitmap shows per-patch bits: it needs a quantized policy (e.g. --policy entropy:2,4,8)")
+    for path in (dst, compare, bitmap):
+        if path is not None:
+            check_output_path(path)
     rgb, alpha = load_image_rgba(src)
     # The file's own bytes (rgb is k / 255): the engine hands back 8-bit values rounded where it
     # computed them, the bytes save_image would write from its float result.
@@ -675,6 +703,6 @@ def upscale_file(engine: Engine, src, dst, compare: str | None = None, bitmap: s
     if compare is not None:
         bic = imresize(rgb, engine.scale).clamp(0, 1)
         save_image(torch.cat([bic, torch.ones(3, hr.shape[1], 8), hr.float() / 255], dim=2), compare)
-    save_image(hr, dst, alpha=alpha_hr)
+    save_image(hr, dst, alpha=alpha_hr, grey=is_grey_file(src))
     return int(hr.shape[1]), int(hr.shape[2])
 

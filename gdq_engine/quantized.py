@@ -338,6 +338,8 @@ class QuantizedSR(nn.Module):
 
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected (N,3,H,W) images, got {tuple(x.shape)}")
+        if not x.is_floating_point():  # uint8 codes would run as 0..255 values, quietly wrong
+            raise ValueError(f"expected float images in [0,1], got dtype {x.dtype} (divide 0..255 data by 255)")
         dtype = next(self.fp.parameters()).dtype
         y, bits, _ = forward_quantized(self.runtime_model(), self.integer_body(), self.policy, x.float(), dtype)
         if not getattr(self.policy, "layerwise", False):

@@ -198,3 +198,23 @@ def test_official_from_hub_cache_and_offline(tmp_path, monkeypatch):
 def test_unknown_model_lists_known():
     with pytest.raises(CheckpointError, match="edsr-baseline-x4"):
         load_model("edsr-nonexistent")
+
+
+@pytest.mark.parametrize("arch, scale", [("edsr", 2), ("edsr", 4), ("msrresnet", 3), ("msrresnet", 4)])
+def test_bare_state_dicts_of_the_own_modules_load(tmp_path, arch, scale):
+    """``torch.save(model.state_dict())`` of a gdq_engine model from a training loop of one's own."""
+    torch.manual_seed(scale)
+    model = (EDSR(scale, n_feats=16, n_blocks=2) if arch == "edsr" else MSRResNet(scale, n_feats=8, n_blocks=2)).eval()
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
+    if arch == "edsr":
+        with pytest.warns(UserWarning, match="bare EDSR state dict .* assumed res_scale=1.0"):
+            loaded = load_model(tmp_path / "bare.pth")
+    else:
+        loaded = load_model(tmp_path / "bare.pth")
+    assert type(loaded) is type(model) and loaded.config == model.config and _same_function(loaded, model)
+
+
+def test_a_bare_rdn_state_dict_says_how_to_save_it(tmp_path):
+    torch.save(RDN(2, n_feats=8, n_blocks=2, n_layers=2, growth=4).state_dict(), tmp_path / "rdn.pth")
+    with pytest.raises(CheckpointError, match="bare state dict of gdq_engine's RDN: save it with"):
+        load_model(tmp_path / "rdn.pth")

@@ -190,10 +190,55 @@ def test_bad_input_types_and_files(engine, tmp_path):
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(dtype=torch.float16), ValueError, "float16 is not supported on CPU"),
     (dict(dtype=torch.int8), ValueError, "dtype"),
+    (dict(dtype="int8"), ValueError, "dtype must be torch.float32"),
+    (dict(patch_size=16.5), ValueError, "patch_size must be an integer, got 16.5"),
+    (dict(patch_size=0), ValueError, "patch_size must be >= 1"),
+    (dict(stride="8"), ValueError, "stride must be an integer"),
+    (dict(batch_size=True), ValueError, "batch_size must be an integer"),
+    (dict(margin=None), ValueError, "margin >= 0"),
 ])
 def test_bad_engine_arguments(tiny_edsr, kwargs, err, match):
     with pytest.raises(err, match=match):
         Engine(tiny_edsr, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("patch, stride", [(96, 90), (64, 58), (48, 42), (32, 28), (16, 14), (8, 7), (2, 2), (1, 1)])
+def test_the_default_stride_follows_the_patch_size(tiny_edsr, patch, stride):
+    """The papers' 6-pixel overlap at 96; smaller patches overlap by an eighth of their side."""
+    from gdq_engine.runtime.tiler import default_stride
+
+    assert default_stride(patch) == stride
+    engine = Engine(tiny_edsr, device="cpu", patch_size=np.int64(patch))  # numpy integers are integers
+    assert (engine.patch_size, engine.stride) == (patch, stride) and type(engine.patch_size) is int
+    assert Engine(tiny_edsr, device="cpu", patch_size=patch, stride=1).stride == 1
+
+
+def test_dtype_names(tiny_edsr):
+    for name in ("bf16", "BFloat16", "float32", "fp32"):
+        assert Engine(tiny_edsr, device="cpu", dtype=name).dtype == (torch.float32 if "32" in name else torch.bfloat16)
+    with pytest.raises(ValueError, match="float16 is not supported on CPU"):
+        Engine(tiny_edsr, device="cpu", dtype="half")
+
+
+def test_unusable_devices_are_named(tiny_edsr, monkeypatch):
+    """A CPU-only torch asked for CUDA (a common install mistake) says so, not an AssertionError."""
+    from gdq_engine.compute import resolve_device
+
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        Engine(tiny_edsr, device="gpu0")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match="CPU-only build; install a CUDA build"):
+        Engine(tiny_edsr, device="cuda")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        resolve_device("cuda:0")
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"only 2 CUDA GPU\(s\) are visible"):
+        resolve_device("cuda:2")
 
 
 def test_containers_auto_is_bytes_only_for_triton_on_cuda():

@@ -116,6 +116,8 @@ def test_bad_quantized_inputs(small_edsr, tmp_path):
     q = quantize(small_edsr, "static", calib=calib_patches())
     with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
         q(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="expected float images in \\[0,1\\], got dtype torch.uint8"):
+        q(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
 
 
 def test_to_rebuilds_the_integer_body(small_edsr):

@@ -11,7 +11,13 @@ format                 marker keys                                              
 ``edsr-pytorch-rdn``   ``SFENet1``, ``RDBs.{d}.convs.{c}.conv.0``, ``GFF``, ``UPNet`` rdn
 ``basicsr-edsr``       ``conv_first``, ``body.{i}.conv1/2``, ``conv_after_body``      edsr
 ``basicsr-msrresnet``  ``conv_first``, ``body.{i}.conv1/2``, ``upconv1``, ``conv_hr`` msrresnet
+``bare-edsr``          ``head``, ``body.{i}.conv1/2``, ``body_tail``, ``upsampler.0`` edsr
+``bare-msrresnet``     ``head.0``, ``body.{i}.conv1/2``, ``upsampler.0``, ``tail.2``  msrresnet
 =====================  ==========================================================  ==========
+
+The ``bare-*`` layouts are ``model.state_dict()`` of gdq_engine's own modules saved without
+:func:`save_checkpoint` (a training loop of the user's own): renamed to the BasicSR layout and
+read as that. Their EDSR config beyond the shapes (mean, ``res_scale``) is assumed, with a warning.
 
 Architecture hyperparameters (scale, width, depth) are inferred from tensor shapes; files are read
 with ``torch.load(weights_only=True)`` so no code inside a checkpoint ever runs.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +69,23 @@ _RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"^RDBs\.(\d+)\.LFF\.", r"body.\1.fuse."),
         (r"^GFF\.(\d+)\.", r"body_tail.\1."),
     ],
+}
+
+# gdq_engine's own module names back to the BasicSR layout a bare state dict is read as.
+_BARE_TO_BASICSR: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "bare-edsr": ("basicsr-edsr", [
+        (r"^head\.", "conv_first."),
+        (r"^body_tail\.", "conv_after_body."),
+        (r"^upsampler\.(\d+)\.", r"upsample.\1."),
+        (r"^tail\.", "conv_last."),
+    ]),
+    "bare-msrresnet": ("basicsr-msrresnet", [
+        (r"^head\.0\.", "conv_first."),
+        (r"^upsampler\.0\.", "upconv1."),
+        (r"^upsampler\.3\.", "upconv2."),
+        (r"^tail\.0\.", "conv_hr."),
+        (r"^tail\.2\.", "conv_last."),
+    ]),
 }
 
 
@@ -119,11 +143,19 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
         return "basicsr-msrresnet"
     if "conv_first.weight" in keys and "conv_after_body.weight" in keys:
         return "basicsr-edsr"
+    if {"head.weight", "body.0.conv1.weight", "body_tail.weight", "upsampler.0.weight"} <= keys:
+        return "bare-edsr"
+    if {"head.0.weight", "body.0.conv1.weight", "upsampler.0.weight", "tail.2.weight"} <= keys:
+        return "bare-msrresnet"
     sample = sorted(keys)[:8]
+    hint = ""
+    if "body_entry.weight" in keys:
+        hint = (" (a bare state dict of gdq_engine's RDN: save it with gdq_engine.save_checkpoint, which keeps "
+                "its config)")
     raise CheckpointError(
         "unrecognised checkpoint layout. Expected EDSR-PyTorch keys (head.0.*, body.N.body.0.*, tail.*), "
-        "BasicSR keys (conv_first.*, body.N.conv1.*, conv_after_body.* or upconv1.*), RDN keys (SFENet1.*) "
-        f"or a gdq_engine file; found keys such as {sample}")
+        "BasicSR keys (conv_first.*, body.N.conv1.*, conv_after_body.* or upconv1.*), RDN keys (SFENet1.*), "
+        f"a gdq_engine EDSR / MSRResNet state dict or a gdq_engine file; found keys such as {sample}{hint}")
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -141,7 +173,12 @@ def _scale_from_upsampler(first_out: int, base: int, stages: int) -> int:
 
 
 def _rename(state: dict, fmt: str) -> dict[str, torch.Tensor]:
-    rules = [(re.compile(p), r) for p, r in _RENAMES[fmt]]
+    return _apply_rules(state, _RENAMES[fmt])
+
+
+def _apply_rules(state: dict, patterns: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """``state`` with each key renamed by the first (pattern, replacement) rule that matches it."""
+    rules = [(re.compile(p), r) for p, r in patterns]
     out = {}
     for k, v in state.items():
         for rx, rep in rules:
@@ -156,6 +193,10 @@ def _rename(state: dict, fmt: str) -> dict[str, torch.Tensor]:
 def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[str, torch.Tensor], str]:
     """Foreign state dict -> (arch, config, state dict in gdq_engine names, detected format)."""
     fmt = detect_format(state)
+    if fmt in _BARE_TO_BASICSR:  # back to the BasicSR names, then read as that layout
+        _, rules = _BARE_TO_BASICSR[fmt]
+        arch, config, state, _ = convert_state_dict(_apply_rules(state, rules))
+        return arch, config, state, fmt
     if fmt == "edsr-pytorch":
         n_feats = state["head.0.weight"].shape[0]
         n_blocks = _count(state, r"^body\.(\d+)\.body\.0\.weight$")
@@ -214,6 +255,10 @@ def model_from_checkpoint(obj: dict, key: str | None = None, source: str = "chec
         arch, config, state, fmt = obj["arch"], obj["config"], obj["state_dict"], NATIVE_FORMAT
     else:
         arch, config, state, fmt = convert_state_dict(unwrap_state_dict(obj, key))
+    if fmt == "bare-edsr":
+        warnings.warn(f"{source}: a bare EDSR state dict holds no config beyond its shapes; assumed "
+                      f"res_scale={config['res_scale']} and the DIV2K mean (gdq_engine.save_checkpoint keeps "
+                      "them)", stacklevel=2)
     model = build_model(arch, config)
     missing, unexpected = _diff_keys(model, state)
     if missing or unexpected:

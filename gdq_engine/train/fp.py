@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..compute import resolve_device
 from ..evaluate import evaluate_folder
 from ..models.checkpoints import build_model, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .data import PairedPatches
@@ -69,7 +70,7 @@ def train_fp(cfg: FPTrainConfig, out: str | Path, device: str | None = None, pro
     """
     out = Path(out)
     state_path = out.with_suffix(".state.pt")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, dict(cfg.model_config, scale=cfg.scale)).to(device)
     model = model.to(memory_format=torch.channels_last)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..compute import resolve_device
 from ..models.checkpoints import atomic_torch_save
 from ..policy import CADyQ, GranularDQ, Static
 from ..policy.cadyq import sobel_features
@@ -304,7 +305,7 @@ def train_qat(cfg: QATConfig, out: str | Path, device: str | None = None, progre
     out = Path(out)
     state_path = out.with_suffix(".state.pt")
     log_path = out.with_suffix(".log.json")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     torch.manual_seed(cfg.seed)
     if cfg.method not in QAT_METHODS:
         raise ValueError(f"unknown QAT method {cfg.method!r}; choose from {QAT_METHODS}")
