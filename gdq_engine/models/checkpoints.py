@@ -71,21 +71,22 @@ _RENAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
-# gdq_engine's own module names back to the BasicSR layout a bare state dict is read as.
-_BARE_TO_BASICSR: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "bare-edsr": ("basicsr-edsr", [
+# gdq_engine's own module names back to the BasicSR layout (basicsr-edsr, basicsr-msrresnet) a bare
+# state dict is read as.
+_BARE_TO_BASICSR: dict[str, list[tuple[str, str]]] = {
+    "bare-edsr": [
         (r"^head\.", "conv_first."),
         (r"^body_tail\.", "conv_after_body."),
         (r"^upsampler\.(\d+)\.", r"upsample.\1."),
         (r"^tail\.", "conv_last."),
-    ]),
-    "bare-msrresnet": ("basicsr-msrresnet", [
+    ],
+    "bare-msrresnet": [
         (r"^head\.0\.", "conv_first."),
         (r"^upsampler\.0\.", "upconv1."),
         (r"^upsampler\.3\.", "upconv2."),
         (r"^tail\.0\.", "conv_hr."),
         (r"^tail\.2\.", "conv_last."),
-    ]),
+    ],
 }
 
 
@@ -194,8 +195,7 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> tuple[str, dict, dict[
     """Foreign state dict -> (arch, config, state dict in gdq_engine names, detected format)."""
     fmt = detect_format(state)
     if fmt in _BARE_TO_BASICSR:  # back to the BasicSR names, then read as that layout
-        _, rules = _BARE_TO_BASICSR[fmt]
-        arch, config, state, _ = convert_state_dict(_apply_rules(state, rules))
+        arch, config, state, _ = convert_state_dict(_apply_rules(state, _BARE_TO_BASICSR[fmt]))
         return arch, config, state, fmt
     if fmt == "edsr-pytorch":
         n_feats = state["head.0.weight"].shape[0]
