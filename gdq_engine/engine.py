@@ -385,16 +385,19 @@ class Engine:
         return None
 
     def _canvas_for(self, target: torch.Tensor) -> torch.Tensor:
-        """The fp32 (3,sH,sW) image the patches of one output image ``target`` are stitched into:
-        ``target`` itself when it is an fp32 image on the compute device, else a fresh one on the
+        """The (3,sH,sW) image the patches of one output image ``target`` are stitched into: on the
         compute device (an input on the host then gets its output over PCIe once, finished, not
         patch batch by patch batch with the overlaps) unless it would take more than an eighth of
-        the GPU's free memory, then on ``target``'s device."""
-        if target.dtype == torch.float32 and target.device == self.device:
-            return target
+        the GPU's free memory, then on ``target``'s device. There it is ``target`` itself when
+        ``target`` is fp32, or uint8 where the torch copies stitch (the CPU, or a host image too
+        large for the GPU): the windows are then rounded into it as they are stitched, so a large
+        8-bit output never has an fp32 copy, 4 bytes a value, beside it. Else a fresh fp32 one."""
         device = self.device
-        if device.type == "cuda" and not self._canvas_fits_device(target.numel()):
+        if device.type == "cuda" and target.device != device and not self._canvas_fits_device(target.numel()):
             device = target.device
+        if target.device == device and (target.dtype == torch.float32 or (
+                target.dtype == torch.uint8 and not self.stitcher.runs_on(device))):
+            return target
         return torch.empty(target.shape, dtype=torch.float32, device=device)
 
     def _canvas_fits_device(self, numel: int) -> bool:
@@ -604,7 +607,10 @@ PATCH_BYTES_PER_PEAK_ELEMENT = 16  # fp32, and about four tensors of the largest
 def finish_image(canvas: torch.Tensor, target: torch.Tensor) -> None:
     """Clamp the fp32 (3,sH,sW) ``canvas`` to [0, 1] in place and write it into ``target`` (the
     same tensor, or fp32 or uint8 on any device): uint8 as ``round(255 x)``, computed on the
-    canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives)."""
+    canvas' device before the copy (the values :func:`~gdq_engine.io.to_uint8` gives). A uint8
+    canvas is finished already (:func:`~gdq_engine.runtime.tiler.stitch_windows` rounds into it)."""
+    if canvas.dtype == torch.uint8:
+        return
     result = finish_canvas(canvas, target.dtype == torch.uint8)
     if result is not target:
         copy_into(target, result)

@@ -77,7 +77,11 @@ def test_8_bit_results_are_rounded_where_computed_with_the_values_of_to_uint8(en
     finish_image(canvas.clone(), target)
     assert torch.equal(target.view(-1), torch.from_numpy(to_uint8(canvas.expand(3, 1, 9)))[..., 0].view(-1))
     assert engine._canvas_for(ref[0]).data_ptr() == ref[0].data_ptr()  # fp32 on the compute device: in place
+    # uint8 where the torch copies stitch: rounded in place too, no fp32 image beside it
+    assert engine._canvas_for(got[0]).data_ptr() == got[0].data_ptr()
+    engine.stitcher.kernel_on_cpu = True  # where the Triton stitch runs, it stitches into fp32
     assert engine._canvas_for(got[0]).dtype == torch.float32
+    assert torch.equal(engine.upscale(u8), want)
 
 
 @pytest.mark.gpu
@@ -329,6 +333,10 @@ def test_non_finite_half_precision_output_is_recomputed_with_the_fp32_weights(ti
     assert torch.equal(out, fp32)  # the fp32 weights, not the bf16 ones cast back
     assert report.fallbacks == ["non-finite half-precision output: image re-run in float32"]
     assert report.patches == 6 and report.batches == 3  # the re-run is not counted twice
+    u8 = (x * 255).round().to(torch.uint8)  # rounded into the output as stitched: the re-run overwrites it
+    want = Engine(tiny_edsr, device="cpu", patch_size=16, stride=12).upscale(u8)
+    with pytest.warns(UserWarning, match="re-running this image in float32"):
+        assert torch.equal(half.upscale(u8), want)
     assert half.dtype == torch.bfloat16 and next(half.model.parameters()).dtype == torch.bfloat16
 
 

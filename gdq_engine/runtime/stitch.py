@@ -48,11 +48,16 @@ class Stitcher:
         fp32 on one CUDA device (or a CPU with ``kernel_on_cpu``), Triton able to run there."""
         if canvas.dtype != torch.float32 or sr.dtype != torch.float32 or canvas.device != sr.device:
             return False
-        if not (canvas.is_cuda or (self.kernel_on_cpu and canvas.device.type == "cpu")):
+        return self.runs_on(canvas.device)
+
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether the Triton stitch runs for fp32 canvases on ``device``: a CUDA device (or a CPU
+        with ``kernel_on_cpu``) where Triton can run."""
+        if not (device.type == "cuda" or (self.kernel_on_cpu and device.type == "cpu")):
             return False
         from ..ops.triton_ops import unavailable_reason
 
-        return unavailable_reason(canvas.device) is None
+        return unavailable_reason(device) is None
 
     def stitch(self, canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles: list[int], scale: int,
                bad: torch.Tensor | None) -> bool:

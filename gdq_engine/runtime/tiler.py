@@ -141,6 +141,11 @@ def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, grid: TileGrid, tiles
                    scale: int) -> None:
     """Write each SR window's owned region (:func:`owned_boxes`) into ``canvas`` (3, H*scale,
     W*scale), in place: one copy per window (the pure-torch reference of the Triton stitch,
-    kernels/stitch.py)."""
+    kernels/stitch.py). A uint8 ``canvas`` gets the finished values: clamped to [0, 1] and
+    rounded to ``round(255 x)``, elementwise as :func:`~gdq_engine.runtime.stitch.finish_canvas`
+    does, so bit for bit the image a float canvas gives once finished."""
     for out, (y0, y1, x0, x1, oy, ox) in zip(sr, owned_boxes(grid, tiles, scale)):
-        canvas[:, y0:y1, x0:x1] = out[:, oy:oy + y1 - y0, ox:ox + x1 - x0].to(canvas.dtype)
+        box = out[:, oy:oy + y1 - y0, ox:ox + x1 - x0]
+        if canvas.dtype == torch.uint8:
+            box = box.float().clamp(0, 1).mul(255).round()
+        canvas[:, y0:y1, x0:x1] = box.to(canvas.dtype)
