@@ -9,6 +9,13 @@ from .runtime.tiler import TileGrid
 # RGB in [0, 1] per code width: cool = few bits, warm = many.
 BIT_COLORS = {2: (0.15, 0.35, 1.0), 3: (0.1, 0.7, 0.9), 4: (0.15, 0.8, 0.2), 5: (0.85, 0.85, 0.1),
               6: (1.0, 0.6, 0.1), 7: (1.0, 0.4, 0.1), 8: (1.0, 0.15, 0.15)}
+BIT_COLOR_NAMES = {2: "blue", 3: "cyan", 4: "green", 5: "yellow", 6: "orange", 7: "dark orange", 8: "red"}
+
+
+def legend(bits) -> str:
+    """The colours of the code widths ``bits`` (e.g. a policy's (2, 4, 8)) in words:
+    ``"blue 2, green 4, red 8"``."""
+    return ", ".join(f"{BIT_COLOR_NAMES[b]} {b}" for b in sorted({int(b) for b in bits}))
 
 
 def bit_map(lr: torch.Tensor, bits, grid: TileGrid, strength: float = 0.5) -> torch.Tensor:

@@ -172,8 +172,9 @@ def cmd_upscale(args) -> int:
     if failed:
         raise ValueError(f"{len(failed)} of {len(jobs)} images were skipped (reasons above); the others were written")
     if args.bitmap:
-        print(f"wrote {args.bitmap} (patches tinted by bits: blue 2, green 4, yellow 5, orange 6, red 8)",
-              file=sys.stderr)
+        from .bitmap import legend
+
+        print(f"wrote {args.bitmap} (patches tinted by bits: {legend(engine.policy.bits)})", file=sys.stderr)
     if args.compare:
         print(f"wrote {args.compare} (bicubic | {engine.model.arch})", file=sys.stderr)
     return 0

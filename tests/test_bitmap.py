@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import random_image
 
-from gdq_engine.bitmap import BIT_COLORS, bit_map
+from gdq_engine.bitmap import BIT_COLOR_NAMES, BIT_COLORS, bit_map
 from gdq_engine.io import load_image, save_image
 from gdq_engine.models import EDSR
 from gdq_engine.models.checkpoints import save_checkpoint
@@ -26,7 +26,7 @@ def test_each_patch_region_gets_its_bits_colour():
         bit_map(torch.zeros(3, 21, 30), bits, grid)
 
 
-def test_cli_upscale_writes_bitmap(tmp_path):
+def test_cli_upscale_writes_bitmap(tmp_path, capsys):
     from gdq_engine.cli import main
 
     torch.manual_seed(0)
@@ -38,6 +38,12 @@ def test_cli_upscale_writes_bitmap(tmp_path):
     common = [str(tmp_path / "in.png"), str(tmp_path / "out.png"), "--model", str(tmp_path / "tiny.pt"),
               "--patch-size", "16", "--stride", "14", "--bitmap", str(tmp_path / "bits.png")]
     assert main(["upscale", *common, "--policy", "fp"]) == 2 and not (tmp_path / "bits.png").exists()
-    assert main(["upscale", *common, "--policy", "entropy:2,4,8", "--calib", str(tmp_path / "calib")]) == 0
+    capsys.readouterr()
+    assert main(["upscale", *common, "--policy", "entropy:3,5,8", "--calib", str(tmp_path / "calib")]) == 0
+    assert "patches tinted by bits: cyan 3, yellow 5, red 8)" in capsys.readouterr().err  # the policy's widths
     assert load_image(tmp_path / "bits.png").shape == (3, 30, 40)
     assert load_image(tmp_path / "out.png").shape == (3, 60, 80)
+
+
+def test_every_width_has_a_colour_and_a_name():
+    assert sorted(BIT_COLORS) == sorted(BIT_COLOR_NAMES) == list(range(2, 9))
