@@ -17,7 +17,8 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image sample ph
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="edsr-baseline-x4", help="shipped name, official name or checkpoint path")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the FP network (of the FP layers around a quantized body); float16 on GPUs only")
     p.add_argument("--patch-size", type=int, default=96, help="LR patch side (papers: 96)")
     p.add_argument("--stride", type=int, default=None,
                    help="patch stride (default: the patch size less 6 pixels of overlap, the papers' 96/90; less an "
@@ -356,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("eval", help="PSNR/SSIM (Y, border = scale) on folders of HR images")
-    p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
+    p.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"],
+                   help="folders of HR images (a folder's HR/ sub-folder when it has one); LR inputs are made by "
+                        "MATLAB bicubic (default: Set5 and CSet14 under ../shared/data/val)")
     p.add_argument("--policies", nargs="+", default=["fp"],
                    help="policy specs to compare: fp, static:8, static:4, entropy:2,4,8, granular, cadyq ...; "
                         "'model' = a quantized --model's own policy; a path ending in .pt = that quantized "
@@ -375,11 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a calibration table instead (DOBI scales at every width 2..8 + entropy thresholds)")
     p.add_argument("--calib", default="../shared/data/train", help="folder of HR images for calibration")
     p.add_argument("--calib-patch", type=int, default=96, help="LR crop side of the calibration patches")
-    p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8])
+    p.add_argument("--w-bits", type=int, default=8, choices=[2, 4, 8], help="weight bit-width of the quantized body")
     p.add_argument("--dqc-iters", type=int, default=0,
                    help="then train the activation scales (2DQuant DQC: L1 to the FP output + feature loss)")
     p.add_argument("--dqc-patch", type=int, default=48, help="LR crop side of the DQC training patches")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (crops, initialisation)")
     p.add_argument("--out", required=True, help="quantized checkpoint to write (use it as --model anywhere)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -390,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--w-bits)")
     p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4], help="fp: the model's scale")
     p.add_argument("--out", required=True, help="output checkpoint (a .state.pt beside it makes runs resumable)")
-    p.add_argument("--data", nargs="+", default=["../shared/data/train"])
+    p.add_argument("--data", nargs="+", default=["../shared/data/train"],
+                   help="folders of HR training images (default: ../shared/data/train)")
     p.add_argument("--val", default="../shared/data/val/Set5", help="HR folder for periodic PSNR ('' to skip)")
     p.add_argument("--iters", type=int, default=None, help="default: fp 10000, QAT 1000")
     p.add_argument("--batch", type=int, default=None, help="default: fp 16, QAT 8")
@@ -398,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate of the weights, cosine decay to 1%% (default: fp 2e-4, QAT 1e-5)")
     p.add_argument("--warmup", type=int, default=100, help="fp: linear warm-up iterations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (crops, initialisation)")
     p.add_argument("--val-every", type=int, default=None, help="default: fp 1000, QAT 250")
     p.add_argument("--init", default=None, help="fp: start from the matching tensors of this checkpoint; QAT: from "
                    "this quantized checkpoint of the same model (its weights and the steps of the widths it shares)")
     p.add_argument("--bf16", action="store_true", help="fp: bf16 autocast (GPU / AMX CPUs)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--model", default="edsr-baseline-x4", help="QAT: the FP model (shipped name or checkpoint)")
     p.add_argument("--bits", default=None, help="QAT: GBC widths (granular, default 2,4,8), selector widths "
                    "(cadyq, default 4,6,8) or one width (static, default 8)")
