@@ -4,8 +4,8 @@
 
 Workload: EDSR-baseline's 64->64 3x3 conv on ``--patches`` 96x96 LR patches (NHWC). Rows: for
 a in {8,4,2}: conv1 (signed codes in, ReLU, re-quantize + pack) and conv2 (unsigned codes in, fp32
-residual add, fp32 out) on the C++ kernel's three paths (AMX-INT8 tiles and AVX512-VNNI where the
-CPU has them, else the next one down; and the portable loop), called as the integer body calls
+residual add, fp32 out) on the C++ kernel's four paths (AMX-INT8 tiles, AVX512-VNNI and AVX2 where
+the CPU has them, else the next one down; and the portable loop), called as the integer body calls
 them (outputs into reused buffers; conv2 updates the residual in place and also writes the next
 block's packed codes), and on the pure-torch reference;
 quantize+pack of the fp32 block input; torch fp32 and bf16 channels_last convs of the same shape
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
                                                             **body), reps)
 
         return {"op": kind, "a_bits": a_bits, "cpp_ms": cpp(args.reps),
-                "cpp_vnni_ms": cpp(args.reps, allow_amx=False),
-                "cpp_portable_ms": cpp(few, allow_amx=False, allow_vnni=False),
+                "cpp_vnni_ms": cpp(args.reps, allow_amx=False, allow_avx2=False),
+                "cpp_avx2_ms": cpp(args.reps, allow_amx=False, allow_vnni=False),
+                "cpp_portable_ms": cpp(few, allow_amx=False, allow_vnni=False, allow_avx2=False),
                 "reference_ms": median_ms(lambda: ref.packed_conv3x3(xp, a_bits, signed, w, mult, bias, **kw), few)}
 
     rows = [conv_row(kind, a_bits) for a_bits in (8, 4, 2) for kind in ("conv1", "conv2")]
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     q = ActQuant(8, True, 0.05)
     rows.append({"op": "quantize_pack", "a_bits": 8, "cpp_ms": median_ms(lambda: cpu_ops.quantize_pack(x, q),
                                                                          args.reps),
-                 "cpp_vnni_ms": None, "cpp_portable_ms": None,
+                 "cpp_vnni_ms": None, "cpp_avx2_ms": None, "cpp_portable_ms": None,
                  "reference_ms": median_ms(lambda: ref.quantize_pack(x, q), args.reps)})
     conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
     xf = torch.randn(n, c, hw, hw, generator=g).to(memory_format=torch.channels_last)
@@ -86,18 +87,20 @@ def main(argv=None) -> int:
         bf16 = median_ms(lambda: conv_b(xb), args.reps)
     upsampler, last_conv = upsampler_rows(args, g, n, 2 * hw, c)
     payload = {"workload": {"patches": n, "patch": hw, "channels": c}, "vnni": cpu_ops.has_vnni(),
-               "amx": cpu_ops.has_amx(), "torch_fp32_cl_ms": fp32, "torch_bf16_cl_ms": bf16, "rows": rows,
-               "upsampler": upsampler, "torch_bf16_cl_last_conv_ms": last_conv}
+               "amx": cpu_ops.has_amx(), "avx2": cpu_ops.has_avx2(), "torch_fp32_cl_ms": fp32,
+               "torch_bf16_cl_ms": bf16, "rows": rows, "upsampler": upsampler,
+               "torch_bf16_cl_last_conv_ms": last_conv}
     path = write_results("cpu-kernels", payload, args.out)
-    print(f"{n} patches of {hw}x{hw}, 64->64 3x3; AMX: {cpu_ops.has_amx()}, VNNI: {cpu_ops.has_vnni()}; torch fp32 CL "
-          f"{fp32:.2f} ms, bf16 CL {bf16:.2f} ms")
-    print(f"{'op':14} {'a':>2} {'C++ ms':>8} {'VNNI':>8} {'portable':>9} {'reference':>10} {'x fp32 CL':>10} "
-          f"{'x bf16 CL':>10}")
+    print(f"{n} patches of {hw}x{hw}, 64->64 3x3; AMX: {cpu_ops.has_amx()}, VNNI: {cpu_ops.has_vnni()}, AVX2: "
+          f"{cpu_ops.has_avx2()}; torch fp32 CL {fp32:.2f} ms, bf16 CL {bf16:.2f} ms")
+    print(f"{'op':14} {'a':>2} {'C++ ms':>8} {'VNNI':>8} {'AVX2':>8} {'portable':>9} {'reference':>10} "
+          f"{'x fp32 CL':>10} {'x bf16 CL':>10}")
     for r in rows:
         vnni = "-" if r["cpp_vnni_ms"] is None else f"{r['cpp_vnni_ms']:8.2f}"
+        avx2 = "-" if r["cpp_avx2_ms"] is None else f"{r['cpp_avx2_ms']:8.2f}"
         port = "-" if r["cpp_portable_ms"] is None else f"{r['cpp_portable_ms']:9.2f}"
-        print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {vnni:>8} {port:>9} {r['reference_ms']:10.2f} "
-              f"{fp32 / r['cpp_ms']:10.2f} {bf16 / r['cpp_ms']:10.2f}")
+        print(f"{r['op']:14} {r['a_bits']:>2} {r['cpp_ms']:8.2f} {vnni:>8} {avx2:>8} {port:>9} "
+              f"{r['reference_ms']:10.2f} {fp32 / r['cpp_ms']:10.2f} {bf16 / r['cpp_ms']:10.2f}")
     print(f"x4 upsampler's second conv, 64->256 on {n} x {2 * hw}x{2 * hw}, pixel-shuffle stored (C++):")
     for r in upsampler:
         print(f"  writes {r['writes']:5} {r['out_mb']:5.0f} MB  {r['cpp_ms']:6.2f} ms")

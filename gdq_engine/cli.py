@@ -328,7 +328,7 @@ def cmd_info(args) -> int:
 
     if cpu_ops.available():  # which integer core the CPU backend runs for EDSR's 64 -> 64 convs
         print(f"CPU integer conv: {cpu_ops.conv_path(64, 64)} (AMX-INT8: {cpu_ops.has_amx()}, "
-              f"AVX512-VNNI: {cpu_ops.has_vnni()})")
+              f"AVX512-VNNI: {cpu_ops.has_vnni()}, AVX2: {cpu_ops.has_avx2()})")
     try:
         import triton
 

@@ -100,11 +100,11 @@ class Engine:
             thresholds) are fitted on it. ``None``: the table shipped with a shipped model.
         w_bits: weight bit-width of the quantized body (8, 4 or 2).
         backend: integer-body backend of quantized policies: ``"reference"`` (exact pure-torch
-            path, any device), ``"cpp"`` (C++ CPU kernels, AVX512-VNNI where available),
+            path, any device), ``"cpp"`` (C++ CPU kernels: AMX-INT8, AVX512-VNNI or AVX2),
             ``"triton"`` (packed int8 tensor-core kernels: CUDA, or CPU under
             ``TRITON_INTERPRET=1``), ``"cuda"`` (CUDA C++ mma.sync kernels, when the extension was
-            built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with VNNI, else
-            reference).
+            built with CUDA), or ``"auto"`` (Triton on CUDA, C++ on CPUs with AVX512-VNNI or
+            AVX2, else reference).
             All give bit-identical results.
         cuda_graphs: with the Triton / CUDA backends on CUDA, replay the network as CUDA graphs
             (:class:`~gdq_engine.runtime.graphs.GraphCache`), each captured on its shape's second

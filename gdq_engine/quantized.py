@@ -362,8 +362,9 @@ BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA when Triton is usable, ``cpp`` on CPUs with AVX512-VNNI when
-    the C++ kernels are built, else ``reference``; explicit picks are checked against the device."""
+    """``auto`` -> ``triton`` on CUDA when Triton is usable, ``cpp`` on CPUs with AVX512-VNNI or
+    AVX2 when the C++ kernels are built, else ``reference``; explicit picks are checked against
+    the device."""
     from .ops import cpu_ops
     from .ops.triton_ops import unavailable_reason
 
@@ -392,9 +393,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type == "cuda" and reason is None:
         return "triton"
-    # The portable C++ loop (no VNNI) is slower than the reference's float convolution: only the
-    # VNNI kernel is picked automatically (benchmarks/cpu_kernels.py).
-    return "cpp" if device.type == "cpu" and cpu_ops.has_vnni() else "reference"
+    # The portable C++ loop (neither VNNI nor AVX2) is slower than the reference's float
+    # convolution: only the AMX / VNNI / AVX2 kernels are picked automatically (benchmarks/cpu_kernels.py).
+    return "cpp" if device.type == "cpu" and (cpu_ops.has_vnni() or cpu_ops.has_avx2()) else "reference"
 
 
 CONTAINER_CHOICES = ("auto", *CONTAINERS)

@@ -1,10 +1,10 @@
 """C++ CPU kernels (csrc/cpu/conv.cpp) vs the reference backend, bit for bit.
 
-Every code path runs on every machine: the AMX-INT8 tile kernel and the AVX512-VNNI kernel where
-the CPU has them (each falls back to the next path down elsewhere, so the same cases still run),
-and the portable loop (forced with ``allow_vnni=False``). Fresh random codes per case, odd H/W
-(rows not multiples of the AMX kernel's 32-pixel blocks), batch 1 and > 1, signed and unsigned
-codes, every container and weight width, every epilogue.
+Every code path runs on every machine: the AMX-INT8 tile kernel, the AVX512-VNNI kernel and the
+AVX2 kernel where the CPU has them (each falls back to the next path down elsewhere, so the same
+cases still run), and the portable loop (forced with ``allow_vnni=False, allow_avx2=False``).
+Fresh random codes per case, odd H/W (rows not multiples of the AMX kernel's 32-pixel blocks),
+batch 1 and > 1, signed and unsigned codes, every container and weight width, every epilogue.
 """
 
 import itertools
@@ -23,8 +23,10 @@ from gdq_engine.quant.quantizer import ActQuant, container_bits
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="gdq_engine._C is not built")  # CI builds it
 _seed = itertools.count(5000)
-PATHS = ["amx", "vnni", "portable"]
-PATH_FLAGS = {"amx": {}, "vnni": dict(allow_amx=False), "portable": dict(allow_amx=False, allow_vnni=False)}
+PATHS = ["amx", "vnni", "avx2", "portable"]
+PATH_FLAGS = {"amx": {}, "vnni": dict(allow_amx=False, allow_avx2=False),
+              "avx2": dict(allow_amx=False, allow_vnni=False),
+              "portable": dict(allow_amx=False, allow_vnni=False, allow_avx2=False)}
 
 
 def gen():
@@ -49,10 +51,13 @@ def test_extension_links_the_shared_cxx_runtime():
 
 
 def test_each_path_is_taken_where_the_cpu_has_it():
-    best = "amx" if cpu_ops.has_amx() else "vnni" if cpu_ops.has_vnni() else "portable"
+    avx2 = "avx2" if cpu_ops.has_avx2() else "portable"
+    best = "amx" if cpu_ops.has_amx() else "vnni" if cpu_ops.has_vnni() else avx2
     assert cpu_ops.conv_path(64, 64) == best and cpu_ops.conv_path(64, 256) == best
-    assert cpu_ops.conv_path(64, 64, allow_amx=False) == ("vnni" if cpu_ops.has_vnni() else "portable")
-    assert cpu_ops.conv_path(64, 64, allow_vnni=False, allow_amx=False) == "portable"
+    assert cpu_ops.conv_path(64, 64, allow_amx=False) == ("vnni" if cpu_ops.has_vnni() else avx2)
+    assert cpu_ops.conv_path(64, 64, allow_vnni=False, allow_amx=False) == avx2
+    assert cpu_ops.conv_path(64, 64, allow_vnni=False, allow_amx=False, allow_avx2=False) == "portable"
+    assert cpu_ops.conv_path(64, 12, allow_vnni=False, allow_amx=False) == "portable"  # AVX2: Cout % 8
     if cpu_ops.has_amx():  # 96 channels would need two chunk sizes, 48 outputs an odd tile pair: VNNI
         assert cpu_ops.conv_path(96, 64) == cpu_ops.conv_path(64, 48) == "vnni"
 
@@ -100,9 +105,11 @@ def test_residual_fp32_epilogue(path, a_bits, res_scale):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cin,cout,a_bits", [(64, 256, 8), (32, 48, 4), (16, 16, 2), (8, 8, 8), (48, 64, 4),
-                                             (128, 64, 8), (192, 32, 2), (96, 64, 8), (64, 128, 8), (64, 32, 4)])
+                                             (128, 64, 8), (192, 32, 2), (96, 64, 8), (64, 128, 8), (64, 32, 4),
+                                             (16, 12, 8)])
 def test_other_channel_counts(path, cin, cout, a_bits):
-    """Upsampler-wide outputs, Cout not a multiple of 64 (VNNI tail tiles) or of 16 (portable), C over
+    """Upsampler-wide outputs, Cout not a multiple of 64 (VNNI tail tiles), of 16 (AVX2 blocks of 8)
+    or of 8 (portable), C over
     64 in 64-byte AMX chunks (128, 192) and C the AMX kernel leaves to VNNI (96: chunks would differ);
     the register-held epilogue's widths (32, 64, 128 channels; packed rows that are not whole
     16-byte vectors, e.g. 32 channels at 2 bits, take the per-pixel one); packed rows of 8, 16 and
@@ -237,7 +244,8 @@ def test_engine_cpp_backend_equals_reference(policy, bits):
     kw = dict(policy=policy, bits=bits, calib=random_image(12, 12, n=8, seed=1), patch_size=8, stride=6, device="cpu")
     fast = Engine(model, backend="cpp", **kw)
     auto = Engine(model, **kw).int_body.backend
-    assert fast.int_body.backend == "cpp" and auto == ("cpp" if cpu_ops.has_vnni() else "reference")
+    assert fast.int_body.backend == "cpp" and auto == ("cpp" if cpu_ops.has_vnni() or cpu_ops.has_avx2()
+                                                       else "reference")
     slow = Engine(model, backend="reference", **kw)
     lr = random_image(13, 11, n=2, seed=2)
     out_fast, rep_fast = fast.upscale(lr, return_report=True)

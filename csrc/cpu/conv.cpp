@@ -8,8 +8,10 @@
 // int8 so four input channels of sixteen output channels fill one 64-byte vector. With
 // AVX512-VNNI (vpdpbusd: u8 x s8 -> s32, four products per lane) a
 // register tile of PX pixels x NB*16 output channels accumulates over 9 taps x C/4 channel quads;
-// without it a portable loop computes the same int32 sums. For signed inputs the shift is removed
-// with -128 * sum(w[o]) over all taps (padding, stored as 128, is code 0).
+// with AVX2 only (most AMD CPUs before Zen 4, many laptops), vpmaddwd on the operands widened to
+// int16 (exact; the 8-bit vpmaddubsw would saturate); otherwise a portable loop computes the same
+// int32 sums. For signed inputs the shift is removed with -128 * sum(w[o]) over all taps
+// (padding, stored as 128, is code 0).
 //
 // With AMX-INT8 (Sapphire Rapids and later; Linux grants the tile state on request) the same sums
 // come from tile matrix multiplies (tdpbusd: u8 x s8 -> s32, 16 x 16 outputs x 64 bytes of K per
@@ -59,6 +61,15 @@ bool cpu_has_vnni() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2");
   return has;
 #else
   return false;
@@ -163,6 +174,71 @@ void row_vnni(InRows in, const int8_t* wv, const ConvGeom& g, int32_t* acc) {
     case 2: row_blocks_vnni<2>(in, wv, g, o0, acc); break;
     case 1: row_blocks_vnni<1>(in, wv, g, o0, acc); break;
     default: break;
+  }
+}
+
+// AVX2 (no VNNI): exact int32 sums from vpmaddwd on 16-bit operands. Each output row's three
+// padded input rows are widened to int16 once (a few percent of the work), and the weights once
+// per call (the (9, C/4, Cout, 4) layout as int16); per tap and channel quad, a pixel's four
+// channels are one 64-bit broadcast, and a block of 8 output channels' four weights each are two
+// vectors of 4 outputs x 4 channels.
+// vpmaddwd sums channel pairs into int32 exactly (|a * w| <= 255 * 128; vpmaddubsw's int16 pair
+// sums would saturate for 8-bit codes); each output's two pair sums, each at most half its sum's
+// magnitude bound, are added once per tile, at the store.
+template <int PX>
+__attribute__((target("avx2"))) inline void tile_avx2(const int16_t* const* in, const int16_t* wv, const ConvGeom& g,
+                                                     int64_t x0, int64_t o0, int32_t* acc) {
+  const int64_t C4 = g.C / 4;
+  __m256i s[PX][2];
+  for (int p = 0; p < PX; ++p) s[p][0] = s[p][1] = _mm256_setzero_si256();
+  for (int64_t tap = 0; tap < 9; ++tap) {
+    const int64_t ky = tap / 3, kx = tap % 3;
+    const int16_t* a = in[ky] + (x0 + kx) * g.C;
+    const int16_t* w = wv + (tap * C4 * g.Cout + o0) * 4;
+    for (int64_t c4 = 0; c4 < C4; ++c4) {
+      const __m256i* wq = reinterpret_cast<const __m256i*>(w + c4 * g.Cout * 4);
+      const __m256i w_lo = _mm256_loadu_si256(wq), w_hi = _mm256_loadu_si256(wq + 1);  // outputs 0..3, 4..7
+      for (int p = 0; p < PX; ++p) {
+        int64_t quad;
+        std::memcpy(&quad, a + p * g.C + c4 * 4, 8);
+        const __m256i av = _mm256_set1_epi64x(quad);
+        s[p][0] = _mm256_add_epi32(s[p][0], _mm256_madd_epi16(av, w_lo));
+        s[p][1] = _mm256_add_epi32(s[p][1], _mm256_madd_epi16(av, w_hi));
+      }
+    }
+  }
+  for (int p = 0; p < PX; ++p) {
+    // lanes (o, channels 0-1), (o, channels 2-3) for o = 0..3 and 4..7 -> (o0, o1, o4, o5 | o2, o3, o6, o7)
+    const __m256i h = _mm256_hadd_epi32(s[p][0], s[p][1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + (x0 + p) * g.Cout + o0),
+                        _mm256_permute4x64_epi64(h, _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+}
+
+// n bytes as int16 (unsigned: padded rows; signed: weights).
+template <bool SIGNED, typename T>
+__attribute__((target("avx2"))) void widen_avx2(const T* src, int64_t n, int16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256i wide = SIGNED ? _mm256_cvtepi8_epi16(v) : _mm256_cvtepu8_epi16(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), wide);
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+void row_avx2(InRows in, const int16_t* wv, const ConvGeom& g, int16_t* wide, int32_t* acc) {
+  const int64_t n = (g.W + 2) * g.C;
+  const int16_t* rows[3];
+  for (int ky = 0; ky < 3; ++ky) {
+    widen_avx2<false>(in[ky], n, wide + ky * n);
+    rows[ky] = wide + ky * n;
+  }
+  constexpr int PX = 6;  // 12 accumulators, 2 weight vectors and the broadcast of the 16 registers
+  for (int64_t o0 = 0; o0 < g.Cout; o0 += 8) {
+    int64_t x = 0;
+    for (; x + PX <= g.W; x += PX) tile_avx2<PX>(rows, wv, g, x, o0, acc);
+    for (; x < g.W; ++x) tile_avx2<1>(rows, wv, g, x, o0, acc);
   }
 }
 
@@ -304,14 +380,81 @@ __attribute__((target("avx512f"))) void pack_row_avx512(const int32_t* codes, in
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), _mm512_cvtepi32_epi8(v));
   }
 }
+
+// The same epilogue, requantization and packing 8 lanes at a time for CPUs with AVX2 and no
+// AVX-512 (the same fp32 operations in the same order: bit-identical to the scalar ones).
+__attribute__((target("avx2"))) inline __m256i requantize8(__m256 v, __m256 inv, __m256 lo, __m256 hi) {
+  const __m256 t = _mm256_add_ps(_mm256_mul_ps(v, inv), _mm256_set1_ps(0.5f));
+  return _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_min_ps(_mm256_max_ps(t, lo), hi)));
+}
+
+__attribute__((target("avx2"))) void epilogue_pixel_avx2(
+    const int32_t* a, const int32_t* wsum, int32_t shift_fix, const float* mult, const float* bias, bool relu,
+    const float* res, float rs, bool scale_res, int64_t Cout, float* out_f, int32_t* codes, float inv, int64_t lo,
+    int64_t hi) {
+  const __m256i fix = _mm256_set1_epi32(shift_fix);
+  const __m256 zero = _mm256_setzero_ps(), vinv = _mm256_set1_ps(inv);
+  const __m256 vlo = _mm256_set1_ps(static_cast<float>(lo)), vhi = _mm256_set1_ps(static_cast<float>(hi));
+  const __m256 vrs = _mm256_set1_ps(rs);
+  for (int64_t o = 0; o < Cout; o += 8) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + o));
+    const __m256i acc = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + o)),
+                                         _mm256_mullo_epi32(fix, w));
+    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + o));
+    v = _mm256_add_ps(v, _mm256_loadu_ps(bias + o));
+    if (relu) v = _mm256_max_ps(v, zero);
+    if (res != nullptr) {
+      if (scale_res) v = _mm256_mul_ps(v, vrs);
+      v = _mm256_add_ps(_mm256_loadu_ps(res + o), v);
+    }
+    if (codes == nullptr) {
+      _mm256_storeu_ps(out_f + o, v);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + o), requantize8(v, vinv, vlo, vhi));
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void requantize_row_avx2(const float* in, int64_t C, float inv, int64_t lo, int64_t hi,
+                                                         int32_t* codes) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 vlo = _mm256_set1_ps(static_cast<float>(lo)), vhi = _mm256_set1_ps(static_cast<float>(hi));
+  for (int64_t c = 0; c < C; c += 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + c), requantize8(_mm256_loadu_ps(in + c), vinv, vlo, vhi));
+  }
+}
+
+// int32 codes (C) -> packed bytes (C * bits / 8), 8 bytes per step; needs (C * bits / 8) % 8 == 0.
+__attribute__((target("avx2"))) void pack_row_avx2(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst) {
+  const int64_t groups = 8 / bits, gsize = C / groups;
+  const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+  const __m256i first_dwords = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+  for (int64_t j = 0; j < gsize; j += 8) {
+    __m256i v = _mm256_setzero_si256();
+    for (int64_t i = 0; i < groups; ++i) {
+      const __m256i* src = reinterpret_cast<const __m256i*>(codes + j + i * gsize);
+      const __m256i field = _mm256_and_si256(_mm256_loadu_si256(src), mask);
+      v = _mm256_or_si256(v, _mm256_sllv_epi32(field, _mm256_set1_epi32(static_cast<int>(i * bits))));
+    }
+    // 8 values < 256 -> bytes: packs within each 128-bit lane, then the lanes' first dwords together
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(v, v), _mm256_setzero_si256());
+    const __m256i both = _mm256_permutevar8x32_epi32(b, first_dwords);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + j), _mm256_castsi256_si128(both));
+  }
+}
 #endif
 
 // Pack one row of codes: 16 bytes per AVX-512 step where allowed and the packed row is a multiple
-// of 16 bytes, the shared scalar loop otherwise.
-void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst, bool avx512) {
+// of 16 bytes, 8 per AVX2 step where allowed and it is a multiple of 8, the shared scalar loop
+// otherwise.
+void pack_codes_row(const int32_t* codes, int64_t C, int64_t bits, uint8_t* dst, bool avx512, bool avx2 = false) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (avx512 && (C * bits / 8) % 16 == 0) {
     pack_row_avx512(codes, C, bits, dst);
+    return;
+  }
+  if (avx2 && (C * bits / 8) % 8 == 0) {
+    pack_row_avx2(codes, C, bits, dst);
     return;
   }
 #endif
@@ -607,14 +750,16 @@ inline int32_t requantize(float y, float inv_s, int64_t lo, int64_t hi) {
 // fp32 row of C values -> codes clamp(floor(x * inv + 0.5)) packed at `bits` into dst (one
 // quantize_pack row; `vec`: AVX-512 with C % 16 == 0).
 void quantize_pack_row(const float* in, int64_t C, float inv, int64_t lo, int64_t hi, int64_t bits, int32_t* codes,
-                       uint8_t* dst, bool vec) {
+                       uint8_t* dst, bool vec, bool avx2 = false) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (vec) {
     requantize_row_avx512(in, C, inv, lo, hi, codes);
+  } else if (avx2 && C % 8 == 0) {
+    requantize_row_avx2(in, C, inv, lo, hi, codes);
   } else
 #endif
   for (int64_t c = 0; c < C; ++c) codes[c] = requantize(in[c], inv, lo, hi);
-  pack_codes_row(codes, C, bits, dst, vec);
+  pack_codes_row(codes, C, bits, dst, vec, avx2);
 }
 
 const char* dtype_name(at::ScalarType t) {
@@ -635,7 +780,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
                               int64_t o_lo, int64_t o_hi, double inv_s, bool allow_vnni, bool allow_amx,
                               int64_t shuffle, bool out_bf16, const std::optional<at::Tensor>& out_buffer,
                               int64_t q2_bits, int64_t q2_lo, int64_t q2_hi, double q2_inv,
-                              const std::optional<at::Tensor>& q2_out) {
+                              const std::optional<at::Tensor>& q2_out, bool allow_avx2) {
   TORCH_CHECK(a_bits == 2 || a_bits == 4 || a_bits == 8, "a_bits must be a container (2, 4, 8), got ", a_bits);
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
@@ -669,9 +814,10 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     TORCH_CHECK(res.scalar_type() == at::kFloat && res.numel() == N * H * W * Cout, "residual must be fp32 (N,H,W,Cout)");
   }
   const ConvGeom g{H, W, C, Cout};
-  bool vnni = false, amx = false;
+  bool vnni = false, amx = false, avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vnni = allow_vnni && cpu_has_vnni() && Cout % 16 == 0;
+  avx2 = !vnni && allow_avx2 && cpu_has_avx2() && Cout % 8 == 0;
 #endif
 #ifdef GDQ_AMX
   amx = allow_amx && cpu_has_amx() && amx_fits(g);
@@ -691,7 +837,15 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     out = at::empty({N, H * shuffle, W * shuffle, out_c}, x_packed.options().dtype(out_type));
   }
   const bool avx512 = (vnni || amx) && Cs % 16 == 0;  // VNNI and AMX imply AVX-512F
+  bool avx2_epilogue = false;  // 8-lane epilogue on AVX2 CPUs without AVX-512 (allow_avx2=False: scalar)
+#if defined(__x86_64__) && defined(__GNUC__)
+  avx2_epilogue = !avx512 && !vnni && !amx && allow_avx2 && cpu_has_avx2() && Cs % 8 == 0;
+#endif
   const int8_t* pw = wv.data_ptr<int8_t>();
+  std::vector<int16_t> w16(avx2 ? 9 * C * Cout : 0);  // the AVX2 core's weights, widened once per call
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx2) widen_avx2<true>(pw, 9 * C * Cout, w16.data());
+#endif
   const int32_t* pws = ws.data_ptr<int32_t>();
   const float* pm = m.data_ptr<float>();
   const float* pb = bs.data_ptr<float>();
@@ -719,6 +873,7 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     std::vector<int32_t> codes(o_bits ? Cs : 0);
     std::vector<float> staged(out_bf16 ? Cs : 0);
     std::vector<int32_t> codes2(q2_bits ? Cout : 0);
+    std::vector<int16_t> wide(avx2 ? 3 * (W + 2) * C : 0);  // the AVX2 core's int16 copies of the 3 rows
     // The epilogue of pixels [xa, xb) of output row r, sub-pixel blocks [b_lo, b_hi) of Cs channels
     // (all of them without a shuffle), whose accumulators are acc (x * Cout + o).
     const auto finish = [&](int64_t r, const int32_t* acc, int64_t xa, int64_t xb, int64_t b_lo, int64_t b_hi) {
@@ -748,6 +903,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
           if (avx512) {
             epilogue_pixel_avx512(a, pws + o0, shift_fix, pm + o0, pb + o0, relu, rp, rs, rs != 1.0f, Cs, f,
                                   o_bits ? codes.data() : nullptr, inv, o_lo, o_hi);
+          } else if (avx2_epilogue) {
+            epilogue_pixel_avx2(a, pws + o0, shift_fix, pm + o0, pb + o0, relu, rp, rs, rs != 1.0f, Cs, f,
+                                o_bits ? codes.data() : nullptr, inv, o_lo, o_hi);
           } else
 #endif
           for (int64_t o = 0; o < Cs; ++o) {
@@ -764,10 +922,10 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
               f[o] = v;
             }
           }
-          if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512);
+          if (o_bits) pack_codes_row(codes.data(), Cs, o_bits, out_b + dst * out_c, avx512, avx2_epilogue);
           if (q2_bits) {  // the fp32 values just stored, re-read from L1
             quantize_pack_row(f, Cs, q2_inv_f, q2_lo, q2_hi, q2_bits, codes2.data(), q2_b + dst * Cs * q2_bits / 8,
-                              avx512);
+                              avx512, avx2_epilogue);
           }
           if (out_bf16) to_bf16_row(staged.data(), Cs, out_h + dst * Cs, avx512);
         }
@@ -787,6 +945,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
 #if defined(__x86_64__) && defined(__GNUC__)
       if (vnni) {
         row_vnni(rows, pw, g, acc);
+      } else if (avx2) {
+        row_avx2(rows, w16.data(), g, wide.data(), acc);
       } else {
         row_portable(rows, pw, g, acc);
       }
@@ -825,6 +985,9 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
   bool vec = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vec = C % 16 == 0 && __builtin_cpu_supports("avx512f");
+  const bool avx2 = !vec && C % 8 == 0 && cpu_has_avx2();
+#else
+  const bool avx2 = false;
 #endif
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> codes(C);
@@ -835,7 +998,7 @@ at::Tensor quantize_pack_into(const at::Tensor& x, int64_t bits, int64_t lo, int
         from_bf16_row(in_h + r * C, C, widened.data(), vec);
         row = widened.data();
       }
-      quantize_pack_row(row, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec);
+      quantize_pack_row(row, C, inv, lo, hi, bits, codes.data(), dst + r * gsize, vec, avx2);
     }
   });
   return out;
@@ -846,14 +1009,16 @@ at::Tensor quantize_pack_cpu(const at::Tensor& x, int64_t bits, int64_t lo, int6
 }
 
 bool has_vnni() { return cpu_has_vnni(); }
+bool has_avx2() { return cpu_has_avx2(); }
 bool has_amx() { return cpu_has_amx(); }
 
 // Which integer core packed_conv3x3_cpu runs for these channel counts on this CPU.
-std::string conv_path(int64_t C, int64_t Cout, bool allow_vnni, bool allow_amx) {
+std::string conv_path(int64_t C, int64_t Cout, bool allow_vnni, bool allow_amx, bool allow_avx2) {
 #ifdef GDQ_AMX
   if (allow_amx && cpu_has_amx() && amx_fits(ConvGeom{1, 1, C, Cout})) return "amx";
 #endif
   if (allow_vnni && cpu_has_vnni() && Cout % 16 == 0) return "vnni";
+  if (allow_avx2 && cpu_has_avx2() && Cout % 8 == 0) return "avx2";
   return "portable";
 }
 
@@ -864,12 +1029,15 @@ TORCH_LIBRARY_FRAGMENT(gdq_engine, m) {
       "packed_conv3x3_cpu(Tensor x_packed, int a_bits, bool a_signed, Tensor w_vnni, Tensor wsum, Tensor mult, "
       "Tensor bias, Tensor? residual, float res_scale, bool relu, int o_bits, int o_lo, int o_hi, float inv_s, "
       "bool allow_vnni=True, bool allow_amx=True, int shuffle=1, bool out_bf16=False, Tensor(a!)? out=None, "
-      "int q2_bits=0, int q2_lo=0, int q2_hi=0, float q2_inv=1.0, Tensor(b!)? q2_out=None) -> Tensor");
+      "int q2_bits=0, int q2_lo=0, int q2_hi=0, float q2_inv=1.0, Tensor(b!)? q2_out=None, "
+      "bool allow_avx2=True) -> Tensor");
   m.def("quantize_pack_cpu_into(Tensor x, int bits, int lo, int hi, float inv_s, Tensor(a!)? out) -> Tensor",
         &gdq::quantize_pack_into);
   m.def("cpu_has_vnni() -> bool", &gdq::has_vnni);
   m.def("cpu_has_amx() -> bool", &gdq::has_amx);
-  m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True) -> str", &gdq::conv_path);
+  m.def("cpu_has_avx2() -> bool", &gdq::has_avx2);
+  m.def("cpu_conv_path(int C, int Cout, bool allow_vnni=True, bool allow_amx=True, bool allow_avx2=True) -> str",
+        &gdq::conv_path);
 }
 
 TORCH_LIBRARY_IMPL(gdq_engine, CPU, m) {

@@ -1,8 +1,9 @@
 """The ``cpp`` backend: packed 3x3 conv and quantize+pack in C++ (csrc/cpu/conv.cpp).
 
 AMX-INT8 tiles (``tdpbusd``) where the CPU and OS allow them, else AVX512-VNNI (``vpdpbusd``),
-else a portable int32 loop; threads through ATen's ``parallel_for`` (OpenMP). Same arguments and
-results as :mod:`gdq_engine.ops.reference`, except that conv weights are prepared once by
+else AVX2 (``vpmaddwd`` on operands widened to int16), else a portable int32 loop; threads
+through ATen's ``parallel_for`` (OpenMP). Same arguments and results as
+:mod:`gdq_engine.ops.reference`, except that conv weights are prepared once by
 :func:`prepare_conv_weight`.
 """
 
@@ -27,16 +28,21 @@ def has_vnni() -> bool:
     return available() and bool(torch.ops.gdq_engine.cpu_has_vnni())
 
 
+def has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 kernel (where it has no AVX512-VNNI)."""
+    return available() and bool(torch.ops.gdq_engine.cpu_has_avx2())
+
+
 def has_amx() -> bool:
     """Whether this CPU (and OS) runs the AMX-INT8 tile kernel (used for C = 4..64 or a multiple
     of 64 input channels and output channels in multiples of 32; else VNNI)."""
     return available() and bool(torch.ops.gdq_engine.cpu_has_amx())
 
 
-def conv_path(cin: int, cout: int, allow_vnni: bool = True, allow_amx: bool = True) -> str:
+def conv_path(cin: int, cout: int, allow_vnni: bool = True, allow_amx: bool = True, allow_avx2: bool = True) -> str:
     """The integer core :func:`packed_conv3x3` runs for ``cin`` -> ``cout`` channels on this CPU:
-    ``"amx"``, ``"vnni"`` or ``"portable"``."""
-    return str(torch.ops.gdq_engine.cpu_conv_path(cin, cout, allow_vnni, allow_amx))
+    ``"amx"``, ``"vnni"``, ``"avx2"`` (output channels in multiples of 8) or ``"portable"``."""
+    return str(torch.ops.gdq_engine.cpu_conv_path(cin, cout, allow_vnni, allow_amx, allow_avx2))
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,12 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
                    res_scale: float = 1.0, out_quant: ActQuant | None = None, allow_vnni: bool = True,
                    allow_amx: bool = True, shuffle: int = 1, out_dtype: torch.dtype = torch.float32,
                    out: torch.Tensor | None = None, next_quant: ActQuant | None = None,
-                   next_out: torch.Tensor | None = None) -> torch.Tensor:
+                   next_out: torch.Tensor | None = None, allow_avx2: bool = True) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
     ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
-    forces the VNNI kernel, both False the portable loop (for tests and benchmarks). Returns packed
+    forces the VNNI kernel, ``allow_vnni=False`` too the AVX2 one, and all three False the portable
+    loop (for tests and benchmarks); each falls back to the next where the CPU lacks it. Returns packed
     uint8 when ``out_quant`` else fp32 (or ``out_dtype=torch.bfloat16``: the fp32 values rounded to
     nearest even). ``shuffle=r`` stores pixel-shuffled: output channels are read sub-pixel major
     (block i*r + j of Cout / r^2 channels) and the result is (N, rH, rW, Cout / r^2) (no residual).
@@ -83,7 +90,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
     return torch.ops.gdq_engine.packed_conv3x3_cpu(
         x_packed, container_bits(a_bits), bool(a_signed), weight.w, weight.wsum, mult.float(), bias.float(),
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx, int(shuffle),
-        out_dtype == torch.bfloat16, out, *requant_args(next_quant), next_out)
+        out_dtype == torch.bfloat16, out, *requant_args(next_quant), next_out, allow_avx2)
 
 
 # packed_conv3x3 stores pixel-shuffled (shuffle=r) in these dtypes (out_dtype=, or uint8 8-bit
