@@ -25,9 +25,9 @@ PAPER_OVERLAP = 6  # LR pixels two neighbouring patches share in the papers' pro
 
 
 def default_stride(patch: int) -> int:
-    """The stride of ``patch``-pixel patches when none is given: ``patch - 6`` (the papers' 96 / 90),
-    or ``patch - patch // 8`` where an eighth of the patch is less than 6 pixels (64 -> 58,
-    32 -> 28, 16 -> 14), at least 1."""
+    """The stride of ``patch``-pixel patches when none is given: ``patch - 6`` (the papers' 96 -> 90;
+    64 -> 58), or ``patch - patch // 8`` where an eighth of the patch is less than 6 pixels
+    (32 -> 28, 16 -> 14), at least 1."""
     return max(1, patch - min(PAPER_OVERLAP, patch // 8))
 
 
