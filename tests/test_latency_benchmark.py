@@ -36,7 +36,7 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert [rows[f"static a{b}"]["fab"] for b in (8, 4, 2)] == [8.0, 4.0, 2.0]
     from gdq_engine.quantized import resolve_backend
 
-    # "auto": the C++ kernels on CPUs with AVX512-VNNI (the CI machines so far), else the reference
+    # "auto": the C++ kernels on CPUs with AVX512-VNNI or AVX2 (every CI machine so far), else the reference
     assert rows["static a8"]["backend"] == resolve_backend("auto", torch.device("cpu"))
     assert rows["static a8 (reference)"]["backend"] == "reference"
     assert rows["fp32"]["containers"] is None and {r["containers"] for n, r in rows.items() if n[0] in "seg"} == {
