@@ -817,13 +817,15 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   bool vnni = false, amx = false, avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vnni = allow_vnni && cpu_has_vnni() && Cout % 16 == 0;
-  avx2 = !vnni && allow_avx2 && cpu_has_avx2() && Cout % 8 == 0;
 #endif
 #ifdef GDQ_AMX
   amx = allow_amx && cpu_has_amx() && amx_fits(g);
   const int64_t acc_w = amx ? (W + kAmxPx - 1) / kAmxPx * kAmxPx : W;
 #else
   const int64_t acc_w = W;
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+  avx2 = !vnni && !amx && allow_avx2 && cpu_has_avx2() && Cout % 8 == 0;  // its int16 copies only where it runs
 #endif
   const uint8_t* src = xin.data_ptr<uint8_t>();
   const int64_t slack = acc_w - W;  // AMX blocks of 32 pixels read up to round_up(W, 32) + 2 pixels
@@ -837,9 +839,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     out = at::empty({N, H * shuffle, W * shuffle, out_c}, x_packed.options().dtype(out_type));
   }
   const bool avx512 = (vnni || amx) && Cs % 16 == 0;  // VNNI and AMX imply AVX-512F
-  bool avx2_epilogue = false;  // 8-lane epilogue on AVX2 CPUs without AVX-512 (allow_avx2=False: scalar)
+  bool avx2_epilogue = false;  // 8 lanes where the 16-lane one does not run (allow_avx2=False: scalar)
 #if defined(__x86_64__) && defined(__GNUC__)
-  avx2_epilogue = !avx512 && !vnni && !amx && allow_avx2 && cpu_has_avx2() && Cs % 8 == 0;
+  avx2_epilogue = !avx512 && allow_avx2 && cpu_has_avx2() && Cs % 8 == 0;
 #endif
   const int8_t* pw = wv.data_ptr<int8_t>();
   std::vector<int16_t> w16(avx2 ? 9 * C * Cout : 0);  // the AVX2 core's weights, widened once per call
