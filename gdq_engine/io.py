@@ -14,8 +14,6 @@ import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NO_ALPHA_SUFFIXES = (".jpg", ".jpeg")  # formats Pillow writes without an alpha channel
-# Pillow's grey modes: 1-bit, 8-bit (with alpha), 16-bit, 32-bit integer and float
-GREY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def load_image(path: str | os.PathLike) -> torch.Tensor:
@@ -51,6 +49,7 @@ def load_image_rgba(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
 # some files), 32-bit float TIFF ("F"). ``convert("RGB")`` clips them at 255, which turns a
 # 16-bit image white; they are scaled here instead.
 _DEEP_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+GREY_MODES = ("1", "L", "LA", *_DEEP_GREY_MODES)  # Pillow's grey modes: 1-bit, 8-bit (with alpha), and those
 
 
 def pil_to_tensors(im, source: str = "image") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -33,6 +33,16 @@ def tiny_edsr():
     return EDSR(scale=2, n_feats=8, n_blocks=1).eval()
 
 
+@pytest.fixture
+def ckpt(tmp_path, tiny_edsr):
+    """:func:`tiny_edsr` saved as a gdq_engine checkpoint; its path (for ``--model``)."""
+    from gdq_engine.models import save_checkpoint
+
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_edsr, path)
+    return str(path)
+
+
 def random_image(h: int, w: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     shape = (3, h, w) if n is None else (n, 3, h, w)

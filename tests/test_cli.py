@@ -10,14 +10,6 @@ from PIL import Image
 
 from gdq_engine.cli import main
 from gdq_engine.io import save_image
-from gdq_engine.models import save_checkpoint
-
-
-@pytest.fixture
-def ckpt(tmp_path, tiny_edsr):
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_edsr, path)
-    return str(path)
 
 
 def test_module_help():

@@ -9,7 +9,6 @@ from PIL import Image
 from gdq_engine import Engine, upscale_file
 from gdq_engine.cli import main
 from gdq_engine.io import check_output_path, load_image, load_image_rgba, save_image
-from gdq_engine.models import save_checkpoint
 
 
 def _grey16(h: int, w: int, seed: int) -> np.ndarray:
@@ -87,13 +86,6 @@ def test_upscale_file_checks_every_output_before_upscaling(tiny_edsr, tmp_path, 
         with pytest.raises(ValueError):
             upscale_file(engine, tmp_path / "in.png", **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
-
-
-@pytest.fixture
-def ckpt(tmp_path, tiny_edsr):
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_edsr, path)
-    return str(path)
 
 
 def test_cli_makes_the_output_folder_and_refuses_bad_outputs_before_the_model_loads(tmp_path, ckpt, capsys,
