@@ -25,6 +25,23 @@ def autotune_choices() -> dict[str, str]:
     return {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16), where oneDNN's bf16
+    convs beat fp32; elsewhere they are emulated and several times slower (11.5 s for a 744x744
+    bf16 frame of EDSR-baseline x4 on a 2-core AVX2 EPYC, 1.2 s in fp32:
+    ``latency-cpu-2026-11-27-avx2.json``)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def environment() -> dict:
     """Device, versions, date and the exact command: what a results file must carry."""
     env = {

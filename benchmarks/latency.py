@@ -72,6 +72,8 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,7 +81,13 @@ import torch
 from gdq_engine.runtime.intgraph import has_integer_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import autotune_choices, keep_freed_memory, measure_gpu_peaks, write_results  # noqa: E402
+from common import (  # noqa: E402
+    autotune_choices,
+    cpu_has_native_bf16,
+    keep_freed_memory,
+    measure_gpu_peaks,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("edsr-baseline", "msrresnet", "rdn")
@@ -152,12 +160,16 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         if gpu:  # the default stores 2/4-bit codes one per byte on Triton/CUDA: the packed kernels, same run
             quant.append(("granular {2,4,8} + int8 tail, packed", dict(model=granular, tail_bits=8,
                                                                        containers="packed")))
+            # A/B: the policy's stage over the whole frame, one read, then the image graph of its widths
+            quant.append(("granular {2,4,8} + int8 tail, image graph", dict(model=granular, tail_bits=8,
+                                                                            image_graphs=True)))
     if gpu:  # A/B: the output glue in torch, as before the fifth H100 run (make_engine's glue="torch"), and
         # only the stitch in torch (glue="stitch"): which of the three parts costs the fused path wall time
         quant.append(("static a8 + int8 tail, torch glue", dict(policy="static", bits=8, tail_bits=8, glue="torch")))
         quant.append(("static a8 + int8 tail, torch stitch", dict(policy="static", bits=8, tail_bits=8,
                                                                    glue="stitch")))
-        # A/B: each frame's whole work as one CUDA graph replay (Engine(image_graphs=True))
+        # A/B: each frame's whole work as one CUDA graph replay (Engine(image_graphs=True), the
+        # default for static policies on CUDA since the 2026-11-27 run; every other row is tiled)
         quant.append(("static a8 + int8 tail, image graph", dict(policy="static", bits=8, tail_bits=8,
                                                                   image_graphs=True)))
         # A/B: a batch's groups side by side, one CUDA stream per width (Engine(group_streams=True))
@@ -166,8 +178,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         quant.append(("static a8 + int8 tail, padded", dict(policy="static", bits=8, tail_bits=8,
                                                              containers="padded")))
     # The quantized rows run their FP layers (head, upsampler unless the tail is integer, last
-    # conv) in the anchor's half dtype (fp16 on GPU, bf16 on CPU); one row shows static a8 with fp32 ones.
-    half = half if gpu else torch.bfloat16
+    # conv) in the anchor's half dtype (fp16 on GPU; on CPU bf16 where the CPU has it in hardware,
+    # else fp32, as emulated bf16 is several times slower); one row shows static a8 with fp32 ones.
+    half = half if gpu else cpu_fp_dtype()
     cases = fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))]
     cases += [(name, dict(kw, dtype=half)) for name, kw in quant]
     if not gpu:  # the C++ kernels against the pure-torch reference (fp32 FP layers, as the row above)
@@ -175,10 +188,17 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     return cases
 
 
+def cpu_fp_dtype() -> torch.dtype:
+    """The CPU rows' dtype for the quantized rows' FP layers: bf16 on CPUs with native bf16
+    (:func:`common.cpu_has_native_bf16`), else fp32."""
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def make_engine(model, kw: dict, device: str, calib):
     from gdq_engine import Engine
 
     kw = dict(kw)
+    kw.setdefault("image_graphs", False)  # the tiled path, as every run before 2026-11-27 timed it
     compile_mode = kw.pop("compile", None)
     own = kw.pop("model", None)
     last_conv = kw.pop("last_conv", "kernel")
@@ -311,6 +331,7 @@ AB_PAIRS = (
     ("static a8 + int8 tail", "static a8 + int8 tail, padded"),
     ("static a8 + int8 tail", "granular {2,4,8} + int8 tail"),
     ("granular {2,4,8} + int8 tail", "granular {2,4,8} + int8 tail, packed"),
+    ("granular {2,4,8} + int8 tail", "granular {2,4,8} + int8 tail, image graph"),
     ("entropy {2,4,8}", "entropy {2,4,8}, group streams"),
 )
 
@@ -326,27 +347,72 @@ def ab_pairs(rows: list[dict], key: str = "ms") -> list[dict]:
 
 def sync_sites(engine, frame: torch.Tensor) -> dict:
     """The host syncs of one warm ``engine.upscale(frame)`` on CUDA, from
-    ``torch.cuda.set_sync_debug_mode("warn")``: ``{"count": n, "sites": {"file:line": n}}`` (torch
-    warns once per synchronising call: ``.item()``, ``.cpu()``, a copy into pageable memory, ...).
-    An FP or static engine should show one (its final read), a dynamic policy one more per batch."""
-    import warnings
-
-    sites: dict[str, int] = {}
+    ``torch.cuda.set_sync_debug_mode("warn")``: :func:`recorded_syncs`' ``{"count", "sites",
+    "stacks", "gc_collections"}`` and ``"captures"``, the CUDA graphs captured in the call (torch
+    warns once per synchronising call: ``.item()``, ``.cpu()``, a copy into pageable memory,
+    ``torch.cuda.synchronize``, ...). An FP or static engine should show one (its final read), a
+    dynamic policy one more per batch (one per image with image graphs). A capture
+    (``torch.cuda.graph`` synchronises) or a collection (a finaliser) says why a warm call
+    synchronised where the ones before it did not."""
     with torch.inference_mode():
         engine.upscale(frame)
         torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with recorded_syncs() as syncs:
+            captures_before = graph_captures(engine)
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 engine.upscale(frame)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-    for w in caught:
-        if "synchroniz" in str(w.message).lower():
-            where = f"{Path(w.filename).name}:{w.lineno}"
-            sites[where] = sites.get(where, 0) + 1
-    return {"count": sum(sites.values()), "sites": sites}
+    return {**syncs, "captures": graph_captures(engine) - captures_before}
+
+
+STACK_FRAMES = 10  # the innermost frames recorded_syncs keeps per site
+
+
+@contextmanager
+def recorded_syncs() -> Iterator[dict]:
+    """Record the sync warnings (a message with "synchroniz" in it) issued inside the block, and
+    the Python garbage collections. Yields a dict, filled when the block ends: ``{"count": n,
+    "sites": {"file:line": n}, "stacks": {"file:line": the innermost Python frames at its first
+    warning, "file:line function", outermost first}, "gc_collections": n}``. The stacks name the
+    code behind a site inside torch (the 2026-11-27 H100 run's ``__init__.py:1270``)."""
+    import gc
+    import warnings
+
+    result = {"count": 0, "sites": {}, "stacks": {}, "gc_collections": 0}
+
+    def on_gc(phase: str, info: dict) -> None:
+        result["gc_collections"] += phase == "start"
+
+    def on_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message).lower():
+            return
+        where = f"{Path(filename).name}:{lineno}"
+        result["sites"][where] = result["sites"].get(where, 0) + 1
+        frames = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"]
+        result["stacks"].setdefault(where, [f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                            for f in frames[-STACK_FRAMES:]])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = on_warning
+        gc.callbacks.append(on_gc)
+        try:
+            yield result
+        finally:
+            gc.callbacks.remove(on_gc)
+            result["count"] = sum(result["sites"].values())
+
+
+def graph_captures(engine) -> int:
+    """CUDA graphs ``engine``'s graph caches have captured so far (network, bit policy, image and
+    the integer body's own)."""
+    from gdq_engine.runtime.graphs import GraphCache
+
+    caches = [engine.network_graphs, engine.policy_graphs, getattr(engine.int_body, "graphs", None),
+              getattr(engine.image_graphs, "graphs", None)]
+    return sum(c.captures for c in caches if isinstance(c, GraphCache))
 
 
 def profile_ops(engine, frames: list[torch.Tensor], gpu: bool, top: int = 15, trace: Path | None = None) -> dict:
@@ -418,9 +484,11 @@ def slug(name: str) -> str:
 
 
 def split_row_names(text: str) -> list[str]:
-    """``--rows``' comma-separated names, commas inside braces kept: "static a8,entropy {2,4,8}" ->
-    ["static a8", "entropy {2,4,8}"]."""
-    return [name.strip() for name in re.split(r",(?![^{]*})", text) if name.strip()]
+    """``--rows``' names: separated by semicolons where the text has any ("static a8 + int8 tail;
+    static a8 + int8 tail, image graph"), else by commas outside braces ("static a8,entropy
+    {2,4,8}" -> ["static a8", "entropy {2,4,8}"])."""
+    parts = text.split(";") if ";" in text else re.split(r",(?![^{]*})", text)
+    return [name.strip() for name in parts if name.strip()]
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -476,8 +544,8 @@ def main(argv=None) -> int:
                    help="with --profile: also write one frame of each profiled row as a Chrome trace "
                         "(trace-<row>.json) into DIR")
     p.add_argument("--rows", default=None, metavar="NAMES",
-                   help="only these rows (comma-separated names; commas inside braces belong to the name) "
-                        "and fp32, the PSNR reference")
+                   help="only these rows and fp32, the PSNR reference: names separated by commas (commas "
+                        "inside braces belong to the name) or, for names with a comma, by semicolons")
     p.add_argument("--host-uint8", action="store_true",
                    help="frames as uint8 tensors in host memory (a decoded video frame or image file): each "
                         "row's time then includes the copies in and the uint8 result back (default: float "
@@ -666,8 +734,12 @@ def main(argv=None) -> int:
             print(f"  {op['self_ms_per_frame']:8.2f} ms {op['share'] * 100:5.1f}% {op['calls_per_frame']:6.1f} calls  "
                   f"{op['op']} {op['shapes']}")
         if "syncs" in prof:
+            syncs = prof["syncs"]
             print(f"  host launch calls per frame: {prof['launches_per_frame']}; host syncs in one frame: "
-                  f"{prof['syncs']['count']} at {prof['syncs']['sites']}")
+                  f"{syncs['count']} at {syncs['sites']} ({syncs['captures']} graph captures, "
+                  f"{syncs['gc_collections']} garbage collections in it)")
+            for site, stack in syncs["stacks"].items():
+                print(f"    {site} from: {' <- '.join(reversed(stack))}")
     for f in failures:
         print(f"FAILED {f['output']} {f['method']}: {f['error']}")
     print(f"wrote {path}")

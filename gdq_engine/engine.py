@@ -160,17 +160,24 @@ class Engine:
             widths at the same time, each on a CUDA stream of its width
             (:class:`~gdq_engine.runtime.streams.GroupStreams`), so a small group's kernels need
             not leave most of the GPU idle; results unchanged. Off by default until a GPU run
-            measures it (``latency.py``'s ``entropy {2,4,8}, group streams`` row). Elsewhere (CPU,
-            static and layer-wise policies) it changes nothing.
-        image_graphs: with a static policy and ``cuda_graphs`` on CUDA, run each image's whole work
-            (the input's check, the window gather, the network for every batch, the Triton
-            stitch, the clamp and uint8 rounding, the finiteness flag) as one CUDA graph replay
-            per image, captured per image size on its second use
-            (:mod:`~gdq_engine.runtime.imagegraph`), instead of the host queueing it piece by piece
-            around the network's replays; results unchanged. Each image size's graph keeps its
-            own fp32 output image and activations in device memory (at most 4 sizes). Off by
-            default until a GPU run measures it (``latency.py``'s ``image graph`` row).
-            Elsewhere it changes nothing.
+            measures a gain (``latency.py``'s ``entropy {2,4,8}, group streams`` row: x1.03 on the
+            2026-11-27 H100 run, within the rounds' spread). Inside a dynamic policy's image graph
+            the groups run one after another. Elsewhere (CPU, static and layer-wise policies) it
+            changes nothing.
+        image_graphs: with ``cuda_graphs`` on CUDA, run each image's whole work (the input's
+            check, the window gather, the network for every batch, the Triton stitch, the clamp
+            and uint8 rounding, the finiteness flag) as one CUDA graph replay per image, captured
+            per image size on its second use (:mod:`~gdq_engine.runtime.imagegraph`), instead of
+            the host queueing it piece by piece around the network's replays; results unchanged.
+            A patch-wise dynamic policy with a device stage (Granular-DQ, EntropyOnly) takes two
+            replays and one host read between them: its stage over the whole image, then the
+            image graph of the widths it chose (one per width pattern). Each graph keeps its own
+            fp32 output image in device memory (at most 4 image graphs). ``None`` (default): on
+            for static policies, where the 2026-11-27 H100 run measured a 1080p frame at 0.80x
+            the tiled path's time (``latency.py``'s ``image graph`` row), and unless
+            ``progress``; off for dynamic ones until a GPU run measures theirs (the ``granular
+            {2,4,8} + int8 tail, image graph`` row). Elsewhere (CPU, layer-wise policies, FP)
+            it changes nothing.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
@@ -178,7 +185,7 @@ class Engine:
                  batch_size: int | None = None, dtype: torch.dtype | str = torch.float32, progress: bool = False,
                  bits=None, calib=None, w_bits: int = 8, backend: str = "auto", cuda_graphs: bool = True,
                  depth: int | None = None, tail_bits: int | None = None, containers: str = "auto",
-                 residual_stream: str = "auto", group_streams: bool = False, image_graphs: bool = False):
+                 residual_stream: str = "auto", group_streams: bool = False, image_graphs: bool | None = None):
         if isinstance(policy, str) and policy not in POLICIES_AVAILABLE:
             raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES_AVAILABLE}")
         if backend not in BACKENDS:
@@ -239,7 +246,7 @@ class Engine:
         self.network_graphs = None  # CUDA graphs of the network (or, dynamic policies, of all after the head)
         self.policy_graphs = None  # CUDA graphs of the FP head and a dynamic policy's device stage
         self.group_streams: GroupStreams | None = None  # a dynamic policy's groups side by side (CUDA)
-        self.image_graphs: ImageGraphs | None = None  # a static policy's whole image per replay (CUDA)
+        self.image_graphs: ImageGraphs | None = None  # each image's whole work as graph replays (CUDA)
         self.containers: str | None = None  # resolved: "packed", "bytes" or "padded" (None: FP)
         if qmodel is None and policy != "fp":  # calibrate (a copy of) the fp32 model at the inference patch size
             qmodel = quantize(model, policy, bits, calib, w_bits, backend,
@@ -270,7 +277,10 @@ class Engine:
             if group_streams and self.device.type == "cuda" and not static and not getattr(self.policy, "layerwise",
                                                                                             False):
                 self.group_streams = GroupStreams(self.device)
-            if image_graphs and static and self.network_graphs is not None and self._triton_stitch_runs():
+            if image_graphs is None:
+                image_graphs = static and not progress
+            staged = static or self.policy_graphs is not None  # bits known before the network runs
+            if image_graphs and staged and self.network_graphs is not None and self._triton_stitch_runs():
                 self.image_graphs = ImageGraphs()
             self.int_body = qmodel.integer_body(body_backend, cuda_graphs=graphs and not static, containers=containers,
                                                 residual_stream=residual_stream)
@@ -425,17 +435,14 @@ class Engine:
 
     def _upscale_image_graph(self, img: torch.Tensor, target: torch.Tensor, plan: ImagePlan,
                              report: UpscaleReport) -> bool:
-        """Upscale one (3,H,W) fp32 image into ``target`` as an image graph replay
-        (:mod:`~gdq_engine.runtime.imagegraph`), then read its flag: the input's values and the
-        output's finiteness are checked. False (nothing written, image graphs now off) when the
-        device ran out of memory."""
-        from .runtime.scheduler import forward_static
-
-        b = self.policy.bits[0]
+        """Upscale one (3,H,W) fp32 image into ``target`` as image graph replays
+        (:mod:`~gdq_engine.runtime.imagegraph`; a dynamic policy's stage graph, then the image
+        graph of the widths it chose), then read its flag: the input's values and the output's
+        finiteness are checked. False (nothing written, image graphs now off) when the device ran
+        out of memory."""
+        img = img.to(self.device, non_blocking=True)
         try:
-            result, flag = self.image_graphs.run(
-                img.to(self.device, non_blocking=True), plan,
-                lambda w: forward_static(self.model, self.int_body, b, w, self.dtype), b, target.dtype == torch.uint8)
+            bits, groups, result, flag = self._image_graph_replays(img, plan, target.dtype == torch.uint8)
         except torch.cuda.OutOfMemoryError:
             self.image_graphs = None
             torch.cuda.empty_cache()
@@ -444,13 +451,54 @@ class Engine:
         # the host's bookkeeping while the GPU works
         report.patches += len(plan.grid)
         report.batches += len(plan.batches)
-        self._count(report, plan.grid.window, [b] * len(plan.grid), [(b, len(batch.tiles)) for batch in plan.batches])
+        self._count(report, plan.grid.window, list(bits), groups)
         copy_into(target, result)
         ok, lo, hi = to_host(flag).tolist()
         check_input_values(lo, hi)
         if not ok:
             raise self._non_finite_error()
         return True
+
+    def _image_graph_replays(self, img: torch.Tensor, plan: ImagePlan, uint8: bool):
+        """The replays of :meth:`_upscale_image_graph` on the (3,H,W) fp32 image ``img`` on the
+        device: (the width of every patch, in tile order; the body launches [(bits, patches)] of
+        every batch; the image graph's (3,sH,sW) result and (3,) flag). A dynamic policy's widths
+        come from its stage graph and one host read; an image at one width replays the static
+        image graph of that width, mixed widths the graph of their pattern, on the groups' index
+        tables made here (once per pattern)."""
+        from .runtime.scheduler import _head, forward_assigned, forward_static
+
+        policy, body = self.policy, self.int_body
+        # Where the image graph runs eagerly (a key's first use), the network's and the policy's
+        # own graphs replay, as on the tiled path; while it is captured they run inside it.
+        graphs = self.network_graphs or _eager_graphs
+        if isinstance(policy, Static):
+            bits = (policy.bits[0],) * len(plan.grid)
+        else:
+            def stage(windows: torch.Tensor) -> torch.Tensor:  # assign_bits' policy graph
+                return (self.policy_graphs or _eager_graphs)(
+                    ("policy", id(policy)), windows,
+                    lambda p: policy.device_stage(p, _head(self.model, p, self.dtype)[1]), pad=False)
+
+            staged = to_host(self.image_graphs.stage(img, plan, stage, id(policy)))
+            bits = tuple(int(b) for b in policy.assign_staged(None, staged).tolist())
+        if len(set(bits)) == 1:
+            b = bits[0]
+
+            def network(windows: torch.Tensor, k: int) -> torch.Tensor:
+                return graphs(b, windows, lambda p: forward_static(self.model, body, b, p, self.dtype), pad=False)
+
+            result, flag = self.image_graphs.run(img, plan, network, b, uint8)
+            return bits, [(b, len(batch.tiles)) for batch in plan.batches], result, flag
+        tables = self.image_graphs.groups(plan, bits, self.device)
+
+        def network(windows: torch.Tensor, k: int) -> torch.Tensor:
+            assigned = torch.tensor([bits[t] for t in plan.batches[k].tiles])
+            return forward_assigned(self.model, body, windows, assigned, self.dtype, self.network_graphs,
+                                    groups=tables[k])[0]
+
+        result, flag = self.image_graphs.run(img, plan, network, ("bits", bits), uint8, keep=tables)
+        return bits, [(b, int(idx.numel())) for batch_groups in tables for b, idx in batch_groups], result, flag
 
     def _non_finite_error(self) -> FloatingPointError:
         """The error of a quantized policy's non-finite output."""
@@ -596,6 +644,11 @@ class Engine:
         report.groups.extend(groups)
         report.bitops += int(sum(bitops(cost.q_macs, cost.fp_macs, b, self.w_bits, cost.tail_macs, self.tail_bits)
                                   for b in per_patch))
+
+
+def _eager_graphs(tag, x, fn, **kwargs):
+    """Where an engine has no graph cache (CPU): ``fn(x)``, as a cache's call."""
+    return fn(x)
 
 
 CPU_BATCH_SIZE = 16

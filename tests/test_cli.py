@@ -133,6 +133,11 @@ def test_engine_options_reach_the_engine(tmp_path, ckpt, monkeypatch):
     assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", ckpt, "--image-graphs",
                  "--group-streams"]) == 0
     assert seen["image_graphs"] is True and seen["group_streams"] is True
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "c.png"), "--model", ckpt]) == 0
+    assert seen["image_graphs"] is None and seen["group_streams"] is False  # the engine's defaults
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "d.png"), "--model", ckpt,
+                 "--no-image-graphs"]) == 0
+    assert seen["image_graphs"] is False
 
 
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):

@@ -126,10 +126,10 @@ def test_e2b_remaps_only_top_code_patches_by_entropy():
 
 @pytest.mark.parametrize("code", [0, 1, 2, None])
 def test_device_stage_holds_gbc_codes_and_the_host_step_applies_e2b(code):
-    """The split the Engine's policy graph uses: ``device_stage`` is GBC's code index per patch,
-    and ``assign_staged`` of it gives the bits the two-step rule defines (E2B's thresholds on the
-    entropies of the top code's patches), for each forced code and an untrained GBC (None: mixed
-    codes)."""
+    """The split the Engine's policy graph uses: ``device_stage`` is GBC's code index and the
+    pixel entropy of each patch, and ``assign_staged`` of it (without the patches) gives the bits
+    the two-step rule defines (E2B's thresholds on the entropies of the top code's patches), for
+    each forced code and an untrained GBC (None: mixed codes)."""
     lr = torch.cat([torch.full((4, 3, 8, 8), 0.5), random_image(8, 8, n=4, seed=3)])
     feat = torch.randn(8, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     policy = GranularDQ(channels=16).fit(lr)
@@ -137,9 +137,11 @@ def test_device_stage_holds_gbc_codes_and_the_host_step_applies_e2b(code):
         force_gbc(policy, code)
     stage = policy.device_stage(lr, feat)
     codes = policy.gbc_choice(feat).argmax(1)
-    assert stage.dtype == torch.float32 and torch.equal(stage.long(), codes)
-    t1, t2 = policy.thresholds
     h = patch_entropy(lr)
+    assert stage.dtype == torch.float32 and stage.shape == (8, 2)
+    assert torch.equal(stage[:, 0].long(), codes) and torch.equal(stage[:, 1], h)
+    assert torch.equal(policy.assign_staged(None, stage), policy.assign_staged(lr, stage))
+    t1, t2 = policy.thresholds
     e2b = torch.where(h <= t1, 4, torch.where(h <= t2, 5, 8))
     want = torch.where(codes == 2, e2b, torch.tensor([4, 6, 8])[codes])
     assert torch.equal(policy.assign_staged(lr, stage), want)

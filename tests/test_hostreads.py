@@ -33,7 +33,7 @@ def test_a_cpu_engine_reports_no_waits():
     from gdq_engine import Engine
     from gdq_engine.models import EDSR
 
-    engine = Engine(EDSR(scale=2, n_feats=8, n_blocks=1).eval(), policy="fp", patch_size=None)
+    engine = Engine(EDSR(scale=2, n_feats=8, n_blocks=1).eval(), policy="fp", patch_size=None, device="cpu")
     _, report = engine.upscale(torch.rand(3, 12, 10), return_report=True)
     assert report.wait_seconds == 0.0 and report.seconds > 0
 

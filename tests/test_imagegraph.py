@@ -112,28 +112,129 @@ def test_out_of_memory_turns_image_graphs_off_and_the_tiled_path_finishes(tiny_e
         graphed.upscale(bad)
 
 
-def test_only_static_policies_on_cuda_graphs_get_image_graphs(tiny_edsr):
+def test_image_graphs_only_on_cuda_graphs(tiny_edsr):
     kw = dict(calib=random_image(12, 12, n=4, seed=1), patch_size=8, stride=6, device="cpu", image_graphs=True)
     assert Engine(tiny_edsr, policy="static", bits=8, backend="reference", **kw).image_graphs is None  # CPU
     assert Engine(tiny_edsr, policy="entropy", backend="reference", **kw).image_graphs is None
+
+
+def dynamic_engines(model, policy, **kw):
+    """:func:`engines` for a dynamic policy (a policy name or a quantized checkpoint's path as
+    ``model``): the graphed engine's stage graphs fake-captured too."""
+    kw = dict(dict(patch_size=8, stride=6, device=DEV, backend="reference"), **kw)
+    if policy is not None:
+        kw.update(policy=policy, calib=random_image(12, 12, n=6, seed=1))
+    graphed, tiled = Engine(model, **kw), Engine(model, **kw)
+    graphed.image_graphs = ImageGraphs()
+    graphed.image_graphs.graphs = FakeGraphs(what="the whole image", lend=True)
+    graphed.image_graphs.stages = FakeGraphs(what="the image's bit policy", lend=True)
+    return graphed, tiled
+
+
+def spread_thresholds(graphed, tiled, img: torch.Tensor) -> None:
+    """Both engines' entropy thresholds at the 1/3 and 2/3 quantiles of the entropies of the
+    (3, H, W) image's patches, so that they get all three widths."""
+    from gdq_engine.policy.entropy import patch_entropy
+
+    grid = graphed.grid(*img.shape[-2:])
+    h = patch_entropy(graphed.cutter.cut(img.to(DEV), grid, list(range(len(grid)))))
+    for engine in (graphed, tiled):
+        engine.policy.thresholds = tuple(float(torch.quantile(h.cpu(), q)) for q in (1 / 3, 2 / 3))
+
+
+def mixed_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """A (1, 3, h, w) image whose left half is flat and right half random: low and high entropy."""
+    img = random_image(h, w, n=1, seed=seed)
+    img[..., : w // 2] = 0.5
+    return img
+
+
+def granular_checkpoint(tmp_path, top: bool = True):
+    """A quantized EDSR x2 (16 channels) with Granular-DQ {2,4,8}, GBC sent to its top code (E2B's
+    entropies decide: mixed widths) or, ``top=False``, to its middle one (every patch at 4 bits)."""
+    from gdq_engine.models import EDSR
+    from gdq_engine.policy import GranularDQ
+    from gdq_engine.quantized import quantize, save_quantized
+
+    torch.manual_seed(0)
+    policy = GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=16)
+    with torch.no_grad():
+        policy.gbc.fc.weight.zero_()
+        policy.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 10.0]) if top else torch.tensor([0.0, 10.0, 0.0]))
+    path = tmp_path / f"granular-{top}.pt"
+    save_quantized(quantize(EDSR(scale=2, n_feats=16, n_blocks=2).eval(), policy,
+                            calib=random_image(16, 16, n=12, seed=4)), path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["entropy", "granular"])
+def test_dynamic_image_graphs_equal_the_tiled_path(tiny_edsr, tmp_path, which):
+    """A dynamic policy's image: the stage graph (every batch's head and device stage), one read,
+    then the image graph of the widths it chose, over mixed widths in several batches and two
+    images: the tiled engine's image and report (bits, groups, BitOPs) each time; eager, capture,
+    replay; one stage graph and one image graph per width pattern."""
+    if which == "entropy":
+        graphed, tiled = dynamic_engines(tiny_edsr, "entropy", batch_size=3)
+    else:
+        graphed, tiled = dynamic_engines(granular_checkpoint(tmp_path), None, batch_size=3)
+    lr = torch.cat([mixed_image(13, 17, seed=5), mixed_image(13, 17, seed=6)])  # 6 patches each, 2 batches
+    spread_thresholds(graphed, tiled, lr[0])
+    graphed.cutter.cut = graphed.stitcher.stitch = None  # the image functions read their tables only
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = tiled.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and same_report(rep, rep_want)
+    assert len(set(rep.bits)) >= 2 and len(rep.groups) > rep.batches  # mixed batches
+    stages, images = graphed.image_graphs.stages, graphed.image_graphs.graphs
+    assert len(stages.captured) == 1 and [k[0][0] for k in stages.keys()] == ["stage"]
+    patterns = {tuple(rep.bits[:6]), tuple(rep.bits[6:])}
+    assert sorted(k[0][1] for k in images.keys()) == sorted(("bits", p) for p in patterns)
+    assert len(images.captured) == len(patterns)
+
+
+def test_a_dynamic_image_at_one_width_replays_that_widths_static_image_graph(tmp_path):
+    """Every patch at one width (GBC's middle code): the image graph tagged by the width alone, the
+    one a static policy at that width has; the tiled engine's image and report."""
+    graphed, tiled = dynamic_engines(granular_checkpoint(tmp_path, top=False), None)
+    lr = random_image(13, 11, n=1, seed=7)
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = tiled.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and same_report(rep, rep_want) and set(rep.bits) == {4}
+    assert [k[0][1] for k in graphed.image_graphs.graphs.keys()] == [4]
+
+
+def test_dynamic_image_graphs_check_their_input(tiny_edsr):
+    """A NaN or out-of-range input goes through the stage (its widths are still valid ones) and is
+    refused at the image graph's read, as on the tiled path."""
+    graphed, _ = dynamic_engines(tiny_edsr, "entropy")
+    lr = mixed_image(13, 11, seed=3)
+    bad = lr.clone()
+    bad[0, 1, 2, 9] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        graphed.upscale(bad)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        graphed.upscale(lr * 2)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_image_graphs_equal_the_tiled_engine(dtype):
-    """The latency rows' setup (static a8, x4 integer tail) on CUDA: image graphs against the tiled
-    path (the network's graphs, the Triton stitch), bit for bit over three calls each (eager,
-    capture, replay) of device fp32 images, device uint8 images, host uint8 images and a batch of
-    two images in several batches; a capture failure would turn them off: checked."""
+    """The latency rows' setup (static a8, x4 integer tail) on CUDA: image graphs (the default for
+    a static policy there) against the tiled path (the network's graphs, the Triton stitch), bit
+    for bit over three calls each (eager, capture, replay) of device fp32 images, device uint8
+    images, host uint8 images and a batch of two images in several batches; a capture failure
+    would turn them off: checked."""
     from gdq_engine.models import EDSR
 
     torch.manual_seed(0)
     model = EDSR(scale=4, n_feats=64, n_blocks=2).eval()
     kw = dict(policy="static", bits=8, tail_bits=8, calib=random_image(24, 24, n=8, seed=3), patch_size=16,
               stride=14, device="cuda", dtype=dtype, backend="triton")
-    graphed, tiled = Engine(model, image_graphs=True, **kw), Engine(model, **kw)
+    graphed, tiled = Engine(model, **kw), Engine(model, image_graphs=False, **kw)
     assert graphed.image_graphs is not None and tiled.image_graphs is None
+    assert Engine(model, progress=True, **kw).image_graphs is None  # a progress bar: the tiled path's batches
     lr = random_image(37, 29, n=2, seed=4)
     inputs = {"fp32 cuda": lr.cuda(), "uint8 cuda": (lr * 255).round().to(torch.uint8).cuda(),
               "uint8 host": (lr * 255).round().to(torch.uint8)}
@@ -147,5 +248,38 @@ def test_cuda_image_graphs_equal_the_tiled_engine(dtype):
     for _ in range(3):
         assert torch.equal(graphed.upscale(inputs["fp32 cuda"]), tiled.upscale(inputs["fp32 cuda"]))
     graphs = graphed.image_graphs.graphs
-    assert graphs.enabled and len(graphs.keys()) == 3  # fp32 and uint8 outputs; the batch size of 2
-    assert not graphed.network_graphs.keys()  # the tiled path's graphs never ran
+    assert graphs.enabled and len(graphs.keys()) == 3 and graphs.captures == 3  # fp32, uint8; the batch size of 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
+@pytest.mark.parametrize("top", [True, False])
+def test_cuda_dynamic_image_graphs_equal_the_tiled_engine(tmp_path, top):
+    """Granular-DQ {2,4,8} with a x2 integer tail on CUDA (Triton): image graphs (the stage graph,
+    one read, the widths' image graph) against the tiled path, bit for bit with equal reports over
+    three calls (eager, capture, replay) of mixed widths (GBC's top code: E2B's entropies decide)
+    and of one width; two host syncs per frame (the stage's read and the image's), and no
+    capture failure."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import latency
+
+    kw = dict(patch_size=16, stride=14, device="cuda", backend="triton", tail_bits=8,
+              calib=random_image(24, 24, n=8, seed=3))
+    path = granular_checkpoint(tmp_path, top=top)
+    graphed, tiled = Engine(path, image_graphs=True, **kw), Engine(path, **kw)
+    assert graphed.image_graphs is not None and tiled.image_graphs is None  # dynamic: off by default
+    lr = torch.cat([mixed_image(37, 45, seed=5), mixed_image(37, 45, seed=6)]).cuda()
+    if top:
+        spread_thresholds(graphed, tiled, lr[0])
+    for _ in range(3):
+        got, rep = graphed.upscale(lr, return_report=True)
+        want, rep_want = tiled.upscale(lr, return_report=True)
+        assert torch.equal(got, want) and same_report(rep, rep_want)
+    assert (len(set(rep.bits)) > 1) == top, rep.bits
+    images, stages = graphed.image_graphs.graphs, graphed.image_graphs.stages
+    assert images.enabled and stages.enabled and stages.captures == 1 and images.captures >= 1
+    syncs = latency.sync_sites(graphed, lr[:1])
+    assert syncs["count"] == 2 and syncs["captures"] == 0, syncs

@@ -45,7 +45,7 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert rows["fp32"]["residual_stream"] is None
     assert {r["residual_stream"] for n, r in rows.items() if n[0] in "seg"} == {"float32"}
     assert {r["fp_dtype"] for name, r in rows.items() if name[0] in "se" and "fp32" not in name
-            and "reference" not in name} == {"bfloat16"}
+            and "reference" not in name} == {str(latency.cpu_fp_dtype()).replace("torch.", "")}
     assert rows["static a8 (fp32 FP layers)"]["fp_dtype"] == rows["static a8 (reference)"]["fp_dtype"] == "float32"
     # The backends are bit-identical, so the two fp32 a8 rows give the same image.
     assert rows["static a8 (fp32 FP layers)"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
@@ -105,8 +105,15 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
     assert cases["static a8 + int8 tail, torch stitch"] == dict(cases["static a8 + int8 tail"], glue="stitch")
     # ... and of the groups' streams
     assert cases["entropy {2,4,8}, group streams"] == dict(cases["entropy {2,4,8}"], group_streams=True)
+    # ... and of image graphs (make_engine runs every other row tiled: image_graphs=False)
+    assert cases["static a8 + int8 tail, image graph"] == dict(cases["static a8 + int8 tail"], image_graphs=True)
+    assert cases["granular {2,4,8} + int8 tail, image graph"] == dict(cases["granular {2,4,8} + int8 tail"],
+                                                                      image_graphs=True)
+    assert [name for name, kw in cases.items() if "image_graphs" in kw] == [
+        "granular {2,4,8} + int8 tail, image graph", "static a8 + int8 tail, image graph"]
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
-    assert not any(name.endswith(("padded", "last conv", "stream", "glue", "stitch", "streams")) for name in cpu)
+    assert not any(name.endswith(("padded", "last conv", "stream", "glue", "stitch", "streams", "graph"))
+                   for name in cpu)
 
 
 def test_torch_glue_turns_off_the_stitch_the_lent_outputs_and_the_fused_output_glue():
@@ -270,8 +277,8 @@ def test_a_failing_row_is_reported_and_the_other_rows_are_kept(tmp_path, monkeyp
 def test_gpu_session_script_fits_the_device_tool_limits():
     """benchmarks/gpu_session.sh: each call's step limits fit the 15-minute device budget with room
     for the machine's start and the transfers (call 1 under 450 s and call 2 under 325 s; the
-    opt-in memcheck step not counted; call 3, the kernels' alternative to call 2, under 200 s), and
-    the script parses (``bash -n``)."""
+    opt-in kernel-test and memcheck steps not counted; call 3, the kernels' alternative to call 2,
+    under 300 s), both calls time the decisive rows first, and the script parses (``bash -n``)."""
     import re
     import subprocess
 
@@ -280,11 +287,59 @@ def test_gpu_session_script_fits_the_device_tool_limits():
     text = script.read_text()
     third, rest = text.split('if [ "${1:-1}" = 3 ]; then', 1)[1].split("\nfi\n\n", 1)
     second, first = rest.split('if [ "${1:-1}" = 2 ]; then', 1)[1].split("\nfi\n\n", 1)
-    first = re.sub(r'if \[ "\$\{GDQ_MEMCHECK.*?\nfi\n', "", first, flags=re.S)  # opt-in
+    first = re.sub(r'if \[ "\$\{GDQ_(MEMCHECK|KERNEL_TESTS).*?\nfi\n', "", first, flags=re.S)  # opt-in
     limits = [[int(n) for n in re.findall(r"^\s*step \S+ (\d+) ", part, re.M)] for part in (first, second, third)]
-    assert [len(steps) for steps in limits] == [5, 3, 2], limits
-    assert sum(limits[0]) <= 450 and sum(limits[1]) <= 325 and sum(limits[2]) <= 200, limits
+    assert [len(steps) for steps in limits] == [4, 3, 3], limits
+    assert sum(limits[0]) <= 450 and sum(limits[1]) <= 325 and sum(limits[2]) <= 300, limits
     assert "latency_1080p " in first and "latency_1080p_again" in second  # a first and a second process
+    rows = re.search(r'^DECISIVE="([^"]*)"\nDECISIVE="\$DECISIVE;([^"]*)"', text, re.M)
+    decisive = latency.split_row_names(rows.group(1) + ";" + rows.group(2))
+    from gdq_engine import load_model
+
+    names = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), Path("g.pt"), "none"))
+    assert len(decisive) == 5 and set(decisive) <= names.keys(), decisive
+    assert text.count('--rows "$DECISIVE"') == 3  # call 1's latency, call 2's first two
+
+
+@pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                         ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)])
+def test_cpu_rows_run_fp_layers_in_bf16_only_where_the_cpu_has_it(monkeypatch, flags, want):
+    """The CPU rows' quantized engines take bf16 FP layers on CPUs with AVX512-BF16 or AMX-BF16,
+    fp32 elsewhere (emulated bf16 is several times slower there); the bf16 CL row stays either way."""
+    import common
+    from gdq_engine import load_model
+
+    monkeypatch.setattr(common, "cpu_flags", lambda: flags)
+    cases = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), Path("g.pt"), "none"))
+    assert cases["bf16 CL"]["dtype"] == torch.bfloat16
+    assert {kw["dtype"] for name, kw in cases.items() if name[0] in "seg" and "dtype" in kw} == {want}
+    assert "dtype" not in cases["static a8 (fp32 FP layers)"]
+
+
+def test_recorded_syncs_name_each_site_with_its_callers_and_count_collections():
+    """What sync_sites reads on a GPU, fed here by hand: sync warnings are counted per site with
+    the Python stack of the first (outermost first, the caller named), other warnings are not,
+    and garbage collections in the block are counted."""
+    import gc
+    import warnings
+
+    def synchronising_op():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    def caller():
+        synchronising_op()
+
+    with latency.recorded_syncs() as syncs:
+        caller()
+        caller()
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        gc.collect()
+    ((site, n),) = syncs["sites"].items()
+    assert site.startswith("test_latency_benchmark.py:") and n == 2 and syncs["count"] == 2
+    stack = syncs["stacks"][site]
+    assert stack[-1].endswith(" synchronising_op") and stack[-2].endswith(" caller")
+    assert len(stack) <= latency.STACK_FRAMES and not any(f.startswith("warnings.py") for f in stack)
+    assert syncs["gc_collections"] >= 1
 
 
 def test_row_names_with_braces_survive_the_comma_split():
@@ -293,6 +348,9 @@ def test_row_names_with_braces_survive_the_comma_split():
         "static a8", "entropy {2,4,8}", "granular {2,4,8} + int8 tail"]
     assert latency.split_row_names("fp16 CL,fp16 CL compile(max-autotune),") == [
         "fp16 CL", "fp16 CL compile(max-autotune)"]
+    # names with a comma of their own: semicolons separate
+    assert latency.split_row_names("static a8 + int8 tail; static a8 + int8 tail, image graph;entropy {2,4,8};") == [
+        "static a8 + int8 tail", "static a8 + int8 tail, image graph", "entropy {2,4,8}"]
 
 
 def test_gpu_timing_counts_allocator_events_and_collections_around_the_calls(monkeypatch):

@@ -28,8 +28,11 @@ class BitPolicy:
         batch's policy costs one replay and one host read instead of dozens of eager launches."""
         return None
 
-    def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s result, copied to the CPU."""
+    def assign_staged(self, lr: torch.Tensor | None, stage: torch.Tensor
+                      ) -> torch.Tensor:  # pragma: no cover - interface
+        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s result, copied to the CPU.
+        ``lr``: the patches, or None where the caller has none at hand (an image graph's stage,
+        :mod:`~gdq_engine.runtime.imagegraph`): the stage must say all."""
         raise NotImplementedError
 
     @property

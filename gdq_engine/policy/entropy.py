@@ -102,7 +102,7 @@ class EntropyOnly(BitPolicy):
             raise RuntimeError("EntropyOnly has no thresholds: call fit() on calibration patches first")
         return patch_entropy(lr)
 
-    def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+    def assign_staged(self, lr: torch.Tensor | None, stage: torch.Tensor) -> torch.Tensor:
         """(P,) int64 bit-widths from the (P,) entropies of :meth:`device_stage`, by the thresholds
         (``lr`` is not read: the entropies say all)."""
         if self.thresholds is None:

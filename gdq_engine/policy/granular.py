@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime.hostreads import to_host
 from .base import BitPolicy
-from .entropy import EntropyOnly, entropy_quantiles, three_bit_widths
+from .entropy import EntropyOnly, entropy_quantiles, patch_entropy, three_bit_widths
 
 
 class GBC(nn.Module):
@@ -164,25 +164,29 @@ class GranularDQ(BitPolicy):
         return self.assign_staged(lr, to_host(self.device_stage(lr, head_feat)))
 
     def device_stage(self, lr: torch.Tensor, head_feat: torch.Tensor) -> torch.Tensor:
-        """(P,) float32 GBC code index of each patch (0, 1, 2 over ``gbc_bits``), from its (P,F,h,w)
-        head features. E2B's entropies are not in it: only the top code's patches need them, so
-        :meth:`assign_staged` computes theirs once the codes are known."""
+        """(P, 2) float32: each patch's GBC code index (0, 1, 2 over ``gbc_bits``), from its
+        (P,F,h,w) head features, and the entropy of its (P,3,h,w) pixels in [0,1]
+        (:func:`~gdq_engine.policy.entropy.patch_entropy`), which E2B reads for the top code's
+        patches. Every patch's entropy, not only the top code's: the bits are then decided in one
+        host read (an image graph's stage holds the whole image's), and a patch's entropy is
+        computed in the same batch whatever the codes are."""
         if self.thresholds is None:
             raise RuntimeError("GranularDQ has no E2B thresholds: call fit() on calibration patches first")
         if next(self.gbc.parameters()).device != head_feat.device:
             self.gbc.to(head_feat.device)
         with torch.no_grad():  # gbc_choice's index at inference, without its one_hot (which reads values back on a CPU)
-            return self.gbc(head_feat).argmax(1).to(torch.float32)
+            codes = self.gbc(head_feat).argmax(1).to(torch.float32)
+        return torch.stack([codes, patch_entropy(lr).to(codes.device)], 1)
 
-    def assign_staged(self, lr: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s codes (on the CPU): GBC's
-        widths, with E2B's entropy thresholds deciding for the top code's patches (their entropy
-        computed here, on ``lr``'s device: one more host read when there are any)."""
-        choice = to_host(stage).long()
+    def assign_staged(self, lr: torch.Tensor | None, stage: torch.Tensor) -> torch.Tensor:
+        """(P,) int64 bit-widths on the CPU from :meth:`device_stage`'s (P, 2) codes and
+        entropies: GBC's widths, with E2B's entropy thresholds deciding for the top code's patches
+        (``lr`` is not read: the stage says all)."""
+        stage = to_host(stage)
+        choice = stage[:, 0].long()
         out = torch.tensor(self.gbc_bits, dtype=torch.int64)[choice]
         top = choice == 2
-        if top.any():
-            out[top] = self.e2b.assign(lr[top.to(lr.device)], None)
+        out[top] = self.e2b.assign_staged(None, stage[top, 1])
         return out
 
     def state(self) -> dict:

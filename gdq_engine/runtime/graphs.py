@@ -76,6 +76,7 @@ class GraphCache:
                  pool_of: Callable[[Hashable], Hashable] | None = None):
         self.capacity, self.what, self.lend, self.pool_of = capacity, what, bool(lend), pool_of
         self.enabled = True
+        self.captures = 0  # graphs captured so far (a capture synchronises the device: torch.cuda.graph)
         self._graphs: OrderedDict[tuple, tuple] = OrderedDict()
         self._calls: Counter[tuple] = Counter()
         self._pools: dict[Hashable, object] = {}  # pool name -> graph_pool_handle()
@@ -141,6 +142,7 @@ class GraphCache:
             warnings.warn(f"CUDA graph capture failed, running {self.what} eagerly: {exc}", stacklevel=4)
             self.enabled = False
             return None
+        self.captures += 1
         self._graphs[key] = (replay, static_ins, static_out, count, keep)
         while len(self._graphs) > self.capacity:
             self._graphs.popitem(last=False)

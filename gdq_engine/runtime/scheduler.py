@@ -10,7 +10,8 @@ from .hostreads import to_host
 
 
 def run_grouped(bits: torch.Tensor, feats: torch.Tensor, run: Callable[[torch.Tensor, int], torch.Tensor],
-                streams=None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+                streams=None, groups: list[tuple[int, torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Run ``run(feats[idx], b)`` once per distinct bit-width ``b`` and scatter results back.
 
     Args:
@@ -19,12 +20,15 @@ def run_grouped(bits: torch.Tensor, feats: torch.Tensor, run: Callable[[torch.Te
         run: the body at one bit-width; maps (p, ...) -> (p, ...).
         streams: a :class:`~gdq_engine.runtime.streams.GroupStreams` (CUDA): the groups run at the
             same time, each on its width's stream; None: one after another.
+        groups: :func:`bit_groups` of ``bits`` on ``feats``' device, made before (an image graph
+            makes them outside its capture, where an upload of host data could not be captured);
+            None: made here.
     Returns:
         (outputs in the original patch order, [(bits, patch count), ...] in launch order).
     """
     if bits.shape[0] != feats.shape[0]:
         raise ValueError(f"{bits.shape[0]} bit assignments for {feats.shape[0]} patches")
-    groups = list(bit_groups(bits, feats.device))
+    groups = list(bit_groups(bits, feats.device)) if groups is None else groups
     if len(groups) == 1:  # one group (e.g. a static policy): no gather, no scatter
         b, _ = groups[0]
         return run(feats, b), [(b, feats.shape[0])]
@@ -165,27 +169,42 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
         # Bits on the host once: grouping needs them there, and the report reads them without
         # waiting for the body (a CPU tensor's .tolist() is no device sync).
         assigned, xn, feat = assign_bits(model, policy, x, dtype, policy_graphs)
-        if graphs is not None and bool((assigned == assigned[0]).all()):
-            # Every patch at one width (the shipped Granular-DQ model put all 18 or 66 patches of
-            # the 2026-11-26 latency frames at 4 bits): the static policy's whole-network graph,
-            # keyed on the exact batch, one replay instead of a group body graph padded to its
-            # bucket (18 -> 24, 66 -> 96 patches) and the tail's graph. The head runs once more
-            # inside it (0.03 ms a 1080p frame); the values are the same.
-            b = int(assigned[0])
-            y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
-            return y, assigned.float(), [(b, x.shape[0])]
-        if feat is None:  # the policy's graph computed the head features inside it
-            xn, feat = _head(model, x, dtype)
-        # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
-        # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
-        # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
-        blocks_out, groups = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype), group_streams)
-        bits = assigned.float()
-
-        def after_blocks(blocks: torch.Tensor, head: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-            return _output(model, model.forward_body(head, run_blocks=lambda g: blocks), xg)
-
-        if graphs is not None:
-            return graphs("tail", (blocks_out, feat, xn), after_blocks, pad=False), bits, groups
-        return after_blocks(blocks_out, feat, xn), bits, groups
+        y, groups = forward_assigned(model, body, x, assigned, dtype, graphs, group_streams, head=(xn, feat))
+        return y, assigned.float(), groups
     return _output(model, out, xn), bits, groups
+
+
+def forward_assigned(model, body, x: torch.Tensor, assigned: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     graphs=None, group_streams=None, head: tuple | None = None,
+                     groups: list[tuple[int, torch.Tensor]] | None = None) -> tuple[torch.Tensor, list]:
+    """The quantized network on (P,3,h,w) float32 patches in [0,1] whose bit-widths are decided:
+    ``assigned``, (P,) int64 on the CPU. Returns (y (P,3,sh,sw) float32, the body launches as
+    [(bits, patches), ...], ascending bits).
+
+    ``graphs``, ``group_streams``: as :func:`forward_quantized`'s. ``head``: (normalised patches,
+    FP head features) where the policy computed them, else None (or (None, None)): computed
+    here. ``groups``: :func:`bit_groups` of ``assigned`` on ``x``'s device, made before (None:
+    made here); an image graph passes its own, made outside its capture."""
+    xn, feat = head if head is not None else (None, None)
+    if graphs is not None and bool((assigned == assigned[0]).all()):
+        # Every patch at one width (the shipped Granular-DQ model put all 18 or 66 patches of
+        # the 2026-11-26 latency frames at 4 bits): the static policy's whole-network graph,
+        # keyed on the exact batch, one replay instead of a group body graph padded to its
+        # bucket (18 -> 24, 66 -> 96 patches) and the tail's graph. The head runs once more
+        # inside it (0.03 ms a 1080p frame); the values are the same.
+        b = int(assigned[0])
+        y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
+        return y, [(b, x.shape[0])]
+    if feat is None:  # the policy's graph computed the head features inside it
+        xn, feat = _head(model, x, dtype)
+    # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
+    # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
+    # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
+    blocks_out, launched = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype), group_streams, groups)
+
+    def after_blocks(blocks: torch.Tensor, head_feat: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+        return _output(model, model.forward_body(head_feat, run_blocks=lambda g: blocks), xg)
+
+    if graphs is not None:
+        return graphs("tail", (blocks_out, feat, xn), after_blocks, pad=False), launched
+    return after_blocks(blocks_out, feat, xn), launched
