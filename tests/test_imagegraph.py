@@ -149,20 +149,21 @@ def mixed_image(h: int, w: int, seed: int) -> torch.Tensor:
     return img
 
 
-def granular_checkpoint(tmp_path, top: bool = True):
-    """A quantized EDSR x2 (16 channels) with Granular-DQ {2,4,8}, GBC sent to its top code (E2B's
-    entropies decide: mixed widths) or, ``top=False``, to its middle one (every patch at 4 bits)."""
+def granular_checkpoint(tmp_path, top: bool = True, channels: int = 16):
+    """A quantized EDSR x2 (``channels`` features) with Granular-DQ {2,4,8}, GBC sent to its top
+    code (E2B's entropies decide: mixed widths) or, ``top=False``, to its middle one (every patch
+    at 4 bits)."""
     from gdq_engine.models import EDSR
     from gdq_engine.policy import GranularDQ
     from gdq_engine.quantized import quantize, save_quantized
 
     torch.manual_seed(0)
-    policy = GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=16)
+    policy = GranularDQ(gbc_bits=(2, 4, 8), e2b_bits=(2, 4, 8), channels=channels)
     with torch.no_grad():
         policy.gbc.fc.weight.zero_()
         policy.gbc.fc.bias.copy_(torch.tensor([0.0, 0.0, 10.0]) if top else torch.tensor([0.0, 10.0, 0.0]))
-    path = tmp_path / f"granular-{top}.pt"
-    save_quantized(quantize(EDSR(scale=2, n_feats=16, n_blocks=2).eval(), policy,
+    path = tmp_path / f"granular-{top}-{channels}.pt"
+    save_quantized(quantize(EDSR(scale=2, n_feats=channels, n_blocks=2).eval(), policy,
                             calib=random_image(16, 16, n=12, seed=4)), path)
     return path
 
@@ -255,20 +256,20 @@ def test_cuda_image_graphs_equal_the_tiled_engine(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (GPU sessions run this)")
 @pytest.mark.parametrize("top", [True, False])
 def test_cuda_dynamic_image_graphs_equal_the_tiled_engine(tmp_path, top):
-    """Granular-DQ {2,4,8} with a x2 integer tail on CUDA (Triton): image graphs (the stage graph,
-    one read, the widths' image graph) against the tiled path, bit for bit with equal reports over
-    three calls (eager, capture, replay) of mixed widths (GBC's top code: E2B's entropies decide)
-    and of one width; two host syncs per frame (the stage's read and the image's), and no
-    capture failure."""
+    """Granular-DQ {2,4,8} with a x2 integer tail and fp16 FP layers on CUDA (Triton), as the
+    latency row runs it: image graphs (the stage graph, one read, the widths' image graph)
+    against the tiled path, bit for bit with equal reports over three calls (eager, capture,
+    replay) of mixed widths (GBC's top code: E2B's entropies decide) and of one width; two host
+    syncs per frame (the stage's read and the image's), and no capture failure."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import latency
 
-    kw = dict(patch_size=16, stride=14, device="cuda", backend="triton", tail_bits=8,
+    kw = dict(patch_size=16, stride=14, device="cuda", backend="triton", tail_bits=8, dtype=torch.float16,
               calib=random_image(24, 24, n=8, seed=3))
-    path = granular_checkpoint(tmp_path, top=top)
+    path = granular_checkpoint(tmp_path, top=top, channels=64)  # the integer tail takes 32+ channels
     graphed, tiled = Engine(path, image_graphs=True, **kw), Engine(path, **kw)
     assert graphed.image_graphs is not None and tiled.image_graphs is None  # dynamic: off by default
     lr = torch.cat([mixed_image(37, 45, seed=5), mixed_image(37, 45, seed=6)]).cuda()

@@ -307,6 +307,7 @@ def test_cpu_rows_run_fp_layers_in_bf16_only_where_the_cpu_has_it(monkeypatch, f
     """The CPU rows' quantized engines take bf16 FP layers on CPUs with AVX512-BF16 or AMX-BF16,
     fp32 elsewhere (emulated bf16 is several times slower there); the bf16 CL row stays either way."""
     import common
+
     from gdq_engine import load_model
 
     monkeypatch.setattr(common, "cpu_flags", lambda: flags)
