@@ -79,17 +79,22 @@ def test_image_graph_checks_its_input_and_output(tiny_edsr):
     lr = random_image(13, 11, n=1, seed=3)
     for _ in range(2):
         graphed.upscale(lr)  # eager, then the capture
-    bad = lr.clone()
-    bad[0, 1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        graphed.upscale(bad)
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        graphed.upscale(lr * 2)
+    assert_input_refused(graphed, lr)
     graphed.model.tail.forward = lambda t: t[:, :3] * float("inf")  # read by the next capture
     graphed.image_graphs = ImageGraphs()
     graphed.image_graphs.graphs = FakeGraphs(what="the whole image", lend=True)
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
         graphed.upscale(lr)
+
+
+def assert_input_refused(engine, lr: torch.Tensor) -> None:
+    """``engine`` refuses a copy of the (1, 3, H, W) image ``lr`` with a NaN, and ``lr`` * 2."""
+    bad = lr.clone()
+    bad[0, 1, 2, 9] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        engine.upscale(bad)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        engine.upscale(lr * 2)
 
 
 def test_out_of_memory_turns_image_graphs_off_and_the_tiled_path_finishes(tiny_edsr):
@@ -209,13 +214,7 @@ def test_dynamic_image_graphs_check_their_input(tiny_edsr):
     """A NaN or out-of-range input goes through the stage (its widths are still valid ones) and is
     refused at the image graph's read, as on the tiled path."""
     graphed, _ = dynamic_engines(tiny_edsr, "entropy")
-    lr = mixed_image(13, 11, seed=3)
-    bad = lr.clone()
-    bad[0, 1, 2, 9] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        graphed.upscale(bad)
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        graphed.upscale(lr * 2)
+    assert_input_refused(graphed, mixed_image(13, 11, seed=3))
 
 
 @pytest.mark.gpu
