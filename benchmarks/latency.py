@@ -406,12 +406,12 @@ def recorded_syncs() -> Iterator[dict]:
 
 
 def graph_captures(engine) -> int:
-    """CUDA graphs ``engine``'s graph caches have captured so far (network, bit policy, image and
-    the integer body's own)."""
+    """CUDA graphs ``engine``'s graph caches have captured so far (network, bit policy, the integer
+    body's own, image and image stage)."""
     from gdq_engine.runtime.graphs import GraphCache
 
     caches = [engine.network_graphs, engine.policy_graphs, getattr(engine.int_body, "graphs", None),
-              getattr(engine.image_graphs, "graphs", None)]
+              getattr(engine.image_graphs, "graphs", None), getattr(engine.image_graphs, "stages", None)]
     return sum(c.captures for c in caches if isinstance(c, GraphCache))
 
 

@@ -28,6 +28,18 @@ def engines(model, **kw):
     return graphed, tiled
 
 
+def benchmarks_module(name: str):
+    """A module of benchmarks/ (not a package), imported by name."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def same_report(got, want):
     return (got.bits, got.groups, got.patches, got.batches, got.bitops, got.fallbacks) == (
         want.bits, want.groups, want.patches, want.batches, want.bitops, want.fallbacks)
@@ -196,6 +208,8 @@ def test_dynamic_image_graphs_equal_the_tiled_path(tiny_edsr, tmp_path, which):
     patterns = {tuple(rep.bits[:6]), tuple(rep.bits[6:])}
     assert sorted(k[0][1] for k in images.keys()) == sorted(("bits", p) for p in patterns)
     assert len(images.captured) == len(patterns)
+    # what latency.sync_sites reports as the call's captures counts both caches
+    assert benchmarks_module("latency").graph_captures(graphed) == 1 + len(patterns)
 
 
 def test_a_dynamic_image_at_one_width_replays_that_widths_static_image_graph(tmp_path):
@@ -260,12 +274,7 @@ def test_cuda_dynamic_image_graphs_equal_the_tiled_engine(tmp_path, top):
     against the tiled path, bit for bit with equal reports over three calls (eager, capture,
     replay) of mixed widths (GBC's top code: E2B's entropies decide) and of one width; two host
     syncs per frame (the stage's read and the image's), and no capture failure."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import latency
-
+    latency = benchmarks_module("latency")
     kw = dict(patch_size=16, stride=14, device="cuda", backend="triton", tail_bits=8, dtype=torch.float16,
               calib=random_image(24, 24, n=8, seed=3))
     path = granular_checkpoint(tmp_path, top=top, channels=64)  # the integer tail takes 32+ channels
