@@ -466,27 +466,22 @@ class Engine:
         come from its stage graph and one host read; an image at one width replays the static
         image graph of that width, mixed widths the graph of their pattern, on the groups' index
         tables made here (once per pattern)."""
-        from .runtime.scheduler import _head, forward_assigned, forward_static
+        from .runtime.scheduler import forward_assigned, policy_stage, static_network
 
         policy, body = self.policy, self.int_body
         # Where the image graph runs eagerly (a key's first use), the network's and the policy's
         # own graphs replay, as on the tiled path; while it is captured they run inside it.
-        graphs = self.network_graphs or _eager_graphs
         if isinstance(policy, Static):
             bits = (policy.bits[0],) * len(plan.grid)
         else:
-            def stage(windows: torch.Tensor) -> torch.Tensor:  # assign_bits' policy graph
-                return (self.policy_graphs or _eager_graphs)(
-                    ("policy", id(policy)), windows,
-                    lambda p: policy.device_stage(p, _head(self.model, p, self.dtype)[1]), pad=False)
-
-            staged = to_host(self.image_graphs.stage(img, plan, stage, id(policy)))
+            staged = to_host(self.image_graphs.stage(
+                img, plan, lambda w: policy_stage(self.model, policy, w, self.dtype, self.policy_graphs), id(policy)))
             bits = tuple(int(b) for b in policy.assign_staged(None, staged).tolist())
         if len(set(bits)) == 1:
             b = bits[0]
 
             def network(windows: torch.Tensor, k: int) -> torch.Tensor:
-                return graphs(b, windows, lambda p: forward_static(self.model, body, b, p, self.dtype), pad=False)
+                return static_network(self.model, body, b, windows, self.dtype, self.network_graphs)
 
             result, flag = self.image_graphs.run(img, plan, network, b, uint8)
             return bits, [(b, len(batch.tiles)) for batch in plan.batches], result, flag
@@ -644,11 +639,6 @@ class Engine:
         report.groups.extend(groups)
         report.bitops += int(sum(bitops(cost.q_macs, cost.fp_macs, b, self.w_bits, cost.tail_macs, self.tail_bits)
                                   for b in per_patch))
-
-
-def _eager_graphs(tag, x, fn, **kwargs):
-    """Where an engine has no graph cache (CPU): ``fn(x)``, as a cache's call."""
-    return fn(x)
 
 
 CPU_BATCH_SIZE = 16

@@ -70,6 +70,27 @@ def forward_static(model, body, bits: int, x: torch.Tensor, dtype: torch.dtype =
     return _output(model, out, xn)
 
 
+def static_network(model, body, bits: int, x: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   graphs=None) -> torch.Tensor:
+    """:func:`forward_static` of (P,3,h,w) float32 patches at ``bits``, as a replay of ``graphs``
+    (a :class:`~gdq_engine.runtime.graphs.GraphCache`, keyed by the width on the exact batch: the
+    static policy's whole-network graph) or, with None, eagerly."""
+    if graphs is None:
+        return forward_static(model, body, bits, x, dtype)
+    return graphs(bits, x, lambda p: forward_static(model, body, bits, p, dtype), pad=False)
+
+
+def policy_stage(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float32, graphs=None) -> torch.Tensor:
+    """The FP head and ``policy``'s device stage (:meth:`~gdq_engine.policy.base.BitPolicy.device_stage`)
+    of (P,3,h,w) float32 patches: the (P, ...) stage on their device, as one replay of ``graphs``
+    (tagged ``("policy", id(policy))``, the id because an engine's policy may be swapped; keyed on
+    the exact batch, as the head's cuDNN conv is in the network's graphs) or, with None, eagerly."""
+    def stage(p: torch.Tensor) -> torch.Tensor:
+        return policy.device_stage(p, _head(model, p, dtype)[1])
+
+    return stage(x) if graphs is None else graphs(("policy", id(policy)), x, stage, pad=False)
+
+
 def _head(model, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised patches, FP head features) of (P,3,h,w) float32 patches in [0,1], in ``dtype``."""
     xn = model.normalize(x.to(dtype))
@@ -110,11 +131,7 @@ def assign_bits(model, policy, x: torch.Tensor, dtype: torch.dtype = torch.float
     descriptor, entropy) that the host issues while the GPU, which must finish them before the
     read, mostly waits. Otherwise the head runs eagerly and ``policy.assign`` decides."""
     if graphs is not None and has_device_stage(policy):
-        def stage(p: torch.Tensor) -> torch.Tensor:
-            return policy.device_stage(p, _head(model, p, dtype)[1])
-
-        staged = graphs(("policy", id(policy)), x, stage, pad=False)  # the id: an engine's policy may be swapped
-        return policy.assign_staged(x, to_host(staged)), None, None
+        return policy.assign_staged(x, to_host(policy_stage(model, policy, x, dtype, graphs))), None, None
     xn, feat = _head(model, x, dtype)
     return policy.assign(x, feat).cpu(), xn, feat
 
@@ -148,9 +165,7 @@ def forward_quantized(model, body, policy, x: torch.Tensor, dtype: torch.dtype =
 
     if isinstance(policy, Static):  # one bit-width: nothing to assign or group
         b = policy.bits[0]
-        y = (forward_static(model, body, b, x, dtype) if graphs is None
-             else graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False))
-        return y, torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
+        return static_network(model, body, b, x, dtype, graphs), torch.full((x.shape[0],), float(b)), [(b, x.shape[0])]
     if getattr(policy, "layerwise", False):
         from ..policy.cadyq import sobel_features
 
@@ -193,8 +208,7 @@ def forward_assigned(model, body, x: torch.Tensor, assigned: torch.Tensor, dtype
         # bucket (18 -> 24, 66 -> 96 patches) and the tail's graph. The head runs once more
         # inside it (0.03 ms a 1080p frame); the values are the same.
         b = int(assigned[0])
-        y = graphs(b, x, lambda p: forward_static(model, body, b, p, dtype), pad=False)
-        return y, [(b, x.shape[0])]
+        return static_network(model, body, b, x, dtype, graphs), [(b, x.shape[0])]
     if feat is None:  # the policy's graph computed the head features inside it
         xn, feat = _head(model, x, dtype)
     # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
