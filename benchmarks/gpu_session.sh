@@ -9,6 +9,8 @@
 #                                         # those rows again at 1080p, at 720p and 4K, then every row
 #     bash benchmarks/gpu_session.sh 3    # instead of 2 when the kernels changed: kernels.py, Nsight Compute
 #     GDQ_KERNEL_TESTS=1 bash benchmarks/gpu_session.sh   # call 1 with the CUDA C++ tests (csrc changed)
+#     bash benchmarks/gpu_session.sh stage  # alone, on a fresh machine with about 5 minutes left: no
+#                                           # install; the policy-stage kernels' tests and 1080p latency
 #
 # Why the 1080p latency twice: a machine's first process times the same code slower than a second
 # one (static a8 + int8 tail: 2.70 ms in the first process of the sixth H100 run, 2026-11-27, 2.41 ms
@@ -88,6 +90,29 @@ sample_load() {
 sample_load &
 SAMPLER=$!
 trap 'kill $SAMPLER 2>/dev/null' EXIT
+
+if [ "${1:-1}" = stage ]; then
+    # one call without the install (a fresh machine, little device time left): the package from the
+    # working tree (kernels/ linked where setup.py maps it; no C++ extension: the Triton backend),
+    # the policy stage's kernels and the dynamic image graphs tested, then the decisive rows at
+    # 1080p with the Granular-DQ profiles, in two processes
+    ln -sfn ../kernels gdq_engine/kernels
+    export PYTHONPATH=$PWD
+    step stage_tests 60 env GDQ_TRITON_AUTOTUNE=0 $PYTEST tests/test_policy_kernels.py tests/test_granular.py \
+        tests/test_imagegraph.py
+    if [ -d "$CALIB" ]; then
+        mkdir -p "$OUT/a" "$OUT/b"
+        for run in a b; do
+            step "latency_1080p_$run" $([ $run = a ] && echo 160 || echo 70) $PY benchmarks/latency.py --gpu \
+                --calib "$CALIB" --compile none --output 1920x1080 --rows "$DECISIVE" --out "$OUT/$run" \
+                --profile "granular {2,4,8} + int8 tail" --profile "granular {2,4,8} + int8 tail, image graph"
+        done
+    fi
+    rm -f gdq_engine/kernels
+    echo "=== done $(date -u)" | tee -a "$LOG"
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== " "$LOG" | tail -n 40
+    exit 0
+fi
 
 if [ "${1:-1}" = 3 ]; then
     mkdir -p "$OUT/b"

@@ -23,6 +23,7 @@ from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
 from .fp_conv import KY, _fp_conv3x3_kernel
+from .policy_stage import MOMENTS, _patch_entropy_kernel, _pooled_moments_kernel
 from .stitch import BOX_FIELDS, _stitch_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
@@ -689,3 +690,51 @@ def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, boxes: torch.Tensor, 
     grid = (sr.shape[0], triton.cdiv(extent[0], by), triton.cdiv(extent[1], bx))
     _launcher(_stitch_kernel, False)[grid](sr, canvas, boxes, bad, sr.shape[1], *sr.stride(), *canvas.stride(),
                                            BLOCK_Y=by, BLOCK_X=bx, num_warps=4)
+
+
+ENTROPY_BLOCK = 128  # pixels per step of a patch's soft histogram (x 32 bins per step)
+MOMENTS_TILES, MOMENTS_CHANNELS = 32, 64  # 4x4 tiles and channels per program of the pooled moments
+
+
+def patch_entropy(lr: torch.Tensor, grey: tuple[float, float, float], sigma: float, bins: int) -> torch.Tensor:
+    """(P,) fp32 soft-histogram entropies in nats of (P, 3, h, w) images in [0, 1] (fp32, fp16 or
+    bf16, any strides), one program per patch (``policy_stage.py``): grey ``grey`` weights, ``bins``
+    Gaussian bins of width ``sigma`` at ``i / (bins - 1)``. The pure-torch reference is
+    :func:`gdq_engine.policy.entropy.patch_entropy`."""
+    if lr.dim() != 4 or lr.shape[1] != 3:
+        raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
+    if lr.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"patch_entropy expects floating-point images, got {lr.dtype}")
+    if bins < 2 or bins & (bins - 1):
+        raise ValueError(f"the kernel's bin count must be a power of two, got {bins}")
+    out = torch.empty(lr.shape[0], dtype=torch.float32, device=lr.device)
+    if lr.shape[0] == 0:
+        return out
+    _launcher(_patch_entropy_kernel, False)[(lr.shape[0],)](
+        lr, out, lr.shape[2], lr.shape[3], *lr.stride(), G0=float(grey[0]), G1=float(grey[1]), G2=float(grey[2]),
+        TWO_SIGMA_SQ=2.0 * sigma * sigma, BINS=bins, BLOCK=ENTROPY_BLOCK, num_warps=4, **_COMPILE)
+    return out
+
+
+def pooled_moments(feat: torch.Tensor) -> torch.Tensor:
+    """(2, 3, P, F) fp32 per-channel sums of (P, F, h, w) features (fp32, fp16 or bf16, any strides;
+    h and w multiples of 4): [0, v] the sums and [1, v] the sums of squares of view v, the
+    features (v = 0), their 2x2 (1) and 4x4 (2) average pools (rounded to ``feat``'s dtype, as
+    ``avg_pool2d`` gives them; ``policy_stage.py``). Each program's partial sums are added
+    here in a fixed order (deterministic). The pure-torch reference is the pooling and reductions
+    of :meth:`gdq_engine.policy.granular.GBC.descriptor`."""
+    if feat.dim() != 4:
+        raise ValueError(f"pooled_moments expects (P, F, h, w) features, got {tuple(feat.shape)}")
+    if feat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"pooled_moments expects floating-point features, got {feat.dtype}")
+    p, f, h, w = feat.shape
+    if h % 4 or w % 4 or h == 0 or w == 0:
+        raise ValueError(f"pooled_moments needs sides that are positive multiples of 4, got {h}x{w}")
+    tw, nt = w // 4, (h // 4) * (w // 4)
+    splits = triton.cdiv(nt, MOMENTS_TILES)
+    part = torch.empty(splits, *MOMENTS, p, f, dtype=torch.float32, device=feat.device)
+    if p and f:
+        grid = (p, splits, triton.cdiv(f, MOMENTS_CHANNELS))
+        _launcher(_pooled_moments_kernel, False)[grid](feat, part, f, tw, nt, *feat.stride(), TILES=MOMENTS_TILES,
+                                                       BLOCK_C=MOMENTS_CHANNELS, num_warps=4, **_COMPILE)
+    return part.sum(0)

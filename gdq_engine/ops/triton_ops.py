@@ -29,6 +29,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests), got {device}"
 
 
+def runs_by_default(device: torch.device) -> bool:
+    """Whether code with a Triton kernel and a torch path takes the kernel on ``device`` unless told
+    otherwise: a CUDA device where Triton can run (the CPU interpreter is for tests, which ask)."""
+    return device.type == "cuda" and unavailable_reason(device) is None
+
+
 def kernel_ops():
     """The kernel launchers module (imports Triton)."""
     from ..kernels import ops

@@ -19,10 +19,18 @@ BINS = 32
 SIGMA = 0.0255
 
 
-def patch_entropy(lr: torch.Tensor) -> torch.Tensor:
-    """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats."""
+def patch_entropy(lr: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats.
+
+    ``kernel``: one Triton launch (``kernels/policy_stage.py``) instead of this pure-torch
+    reference; None: on CUDA devices where Triton runs (:func:`~gdq_engine.ops.triton_ops.runs_by_default`).
+    The two differ in fp32 rounding only (summation order, exp)."""
     if lr.dim() != 4 or lr.shape[1] != 3:
         raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
+    from ..ops.triton_ops import kernel_ops, runs_by_default
+
+    if kernel if kernel is not None else runs_by_default(lr.device):
+        return kernel_ops().patch_entropy(lr, GRAY, SIGMA, BINS)
     # The weights filled in place (fill_ of a Python number) rather than made from host data
     # (torch.tensor, or item assignment): a CUDA graph can capture that.
     w = torch.empty(1, 3, 1, 1, dtype=torch.float32, device=lr.device)

@@ -41,33 +41,59 @@ class GBC(nn.Module):
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return self.fc(self.descriptor(feat))
 
-    def descriptor(self, feat: torch.Tensor, from_moments: bool | None = None) -> torch.Tensor:
+    def descriptor(self, feat: torch.Tensor, from_moments: bool | None = None,
+                   kernel: bool | None = None) -> torch.Tensor:
         """(P, F, h, w) head features -> (P, 3F) fp32 input of the linear layer (normalised, pooled views).
 
         ``from_moments``: compute it from per-channel moments (:meth:`_normalized_means`; h and w
         multiples of 4) instead of GroupNorm and pooling. None: on CUDA at inference (autograd
         off) when h and w allow it, where it saves most of the GBC's time; torch's CPU GroupNorm
-        is one fused pass and was no slower there (``benchmarks/test_cpu_bench.py``)."""
+        is one fused pass and was no slower there (``benchmarks/test_cpu_bench.py``).
+        ``kernel``: the moments from one Triton launch over the features (:meth:`moments`);
+        None: where the features are on a CUDA device that runs Triton."""
         if feat.dim() != 4:
             raise ValueError(f"GBC expects (P, F, h, w) features, got {tuple(feat.shape)}")
         h, w = feat.shape[-2:]
         if min(h, w) < 4:
             raise ValueError(f"GBC needs patches of at least 4x4 pixels, got {h}x{w}")
         tiles = h % 4 == 0 and w % 4 == 0
-        if from_moments is None:
-            from_moments = tiles and feat.is_cuda and not torch.is_grad_enabled()
+        if from_moments is None:  # (the kernel's default device counts as CUDA: tests make the CPU one)
+            from ..ops.triton_ops import runs_by_default
+
+            from_moments = tiles and (feat.is_cuda or runs_by_default(feat.device)) and not torch.is_grad_enabled()
         if from_moments and not tiles:
             raise ValueError(f"the GBC descriptor from moments needs sides that are multiples of 4, got {h}x{w}")
-        views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
         if from_moments:
-            return self._normalized_means(views)
+            return self._normalized_means(*self.moments(feat, kernel))
+        views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
         coarse = views[2].shape[-2:]
         pooled = [F.adaptive_avg_pool2d(norm(v.float()), coarse) for norm, v in zip(self.norms, views)]
         return torch.cat(pooled, 1).mean((2, 3))
 
-    def _normalized_means(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """Three (P, F, h_i, w_i) views -> (P, 3F) fp32: the spatial means of ``norms[i](views[i])``,
-        from per-channel moments.
+    @staticmethod
+    def moments(feat: torch.Tensor, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel means and mean squares, each (3, P, F) fp32, of the three views of (P, F, h, w)
+        features (h and w multiples of 4): the features, their 2x2 and their 4x4 average pools
+        (``avg_pool2d``, in the features' dtype). ``kernel``: from one read of the features by the
+        Triton kernel (``kernels/policy_stage.py``; None: on CUDA devices where Triton runs)
+        instead of torch's pools and reductions (this reference); equal up to fp32 rounding."""
+        from ..ops.triton_ops import kernel_ops, runs_by_default
+
+        if kernel if kernel is not None else runs_by_default(feat.device):
+            h, w = feat.shape[2:]
+            mean = kernel_ops().pooled_moments(feat) / (h * w)  # (sums, squares) x views x (P, F)
+            mean[:, 1] *= 4.0  # the pooled views have 4 and 16 times fewer pixels (exact: powers of 2)
+            mean[:, 2] *= 16.0
+            return mean[0], mean[1]
+        views = [feat, F.avg_pool2d(feat, 2), F.avg_pool2d(feat, 4)]
+        means = torch.stack([v.mean((2, 3), dtype=torch.float32) for v in views])
+        rms = [torch.linalg.vector_norm(v, 2, dim=(2, 3), dtype=torch.float32) / (v.shape[2] * v.shape[3]) ** 0.5
+               for v in views]
+        return means, torch.stack(rms).square()
+
+    def _normalized_means(self, means: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
+        """The (3, P, F) channel means and mean squares of three views (:meth:`moments`) -> (P, 3F)
+        fp32: the spatial means of ``norms[i](views[i])``.
 
         When the patch side is a multiple of 4, the pooled views tile exactly into the coarse grid,
         so adaptive-pooling a normalised view and averaging the result is its plain spatial mean:
@@ -75,16 +101,11 @@ class GBC(nn.Module):
         variance (within-channel variance plus the spread of the channel means) from the channel
         means and mean squares. fp32-accumulating reductions over the views replace the fp32 copies,
         GroupNorms and pools (about 0.8 ms of a 4.0 ms 1080p frame on an H100), and the small
-        arithmetic after them runs once on the three views stacked (few launches: it runs eagerly,
-        before the host reads the bits). Equal in exact arithmetic; in floats it differs in
-        rounding (tests bound it)."""
-        p, f = views[0].shape[:2]
+        arithmetic after them runs once on the three views stacked. Equal in exact arithmetic; in
+        floats it differs in rounding (tests bound it)."""
+        p, f = means.shape[1:]
         norms = list(self.norms)
         g, eps = norms[0].num_groups, norms[0].eps  # GBC builds the three alike
-        means = torch.stack([v.mean((2, 3), dtype=torch.float32) for v in views])  # (3, P, F)
-        rms = [torch.linalg.vector_norm(v, 2, dim=(2, 3), dtype=torch.float32) / (v.shape[2] * v.shape[3]) ** 0.5
-               for v in views]
-        squares = torch.stack(rms).square()  # (3, P, F) channel mean squares
         within = (squares - means.square()).clamp_min(0).view(3, p, g, f // g)
         means = means.view(3, p, g, f // g)
         centred = means - means.mean(3, keepdim=True)
