@@ -50,7 +50,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: run each image's whole work as CUDA graph replays, captured per image size on its "
                         "second use (same results; for many images of one size, e.g. video frames); default: "
-                        "the engine's (on for static policies unless a progress bar is shown, as upscale's is)")
+                        "the engine's (on for quantized policies unless a progress bar is shown, as upscale's is)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:

@@ -173,11 +173,12 @@ class Engine:
             replays and one host read between them: its stage over the whole image, then the
             image graph of the widths it chose (one per width pattern). Each graph keeps its own
             fp32 output image in device memory (at most 4 image graphs). ``None`` (default): on
-            for static policies, where the 2026-11-27 H100 run measured a 1080p frame at 0.80x
-            the tiled path's time (``latency.py``'s ``image graph`` row), and unless
-            ``progress``; off for dynamic ones until a GPU run measures theirs (the ``granular
-            {2,4,8} + int8 tail, image graph`` row). Elsewhere (CPU, layer-wise policies, FP)
-            it changes nothing.
+            for quantized policies unless ``progress``. The 2026-11-27 H100 runs measured a 1080p
+            frame at 0.80-0.87x the tiled path's time for static a8 + int8 tail and 0.88-0.90x
+            for Granular-DQ {2,4,8} + int8 tail (``latency.py``'s ``image graph`` rows against
+            their tiled ones, four processes). An image whose widths form a new pattern runs
+            eagerly (the tiled path's cost) and is captured on the pattern's second use.
+            Elsewhere (CPU, layer-wise policies, FP) it changes nothing.
     """
 
     def __init__(self, model="edsr-baseline-x4", policy: str | BitPolicy | None = None, device=None,
@@ -278,7 +279,7 @@ class Engine:
                                                                                             False):
                 self.group_streams = GroupStreams(self.device)
             if image_graphs is None:
-                image_graphs = static and not progress
+                image_graphs = not progress
             staged = static or self.policy_graphs is not None  # bits known before the network runs
             if image_graphs and staged and self.network_graphs is not None and self._triton_stitch_runs():
                 self.image_graphs = ImageGraphs()

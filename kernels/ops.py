@@ -23,7 +23,7 @@ from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
 from .fp_conv import KY, _fp_conv3x3_kernel
-from .policy_stage import MOMENTS, _patch_entropy_kernel, _pooled_moments_kernel
+from .policy_stage import MOMENTS, _entropy_kernel, _patch_histogram_kernel, _pooled_moments_kernel
 from .stitch import BOX_FIELDS, _stitch_kernel
 
 INTERPRET = interpreting()  # Triton decides at import time too: kernels run in its CPU interpreter
@@ -692,27 +692,34 @@ def stitch_windows(canvas: torch.Tensor, sr: torch.Tensor, boxes: torch.Tensor, 
                                            BLOCK_Y=by, BLOCK_X=bx, num_warps=4)
 
 
-ENTROPY_BLOCK = 128  # pixels per step of a patch's soft histogram (x 32 bins per step)
+ENTROPY_BLOCK, ENTROPY_STEPS = 128, 8  # pixels per step of a patch's soft histogram (x 32 bins), steps per program
 MOMENTS_TILES, MOMENTS_CHANNELS = 32, 64  # 4x4 tiles and channels per program of the pooled moments
 
 
 def patch_entropy(lr: torch.Tensor, grey: tuple[float, float, float], sigma: float, bins: int) -> torch.Tensor:
     """(P,) fp32 soft-histogram entropies in nats of (P, 3, h, w) images in [0, 1] (fp32, fp16 or
     bf16, any strides), one program per patch (``policy_stage.py``): grey ``grey`` weights, ``bins``
-    Gaussian bins of width ``sigma`` at ``i / (bins - 1)``. The pure-torch reference is
-    :func:`gdq_engine.policy.entropy.patch_entropy`."""
+    Gaussian bins of width ``sigma`` at ``i / (bins - 1)``. Two launches: partial histograms of
+    runs of ``ENTROPY_BLOCK * ENTROPY_STEPS`` pixels, then each patch's sum and entropy. The
+    pure-torch reference is :func:`gdq_engine.policy.entropy.patch_entropy` (which divides by
+    ``2 sigma^2`` where the kernel multiplies by its reciprocal: fp32 rounding apart, equal)."""
     if lr.dim() != 4 or lr.shape[1] != 3:
         raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
     if lr.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"patch_entropy expects floating-point images, got {lr.dtype}")
     if bins < 2 or bins & (bins - 1):
         raise ValueError(f"the kernel's bin count must be a power of two, got {bins}")
-    out = torch.empty(lr.shape[0], dtype=torch.float32, device=lr.device)
-    if lr.shape[0] == 0:
+    p, _, h, w = lr.shape
+    out = torch.empty(p, dtype=torch.float32, device=lr.device)
+    if p == 0:
         return out
-    _launcher(_patch_entropy_kernel, False)[(lr.shape[0],)](
-        lr, out, lr.shape[2], lr.shape[3], *lr.stride(), G0=float(grey[0]), G1=float(grey[1]), G2=float(grey[2]),
-        TWO_SIGMA_SQ=2.0 * sigma * sigma, BINS=bins, BLOCK=ENTROPY_BLOCK, num_warps=4, **_COMPILE)
+    splits = max(1, triton.cdiv(h * w, ENTROPY_BLOCK * ENTROPY_STEPS))
+    part = torch.empty(splits, p, bins, dtype=torch.float32, device=lr.device)
+    _launcher(_patch_histogram_kernel, False)[(p, splits)](
+        lr, part, h, w, *lr.stride(), G0=float(grey[0]), G1=float(grey[1]), G2=float(grey[2]),
+        NEG_INV_TWO_SIGMA_SQ=-1.0 / (2.0 * sigma * sigma), BINS=bins, BLOCK=ENTROPY_BLOCK, STEPS=ENTROPY_STEPS,
+        num_warps=4, **_COMPILE)
+    _launcher(_entropy_kernel, False)[(p,)](part, out, splits, p, BINS=bins, num_warps=1, **_COMPILE)
     return out
 
 

@@ -1,12 +1,14 @@
 """The Granular-DQ policy's device stage in two launches: patch entropies and the GBC's moments.
 
 A dynamic policy decides each patch's bit-width on the GPU before the network runs, and on the
-sixth H100 run that stage took about 0.35 ms of a 2.4 ms Granular-DQ frame at 1080p (18 patches):
+seventh H100 run that stage took about 0.35 ms of a 2.37 ms Granular-DQ frame at 1080p (18 patches):
 some 60 torch launches, among them the soft histogram's (P, h*w, 32) temporaries and the GBC's
 pooled views (``avg_pool2d``), reductions and norms. These kernels read each input once:
 
-* ``_patch_entropy_kernel``: one program per patch, the soft-histogram entropy of
-  :func:`gdq_engine.policy.entropy.patch_entropy` (its pure-torch reference).
+* ``_patch_histogram_kernel`` and ``_entropy_kernel``: the soft-histogram entropy of
+  :func:`gdq_engine.policy.entropy.patch_entropy` (its pure-torch reference), each program of the
+  first one histogramming a run of a patch's pixels (one program per patch took 60 us of the H100
+  at 1080p: 18 programs, most SMs idle), the second adding a patch's partial histograms in order.
 * ``_pooled_moments_kernel``: per patch and channel, the sums and sums of squares of the head
   features and of their 2x2 and 4x4 average pools (rounded to the features' dtype, as
   ``avg_pool2d`` rounds them), the moments :meth:`gdq_engine.policy.granular.GBC.descriptor`
@@ -26,19 +28,22 @@ MOMENTS = (2, 3)  # per channel: sums and sums of squares (2) of the features, t
 
 
 @triton.jit
-def _patch_entropy_kernel(lr_ptr, out_ptr, H, W, s_p, s_c, s_h, s_w, G0: tl.constexpr, G1: tl.constexpr,
-                          G2: tl.constexpr, TWO_SIGMA_SQ: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program p: patch p of the (P, 3, H, W) images in [0, 1] (strides ``s_*``, elements) -> its
-    entropy in nats at ``out_ptr + p`` (fp32): the grey levels ``G0 r + G1 g + G2 b``, a Gaussian
-    soft histogram over ``BINS`` centres ``i / (BINS - 1)`` (variance ``TWO_SIGMA_SQ / 2``),
-    normalised, ``-sum p log p`` (p clamped below at 1e-12 inside the log)."""
+def _patch_histogram_kernel(lr_ptr, part_ptr, H, W, s_p, s_c, s_h, s_w, G0: tl.constexpr, G1: tl.constexpr,
+                            G2: tl.constexpr, NEG_INV_TWO_SIGMA_SQ: tl.constexpr, BINS: tl.constexpr,
+                            BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """Program (p, s): pixels ``s * BLOCK * STEPS ...`` (row-major) of patch p of the (P, 3, H, W)
+    images in [0, 1] (strides ``s_*``, elements) -> their soft histogram, ``BINS`` fp32 values at
+    ``part_ptr``'s contiguous (S, P, BINS) row (s, p): each pixel's grey level ``G0 r + G1 g +
+    G2 b`` adds ``exp(NEG_INV_TWO_SIGMA_SQ * (grey - c)^2)`` to the bin of each centre
+    ``c = i / (BINS - 1)``."""
     p = tl.program_id(0)
+    s = tl.program_id(1)
     base = lr_ptr + p.to(tl.int64) * s_p
     centres = tl.arange(0, BINS).to(tl.float32) / (BINS - 1)
     hist = tl.zeros((BINS,), dtype=tl.float32)
     n = H * W
-    for start in range(0, n, BLOCK):
-        i = start + tl.arange(0, BLOCK)
+    for step in tl.static_range(STEPS):
+        i = (s * STEPS + step) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
         off = (i // W) * s_h + (i % W) * s_w
         r = tl.load(base + off, mask=ok, other=0.0).to(tl.float32)
@@ -46,8 +51,21 @@ def _patch_entropy_kernel(lr_ptr, out_ptr, H, W, s_p, s_c, s_h, s_w, G0: tl.cons
         b = tl.load(base + 2 * s_c + off, mask=ok, other=0.0).to(tl.float32)
         grey = r * G0 + g * G1 + b * G2
         d = grey[:, None] - centres[None, :]
-        e = tl.exp(-(d * d) / TWO_SIGMA_SQ)
+        e = tl.exp(d * d * NEG_INV_TWO_SIGMA_SQ)
         hist += tl.sum(tl.where(ok[:, None], e, 0.0), 0)
+    tl.store(part_ptr + (s * tl.num_programs(0) + p).to(tl.int64) * BINS + tl.arange(0, BINS), hist)
+
+
+@triton.jit
+def _entropy_kernel(part_ptr, out_ptr, S, P, BINS: tl.constexpr):
+    """Program p: patch p's histogram, the sum of its S partial ones in ``part_ptr``'s (S, P, BINS)
+    rows taken in order (deterministic), normalised -> its entropy ``-sum q log q`` (q clamped below
+    at 1e-12 inside the log) in nats, fp32 at ``out_ptr + p``."""
+    p = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    hist = tl.zeros((BINS,), dtype=tl.float32)
+    for s in range(S):
+        hist += tl.load(part_ptr + (s * P + p).to(tl.int64) * BINS + bins)
     prob = hist / tl.maximum(tl.sum(hist, 0), 1e-12)
     tl.store(out_ptr + p, -tl.sum(prob * tl.log(tl.maximum(prob, 1e-12)), 0))
 

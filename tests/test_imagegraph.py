@@ -278,8 +278,8 @@ def test_cuda_dynamic_image_graphs_equal_the_tiled_engine(tmp_path, top):
     kw = dict(patch_size=16, stride=14, device="cuda", backend="triton", tail_bits=8, dtype=torch.float16,
               calib=random_image(24, 24, n=8, seed=3))
     path = granular_checkpoint(tmp_path, top=top, channels=64)  # the integer tail takes 32+ channels
-    graphed, tiled = Engine(path, image_graphs=True, **kw), Engine(path, **kw)
-    assert graphed.image_graphs is not None and tiled.image_graphs is None  # dynamic: off by default
+    graphed, tiled = Engine(path, **kw), Engine(path, image_graphs=False, **kw)
+    assert graphed.image_graphs is not None and tiled.image_graphs is None  # dynamic: on by default
     lr = torch.cat([mixed_image(37, 45, seed=5), mixed_image(37, 45, seed=6)]).cuda()
     if top:
         spread_thresholds(graphed, tiled, lr[0])

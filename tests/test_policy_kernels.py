@@ -24,11 +24,12 @@ def _images(p: int, h: int, w: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("p,h,w", [(1, 8, 8), (5, 9, 13), (4, 17, 40)])
+@pytest.mark.parametrize("p,h,w", [(1, 8, 8), (5, 9, 13), (4, 17, 40), (2, 37, 45)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_patch_entropy_kernel_matches_the_reference(p, h, w, layout):
     """fp32 rounding apart (entropies up to ln 32 = 3.47 nats): odd sides (a last block of pixels
-    part-masked), one patch and several, flat and two-level patches, any strides."""
+    part-masked), one run of pixels per patch and two (1665 pixels: 1024 per program), one patch
+    and several, flat and two-level patches, any strides."""
     x = _images(p, h, w, seed=h * w + p)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -121,23 +122,24 @@ def test_gbc_descriptor_with_the_kernel_matches_groupnorm_and_pooling():
 
 
 def test_policies_take_the_kernels_where_they_run_by_default(monkeypatch):
-    """On a device where Triton runs by default (CUDA; here the CPU, made to look like one), the
-    policies' device stages use the kernels: their results equal the torch stages' to fp32 rounding
-    and the codes and bit-widths agree; the torch ops the kernels replace do not run."""
+    """Where Triton runs by default (CUDA; on a CPU made to look like it), the policies' device
+    stages use the kernels: their results equal the torch stages' to fp32 rounding, the codes and
+    bit-widths agree, and the torch ops the kernels replace do not run."""
     from torch.profiler import profile
 
     import gdq_engine.ops.triton_ops as triton_ops
 
-    lr = torch.cat([torch.full((2, 3, 8, 8), 0.5), random_image(8, 8, n=6, seed=3)])
-    feat = _features(8, 16, 8, 8, torch.float32, seed=4)
-    policies = [GranularDQ(channels=16).fit(lr), EntropyOnly().fit(lr)]
+    lr = torch.cat([torch.full((2, 3, 8, 8), 0.5), random_image(8, 8, n=6, seed=3)]).to(KERNEL_DEVICE)
+    feat = _features(8, 16, 8, 8, torch.float32, seed=4).to(KERNEL_DEVICE)
+    policies = [GranularDQ(channels=16).fit(lr.cpu()), EntropyOnly().fit(lr.cpu())]
+    kernels = {"on": False}
+    monkeypatch.setattr(triton_ops, "runs_by_default", lambda device: kernels["on"])
     with torch.no_grad():
-        torch_stages = [policy.device_stage(lr, feat) for policy in policies]
-    default = triton_ops.runs_by_default
-    monkeypatch.setattr(triton_ops, "runs_by_default", lambda device: device.type == "cpu" or default(device))
-    with torch.no_grad(), profile() as prof:
-        stages = [policy.device_stage(lr, feat) for policy in policies]
-        gbc_codes = policies[0].gbc.fc(policies[0].gbc.descriptor(feat, from_moments=True)).argmax(1)
+        torch_stages = [policy.device_stage(lr, feat).cpu() for policy in policies]
+        kernels["on"] = True
+        with profile() as prof:
+            stages = [policy.device_stage(lr, feat).cpu() for policy in policies]
+            gbc_codes = policies[0].gbc.fc(policies[0].gbc.descriptor(feat, from_moments=True)).argmax(1).cpu()
     names = {e.name for e in prof.events()}
     assert not names & {"aten::avg_pool2d", "aten::exp", "aten::linalg_vector_norm"}, names
     assert torch.equal(stages[0][:, 0], torch_stages[0][:, 0]) and torch.equal(stages[0][:, 0].long(), gbc_codes)
