@@ -50,7 +50,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: run each image's whole work as CUDA graph replays, captured per image size on its "
                         "second use (same results; for many images of one size, e.g. video frames); default: "
-                        "the engine's (on for quantized policies unless a progress bar is shown, as upscale's is)")
+                        "the engine's (on for quantized policies unless a progress bar over patches is shown, as "
+                        "upscale's is for one image; a folder's bar counts images)")
 
 
 def parse_policy(spec: str | None) -> tuple[str | None, int | tuple[int, ...] | None]:
@@ -137,7 +138,9 @@ def cmd_upscale(args) -> int:
     for path in (args.output if one_file else None, args.compare, args.bitmap):
         if path is not None:
             check_output_path(path, make_folder=True)
-    engine = _engine(args, progress=True, policy=args.policy)
+    # one image: a bar over its patches; a folder: the bar over images, and the engine free to replay
+    # each image as CUDA graphs (image graphs: one replay per image, no batches to count)
+    engine = _engine(args, progress=one_file, policy=args.policy)
     print(f"{engine}", file=sys.stderr)
     if args.sample:
         out = Path(args.output)

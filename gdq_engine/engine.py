@@ -177,7 +177,9 @@ class Engine:
             frame at 0.80-0.87x the tiled path's time for static a8 + int8 tail and 0.88-0.90x
             for Granular-DQ {2,4,8} + int8 tail (``latency.py``'s ``image graph`` rows against
             their tiled ones, four processes). An image whose widths form a new pattern runs
-            eagerly (the tiled path's cost) and is captured on the pattern's second use.
+            eagerly (the tiled path's cost) and is captured on the pattern's second use; a
+            pattern that two images in a row got runs ahead of the next image's read of its
+            widths (:meth:`_image_graph_replays`).
             Elsewhere (CPU, layer-wise policies, FP) it changes nothing.
     """
 
@@ -464,20 +466,48 @@ class Engine:
         """The replays of :meth:`_upscale_image_graph` on the (3,H,W) fp32 image ``img`` on the
         device: (the width of every patch, in tile order; the body launches [(bits, patches)] of
         every batch; the image graph's (3,sH,sW) result and (3,) flag). A dynamic policy's widths
-        come from its stage graph and one host read; an image at one width replays the static
-        image graph of that width, mixed widths the graph of their pattern, on the groups' index
-        tables made here (once per pattern)."""
-        from .runtime.scheduler import forward_assigned, policy_stage, static_network
+        come from its stage graph and one host read, then :meth:`_replay_widths` runs them.
 
-        policy, body = self.policy, self.int_body
+        Where the last images of this plan got one pattern of widths twice in a row
+        (:meth:`~gdq_engine.runtime.imagegraph.ImageGraphs.guess`: video frames, or the shipped
+        Granular-DQ model, which puts every patch of the latency frames at 4 bits), the image
+        graph of that pattern is queued right after the stage graph, before the read: the read
+        then overlaps it instead of leaving the GPU idle for its round trip. If the widths read
+        differ, that result is dropped and the right graph runs after it (one frame's work
+        wasted, and no more guesses until a pattern repeats again)."""
+        from .runtime.hostreads import PendingRead
+        from .runtime.scheduler import policy_stage
+
+        policy, graphs = self.policy, self.image_graphs
+        if isinstance(policy, Static):
+            return self._replay_widths(img, plan, (policy.bits[0],) * len(plan.grid), uint8)
         # Where the image graph runs eagerly (a key's first use), the network's and the policy's
         # own graphs replay, as on the tiled path; while it is captured they run inside it.
-        if isinstance(policy, Static):
-            bits = (policy.bits[0],) * len(plan.grid)
+        stage = graphs.stage(img, plan, lambda w: policy_stage(self.model, policy, w, self.dtype, self.policy_graphs),
+                             id(policy))
+        guess = graphs.guess(plan, id(policy))
+        ahead = None
+        if guess is not None:
+            read = PendingRead(stage)  # queued before the guessed image's work, waited on after it
+            ahead = self._replay_widths(img, plan, guess, uint8)
+            staged = read.wait()
         else:
-            staged = to_host(self.image_graphs.stage(
-                img, plan, lambda w: policy_stage(self.model, policy, w, self.dtype, self.policy_graphs), id(policy)))
-            bits = tuple(int(b) for b in policy.assign_staged(None, staged).tolist())
+            staged = to_host(stage)
+        bits = tuple(int(b) for b in policy.assign_staged(None, staged).tolist())
+        graphs.note(plan, id(policy), bits, guessed=guess)
+        if ahead is not None and bits == guess:
+            return ahead
+        return self._replay_widths(img, plan, bits, uint8)
+
+    def _replay_widths(self, img: torch.Tensor, plan: ImagePlan, bits: tuple[int, ...], uint8: bool):
+        """The image graph of the patches' widths ``bits`` (one per tile, in tile order) on the
+        (3,H,W) image ``img``: (bits, the body launches [(bits, patches)], result, flag) as
+        :meth:`_image_graph_replays` returns them. An image at one width replays that width's
+        static image graph, mixed widths the graph of their pattern, on the groups' index tables
+        made here (once per pattern)."""
+        from .runtime.scheduler import forward_assigned, static_network
+
+        body = self.int_body
         if len(set(bits)) == 1:
             b = bits[0]
 

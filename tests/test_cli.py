@@ -137,7 +137,14 @@ def test_engine_options_reach_the_engine(tmp_path, ckpt, monkeypatch):
     assert seen["image_graphs"] is None and seen["group_streams"] is False  # the engine's defaults
     assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "d.png"), "--model", ckpt,
                  "--no-image-graphs"]) == 0
-    assert seen["image_graphs"] is False
+    assert seen["image_graphs"] is False and seen["progress"] is True  # one image: a bar over its patches
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("f1.png", "f2.png"):
+        save_image(random_image(20, 26), folder / name)
+    assert main(["upscale", str(folder), str(tmp_path / "out"), "--model", ckpt]) == 0
+    assert seen["progress"] is False and seen["image_graphs"] is None  # a folder: the bar counts images
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f1_x2.png", "f2_x2.png"]
 
 
 def test_calibrate_then_use_the_quantized_checkpoint(tmp_path, ckpt, capsys):

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from gdq_engine.runtime.hostreads import counting_waits, to_host, waiting
+from gdq_engine.runtime.hostreads import PendingRead, counting_waits, to_host, waiting
 
 
 def test_waiting_blocks_add_to_the_innermost_count_only():
@@ -27,6 +27,20 @@ def test_to_host_of_a_cpu_tensor_is_the_tensor_and_no_wait():
     with counting_waits() as total:
         assert to_host(t) is t
     assert total[0] == 0.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_pending_read_gives_the_values_it_was_queued_with(device):
+    """The read is queued when made: work queued after it (here an in-place add) does not change
+    what wait() returns, on the host (pinned memory from a GPU); its wait is timed there."""
+    t = torch.arange(12, dtype=torch.float32, device=device).view(3, 4)
+    read = PendingRead(t)
+    t.add_(1)
+    with counting_waits() as total:
+        got = read.wait()
+    assert got.device.type == "cpu" and torch.equal(got, torch.arange(12.0).view(3, 4))
+    assert got.is_pinned() == (device == "cuda") and (total[0] > 0) == (device == "cuda")
 
 
 def test_a_cpu_engine_reports_no_waits():

@@ -60,3 +60,26 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
         return t
     with waiting():
         return t.cpu()
+
+
+class PendingRead:
+    """A read of a device tensor queued now and waited on later: ``wait()`` returns the values it
+    had when the read was made, on the host. On CUDA the copy goes, without blocking, into
+    pinned host memory and an event marks its end, so work queued after it runs while the host
+    waits (timed by :func:`waiting`); a CPU tensor is copied at once."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self._host, self._done = t.clone(), None
+            return
+        self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._host.copy_(t, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self) -> torch.Tensor:
+        """The tensor's values on the host, once the copy has finished."""
+        if self._done is not None:
+            with waiting():
+                self._done.synchronize()
+        return self._host

@@ -13,7 +13,10 @@ image's *stage graph* (every batch's windows, FP head and the policy's device st
 :func:`stage_fn`), one host read of the stages, whose bit-widths the policy decides on the host,
 then the image graph of those widths. An image whose patches all got one width replays that
 width's static image graph; mixed widths key a graph on the widths of every patch, whose groups'
-index tables are made before it (an upload of host data cannot be captured).
+index tables are made before it (an upload of host data cannot be captured). Where an image
+size's last two images got one pattern (:meth:`ImageGraphs.guess`), the engine queues that
+pattern's image graph before the read, so the read's round trip overlaps the GPU's work; a wrong
+guess costs one image's work and stops the guesses until a pattern repeats.
 """
 
 from __future__ import annotations
@@ -115,6 +118,25 @@ class ImageGraphs:
         self.stages = GraphCache(capacity, what="the image's bit policy", lend=True)
         self._plans = TableCache(4 * capacity)
         self._groups = TableCache(16 * capacity)
+        self._patterns: dict[tuple, tuple[tuple[int, ...], int]] = {}  # (plan, policy) -> (widths, times in a row)
+        self.guesses = {"hits": 0, "misses": 0}
+
+    def guess(self, plan: ImagePlan, policy: object) -> tuple[int, ...] | None:
+        """The widths to run ahead of the host's read for the next image of ``plan`` under the
+        policy tagged ``policy``: the pattern its last two images both got, else None."""
+        widths, times = self._patterns.get((plan.grid, plan.batch_size, policy), ((), 0))
+        return widths if times >= 2 else None
+
+    def note(self, plan: ImagePlan, policy: object, widths: tuple[int, ...], guessed: tuple[int, ...] | None) -> None:
+        """Record the widths an image of ``plan`` got (and whether ``guessed``, the pattern run
+        ahead, was right, in :attr:`guesses`)."""
+        if guessed is not None:
+            self.guesses["hits" if widths == guessed else "misses"] += 1
+        key = (plan.grid, plan.batch_size, policy)
+        last, times = self._patterns.get(key, ((), 0))
+        if len(self._patterns) >= 4 * self.graphs.capacity and key not in self._patterns:
+            self._patterns.clear()  # many sizes seen: forget the old ones
+        self._patterns[key] = (widths, times + 1 if widths == last else 1)
 
     def plan(self, key: tuple, make: Callable[[], ImagePlan | None]) -> ImagePlan | None:
         """The plan of ``key`` (image size and tiling), made by ``make()`` on its first use; None
