@@ -698,8 +698,8 @@ MOMENTS_TILES, MOMENTS_CHANNELS = 32, 64  # 4x4 tiles and channels per program o
 
 def patch_entropy(lr: torch.Tensor, grey: tuple[float, float, float], sigma: float, bins: int) -> torch.Tensor:
     """(P,) fp32 soft-histogram entropies in nats of (P, 3, h, w) images in [0, 1] (fp32, fp16 or
-    bf16, any strides), one program per patch (``policy_stage.py``): grey ``grey`` weights, ``bins``
-    Gaussian bins of width ``sigma`` at ``i / (bins - 1)``. Two launches: partial histograms of
+    bf16, any strides; ``policy_stage.py``): grey ``grey`` weights, ``bins`` Gaussian bins of
+    width ``sigma`` at ``i / (bins - 1)``. Two launches: partial histograms of
     runs of ``ENTROPY_BLOCK * ENTROPY_STEPS`` pixels, then each patch's sum and entropy. The
     pure-torch reference is :func:`gdq_engine.policy.entropy.patch_entropy` (which divides by
     ``2 sigma^2`` where the kernel multiplies by its reciprocal: fp32 rounding apart, equal)."""

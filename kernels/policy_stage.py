@@ -1,9 +1,9 @@
-"""The Granular-DQ policy's device stage in two launches: patch entropies and the GBC's moments.
+"""A dynamic policy's device stage on Triton: patch entropies (E2B, EntropyOnly) and the GBC's moments.
 
 A dynamic policy decides each patch's bit-width on the GPU before the network runs, and on the
 seventh H100 run that stage took about 0.35 ms of a 2.37 ms Granular-DQ frame at 1080p (18 patches):
 some 60 torch launches, among them the soft histogram's (P, h*w, 32) temporaries and the GBC's
-pooled views (``avg_pool2d``), reductions and norms. These kernels read each input once:
+pooled views (``avg_pool2d``), reductions and norms. Three kernels read each input once:
 
 * ``_patch_histogram_kernel`` and ``_entropy_kernel``: the soft-histogram entropy of
   :func:`gdq_engine.policy.entropy.patch_entropy` (its pure-torch reference), each program of the
@@ -16,7 +16,8 @@ pooled views (``avg_pool2d``), reductions and norms. These kernels read each inp
   per (patch, run of ``TILES`` 4x4 tiles, block of channels) writes its partial sums; the caller
   adds them in a fixed order (no atomics: the result does not depend on scheduling).
 
-Both are fp32 arithmetic on any input strides; they differ from torch in summation order only.
+All are fp32 arithmetic on any input strides; they differ from torch in rounding only (summation
+order; the histogram's exponent multiplied by ``-1 / 2 sigma^2`` where torch divides by ``2 sigma^2``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from conftest import KERNEL_DEVICE, random_image
 from test_graphs import FakeGraphs
 
 from gdq_engine import Engine
-from gdq_engine.runtime.imagegraph import ImageGraphs
+from gdq_engine.runtime.imagegraph import ImageGraphs, ImagePlan
 
 pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
 
@@ -252,6 +252,26 @@ def test_a_repeated_width_pattern_runs_ahead_of_the_read(tiny_edsr):
     # a, a: no guess yet; a, a: hits; b: a miss (a's graph, then b's); b: no guess; b: a hit
     assert per_call == [1, 1, 1, 1, 2, 1, 1], per_call
     assert graphed.image_graphs.guesses == {"hits": 3, "misses": 1}
+
+
+def test_width_guesses_follow_each_size_and_policy_on_its_own():
+    """ImageGraphs.guess: a pattern once two images in a row of one plan and policy got it; other
+    plans and policies keep their own streaks; a new pattern restarts the streak."""
+    from gdq_engine.runtime.tiler import make_grid
+
+    graphs = ImageGraphs()
+    plans = [ImagePlan(make_grid(h, 20, 8, 6, 0), 4, (2 * h, 40), ()) for h in (12, 16)]
+    a, b = (2, 4, 8), (4, 4, 4)
+    graphs.note(plans[0], "p", a, guessed=None)
+    assert graphs.guess(plans[0], "p") is None
+    graphs.note(plans[0], "p", a, guessed=None)
+    assert graphs.guess(plans[0], "p") == a and graphs.guess(plans[1], "p") is None
+    assert graphs.guess(plans[0], "q") is None  # another policy (a swapped one) guesses nothing
+    graphs.note(plans[0], "p", b, guessed=a)
+    assert graphs.guess(plans[0], "p") is None and graphs.guesses == {"hits": 0, "misses": 1}
+    graphs.note(plans[0], "p", b, guessed=None)
+    graphs.note(plans[0], "p", b, guessed=b)
+    assert graphs.guess(plans[0], "p") == b and graphs.guesses == {"hits": 1, "misses": 1}
 
 
 def test_dynamic_image_graphs_check_their_input(tiny_edsr):

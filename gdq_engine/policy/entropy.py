@@ -22,7 +22,7 @@ SIGMA = 0.0255
 def patch_entropy(lr: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
     """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats.
 
-    ``kernel``: one Triton launch (``kernels/policy_stage.py``) instead of this pure-torch
+    ``kernel``: two Triton launches (``kernels/policy_stage.py``) instead of this pure-torch
     reference; None: on CUDA devices where Triton runs (:func:`~gdq_engine.ops.triton_ops.runs_by_default`).
     The two differ in fp32 rounding only (summation order, exp)."""
     if lr.dim() != 4 or lr.shape[1] != 3:
