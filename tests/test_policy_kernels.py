@@ -147,3 +147,5 @@ def test_policies_take_the_kernels_where_they_run_by_default(monkeypatch):
         assert torch.allclose(got, want, rtol=0, atol=2e-5)
     for policy, got, want in zip(policies, stages, torch_stages):
         assert torch.equal(policy.assign_staged(None, got), policy.assign_staged(None, want))
+    # float64 images, which the kernel does not read, keep the torch path there
+    assert torch.equal(patch_entropy(lr.double()), patch_entropy(lr.double(), kernel=False))

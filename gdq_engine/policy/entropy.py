@@ -15,6 +15,7 @@ from ..runtime.hostreads import to_host
 from .base import BitPolicy
 
 GRAY = (0.2989, 0.5870, 0.1140)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton stage kernels read
 BINS = 32
 SIGMA = 0.0255
 
@@ -23,13 +24,14 @@ def patch_entropy(lr: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
     """(P,3,h,w) images in [0,1] -> (P,) float32 soft-histogram entropy in nats.
 
     ``kernel``: two Triton launches (``kernels/policy_stage.py``) instead of this pure-torch
-    reference; None: on CUDA devices where Triton runs (:func:`~gdq_engine.ops.triton_ops.runs_by_default`).
+    reference; None: on CUDA devices where Triton runs (:func:`~gdq_engine.ops.triton_ops.runs_by_default`),
+    for fp32, fp16 and bf16 images.
     The two differ in fp32 rounding only (summation order, exp)."""
     if lr.dim() != 4 or lr.shape[1] != 3:
         raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
     from ..ops.triton_ops import kernel_ops, runs_by_default
 
-    if kernel if kernel is not None else runs_by_default(lr.device):
+    if kernel if kernel is not None else runs_by_default(lr.device) and lr.dtype in KERNEL_DTYPES:
         return kernel_ops().patch_entropy(lr, GRAY, SIGMA, BINS)
     # The weights filled in place (fill_ of a Python number) rather than made from host data
     # (torch.tensor, or item assignment): a CUDA graph can capture that.

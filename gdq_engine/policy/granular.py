@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime.hostreads import to_host
 from .base import BitPolicy
-from .entropy import EntropyOnly, entropy_quantiles, patch_entropy, three_bit_widths
+from .entropy import KERNEL_DTYPES, EntropyOnly, entropy_quantiles, patch_entropy, three_bit_widths
 
 
 class GBC(nn.Module):
@@ -75,11 +75,12 @@ class GBC(nn.Module):
         """Per-channel means and mean squares, each (3, P, F) fp32, of the three views of (P, F, h, w)
         features (h and w multiples of 4): the features, their 2x2 and their 4x4 average pools
         (``avg_pool2d``, in the features' dtype). ``kernel``: from one read of the features by the
-        Triton kernel (``kernels/policy_stage.py``; None: on CUDA devices where Triton runs)
+        Triton kernel (``kernels/policy_stage.py``; None: on CUDA devices where Triton runs, for
+        fp32, fp16 and bf16 features)
         instead of torch's pools and reductions (this reference); equal up to fp32 rounding."""
         from ..ops.triton_ops import kernel_ops, runs_by_default
 
-        if kernel if kernel is not None else runs_by_default(feat.device):
+        if kernel if kernel is not None else runs_by_default(feat.device) and feat.dtype in KERNEL_DTYPES:
             h, w = feat.shape[2:]
             mean = kernel_ops().pooled_moments(feat) / (h * w)  # (sums, squares) x views x (P, F)
             mean[:, 1] *= 4.0  # the pooled views have 4 and 16 times fewer pixels (exact: powers of 2)
