@@ -694,9 +694,11 @@ def main(argv=None) -> int:
                     write_results("latency", payload(rows + size_rows, complete=False), args.out)
             timed = [engines[r["method"]] for r in size_rows]
             # cut: a few quick rounds over the rows timed so far, before the step's kill
-            for row, t in zip(size_rows, interleaved_ms(timed, frames, min(reps, 5) if cut["cut"] else reps,
-                                                        gpu=args.gpu)):
+            for row, engine, t in zip(size_rows, timed, interleaved_ms(timed, frames, min(reps, 5) if cut["cut"]
+                                                                        else reps, gpu=args.gpu)):
                 row["host_ms"], row["wait_ms"] = t["host_ms"], t["wait_ms"]
+                if getattr(engine, "image_graphs", None) is not None:  # a dynamic policy's run-ahead, so far
+                    row["width_guesses"] = dict(engine.image_graphs.guesses)
                 if args.gpu:  # beside do_bench's ms: the rounds' host-timer ms
                     row["ms_rounds"] = t["ms"]
                 else:
