@@ -15,9 +15,20 @@ from ..runtime.hostreads import to_host
 from .base import BitPolicy
 
 GRAY = (0.2989, 0.5870, 0.1140)
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton stage kernels read
 BINS = 32
 SIGMA = 0.0255
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton stage kernels read
+
+
+def takes_stage_kernel(kernel: bool | None, t: torch.Tensor) -> bool:
+    """Whether a policy-stage computation on ``t`` runs its Triton kernel (``kernels/policy_stage.py``):
+    ``kernel`` where given, else on CUDA devices where Triton runs
+    (:func:`~gdq_engine.ops.triton_ops.runs_by_default`) for the dtypes the kernels read."""
+    from ..ops.triton_ops import runs_by_default
+
+    return kernel if kernel is not None else runs_by_default(t.device) and t.dtype in KERNEL_DTYPES
 
 
 def patch_entropy(lr: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
@@ -29,9 +40,9 @@ def patch_entropy(lr: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
     The two differ in fp32 rounding only (summation order, exp)."""
     if lr.dim() != 4 or lr.shape[1] != 3:
         raise ValueError(f"patch_entropy expects (P,3,h,w), got {tuple(lr.shape)}")
-    from ..ops.triton_ops import kernel_ops, runs_by_default
+    if takes_stage_kernel(kernel, lr):
+        from ..ops.triton_ops import kernel_ops
 
-    if kernel if kernel is not None else runs_by_default(lr.device) and lr.dtype in KERNEL_DTYPES:
         return kernel_ops().patch_entropy(lr, GRAY, SIGMA, BINS)
     # The weights filled in place (fill_ of a Python number) rather than made from host data
     # (torch.tensor, or item assignment): a CUDA graph can capture that.

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..runtime.hostreads import to_host
 from .base import BitPolicy
-from .entropy import KERNEL_DTYPES, EntropyOnly, entropy_quantiles, patch_entropy, three_bit_widths
+from .entropy import EntropyOnly, entropy_quantiles, patch_entropy, takes_stage_kernel, three_bit_widths
 
 
 class GBC(nn.Module):
@@ -78,9 +78,9 @@ class GBC(nn.Module):
         Triton kernel (``kernels/policy_stage.py``; None: on CUDA devices where Triton runs, for
         fp32, fp16 and bf16 features)
         instead of torch's pools and reductions (this reference); equal up to fp32 rounding."""
-        from ..ops.triton_ops import kernel_ops, runs_by_default
+        if takes_stage_kernel(kernel, feat):
+            from ..ops.triton_ops import kernel_ops
 
-        if kernel if kernel is not None else runs_by_default(feat.device) and feat.dtype in KERNEL_DTYPES:
             h, w = feat.shape[2:]
             mean = kernel_ops().pooled_moments(feat) / (h * w)  # (sums, squares) x views x (P, F)
             mean[:, 1] *= 4.0  # the pooled views have 4 and 16 times fewer pixels (exact: powers of 2)

@@ -118,7 +118,7 @@ class ImageGraphs:
         self.stages = GraphCache(capacity, what="the image's bit policy", lend=True)
         self._plans = TableCache(4 * capacity)
         self._groups = TableCache(16 * capacity)
-        self._patterns: dict[tuple, tuple[tuple[int, ...], int]] = {}  # (plan, policy) -> (widths, times in a row)
+        self._patterns = TableCache(4 * capacity)  # (plan, policy) -> (widths, times in a row)
         self.guesses = {"hits": 0, "misses": 0}
 
     def guess(self, plan: ImagePlan, policy: object) -> tuple[int, ...] | None:
@@ -134,9 +134,7 @@ class ImageGraphs:
             self.guesses["hits" if widths == guessed else "misses"] += 1
         key = (plan.grid, plan.batch_size, policy)
         last, times = self._patterns.get(key, ((), 0))
-        if len(self._patterns) >= 4 * self.graphs.capacity and key not in self._patterns:
-            self._patterns.clear()  # many sizes seen: forget the old ones
-        self._patterns[key] = (widths, times + 1 if widths == last else 1)
+        self._patterns.put(key, (widths, times + 1 if widths == last else 1))
 
     def plan(self, key: tuple, make: Callable[[], ImagePlan | None]) -> ImagePlan | None:
         """The plan of ``key`` (image size and tiling), made by ``make()`` on its first use; None

@@ -32,8 +32,15 @@ class TableCache(OrderedDict):
         """The table of ``key``, made by ``make()`` on its first use."""
         table = self.get(key)
         if table is None:
-            table = self[key] = make()
-            while len(self) > self.capacity:
-                self.popitem(last=False)
+            return self.put(key, make())
         self.move_to_end(key)
+        return table
+
+    def put(self, key: Hashable, table: Any) -> Any:
+        """Keep ``table`` as ``key``'s (the most recently used), dropping the least recently used
+        past ``capacity``; returns it."""
+        self[key] = table
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
         return table
