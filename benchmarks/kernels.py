@@ -34,6 +34,7 @@ run cut short keeps its rows; ``complete`` says whether all ran); prints a table
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -85,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="1920x1080", help="HR output frame WxH whose LR patches are convolved")
     p.add_argument("--timing", choices=["graph", "eager"], default="graph",
                    help="time CUDA-graph replays of the launches (default) or eager launches (includes host overhead)")
+    p.add_argument("--sm90", action="store_true",
+                   help="only the Gluon body conv (kernels/body_conv_sm90.py) against the flat kernel: the a8 body "
+                        "convs both ways in one run, and its ring depths x programs per SM (kernels-sm90-*.json)")
     p.add_argument("--smoke", action="store_true",
                    help="check the script itself: every row once on one 8x8 patch on the CPU (TRITON_INTERPRET=1); "
                         "the numbers mean nothing")
@@ -156,10 +160,12 @@ def main(argv=None) -> int:
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
-                  padded: bool = False, stream: torch.dtype = torch.float32) -> dict:
+                  padded: bool = False, stream: torch.dtype = torch.float32, sm90: tuple | None = None) -> dict:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
-        ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton)."""
+        ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
+        ``sm90``: (ring stages, programs per SM, row-layout epilogue) of the Gluon body conv, which
+        then runs it."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
         cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
@@ -201,14 +207,19 @@ def main(argv=None) -> int:
             kw = dict(residual=res, out=res, out_dtype=stream, next_quant=ActQuant(a_bits, True, 0.05, container=cont),
                       next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
-                          xs) * 1e3
+        # --sm90's flat rows say so; otherwise the launch options of the caller (rerun_row's config) stand
+        gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2]) if sm90
+                 else dict(sm90=False))
+        with tk.launch_options(**gluon) if sm90 or args.sm90 else contextlib.nullcontext():
+            t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
+                              xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k not in ("out", "out_dtype")}  # the CUDA op allocates its output
         cuda_time = (cuda_us(w, xs, lambda x, wp: cuda_ops.packed_conv3x3(x, a_bits, signed, wp, mult, bias, **cuda_kw))
                      if cuda_run else None)
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
+        name = f"{name} sm90 s{sm90[0]} p{sm90[1]}{' rows' if sm90[2] else ''}" if sm90 else name
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -311,6 +322,13 @@ def main(argv=None) -> int:
     runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
     runs += [lambda a=a, w=w, k=k: [conv_case(k, a, w)] for a in (8, 4, 2) for w in (8, 4, 2)
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
+    if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
+        both = [(k, st) for k, st in (("conv1", torch.float32), ("conv2+next", torch.float32),
+                                      ("conv2+next", torch.float16))]
+        runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=(6, 2, True))]
+                for k, st in both]
+        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both
+                 for sp in ((6, 2, False), (8, 2, False), (8, 2, True), (4, 3, True))]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())
@@ -318,7 +336,7 @@ def main(argv=None) -> int:
         payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                    "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
                    "complete": done == len(runs), "autotune_choices": best}
-        path = write_results("kernels", payload, args.out)
+        path = write_results("kernels-sm90" if args.sm90 else "kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")
     print(f"{'conv':23} {'a':>2} {'w':>2} {'us':>8} {'fp16 us':>8} {'x fp16':>7} {'floor us':>8} {'% floor':>7} "

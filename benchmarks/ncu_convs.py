@@ -46,6 +46,15 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
+def parse_sm90(text: str) -> tuple[int, int, bool]:
+    """"STAGES,PER_SM,ROWS" -> (ring stages, programs per SM, row-layout epilogue)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(q.strip().isdigit() for q in parts):
+        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS (3 integers), got {text!r}")
+    stages, per_sm, rows = (int(q) for q in parts)
+    return stages, per_sm, bool(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=int, default=4)
@@ -53,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
     p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
                    help="one tile config for the three integer convs (default: the H200's autotuned picks)")
+    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS",
+                   help="also conv1 and conv2 on the fp16 stream on the Gluon body conv (kernels/body_conv_sm90.py) "
+                        "with these knobs, as conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -101,6 +113,9 @@ def main(argv=None) -> int:
                                                          out_dtype=torch.float16, next_quant=ActQuant(8, True, 0.05),
                                                          next_out=out_codes)
     inputs["conv2_fp16"] = inputs["conv2"]
+    if args.sm90:
+        launches["conv1_sm90"], launches["conv2_fp16_sm90"] = launches["conv1"], launches["conv2_fp16"]
+        inputs["conv1_sm90"], inputs["conv2_fp16_sm90"] = inputs["conv1"], inputs["conv2_fp16"]
 
     def run(name: str) -> None:
         if name == "last_conv":
@@ -108,10 +123,12 @@ def main(argv=None) -> int:
             x = torch.randn(n, c, side, side, device=dev, generator=g).half().contiguous(
                 memory_format=torch.channels_last)
         else:
-            bm, bk, warps, stages = args.config or TUNED[name]
+            bm, bk, warps, stages = args.config or TUNED[name.removesuffix("_sm90")]
             config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
-        with tk.launch_options(config=config):
+        sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1],
+                    sm90_epi_rows=args.sm90[2]) if name.endswith("_sm90") else dict(sm90=False)
+        with tk.launch_options(config=config, **sm90):
             launches[name](x)
 
     for name in launches:  # compile (not profiled: --launch-skip 5)

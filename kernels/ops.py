@@ -30,6 +30,14 @@ INTERPRET = interpreting()  # Triton decides at import time too: kernels run in 
 _COMPILE = dict(enable_fp_fusion=False)  # the contract forbids fused multiply-add (docs/numerics.md)
 # GDQ_TRITON_AUTOTUNE=0: one fixed config (tests on a GPU compile far fewer variants).
 AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
+# The body's 64 -> 64 convs on Hopper (sm_90) run the Gluon kernel (body_conv_sm90.py): on the
+# eighth H100 run (2026-11-27) x1.02 (conv1) and x1.09 (conv2 with the next codes, fp32 and fp16
+# streams) against the flat kernel in the same process, bit-exact (docs/kernels.md). GDQ_SM90_BODY=0:
+# the flat kernel everywhere. Its knobs, as measured best there:
+SM90_BODY = os.environ.get("GDQ_SM90_BODY", "1") != "0"
+SM90_STAGES = 6  # the ring of tap copies (8 KB each): 6 or 8 measured alike, 3-4 slower
+SM90_PER_SM = 2  # persistent programs per SM (1: 30-40% slower; 3 do not fit the registers of conv2)
+SM90_EPI_ROWS = True  # the epilogue in a row layout: conv2 on the fp16 stream 38 us against 64 in the MMA's
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
     """A tile config of the flat conv (``_packed_conv3x3_kernel``). It names every tile constexpr,
@@ -155,17 +163,25 @@ class LaunchOptions:
 
     config: triton.Config | None = None
     a_l1: bool = False
+    sm90: bool | None = None
+    sm90_stages: int | None = None
+    sm90_per_sm: int | None = None
+    sm90_epi_rows: bool | None = None
 
 
 _options = LaunchOptions()
 
 
 @contextmanager
-def launch_options(config: triton.Config | None = None, a_l1: bool = False):
+def launch_options(config: triton.Config | None = None, a_l1: bool = False, sm90: bool | None = None,
+                   sm90_stages: int | None = None, sm90_per_sm: int | None = None,
+                   sm90_epi_rows: bool | None = None):
     """Within the block, convs launch with these :class:`LaunchOptions` (not thread-safe: for
-    single-threaded benchmarks)."""
+    single-threaded benchmarks). ``sm90``: the Gluon body conv where it applies (None:
+    ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm`` / ``sm90_epi_rows`` instead of the defaults."""
     global _options
-    before, _options = _options, LaunchOptions(config, a_l1)
+    before, _options = _options, LaunchOptions(config, a_l1, sm90, sm90_stages, sm90_per_sm,
+                                                 sm90_epi_rows)
     try:
         yield
     finally:
@@ -415,6 +431,10 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
         _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
                           inv_s, next_out, next_args, block_n, *padded)
         return
+    if not traceable and sm90_body_applies(out, a_bits, cin, cout, shuffle, o_bits, next_args[0]):
+        _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
+                        inv_s, next_out, next_args, items)
+        return
     next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
             next_out if next_out is not None else out, items if items is not None else wsum, m, h, w_, cout,
@@ -436,6 +456,56 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     else:
         grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout, block_n))
         _launch_tuned(_tuned_conv, "conv", grid, args, meta, traceable)
+
+
+def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuffle: int, o_bits: int,
+                      next_bits: int) -> bool:
+    """Whether a conv launch goes to the Gluon body conv (``body_conv_sm90.py``): enabled
+    (``SM90_BODY`` or a benchmark's :func:`launch_options`), a compiled sm_90 GPU, 8-bit codes in,
+    64 -> 64 channels, no pixel shuffle, 8-bit codes or an fp32 / fp16 result (with 8-bit next
+    codes or none) out."""
+    enabled = SM90_BODY if _options.sm90 is None else _options.sm90
+    if not enabled or INTERPRET or out.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(out.device) != (9, 0):
+        return False
+    fp_out = o_bits == 0 and out.dtype in (torch.float32, torch.float16)
+    return (a_bits == 8 and cin == 64 and cout == 64 and shuffle == 1 and (o_bits == 8 or fp_out)
+            and next_bits in (0, 8))
+
+
+def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
+                    o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items) -> None:
+    """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
+    of the codes (their bytes as int8, boxes of 8 x 16 pixels) and of the prepared weights, one
+    persistent program per ``SM90_PER_SM`` of each SM's share of the tiles."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    from .body_conv_sm90 import _body_conv_sm90_kernel
+
+    n, h, w_, _ = x_packed.shape
+    codes = x_packed.view(torch.int8)
+    if codes.data_ptr() % 16:  # TMA needs 16-byte aligned bases
+        codes = codes.clone()
+    box4 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4)
+    box2 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+    x_desc = GluonDescriptor(codes, list(codes.shape), list(codes.stride()), [1, 8, 16, 64], box4)
+    w_ck = w[0].t()  # (64, 9 * 64), K contiguous: the prepared storage
+    if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:
+        w_ck = w_ck.contiguous()
+    w_desc = GluonDescriptor(w_ck, list(w_ck.shape), list(w_ck.stride()), [64, 64], box2)
+    tiles = n * triton.cdiv(h, 8) * triton.cdiv(w_, 16)
+    per_sm = _options.sm90_per_sm or SM90_PER_SM
+    grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
+    next_bits, next_lo, next_hi, next_inv_s = next_args
+    _body_conv_sm90_kernel[grid](
+        x_desc, w_desc, wsum, mult, bias, residual if residual is not None else out, out,
+        next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,
+        next_inv_s, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
+        SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi, NEXT_BITS=next_bits,
+        NEXT_LO=next_lo, NEXT_HI=next_hi, SKIP_PAD=items is not None, STAGES=_options.sm90_stages or SM90_STAGES,
+        EPI_ROWS=SM90_EPI_ROWS if _options.sm90_epi_rows is None else _options.sm90_epi_rows, num_warps=4, **_COMPILE)
 
 
 # Variants (tuner name, out dtype, constexprs) whose in-place launches the autotuner has tuned.

@@ -230,6 +230,22 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     assert all(r["us"] > 0 and r["floor_us"] > 0 and r["cuda_us"] is None for r in data["rows"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/kernels.py itself")
+def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
+    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's A/B and knob rows (in the
+    interpreter they run the flat kernel: the Gluon kernel needs an sm_90 GPU)."""
+    pytest.importorskip("triton")
+    import kernels
+
+    assert kernels.main(["--smoke", "--sm90", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("kernels-sm90-*.json")
+    names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
+    cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
+    want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows")]
+    want += [f"{c} sm90 {k}" for c in cases for k in ("s6 p2", "s8 p2", "s8 p2 rows", "s4 p3 rows")]
+    assert names == want
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/ncu_convs.py under ncu")
 def test_ncu_driver_smoke_launches_each_conv(capsys):
     """benchmarks/ncu_convs.py --smoke: the four convs the ncu step profiles, in the interpreter."""
@@ -239,6 +255,9 @@ def test_ncu_driver_smoke_launches_each_conv(capsys):
     assert ncu_convs.main(["--smoke", "--reps", "2"]) == 0
     assert "launched conv1, conv2, upsampler, last_conv, conv2_fp16" in capsys.readouterr().out
     assert ncu_convs.parse_config("64,32,8,3") == (64, 32, 8, 3)
+    assert ncu_convs.parse_sm90("6,2,1") == (6, 2, True)
+    assert ncu_convs.main(["--smoke", "--sm90", "4,2,0"]) == 0
+    assert "conv2_fp16, conv1_sm90, conv2_fp16_sm90" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ncu_convs.main(["--smoke", "--config", "64,32"])
 

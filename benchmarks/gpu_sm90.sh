@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device call for the Gluon body conv (kernels/body_conv_sm90.py) on an H100 / H200:
+#
+#     bash benchmarks/gpu_sm90.sh        # its GPU tests (bit-exact against the flat kernel and the
+#                                        # reference), then kernels.py --sm90: both kernels on the
+#                                        # same inputs in one run, and its ring depth x programs per SM
+#     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
+#                                        # with the body convs on each kernel, two processes each
+#
+# No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
+# extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
+# .gpu_data/ before the call, and carry [".gpu_data"]. Writes $OUT/session.log and the JSONs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gdq_gpu}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
+}
+
+ln -sfn ../kernels gdq_engine/kernels
+export PYTHONPATH=$PWD
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; git rev-parse --short HEAD
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
+
+if [ "${1:-}" = e2e ]; then
+    ROWS="fp16 CL;static a8 + int8 tail, image graph"
+    for run in ${RUNS:-0a 1a 0b 1b}; do  # flat, Gluon, flat, Gluon: each its own process
+        step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=${run:0:1} python benchmarks/latency.py --gpu \
+            --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
+    done
+elif [ "${1:-}" = 2 ]; then
+    # the second call: the knobs' tests, the A/B and knob rows again, then Nsight Compute on conv1 and
+    # conv2 (fp16 stream) on both kernels (the first 6 matching launches compile; the next 6 are profiled)
+    step tests_knobs 70 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py -k "knobs or skips"
+    step kernels_sm90 190 python benchmarks/kernels.py --sm90 --out "$OUT"
+    step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
+        --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 6,2,1 > "$1"' _ \
+        "$OUT/ncu-sm90.csv"
+else
+    step tests 170 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py -k "not compiles"
+    step kernels_sm90 250 python benchmarks/kernels.py --sm90 --out "$OUT"
+fi
+rm -f gdq_engine/kernels
+echo "=== done $(date -u)" | tee -a "$LOG"
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv" "$LOG" | tail -n 60

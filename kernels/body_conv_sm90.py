@@ -1,0 +1,278 @@
+"""The residual body's 64 -> 64 packed conv on Hopper (sm_90) as a Gluon kernel: halo tiles by TMA,
+weights resident in shared memory, asynchronous int8 wgmma. Bit-exact with
+:func:`gdq_engine.ops.reference.packed_conv3x3` (and the flat Triton kernel, ``conv3x3.py``).
+
+Why a second kernel. Compiled by Triton (3.6 and 3.9), the flat kernel's int8 MMA is synchronous:
+Triton's pipeliner makes a ``warp_group_dot`` asynchronous only for fp32 accumulators, so every
+K step waits for its MMA before it issues the next copies. And each 128-pixel tile reads 9
+shifted 8 KB activation tiles plus the 36 KB of weights from L2 (108 KB per tile, about 140 MB
+per 1080p conv): Nsight Compute put the conv at half the L2's throughput with no eligible warp
+most cycles. This kernel changes both:
+
+* **Tile.** 8 rows x 16 columns of one image (128 output pixels), ordered column-major in the
+  MMA's M dimension: row ``r`` is pixel ``(y0 + r % 8, x0 + r // 8)``. For each tap row ``dy``
+  one TMA box brings the 8 x 18 input pixels the three taps ``dx`` of that row read (two boxes,
+  16 + 2 columns: box sides are powers of two), 144 rows of 64 bytes; tap ``(dy, dx)`` is then
+  rows ``8 * dx ... 8 * dx + 127`` of that buffer, a slice on the 512-byte swizzle period that
+  wgmma reads by descriptor as it is. 27 KB of activations per tile instead of 72 KB, and the
+  image border is TMA's zero fill (the 4-D view (N, W, H, C) puts the columns outermost of a box).
+* **Weights** (9 taps of 64 x 64, K-major) are copied once per program into shared memory.
+* **Persistent programs** walk tiles ``program_id + i * num_programs``; the halo buffers are
+  ``NUM_BUF``-deep, so the copies of the next tiles land while this tile's MMAs and epilogue run.
+* **Asynchronous MMA**: the 9 taps' ``wgmma`` are issued back to back on one accumulator, then
+  waited for once.
+
+Unsigned 8-bit codes (0..255) go into the MMA as ``u8`` (wgmma multiplies u8 by s8), so no
+``^ 0x80`` and no ``128 * sum(w)`` correction: the zero fill is code 0 either way.
+
+The epilogue is ``conv3x3._epilogue``'s for 8-bit containers without a pixel shuffle: per-channel
+multiplier and bias, ReLU, residual (fp32 / fp16 / bf16, ``res_scale``), then either 8-bit codes
+or an fp32 / fp16 result, optionally with the next conv's 8-bit codes. The fp arithmetic is the
+same sequence of separate fp32 operations (compiled without FMA contraction), so results are
+bit-identical.
+
+Gluon kernels do not run in Triton's CPU interpreter: this kernel is checked bit-exactly on GPU
+sessions (``tests/test_body_conv_sm90.py``) and compiled for sm_90 on any machine
+(``kernels.aot``, ``tests/test_body_conv_sm90.py``).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+C = 64  # input channels = bytes per pixel (8-bit codes)
+COUT = 64  # output channels
+TILE_H = 8  # output rows per tile
+TILE_W = 16  # output columns per tile
+BLOCK_M = TILE_H * TILE_W  # 128 output pixels
+
+
+@gluon.jit
+def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, STAGES: gl.constexpr):
+    """Start copy number ``load`` of this program (tap ``load % 9`` of its ``load // 9``-th tile)
+    into stage ``load % STAGES`` of ``ring``, completing on that stage's barrier; nothing past the
+    program's last tile."""
+    tile = pid + (load // 9) * step
+    tap = load % 9
+    img = tile // per_image
+    rest = tile % per_image
+    y = (rest // tiles_x) * 8 + tap // 3 - 1
+    x = (rest % tiles_x) * 16 + tap % 3 - 1
+    s = load % STAGES
+    ok = tile < total
+    mbarrier.expect(bars.index(s), 128 * 64, ok)
+    _tma_load(x_desc, [img, y, x, 0], bars.index(s), ring.index(s), pred=ok)
+
+
+@gluon.jit
+def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr):
+    """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations."""
+    t = y * inv_s
+    t = t + 0.5
+    return gl.minimum(gl.maximum(gl.floor(t), LO), HI).to(gl.int32)
+
+
+@gluon.jit
+def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+                   res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
+                   SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
+                   NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, layout: gl.constexpr):
+    """int32 sums (128, 64) of ``tile`` in ``layout`` -> the stored result."""
+    img = tile // per_image
+    rest = tile % per_image
+    r = gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
+    y = (rest // tiles_x) * 8 + r // 16
+    x = (rest % tiles_x) * 16 + r % 16
+    m_ok = (y < H) & (x < W)
+    pix = (img * H + y) * W + x
+    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
+    offs = pix[:, None] * 64 + ch[None, :]
+    mask = m_ok[:, None] & (ch < 64)[None, :]
+    if not A_SIGNED:  # the MMA took code - 128: add 128 * sum(w) back
+        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
+    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
+    yv = yv + gl.load(bias_ptr + ch)[None, :]
+    if RELU:
+        yv = gl.maximum(yv, 0.0)
+    if HAS_RES:
+        if SCALE_RES:
+            yv = yv * res_scale
+        res = gl.load(res_ptr + offs, mask=mask, other=0.0).to(gl.float32)
+        yv = res + yv
+    if O_BITS == 0:
+        stored = yv.to(out_ptr.dtype.element_ty)
+        gl.store(out_ptr + offs, stored, mask=mask)
+        if NEXT_BITS > 0:
+            if out_ptr.dtype.element_ty != gl.float32:
+                yv = stored.to(gl.float32)
+            codes = _requantize(yv, inv_s_next, NEXT_LO, NEXT_HI) & 0xFF
+            gl.store(next_ptr + offs, codes.to(gl.uint8), mask=mask)
+    else:
+        codes = _requantize(yv, inv_s_out, O_LO, O_HI) & 0xFF
+        gl.store(out_ptr + offs, codes.to(gl.uint8), mask=mask)
+
+
+@gluon.jit
+def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr,
+                           N, H, W, res_scale, inv_s_out, inv_s_next,
+                           A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
+                           SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
+                           NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
+                           SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
+                           num_warps: gl.constexpr):
+    """Persistent 3x3 conv over (N, H, W, 64) 8-bit codes with the prepared weights; the result
+    as ``conv3x3._epilogue`` stores it for an unshuffled (N * H * W, 64) output.
+
+    ``x_desc``: the codes' bytes as int8, boxes (1, 8, 16, 64); ``A_SIGNED`` false: unsigned codes,
+    which enter the MMA as ``code ^ 0x80`` (``128 * sum(w)`` added back in the epilogue).
+    ``w_desc``: the weights as (64, 9 * 64) int8, K-major, boxes (64, 64). ``STAGES``: the ring of
+    tap copies. ``SKIP_PAD``: only the first ``items_ptr[0]`` images are computed. ``EPI_ROWS``: the
+    epilogue in a row layout (8 channels of a pixel per thread; the sums moved there through
+    shared memory) instead of the MMA's."""
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 64, 32])
+    a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
+    epi_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                                warps_per_cta=[4, 1], order=[1, 0])
+    ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
+    for k in gl.static_range(STAGES + 1):
+        mbarrier.init(bars.index(k), count=1)
+
+    tiles_x = gl.cdiv(W, 16)
+    per_image = tiles_x * gl.cdiv(H, 8)
+    images = N
+    if SKIP_PAD:
+        images = gl.minimum(gl.load(items_ptr), N)
+    total = images * per_image
+    pid = gl.program_id(0)
+    step = gl.num_programs(0)
+
+    wbar = bars.index(STAGES)
+    mbarrier.expect(wbar, 9 * 64 * 64)
+    for t in gl.static_range(9):
+        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+    for k in gl.static_range(STAGES - 1):
+        _issue_tap(x_desc, ring, bars, k, pid, step, tiles_x, per_image, total, STAGES)
+    mbarrier.wait(wbar, 0)
+
+    use = 0  # copies consumed so far
+    for tile in range(pid, total, step):
+        acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
+        for tap in gl.static_range(9):
+            s = use % STAGES
+            mbarrier.wait(bars.index(s), (use // STAGES) & 1)
+            if A_SIGNED:  # the MMA reads the codes in shared memory as they landed
+                acc = warpgroup_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap).permute((1, 0)), acc,
+                                    is_async=True)
+            else:  # through registers, flipped there (ptxas keeps an in-flight MMA's registers)
+                a = ring.index(s).reshape([128, 64]).load(a_regs) ^ -128
+                acc = warpgroup_mma(a, w_smem.index(tap).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # the MMA of copy use - 1 has retired: its stage takes copy use + STAGES - 1
+            _issue_tap(x_desc, ring, bars, use + STAGES - 1, pid, step, tiles_x, per_image, total, STAGES)
+            use += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if EPI_ROWS:  # each thread 8 channels of a pixel: 8-32 byte accesses instead of the MMA layout's 2-8
+            acc = gl.convert_layout(acc, epi_layout)
+        _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+                       next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
+                       O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+
+    for k in gl.static_range(STAGES + 1):
+        mbarrier.invalidate(bars.index(k))
+
+
+# The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
+# unsigned or signed codes in, the residual stream updated, the next block's codes out), compiled by
+# compile_report: (name, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, SKIP_PAD, out, res).
+VARIANTS = [
+    ("conv1", True, True, False, False, 8, 0, 255, 0, False, "u8", "fp32"),
+    ("conv1 skip", True, True, False, False, 8, 0, 15, 0, True, "u8", "fp32"),
+    ("conv2+next", False, False, True, False, 0, 0, 0, 8, False, "fp32", "fp32"),
+    ("conv2+next signed", True, False, True, False, 0, 0, 0, 8, False, "fp32", "fp32"),
+    ("conv2 scaled", False, False, True, True, 0, 0, 0, 0, False, "fp32", "fp32"),
+    ("conv2+next fp16 stream", False, False, True, False, 0, 0, 0, 8, True, "fp16", "fp16"),
+    ("fp32 out", True, True, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
+]
+
+
+def compile_report(variant: tuple, stages: int = 4, arch: int = 90, epi_rows: bool = False) -> dict:
+    """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
+    inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
+    ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
+    in flight), ``tma_copies`` (TMA copy instructions) and ``fma_f32`` (fused multiply-adds, which
+    the numeric contract forbids)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant
+    box4 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
+    box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
+    types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", w_desc=f"tensordesc<i8[64, 64],{box2}>",
+                 wsum_ptr="*i32", mult_ptr="*fp32", bias_ptr="*fp32", res_ptr=f"*{res}", out_ptr=f"*{out}",
+                 next_ptr="*u8", items_ptr="*i32", N="i32", H="i32", W="i32", res_scale="fp32", inv_s_out="fp32",
+                 inv_s_next="fp32")
+    consts = dict(A_SIGNED=signed, RELU=relu, HAS_RES=has_res, SCALE_RES=scale_res, O_BITS=o_bits, O_LO=o_lo,
+                  O_HI=o_hi, NEXT_BITS=next_bits, NEXT_LO=-128, NEXT_HI=127, SKIP_PAD=skip, STAGES=stages,
+                  EPI_ROWS=epi_rows, num_warps=4)
+    kernel = _body_conv_sm90_kernel
+    signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
+    compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=4, enable_fp_fusion=False))
+    ptx = compiled.asm["ptx"]
+    usage = {}
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if tool.exists():
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
+    return dict(name=name, a_signed=signed, stages=stages, arch=arch, registers=usage.get("REG"),
+                local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
+                shared_bytes=int(compiled.metadata.shared),
+                wgmma=len(re.findall(r"\bwgmma\.mma_async[\w.]*\.s32\.s8\.s8", ptx)),
+                async_waits=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned 1\b", ptx)),
+                tma_copies=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
+                fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...]``: compile every
+    variant for sm_90 and print one row each (or a JSON list)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m gdq_engine.kernels.body_conv_sm90",
+                                 description="Compile the Gluon body conv for sm_90 (no GPU needed).")
+    ap.add_argument("--json", action="store_true", help="print the reports as one JSON list")
+    ap.add_argument("--stages", type=int, nargs="+", default=[4], help="ring depths to compile (default 4)")
+    args = ap.parse_args(argv)
+    reports = [compile_report(v, s) for s in args.stages for v in VARIANTS]
+    if args.json:
+        print(json.dumps(reports))
+        return 0
+    for r in reports:
+        print(f"{r['name']:24} stages={r['stages']} regs={r['registers']} local={r['local_bytes']} "
+              f"shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
+              f"fma={r['fma_f32']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
