@@ -24,6 +24,10 @@ convs with every tensor in the padded layout, on the TMA kernel, as the body's
 their floor counts the image's pixels' MACs and the padded tensors' bytes. Baseline: torch fp16 NHWC conv
 (cudnn.benchmark) of the same shape, same run. The CUDA C++ kernels (csrc/cuda, mma.sync) are timed
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
+Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times the Gluon body conv
+(``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
+conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows``: ring stages,
+programs per SM, row-layout epilogue), then the Gluon kernel's other knobs.
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -34,7 +38,6 @@ run cut short keeps its rows; ``complete`` says whether all ran); prints a table
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -207,10 +210,10 @@ def main(argv=None) -> int:
             kw = dict(residual=res, out=res, out_dtype=stream, next_quant=ActQuant(a_bits, True, 0.05, container=cont),
                       next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
-        # --sm90's flat rows say so; otherwise the launch options of the caller (rerun_row's config) stand
+        # the flat kernel unless the row names the Gluon one (on sm_90 the engine's default for the body)
         gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2]) if sm90
                  else dict(sm90=False))
-        with tk.launch_options(**gluon) if sm90 or args.sm90 else contextlib.nullcontext():
+        with tk.launch_options(**gluon):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                               xs) * 1e3
         cuda_kw = {k: v for k, v in kw.items() if k not in ("out", "out_dtype")}  # the CUDA op allocates its output

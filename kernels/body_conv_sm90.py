@@ -1,39 +1,42 @@
-"""The residual body's 64 -> 64 packed conv on Hopper (sm_90) as a Gluon kernel: halo tiles by TMA,
-weights resident in shared memory, asynchronous int8 wgmma. Bit-exact with
-:func:`gdq_engine.ops.reference.packed_conv3x3` (and the flat Triton kernel, ``conv3x3.py``).
+"""The residual body's 64 -> 64 packed conv on Hopper (sm_90) as a Gluon kernel: tap tiles by TMA,
+weights resident in shared memory, asynchronous int8 wgmma, persistent programs. Bit-exact with
+:func:`gdq_engine.ops.reference.packed_conv3x3` and the flat Triton kernel (``conv3x3.py``).
 
 Why a second kernel. Compiled by Triton (3.6 and 3.9), the flat kernel's int8 MMA is synchronous:
-Triton's pipeliner makes a ``warp_group_dot`` asynchronous only for fp32 accumulators, so every
-K step waits for its MMA before it issues the next copies. And each 128-pixel tile reads 9
-shifted 8 KB activation tiles plus the 36 KB of weights from L2 (108 KB per tile, about 140 MB
-per 1080p conv): Nsight Compute put the conv at half the L2's throughput with no eligible warp
-most cycles. This kernel changes both:
+Triton's pipeliner makes a ``warp_group_dot`` asynchronous only for fp32 accumulators, so every K
+step waits for its MMA before it issues the next copies. And each 128-pixel tile reads its 9
+shifted 8 KB activation tiles plus the 36 KB of weights from L2 (108 KB per tile). Gluon, Triton's
+lower-level language, states the schedule instead:
 
-* **Tile.** 8 rows x 16 columns of one image (128 output pixels), ordered column-major in the
-  MMA's M dimension: row ``r`` is pixel ``(y0 + r % 8, x0 + r // 8)``. For each tap row ``dy``
-  one TMA box brings the 8 x 18 input pixels the three taps ``dx`` of that row read (two boxes,
-  16 + 2 columns: box sides are powers of two), 144 rows of 64 bytes; tap ``(dy, dx)`` is then
-  rows ``8 * dx ... 8 * dx + 127`` of that buffer, a slice on the 512-byte swizzle period that
-  wgmma reads by descriptor as it is. 27 KB of activations per tile instead of 72 KB, and the
-  image border is TMA's zero fill (the 4-D view (N, W, H, C) puts the columns outermost of a box).
-* **Weights** (9 taps of 64 x 64, K-major) are copied once per program into shared memory.
-* **Persistent programs** walk tiles ``program_id + i * num_programs``; the halo buffers are
-  ``NUM_BUF``-deep, so the copies of the next tiles land while this tile's MMAs and epilogue run.
-* **Asynchronous MMA**: the 9 taps' ``wgmma`` are issued back to back on one accumulator, then
-  waited for once.
+* **Tile**: 8 rows x 16 columns of one image, 128 output pixels; row ``r`` of the MMA is pixel
+  ``(y0 + r // 16, x0 + r % 16)``. Tap ``(dy, dx)`` is one TMA box of the codes, (1, 8, 16, 64) at
+  ``(image, y0 + dy - 1, x0 + dx - 1, 0)``; outside the image TMA fills zeros, which is the conv's
+  zero padding (code 0).
+* **Ring**: the boxes go through ``STAGES`` shared-memory stages of 8 KB, each with an mbarrier;
+  copies run ``STAGES - 1`` taps ahead, across tile boundaries.
+* **Weights** (9 taps of 64 x 64, K-major, 36 KB) are copied once per program and stay.
+* **MMA**: each tap's ``wgmma`` is issued asynchronously on the one accumulator; waiting until at
+  most one is in flight frees the previous tap's stage for the next copy.
+* **Persistent programs** (``SM90_PER_SM`` per SM) walk the tiles ``program_id + i * programs``.
 
-Unsigned 8-bit codes (0..255) go into the MMA as ``u8`` (wgmma multiplies u8 by s8), so no
-``^ 0x80`` and no ``128 * sum(w)`` correction: the zero fill is code 0 either way.
+Signed codes feed the MMA from shared memory as they landed. Unsigned 8-bit codes (0..255) are
+read into registers and flipped there (``^ 0x80``: code - 128, as the flat kernel does), with
+``128 * sum(w)`` added back in the epilogue. (wgmma multiplies u8 by s8, but Triton lowers a u8
+operand as s8.)
 
 The epilogue is ``conv3x3._epilogue``'s for 8-bit containers without a pixel shuffle: per-channel
-multiplier and bias, ReLU, residual (fp32 / fp16 / bf16, ``res_scale``), then either 8-bit codes
-or an fp32 / fp16 result, optionally with the next conv's 8-bit codes. The fp arithmetic is the
-same sequence of separate fp32 operations (compiled without FMA contraction), so results are
-bit-identical.
+multiplier and bias, ReLU, residual (fp32 / fp16 / bf16, ``res_scale``), then 8-bit codes or an
+fp32 / fp16 result, optionally with the next conv's 8-bit codes; the same sequence of separate
+fp32 operations (compiled without FMA contraction). ``EPI_ROWS`` first moves the sums from the MMA
+layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 byte accesses.
+
+Not done: reading each input pixel once per tile instead of about 9 times (a halo box per tap row,
+the taps as row-shifted views of it). Gluon's shared-memory subviews must start at a multiple of
+their own size, so a 128-row MMA operand cannot start 8 or 16 rows into a buffer.
 
 Gluon kernels do not run in Triton's CPU interpreter: this kernel is checked bit-exactly on GPU
 sessions (``tests/test_body_conv_sm90.py``) and compiled for sm_90 on any machine
-(``kernels.aot``, ``tests/test_body_conv_sm90.py``).
+(``python -m gdq_engine.kernels.body_conv_sm90``, run by the same test file in CI).
 """
 
 from __future__ import annotations
@@ -45,11 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 # Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-C = 64  # input channels = bytes per pixel (8-bit codes)
-COUT = 64  # output channels
-TILE_H = 8  # output rows per tile
-TILE_W = 16  # output columns per tile
-BLOCK_M = TILE_H * TILE_W  # 128 output pixels
+TILE_H, TILE_W = 8, 16  # output pixels per tile (the kernel's box; C = Cout = 64)
 
 
 @gluon.jit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -173,15 +173,13 @@ _options = LaunchOptions()
 
 
 @contextmanager
-def launch_options(config: triton.Config | None = None, a_l1: bool = False, sm90: bool | None = None,
-                   sm90_stages: int | None = None, sm90_per_sm: int | None = None,
-                   sm90_epi_rows: bool | None = None):
-    """Within the block, convs launch with these :class:`LaunchOptions` (not thread-safe: for
-    single-threaded benchmarks). ``sm90``: the Gluon body conv where it applies (None:
-    ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm`` / ``sm90_epi_rows`` instead of the defaults."""
+def launch_options(**changes):
+    """Within the block, convs launch with the enclosing :class:`LaunchOptions` changed by
+    ``changes`` (its field names; not thread-safe: for single-threaded benchmarks). ``sm90``: the
+    Gluon body conv where it applies (None: ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm``
+    / ``sm90_epi_rows`` instead of the defaults."""
     global _options
-    before, _options = _options, LaunchOptions(config, a_l1, sm90, sm90_stages, sm90_per_sm,
-                                                 sm90_epi_rows)
+    before, _options = _options, replace(_options, **changes)
     try:
         yield
     finally:
@@ -461,10 +459,13 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
 def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuffle: int, o_bits: int,
                       next_bits: int) -> bool:
     """Whether a conv launch goes to the Gluon body conv (``body_conv_sm90.py``): enabled
-    (``SM90_BODY`` or a benchmark's :func:`launch_options`), a compiled sm_90 GPU, 8-bit codes in,
+    (:func:`launch_options`' ``sm90``, else ``SM90_BODY`` unless they fix a flat-kernel config or
+    L1 copies), a compiled sm_90 GPU, 8-bit codes in,
     64 -> 64 channels, no pixel shuffle, 8-bit codes or an fp32 / fp16 result (with 8-bit next
     codes or none) out."""
-    enabled = SM90_BODY if _options.sm90 is None else _options.sm90
+    # unasked, a flat-kernel tile config or L1 copies (tests', benchmarks' A/B rows) mean the flat kernel
+    flat_asked = _options.config is not None or _options.a_l1
+    enabled = SM90_BODY and not flat_asked if _options.sm90 is None else _options.sm90
     if not enabled or INTERPRET or out.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(out.device) != (9, 0):
@@ -477,12 +478,12 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
 def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
                     o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items) -> None:
     """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
-    of the codes (their bytes as int8, boxes of 8 x 16 pixels) and of the prepared weights, one
-    persistent program per ``SM90_PER_SM`` of each SM's share of the tiles."""
+    of the codes (their bytes as int8, boxes of 8 x 16 pixels) and of the prepared weights, and
+    ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    from .body_conv_sm90 import _body_conv_sm90_kernel
+    from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel
 
     n, h, w_, _ = x_packed.shape
     codes = x_packed.view(torch.int8)
@@ -490,12 +491,12 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         codes = codes.clone()
     box4 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4)
     box2 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
-    x_desc = GluonDescriptor(codes, list(codes.shape), list(codes.stride()), [1, 8, 16, 64], box4)
+    x_desc = GluonDescriptor(codes, list(codes.shape), list(codes.stride()), [1, TILE_H, TILE_W, 64], box4)
     w_ck = w[0].t()  # (64, 9 * 64), K contiguous: the prepared storage
     if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:
         w_ck = w_ck.contiguous()
     w_desc = GluonDescriptor(w_ck, list(w_ck.shape), list(w_ck.stride()), [64, 64], box2)
-    tiles = n * triton.cdiv(h, 8) * triton.cdiv(w_, 16)
+    tiles = n * triton.cdiv(h, TILE_H) * triton.cdiv(w_, TILE_W)
     per_sm = _options.sm90_per_sm or SM90_PER_SM
     grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
     next_bits, next_lo, next_hi, next_inv_s = next_args
