@@ -53,15 +53,8 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1
 PY=python  # `python -m pip`: a bare `pip` on the device machine may belong to another interpreter
 
-step() {  # step NAME SECONDS COMMAND...
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-    rc=$?
-    echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
-}
+# shellcheck source=benchmarks/gpu_step.sh
+. benchmarks/gpu_step.sh  # step NAME SECONDS COMMAND...
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; git rev-parse --short HEAD; } \
     >>"$LOG" 2>&1

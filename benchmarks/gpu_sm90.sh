@@ -17,15 +17,8 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 
-step() {  # step NAME SECONDS COMMAND...
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
-    rc=$?
-    echo "=== $name: exit $rc after $(($(date +%s) - start))s" | tee -a "$LOG"
-}
+# shellcheck source=benchmarks/gpu_step.sh
+. benchmarks/gpu_step.sh  # step NAME SECONDS COMMAND...
 
 ln -sfn ../kernels gdq_engine/kernels
 export PYTHONPATH=$PWD

@@ -70,7 +70,8 @@ def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, S
 
 @gluon.jit
 def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr):
-    """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations."""
+    """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
+    Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only)."""
     t = y * inv_s
     t = t + 0.5
     return gl.minimum(gl.maximum(gl.floor(t), LO), HI).to(gl.int32)
@@ -202,12 +203,66 @@ VARIANTS = [
 ]
 
 
-def compile_report(variant: tuple, stages: int = 4, arch: int = 90, epi_rows: bool = False) -> dict:
+def _sass_lines(sass: str) -> list[list[str]]:
+    """The instructions of ``cuobjdump -sass`` output, each as its tokens (opcode first, predicate
+    dropped, commas stripped)."""
+    out = []
+    for line in sass.splitlines():
+        head, sep, rest = line.strip().partition("*/")
+        if not sep or not head.startswith("/*") or not rest.strip():
+            continue
+        tokens = [t.strip(",") for t in rest.split(";")[0].split()]
+        if tokens and tokens[0].startswith("@"):
+            tokens = tokens[1:]
+        if tokens:
+            out.append(tokens)
+    return out
+
+
+def _registers(token: str, count: int) -> set[int]:
+    """The ``count`` registers from operand ``token`` (``R104`` -> 104 ...); none for other operands."""
+    digits = token[1:].split(".")[0] if token[:1] == "R" else ""
+    return set(range(int(digits), int(digits) + count)) if digits.isdigit() else set()
+
+
+def register_hazards(sass: str) -> tuple[int, int]:
+    """Writes into the A registers of a wgmma still in flight, in SASS (``cuobjdump -sass``).
+
+    An ``IGMMA`` with its A operand in registers reads them asynchronously until a
+    ``WARPGROUP.DEPBAR.LE gsb0, k`` leaves at most ``k`` groups in flight; an instruction that
+    writes one of them before that gives the MMA a wrong operand. (Unsigned codes: each tap's
+    flipped codes are loaded while the previous tap's MMA runs, so ptxas must keep two sets.)
+    Returns (hazards, ``LDSM`` loads issued while some A registers were in flight: 0 means there
+    was no overlap to check)."""
+    in_flight: list[set[int]] = []
+    group: set[int] = set()
+    hazards = loads = 0
+    for tokens in _sass_lines(sass):
+        op = tokens[0]
+        if op.startswith("IGMMA") and len(tokens) > 2:
+            group |= _registers(tokens[2], 4)
+            if "gsb0" in tokens:
+                in_flight.append(group)
+                group = set()
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            keep = int(tokens[-1], 16)
+            in_flight = in_flight[len(in_flight) - keep:] if keep else []
+        elif len(tokens) > 1 and any(in_flight):
+            width = 4 if (".128" in op or op.endswith(".4")) else 2 if (".64" in op or op.endswith(".2")) else 1
+            written = _registers(tokens[1], width)
+            loads += op.startswith("LDSM")
+            hazards += any(written & regs for regs in in_flight)
+    return hazards, loads
+
+
+def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
-    in flight), ``tma_copies`` (TMA copy instructions) and ``fma_f32`` (fused multiply-adds, which
-    the numeric contract forbids)."""
+    in flight), ``tma_copies`` (TMA copy instructions), ``fma_f32`` (fused multiply-adds, which
+    the numeric contract forbids) and, from the SASS, :func:`register_hazards`
+    (``register_hazards``, ``loads_in_flight``; None without cuobjdump). Defaults: the engine's
+    ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``)."""
     import re
     import subprocess
     import tempfile
@@ -234,13 +289,15 @@ def compile_report(variant: tuple, stages: int = 4, arch: int = 90, epi_rows: bo
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=4, enable_fp_fusion=False))
     ptx = compiled.asm["ptx"]
-    usage = {}
+    usage, hazards = {}, (None, None)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
             text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        hazards = register_hazards(sass)
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -248,7 +305,8 @@ def compile_report(variant: tuple, stages: int = 4, arch: int = 90, epi_rows: bo
                 wgmma=len(re.findall(r"\bwgmma\.mma_async[\w.]*\.s32\.s8\.s8", ptx)),
                 async_waits=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned 1\b", ptx)),
                 tma_copies=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
-                fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)))
+                fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), register_hazards=hazards[0],
+                loads_in_flight=hazards[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m gdq_engine.kernels.body_conv_sm90",
                                  description="Compile the Gluon body conv for sm_90 (no GPU needed).")
     ap.add_argument("--json", action="store_true", help="print the reports as one JSON list")
-    ap.add_argument("--stages", type=int, nargs="+", default=[4], help="ring depths to compile (default 4)")
+    ap.add_argument("--stages", type=int, nargs="+", default=[6], help="ring depths to compile (default 6)")
     args = ap.parse_args(argv)
     reports = [compile_report(v, s) for s in args.stages for v in VARIANTS]
     if args.json:
@@ -269,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} regs={r['registers']} local={r['local_bytes']} "
               f"shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
-              f"fma={r['fma_f32']}")
+              f"fma={r['fma_f32']} hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']}")
     return 0
 
 

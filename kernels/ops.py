@@ -36,7 +36,7 @@ AUTOTUNE = os.environ.get("GDQ_TRITON_AUTOTUNE", "1") != "0"
 # the flat kernel everywhere. Its knobs, as measured best there:
 SM90_BODY = os.environ.get("GDQ_SM90_BODY", "1") != "0"
 SM90_STAGES = 6  # the ring of tap copies (8 KB each): 6 or 8 measured alike, 3-4 slower
-SM90_PER_SM = 2  # persistent programs per SM (1: 30-40% slower; 3 do not fit the registers of conv2)
+SM90_PER_SM = 2  # persistent programs per SM (1: 14-28% slower; 3 do not fit the registers of conv2)
 SM90_EPI_ROWS = True  # the epilogue in a row layout: conv2 on the fp16 stream 38 us against 64 in the MMA's
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -458,11 +458,10 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
 
 def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuffle: int, o_bits: int,
                       next_bits: int) -> bool:
-    """Whether a conv launch goes to the Gluon body conv (``body_conv_sm90.py``): enabled
+    """Whether a conv launch goes to the Gluon body conv (``body_conv_sm90.py``): it is enabled
     (:func:`launch_options`' ``sm90``, else ``SM90_BODY`` unless they fix a flat-kernel config or
-    L1 copies), a compiled sm_90 GPU, 8-bit codes in,
-    64 -> 64 channels, no pixel shuffle, 8-bit codes or an fp32 / fp16 result (with 8-bit next
-    codes or none) out."""
+    L1 copies), the GPU is sm_90, and the conv takes 8-bit codes, 64 -> 64 channels, no pixel
+    shuffle, and writes 8-bit codes or an fp32 / fp16 result (with 8-bit next codes or none)."""
     # unasked, a flat-kernel tile config or L1 copies (tests', benchmarks' A/B rows) mean the flat kernel
     flat_asked = _options.config is not None or _options.a_l1
     enabled = SM90_BODY and not flat_asked if _options.sm90 is None else _options.sm90

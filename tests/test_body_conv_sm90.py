@@ -161,3 +161,24 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0, r
         assert r["shared_bytes"] <= 232448 // 2, r  # two programs fit on an SM
+        assert r["register_hazards"] == 0, r  # no write into an in-flight wgmma's A registers
+        # unsigned codes reach the MMA through registers, loaded while the previous tap's MMA runs
+        assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
+
+
+def _sass(*instructions: str) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/  {ins} ;  /* 0x0 */" for i, ins in enumerate(instructions))
+
+
+def test_register_hazard_check_sees_writes_into_an_in_flight_operand():
+    """body_conv_sm90.register_hazards on hand-written SASS: a load into the registers of a wgmma
+    still in flight is a hazard; into other registers, or after the wait that retires it, is not."""
+    from gdq_engine.kernels.body_conv_sm90 import register_hazards
+
+    mma = ["LDSM.16.M88.4 R100, [R13+0x9000]", "WARPGROUP.ARRIVE",
+           "IGMMA.64x64x32.S8.S8 R56, R100, gdesc[UR8], R56, gsb0"]
+    assert register_hazards(_sass(*mma, "LDSM.16.M88.4 R104, [R13+0xa000]",
+                                  "WARPGROUP.DEPBAR.LE gsb0, 0x1")) == (0, 1)
+    assert register_hazards(_sass(*mma, "LDSM.16.M88.4 R102, [R13+0xa000]")) == (1, 1)
+    assert register_hazards(_sass(*mma, "@P0 IADD3 R103, R1, 0x1, RZ")) == (1, 0)
+    assert register_hazards(_sass(*mma, "WARPGROUP.DEPBAR.LE gsb0, 0x0", "LDSM.16.M88.4 R100, [R13]")) == (0, 0)
