@@ -171,7 +171,7 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
             if A_SIGNED:  # the MMA reads the codes in shared memory as they landed
                 acc = warpgroup_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap).permute((1, 0)), acc,
                                     is_async=True)
-            else:  # through registers, flipped there (ptxas keeps an in-flight MMA's registers)
+            else:  # through registers, flipped there (ptxas keeps the in-flight MMA's apart: register_hazards)
                 a = ring.index(s).reshape([128, 64]).load(a_regs) ^ -128
                 acc = warpgroup_mma(a, w_smem.index(tap).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
