@@ -27,7 +27,8 @@ on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times the Gluon body conv
 (``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
 conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows``: ring stages,
-programs per SM, row-layout epilogue), then the Gluon kernel's other knobs.
+programs per SM, row-layout epilogue), then the Gluon kernel's other knobs (``... ws``: its
+warp-specialized twin).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -167,8 +168,8 @@ def main(argv=None) -> int:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
-        ``sm90``: (ring stages, programs per SM, row-layout epilogue) of the Gluon body conv, which
-        then runs it."""
+        ``sm90``: (ring stages, programs per SM, row-layout epilogue[, warp-specialized]) of the Gluon
+        body conv, which then runs it."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
         cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
@@ -211,8 +212,9 @@ def main(argv=None) -> int:
                       next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
         # the flat kernel unless the row names the Gluon one (on sm_90 the engine's default for the body)
-        gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2]) if sm90
-                 else dict(sm90=False))
+        ws = bool(sm90 and len(sm90) > 3 and sm90[3])
+        gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2], sm90_ws=ws)
+                 if sm90 else dict(sm90=False))
         with tk.launch_options(**gluon):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                               xs) * 1e3
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
-        name = f"{name} sm90 s{sm90[0]} p{sm90[1]}{' rows' if sm90[2] else ''}" if sm90 else name
+        name = f"{name} sm90 s{sm90[0]} p{sm90[1]}{' rows' if sm90[2] else ''}{' ws' if ws else ''}" if sm90 else name
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=(6, 2, True))]
                 for k, st in both]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both
-                 for sp in ((6, 2, False), (8, 2, False), (8, 2, True), (4, 3, True))]
+                 for sp in ((6, 2, True, True), (8, 2, True, True), (4, 2, True, True), (6, 2, False), (8, 2, True))]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -189,6 +189,110 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
         mbarrier.invalidate(bars.index(k))
 
 
+
+@gluon.jit
+def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr):
+    """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
+    into the ring, each as soon as the MMA that read its stage last has retired (``empty``)."""
+    tiles_x = gl.cdiv(W, 16)
+    per_image = tiles_x * gl.cdiv(H, 8)
+    images = N
+    if SKIP_PAD:
+        images = gl.minimum(gl.load(items_ptr), N)
+    load = 0
+    for tile in range(gl.program_id(0), images * per_image, gl.num_programs(0)):
+        img = tile // per_image
+        rest = tile % per_image
+        y0 = (rest // tiles_x) * 8 - 1
+        x0 = (rest % tiles_x) * 16 - 1
+        for tap in gl.static_range(9):
+            s = load % STAGES
+            mbarrier.wait(empty.index(s), ((load // STAGES) & 1) ^ 1)  # a fresh stage passes at once
+            mbarrier.expect(ready.index(s), 128 * 64)
+            _tma_load(x_desc, [img, y0 + tap // 3, x0 + tap % 3, 0], ready.index(s), ring.index(s))
+            load += 1
+
+
+@gluon.jit
+def _ws_mma(ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W,
+            res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
+            SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
+            NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr,
+            STAGES: gl.constexpr, EPI_ROWS: gl.constexpr):
+    """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
+    boxes land, each stage released (``empty``) once the MMA reading it has retired; then the
+    epilogue, while the producer fills the ring for the next tile."""
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 64, 32])
+    a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
+    epi_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                                warps_per_cta=[4, 1], order=[1, 0])
+    tiles_x = gl.cdiv(W, 16)
+    per_image = tiles_x * gl.cdiv(H, 8)
+    images = N
+    if SKIP_PAD:
+        images = gl.minimum(gl.load(items_ptr), N)
+    use = 0
+    for tile in range(gl.program_id(0), images * per_image, gl.num_programs(0)):
+        acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
+        for tap in gl.static_range(9):
+            s = use % STAGES
+            mbarrier.wait(ready.index(s), (use // STAGES) & 1)
+            if A_SIGNED:
+                acc = warpgroup_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap).permute((1, 0)), acc,
+                                    is_async=True)
+            else:
+                a = ring.index(s).reshape([128, 64]).load(a_regs) ^ -128
+                acc = warpgroup_mma(a, w_smem.index(tap).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if tap > 0:  # the previous tap's MMA has retired: its stage may be refilled
+                mbarrier.arrive(empty.index((use - 1) % STAGES))
+            use += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((use - 1) % STAGES))
+        if EPI_ROWS:
+            acc = gl.convert_layout(acc, epi_layout)
+        _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+                       next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
+                       O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+
+
+@gluon.jit
+def _body_conv_sm90_ws_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr,
+                              N, H, W, res_scale, inv_s_out, inv_s_next,
+                              A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
+                              SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
+                              NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
+                              SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
+                              LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """:func:`_body_conv_sm90_kernel` warp-specialized (not yet timed on a GPU; opt-in): one producer
+    warp issues the tap boxes (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies
+    and stores (:func:`_ws_mma`), so no copy's issue sits between two taps' MMAs. Same arguments,
+    plus ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA warpgroup)."""
+    ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for k in gl.static_range(STAGES):
+        mbarrier.init(ready.index(k), count=1)
+        mbarrier.init(empty.index(k), count=1)
+    mbarrier.init(wbar, count=1)
+    mbarrier.expect(wbar, 9 * 64 * 64)
+    for t in gl.static_range(9):
+        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+    mbarrier.wait(wbar, 0)
+    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+                                   next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU,
+                                   HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, SKIP_PAD,
+                                   STAGES, EPI_ROWS)),
+                        (_ws_loader, (x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD, STAGES))],
+                       [1], [LOADER_REGS])
+    for k in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(k))
+        mbarrier.invalidate(empty.index(k))
+    mbarrier.invalidate(wbar)
+
 # The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
 # unsigned or signed codes in, the residual stream updated, the next block's codes out), compiled by
 # compile_report: (name, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, SKIP_PAD, out, res).
@@ -255,14 +359,16 @@ def register_hazards(sass: str) -> tuple[int, int]:
     return hazards, loads
 
 
-def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True) -> dict:
+def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
     in flight), ``tma_copies`` (TMA copy instructions), ``fma_f32`` (fused multiply-adds, which
     the numeric contract forbids) and, from the SASS, :func:`register_hazards`
     (``register_hazards``, ``loads_in_flight``; None without cuobjdump). Defaults: the engine's
-    ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``)."""
+    ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
+    warp-specialized twin, with its producer's 40 registers and 128 a thread at most (``ops.SM90_WS_*``);
+    ``warps`` then counts its producer's warpgroup too."""
     import re
     import subprocess
     import tempfile
@@ -282,12 +388,14 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     consts = dict(A_SIGNED=signed, RELU=relu, HAS_RES=has_res, SCALE_RES=scale_res, O_BITS=o_bits, O_LO=o_lo,
                   O_HI=o_hi, NEXT_BITS=next_bits, NEXT_LO=-128, NEXT_HI=127, SKIP_PAD=skip, STAGES=stages,
                   EPI_ROWS=epi_rows, num_warps=4)
+    options = dict(num_warps=4, enable_fp_fusion=False)
     kernel = _body_conv_sm90_kernel
+    if ws:
+        kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=4, enable_fp_fusion=False))
+                              target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     usage, hazards = {}, (None, None)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -299,7 +407,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
             sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         hazards = register_hazards(sass)
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
-    return dict(name=name, a_signed=signed, stages=stages, arch=arch, registers=usage.get("REG"),
+    return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, warps=compiled.metadata.num_warps,
+                registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
                 shared_bytes=int(compiled.metadata.shared),
                 wgmma=len(re.findall(r"\bwgmma\.mma_async[\w.]*\.s32\.s8\.s8", ptx)),
@@ -319,15 +428,18 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Compile the Gluon body conv for sm_90 (no GPU needed).")
     ap.add_argument("--json", action="store_true", help="print the reports as one JSON list")
     ap.add_argument("--stages", type=int, nargs="+", default=[6], help="ring depths to compile (default 6)")
+    ap.add_argument("--ws", action="store_true", help="also the warp-specialized twin of each variant")
     args = ap.parse_args(argv)
-    reports = [compile_report(v, s) for s in args.stages for v in VARIANTS]
+    reports = [compile_report(v, s, ws=ws) for ws in ((False, True) if args.ws else (False,))
+               for s in args.stages for v in VARIANTS]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
-        print(f"{r['name']:24} stages={r['stages']} regs={r['registers']} local={r['local_bytes']} "
-              f"shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
-              f"fma={r['fma_f32']} hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']}")
+        print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} warps={r['warps']} regs={r['registers']} "
+              f"local={r['local_bytes']} shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} "
+              f"tma={r['tma_copies']} fma={r['fma_f32']} hazards={r['register_hazards']} "
+              f"loads_in_flight={r['loads_in_flight']}")
     return 0
 
 

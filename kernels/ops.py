@@ -38,6 +38,12 @@ SM90_BODY = os.environ.get("GDQ_SM90_BODY", "1") != "0"
 SM90_STAGES = 6  # the ring of tap copies (8 KB each): 6 or 8 measured alike, 3-4 slower
 SM90_PER_SM = 2  # persistent programs per SM (1: 14-28% slower; 3 do not fit the registers of conv2)
 SM90_EPI_ROWS = True  # the epilogue in a row layout: conv2 on the fp16 stream 38 us against 64 in the MMA's
+# Its warp-specialized twin (a producer warp issues the copies; built after the eighth run, not yet
+# timed): off until a GPU run measures it (benchmarks/kernels.py --sm90's "... ws" rows). Its 8 warps
+# (the MMA warpgroup and the producer's) at 128 registers each fit 2 programs per SM.
+SM90_WS = False
+SM90_WS_MAXNREG = 128
+SM90_WS_LOADER_REGS = 40
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
     """A tile config of the flat conv (``_packed_conv3x3_kernel``). It names every tile constexpr,
@@ -167,6 +173,7 @@ class LaunchOptions:
     sm90_stages: int | None = None
     sm90_per_sm: int | None = None
     sm90_epi_rows: bool | None = None
+    sm90_ws: bool | None = None
 
 
 _options = LaunchOptions()
@@ -177,7 +184,7 @@ def launch_options(**changes):
     """Within the block, convs launch with the enclosing :class:`LaunchOptions` changed by
     ``changes`` (its field names; not thread-safe: for single-threaded benchmarks). ``sm90``: the
     Gluon body conv where it applies (None: ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm``
-    / ``sm90_epi_rows`` instead of the defaults."""
+    / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -482,7 +489,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-    from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel
+    from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
 
     n, h, w_, _ = x_packed.shape
     codes = x_packed.view(torch.int8)
@@ -499,13 +506,17 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     per_sm = _options.sm90_per_sm or SM90_PER_SM
     grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
     next_bits, next_lo, next_hi, next_inv_s = next_args
-    _body_conv_sm90_kernel[grid](
+    ws = SM90_WS if _options.sm90_ws is None else _options.sm90_ws
+    kernel, extra = ((_body_conv_sm90_ws_kernel, dict(LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG))
+                     if ws else (_body_conv_sm90_kernel, {}))
+    kernel[grid](
         x_desc, w_desc, wsum, mult, bias, residual if residual is not None else out, out,
         next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,
         next_inv_s, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
         SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi, NEXT_BITS=next_bits,
         NEXT_LO=next_lo, NEXT_HI=next_hi, SKIP_PAD=items is not None, STAGES=_options.sm90_stages or SM90_STAGES,
-        EPI_ROWS=SM90_EPI_ROWS if _options.sm90_epi_rows is None else _options.sm90_epi_rows, num_warps=4, **_COMPILE)
+        EPI_ROWS=SM90_EPI_ROWS if _options.sm90_epi_rows is None else _options.sm90_epi_rows, num_warps=4, **extra,
+        **_COMPILE)
 
 
 # Variants (tuner name, out dtype, constexprs) whose in-place launches the autotuner has tuned.

@@ -88,11 +88,13 @@ def test_gluon_body_conv_equals_flat_kernel_and_reference(shape, case, signed):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("stages,per_sm,rows", [(6, 2, True), (8, 1, False), (3, 3, True)])
+@pytest.mark.parametrize("stages,per_sm,rows,ws", [(6, 2, True, False), (8, 1, False, False), (3, 3, True, False),
+                                                   (6, 2, True, True), (4, 2, False, True), (2, 1, True, True)])
 @pytest.mark.parametrize("signed", [True, False])
-def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, signed):
-    """Ring depth, programs per SM and the row-layout epilogue change the schedule, not the bits:
-    conv2 with the next codes on an fp16 stream and conv1 against the reference."""
+def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, signed):
+    """Ring depth, programs per SM, the row-layout epilogue and the warp-specialized twin change
+    the schedule, not the bits: conv2 with the next codes on an fp16 stream and conv1 against the
+    reference."""
     g = gen()
     n, h, w = 3, 37, 50
     x_codes = rand_codes((n, h, w, 64), 8, signed, g)
@@ -104,7 +106,7 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, signed):
     nq, oq = ActQuant(8, True, 0.05), ActQuant(8, False, 0.02)
     stream, nxt = res.cuda(), torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
     codes = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
-    with tk.launch_options(sm90=True, sm90_stages=stages, sm90_per_sm=per_sm, sm90_epi_rows=rows):
+    with tk.launch_options(sm90=True, sm90_stages=stages, sm90_per_sm=per_sm, sm90_epi_rows=rows, sm90_ws=ws):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, out=stream,
                           out_dtype=torch.float16, next_quant=nq, next_out=nxt)
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=codes)
@@ -116,7 +118,8 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, signed):
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("k", [1, 3])
-def test_gluon_body_conv_skips_the_padding_images(k):
+@pytest.mark.parametrize("ws", [False, True])
+def test_gluon_body_conv_skips_the_padding_images(k, ws):
     """items=k: the first k images are computed; the others' outputs stay as they were."""
     g = gen()
     x_codes = rand_codes((4, 19, 21, 64), 8, True, g)
@@ -125,7 +128,7 @@ def test_gluon_body_conv_skips_the_padding_images(k):
     mult, bias = torch.rand(64, generator=g) * 1e-3, torch.zeros(64)
     out = torch.full((4, 19, 21, 64), 0xA5, dtype=torch.uint8, device="cuda")
     items = torch.tensor([k], dtype=torch.int32, device="cuda")
-    with tk.launch_options(sm90=True):
+    with tk.launch_options(sm90=True, sm90_ws=ws):
         tk.packed_conv3x3(x.cuda(), 8, True, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), relu=True,
                           out_quant=ActQuant(8, False, 0.02), out=out, items=items)
     want = ref.packed_conv3x3(x, 8, True, wt, mult, bias, relu=True, out_quant=ActQuant(8, False, 0.02))
@@ -150,12 +153,17 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight, TMA copies, no local memory, no fused multiply-adds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json"], env=env,
+    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws"], env=env,
                           capture_output=True, text=True, check=True)
     reports = json.loads(done.stdout)
-    assert len(reports) >= 6
-    assert {r["a_signed"] for r in reports} == {True, False}
+    assert len(reports) >= 12
+    assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
     for r in reports:
+        if r["ws"]:  # the warp-specialized twin: the MMA warpgroup and the producer's, 128 registers each
+            assert r["warps"] == 8 and r["registers"] <= 128, r
+            # conv2 + next on the fp32 stream keeps an 8-byte local frame at that budget; the others none
+            assert r["local_bytes"] <= (8 if r["name"] == "conv2+next" else 0), r
+            r["local_bytes"] = 0
         assert r["wgmma"] == 36, r  # 9 taps x 2 row halves x 2 K halves, m64n64k32 s8.s8
         assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 after each tap
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'

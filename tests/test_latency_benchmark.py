@@ -242,7 +242,8 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
     names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
     cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
     want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows")]
-    want += [f"{c} sm90 {k}" for c in cases for k in ("s6 p2", "s8 p2", "s8 p2 rows", "s4 p3 rows")]
+    want += [f"{c} sm90 {k}" for c in cases
+             for k in ("s6 p2 rows ws", "s8 p2 rows ws", "s4 p2 rows ws", "s6 p2", "s8 p2 rows")]
     assert names == want
 
 
