@@ -69,6 +69,21 @@ def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, S
 
 
 @gluon.jit
+def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, a_regs: gl.constexpr):
+    """One tap's wgmma on ``acc``, issued asynchronously; returns once at most this one is in
+    flight. ``stage``: the tap's (1, 8, 16, 64) box in shared memory; ``w_tap``: its (64, 64)
+    K-major weights. Signed codes are read from shared memory as they landed; unsigned ones go
+    through registers (``a_regs``), flipped there (ptxas keeps the in-flight MMA's registers
+    apart: :func:`register_hazards`)."""
+    if A_SIGNED:
+        acc = warpgroup_mma(stage.reshape([128, 64]), w_tap.permute((1, 0)), acc, is_async=True)
+    else:
+        a = stage.reshape([128, 64]).load(a_regs) ^ -128
+        acc = warpgroup_mma(a, w_tap.permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+
+
+@gluon.jit
 def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
     Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only)."""
@@ -168,13 +183,7 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(bars.index(s), (use // STAGES) & 1)
-            if A_SIGNED:  # the MMA reads the codes in shared memory as they landed
-                acc = warpgroup_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap).permute((1, 0)), acc,
-                                    is_async=True)
-            else:  # through registers, flipped there (ptxas keeps the in-flight MMA's apart: register_hazards)
-                a = ring.index(s).reshape([128, 64]).load(a_regs) ^ -128
-                acc = warpgroup_mma(a, w_smem.index(tap).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
             # the MMA of copy use - 1 has retired: its stage takes copy use + STAGES - 1
             _issue_tap(x_desc, ring, bars, use + STAGES - 1, pid, step, tiles_x, per_image, total, STAGES)
             use += 1
@@ -238,13 +247,7 @@ def _ws_mma(ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, o
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(ready.index(s), (use // STAGES) & 1)
-            if A_SIGNED:
-                acc = warpgroup_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap).permute((1, 0)), acc,
-                                    is_async=True)
-            else:
-                a = ring.index(s).reshape([128, 64]).load(a_regs) ^ -128
-                acc = warpgroup_mma(a, w_smem.index(tap).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
             if tap > 0:  # the previous tap's MMA has retired: its stage may be refilled
                 mbarrier.arrive(empty.index((use - 1) % STAGES))
             use += 1
