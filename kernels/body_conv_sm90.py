@@ -52,16 +52,34 @@ TILE_H, TILE_W = 8, 16  # output pixels per tile (the kernel's box; C = Cout = 6
 
 
 @gluon.jit
+def _tiles(N, H, W, items_ptr, SKIP_PAD: gl.constexpr):
+    """(tiles per row of an image, tiles per image, tiles to compute) for (N, H, W) images in
+    8 x 16-pixel tiles; ``SKIP_PAD``: only the first ``items_ptr[0]`` images are computed."""
+    tiles_x = gl.cdiv(W, 16)
+    per_image = tiles_x * gl.cdiv(H, 8)
+    images = N
+    if SKIP_PAD:
+        images = gl.minimum(gl.load(items_ptr), N)
+    return tiles_x, per_image, images * per_image
+
+
+@gluon.jit
+def _tile_origin(tile, tiles_x, per_image):
+    """(image, first row, first column) of tile number ``tile`` (:func:`_tiles`' counts)."""
+    rest = tile % per_image
+    return tile // per_image, (rest // tiles_x) * 8, (rest % tiles_x) * 16
+
+
+@gluon.jit
 def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, STAGES: gl.constexpr):
     """Start copy number ``load`` of this program (tap ``load % 9`` of its ``load // 9``-th tile)
     into stage ``load % STAGES`` of ``ring``, completing on that stage's barrier; nothing past the
     program's last tile."""
     tile = pid + (load // 9) * step
     tap = load % 9
-    img = tile // per_image
-    rest = tile % per_image
-    y = (rest // tiles_x) * 8 + tap // 3 - 1
-    x = (rest % tiles_x) * 16 + tap % 3 - 1
+    img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
+    y = y0 + tap // 3 - 1
+    x = x0 + tap % 3 - 1
     s = load % STAGES
     ok = tile < total
     mbarrier.expect(bars.index(s), 128 * 64, ok)
@@ -98,11 +116,10 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                    NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, layout: gl.constexpr):
     """int32 sums (128, 64) of ``tile`` in ``layout`` -> the stored result."""
-    img = tile // per_image
-    rest = tile % per_image
+    img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
     r = gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
-    y = (rest // tiles_x) * 8 + r // 16
-    x = (rest % tiles_x) * 16 + r % 16
+    y = y0 + r // 16
+    x = x0 + r % 16
     m_ok = (y < H) & (x < W)
     pix = (img * H + y) * W + x
     ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
@@ -160,12 +177,7 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
     for k in gl.static_range(STAGES + 1):
         mbarrier.init(bars.index(k), count=1)
 
-    tiles_x = gl.cdiv(W, 16)
-    per_image = tiles_x * gl.cdiv(H, 8)
-    images = N
-    if SKIP_PAD:
-        images = gl.minimum(gl.load(items_ptr), N)
-    total = images * per_image
+    tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     pid = gl.program_id(0)
     step = gl.num_programs(0)
 
@@ -203,22 +215,15 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
 def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
     into the ring, each as soon as the MMA that read its stage last has retired (``empty``)."""
-    tiles_x = gl.cdiv(W, 16)
-    per_image = tiles_x * gl.cdiv(H, 8)
-    images = N
-    if SKIP_PAD:
-        images = gl.minimum(gl.load(items_ptr), N)
+    tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
-    for tile in range(gl.program_id(0), images * per_image, gl.num_programs(0)):
-        img = tile // per_image
-        rest = tile % per_image
-        y0 = (rest // tiles_x) * 8 - 1
-        x0 = (rest % tiles_x) * 16 - 1
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+        img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
         for tap in gl.static_range(9):
             s = load % STAGES
             mbarrier.wait(empty.index(s), ((load // STAGES) & 1) ^ 1)  # a fresh stage passes at once
             mbarrier.expect(ready.index(s), 128 * 64)
-            _tma_load(x_desc, [img, y0 + tap // 3, x0 + tap % 3, 0], ready.index(s), ring.index(s))
+            _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
             load += 1
 
 
@@ -236,13 +241,9 @@ def _ws_mma(ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, o
     a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
     epi_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
                                                 warps_per_cta=[4, 1], order=[1, 0])
-    tiles_x = gl.cdiv(W, 16)
-    per_image = tiles_x * gl.cdiv(H, 8)
-    images = N
-    if SKIP_PAD:
-        images = gl.minimum(gl.load(items_ptr), N)
+    tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     use = 0
-    for tile in range(gl.program_id(0), images * per_image, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
         for tap in gl.static_range(9):
             s = use % STAGES
