@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .conv3x3 import _to_out_dtype  # fp32 -> the features' dtype as torch rounds (bf16 by its bits)
+
 MOMENTS = (2, 3)  # per channel: sums and sums of squares (2) of the features, their 2x2 and their 4x4 pools (3)
 
 
@@ -72,18 +74,6 @@ def _entropy_kernel(part_ptr, out_ptr, S, P, BINS: tl.constexpr):
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 ``x`` rounded to the nearest ``dtype`` value (ties to even), back in fp32. bf16 by its
-    bits: Triton's CPU interpreter truncates fp32 to bf16 where GPUs round to nearest."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _pooled_moments_kernel(feat_ptr, part_ptr, F, TW, NT, s_p, s_c, s_h, s_w, TILES: tl.constexpr,
                            BLOCK_C: tl.constexpr):
     """Program (p, s, cb): 4x4 tiles ``s * TILES ...`` (of ``NT``, ``TW`` per row) of patch p of the
@@ -113,11 +103,11 @@ def _pooled_moments_kernel(feat_ptr, part_ptr, F, TW, NT, s_p, s_c, s_h, s_w, TI
             s2 += v * v
             acc2 += v
         # avg_pool2d's value: the fp32 mean rounded to the features' dtype
-        m2 = _round_to(acc2 * 0.25, feat_ptr.dtype.element_ty)
+        m2 = _to_out_dtype(acc2 * 0.25, feat_ptr.dtype.element_ty).to(tl.float32)
         p2 += m2
         q2 += m2 * m2
         acc4 += acc2
-    m4 = _round_to(acc4 * 0.0625, feat_ptr.dtype.element_ty)
+    m4 = _to_out_dtype(acc4 * 0.0625, feat_ptr.dtype.element_ty).to(tl.float32)
     P = tl.num_programs(0)
     out = part_ptr + (s * 6 * P + p).to(tl.int64) * F + c  # [s, 0, 0, p]; [s, k, v, p] is (3k + v) P F further
     cok = c < F
