@@ -124,7 +124,7 @@ class ImageGraphs:
     def guess(self, plan: ImagePlan, policy: object) -> tuple[int, ...] | None:
         """The widths to run ahead of the host's read for the next image of ``plan`` under the
         policy tagged ``policy``: the pattern its last two images both got, else None."""
-        widths, times = self._patterns.get((plan.grid, plan.batch_size, policy), ((), 0))
+        widths, times = self._patterns.get(self._pattern_key(plan, policy), ((), 0))
         return widths if times >= 2 else None
 
     def note(self, plan: ImagePlan, policy: object, widths: tuple[int, ...], guessed: tuple[int, ...] | None) -> None:
@@ -132,9 +132,15 @@ class ImageGraphs:
         ahead, was right, in :attr:`guesses`)."""
         if guessed is not None:
             self.guesses["hits" if widths == guessed else "misses"] += 1
-        key = (plan.grid, plan.batch_size, policy)
+        key = self._pattern_key(plan, policy)
         last, times = self._patterns.get(key, ((), 0))
         self._patterns.put(key, (widths, times + 1 if widths == last else 1))
+
+    @staticmethod
+    def _pattern_key(plan: ImagePlan, policy: object) -> tuple:
+        """What :meth:`guess` and :meth:`note` key a run of width patterns on: the tiling and batch
+        of ``plan``, and the policy's tag."""
+        return plan.grid, plan.batch_size, policy
 
     def plan(self, key: tuple, make: Callable[[], ImagePlan | None]) -> ImagePlan | None:
         """The plan of ``key`` (image size and tiling), made by ``make()`` on its first use; None
