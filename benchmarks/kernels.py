@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
-        ``sm90``: (ring stages, programs per SM, row-layout epilogue[, warp-specialized]) of the Gluon
+        ``sm90``: (ring stages, programs per SM, row-layout epilogue, warp-specialized) of the Gluon
         body conv, which then runs it."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
                       next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
         # the flat kernel unless the row names the Gluon one (on sm_90 the engine's default for the body)
-        ws = bool(sm90 and len(sm90) > 3 and sm90[3])
+        ws = bool(sm90 and sm90[3])
         gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2], sm90_ws=ws)
                  if sm90 else dict(sm90=False))
         with tk.launch_options(**gluon):
@@ -328,12 +328,12 @@ def main(argv=None) -> int:
     runs += [lambda a=a, w=w, k=k: [conv_case(k, a, w)] for a in (8, 4, 2) for w in (8, 4, 2)
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
-        both = [(k, st) for k, st in (("conv1", torch.float32), ("conv2+next", torch.float32),
-                                      ("conv2+next", torch.float16))]
-        runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=(6, 2, True))]
+        both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
+        default = (6, 2, True, False)  # ops.SM90_STAGES, SM90_PER_SM, SM90_EPI_ROWS, SM90_WS
+        knobs = ((6, 2, True, True), (8, 2, True, True), (4, 2, True, True), (6, 2, False, False), (8, 2, True, False))
+        runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
-        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both
-                 for sp in ((6, 2, True, True), (8, 2, True, True), (4, 2, True, True), (6, 2, False), (8, 2, True))]
+        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())
