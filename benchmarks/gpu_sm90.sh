@@ -5,7 +5,8 @@
 #                                        # reference), then kernels.py --sm90: both kernels on the
 #                                        # same inputs in one run, and its ring depth x programs per SM
 #     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
-#                                        # with the body convs on each kernel, two processes each
+#                                        # with the body convs on each kernel (flat, Gluon, Gluon
+#                                        # warp-specialized), two processes each
 #
 # No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
 # extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
@@ -27,20 +28,26 @@ export PYTHONPATH=$PWD
 
 if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
-    for run in ${RUNS:-0a 1a 0b 1b}; do  # flat, Gluon, flat, Gluon: each its own process
-        step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=${run:0:1} python benchmarks/latency.py --gpu \
+    # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
+    # Gluon kernel, w its warp-specialized twin
+    for run in ${RUNS:-0a 1a wa 0b 1b wb}; do
+        body=${run:0:1}
+        step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
+            GDQ_SM90_WS=$([ "$body" = w ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
-    # the second call: the knobs' tests, the A/B and knob rows again, then Nsight Compute on conv1 and
-    # conv2 (fp16 stream) on both kernels (the first 6 matching launches compile; the next 6 are profiled)
-    step tests_knobs 70 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
-        tests/test_body_conv_sm90.py -k "knobs or skips"
-    step kernels_sm90 190 python benchmarks/kernels.py --sm90 --out "$OUT"
+    # the second call: the knobs' tests (and the bit-exact ones of conv1 and of conv2 + next codes on
+    # the fp16 stream), the A/B and knob rows again, then Nsight Compute on conv1 and
+    # conv2 (fp16 stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0
+    # (the first 6 matching launches compile; the next 6 are profiled)
+    step tests_knobs 160 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
+    step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
-        --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 6,2,1 > "$1"' _ \
+        --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-6,2,1,1} > "$1"' _ \
         "$OUT/ncu-sm90.csv"
 else
     step tests 170 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \

@@ -18,6 +18,10 @@ lower-level language, states the schedule instead:
 * **MMA**: each tap's ``wgmma`` is issued asynchronously on the one accumulator; waiting until at
   most one is in flight frees the previous tap's stage for the next copy.
 * **Persistent programs** (``SM90_PER_SM`` per SM) walk the tiles ``program_id + i * programs``.
+* **Warp-specialized twin** (``_body_conv_sm90_ws_kernel``, the default: ``ops.SM90_WS``): one
+  producer warp issues the copies, the MMA warpgroup only waits on them, multiplies and stores;
+  ``empty`` barriers hand the stages back. Its conv1 (8-bit codes, no residual) skips the row
+  layout: the codes go from the MMA layout into one shared-memory box and out by a TMA store.
 
 Signed codes feed the MMA from shared memory as they landed. Unsigned 8-bit codes (0..255) are
 read into registers and flipped there (``^ 0x80``: code - 128, as the flat kernel does), with
@@ -43,10 +47,17 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 # Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # and back
 
 TILE_H, TILE_W = 8, 16  # output pixels per tile (the kernel's box; C = Cout = 64)
 
@@ -212,30 +223,61 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
 
 
 @gluon.jit
-def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr):
+def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
+               GROUP: gl.constexpr):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
-    into the ring, each as soon as the MMA that read its stage last has retired (``empty``)."""
+    into the ring, each group of ``GROUP`` stages as soon as the MMAs that read it last have
+    retired (``empty``, one barrier per group)."""
+    groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
         for tap in gl.static_range(9):
             s = load % STAGES
-            mbarrier.wait(empty.index(s), ((load // STAGES) & 1) ^ 1)  # a fresh stage passes at once
+            if tap % GROUP == 0:  # a new group (9 taps a tile: load % GROUP == tap % GROUP)
+                g = load // GROUP
+                mbarrier.wait(empty.index(g % groups), ((g // groups) & 1) ^ 1)  # a fresh group passes at once
             mbarrier.expect(ready.index(s), 128 * 64)
             _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
             load += 1
 
 
 @gluon.jit
-def _ws_mma(ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W,
-            res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
-            SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
-            NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr,
-            STAGES: gl.constexpr, EPI_ROWS: gl.constexpr):
+def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem, inv_s_out,
+                        A_SIGNED: gl.constexpr, RELU: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
+                        layout: gl.constexpr):
+    """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> 8-bit codes, stored by TMA: into
+    ``code_smem`` (one (1, 8, 16, 64) box, once the previous tile's store has read it), then one
+    bulk copy, which drops the rows and columns outside the image. (conv1: no residual.)"""
+    img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
+    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
+    if not A_SIGNED:
+        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
+    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
+    yv = yv + gl.load(bias_ptr + ch)[None, :]
+    if RELU:
+        yv = gl.maximum(yv, 0.0)
+    codes = _requantize(yv, inv_s_out, O_LO, O_HI).to(gl.int8)  # 0..255 -> the byte, as int8
+    tma.store_wait(0)
+    code_smem.reshape([128, 64]).store(codes)
+    fence_async_shared()
+    _tma_store(out_desc, [img, y0, x0, 0], code_smem)
+
+
+@gluon.jit
+def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+            items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr,
+            HAS_RES: gl.constexpr, SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr,
+            O_HI: gl.constexpr, NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
+            SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr, GROUP: gl.constexpr,
+            TMA_OUT: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
-    boxes land, each stage released (``empty``) once the MMA reading it has retired; then the
-    epilogue, while the producer fills the ring for the next tile."""
+    boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
+    retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
+    while the producer fills the ring for the next tile. ``TMA_OUT``: 8-bit codes stored by TMA
+    from the MMA layout (:func:`_codes_tma_epilogue`)."""
+    groups: gl.constexpr = STAGES // GROUP
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 64, 32])
     a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
@@ -249,51 +291,68 @@ def _ws_mma(ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, o
             s = use % STAGES
             mbarrier.wait(ready.index(s), (use // STAGES) & 1)
             acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
-            if tap > 0:  # the previous tap's MMA has retired: its stage may be refilled
-                mbarrier.arrive(empty.index((use - 1) % STAGES))
+            if tap % GROUP == 0 and tap > 0:  # the group ending with the previous tap has retired
+                mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
             use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((use - 1) % STAGES))
-        if EPI_ROWS:
-            acc = gl.convert_layout(acc, epi_layout)
-        _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
-                       next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
-                       O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+        mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
+        if TMA_OUT:
+            _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
+                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, mma_layout)
+        else:
+            if EPI_ROWS:
+                acc = gl.convert_layout(acc, epi_layout)
+            _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
+                           next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
+                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+    if TMA_OUT:
+        tma.store_wait(0)  # the last store has read its box before the program ends
 
 
 @gluon.jit
-def _body_conv_sm90_ws_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr,
-                              N, H, W, res_scale, inv_s_out, inv_s_next,
+def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
+                              items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                               A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                               SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                               NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
                               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
-                              LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """:func:`_body_conv_sm90_kernel` warp-specialized (not yet timed on a GPU; opt-in): one producer
-    warp issues the tap boxes (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies
-    and stores (:func:`_ws_mma`), so no copy's issue sits between two taps' MMAs. Same arguments,
-    plus ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA warpgroup)."""
+                              GROUP: gl.constexpr, TMA_OUT: gl.constexpr, LOADER_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
+    """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
+    against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
+    (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
+    (:func:`_ws_mma`), so no copy's issue sits between two taps' MMAs. Same arguments,
+    plus ``out_desc`` (the 8-bit output codes as int8, boxes (1, 8, 16, 64), for ``TMA_OUT``; any
+    descriptor otherwise), ``GROUP`` (stages released together: 1 or 3, ``STAGES`` a multiple of
+    it, at least two groups), ``TMA_OUT`` (codes out, no residual: stored by TMA) and
+    ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA warpgroup)."""
+    gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES // GROUP, 1], mbarrier.MBarrierLayout())
     wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    code_smem = ring.index(0)  # unused unless TMA_OUT
+    if TMA_OUT:
+        code_smem = gl.allocate_shared_memory(out_desc.dtype, [1, 8, 16, 64], out_desc.layout)
     for k in gl.static_range(STAGES):
         mbarrier.init(ready.index(k), count=1)
+    for k in gl.static_range(STAGES // GROUP):
         mbarrier.init(empty.index(k), count=1)
     mbarrier.init(wbar, count=1)
     mbarrier.expect(wbar, 9 * 64 * 64)
     for t in gl.static_range(9):
         _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
     mbarrier.wait(wbar, 0)
-    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
-                                   next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU,
-                                   HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, SKIP_PAD,
-                                   STAGES, EPI_ROWS)),
-                        (_ws_loader, (x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD, STAGES))],
+    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr, bias_ptr,
+                                   res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
+                                   A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
+                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT)),
+                        (_ws_loader, (x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD, STAGES, GROUP))],
                        [1], [LOADER_REGS])
     for k in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(k))
+    for k in gl.static_range(STAGES // GROUP):
         mbarrier.invalidate(empty.index(k))
     mbarrier.invalidate(wbar)
 
@@ -363,16 +422,20 @@ def register_hazards(sass: str) -> tuple[int, int]:
     return hazards, loads
 
 
-def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False) -> dict:
+def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
+                   group: int = 1, tma_out: bool = True) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
-    in flight), ``tma_copies`` (TMA copy instructions), ``fma_f32`` (fused multiply-adds, which
-    the numeric contract forbids) and, from the SASS, :func:`register_hazards`
+    in flight), ``tma_copies`` (TMA copy instructions), ``tma_stores`` (those into global memory),
+    ``arrives`` (plain mbarrier arrivals: the twin's stage releases), ``fma_f32`` (fused
+    multiply-adds, which the numeric contract forbids) and, from the SASS, :func:`register_hazards`
     (``register_hazards``, ``loads_in_flight``; None without cuobjdump). Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
-    warp-specialized twin, with its producer's 40 registers and 128 a thread at most (``ops.SM90_WS_*``);
-    ``warps`` then counts its producer's warpgroup too."""
+    warp-specialized twin, with its producer's 40 registers and 128 a thread at most
+    (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
+    without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``); ``warps`` then
+    counts its producer's warpgroup too."""
     import re
     import subprocess
     import tempfile
@@ -386,9 +449,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     box4 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", w_desc=f"tensordesc<i8[64, 64],{box2}>",
-                 wsum_ptr="*i32", mult_ptr="*fp32", bias_ptr="*fp32", res_ptr=f"*{res}", out_ptr=f"*{out}",
-                 next_ptr="*u8", items_ptr="*i32", N="i32", H="i32", W="i32", res_scale="fp32", inv_s_out="fp32",
-                 inv_s_next="fp32")
+                 out_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", wsum_ptr="*i32", mult_ptr="*fp32",
+                 bias_ptr="*fp32", res_ptr=f"*{res}", out_ptr=f"*{out}", next_ptr="*u8", items_ptr="*i32", N="i32",
+                 H="i32", W="i32", res_scale="fp32", inv_s_out="fp32", inv_s_next="fp32")
     consts = dict(A_SIGNED=signed, RELU=relu, HAS_RES=has_res, SCALE_RES=scale_res, O_BITS=o_bits, O_LO=o_lo,
                   O_HI=o_hi, NEXT_BITS=next_bits, NEXT_LO=-128, NEXT_HI=127, SKIP_PAD=skip, STAGES=stages,
                   EPI_ROWS=epi_rows, num_warps=4)
@@ -396,6 +459,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     kernel = _body_conv_sm90_kernel
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
+        consts.update(GROUP=group, TMA_OUT=tma_out and o_bits == 8 and not has_res)
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
@@ -418,6 +482,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 wgmma=len(re.findall(r"\bwgmma\.mma_async[\w.]*\.s32\.s8\.s8", ptx)),
                 async_waits=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned 1\b", ptx)),
                 tma_copies=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
+                tma_stores=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.global\.shared", ptx)),
+                arrives=len(re.findall(r"\bmbarrier\.arrive\.shared::cta\.b64 _, \[%r\d+\];", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), register_hazards=hazards[0],
                 loads_in_flight=hazards[1])
 
@@ -442,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} warps={r['warps']} regs={r['registers']} "
               f"local={r['local_bytes']} shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} "
-              f"tma={r['tma_copies']} fma={r['fma_f32']} hazards={r['register_hazards']} "
-              f"loads_in_flight={r['loads_in_flight']}")
+              f"tma={r['tma_copies']} tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
+              f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']}")
     return 0
 
 

@@ -38,12 +38,22 @@ SM90_BODY = os.environ.get("GDQ_SM90_BODY", "1") != "0"
 SM90_STAGES = 6  # the ring of tap copies (8 KB each): 6 or 8 measured alike, 3-4 slower
 SM90_PER_SM = 2  # persistent programs per SM (1: 14-28% slower; 3 do not fit the registers of conv2)
 SM90_EPI_ROWS = True  # the epilogue in a row layout: conv2 on the fp16 stream 38 us against 64 in the MMA's
-# Its warp-specialized twin (a producer warp issues the copies; built after the eighth run, not yet
-# timed): off until a GPU run measures it (benchmarks/kernels.py --sm90's "... ws" rows). Its 8 warps
-# (the MMA warpgroup and the producer's) at 128 registers each fit 2 programs per SM.
-SM90_WS = False
+# Its warp-specialized twin (a producer warp issues the copies, the MMA warpgroup waits only on
+# them): on the ninth H100 run (2026-11-27) x1.14 (conv1), x1.03 (conv2 with the next codes) and
+# x1.15 (the same on the fp16 stream) against the twin above, bit-exact. Its 8 warps (the MMA
+# warpgroup and the producer's) at 128 registers each fit 2 programs per SM. GDQ_SM90_WS=0: the
+# twin above.
+SM90_WS = os.environ.get("GDQ_SM90_WS", "1") != "0"
 SM90_WS_MAXNREG = 128
 SM90_WS_LOADER_REGS = 40
+# The twin stores 8-bit codes without a residual (conv1) by TMA from the MMA layout (no layout
+# conversion, no masked stores): 24.7 us against 26.2 in the ninth run's second call, bit-exact.
+# It may release its ring stages 3 at a time (one MMA-warpgroup barrier per release: 3 a tile
+# instead of 9; SM90_STAGES a multiple of it, two groups at least): measured slower there (conv2
+# with the next codes 53.7 us against 51.1, 34.9 against 33.8 on the fp16 stream; conv1 alike).
+SM90_WS_GROUP = 1
+SM90_TMA_OUT = True
+
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
     """A tile config of the flat conv (``_packed_conv3x3_kernel``). It names every tile constexpr,
@@ -174,6 +184,8 @@ class LaunchOptions:
     sm90_per_sm: int | None = None
     sm90_epi_rows: bool | None = None
     sm90_ws: bool | None = None
+    sm90_group: int | None = None
+    sm90_tma_out: bool | None = None
 
 
 _options = LaunchOptions()
@@ -184,7 +196,9 @@ def launch_options(**changes):
     """Within the block, convs launch with the enclosing :class:`LaunchOptions` changed by
     ``changes`` (its field names; not thread-safe: for single-threaded benchmarks). ``sm90``: the
     Gluon body conv where it applies (None: ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm``
-    / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) instead of the defaults."""
+    / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) / ``sm90_group`` (the twin's stages
+    released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) instead of the
+    defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -484,8 +498,10 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
 def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
                     o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items) -> None:
     """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
-    of the codes (their bytes as int8, boxes of 8 x 16 pixels) and of the prepared weights, and
-    ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles)."""
+    of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
+    the warp-specialized twin's TMA stores, of the output codes; ``SM90_PER_SM`` persistent
+    programs per SM (fewer when there are fewer tiles). Raises ValueError for a twin's ring that
+    its release groups do not divide."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
@@ -507,14 +523,28 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
     next_bits, next_lo, next_hi, next_inv_s = next_args
     ws = SM90_WS if _options.sm90_ws is None else _options.sm90_ws
-    kernel, extra = ((_body_conv_sm90_ws_kernel, dict(LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG))
-                     if ws else (_body_conv_sm90_kernel, {}))
+    stages = _options.sm90_stages or SM90_STAGES
+    kernel, descs, extra = _body_conv_sm90_kernel, (x_desc, w_desc), {}
+    if ws:
+        group = _options.sm90_group or SM90_WS_GROUP
+        if group not in (1, 3) or stages % group or stages // group < 2:
+            raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
+                             f"such groups at least: got {group} of {stages} stages")
+        tma_out = ((SM90_TMA_OUT if _options.sm90_tma_out is None else _options.sm90_tma_out) and o_bits == 8
+                   and residual is None and out.is_contiguous() and out.data_ptr() % 16 == 0)
+        out_desc = x_desc  # not read unless TMA_OUT
+        if tma_out:
+            codes_out = out.view(torch.int8).view(n, h, w_, 64)
+            out_desc = GluonDescriptor(codes_out, list(codes_out.shape), list(codes_out.stride()),
+                                       [1, TILE_H, TILE_W, 64], box4)
+        kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, w_desc, out_desc)
+        extra = dict(GROUP=group, TMA_OUT=tma_out, LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
     kernel[grid](
-        x_desc, w_desc, wsum, mult, bias, residual if residual is not None else out, out,
+        *descs, wsum, mult, bias, residual if residual is not None else out, out,
         next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,
         next_inv_s, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
         SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi, NEXT_BITS=next_bits,
-        NEXT_LO=next_lo, NEXT_HI=next_hi, SKIP_PAD=items is not None, STAGES=_options.sm90_stages or SM90_STAGES,
+        NEXT_LO=next_lo, NEXT_HI=next_hi, SKIP_PAD=items is not None, STAGES=stages,
         EPI_ROWS=SM90_EPI_ROWS if _options.sm90_epi_rows is None else _options.sm90_epi_rows, num_warps=4, **extra,
         **_COMPILE)
 

@@ -88,13 +88,15 @@ def test_gluon_body_conv_equals_flat_kernel_and_reference(shape, case, signed):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("stages,per_sm,rows,ws", [(6, 2, True, False), (8, 1, False, False), (3, 3, True, False),
-                                                   (6, 2, True, True), (4, 2, False, True), (2, 1, True, True)])
+@pytest.mark.parametrize("stages,per_sm,rows,ws,group,tma_out", [
+    (6, 2, True, False, None, None), (8, 1, False, False, None, None), (3, 3, True, False, None, None),
+    (6, 2, True, True, 3, True), (6, 2, True, True, 1, False), (4, 2, False, True, 1, True),
+    (9, 1, True, True, 3, False), (2, 1, True, True, 1, True)])
 @pytest.mark.parametrize("signed", [True, False])
-def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, signed):
-    """Ring depth, programs per SM, the row-layout epilogue and the warp-specialized twin change
-    the schedule, not the bits: conv2 with the next codes on an fp16 stream and conv1 against the
-    reference."""
+def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, group, tma_out, signed):
+    """Ring depth, programs per SM, the row-layout epilogue, the warp-specialized twin, its stage
+    release groups and its TMA stores of codes change the schedule, not the bits: conv2 with the
+    next codes on an fp16 stream and conv1 against the reference."""
     g = gen()
     n, h, w = 3, 37, 50
     x_codes = rand_codes((n, h, w, 64), 8, signed, g)
@@ -106,7 +108,8 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, sign
     nq, oq = ActQuant(8, True, 0.05), ActQuant(8, False, 0.02)
     stream, nxt = res.cuda(), torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
     codes = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
-    with tk.launch_options(sm90=True, sm90_stages=stages, sm90_per_sm=per_sm, sm90_epi_rows=rows, sm90_ws=ws):
+    with tk.launch_options(sm90=True, sm90_stages=stages, sm90_per_sm=per_sm, sm90_epi_rows=rows, sm90_ws=ws,
+                           sm90_group=group, sm90_tma_out=tma_out):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, out=stream,
                           out_dtype=torch.float16, next_quant=nq, next_out=nxt)
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=codes)
@@ -147,6 +150,12 @@ def test_gluon_body_conv_applies_only_where_it_can():
         assert not tk.sm90_body_applies(out.bfloat16(), 8, 64, 64, 1, 0, 0)
     with tk.launch_options(sm90=False):
         assert not tk.sm90_body_applies(out, 8, 64, 64, 1, 0, 8)
+    x = pack_codes(rand_codes((1, 4, 4, 64), 8, True, gen()), 8).cuda()
+    prep = tk.prepare_conv_weight(rand_weights(64, 64, 8, gen()), 8)
+    for stages, group in ((4, 3), (3, 3), (6, 2)):  # the twin's ring: two release groups of 1 or 3 stages
+        with tk.launch_options(sm90=True, sm90_ws=True, sm90_stages=stages, sm90_group=group):
+            with pytest.raises(ValueError, match="releases 1 or 3 stages"):
+                tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
@@ -164,6 +173,9 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
             # conv2 + next on the fp32 stream keeps an 8-byte local frame at that budget; the others none
             assert r["local_bytes"] <= (8 if r["name"] == "conv2+next" else 0), r
             r["local_bytes"] = 0
+            assert r["arrives"] == 9, r  # each tap's stage released once its MMA retired: 9 arrivals a tile
+            # conv1's codes (no residual) leave by TMA from the MMA layout; the others' by stores
+            assert r["tma_stores"] == (1 if r["name"].startswith("conv1") else 0), r
         assert r["wgmma"] == 36, r  # 9 taps x 2 row halves x 2 K halves, m64n64k32 s8.s8
         assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 after each tap
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'
