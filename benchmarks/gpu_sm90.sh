@@ -37,12 +37,12 @@ if [ "${1:-}" = e2e ]; then
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
-    # the second call: the knobs' tests (and the bit-exact ones of conv1 and of conv2 + next codes on
-    # the fp16 stream), the A/B and knob rows again, then Nsight Compute on conv1 and
+    # the second call: the knobs' tests (and the bit-exact ones of conv1, of conv2 + next codes on
+    # the fp16 stream, and of that stream by TMA), the A/B and knob rows again, then Nsight Compute on conv1 and
     # conv2 (fp16 stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0
     # (the first 6 matching launches compile; the next 6 are profiled)
     step tests_knobs 160 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
-        tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
+        tests/test_body_conv_sm90.py -k "knobs or skips or applies or by_tma or (equals and (conv1 or fp16))"
     step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \

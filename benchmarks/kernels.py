@@ -28,8 +28,9 @@ Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times
 (``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
 conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows ws g1 tma``: ring
 stages, programs per SM, row-layout epilogue, the warp-specialized twin with its stages released
-one at a time and conv1's codes stored by TMA), then the Gluon kernel's other knobs (``g3``: stages
-released 3 at a time; without ``ws``: the first-built kernel).
+one at a time and conv1's codes stored by TMA), then the Gluon kernel's other knobs (``res``: the
+fp16 stream in and out by TMA; ``g3``: stages released 3 at a time; without ``ws``: the
+first-built kernel).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
         ``sm90``: (ring stages, programs per SM, row-layout epilogue, warp-specialized, stages
-        released together, conv1's codes by TMA) of the Gluon body conv, which then runs it (the last
-        two: the warp-specialized twin's)."""
+        released together, conv1's codes by TMA, the fp16 stream by TMA) of the Gluon body conv,
+        which then runs it (the last three: the warp-specialized twin's)."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
         cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         # the flat kernel unless the row names the Gluon one (on sm_90 the engine's default for the body)
         ws = bool(sm90 and sm90[3])
         gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2], sm90_ws=ws,
-                      sm90_group=sm90[4], sm90_tma_out=sm90[5]) if sm90 else dict(sm90=False))
+                      sm90_group=sm90[4], sm90_tma_out=sm90[5], sm90_tma_res=sm90[6]) if sm90 else dict(sm90=False))
         with tk.launch_options(**gluon):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                               xs) * 1e3
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
         if sm90:
-            twin = f" ws g{sm90[4]}{' tma' if sm90[5] else ''}" if ws else ""
+            twin = f" ws g{sm90[4]}{' tma' if sm90[5] else ''}{' res' if sm90[6] else ''}" if ws else ""
             name = f"{name} sm90 s{sm90[0]} p{sm90[1]}{' rows' if sm90[2] else ''}{twin}"
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
@@ -333,14 +334,16 @@ def main(argv=None) -> int:
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
         both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
-        # ops.SM90_STAGES, SM90_PER_SM, SM90_EPI_ROWS, SM90_WS, SM90_WS_GROUP, SM90_TMA_OUT
-        default = (6, 2, True, True, 1, True)
-        # conv1's codes by stores (the ninth run's first schedule), stages released 3 at a time, and
-        # the first-built kernel (not warp-specialized)
-        knobs = ((6, 2, True, True, 1, False), (6, 2, True, True, 3, True), (6, 2, True, False, 1, False))
+        # ops.SM90_STAGES, SM90_PER_SM, SM90_EPI_ROWS, SM90_WS, SM90_WS_GROUP, SM90_TMA_OUT, SM90_TMA_RES
+        default = (6, 2, True, True, 1, True, False)
+        # the fp16 stream by TMA (its rows only), conv1's codes by stores (the ninth run's first
+        # schedule), stages released 3 at a time, and the first-built kernel (not warp-specialized)
+        knobs = ((6, 2, True, True, 1, True, True), (6, 2, True, True, 1, False, False),
+                 (6, 2, True, True, 3, True, False), (6, 2, True, False, 1, False, False))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
-        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs]
+        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
+                 if st == torch.float16 or not sp[6]]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -223,14 +223,17 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
 
 
 @gluon.jit
-def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
-               GROUP: gl.constexpr):
+def _ws_loader(x_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr, SKIP_PAD: gl.constexpr,
+               STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
     into the ring, each group of ``GROUP`` stages as soon as the MMAs that read it last have
-    retired (``empty``, one barrier per group)."""
+    retired (``empty``, one barrier per group). ``TMA_RES``: also each tile's residual box into
+    ``res_smem`` after its third tap, once the previous tile's stores have read the box
+    (``res_bars``: landed, free)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
+    t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
         for tap in gl.static_range(9):
@@ -241,6 +244,11 @@ def _ws_loader(x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD: gl.cons
             mbarrier.expect(ready.index(s), 128 * 64)
             _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
             load += 1
+            if TMA_RES and tap == 2:  # freed at this tile's first MMA (after its taps 0-2 are on their way)
+                mbarrier.wait(res_bars.index(1), (t & 1) ^ 1)  # the first tile's passes at once
+                mbarrier.expect(res_bars.index(0), 128 * 64 * res_desc.dtype.primitive_bitwidth // 8)
+                _tma_load(res_desc, [img, y0, x0, 0], res_bars.index(0), res_smem)
+        t += 1
 
 
 @gluon.jit
@@ -266,17 +274,55 @@ def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_
 
 
 @gluon.jit
-def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
-            items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr,
-            HAS_RES: gl.constexpr, SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr,
-            O_HI: gl.constexpr, NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
-            SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr, GROUP: gl.constexpr,
-            TMA_OUT: gl.constexpr):
+def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem, res_landed, phase,
+                         code_smem, out_desc, next_desc, res_scale, inv_s_next, A_SIGNED: gl.constexpr,
+                         RELU: gl.constexpr, SCALE_RES: gl.constexpr, NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr,
+                         NEXT_HI: gl.constexpr, layout: gl.constexpr):
+    """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> the residual stream updated
+    (fp16) and the next conv's 8-bit codes, through shared memory both ways: the residual box
+    (landed by TMA on ``res_landed``, phase ``phase``) is read in the MMA layout, overwritten with
+    the result, and stored by TMA with the codes' box. The same fp32 operations as
+    :func:`_body_epilogue`'s. The caller makes sure the previous tile's stores have read
+    ``code_smem`` (``tma.store_wait``) before this runs."""
+    img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
+    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
+    if not A_SIGNED:
+        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
+    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
+    yv = yv + gl.load(bias_ptr + ch)[None, :]
+    if RELU:
+        yv = gl.maximum(yv, 0.0)
+    if SCALE_RES:
+        yv = yv * res_scale
+    box = res_smem.reshape([128, 64])
+    mbarrier.wait(res_landed, phase)
+    yv = box.load(layout).to(gl.float32) + yv
+    stored = yv.to(res_smem.dtype)
+    box.store(stored)
+    if NEXT_BITS > 0:
+        codes = _requantize(stored.to(gl.float32), inv_s_next, NEXT_LO, NEXT_HI).to(gl.int8)
+        code_smem.reshape([128, 64]).store(codes)
+    fence_async_shared()
+    _tma_store(out_desc, [img, y0, x0, 0], res_smem)
+    if NEXT_BITS > 0:
+        _tma_store(next_desc, [img, y0, x0, 0], code_smem)
+
+
+@gluon.jit
+def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc, wsum_ptr, mult_ptr,
+            bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
+            A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr, SCALE_RES: gl.constexpr,
+            O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr, NEXT_BITS: gl.constexpr,
+            NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
+            EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
     while the producer fills the ring for the next tile. ``TMA_OUT``: 8-bit codes stored by TMA
-    from the MMA layout (:func:`_codes_tma_epilogue`)."""
+    from the MMA layout (:func:`_codes_tma_epilogue`); ``TMA_RES``: the fp16 stream read and
+    written, and the next codes written, through shared memory by TMA (:func:`_stream_tma_epilogue`;
+    the residual box is handed back once the tile's stores have read it, at the next tile's first
+    MMA)."""
     groups: gl.constexpr = STAGES // GROUP
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 64, 32])
@@ -285,6 +331,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr,
                                                 warps_per_cta=[4, 1], order=[1, 0])
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     use = 0
+    t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
         for tap in gl.static_range(9):
@@ -293,48 +340,67 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr,
             acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
             if tap % GROUP == 0 and tap > 0:  # the group ending with the previous tap has retired
                 mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
+            if TMA_RES and tap == 0:
+                if t > 0:  # the previous tile's stores have read the residual box: the producer may refill it
+                    tma.store_wait(0)
+                    mbarrier.arrive(res_bars.index(1))
             use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
                                 inv_s_out, A_SIGNED, RELU, O_LO, O_HI, mma_layout)
+        elif TMA_RES:
+            _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem,
+                                 res_bars.index(0), t & 1, code_smem, out_desc, next_desc, res_scale, inv_s_next,
+                                 A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, mma_layout)
         else:
             if EPI_ROWS:
                 acc = gl.convert_layout(acc, epi_layout)
             _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                            next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
                            O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
-    if TMA_OUT:
-        tma.store_wait(0)  # the last store has read its box before the program ends
+        t += 1
+    if TMA_OUT or TMA_RES:
+        tma.store_wait(0)  # the last stores have read their boxes before the program ends
 
 
 @gluon.jit
-def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
-                              items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
+def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr,
+                              out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                               A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                               SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                               NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
                               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
-                              GROUP: gl.constexpr, TMA_OUT: gl.constexpr, LOADER_REGS: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
+                              LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
     (:func:`_ws_mma`), so no copy's issue sits between two taps' MMAs. Same arguments,
-    plus ``out_desc`` (the 8-bit output codes as int8, boxes (1, 8, 16, 64), for ``TMA_OUT``; any
-    descriptor otherwise), ``GROUP`` (stages released together: 1 or 3, ``STAGES`` a multiple of
-    it, at least two groups), ``TMA_OUT`` (codes out, no residual: stored by TMA) and
-    ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA warpgroup)."""
+    plus boxes (1, 8, 16, 64) of the output (``out_desc``: the 8-bit codes as int8 for ``TMA_OUT``,
+    the fp16 result for ``TMA_RES``), of the fp16 residual (``res_desc``) and of the next codes as
+    int8 (``next_desc``), each any descriptor where unused; ``GROUP`` (stages released together: 1
+    or 3, ``STAGES`` a multiple of it, at least two groups); ``TMA_OUT`` (codes out, no residual:
+    stored by TMA); ``TMA_RES`` (an fp16 residual in and result out, with 8-bit next codes or
+    none: all by TMA) and ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA
+    warpgroup)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES // GROUP, 1], mbarrier.MBarrierLayout())
     wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    code_smem = ring.index(0)  # unused unless TMA_OUT
-    if TMA_OUT:
-        code_smem = gl.allocate_shared_memory(out_desc.dtype, [1, 8, 16, 64], out_desc.layout)
+    code_smem = ring.index(0)  # placeholders where unused
+    res_smem = ring.index(0)
+    res_bars = ready
+    if TMA_OUT or (TMA_RES and NEXT_BITS > 0):
+        code_smem = gl.allocate_shared_memory(x_desc.dtype, [1, 8, 16, 64], x_desc.layout)
+    if TMA_RES:
+        res_smem = gl.allocate_shared_memory(res_desc.dtype, [1, 8, 16, 64], res_desc.layout)
+        res_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(res_bars.index(0), count=1)
+        mbarrier.init(res_bars.index(1), count=1)
     for k in gl.static_range(STAGES):
         mbarrier.init(ready.index(k), count=1)
     for k in gl.static_range(STAGES // GROUP):
@@ -344,17 +410,22 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, wsum_ptr, mult_ptr, bias
     for t in gl.static_range(9):
         _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
     mbarrier.wait(wbar, 0)
-    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, wsum_ptr, mult_ptr, bias_ptr,
+    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
+                                   wsum_ptr, mult_ptr, bias_ptr,
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
-                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT)),
-                        (_ws_loader, (x_desc, ring, ready, empty, N, H, W, items_ptr, SKIP_PAD, STAGES, GROUP))],
+                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES)),
+                        (_ws_loader, (x_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
+                                      SKIP_PAD, STAGES, GROUP, TMA_RES))],
                        [1], [LOADER_REGS])
     for k in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(k))
     for k in gl.static_range(STAGES // GROUP):
         mbarrier.invalidate(empty.index(k))
     mbarrier.invalidate(wbar)
+    if TMA_RES:
+        mbarrier.invalidate(res_bars.index(0))
+        mbarrier.invalidate(res_bars.index(1))
 
 # The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
 # unsigned or signed codes in, the residual stream updated, the next block's codes out), compiled by
@@ -423,7 +494,7 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
-                   group: int = 1, tma_out: bool = True) -> dict:
+                   group: int = 1, tma_out: bool = True, tma_res: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
@@ -434,8 +505,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
-    without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``); ``warps`` then
-    counts its producer's warpgroup too."""
+    without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``) and, with
+    ``tma_res``, an fp16 stream in and out by TMA (``ops.SM90_TMA_RES``); ``warps`` then counts its
+    producer's warpgroup too."""
     import re
     import subprocess
     import tempfile
@@ -448,8 +520,10 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant
     box4 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
+    box16 = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4))
     types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", w_desc=f"tensordesc<i8[64, 64],{box2}>",
-                 out_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", wsum_ptr="*i32", mult_ptr="*fp32",
+                 out_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", res_desc=f"tensordesc<fp16[1, 8, 16, 64],{box16}>",
+                 next_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", wsum_ptr="*i32", mult_ptr="*fp32",
                  bias_ptr="*fp32", res_ptr=f"*{res}", out_ptr=f"*{out}", next_ptr="*u8", items_ptr="*i32", N="i32",
                  H="i32", W="i32", res_scale="fp32", inv_s_out="fp32", inv_s_next="fp32")
     consts = dict(A_SIGNED=signed, RELU=relu, HAS_RES=has_res, SCALE_RES=scale_res, O_BITS=o_bits, O_LO=o_lo,
@@ -459,7 +533,10 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     kernel = _body_conv_sm90_kernel
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
-        consts.update(GROUP=group, TMA_OUT=tma_out and o_bits == 8 and not has_res)
+        consts.update(GROUP=group, TMA_OUT=tma_out and o_bits == 8 and not has_res,
+                      TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
+        if consts["TMA_RES"]:
+            types["out_desc"] = types["res_desc"]
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
@@ -475,7 +552,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
             sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         hazards = register_hazards(sass)
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
-    return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, warps=compiled.metadata.num_warps,
+    return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
+                warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
                 shared_bytes=int(compiled.metadata.shared),
@@ -489,8 +567,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...]``: compile every
-    variant for sm_90 and print one row each (or a JSON list)."""
+    """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]``:
+    compile every variant for sm_90 and print one row each (or a JSON list)."""
     import argparse
     import json
 
@@ -499,16 +577,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the reports as one JSON list")
     ap.add_argument("--stages", type=int, nargs="+", default=[6], help="ring depths to compile (default 6)")
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized twin of each variant")
+    ap.add_argument("--tma-res", action="store_true",
+                    help="also the twin with the fp16 stream by TMA, for the fp16-stream variants")
     args = ap.parse_args(argv)
     reports = [compile_report(v, s, ws=ws) for ws in ((False, True) if args.ws else (False,))
                for s in args.stages for v in VARIANTS]
+    if args.tma_res:
+        reports += [compile_report(v, s, ws=True, tma_res=True) for s in args.stages for v in VARIANTS
+                    if v[10] == v[11] == "fp16"]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
-        print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} warps={r['warps']} regs={r['registers']} "
-              f"local={r['local_bytes']} shared={r['shared_bytes']} wgmma={r['wgmma']} async_waits={r['async_waits']} "
-              f"tma={r['tma_copies']} tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
+        print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} tma_res={int(r['tma_res'])} "
+              f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
+              f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
+              f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']}")
     return 0
 

@@ -53,6 +53,12 @@ SM90_WS_LOADER_REGS = 40
 # with the next codes 53.7 us against 51.1, 34.9 against 33.8 on the fp16 stream; conv1 alike).
 SM90_WS_GROUP = 1
 SM90_TMA_OUT = True
+# The twin's conv2 on an fp16 stream with the residual and results through shared memory by TMA
+# (the producer loads the residual box; the epilogue reads it in the MMA layout, writes the new
+# stream over it and the next codes beside it, and stores both boxes by TMA). Built after the ninth
+# run and compiled for sm_90 in CI, not yet run on a GPU: off until a GPU session checks its bits
+# and times it (benchmarks/kernels.py --sm90's "... tma res" rows).
+SM90_TMA_RES = False
 
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -186,6 +192,7 @@ class LaunchOptions:
     sm90_ws: bool | None = None
     sm90_group: int | None = None
     sm90_tma_out: bool | None = None
+    sm90_tma_res: bool | None = None
 
 
 _options = LaunchOptions()
@@ -197,8 +204,8 @@ def launch_options(**changes):
     ``changes`` (its field names; not thread-safe: for single-threaded benchmarks). ``sm90``: the
     Gluon body conv where it applies (None: ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm``
     / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) / ``sm90_group`` (the twin's stages
-    released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) instead of the
-    defaults."""
+    released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
+    (the twin's fp16 stream in and out by TMA) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -495,15 +502,26 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
             and next_bits in (0, 8))
 
 
+def _tma_box_ok(t: torch.Tensor) -> bool:
+    """Whether TMA can copy boxes of ``t`` in place: contiguous, its base 16-byte aligned."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
+def _box_descriptor(t: torch.Tensor, box: list[int], layout):
+    """A Gluon TMA descriptor of the whole of ``t`` (its shape and strides) with boxes ``box``."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    return GluonDescriptor(t, list(t.shape), list(t.stride()), box, layout)
+
+
 def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
                     o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items) -> None:
     """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
     of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
-    the warp-specialized twin's TMA stores, of the output codes; ``SM90_PER_SM`` persistent
-    programs per SM (fewer when there are fewer tiles). Raises ValueError for a twin's ring that
-    its release groups do not divide."""
+    the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
+    codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles). Raises
+    ValueError for a twin's ring that its release groups do not divide."""
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
     from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
 
@@ -513,11 +531,12 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         codes = codes.clone()
     box4 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4)
     box2 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
-    x_desc = GluonDescriptor(codes, list(codes.shape), list(codes.stride()), [1, TILE_H, TILE_W, 64], box4)
+    box = [1, TILE_H, TILE_W, 64]
+    x_desc = _box_descriptor(codes, box, box4)
     w_ck = w[0].t()  # (64, 9 * 64), K contiguous: the prepared storage
     if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:
         w_ck = w_ck.contiguous()
-    w_desc = GluonDescriptor(w_ck, list(w_ck.shape), list(w_ck.stride()), [64, 64], box2)
+    w_desc = _box_descriptor(w_ck, [64, 64], box2)
     tiles = n * triton.cdiv(h, TILE_H) * triton.cdiv(w_, TILE_W)
     per_sm = _options.sm90_per_sm or SM90_PER_SM
     grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
@@ -531,14 +550,22 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
             raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
                              f"such groups at least: got {group} of {stages} stages")
         tma_out = ((SM90_TMA_OUT if _options.sm90_tma_out is None else _options.sm90_tma_out) and o_bits == 8
-                   and residual is None and out.is_contiguous() and out.data_ptr() % 16 == 0)
-        out_desc = x_desc  # not read unless TMA_OUT
+                   and residual is None and _tma_box_ok(out))
+        tma_res = ((SM90_TMA_RES if _options.sm90_tma_res is None else _options.sm90_tma_res) and o_bits == 0
+                   and residual is not None and residual.dtype == out.dtype == torch.float16
+                   and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
+        box16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+        out_desc = res_desc = next_desc = x_desc  # not read unless TMA_OUT / TMA_RES
         if tma_out:
-            codes_out = out.view(torch.int8).view(n, h, w_, 64)
-            out_desc = GluonDescriptor(codes_out, list(codes_out.shape), list(codes_out.stride()),
-                                       [1, TILE_H, TILE_W, 64], box4)
-        kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, w_desc, out_desc)
-        extra = dict(GROUP=group, TMA_OUT=tma_out, LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
+            out_desc = _box_descriptor(out.view(torch.int8).view(n, h, w_, 64), box, box4)
+        if tma_res:
+            res_desc = _box_descriptor(residual.view(n, h, w_, 64), box, box16)
+            out_desc = _box_descriptor(out.view(n, h, w_, 64), box, box16)
+            if next_out is not None:
+                next_desc = _box_descriptor(next_out.view(torch.int8).view(n, h, w_, 64), box, box4)
+        kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, w_desc, out_desc, res_desc, next_desc)
+        extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, LOADER_REGS=SM90_WS_LOADER_REGS,
+                     maxnreg=SM90_WS_MAXNREG)
     kernel[grid](
         *descs, wsum, mult, bias, residual if residual is not None else out, out,
         next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,

@@ -120,6 +120,37 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, grou
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
+@pytest.mark.parametrize("case", ["next", "no next", "scaled", "not in place"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, signed):
+    """The twin's conv2 with its fp16 residual in and results out by TMA (``sm90_tma_res``): the
+    stream (in place or into another buffer) and the next codes equal the reference's, with
+    ``res_scale`` too, on shapes whose tiles overhang the image."""
+    g = gen()
+    n, h, w = shape
+    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
+    x = pack_codes(x_codes, 8).cuda()
+    wt = rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    res = torch.randn(n, h, w, 64, generator=g).half()
+    scale = 0.1 if case == "scaled" else 1.0
+    stream = res.cuda()
+    out = stream if case != "not in place" else torch.full_like(stream, float("nan"))
+    nq = ActQuant(8, True, 0.05) if case != "no next" else None
+    nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
+    with tk.launch_options(sm90=True, sm90_ws=True, sm90_tma_res=True):
+        tk.packed_conv3x3(x, 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), residual=stream,
+                          res_scale=scale, out=out, out_dtype=torch.float16, next_quant=nq, next_out=nxt)
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.float(), scale, None).half()
+    assert torch.equal(out.cpu(), want)
+    if case == "not in place":
+        assert torch.equal(stream.cpu(), res)
+    if nq is not None:
+        assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("ws", [False, True])
 def test_gluon_body_conv_skips_the_padding_images(k, ws):
@@ -162,20 +193,24 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight, TMA copies, no local memory, no fused multiply-adds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws"], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws", "--tma-res"],
+                          env=env, capture_output=True, text=True, check=True)
     reports = json.loads(done.stdout)
     assert len(reports) >= 12
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
+    assert [r["name"] for r in reports if r["tma_res"]] == ["conv2+next fp16 stream"]
     for r in reports:
         if r["ws"]:  # the warp-specialized twin: the MMA warpgroup and the producer's, 128 registers each
             assert r["warps"] == 8 and r["registers"] <= 128, r
             # conv2 + next on the fp32 stream keeps an 8-byte local frame at that budget; the others none
             assert r["local_bytes"] <= (8 if r["name"] == "conv2+next" else 0), r
             r["local_bytes"] = 0
-            assert r["arrives"] == 9, r  # each tap's stage released once its MMA retired: 9 arrivals a tile
-            # conv1's codes (no residual) leave by TMA from the MMA layout; the others' by stores
-            assert r["tma_stores"] == (1 if r["name"].startswith("conv1") else 0), r
+            # each tap's stage released once its MMA retired: 9 arrivals a tile (the fp16 stream by
+            # TMA: one more, its residual box handed back)
+            assert r["arrives"] == 9 + r["tma_res"], r
+            # conv1's codes (no residual) leave by TMA from the MMA layout; with tma_res the stream's
+            # box and the next codes' box too; the others' by stores
+            assert r["tma_stores"] == (1 if r["name"].startswith("conv1") else 2 * r["tma_res"]), r
         assert r["wgmma"] == 36, r  # 9 taps x 2 row halves x 2 K halves, m64n64k32 s8.s8
         assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 after each tap
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'
