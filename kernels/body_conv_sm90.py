@@ -122,6 +122,21 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr):
 
 
 @gluon.jit
+def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU: gl.constexpr, layout: gl.constexpr):
+    """int32 sums (128, 64) in ``layout`` -> fp32: ``128 * sum(w)`` added back for unsigned codes,
+    times the channels' multipliers, plus their biases, ReLU; separate fp32 operations, in
+    ``conv3x3._epilogue``'s order."""
+    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
+    if not A_SIGNED:  # the MMA took code - 128: add 128 * sum(w) back
+        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
+    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
+    yv = yv + gl.load(bias_ptr + ch)[None, :]
+    if RELU:
+        yv = gl.maximum(yv, 0.0)
+    return yv
+
+
+@gluon.jit
 def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
@@ -136,12 +151,7 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
     offs = pix[:, None] * 64 + ch[None, :]
     mask = m_ok[:, None] & (ch < 64)[None, :]
-    if not A_SIGNED:  # the MMA took code - 128: add 128 * sum(w) back
-        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
-    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
-    yv = yv + gl.load(bias_ptr + ch)[None, :]
-    if RELU:
-        yv = gl.maximum(yv, 0.0)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
     if HAS_RES:
         if SCALE_RES:
             yv = yv * res_scale
@@ -259,13 +269,7 @@ def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_
     ``code_smem`` (one (1, 8, 16, 64) box, once the previous tile's store has read it), then one
     bulk copy, which drops the rows and columns outside the image. (conv1: no residual.)"""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
-    if not A_SIGNED:
-        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
-    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
-    yv = yv + gl.load(bias_ptr + ch)[None, :]
-    if RELU:
-        yv = gl.maximum(yv, 0.0)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
     codes = _requantize(yv, inv_s_out, O_LO, O_HI).to(gl.int8)  # 0..255 -> the byte, as int8
     tma.store_wait(0)
     code_smem.reshape([128, 64]).store(codes)
@@ -285,13 +289,7 @@ def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias
     :func:`_body_epilogue`'s. The caller makes sure the previous tile's stores have read
     ``code_smem`` (``tma.store_wait``) before this runs."""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
-    if not A_SIGNED:
-        acc += 128 * gl.load(wsum_ptr + ch)[None, :]
-    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
-    yv = yv + gl.load(bias_ptr + ch)[None, :]
-    if RELU:
-        yv = gl.maximum(yv, 0.0)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
     if SCALE_RES:
         yv = yv * res_scale
     box = res_smem.reshape([128, 64])
