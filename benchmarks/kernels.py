@@ -26,11 +26,11 @@ their floor counts the image's pixels' MACs and the padded tensors' bytes. Basel
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times the Gluon body conv
 (``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
-conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows ws g1 tma``: ring
+conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows ws g1 f1 tma``: ring
 stages, programs per SM, row-layout epilogue, the warp-specialized twin with its stages released
-one at a time and conv1's codes stored by TMA), then the Gluon kernel's other knobs (``res``: the
-fp16 stream in and out by TMA; ``g3``: stages released 3 at a time; without ``ws``: the
-first-built kernel).
+one at a time, one tap's MMAs left in flight and conv1's codes stored by TMA), then the Gluon
+kernel's other knobs (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
+flight; ``g3``: stages released 3 at a time; without ``ws``: the first-built kernel).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -59,6 +59,21 @@ from common import autotune_choices, measure_gpu_peaks, write_results  # noqa: E
 # conv2 and conv2+next are also followed by "res early" or "res late": the autotuner's pick with the
 # residual tile read before the K loop instead of after it, or the other way round (RES_EARLY).
 AB_ROWS = ("N-major w", "L1 A")
+# The Gluon body conv's launch options as the engine runs it on sm_90 (ops.SM90_STAGES, SM90_PER_SM,
+# SM90_EPI_ROWS, SM90_WS, SM90_WS_GROUP, SM90_IN_FLIGHT, SM90_TMA_OUT, SM90_TMA_RES): --sm90's A/B rows
+SM90_DEFAULT = dict(sm90_stages=6, sm90_per_sm=2, sm90_epi_rows=True, sm90_ws=True, sm90_group=1, sm90_in_flight=1,
+                    sm90_tma_out=True, sm90_tma_res=False)
+
+
+def sm90_label(opts: dict) -> str:
+    """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
+    programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
+    conv1's codes by TMA, ``res``: the fp16 stream by TMA)."""
+    label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
+    if opts["sm90_ws"]:
+        label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
+                  f"{' res' if opts['sm90_tma_res'] else ''}")
+    return label
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:
@@ -166,13 +181,12 @@ def main(argv=None) -> int:
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
-                  padded: bool = False, stream: torch.dtype = torch.float32, sm90: tuple | None = None) -> dict:
+                  padded: bool = False, stream: torch.dtype = torch.float32, sm90: dict | None = None) -> dict:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
-        ``sm90``: (ring stages, programs per SM, row-layout epilogue, warp-specialized, stages
-        released together, conv1's codes by TMA, the fp16 stream by TMA) of the Gluon body conv,
-        which then runs it (the last three: the warp-specialized twin's)."""
+        ``sm90``: the Gluon body conv's launch options (``ops.LaunchOptions``' ``sm90_*`` fields,
+        all of them: :data:`SM90_DEFAULT`'s keys), which then runs it."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
         cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
@@ -215,9 +229,7 @@ def main(argv=None) -> int:
                       next_out=nxt)
             nbytes = in_bytes + 2 * res.numel() * res.element_size() + nxt.numel()
         # the flat kernel unless the row names the Gluon one (on sm_90 the engine's default for the body)
-        ws = bool(sm90 and sm90[3])
-        gluon = (dict(sm90=True, sm90_stages=sm90[0], sm90_per_sm=sm90[1], sm90_epi_rows=sm90[2], sm90_ws=ws,
-                      sm90_group=sm90[4], sm90_tma_out=sm90[5], sm90_tma_res=sm90[6]) if sm90 else dict(sm90=False))
+        gluon = dict(sm90=True, **sm90) if sm90 else dict(sm90=False)
         with tk.launch_options(**gluon):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, cont, read_signed, prep, mult, bias, **kw, **layout),
                               xs) * 1e3
@@ -227,9 +239,7 @@ def main(argv=None) -> int:
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
-        if sm90:
-            twin = f" ws g{sm90[4]}{' tma' if sm90[5] else ''}{' res' if sm90[6] else ''}" if ws else ""
-            name = f"{name} sm90 s{sm90[0]} p{sm90[1]}{' rows' if sm90[2] else ''}{twin}"
+        name = f"{name} sm90 {sm90_label(sm90)}" if sm90 else name
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -334,16 +344,15 @@ def main(argv=None) -> int:
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
         both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
-        # ops.SM90_STAGES, SM90_PER_SM, SM90_EPI_ROWS, SM90_WS, SM90_WS_GROUP, SM90_TMA_OUT, SM90_TMA_RES
-        default = (6, 2, True, True, 1, True, False)
-        # the fp16 stream by TMA (its rows only), conv1's codes by stores (the ninth run's first
-        # schedule), stages released 3 at a time, and the first-built kernel (not warp-specialized)
-        knobs = ((6, 2, True, True, 1, True, True), (6, 2, True, True, 1, False, False),
-                 (6, 2, True, True, 3, True, False), (6, 2, True, False, 1, False, False))
+        default = SM90_DEFAULT
+        # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, conv1's codes by stores
+        # (the ninth run's first schedule), stages released 3 at a time, and the first-built kernel
+        knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), dict(default, sm90_tma_out=False),
+                 dict(default, sm90_group=3), dict(default, sm90_ws=False))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
-                 if st == torch.float16 or not sp[6]]
+                 if st == torch.float16 or not sp["sm90_tma_res"]]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

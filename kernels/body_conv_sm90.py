@@ -98,18 +98,18 @@ def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, S
 
 
 @gluon.jit
-def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, a_regs: gl.constexpr):
-    """One tap's wgmma on ``acc``, issued asynchronously; returns once at most this one is in
-    flight. ``stage``: the tap's (1, 8, 16, 64) box in shared memory; ``w_tap``: its (64, 64)
-    K-major weights. Signed codes are read from shared memory as they landed; unsigned ones go
-    through registers (``a_regs``), flipped there (ptxas keeps the in-flight MMA's registers
-    apart: :func:`register_hazards`)."""
+def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, a_regs: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
+    """One tap's wgmma on ``acc``, issued asynchronously; returns once at most ``IN_FLIGHT`` taps'
+    (this one's and those before it) are in flight. ``stage``: the tap's (1, 8, 16, 64) box in
+    shared memory; ``w_tap``: its (64, 64) K-major weights. Signed codes are read from shared
+    memory as they landed; unsigned ones go through registers (``a_regs``), flipped there (ptxas
+    keeps the in-flight MMAs' registers apart: :func:`register_hazards`)."""
     if A_SIGNED:
         acc = warpgroup_mma(stage.reshape([128, 64]), w_tap.permute((1, 0)), acc, is_async=True)
     else:
         a = stage.reshape([128, 64]).load(a_regs) ^ -128
         acc = warpgroup_mma(a, w_tap.permute((1, 0)), acc, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    return warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
 
 
 @gluon.jit
@@ -312,7 +312,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr, SCALE_RES: gl.constexpr,
             O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr, NEXT_BITS: gl.constexpr,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
-            EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr):
+            EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
+            IN_FLIGHT: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -320,7 +321,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     from the MMA layout (:func:`_codes_tma_epilogue`); ``TMA_RES``: the fp16 stream read and
     written, and the next codes written, through shared memory by TMA (:func:`_stream_tma_epilogue`;
     the residual box is handed back once the tile's stores have read it, at the next tile's first
-    MMA)."""
+    MMA). ``IN_FLIGHT``: taps' MMAs left in flight after each issue (2 with ``GROUP`` 1: each
+    stage released two taps later)."""
     groups: gl.constexpr = STAGES // GROUP
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 64, 32])
@@ -335,16 +337,17 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(ready.index(s), (use // STAGES) & 1)
-            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
-            if tap % GROUP == 0 and tap > 0:  # the group ending with the previous tap has retired
-                mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
+            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs, IN_FLIGHT)
+            if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
+                mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
             if TMA_RES and tap == 0:
                 if t > 0:  # the previous tile's stores have read the residual box: the producer may refill it
                     tma.store_wait(0)
                     mbarrier.arrive(res_bars.index(1))
             use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(((use - 1) // GROUP) % groups))
+        for k in gl.static_range(IN_FLIGHT):  # the tile's last group (last two taps' with IN_FLIGHT 2)
+            mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
                                 inv_s_out, A_SIGNED, RELU, O_LO, O_HI, mma_layout)
@@ -371,7 +374,7 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
                               NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
                               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
                               GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
-                              LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                              IN_FLIGHT: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -381,9 +384,11 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
     int8 (``next_desc``), each any descriptor where unused; ``GROUP`` (stages released together: 1
     or 3, ``STAGES`` a multiple of it, at least two groups); ``TMA_OUT`` (codes out, no residual:
     stored by TMA); ``TMA_RES`` (an fp16 residual in and result out, with 8-bit next codes or
-    none: all by TMA) and ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA
+    none: all by TMA); ``IN_FLIGHT`` (taps' MMAs left in flight: 1, or 2 with ``GROUP`` 1 and 4
+    stages at least) and ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA
     warpgroup)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
+    gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and STAGES >= 4))
     ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -412,7 +417,7 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
                                    wsum_ptr, mult_ptr, bias_ptr,
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
-                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES)),
+                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT)),
                         (_ws_loader, (x_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
                                       SKIP_PAD, STAGES, GROUP, TMA_RES))],
                        [1], [LOADER_REGS])
@@ -492,20 +497,21 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
-                   group: int = 1, tma_out: bool = True, tma_res: bool = False) -> dict:
+                   group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
-    ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``: MMAs left
-    in flight), ``tma_copies`` (TMA copy instructions), ``tma_stores`` (those into global memory),
-    ``arrives`` (plain mbarrier arrivals: the twin's stage releases), ``fma_f32`` (fused
-    multiply-adds, which the numeric contract forbids) and, from the SASS, :func:`register_hazards`
+    ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
+    ``in_flight`` for the twin: taps' MMAs left in flight), ``tma_copies`` (TMA copy
+    instructions), ``tma_stores`` (those into global memory), ``arrives`` (plain mbarrier
+    arrivals: the twin's stage releases), ``fma_f32`` (fused multiply-adds, which the numeric
+    contract forbids) and, from the SASS, :func:`register_hazards`
     (``register_hazards``, ``loads_in_flight``; None without cuobjdump). Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
     without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``) and, with
-    ``tma_res``, an fp16 stream in and out by TMA (``ops.SM90_TMA_RES``); ``warps`` then counts its
-    producer's warpgroup too."""
+    ``tma_res``, an fp16 stream in and out by TMA (``ops.SM90_TMA_RES``), ``in_flight`` taps' MMAs
+    left in flight (``ops.SM90_IN_FLIGHT``); ``warps`` then counts its producer's warpgroup too."""
     import re
     import subprocess
     import tempfile
@@ -531,7 +537,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     kernel = _body_conv_sm90_kernel
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
-        consts.update(GROUP=group, TMA_OUT=tma_out and o_bits == 8 and not has_res,
+        consts.update(GROUP=group, IN_FLIGHT=in_flight, TMA_OUT=tma_out and o_bits == 8 and not has_res,
                       TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
@@ -551,12 +557,13 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         hazards = register_hazards(sass)
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
+                in_flight=in_flight if ws else 1,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
                 shared_bytes=int(compiled.metadata.shared),
                 wgmma=len(re.findall(r"\bwgmma\.mma_async[\w.]*\.s32\.s8\.s8", ptx)),
-                async_waits=len(re.findall(r"\bwgmma\.wait_group\.sync\.aligned 1\b", ptx)),
+                async_waits=len(re.findall(rf"\bwgmma\.wait_group\.sync\.aligned {in_flight if ws else 1}\b", ptx)),
                 tma_copies=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
                 tma_stores=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.global\.shared", ptx)),
                 arrives=len(re.findall(r"\bmbarrier\.arrive\.shared::cta\.b64 _, \[%r\d+\];", ptx)),
@@ -565,8 +572,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]``:
-    compile every variant for sm_90 and print one row each (or a JSON list)."""
+    """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
+    [--in-flight 2]``: compile every variant for sm_90 and print one row each (or a JSON list)."""
     import argparse
     import json
 
@@ -577,17 +584,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ws", action="store_true", help="also the warp-specialized twin of each variant")
     ap.add_argument("--tma-res", action="store_true",
                     help="also the twin with the fp16 stream by TMA, for the fp16-stream variants")
+    ap.add_argument("--in-flight", type=int, choices=(1, 2), default=1,
+                    help="2: also the twin with two taps' MMAs in flight, for every variant")
     args = ap.parse_args(argv)
     reports = [compile_report(v, s, ws=ws) for ws in ((False, True) if args.ws else (False,))
                for s in args.stages for v in VARIANTS]
     if args.tma_res:
         reports += [compile_report(v, s, ws=True, tma_res=True) for s in args.stages for v in VARIANTS
                     if v[10] == v[11] == "fp16"]
+    if args.in_flight == 2:
+        reports += [compile_report(v, s, ws=True, in_flight=2) for s in args.stages for v in VARIANTS]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} tma_res={int(r['tma_res'])} "
+              f"in_flight={r['in_flight']} "
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "

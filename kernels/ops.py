@@ -53,11 +53,15 @@ SM90_WS_LOADER_REGS = 40
 # with the next codes 53.7 us against 51.1, 34.9 against 33.8 on the fp16 stream; conv1 alike).
 SM90_WS_GROUP = 1
 SM90_TMA_OUT = True
+# Taps' MMAs the twin leaves in flight after each issue: 1 as measured. 2 (each stage released two
+# taps later; release groups of 1, 4 stages at least) was built after the ninth run, not yet timed:
+# benchmarks/kernels.py --sm90's "... f2" rows.
+SM90_IN_FLIGHT = 1
 # The twin's conv2 on an fp16 stream with the residual and results through shared memory by TMA
 # (the producer loads the residual box; the epilogue reads it in the MMA layout, writes the new
 # stream over it and the next codes beside it, and stores both boxes by TMA). Built after the ninth
 # run and compiled for sm_90 in CI, not yet run on a GPU: off until a GPU session checks its bits
-# and times it (benchmarks/kernels.py --sm90's "... tma res" rows).
+# and times it (benchmarks/kernels.py --sm90's "... res" rows).
 SM90_TMA_RES = False
 
 
@@ -193,6 +197,7 @@ class LaunchOptions:
     sm90_group: int | None = None
     sm90_tma_out: bool | None = None
     sm90_tma_res: bool | None = None
+    sm90_in_flight: int | None = None
 
 
 _options = LaunchOptions()
@@ -205,7 +210,8 @@ def launch_options(**changes):
     Gluon body conv where it applies (None: ``SM90_BODY``), with ``sm90_stages`` / ``sm90_per_sm``
     / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) / ``sm90_group`` (the twin's stages
     released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
-    (the twin's fp16 stream in and out by TMA) instead of the defaults."""
+    (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
+    flight) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -520,7 +526,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles). Raises
-    ValueError for a twin's ring that its release groups do not divide."""
+    ValueError for a twin's ring that its release groups do not divide, or MMAs in flight it cannot
+    hold."""
     from triton.experimental.gluon import language as gl
 
     from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
@@ -546,9 +553,13 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     kernel, descs, extra = _body_conv_sm90_kernel, (x_desc, w_desc), {}
     if ws:
         group = _options.sm90_group or SM90_WS_GROUP
+        in_flight = _options.sm90_in_flight or SM90_IN_FLIGHT
         if group not in (1, 3) or stages % group or stages // group < 2:
             raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
                              f"such groups at least: got {group} of {stages} stages")
+        if in_flight not in (1, 2) or (in_flight == 2 and (group != 1 or stages < 4)):
+            raise ValueError(f"the warp-specialized body conv leaves 1 or 2 taps' MMAs in flight, 2 only with stages "
+                             f"released one at a time from a ring of 4 at least: got {in_flight} ({group} of {stages})")
         tma_out = ((SM90_TMA_OUT if _options.sm90_tma_out is None else _options.sm90_tma_out) and o_bits == 8
                    and residual is None and _tma_box_ok(out))
         tma_res = ((SM90_TMA_RES if _options.sm90_tma_res is None else _options.sm90_tma_res) and o_bits == 0
@@ -564,8 +575,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
             if next_out is not None:
                 next_desc = _box_descriptor(next_out.view(torch.int8).view(n, h, w_, 64), box, box4)
         kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, w_desc, out_desc, res_desc, next_desc)
-        extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, LOADER_REGS=SM90_WS_LOADER_REGS,
-                     maxnreg=SM90_WS_MAXNREG)
+        extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight,
+                     LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
     kernel[grid](
         *descs, wsum, mult, bias, residual if residual is not None else out, out,
         next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,

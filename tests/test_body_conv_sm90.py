@@ -88,15 +88,17 @@ def test_gluon_body_conv_equals_flat_kernel_and_reference(shape, case, signed):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("stages,per_sm,rows,ws,group,tma_out", [
-    (6, 2, True, False, None, None), (8, 1, False, False, None, None), (3, 3, True, False, None, None),
-    (6, 2, True, True, 3, True), (6, 2, True, True, 1, False), (4, 2, False, True, 1, True),
-    (9, 1, True, True, 3, False), (2, 1, True, True, 1, True)])
+@pytest.mark.parametrize("stages,per_sm,rows,ws,group,tma_out,in_flight", [
+    (6, 2, True, False, None, None, None), (8, 1, False, False, None, None, None),
+    (3, 3, True, False, None, None, None),
+    (6, 2, True, True, 3, True, 1), (6, 2, True, True, 1, False, 1), (4, 2, False, True, 1, True, 1),
+    (9, 1, True, True, 3, False, 1), (2, 1, True, True, 1, True, 1), (6, 2, True, True, 1, True, 2),
+    (4, 1, False, True, 1, False, 2)])
 @pytest.mark.parametrize("signed", [True, False])
-def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, group, tma_out, signed):
+def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, group, tma_out, in_flight, signed):
     """Ring depth, programs per SM, the row-layout epilogue, the warp-specialized twin, its stage
-    release groups and its TMA stores of codes change the schedule, not the bits: conv2 with the
-    next codes on an fp16 stream and conv1 against the reference."""
+    release groups, its TMA stores of codes and its MMAs in flight change the schedule, not the
+    bits: conv2 with the next codes on an fp16 stream and conv1 against the reference."""
     g = gen()
     n, h, w = 3, 37, 50
     x_codes = rand_codes((n, h, w, 64), 8, signed, g)
@@ -109,7 +111,7 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, grou
     stream, nxt = res.cuda(), torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
     codes = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
     with tk.launch_options(sm90=True, sm90_stages=stages, sm90_per_sm=per_sm, sm90_epi_rows=rows, sm90_ws=ws,
-                           sm90_group=group, sm90_tma_out=tma_out):
+                           sm90_group=group, sm90_tma_out=tma_out, sm90_in_flight=in_flight):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, out=stream,
                           out_dtype=torch.float16, next_quant=nq, next_out=nxt)
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=codes)
@@ -183,27 +185,33 @@ def test_gluon_body_conv_applies_only_where_it_can():
         assert not tk.sm90_body_applies(out, 8, 64, 64, 1, 0, 8)
     x = pack_codes(rand_codes((1, 4, 4, 64), 8, True, gen()), 8).cuda()
     prep = tk.prepare_conv_weight(rand_weights(64, 64, 8, gen()), 8)
-    for stages, group in ((4, 3), (3, 3), (6, 2)):  # the twin's ring: two release groups of 1 or 3 stages
-        with tk.launch_options(sm90=True, sm90_ws=True, sm90_stages=stages, sm90_group=group):
-            with pytest.raises(ValueError, match="releases 1 or 3 stages"):
+    for stages, group, in_flight, what in ((4, 3, 1, "releases 1 or 3 stages"), (3, 3, 1, "releases"),
+                                           (6, 2, 1, "releases"), (6, 3, 2, "1 or 2 taps"), (3, 1, 2, "1 or 2 taps"),
+                                           (6, 1, 3, "1 or 2 taps")):
+        # the twin's ring: two release groups of 1 or 3 stages; 2 taps in flight with groups of 1, 4 stages
+        with tk.launch_options(sm90=True, sm90_ws=True, sm90_stages=stages, sm90_group=group, sm90_in_flight=in_flight):
+            with pytest.raises(ValueError, match=what):
                 tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
-    MMA group left in flight, TMA copies, no local memory, no fused multiply-adds."""
+    MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
+    fused multiply-adds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws", "--tma-res"],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws", "--tma-res",
+                           "--in-flight", "2"], env=env, capture_output=True, text=True, check=True)
     reports = json.loads(done.stdout)
     assert len(reports) >= 12
+    assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
     assert [r["name"] for r in reports if r["tma_res"]] == ["conv2+next fp16 stream"]
     for r in reports:
         if r["ws"]:  # the warp-specialized twin: the MMA warpgroup and the producer's, 128 registers each
             assert r["warps"] == 8 and r["registers"] <= 128, r
-            # conv2 + next on the fp32 stream keeps an 8-byte local frame at that budget; the others none
-            assert r["local_bytes"] <= (8 if r["name"] == "conv2+next" else 0), r
+            # conv2 + next on the fp32 stream keeps a local frame at that budget (8 bytes, 48 with two
+            # taps in flight); the others none
+            assert r["local_bytes"] <= ({1: 8, 2: 48}[r["in_flight"]] if r["name"] == "conv2+next" else 0), r
             r["local_bytes"] = 0
             # each tap's stage released once its MMA retired: 9 arrivals a tile (the fp16 stream by
             # TMA: one more, its residual box handed back)
@@ -212,7 +220,7 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
             # box and the next codes' box too; the others' by stores
             assert r["tma_stores"] == (1 if r["name"].startswith("conv1") else 2 * r["tma_res"]), r
         assert r["wgmma"] == 36, r  # 9 taps x 2 row halves x 2 K halves, m64n64k32 s8.s8
-        assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 after each tap
+        assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 (2: in_flight) after each tap
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0, r
         assert r["shared_bytes"] <= 232448 // 2, r  # two programs fit on an SM

@@ -241,10 +241,10 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
     (path,) = tmp_path.glob("kernels-sm90-*.json")
     names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
     cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
-    want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows ws g1 tma")]
-    want += [f"{c} sm90 {k}" for c in cases for k in ("s6 p2 rows ws g1 tma res", "s6 p2 rows ws g1",
-                                                       "s6 p2 rows ws g3 tma", "s6 p2 rows") if "res" not in k
-             or "float16" in c]
+    want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows ws g1 f1 tma")]
+    want += [f"{c} sm90 {k}" for c in cases for k in ("s6 p2 rows ws g1 f1 tma res", "s6 p2 rows ws g1 f2 tma",
+                                                       "s6 p2 rows ws g1 f1", "s6 p2 rows ws g3 f1 tma", "s6 p2 rows")
+             if "res" not in k or "float16" in c]
     assert names == want
 
 
