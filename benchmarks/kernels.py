@@ -61,13 +61,6 @@ from common import autotune_choices, measure_gpu_peaks, write_results  # noqa: E
 AB_ROWS = ("N-major w", "L1 A")
 
 
-def sm90_default(tk) -> dict:
-    """The Gluon body conv's launch options as the engine runs it on sm_90 (``tk``: the kernels'
-    ops module; its ``SM90_*`` settings as ``LaunchOptions``' ``sm90_*`` fields): --sm90's A/B rows."""
-    return dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
-                sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
-                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES)
-
 
 def sm90_label(opts: dict) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
@@ -190,7 +183,7 @@ def main(argv=None) -> int:
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
         ``sm90``: the Gluon body conv's launch options (``ops.LaunchOptions``' ``sm90_*`` fields,
-        all of them: :func:`sm90_default`'s keys), which then runs it."""
+        all of them: ``ops.sm90_settings()``' keys), which then runs it."""
         signed = kind == "conv1"
         # the CUDA op has no fused next-codes output and an fp32 stream only; the A/B rows time Triton only
         cuda_run = (kind != "conv2+next" and not one_per_byte and not variant and not padded
@@ -348,7 +341,7 @@ def main(argv=None) -> int:
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
         both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
-        default = sm90_default(tk)
+        default = tk.sm90_settings()  # as the engine runs it on sm_90
         # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, conv1's codes by stores
         # (the ninth run's first schedule), stages released 3 at a time, and the first-built kernel
         knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), dict(default, sm90_tma_out=False),

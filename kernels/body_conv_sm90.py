@@ -60,6 +60,12 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # and back
 
 TILE_H, TILE_W = 8, 16  # output pixels per tile (the kernel's box; C = Cout = 64)
+# The layouts of a tile's (128, 64) sums: the MMA's (one warpgroup, m64n64k32 wgmmas), unsigned
+# codes as its register A operand, and rows of 8 channels of a pixel per thread (EPI_ROWS)
+_MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32]))
+_A_REGS = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA_LAYOUT.value, k_width=4))
+_EPI_LAYOUT = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                            order=[1, 0]))
 
 
 @gluon.jit
@@ -98,16 +104,24 @@ def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, S
 
 
 @gluon.jit
-def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, a_regs: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
+def _issue_weights(w_desc, w_smem, wbar):
+    """Start the copies of the 9 taps' (64, 64) weights into ``w_smem``, completing on ``wbar``."""
+    mbarrier.expect(wbar, 9 * 64 * 64)
+    for t in gl.static_range(9):
+        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+
+
+@gluon.jit
+def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
     """One tap's wgmma on ``acc``, issued asynchronously; returns once at most ``IN_FLIGHT`` taps'
     (this one's and those before it) are in flight. ``stage``: the tap's (1, 8, 16, 64) box in
     shared memory; ``w_tap``: its (64, 64) K-major weights. Signed codes are read from shared
-    memory as they landed; unsigned ones go through registers (``a_regs``), flipped there (ptxas
+    memory as they landed; unsigned ones go through registers (``_A_REGS``), flipped there (ptxas
     keeps the in-flight MMAs' registers apart: :func:`register_hazards`)."""
     if A_SIGNED:
         acc = warpgroup_mma(stage.reshape([128, 64]), w_tap.permute((1, 0)), acc, is_async=True)
     else:
-        a = stage.reshape([128, 64]).load(a_regs) ^ -128
+        a = stage.reshape([128, 64]).load(_A_REGS) ^ -128
         acc = warpgroup_mma(a, w_tap.permute((1, 0)), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
 
@@ -140,8 +154,13 @@ def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU:
 def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
-                   NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, layout: gl.constexpr):
-    """int32 sums (128, 64) of ``tile`` in ``layout`` -> the stored result."""
+                   NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, EPI_ROWS: gl.constexpr):
+    """int32 sums (128, 64) of ``tile`` in the MMA's layout -> the stored result, by masked stores;
+    ``EPI_ROWS``: from rows of 8 channels per thread (the sums moved there through shared memory:
+    8-32 byte accesses instead of the MMA layout's 2-8)."""
+    layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
+    if EPI_ROWS:
+        acc = gl.convert_layout(acc, _EPI_LAYOUT)
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
     r = gl.arange(0, 128, layout=gl.SliceLayout(1, layout))
     y = y0 + r // 16
@@ -187,11 +206,6 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
     tap copies. ``SKIP_PAD``: only the first ``items_ptr[0]`` images are computed. ``EPI_ROWS``: the
     epilogue in a row layout (8 channels of a pixel per thread; the sums moved there through
     shared memory) instead of the MMA's."""
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 64, 32])
-    a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-    epi_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                                warps_per_cta=[4, 1], order=[1, 0])
     ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())
@@ -203,33 +217,28 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
     step = gl.num_programs(0)
 
     wbar = bars.index(STAGES)
-    mbarrier.expect(wbar, 9 * 64 * 64)
-    for t in gl.static_range(9):
-        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+    _issue_weights(w_desc, w_smem, wbar)
     for k in gl.static_range(STAGES - 1):
         _issue_tap(x_desc, ring, bars, k, pid, step, tiles_x, per_image, total, STAGES)
     mbarrier.wait(wbar, 0)
 
     use = 0  # copies consumed so far
     for tile in range(pid, total, step):
-        acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
+        acc = gl.zeros([128, 64], gl.int32, layout=_MMA_LAYOUT)
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(bars.index(s), (use // STAGES) & 1)
-            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs)
+            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED)
             # the MMA of copy use - 1 has retired: its stage takes copy use + STAGES - 1
             _issue_tap(x_desc, ring, bars, use + STAGES - 1, pid, step, tiles_x, per_image, total, STAGES)
             use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if EPI_ROWS:  # each thread 8 channels of a pixel: 8-32 byte accesses instead of the MMA layout's 2-8
-            acc = gl.convert_layout(acc, epi_layout)
         _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                        next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO,
-                       O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+                       O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS)
 
     for k in gl.static_range(STAGES + 1):
         mbarrier.invalidate(bars.index(k))
-
 
 
 @gluon.jit
@@ -324,20 +333,15 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     MMA). ``IN_FLIGHT``: taps' MMAs left in flight after each issue (2 with ``GROUP`` 1: each
     stage released two taps later)."""
     groups: gl.constexpr = STAGES // GROUP
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 64, 32])
-    a_regs: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=4)
-    epi_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                                warps_per_cta=[4, 1], order=[1, 0])
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     use = 0
     t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
-        acc = gl.zeros([128, 64], gl.int32, layout=mma_layout)
+        acc = gl.zeros([128, 64], gl.int32, layout=_MMA_LAYOUT)
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(ready.index(s), (use // STAGES) & 1)
-            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, a_regs, IN_FLIGHT)
+            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT)
             if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
                 mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
             if TMA_RES and tap == 0:
@@ -350,17 +354,15 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
-                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, mma_layout)
+                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT)
         elif TMA_RES:
             _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem,
                                  res_bars.index(0), t & 1, code_smem, out_desc, next_desc, res_scale, inv_s_next,
-                                 A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, mma_layout)
+                                 A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, _MMA_LAYOUT)
         else:
-            if EPI_ROWS:
-                acc = gl.convert_layout(acc, epi_layout)
             _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                            next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
-                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, epi_layout if EPI_ROWS else mma_layout)
+                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS)
         t += 1
     if TMA_OUT or TMA_RES:
         tma.store_wait(0)  # the last stores have read their boxes before the program ends
@@ -409,9 +411,7 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
     for k in gl.static_range(STAGES // GROUP):
         mbarrier.init(empty.index(k), count=1)
     mbarrier.init(wbar, count=1)
-    mbarrier.expect(wbar, 9 * 64 * 64)
-    for t in gl.static_range(9):
-        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+    _issue_weights(w_desc, w_smem, wbar)
     mbarrier.wait(wbar, 0)
     gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
                                    wsum_ptr, mult_ptr, bias_ptr,

@@ -508,6 +508,16 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
             and next_bits in (0, 8))
 
 
+def sm90_settings() -> dict:
+    """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
+    fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
+    ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``)."""
+    defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
+                    sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
+                    sm90_tma_res=SM90_TMA_RES)
+    return {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
+
+
 def _tma_box_ok(t: torch.Tensor) -> bool:
     """Whether TMA can copy boxes of ``t`` in place: contiguous, its base 16-byte aligned."""
     return t.is_contiguous() and t.data_ptr() % 16 == 0
@@ -544,26 +554,23 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:
         w_ck = w_ck.contiguous()
     w_desc = _box_descriptor(w_ck, [64, 64], box2)
+    opts = sm90_settings()
     tiles = n * triton.cdiv(h, TILE_H) * triton.cdiv(w_, TILE_W)
-    per_sm = _options.sm90_per_sm or SM90_PER_SM
-    grid = (max(1, min(tiles, per_sm * _sm_count(out.device))),)
+    grid = (max(1, min(tiles, opts["sm90_per_sm"] * _sm_count(out.device))),)
     next_bits, next_lo, next_hi, next_inv_s = next_args
-    ws = SM90_WS if _options.sm90_ws is None else _options.sm90_ws
-    stages = _options.sm90_stages or SM90_STAGES
+    stages = opts["sm90_stages"]
     kernel, descs, extra = _body_conv_sm90_kernel, (x_desc, w_desc), {}
-    if ws:
-        group = _options.sm90_group or SM90_WS_GROUP
-        in_flight = _options.sm90_in_flight or SM90_IN_FLIGHT
+    if opts["sm90_ws"]:
+        group, in_flight = opts["sm90_group"], opts["sm90_in_flight"]
         if group not in (1, 3) or stages % group or stages // group < 2:
             raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
                              f"such groups at least: got {group} of {stages} stages")
         if in_flight not in (1, 2) or (in_flight == 2 and (group != 1 or stages < 4)):
             raise ValueError(f"the warp-specialized body conv leaves 1 or 2 taps' MMAs in flight, 2 only with stages "
                              f"released one at a time from a ring of 4 at least: got {in_flight} ({group} of {stages})")
-        tma_out = ((SM90_TMA_OUT if _options.sm90_tma_out is None else _options.sm90_tma_out) and o_bits == 8
-                   and residual is None and _tma_box_ok(out))
-        tma_res = ((SM90_TMA_RES if _options.sm90_tma_res is None else _options.sm90_tma_res) and o_bits == 0
-                   and residual is not None and residual.dtype == out.dtype == torch.float16
+        tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and _tma_box_ok(out)
+        tma_res = (opts["sm90_tma_res"] and o_bits == 0 and residual is not None
+                   and residual.dtype == out.dtype == torch.float16
                    and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
         box16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
         out_desc = res_desc = next_desc = x_desc  # not read unless TMA_OUT / TMA_RES
@@ -583,8 +590,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         next_inv_s, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
         SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi, NEXT_BITS=next_bits,
         NEXT_LO=next_lo, NEXT_HI=next_hi, SKIP_PAD=items is not None, STAGES=stages,
-        EPI_ROWS=SM90_EPI_ROWS if _options.sm90_epi_rows is None else _options.sm90_epi_rows, num_warps=4, **extra,
-        **_COMPILE)
+        EPI_ROWS=opts["sm90_epi_rows"], num_warps=4, **extra, **_COMPILE)
 
 
 # Variants (tuner name, out dtype, constexprs) whose in-place launches the autotuner has tuned.

@@ -194,6 +194,20 @@ def test_gluon_body_conv_applies_only_where_it_can():
                 tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
+def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults():
+    """ops.sm90_settings: what a launch gets, field by field, nested launch_options included."""
+    want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
+                sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
+                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES)
+    assert tk.sm90_settings() == want
+    with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
+        with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2):
+            assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
+                                              sm90_in_flight=2)
+        assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
+    assert tk.sm90_settings() == want
+
+
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
