@@ -208,6 +208,59 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults():
     assert tk.sm90_settings() == want
 
 
+def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
+    """ops._sm90_body_into without a GPU, the kernels replaced by recorders: each launch passes its
+    kernel's runtime parameters in order (the TMA descriptors' tensors, shapes, boxes and dtypes
+    included) and constexprs that follow the launch options and the conv."""
+    from gdq_engine.kernels import body_conv_sm90 as bc
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.kernel, grid, args, meta))
+
+    for name in ("_body_conv_sm90_kernel", "_body_conv_sm90_ws_kernel"):
+        monkeypatch.setattr(bc, name, Recorder(getattr(bc, name)))
+    g = gen()
+    n, h, w = 2, 9, 20
+    x = pack_codes(rand_codes((n, h, w, 64), 8, True, g), 8)
+    prep = tk.prepare_conv_weight(rand_weights(64, 64, 8, g), 8)
+    mult, bias = torch.ones(64), torch.zeros(64)
+    codes, stream = torch.empty(n, h, w, 64, dtype=torch.uint8), torch.randn(n, h, w, 64).half()
+    nxt = torch.empty(n, h, w, 64, dtype=torch.uint8)
+    conv1 = (codes, x, prep.w, prep.wsum, mult, bias, None, True, True, 1.0, 8, 0, 255, 50.0, None, (0, 0, 0, 1.0))
+    conv2 = (stream, x, prep.w, prep.wsum, mult, bias, stream, False, False, 1.0, 0, 0, 0, 1.0, nxt,
+             (8, -128, 127, 20.0))
+    with tk.launch_options(sm90_ws=True, sm90_tma_out=True, sm90_in_flight=1):
+        tk._sm90_body_into(*conv1, None)
+    with tk.launch_options(sm90_ws=True, sm90_tma_res=True, sm90_in_flight=2, sm90_stages=4):
+        tk._sm90_body_into(*conv2, None)
+    with tk.launch_options(sm90_ws=False):
+        tk._sm90_body_into(*conv2, torch.tensor([1], dtype=torch.int32))
+    box = [1, 8, 16, 64]
+    for (kernel, grid, args, _), (ws, descs) in zip(launches, [
+            (True, [(x, box), (None, [64, 64]), (codes, box), (x, box), (x, box)]),
+            (True, [(x, box), (None, [64, 64]), (stream, box), (stream, box), (nxt, box)]),
+            (False, [(x, box), (None, [64, 64])])]):
+        assert len(args) == sum(not p.is_constexpr for p in kernel.params)
+        # 8 tiles of 8 x 16 pixels; SM90_PER_SM programs on each of a CPU device's 2 "SMs" (ops._sm_count)
+        assert grid == (min(n * 2 * 2, tk.SM90_PER_SM * 2),)
+        assert (kernel is bc._body_conv_sm90_ws_kernel.kernel) == ws
+        for desc, (tensor, block) in zip(args, descs):
+            assert list(desc.block_shape) == block
+            if tensor is not None:
+                assert desc.base.data_ptr() == tensor.data_ptr() and list(desc.shape) == [n, h, w, 64]
+                assert desc.base.element_size() == tensor.element_size()
+    assert launches[0][3]["TMA_OUT"] and not launches[0][3]["TMA_RES"] and launches[0][3]["IN_FLIGHT"] == 1
+    assert launches[1][3]["TMA_RES"] and not launches[1][3]["TMA_OUT"] and launches[1][3]["IN_FLIGHT"] == 2
+    assert launches[1][3]["STAGES"] == 4 and launches[1][3]["NEXT_BITS"] == 8
+    assert launches[2][3]["SKIP_PAD"] and "TMA_OUT" not in launches[2][3]
+
+
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
