@@ -38,18 +38,24 @@ if [ "${1:-}" = e2e ]; then
     done
 elif [ "${1:-}" = 2 ]; then
     # the second call: the knobs' tests (and the bit-exact ones of conv1, of conv2 + next codes on
-    # the fp16 stream, and of that stream by TMA), the A/B and knob rows again, then Nsight Compute on
-    # conv1 and conv2 (fp16 stream) on both kernels, the Gluon one warp-specialized unless
-    # NCU_SM90=S,P,R,0 (the first 6 matching launches compile; the next 6 are profiled); last, the
-    # Gluon kernel's stall samples per SASS instruction (its conv1 and conv2 on the fp16 stream)
-    step tests_knobs 160 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
-        tests/test_body_conv_sm90.py -k "knobs or skips or applies or by_tma or (equals and (conv1 or fp16))"
+    # the fp16 stream, of that stream by TMA and of the halo boxes; not the compile checks), the
+    # A/B and knob rows again, then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels,
+    # the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile;
+    # the next 6 are profiled), and on the twin reading halo boxes (NCU_HALO); last, the Gluon
+    # kernel's stall samples per SASS instruction (its conv1 and conv2 on the fp16 stream)
+    step tests_knobs 220 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py \
+        -k "(halo and not compile) or knobs or skips or applies or by_tma or (equals and (conv1 or fp16))"
     step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
         --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-6,2,1,1} > "$1"' _ \
         "$OUT/ncu-sm90.csv"
+    step ncu_halo 70 sh -c 'ncu --clock-control none --kernel-name regex:"_body_conv_sm90" --launch-skip 2 \
+        --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section Occupancy --csv --page details \
+        python benchmarks/ncu_convs.py --sm90 ${NCU_HALO:-4,2,1,1,1} > "$1"' _ "$OUT/ncu-sm90-halo.csv"
     step ncu_sass 90 sh -c 'ncu --clock-control none --kernel-name regex:"_body_conv_sm90" --launch-skip 2 \
         --launch-count 2 --section WarpStateStats --section SourceCounters --import-source yes --page source \
         --print-source sass --csv python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-6,2,1,1} > "$1"' _ \

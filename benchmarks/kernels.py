@@ -29,8 +29,10 @@ Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times
 conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows ws g1 f1 tma``: ring
 stages, programs per SM, row-layout epilogue, the warp-specialized twin with its stages released
 one at a time, one tap's MMAs left in flight and conv1's codes stored by TMA), then the Gluon
-kernel's other knobs (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
-flight; ``g3``: stages released 3 at a time; without ``ws``: the first-built kernel).
+kernel's knobs not yet timed (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
+flight; ``halo``: the input read as 3 halo boxes a tile, its ring counting boxes; and their
+combinations). The ninth run's other knobs (``g3``: stages released 3 at a time; without ``tma``:
+conv1's codes by stores; without ``ws``: the first-built kernel) were slower, and are no longer rows.
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -65,11 +67,12 @@ AB_ROWS = ("N-major w", "L1 A")
 def sm90_label(opts: dict) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
-    conv1's codes by TMA, ``res``: the fp16 stream by TMA)."""
+    conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
+    stages then counting boxes)."""
     label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
-                  f"{' res' if opts['sm90_tma_res'] else ''}")
+                  f"{' res' if opts['sm90_tma_res'] else ''}{' halo' if opts['sm90_halo'] else ''}")
     return label
 
 
@@ -342,10 +345,11 @@ def main(argv=None) -> int:
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
         both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
         default = tk.sm90_settings()  # as the engine runs it on sm_90
-        # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, conv1's codes by stores
-        # (the ninth run's first schedule), stages released 3 at a time, and the first-built kernel
-        knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), dict(default, sm90_tma_out=False),
-                 dict(default, sm90_group=3), dict(default, sm90_ws=False))
+        # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, halo boxes (their own
+        # ring depth), and halo boxes with each of the others
+        halo = dict(default, sm90_ws=True, sm90_group=1, sm90_halo=True, sm90_stages=tk.SM90_HALO_STAGES)
+        knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), halo,
+                 dict(halo, sm90_tma_res=True), dict(halo, sm90_in_flight=2))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs

@@ -46,13 +46,14 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def parse_sm90(text: str) -> tuple[int, int, bool, bool]:
-    """"STAGES,PER_SM,ROWS[,WS]" -> (ring stages, programs per SM, row-layout epilogue, warp-specialized)."""
+def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool]:
+    """"STAGES,PER_SM,ROWS[,WS[,HALO]]" -> (ring stages, programs per SM, row-layout epilogue,
+    warp-specialized, halo boxes: the stages then count boxes)."""
     parts = text.split(",")
-    if len(parts) not in (3, 4) or not all(q.strip().isdigit() for q in parts):
-        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS] (3 or 4 integers), got {text!r}")
-    stages, per_sm, rows, ws = (int(q) for q in parts + ["0"] * (4 - len(parts)))
-    return stages, per_sm, bool(rows), bool(ws)
+    if len(parts) not in (3, 4, 5) or not all(q.strip().isdigit() for q in parts):
+        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO]] (3 to 5 integers), got {text!r}")
+    stages, per_sm, rows, ws, halo = (int(q) for q in parts + ["0"] * (5 - len(parts)))
+    return stages, per_sm, bool(rows), bool(ws), bool(halo)
 
 
 def main(argv=None) -> int:
@@ -62,9 +63,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
     p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
                    help="one tile config for the three integer convs (default: the H200's autotuned picks)")
-    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS]",
+    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS[,HALO]]",
                    help="also conv1 and conv2 on the fp16 stream on the Gluon body conv (kernels/body_conv_sm90.py) "
-                        "with these knobs (WS 1: its warp-specialized twin), as conv1_sm90 and conv2_fp16_sm90")
+                        "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes), "
+                        "as conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
             bm, bk, warps, stages = args.config or TUNED[name.removesuffix("_sm90")]
             config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
-        sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1],
-                    sm90_epi_rows=args.sm90[2], sm90_ws=args.sm90[3]) if name.endswith("_sm90") else dict(sm90=False)
+        sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1], sm90_epi_rows=args.sm90[2],
+                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4]) if name.endswith("_sm90") else dict(sm90=False)
         with tk.launch_options(config=config, **sm90):
             launches[name](x)
 

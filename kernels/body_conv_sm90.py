@@ -34,9 +34,13 @@ fp32 / fp16 result, optionally with the next conv's 8-bit codes; the same sequen
 fp32 operations (compiled without FMA contraction). ``EPI_ROWS`` first moves the sums from the MMA
 layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 byte accesses.
 
-Not done: reading each input pixel once per tile instead of about 9 times (a halo box per tap row,
-the taps as row-shifted views of it). Gluon's shared-memory subviews must start at a multiple of
-their own size, so a 128-row MMA operand cannot start 8 or 16 rows into a buffer.
+* **Halo boxes** (``HALO``, the twin only; off by default until a GPU times it: ``ops.SM90_HALO``):
+  each tile's input as 3 boxes, one per column offset ``dx``, of ``HALO_ROWS`` image rows (the
+  tile's 8 and one above and below: an 8-row and a 2-row TMA copy), 30 KB a tile instead of 9 tap
+  boxes' 72; tap ``(dy, dx)`` is the 128-row view ``dy`` image rows (1 KB each, a multiple of the
+  64-byte swizzle's 512-byte period) into its box. Gluon's subviews must start at a multiple of
+  their own size, so the view is the ring's row ``dy`` reinterpreted past its own extent: Triton
+  3.6's ``_reinterpret`` does that (:data:`HALO_VIEWS`); 3.9 refuses it.
 
 Gluon kernels do not run in Triton's CPU interpreter: this kernel is checked bit-exactly on GPU
 sessions (``tests/test_body_conv_sm90.py``) and compiled for sm_90 on any machine
@@ -66,6 +70,16 @@ _MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_c
 _A_REGS = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA_LAYOUT.value, k_width=4))
 _EPI_LAYOUT = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                             order=[1, 0]))
+# The halo ring (HALO): image rows of 16 pixels x 64 bytes (1 KB each, 64-byte swizzled like the tap
+# boxes, so a view may start at any row), HALO_ROWS of them a box.
+HALO_ROWS = gl.constexpr(TILE_H + 2)  # the tile's 8 rows, one above and one below
+_HALO_RING = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
+_BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))  # x_desc's
+# A tap's MMA operand starts 0, 1 or 2 rows into a box and spans 8 rows, past the 1 KB view that
+# indexing the ring gives. Triton 3.6's Gluon reinterprets a view past its extent (`_reinterpret`);
+# 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
+# start a 128-row operand 16 rows into a buffer, so the halo needs the former.
+HALO_VIEWS = hasattr(gl.shared_memory_descriptor, "_reinterpret")
 
 
 @gluon.jit
@@ -112,16 +126,23 @@ def _issue_weights(w_desc, w_smem, wbar):
 
 
 @gluon.jit
-def _tap_mma(stage, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
+def _halo_view(ring, row, shape: gl.constexpr, layout: gl.constexpr):
+    """The view of the halo ``ring`` from its image row ``row`` on, as ``shape`` in ``layout``
+    (past the row's own 1 KB: :data:`HALO_VIEWS`)."""
+    return ring.index(row)._reinterpret(gl.int8, shape, layout)
+
+
+@gluon.jit
+def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
     """One tap's wgmma on ``acc``, issued asynchronously; returns once at most ``IN_FLIGHT`` taps'
-    (this one's and those before it) are in flight. ``stage``: the tap's (1, 8, 16, 64) box in
+    (this one's and those before it) are in flight. ``a_smem``: the tap's codes, a (128, 64) view of
     shared memory; ``w_tap``: its (64, 64) K-major weights. Signed codes are read from shared
     memory as they landed; unsigned ones go through registers (``_A_REGS``), flipped there (ptxas
     keeps the in-flight MMAs' registers apart: :func:`register_hazards`)."""
     if A_SIGNED:
-        acc = warpgroup_mma(stage.reshape([128, 64]), w_tap.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a_smem, w_tap.permute((1, 0)), acc, is_async=True)
     else:
-        a = stage.reshape([128, 64]).load(_A_REGS) ^ -128
+        a = a_smem.load(_A_REGS) ^ -128
         acc = warpgroup_mma(a, w_tap.permute((1, 0)), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
 
@@ -228,7 +249,7 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
         for tap in gl.static_range(9):
             s = use % STAGES
             mbarrier.wait(bars.index(s), (use // STAGES) & 1)
-            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED)
+            acc = _tap_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap), acc, A_SIGNED)
             # the MMA of copy use - 1 has retired: its stage takes copy use + STAGES - 1
             _issue_tap(x_desc, ring, bars, use + STAGES - 1, pid, step, tiles_x, per_image, total, STAGES)
             use += 1
@@ -242,31 +263,55 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
 
 
 @gluon.jit
-def _ws_loader(x_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr, SKIP_PAD: gl.constexpr,
-               STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr):
+def _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0):
+    """The producer's copy of tile number ``t``'s residual box into ``res_smem``, once the previous
+    tile's stores have read it (``res_bars``: landed, free; the first tile's passes at once)."""
+    mbarrier.wait(res_bars.index(1), (t & 1) ^ 1)
+    mbarrier.expect(res_bars.index(0), 128 * 64 * res_desc.dtype.primitive_bitwidth // 8)
+    _tma_load(res_desc, [img, y0, x0, 0], res_bars.index(0), res_smem)
+
+
+@gluon.jit
+def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
+               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr,
+               HALO: gl.constexpr):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
     into the ring, each group of ``GROUP`` stages as soon as the MMAs that read it last have
-    retired (``empty``, one barrier per group). ``TMA_RES``: also each tile's residual box into
-    ``res_smem`` after its third tap, once the previous tile's stores have read the box
-    (``res_bars``: landed, free)."""
+    retired (``empty``, one barrier per group). ``HALO``: instead, per tile, 3 halo boxes (one per
+    column offset ``dx``: the tile's rows and one above and below, ``HALO_ROWS`` x 16 pixels, as an
+    8-row and a 2-row TMA copy), each a stage of the ring. ``TMA_RES``: also each tile's residual
+    box into ``res_smem`` after its first 3 taps' copies, once the previous tile's stores have read
+    the box (``res_bars``: landed, free)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
     t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-        for tap in gl.static_range(9):
-            s = load % STAGES
-            if tap % GROUP == 0:  # a new group (9 taps a tile: load % GROUP == tap % GROUP)
-                g = load // GROUP
-                mbarrier.wait(empty.index(g % groups), ((g // groups) & 1) ^ 1)  # a fresh group passes at once
-            mbarrier.expect(ready.index(s), 128 * 64)
-            _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
-            load += 1
-            if TMA_RES and tap == 2:  # freed at this tile's first MMA (after its taps 0-2 are on their way)
-                mbarrier.wait(res_bars.index(1), (t & 1) ^ 1)  # the first tile's passes at once
-                mbarrier.expect(res_bars.index(0), 128 * 64 * res_desc.dtype.primitive_bitwidth // 8)
-                _tma_load(res_desc, [img, y0, x0, 0], res_bars.index(0), res_smem)
+        if HALO:
+            for dx in gl.static_range(3):
+                s = load % STAGES
+                mbarrier.wait(empty.index(s), ((load // STAGES) & 1) ^ 1)  # a fresh stage passes at once
+                mbarrier.expect(ready.index(s), HALO_ROWS * 16 * 64)
+                row = s * HALO_ROWS
+                _tma_load(x_desc, [img, y0 - 1, x0 + dx - 1, 0], ready.index(s),
+                          _halo_view(ring, row, [1, 8, 16, 64], _BOX_LAYOUT))
+                _tma_load(x2_desc, [img, y0 + 7, x0 + dx - 1, 0], ready.index(s),
+                          _halo_view(ring, row + 8, [1, 2, 16, 64], _BOX_LAYOUT))
+                load += 1
+                if TMA_RES and dx == 0:  # freed at this tile's first MMA
+                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0)
+        else:
+            for tap in gl.static_range(9):
+                s = load % STAGES
+                if tap % GROUP == 0:  # a new group (9 taps a tile: load % GROUP == tap % GROUP)
+                    g = load // GROUP
+                    mbarrier.wait(empty.index(g % groups), ((g // groups) & 1) ^ 1)  # a fresh group passes at once
+                mbarrier.expect(ready.index(s), 128 * 64)
+                _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
+                load += 1
+                if TMA_RES and tap == 2:  # freed at this tile's first MMA (after its taps 0-2 are on their way)
+                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0)
         t += 1
 
 
@@ -322,7 +367,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr, NEXT_BITS: gl.constexpr,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
-            IN_FLIGHT: gl.constexpr):
+            IN_FLIGHT: gl.constexpr, HALO: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -331,27 +376,46 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     written, and the next codes written, through shared memory by TMA (:func:`_stream_tma_epilogue`;
     the residual box is handed back once the tile's stores have read it, at the next tile's first
     MMA). ``IN_FLIGHT``: taps' MMAs left in flight after each issue (2 with ``GROUP`` 1: each
-    stage released two taps later)."""
+    stage released two taps later). ``HALO``: the stages are halo boxes, each the 3 taps of a
+    column offset ``dx`` as views 0, 1 and 2 image rows into it; a box is released once its last
+    tap's MMA has retired (3 arrivals a tile)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     use = 0
     t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
         acc = gl.zeros([128, 64], gl.int32, layout=_MMA_LAYOUT)
-        for tap in gl.static_range(9):
-            s = use % STAGES
-            mbarrier.wait(ready.index(s), (use // STAGES) & 1)
-            acc = _tap_mma(ring.index(s), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT)
-            if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
-                mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
-            if TMA_RES and tap == 0:
-                if t > 0:  # the previous tile's stores have read the residual box: the producer may refill it
-                    tma.store_wait(0)
-                    mbarrier.arrive(res_bars.index(1))
-            use += 1
+        if HALO:
+            for dx in gl.static_range(3):
+                s = use % STAGES
+                mbarrier.wait(ready.index(s), (use // STAGES) & 1)
+                for dy in gl.static_range(3):
+                    a_smem = _halo_view(ring, s * HALO_ROWS + dy, [128, 64], _HALO_RING)
+                    acc = _tap_mma(a_smem, w_smem.index(dy * 3 + dx), acc, A_SIGNED, IN_FLIGHT)
+                    if dx > 0 and dy == IN_FLIGHT - 1:  # the previous box's last tap has retired
+                        mbarrier.arrive(empty.index((use - 1) % STAGES))
+                    if TMA_RES and dx == 0 and dy == 0 and t > 0:
+                        tma.store_wait(0)  # the previous tile's stores have read the residual box
+                        mbarrier.arrive(res_bars.index(1))
+                use += 1
+        else:
+            for tap in gl.static_range(9):
+                s = use % STAGES
+                mbarrier.wait(ready.index(s), (use // STAGES) & 1)
+                acc = _tap_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT)
+                if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
+                    mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
+                if TMA_RES and tap == 0:
+                    if t > 0:  # the previous tile's stores have read the residual box: the producer may refill it
+                        tma.store_wait(0)
+                        mbarrier.arrive(res_bars.index(1))
+                use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        for k in gl.static_range(IN_FLIGHT):  # the tile's last group (last two taps' with IN_FLIGHT 2)
-            mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
+        if HALO:  # the tile's last box
+            mbarrier.arrive(empty.index((use - 1) % STAGES))
+        else:
+            for k in gl.static_range(IN_FLIGHT):  # the tile's last group (last two taps' with IN_FLIGHT 2)
+                mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
                                 inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT)
@@ -369,14 +433,15 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
 
 
 @gluon.jit
-def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr,
-                              out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
+def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_desc, wsum_ptr, mult_ptr, bias_ptr,
+                              res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                               A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                               SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                               NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr,
                               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
                               GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
-                              IN_FLIGHT: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                              IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, LOADER_REGS: gl.constexpr,
+                              num_warps: gl.constexpr):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -387,11 +452,18 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
     or 3, ``STAGES`` a multiple of it, at least two groups); ``TMA_OUT`` (codes out, no residual:
     stored by TMA); ``TMA_RES`` (an fp16 residual in and result out, with 8-bit next codes or
     none: all by TMA); ``IN_FLIGHT`` (taps' MMAs left in flight: 1, or 2 with ``GROUP`` 1 and 4
-    stages at least) and ``LOADER_REGS``, the producer warp's registers (the rest go to the MMA
-    warpgroup)."""
+    stages at least); ``HALO`` (each tile's input read once per column offset instead of once per
+    tap: 3 stages of ``HALO_ROWS`` image rows, 30 KB a tile instead of 72; ``x2_desc``: boxes
+    (1, 2, 16, 64) of the codes, for each halo box's last 2 rows; ``GROUP`` 1, ``STAGES`` halo
+    boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`) and ``LOADER_REGS``, the producer warp's
+    registers (the rest go to the MMA warpgroup)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
-    gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and STAGES >= 4))
-    ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
+    gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and (STAGES >= 4 or HALO)))
+    gl.static_assert(not HALO or GROUP == 1)
+    if HALO:
+        ring = gl.allocate_shared_memory(gl.int8, [STAGES * HALO_ROWS, 16, 64], _HALO_RING)
+    else:
+        ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES // GROUP, 1], mbarrier.MBarrierLayout())
@@ -417,9 +489,9 @@ def _body_conv_sm90_ws_kernel(x_desc, w_desc, out_desc, res_desc, next_desc, wsu
                                    wsum_ptr, mult_ptr, bias_ptr,
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
-                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT)),
-                        (_ws_loader, (x_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
-                                      SKIP_PAD, STAGES, GROUP, TMA_RES))],
+                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO)),
+                        (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
+                                      items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
                        [1], [LOADER_REGS])
     for k in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(k))
@@ -497,7 +569,8 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
-                   group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1) -> dict:
+                   group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
+                   halo: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -511,7 +584,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
     without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``) and, with
     ``tma_res``, an fp16 stream in and out by TMA (``ops.SM90_TMA_RES``), ``in_flight`` taps' MMAs
-    left in flight (``ops.SM90_IN_FLIGHT``); ``warps`` then counts its producer's warpgroup too."""
+    left in flight (``ops.SM90_IN_FLIGHT``), ``halo``: its input read as halo boxes (``ops.SM90_HALO``;
+    ``stages`` then counts halo boxes; Triton 3.6 only, :data:`HALO_VIEWS`); ``warps`` then counts its
+    producer's warpgroup too."""
     import re
     import subprocess
     import tempfile
@@ -525,7 +600,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     box4 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     box16 = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4))
-    types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", w_desc=f"tensordesc<i8[64, 64],{box2}>",
+    types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", x2_desc=f"tensordesc<i8[1, 2, 16, 64],{box4}>",
+                 w_desc=f"tensordesc<i8[64, 64],{box2}>",
                  out_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", res_desc=f"tensordesc<fp16[1, 8, 16, 64],{box16}>",
                  next_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", wsum_ptr="*i32", mult_ptr="*fp32",
                  bias_ptr="*fp32", res_ptr=f"*{res}", out_ptr=f"*{out}", next_ptr="*u8", items_ptr="*i32", N="i32",
@@ -537,7 +613,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     kernel = _body_conv_sm90_kernel
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
-        consts.update(GROUP=group, IN_FLIGHT=in_flight, TMA_OUT=tma_out and o_bits == 8 and not has_res,
+        consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, TMA_OUT=tma_out and o_bits == 8 and not has_res,
                       TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
@@ -557,7 +633,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         hazards = register_hazards(sass)
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
-                in_flight=in_flight if ws else 1,
+                in_flight=in_flight if ws else 1, halo=halo and ws,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -573,7 +649,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2]``: compile every variant for sm_90 and print one row each (or a JSON list)."""
+    [--in-flight 2] [--halo]``: compile every variant for sm_90 and print one row each (or a JSON
+    list)."""
     import argparse
     import json
 
@@ -586,7 +663,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the twin with the fp16 stream by TMA, for the fp16-stream variants")
     ap.add_argument("--in-flight", type=int, choices=(1, 2), default=1,
                     help="2: also the twin with two taps' MMAs in flight, for every variant")
+    ap.add_argument("--halo", action="store_true",
+                    help="also the twin reading halo boxes, for every variant (ops.SM90_HALO_STAGES boxes; and the "
+                         "fp16 stream by TMA; Triton 3.6's Gluon only)")
     args = ap.parse_args(argv)
+    if args.halo and not HALO_VIEWS:
+        ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
+                 "_reinterpret); this Triton's refuses")
     reports = [compile_report(v, s, ws=ws) for ws in ((False, True) if args.ws else (False,))
                for s in args.stages for v in VARIANTS]
     if args.tma_res:
@@ -594,12 +677,18 @@ def main(argv: list[str] | None = None) -> int:
                     if v[10] == v[11] == "fp16"]
     if args.in_flight == 2:
         reports += [compile_report(v, s, ws=True, in_flight=2) for s in args.stages for v in VARIANTS]
+    if args.halo:
+        from .ops import SM90_HALO_STAGES as boxes
+
+        reports += [compile_report(v, boxes, ws=True, halo=True) for v in VARIANTS]
+        reports += [compile_report(v, boxes, ws=True, halo=True, tma_res=True) for v in VARIANTS
+                    if v[10] == v[11] == "fp16"]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} tma_res={int(r['tma_res'])} "
-              f"in_flight={r['in_flight']} "
+              f"in_flight={r['in_flight']} halo={int(r['halo'])} "
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "

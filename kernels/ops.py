@@ -63,6 +63,16 @@ SM90_IN_FLIGHT = 1
 # run and compiled for sm_90 in CI, not yet run on a GPU: off until a GPU session checks its bits
 # and times it (benchmarks/kernels.py --sm90's "... res" rows).
 SM90_TMA_RES = False
+# The twin reading each tile's input as 3 halo boxes (one per column offset: the tile's 8 rows and
+# one above and below, 10 KB) instead of 9 tap boxes (8 KB each): 30 KB a tile through L2, TMA and
+# shared memory instead of 72, each box's 3 taps being views 0, 1 and 2 rows into it. conv1 moved
+# 56% of the L2's peak on the ninth run; each box is also one barrier wait and one release instead
+# of three. SM90_HALO_STAGES boxes in the ring (12 taps' inputs, against SM90_STAGES' 6). Built
+# after the ninth run, compiled for sm_90 with Triton 3.6 (the views need its Gluon:
+# body_conv_sm90.HALO_VIEWS), not yet run on a GPU: off until a GPU session checks its bits and
+# times it (benchmarks/kernels.py --sm90's "... halo" rows).
+SM90_HALO = False
+SM90_HALO_STAGES = 4
 
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -198,6 +208,7 @@ class LaunchOptions:
     sm90_tma_out: bool | None = None
     sm90_tma_res: bool | None = None
     sm90_in_flight: int | None = None
+    sm90_halo: bool | None = None
 
 
 _options = LaunchOptions()
@@ -211,7 +222,8 @@ def launch_options(**changes):
     / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) / ``sm90_group`` (the twin's stages
     released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
-    flight) instead of the defaults."""
+    flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes)
+    instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -511,11 +523,15 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
 def sm90_settings() -> dict:
     """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
     fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
-    ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``)."""
+    ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``; ``sm90_stages`` of the twin reading halo
+    boxes: ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
-                    sm90_tma_res=SM90_TMA_RES)
-    return {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
+                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO)
+    got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
+    if got["sm90_ws"] and got["sm90_halo"] and _options.sm90_stages is None:
+        got["sm90_stages"] = SM90_HALO_STAGES
+    return got
 
 
 def _tma_box_ok(t: torch.Tensor) -> bool:
@@ -536,11 +552,11 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles). Raises
-    ValueError for a twin's ring that its release groups do not divide, or MMAs in flight it cannot
-    hold."""
+    ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
+    hold, or halo boxes this Triton's Gluon cannot view."""
     from triton.experimental.gluon import language as gl
 
-    from .body_conv_sm90 import TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
+    from .body_conv_sm90 import HALO_VIEWS, TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
 
     n, h, w_, _ = x_packed.shape
     codes = x_packed.view(torch.int8)
@@ -565,9 +581,15 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if group not in (1, 3) or stages % group or stages // group < 2:
             raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
                              f"such groups at least: got {group} of {stages} stages")
-        if in_flight not in (1, 2) or (in_flight == 2 and (group != 1 or stages < 4)):
+        halo = opts["sm90_halo"]
+        if in_flight not in (1, 2) or (in_flight == 2 and (group != 1 or (stages < 4 and not halo))):
             raise ValueError(f"the warp-specialized body conv leaves 1 or 2 taps' MMAs in flight, 2 only with stages "
                              f"released one at a time from a ring of 4 at least: got {in_flight} ({group} of {stages})")
+        if halo and group != 1:
+            raise ValueError(f"the warp-specialized body conv releases halo boxes one at a time: got groups of {group}")
+        if halo and not HALO_VIEWS:
+            raise ValueError(f"halo boxes (sm90_halo) need a Gluon that views shared memory past a view's extent "
+                             f"(Triton 3.6's _reinterpret); Triton {triton.__version__}'s refuses")
         tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and _tma_box_ok(out)
         tma_res = (opts["sm90_tma_res"] and o_bits == 0 and residual is not None
                    and residual.dtype == out.dtype == torch.float16
@@ -581,8 +603,10 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
             out_desc = _box_descriptor(out.view(n, h, w_, 64), box, box16)
             if next_out is not None:
                 next_desc = _box_descriptor(next_out.view(torch.int8).view(n, h, w_, 64), box, box4)
-        kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, w_desc, out_desc, res_desc, next_desc)
-        extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight,
+        # each halo box's last 2 rows (x_desc's 8 are its first; any descriptor when unused)
+        x2_desc = _box_descriptor(codes, [1, 2, TILE_W, 64], box4) if halo else x_desc
+        kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, x2_desc, w_desc, out_desc, res_desc, next_desc)
+        extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
     kernel[grid](
         *descs, wsum, mult, bias, residual if residual is not None else out, out,

@@ -22,6 +22,7 @@ from gdq_engine.quant.packing import pack_codes
 from gdq_engine.quant.quantizer import ActQuant
 
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
+from gdq_engine.kernels.body_conv_sm90 import HALO_VIEWS  # noqa: E402  (after the triton check)
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and not tk.INTERPRET
 _seed = itertools.count(5000)
@@ -153,9 +154,51 @@ def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, sig
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (2, 8, 16), (1, 5, 3), (4, 17, 1)])
+@pytest.mark.parametrize("case", ["conv1", "conv2 scaled", "conv2+next", "conv2+next fp16", "conv2+next fp16 tma"])
+@pytest.mark.parametrize("stages,in_flight", [(None, 1), (2, 2)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_flight, signed):
+    """The twin reading halo boxes (``sm90_halo``: each tap a view 0-2 rows into its column's box),
+    with the default ring and 1 tap in flight, or 2 boxes and 2 taps in flight: conv1's codes,
+    conv2's result and next codes (fp32 / fp16 streams, the latter also by TMA) equal the
+    reference's, on shapes whose tiles overhang the image (the boxes' rows above, below and beside
+    it are TMA's zeros)."""
+    g = gen()
+    n, h, w = shape
+    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
+    x = pack_codes(x_codes, 8).cuda()
+    wt = rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    prep = tk.prepare_conv_weight(wt, 8)
+    res = torch.randn(n, h, w, 64, generator=g)
+    opts = dict(sm90=True, sm90_ws=True, sm90_halo=True, sm90_stages=stages, sm90_in_flight=in_flight,
+                sm90_tma_res=case.endswith("tma"))
+    if case == "conv1":
+        oq = ActQuant(8, False, 0.02)
+        out = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
+        with tk.launch_options(**opts):
+            tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=out)
+        assert torch.equal(out.cpu(), ref.packed_conv3x3(x.cpu(), 8, signed, wt, mult, bias, relu=True, out_quant=oq))
+        return
+    dtype = torch.float16 if "fp16" in case else torch.float32
+    scale = 0.1 if case.endswith("scaled") else 1.0
+    stream = res.to(dtype).cuda()
+    nq = ActQuant(8, True, 0.05) if "next" in case else None
+    nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
+    with tk.launch_options(**opts):
+        tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
+                          out_dtype=dtype, next_quant=nq, next_out=nxt)
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
+    assert torch.equal(stream.cpu(), want)
+    if nq is not None:
+        assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("ws", [False, True])
-def test_gluon_body_conv_skips_the_padding_images(k, ws):
+@pytest.mark.parametrize("ws,halo", [(False, False), (True, False), (True, True)])
+def test_gluon_body_conv_skips_the_padding_images(k, ws, halo):
     """items=k: the first k images are computed; the others' outputs stay as they were."""
     g = gen()
     x_codes = rand_codes((4, 19, 21, 64), 8, True, g)
@@ -164,7 +207,7 @@ def test_gluon_body_conv_skips_the_padding_images(k, ws):
     mult, bias = torch.rand(64, generator=g) * 1e-3, torch.zeros(64)
     out = torch.full((4, 19, 21, 64), 0xA5, dtype=torch.uint8, device="cuda")
     items = torch.tensor([k], dtype=torch.int32, device="cuda")
-    with tk.launch_options(sm90=True, sm90_ws=ws):
+    with tk.launch_options(sm90=True, sm90_ws=ws, sm90_halo=halo):
         tk.packed_conv3x3(x.cuda(), 8, True, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), relu=True,
                           out_quant=ActQuant(8, False, 0.02), out=out, items=items)
     want = ref.packed_conv3x3(x, 8, True, wt, mult, bias, relu=True, out_quant=ActQuant(8, False, 0.02))
@@ -198,13 +241,22 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults():
     """ops.sm90_settings: what a launch gets, field by field, nested launch_options included."""
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
-                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES)
+                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=tk.SM90_HALO)
+    if tk.SM90_WS and tk.SM90_HALO:
+        want["sm90_stages"] = tk.SM90_HALO_STAGES
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
                                               sm90_in_flight=2)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
+    # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
+    with tk.launch_options(sm90_ws=True, sm90_halo=True):
+        assert tk.sm90_settings()["sm90_stages"] == tk.SM90_HALO_STAGES
+        with tk.launch_options(sm90_stages=3):
+            assert tk.sm90_settings()["sm90_stages"] == 3
+    with tk.launch_options(sm90_ws=False, sm90_halo=True):
+        assert tk.sm90_settings()["sm90_stages"] == tk.SM90_STAGES
     assert tk.sm90_settings() == want
 
 
@@ -225,6 +277,7 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
 
     for name in ("_body_conv_sm90_kernel", "_body_conv_sm90_ws_kernel"):
         monkeypatch.setattr(bc, name, Recorder(getattr(bc, name)))
+    monkeypatch.setattr(bc, "HALO_VIEWS", True)  # as with Triton 3.6 (the kernel is not compiled here)
     g = gen()
     n, h, w = 2, 9, 20
     x = pack_codes(rand_codes((n, h, w, 64), 8, True, g), 8)
@@ -241,11 +294,14 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
         tk._sm90_body_into(*conv2, None)
     with tk.launch_options(sm90_ws=False):
         tk._sm90_body_into(*conv2, torch.tensor([1], dtype=torch.int32))
-    box = [1, 8, 16, 64]
+    with tk.launch_options(sm90_ws=True, sm90_halo=True, sm90_tma_res=False, sm90_in_flight=2):
+        tk._sm90_body_into(*conv2, None)
+    box, box2 = [1, 8, 16, 64], [1, 2, 16, 64]
     for (kernel, grid, args, _), (ws, descs) in zip(launches, [
-            (True, [(x, box), (None, [64, 64]), (codes, box), (x, box), (x, box)]),
-            (True, [(x, box), (None, [64, 64]), (stream, box), (stream, box), (nxt, box)]),
-            (False, [(x, box), (None, [64, 64])])]):
+            (True, [(x, box), (x, box), (None, [64, 64]), (codes, box), (x, box), (x, box)]),
+            (True, [(x, box), (x, box), (None, [64, 64]), (stream, box), (stream, box), (nxt, box)]),
+            (False, [(x, box), (None, [64, 64])]),
+            (True, [(x, box), (x, box2), (None, [64, 64]), (x, box), (x, box), (x, box)])]):
         assert len(args) == sum(not p.is_constexpr for p in kernel.params)
         # 8 tiles of 8 x 16 pixels; SM90_PER_SM programs on each of a CPU device's 2 "SMs" (ops._sm_count)
         assert grid == (min(n * 2 * 2, tk.SM90_PER_SM * 2),)
@@ -259,6 +315,18 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     assert launches[1][3]["TMA_RES"] and not launches[1][3]["TMA_OUT"] and launches[1][3]["IN_FLIGHT"] == 2
     assert launches[1][3]["STAGES"] == 4 and launches[1][3]["NEXT_BITS"] == 8
     assert launches[2][3]["SKIP_PAD"] and "TMA_OUT" not in launches[2][3]
+    assert not any(meta["HALO"] for _, _, _, meta in launches[:2])
+    assert launches[3][3]["HALO"] and launches[3][3]["STAGES"] == tk.SM90_HALO_STAGES
+    assert launches[3][3]["IN_FLIGHT"] == 2 and launches[3][3]["GROUP"] == 1
+    # halo boxes are released one at a time, and need Gluon's views past a view's extent
+    with tk.launch_options(sm90_ws=True, sm90_halo=True, sm90_group=3, sm90_stages=6):
+        with pytest.raises(ValueError, match="halo boxes one at a time"):
+            tk._sm90_body_into(*conv2, None)
+    monkeypatch.setattr(bc, "HALO_VIEWS", False)
+    with tk.launch_options(sm90_ws=True, sm90_halo=True):
+        with pytest.raises(ValueError, match="halo boxes .sm90_halo. need"):
+            tk._sm90_body_into(*conv2, None)
+    assert len(launches) == 4
 
 
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
@@ -294,6 +362,46 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["register_hazards"] == 0, r  # no write into an in-flight wgmma's A registers
         # unsigned codes reach the MMA through registers, loaded while the previous tap's MMA runs
         assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
+
+
+def _compile_reports(*flags: str) -> list[dict]:
+    """``python -m gdq_engine.kernels.body_conv_sm90 --json *flags`` in a subprocess without
+    ``TRITON_INTERPRET``: its reports."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", *flags], env=env,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+_NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its source's extent); this Triton refuses them"
+
+
+@pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")
+def test_gluon_body_conv_halo_boxes_compile_for_sm90():
+    """The twin reading halo boxes, every variant (and the fp16 stream by TMA), compiled for sm_90:
+    the same 36 wgmmas and waits; per tile 6 copies of the input (an 8-row and a 2-row box per
+    column offset) and 3 releases (one per box); no spills beyond the fp32 stream's frame."""
+    reports = [r for r in _compile_reports("--halo") if r["halo"]]
+    assert len(reports) == 8 and sum(r["tma_res"] for r in reports) == 1
+    for r in reports:
+        assert r["ws"] and r["warps"] == 8 and r["registers"] <= 128, r
+        assert r["wgmma"] == 36 and r["async_waits"] == 9 and r["fma_f32"] == 0, r
+        conv1 = r["name"].startswith("conv1")
+        # the weights' 9 boxes, the tile's 6 input boxes, the residual's, then the stores
+        stores = 1 if conv1 else 2 * r["tma_res"]
+        assert r["tma_stores"] == stores and r["tma_copies"] == 9 + 6 + r["tma_res"] + stores, r
+        assert r["arrives"] == 3 + r["tma_res"], r
+        assert r["local_bytes"] <= (16 if r["name"] == "conv2+next" else 0), r
+        assert r["shared_bytes"] <= 232448 // 2, r
+        assert r["register_hazards"] == 0 and (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
+
+
+@pytest.mark.skipif(HALO_VIEWS, reason="this Triton's Gluon has the halo's views (the test above compiles them)")
+def test_gluon_body_conv_halo_is_refused_by_name_where_gluon_cannot_view_it():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--halo"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Triton 3.6" in done.stderr and "refuses" in done.stderr
 
 
 def _sass(*instructions: str) -> str:
