@@ -577,8 +577,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``in_flight`` for the twin: taps' MMAs left in flight), ``tma_copies`` (TMA copy
     instructions), ``tma_stores`` (those into global memory), ``arrives`` (plain mbarrier
     arrivals: the twin's stage releases), ``fma_f32`` (fused multiply-adds, which the numeric
-    contract forbids) and, from the SASS, :func:`register_hazards`
-    (``register_hazards``, ``loads_in_flight``; None without cuobjdump). Defaults: the engine's
+    contract forbids) and, from the SASS, :func:`register_hazards` (``register_hazards``,
+    ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``) and
+    mbarrier operations (``mbarrier_ops``), all None without cuobjdump. Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
@@ -622,7 +623,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
-    usage, hazards = {}, (None, None)
+    usage, hazards, counts = {}, (None, None), {}
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -631,6 +632,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
             text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
             sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
         hazards = register_hazards(sass)
+        ops = [tokens[0] for tokens in _sass_lines(sass)]
+        counts = dict(instructions=len(ops), bar_syncs=sum(op.startswith("BAR.SYNC") for op in ops),
+                      mbarrier_ops=sum(op.startswith("SYNCS") for op in ops))
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
                 in_flight=in_flight if ws else 1, halo=halo and ws,
@@ -644,7 +648,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 tma_stores=len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.global\.shared", ptx)),
                 arrives=len(re.findall(r"\bmbarrier\.arrive\.shared::cta\.b64 _, \[%r\d+\];", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), register_hazards=hazards[0],
-                loads_in_flight=hazards[1])
+                loads_in_flight=hazards[1], instructions=counts.get("instructions"),
+                bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
-              f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']}")
+              f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
+              f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']}")
     return 0
 
 
