@@ -78,7 +78,7 @@ _BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_b
 # A tap's MMA operand starts 0, 1 or 2 rows into a box and spans 8 rows, past the 1 KB view that
 # indexing the ring gives. Triton 3.6's Gluon reinterprets a view past its extent (`_reinterpret`);
 # 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
-# start a 128-row operand 16 rows into a buffer, so the halo needs the former.
+# start a 128-row operand 16 or 32 rows into a buffer, so the halo needs the former.
 HALO_VIEWS = hasattr(gl.shared_memory_descriptor, "_reinterpret")
 
 
@@ -453,10 +453,10 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     stored by TMA); ``TMA_RES`` (an fp16 residual in and result out, with 8-bit next codes or
     none: all by TMA); ``IN_FLIGHT`` (taps' MMAs left in flight: 1, or 2 with ``GROUP`` 1 and 4
     stages at least); ``HALO`` (each tile's input read once per column offset instead of once per
-    tap: 3 stages of ``HALO_ROWS`` image rows, 30 KB a tile instead of 72; ``x2_desc``: boxes
-    (1, 2, 16, 64) of the codes, for each halo box's last 2 rows; ``GROUP`` 1, ``STAGES`` halo
-    boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`) and ``LOADER_REGS``, the producer warp's
-    registers (the rest go to the MMA warpgroup)."""
+    tap: 3 halo boxes of ``HALO_ROWS`` image rows, a stage each, 30 KB a tile instead of 72;
+    ``x2_desc``: boxes (1, 2, 16, 64) of the codes, for each halo box's last 2 rows; ``GROUP`` 1,
+    ``STAGES`` boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`) and ``LOADER_REGS``, the
+    producer warp's registers (the rest go to the MMA warpgroup)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and (STAGES >= 4 or HALO)))
     gl.static_assert(not HALO or GROUP == 1)

@@ -329,14 +329,26 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     assert len(launches) == 4
 
 
+def _compile_cli(*flags: str) -> subprocess.CompletedProcess:
+    """``python -m gdq_engine.kernels.body_conv_sm90 *flags`` in a subprocess without
+    ``TRITON_INTERPRET`` (it compiles for sm_90 with Triton's ptxas, no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", *flags], env=env,
+                          capture_output=True, text=True)
+
+
+def _compile_reports(*flags: str) -> list[dict]:
+    """The CLI's JSON reports for ``flags`` (:func:`_compile_cli`); its error output if it fails."""
+    done = _compile_cli("--json", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
     fused multiply-adds."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", "--ws", "--tma-res",
-                           "--in-flight", "2"], env=env, capture_output=True, text=True, check=True)
-    reports = json.loads(done.stdout)
+    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2")
     assert len(reports) >= 12
     assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
@@ -362,15 +374,6 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["register_hazards"] == 0, r  # no write into an in-flight wgmma's A registers
         # unsigned codes reach the MMA through registers, loaded while the previous tap's MMA runs
         assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
-
-
-def _compile_reports(*flags: str) -> list[dict]:
-    """``python -m gdq_engine.kernels.body_conv_sm90 --json *flags`` in a subprocess without
-    ``TRITON_INTERPRET``: its reports."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--json", *flags], env=env,
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
 
 
 _NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its source's extent); this Triton refuses them"
@@ -404,10 +407,8 @@ def test_gluon_body_conv_halo_boxes_compile_for_sm90():
 
 @pytest.mark.skipif(HALO_VIEWS, reason="this Triton's Gluon has the halo's views (the test above compiles them)")
 def test_gluon_body_conv_halo_is_refused_by_name_where_gluon_cannot_view_it():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.body_conv_sm90", "--halo"], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "Triton 3.6" in done.stderr and "refuses" in done.stderr
+    done = _compile_cli("--halo")
+    assert done.returncode == 2 and "Triton 3.6" in done.stderr and "refuses" in done.stderr, done.stderr
 
 
 def _sass(*instructions: str) -> str:
