@@ -66,6 +66,12 @@ def environment() -> dict:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+        try:  # the Gluon body conv's settings as a launch now gets them (GDQ_SM90_* included)
+            from gdq_engine.kernels import ops as tk
+
+            env["sm90_body"] = dict(enabled=tk.SM90_BODY, **tk.sm90_settings())
+        except ImportError:
+            pass
     try:
         import triton
 

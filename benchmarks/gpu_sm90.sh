@@ -5,8 +5,9 @@
 #                                        # reference), then kernels.py --sm90: both kernels on the
 #                                        # same inputs in one run, and its ring depth x programs per SM
 #     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
-#                                        # with the body convs on each kernel (flat, Gluon, Gluon
-#                                        # warp-specialized), two processes each
+#                                        # with the body convs on each kernel (flat, Gluon
+#                                        # warp-specialized, the latter with halo boxes), two
+#                                        # processes each
 #
 # No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
 # extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
@@ -29,11 +30,12 @@ export PYTHONPATH=$PWD
 if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
     # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
-    # Gluon kernel, w its warp-specialized twin
-    for run in ${RUNS:-0a 1a wa 0b 1b wb}; do
+    # first-built Gluon kernel, w its warp-specialized twin, h the twin reading halo boxes
+    for run in ${RUNS:-0a wa ha 0b wb hb}; do
         body=${run:0:1}
         step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
-            GDQ_SM90_WS=$([ "$body" = w ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
+            GDQ_SM90_WS=$([ "$body" = w ] || [ "$body" = h ] && echo 1 || echo 0) \
+            GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then

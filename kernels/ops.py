@@ -70,8 +70,9 @@ SM90_TMA_RES = False
 # of three. SM90_HALO_STAGES boxes in the ring (12 taps' inputs, against SM90_STAGES' 6). Built
 # after the ninth run, compiled for sm_90 with Triton 3.6 (the views need its Gluon:
 # body_conv_sm90.HALO_VIEWS), not yet run on a GPU: off until a GPU session checks its bits and
-# times it (benchmarks/kernels.py --sm90's "... halo" rows).
-SM90_HALO = False
+# times it (benchmarks/kernels.py --sm90's "... halo" rows). GDQ_SM90_HALO=1 turns it on where the
+# Triton can build it (elsewhere the twin keeps its tap boxes; asked for by launch_options, it raises).
+SM90_HALO = os.environ.get("GDQ_SM90_HALO", "0") == "1"
 SM90_HALO_STAGES = 4
 
 
@@ -523,12 +524,17 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
 def sm90_settings() -> dict:
     """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
     fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
-    ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``; ``sm90_stages`` of the twin reading halo
-    boxes: ``SM90_HALO_STAGES``)."""
+    ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``; ``sm90_halo``: ``SM90_HALO`` where this
+    Triton's Gluon can build halo boxes; ``sm90_stages`` of the twin reading them:
+    ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
                     sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
+    if got["sm90_halo"] and _options.sm90_halo is None:
+        from . import body_conv_sm90
+
+        got["sm90_halo"] = body_conv_sm90.HALO_VIEWS  # the default only where it can be built
     if got["sm90_ws"] and got["sm90_halo"] and _options.sm90_stages is None:
         got["sm90_stages"] = SM90_HALO_STAGES
     return got

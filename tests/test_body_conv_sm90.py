@@ -237,13 +237,12 @@ def test_gluon_body_conv_applies_only_where_it_can():
                 tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
-def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults():
+def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(monkeypatch):
     """ops.sm90_settings: what a launch gets, field by field, nested launch_options included."""
+    monkeypatch.setattr(tk, "SM90_HALO", False)  # GDQ_SM90_HALO=1 aside (checked below)
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
-                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=tk.SM90_HALO)
-    if tk.SM90_WS and tk.SM90_HALO:
-        want["sm90_stages"] = tk.SM90_HALO_STAGES
+                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2):
@@ -258,6 +257,17 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults():
     with tk.launch_options(sm90_ws=False, sm90_halo=True):
         assert tk.sm90_settings()["sm90_stages"] == tk.SM90_STAGES
     assert tk.sm90_settings() == want
+    # halo boxes by default (GDQ_SM90_HALO=1) only where this Triton's Gluon builds them; asked for, always
+    from gdq_engine.kernels import body_conv_sm90 as bc
+
+    monkeypatch.setattr(tk, "SM90_HALO", True)
+    for views in (True, False):
+        monkeypatch.setattr(bc, "HALO_VIEWS", views)
+        got = tk.sm90_settings()
+        assert got["sm90_halo"] == views
+        assert got["sm90_stages"] == (tk.SM90_HALO_STAGES if views and tk.SM90_WS else tk.SM90_STAGES)
+        with tk.launch_options(sm90_halo=True):
+            assert tk.sm90_settings()["sm90_halo"]
 
 
 def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
