@@ -49,6 +49,15 @@ def _launch(x, signed, prep, mult, bias, kw, sm90: bool, poison):
     return got.cpu(), None if kw.get("next_out") is None else kw["next_out"].cpu()
 
 
+def _conv_inputs(shape, signed: bool, g):
+    """Fresh random 8-bit codes of (N, H, W, 64) (and packed, on the GPU), 64 -> 64 weights and
+    per-channel multipliers and biases: (codes, packed codes, weights, mult, bias)."""
+    x_codes = rand_codes((*shape, 64), 8, signed, g)
+    wt = rand_weights(64, 64, 8, g)
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    return x_codes, pack_codes(x_codes, 8).cuda(), wt, mult, bias
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (the kernel is compiled for sm_90 on any machine below)")
 @pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (2, 8, 16), (1, 5, 3), (4, 17, 1)])
 @pytest.mark.parametrize("case", ["conv1", "conv2", "conv2 scaled", "conv2+next", "conv2+next fp16", "fp32 out"])
@@ -102,10 +111,7 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, grou
     bits: conv2 with the next codes on an fp16 stream and conv1 against the reference."""
     g = gen()
     n, h, w = 3, 37, 50
-    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
-    x = pack_codes(x_codes, 8).cuda()
-    wt = rand_weights(64, 64, 8, g)
-    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
     prep = tk.prepare_conv_weight(wt, 8)
     res = torch.randn(n, h, w, 64, generator=g).half()
     nq, oq = ActQuant(8, True, 0.05), ActQuant(8, False, 0.02)
@@ -132,10 +138,7 @@ def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, sig
     ``res_scale`` too, on shapes whose tiles overhang the image."""
     g = gen()
     n, h, w = shape
-    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
-    x = pack_codes(x_codes, 8).cuda()
-    wt = rand_weights(64, 64, 8, g)
-    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
     res = torch.randn(n, h, w, 64, generator=g).half()
     scale = 0.1 if case == "scaled" else 1.0
     stream = res.cuda()
@@ -166,10 +169,7 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
     it are TMA's zeros)."""
     g = gen()
     n, h, w = shape
-    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
-    x = pack_codes(x_codes, 8).cuda()
-    wt = rand_weights(64, 64, 8, g)
-    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
     prep = tk.prepare_conv_weight(wt, 8)
     res = torch.randn(n, h, w, 64, generator=g)
     opts = dict(sm90=True, sm90_ws=True, sm90_halo=True, sm90_stages=stages, sm90_in_flight=in_flight,
