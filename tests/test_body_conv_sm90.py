@@ -390,7 +390,7 @@ _NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its sourc
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")
-def test_gluon_body_conv_halo_boxes_compile_for_sm90():
+def test_gluon_body_conv_with_halo_boxes_compiles_for_sm90():
     """The twin reading halo boxes, every variant (and the fp16 stream by TMA), compiled for sm_90:
     the same 36 wgmmas and waits; per tile 6 copies of the input (an 8-row and a 2-row box per
     column offset) and 3 releases (one per box); no spills beyond the fp32 stream's frame; fewer
