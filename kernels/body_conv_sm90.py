@@ -272,6 +272,14 @@ def _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0):
 
 
 @gluon.jit
+def _hand_back_residual(res_bars):
+    """The MMA warpgroup's side of :func:`_load_residual`: once the previous tile's stores have read
+    the residual box, the producer may refill it (``res_bars``' second barrier)."""
+    tma.store_wait(0)
+    mbarrier.arrive(res_bars.index(1))
+
+
+@gluon.jit
 def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
                SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr,
                HALO: gl.constexpr):
@@ -395,8 +403,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                     if dx > 0 and dy == IN_FLIGHT - 1:  # the previous box's last tap has retired
                         mbarrier.arrive(empty.index((use - 1) % STAGES))
                     if TMA_RES and dx == 0 and dy == 0 and t > 0:
-                        tma.store_wait(0)  # the previous tile's stores have read the residual box
-                        mbarrier.arrive(res_bars.index(1))
+                        _hand_back_residual(res_bars)
                 use += 1
         else:
             for tap in gl.static_range(9):
@@ -405,10 +412,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                 acc = _tap_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT)
                 if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
                     mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
-                if TMA_RES and tap == 0:
-                    if t > 0:  # the previous tile's stores have read the residual box: the producer may refill it
-                        tma.store_wait(0)
-                        mbarrier.arrive(res_bars.index(1))
+                if TMA_RES and tap == 0 and t > 0:
+                    _hand_back_residual(res_bars)
                 use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if HALO:  # the tile's last box
