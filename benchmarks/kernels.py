@@ -347,7 +347,8 @@ def main(argv=None) -> int:
         default = tk.sm90_settings()  # as the engine runs it on sm_90
         # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, halo boxes (their own
         # ring depth), and halo boxes with each of the others
-        halo = dict(default, sm90_ws=True, sm90_group=1, sm90_halo=True, sm90_stages=tk.SM90_HALO_STAGES)
+        with tk.launch_options(sm90_ws=True, sm90_group=1, sm90_halo=True):
+            halo = tk.sm90_settings()  # the halo's ring depth as a launch gets it
         knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), halo,
                  dict(halo, sm90_tma_res=True), dict(halo, sm90_in_flight=2))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
