@@ -74,7 +74,8 @@ _EPI_LAYOUT = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_
 # boxes, so a view may start at any row), HALO_ROWS of them a box.
 HALO_ROWS = gl.constexpr(TILE_H + 2)  # the tile's 8 rows, one above and one below
 _HALO_RING = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
-_BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))  # x_desc's
+# the 8-bit codes' TMA boxes (1, 8, 16, 64) and (1, 2, 16, 64): the launcher's descriptors use it too
+_BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
 # A tap's MMA operand starts 0, 1 or 2 rows into a box and spans 8 rows, past the 1 KB view that
 # indexing the ring gives. Triton 3.6's Gluon reinterprets a view past its extent (`_reinterpret`);
 # 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
@@ -603,7 +604,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     from triton.experimental.gluon._runtime import GluonASTSource
 
     name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant
-    box4 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4))
+    box4 = repr(_BOX_LAYOUT.value)
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     box16 = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4))
     types = dict(x_desc=f"tensordesc<i8[1, 8, 16, 64],{box4}>", x2_desc=f"tensordesc<i8[1, 2, 16, 64],{box4}>",

@@ -562,13 +562,20 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     hold, or halo boxes this Triton's Gluon cannot view."""
     from triton.experimental.gluon import language as gl
 
-    from .body_conv_sm90 import HALO_VIEWS, TILE_H, TILE_W, _body_conv_sm90_kernel, _body_conv_sm90_ws_kernel
+    from .body_conv_sm90 import (
+        _BOX_LAYOUT,
+        HALO_VIEWS,
+        TILE_H,
+        TILE_W,
+        _body_conv_sm90_kernel,
+        _body_conv_sm90_ws_kernel,
+    )
 
     n, h, w_, _ = x_packed.shape
     codes = x_packed.view(torch.int8)
     if codes.data_ptr() % 16:  # TMA needs 16-byte aligned bases
         codes = codes.clone()
-    box4 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=4)
+    box4 = _BOX_LAYOUT.value  # the kernel's views of these boxes (halo) assume the same layout
     box2 = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
     box = [1, TILE_H, TILE_W, 64]
     x_desc = _box_descriptor(codes, box, box4)
