@@ -6,8 +6,8 @@
 #                                        # same inputs in one run, and its ring depth x programs per SM
 #     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
 #                                        # with the body convs on each kernel (flat, Gluon
-#                                        # warp-specialized, the latter with halo boxes), two
-#                                        # processes each
+#                                        # warp-specialized, the latter with its conversions by
+#                                        # adds, with halo boxes), two processes each
 #
 # No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
 # extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
@@ -30,24 +30,27 @@ export PYTHONPATH=$PWD
 if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
     # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
-    # first-built Gluon kernel, w its warp-specialized twin, h the twin reading halo boxes
-    for run in ${RUNS:-0a wa ha 0b wb hb}; do
+    # first-built Gluon kernel, w its warp-specialized twin, c the twin with its conversions by adds,
+    # h the twin reading halo boxes
+    for run in ${RUNS:-0a wa ca ha 0b wb cb hb}; do
         body=${run:0:1}
         step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
-            GDQ_SM90_WS=$([ "$body" = w ] || [ "$body" = h ] && echo 1 || echo 0) \
+            GDQ_SM90_WS=$(case $body in w|c|h) echo 1;; *) echo 0;; esac) \
+            GDQ_SM90_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) \
             GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
     # the second call: the knobs' tests (and the bit-exact ones of conv1, of conv2 + next codes on
-    # the fp16 stream, of that stream by TMA and of the halo boxes; not the compile checks), the
+    # the fp16 stream, of that stream by TMA, of the halo boxes and of the conversions by adds; not
+    # the compile checks), the
     # A/B and knob rows again, then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels,
     # the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile;
     # the next 6 are profiled), and on the twin reading halo boxes (NCU_HALO); last, the Gluon
     # kernel's stall samples per SASS instruction (its conv1 and conv2 on the fp16 stream)
     step tests_knobs 220 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py \
-        -k "(halo and not compile) or knobs or skips or applies or by_tma or (equals and (conv1 or fp16))"
+        -k "(halo and not compile) or knobs or skips or applies or by_tma or by_adds or (equals and (conv1 or fp16))"
     step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \

@@ -46,14 +46,15 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool]:
-    """"STAGES,PER_SM,ROWS[,WS[,HALO]]" -> (ring stages, programs per SM, row-layout epilogue,
-    warp-specialized, halo boxes: the stages then count boxes)."""
+def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool]:
+    """"STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]]" -> (ring stages, programs per SM, row-layout epilogue,
+    warp-specialized, halo boxes: the stages then count boxes, the epilogue's conversions by adds)."""
     parts = text.split(",")
-    if len(parts) not in (3, 4, 5) or not all(q.strip().isdigit() for q in parts):
-        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO]] (3 to 5 integers), got {text!r}")
-    stages, per_sm, rows, ws, halo = (int(q) for q in parts + ["0"] * (5 - len(parts)))
-    return stages, per_sm, bool(rows), bool(ws), bool(halo)
+    if len(parts) not in (3, 4, 5, 6) or not all(q.strip().isdigit() for q in parts):
+        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]] (3 to 6 integers), "
+                                         f"got {text!r}")
+    stages, per_sm, rows, ws, halo, cvt = (int(q) for q in parts + ["0"] * (6 - len(parts)))
+    return stages, per_sm, bool(rows), bool(ws), bool(halo), bool(cvt)
 
 
 def main(argv=None) -> int:
@@ -63,10 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
     p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
                    help="one tile config for the three integer convs (default: the H200's autotuned picks)")
-    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS[,HALO]]",
+    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]]",
                    help="also conv1 and conv2 on the fp16 stream on the Gluon body conv (kernels/body_conv_sm90.py) "
-                        "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes), "
-                        "as conv1_sm90 and conv2_fp16_sm90")
+                        "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes; "
+                        "CVT 1: its epilogue's conversions by adds, the 64-channel weights then drawn as a Gaussian "
+                        "layer's codes, whose sums they cover), as conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -87,11 +89,13 @@ def main(argv=None) -> int:
     def codes(lo: int, hi: int) -> torch.Tensor:  # 8-bit codes, one per byte, stored as uint8
         return torch.randint(lo, hi + 1, (n, hw, hw, c), device=dev, generator=g).to(torch.uint8)
 
-    def weights(cout: int):
+    def weights(cout: int, gaussian: bool = False):
         w = torch.randint(-127, 128, (cout, c, 3, 3), device=dev, generator=g).to(torch.int8)
+        if gaussian:  # rounded N(0, 32^2): sums below 2**22 (ops.fp32_sums_by_add), as the shipped EDSR's
+            w = (torch.randn((cout, c, 3, 3), device=dev, generator=g) * 32).round().clamp(-127, 127).to(torch.int8)
         return tk.prepare_conv_weight(w, 8), torch.rand(cout, device=dev, generator=g) * 1e-4
 
-    w64, mult64 = weights(64)
+    w64, mult64 = weights(64, gaussian=bool(args.sm90 and args.sm90[5]))
     w256, mult256 = weights(256)
     bias64, bias256 = torch.zeros(64, device=dev), torch.zeros(256, device=dev)
     res = torch.randn(n, hw, hw, c, device=dev, generator=g)
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
             config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
         sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1], sm90_epi_rows=args.sm90[2],
-                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4]) if name.endswith("_sm90") else dict(sm90=False)
+                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4], sm90_cvt_add=args.sm90[5]) \
+            if name.endswith("_sm90") else dict(sm90=False)
         with tk.launch_options(config=config, **sm90):
             launches[name](x)
 

@@ -34,6 +34,13 @@ fp32 / fp16 result, optionally with the next conv's 8-bit codes; the same sequen
 fp32 operations (compiled without FMA contraction). ``EPI_ROWS`` first moves the sums from the MMA
 layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 byte accesses.
 
+* **Conversions by adds** (``ROUND_ADD``, ``I2F_ADD``, the twin only; off by default until a GPU times them:
+  ``ops.SM90_CVT_ADD``): Hopper's conversion pipe (XU) runs 16 lanes a cycle per SM, an eighth of
+  the fp32 pipe, and the epilogue spent three of its instructions per value (int -> float, floor,
+  float -> int): 24,576 a tile, about 1,500 cycles of an SM. The codes come from a clamp and one
+  add rounding toward minus infinity (:func:`_requantize`), the floats, where the weights bound
+  every sum below ``2**22``, from an integer add and an fp32 subtraction (:func:`_to_float`): the
+  same bits by construction.
 * **Halo boxes** (``HALO``, the twin only; off by default until a GPU times it: ``ops.SM90_HALO``):
   each tile's input as 3 boxes, one per column offset ``dx``, of ``HALO_ROWS`` image rows (the
   tile's 8 and one above and below: an 8-row and a 2-row TMA copy), 30 KB a tile instead of 9 tap
@@ -149,23 +156,49 @@ def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr
 
 
 @gluon.jit
-def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr):
+def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constexpr = False):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
-    Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only)."""
+    Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only).
+
+    ``BY_ADD``: the same codes without the conversion pipe (XU: 16 lanes a cycle per SM on Hopper,
+    an eighth of the fp32 pipe's), whose ``floor`` and float -> int conversion cost two of its
+    instructions per element. With ``t = y * inv_s + 0.5`` as before: ``t`` clamped to
+    ``[LO, HI]`` first (for integer bounds, floor and clamp commute; NaN goes to ``LO`` either
+    way), then one fp32 add rounding toward minus infinity of ``1.5 * 2**23``, whose sum lies in
+    ``[2**23, 2**24)`` where the floats are the integers: its bits are ``0x4B400000 + floor(t)``.
+    ``t`` is never subnormal (a sum with 0.5 is 0 or at least ``2**-25`` in magnitude), so
+    flushing subnormals, which the floor does, changes nothing."""
     t = y * inv_s
     t = t + 0.5
+    if BY_ADD:
+        t = gl.minimum(gl.maximum(t, LO), HI)
+        bits = gl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,f", [t], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+        return bits - 0x4B400000
     return gl.minimum(gl.maximum(gl.floor(t), LO), HI).to(gl.int32)
 
 
 @gluon.jit
-def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU: gl.constexpr, layout: gl.constexpr):
+def _to_float(acc, BY_ADD: gl.constexpr = False):
+    """int32 -> fp32, rounded to nearest as ``.to``. ``BY_ADD`` (only for ``|acc| < 2**22``, which
+    the launcher proves from the weights: ``ops.fp32_sums_by_add``): without the conversion pipe,
+    as the bits ``0x4B400000 + acc`` (the float ``1.5 * 2**23 + acc``, exact in ``[2**23, 2**24)``)
+    minus ``1.5 * 2**23``, an exact difference: ``acc`` itself, as the conversion gives it."""
+    if BY_ADD:
+        return (acc + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+    return acc.to(gl.float32)
+
+
+@gluon.jit
+def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU: gl.constexpr, layout: gl.constexpr,
+                I2F_ADD: gl.constexpr = False):
     """int32 sums (128, 64) in ``layout`` -> fp32: ``128 * sum(w)`` added back for unsigned codes,
     times the channels' multipliers, plus their biases, ReLU; separate fp32 operations, in
-    ``conv3x3._epilogue``'s order."""
+    ``conv3x3._epilogue``'s order (``I2F_ADD``: :func:`_to_float`'s ``BY_ADD``)."""
     ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
     if not A_SIGNED:  # the MMA took code - 128: add 128 * sum(w) back
         acc += 128 * gl.load(wsum_ptr + ch)[None, :]
-    yv = acc.to(gl.float32) * gl.load(mult_ptr + ch)[None, :]
+    yv = _to_float(acc, I2F_ADD) * gl.load(mult_ptr + ch)[None, :]
     yv = yv + gl.load(bias_ptr + ch)[None, :]
     if RELU:
         yv = gl.maximum(yv, 0.0)
@@ -176,10 +209,12 @@ def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU:
 def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
-                   NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, EPI_ROWS: gl.constexpr):
+                   NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, EPI_ROWS: gl.constexpr,
+                   ROUND_ADD: gl.constexpr = False, I2F_ADD: gl.constexpr = False):
     """int32 sums (128, 64) of ``tile`` in the MMA's layout -> the stored result, by masked stores;
     ``EPI_ROWS``: from rows of 8 channels per thread (the sums moved there through shared memory:
-    8-32 byte accesses instead of the MMA layout's 2-8)."""
+    8-32 byte accesses instead of the MMA layout's 2-8). ``ROUND_ADD``, ``I2F_ADD``: codes and
+    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`)."""
     layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
     if EPI_ROWS:
         acc = gl.convert_layout(acc, _EPI_LAYOUT)
@@ -192,7 +227,7 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
     offs = pix[:, None] * 64 + ch[None, :]
     mask = m_ok[:, None] & (ch < 64)[None, :]
-    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
     if HAS_RES:
         if SCALE_RES:
             yv = yv * res_scale
@@ -204,10 +239,10 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
         if NEXT_BITS > 0:
             if out_ptr.dtype.element_ty != gl.float32:
                 yv = stored.to(gl.float32)
-            codes = _requantize(yv, inv_s_next, NEXT_LO, NEXT_HI) & 0xFF
+            codes = _requantize(yv, inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD) & 0xFF
             gl.store(next_ptr + offs, codes.to(gl.uint8), mask=mask)
     else:
-        codes = _requantize(yv, inv_s_out, O_LO, O_HI) & 0xFF
+        codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD) & 0xFF
         gl.store(out_ptr + offs, codes.to(gl.uint8), mask=mask)
 
 
@@ -327,13 +362,13 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
 @gluon.jit
 def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem, inv_s_out,
                         A_SIGNED: gl.constexpr, RELU: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
-                        layout: gl.constexpr):
+                        layout: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr):
     """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> 8-bit codes, stored by TMA: into
     ``code_smem`` (one (1, 8, 16, 64) box, once the previous tile's store has read it), then one
     bulk copy, which drops the rows and columns outside the image. (conv1: no residual.)"""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
-    codes = _requantize(yv, inv_s_out, O_LO, O_HI).to(gl.int8)  # 0..255 -> the byte, as int8
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
+    codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD).to(gl.int8)  # 0..255 -> the byte, as int8
     tma.store_wait(0)
     code_smem.reshape([128, 64]).store(codes)
     fence_async_shared()
@@ -344,7 +379,8 @@ def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_
 def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem, res_landed, phase,
                          code_smem, out_desc, next_desc, res_scale, inv_s_next, A_SIGNED: gl.constexpr,
                          RELU: gl.constexpr, SCALE_RES: gl.constexpr, NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr,
-                         NEXT_HI: gl.constexpr, layout: gl.constexpr):
+                         NEXT_HI: gl.constexpr, layout: gl.constexpr, ROUND_ADD: gl.constexpr,
+                         I2F_ADD: gl.constexpr):
     """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> the residual stream updated
     (fp16) and the next conv's 8-bit codes, through shared memory both ways: the residual box
     (landed by TMA on ``res_landed``, phase ``phase``) is read in the MMA layout, overwritten with
@@ -352,7 +388,7 @@ def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias
     :func:`_body_epilogue`'s. The caller makes sure the previous tile's stores have read
     ``code_smem`` (``tma.store_wait``) before this runs."""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
     if SCALE_RES:
         yv = yv * res_scale
     box = res_smem.reshape([128, 64])
@@ -361,7 +397,7 @@ def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias
     stored = yv.to(res_smem.dtype)
     box.store(stored)
     if NEXT_BITS > 0:
-        codes = _requantize(stored.to(gl.float32), inv_s_next, NEXT_LO, NEXT_HI).to(gl.int8)
+        codes = _requantize(stored.to(gl.float32), inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD).to(gl.int8)
         code_smem.reshape([128, 64]).store(codes)
     fence_async_shared()
     _tma_store(out_desc, [img, y0, x0, 0], res_smem)
@@ -376,7 +412,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr, NEXT_BITS: gl.constexpr,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
-            IN_FLIGHT: gl.constexpr, HALO: gl.constexpr):
+            IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -387,7 +423,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     MMA). ``IN_FLIGHT``: taps' MMAs left in flight after each issue (2 with ``GROUP`` 1: each
     stage released two taps later). ``HALO``: the stages are halo boxes, each the 3 taps of a
     column offset ``dx`` as views 0, 1 and 2 image rows into it; a box is released once its last
-    tap's MMA has retired (3 arrivals a tile)."""
+    tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and
+    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     use = 0
@@ -424,15 +461,16 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                 mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
-                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT)
+                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT, ROUND_ADD, I2F_ADD)
         elif TMA_RES:
             _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem,
                                  res_bars.index(0), t & 1, code_smem, out_desc, next_desc, res_scale, inv_s_next,
-                                 A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, _MMA_LAYOUT)
+                                 A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, _MMA_LAYOUT, ROUND_ADD,
+                                 I2F_ADD)
         else:
             _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                            next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
-                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS)
+                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS, ROUND_ADD, I2F_ADD)
         t += 1
     if TMA_OUT or TMA_RES:
         tma.store_wait(0)  # the last stores have read their boxes before the program ends
@@ -447,7 +485,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, EPI_ROWS: gl.constexpr,
                               GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
                               IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, LOADER_REGS: gl.constexpr,
-                              num_warps: gl.constexpr):
+                              num_warps: gl.constexpr, ROUND_ADD: gl.constexpr = False,
+                              I2F_ADD: gl.constexpr = False):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -461,8 +500,10 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     stages at least); ``HALO`` (each tile's input read once per column offset instead of once per
     tap: 3 halo boxes of ``HALO_ROWS`` image rows, a stage each, 30 KB a tile instead of 72;
     ``x2_desc``: boxes (1, 2, 16, 64) of the codes, for each halo box's last 2 rows; ``GROUP`` 1,
-    ``STAGES`` boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`) and ``LOADER_REGS``, the
-    producer warp's registers (the rest go to the MMA warpgroup)."""
+    ``STAGES`` boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`), ``LOADER_REGS``, the
+    producer warp's registers (the rest go to the MMA warpgroup), and ``ROUND_ADD`` / ``I2F_ADD``
+    (the epilogue's codes / floats by adds instead of the conversion pipe: :func:`_requantize`,
+    :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22`` in magnitude)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and (STAGES >= 4 or HALO)))
     gl.static_assert(not HALO or GROUP == 1)
@@ -495,7 +536,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                                    wsum_ptr, mult_ptr, bias_ptr,
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
-                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO)),
+                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
+                                   I2F_ADD)),
                         (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
                                       items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
                        [1], [LOADER_REGS])
@@ -576,7 +618,7 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
                    group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
-                   halo: bool = False) -> dict:
+                   halo: bool = False, cvt_add: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -584,8 +626,10 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     instructions), ``tma_stores`` (those into global memory), ``arrives`` (plain mbarrier
     arrivals: the twin's stage releases), ``fma_f32`` (fused multiply-adds, which the numeric
     contract forbids) and, from the SASS, :func:`register_hazards` (``register_hazards``,
-    ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``) and
-    mbarrier operations (``mbarrier_ops``), all None without cuobjdump. Defaults: the engine's
+    ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``),
+    mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
+    F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
+    infinity in the PTX (``cvt_add``'s codes). Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
@@ -593,7 +637,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``tma_res``, an fp16 stream in and out by TMA (``ops.SM90_TMA_RES``), ``in_flight`` taps' MMAs
     left in flight (``ops.SM90_IN_FLIGHT``), ``halo``: its input read as halo boxes (``ops.SM90_HALO``;
     ``stages`` then counts halo boxes; Triton 3.6 only, :data:`HALO_VIEWS`); ``warps`` then counts its
-    producer's warpgroup too."""
+    producer's warpgroup too. ``cvt_add``: the twin's epilogue with its codes and floats by adds
+    (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``)."""
     import re
     import subprocess
     import tempfile
@@ -620,7 +665,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     kernel = _body_conv_sm90_kernel
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
-        consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, TMA_OUT=tma_out and o_bits == 8 and not has_res,
+        consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
+                      TMA_OUT=tma_out and o_bits == 8 and not has_res,
                       TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
@@ -640,10 +686,11 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         hazards = register_hazards(sass)
         ops = [tokens[0] for tokens in _sass_lines(sass)]
         counts = dict(instructions=len(ops), bar_syncs=sum(op.startswith("BAR.SYNC") for op in ops),
-                      mbarrier_ops=sum(op.startswith("SYNCS") for op in ops))
+                      mbarrier_ops=sum(op.startswith("SYNCS") for op in ops),
+                      conversions=sum(op.startswith(("I2F", "F2I", "FRND")) for op in ops))
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
-                in_flight=in_flight if ws else 1, halo=halo and ws,
+                in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -655,12 +702,14 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 arrives=len(re.findall(r"\bmbarrier\.arrive\.shared::cta\.b64 _, \[%r\d+\];", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), register_hazards=hazards[0],
                 loads_in_flight=hazards[1], instructions=counts.get("instructions"),
-                bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"))
+                bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
+                conversions=counts.get("conversions"),
+                round_adds=len(re.findall(r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;", ptx)))
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo]``: compile every variant for sm_90 and print one row each (or a JSON
+    [--in-flight 2] [--halo] [--cvt-add]``: compile every variant for sm_90 and print one row each (or a JSON
     list)."""
     import argparse
     import json
@@ -677,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--halo", action="store_true",
                     help="also the twin reading halo boxes, for every variant (ops.SM90_HALO_STAGES boxes; and the "
                          "fp16 stream by TMA; Triton 3.6's Gluon only)")
+    ap.add_argument("--cvt-add", action="store_true",
+                    help="also the twin with the epilogue's conversions by adds, for every variant")
     args = ap.parse_args(argv)
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
@@ -694,17 +745,20 @@ def main(argv: list[str] | None = None) -> int:
         reports += [compile_report(v, boxes, ws=True, halo=True) for v in VARIANTS]
         reports += [compile_report(v, boxes, ws=True, halo=True, tma_res=True) for v in VARIANTS
                     if v[10] == v[11] == "fp16"]
+    if args.cvt_add:
+        reports += [compile_report(v, s, ws=True, cvt_add=True) for s in args.stages for v in VARIANTS]
     if args.json:
         print(json.dumps(reports))
         return 0
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} tma_res={int(r['tma_res'])} "
-              f"in_flight={r['in_flight']} halo={int(r['halo'])} "
+              f"in_flight={r['in_flight']} halo={int(r['halo'])} cvt_add={int(r['cvt_add'])} "
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
-              f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']}")
+              f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']} "
+              f"conversions={r['conversions']} round_adds={r['round_adds']}")
     return 0
 
 

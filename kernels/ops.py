@@ -74,6 +74,13 @@ SM90_TMA_RES = False
 # Triton can build it (elsewhere the twin keeps its tap boxes; asked for by launch_options, it raises).
 SM90_HALO = os.environ.get("GDQ_SM90_HALO", "0") == "1"
 SM90_HALO_STAGES = 4
+# The Gluon conv's epilogue without Hopper's conversion pipe (16 lanes a cycle per SM, an eighth of
+# the fp32 pipe's; three of its instructions per value, about 1,500 of an SM's cycles a tile):
+# codes by a clamp and a round-down add, sums to fp32 by an integer add and a subtraction where
+# the weights bound every sum below 2**22 (fp32_sums_by_add). The same bits by construction
+# (body_conv_sm90._requantize, _to_float); built without a GPU, off until a GPU session checks its
+# bits and times it (benchmarks/kernels.py --sm90's "... cvt" rows). GDQ_SM90_CVT_ADD=1 turns it on.
+SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
 
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -210,6 +217,7 @@ class LaunchOptions:
     sm90_tma_res: bool | None = None
     sm90_in_flight: int | None = None
     sm90_halo: bool | None = None
+    sm90_cvt_add: bool | None = None
 
 
 _options = LaunchOptions()
@@ -223,8 +231,8 @@ def launch_options(**changes):
     / ``sm90_epi_rows`` / ``sm90_ws`` (its warp-specialized twin) / ``sm90_group`` (the twin's stages
     released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
-    flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes)
-    instead of the defaults."""
+    flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
+    ``sm90_cvt_add`` (the epilogue's conversions by adds) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -275,6 +283,8 @@ class PreparedWeight:
     K-contiguous in memory (a transposed view of (groups, Cout, 9 * CP)): the kernel's weight
     tiles are then wgmma's K-major B operands as they are (``_packed_conv3x3_kernel``).
     ``wsum``: (Cout,) int32, the sum of each output channel's codes (for 8-bit unsigned inputs).
+    ``sum_bounds``: the largest magnitude a conv sum ``sum(code * w)`` of one output channel can
+    reach over 8-bit codes, signed (-128..127) and unsigned (0..255); None: not known.
     """
 
     w: torch.Tensor
@@ -282,6 +292,7 @@ class PreparedWeight:
     a_bits: int
     cin: int
     cout: int
+    sum_bounds: tuple[int, int] | None = None
 
 
 def check_channels(channels: int, what: str = "input", power_of_two: bool = False) -> None:
@@ -304,7 +315,25 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
     cp = cin // groups
     w = w_codes.permute(0, 2, 3, 1).reshape(cout, 9, groups, cp).permute(2, 0, 1, 3).reshape(groups, cout, 9 * cp)
     return PreparedWeight(w.contiguous().transpose(1, 2), w_codes.sum((1, 2, 3), dtype=torch.int32).contiguous(),
-                          bits, cin, cout)
+                          bits, cin, cout, _sum_bounds(w_codes))
+
+
+def _sum_bounds(w_codes: torch.Tensor) -> tuple[int, int]:
+    """:class:`PreparedWeight`'s ``sum_bounds`` of (Cout, C, 3, 3) weight codes: with ``P``, ``N`` a
+    channel's sums of its positive codes and of its negative codes' magnitudes, signed codes reach
+    ``max(127 P + 128 N, 128 P + 127 N)`` and unsigned ones ``255 max(P, N)``."""
+    w = w_codes.flatten(1).to(torch.int64)
+    pos, neg = w.clamp(min=0).sum(1), (-w).clamp(min=0).sum(1)
+    signed = torch.maximum(127 * pos + 128 * neg, 128 * pos + 127 * neg).max()
+    unsigned = 255 * torch.maximum(pos, neg).max()
+    return tuple(int(v) for v in torch.stack([signed, unsigned]).tolist())
+
+
+def fp32_sums_by_add(weight: PreparedWeight, a_signed: bool) -> bool:
+    """Whether every sum of this conv over 8-bit codes (``a_signed``: -128..127, else 0..255) is
+    below ``2**22`` in magnitude (``weight.sum_bounds``; False where unknown): then the Gluon conv's
+    epilogue may turn its sums into fp32 by adds (``body_conv_sm90._to_float``), exactly."""
+    return weight.sum_bounds is not None and weight.sum_bounds[0 if a_signed else 1] < 2**22
 
 
 def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
@@ -424,7 +453,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
     _conv_into(out, x_packed, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
                o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r,
-               padded=(bool(offset_in), bool(offset_out)) if padded else None, items=items)
+               padded=(bool(offset_in), bool(offset_out)) if padded else None, items=items,
+               sums_by_add=bits == 8 and fp32_sums_by_add(weight, bool(a_signed)))
     return out
 
 
@@ -465,10 +495,11 @@ def _padded_descriptors(x: torch.Tensor, w: torch.Tensor, as_int8: bool) -> tupl
 def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_signed: bool, relu: bool,
                res_scale: float, o_bits: int, lo: int, hi: int, inv_s: float, traceable: bool = False,
                next_out: torch.Tensor | None = None, next_args: tuple = (0, 0, 0, 1.0), shuffle: int = 1,
-               padded: tuple[bool, bool] | None = None, items: torch.Tensor | None = None) -> None:
+               padded: tuple[bool, bool] | None = None, items: torch.Tensor | None = None,
+               sums_by_add: bool = False) -> None:
     """Launch the conv kernel writing ``out`` (inputs already checked, contiguous, on one device);
     ``padded``: the padded layout's kernel, with (offset_in, offset_out); ``items``: the count
-    of images that need results (``SKIP_PAD``)."""
+    of images that need results (``SKIP_PAD``); ``sums_by_add``: :func:`fp32_sums_by_add` holds."""
     n, h, w_, _ = x_packed.shape
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
@@ -478,7 +509,7 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
         return
     if not traceable and sm90_body_applies(out, a_bits, cin, cout, shuffle, o_bits, next_args[0]):
         _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
-                        inv_s, next_out, next_args, items)
+                        inv_s, next_out, next_args, items, sums_by_add)
         return
     next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
@@ -529,7 +560,7 @@ def sm90_settings() -> dict:
     ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
-                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO)
+                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -553,13 +584,15 @@ def _box_descriptor(t: torch.Tensor, box: list[int], layout):
 
 
 def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
-                    o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items) -> None:
+                    o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items,
+                    sums_by_add: bool = False) -> None:
     """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
     of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
-    codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles). Raises
-    ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
-    hold, or halo boxes this Triton's Gluon cannot view."""
+    codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
+    ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
+    ``sums_by_add`` (:func:`fp32_sums_by_add`). Raises ValueError for a twin's ring that its release groups do not
+    divide, MMAs in flight it cannot hold, or halo boxes this Triton's Gluon cannot view."""
     from triton.experimental.gluon import language as gl
 
     from .body_conv_sm90 import (
@@ -620,6 +653,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         x2_desc = _box_descriptor(codes, [1, 2, TILE_W, 64], box4) if halo else x_desc
         kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, x2_desc, w_desc, out_desc, res_desc, next_desc)
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
+                     ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
                      LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
     kernel[grid](
         *descs, wsum, mult, bias, residual if residual is not None else out, out,

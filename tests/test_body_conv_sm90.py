@@ -7,6 +7,7 @@ poisoned first. Without one (CI), the kernel is compiled for sm_90 with Triton's
 subprocess without ``TRITON_INTERPRET``: asynchronous int8 wgmma, TMA copies, no spills, no FMAs.
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -195,6 +196,103 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
         assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
 
 
+def _weights_for_adds(kind: str, signed: bool, g) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """64 -> 64 weight codes (and, for "edge", the codes to convolve): "uniform" over -127..127,
+    whose sums may pass 2**22 (the conversions by adds then keep the int -> float conversion);
+    "normal" (rounded N(0, 32^2), as per-channel codes of a Gaussian layer), whose sums stay far
+    below; "edge": channels of all +m or all -m codes with every input code at its extreme, so
+    that interior sums sit just below 2**22 (4,128,768 signed, 4,112,640 unsigned)."""
+    if kind == "uniform":
+        return rand_weights(64, 64, 8, g), None
+    if kind == "normal":
+        return (torch.randn(64, 64, 3, 3, generator=g) * 32).round().clamp(-127, 127).to(torch.int8), None
+    m, code = (56, -128) if signed else (28, 255)
+    sign = torch.where(torch.rand(64, generator=g) < 0.5, -1, 1)
+    return (sign[:, None, None, None] * torch.full((64, 64, 3, 3), m)).to(torch.int8), torch.tensor(code)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(3, 37, 50), (1, 5, 3)])
+@pytest.mark.parametrize("case", ["conv1", "conv2 scaled", "conv2+next", "conv2+next fp16 tma"])
+@pytest.mark.parametrize("weights", ["uniform", "normal", "edge"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, weights, signed):
+    """The twin's epilogue without the conversion pipe (``sm90_cvt_add``): codes by a round-down add
+    and, where the weights bound every sum below ``2**22`` (``fp32_sums_by_add``: the normal and
+    edge weights, not the uniform ones), floats by adds: conv1's codes, conv2's result and next
+    codes (fp32 stream, fp16 stream by TMA) equal the reference's, sums at the bound included."""
+    g = gen()
+    n, h, w = shape
+    wt, edge_code = _weights_for_adds(weights, signed, g)
+    prep = tk.prepare_conv_weight(wt, 8)
+    assert tk.fp32_sums_by_add(prep, signed) == (weights != "uniform")
+    x_codes = rand_codes((n, h, w, 64), 8, signed, g) if edge_code is None else edge_code.expand(n, h, w, 64)
+    x = pack_codes(x_codes.contiguous(), 8).cuda()
+    mult = torch.rand(64, generator=g) * (1e-6 if edge_code is not None else 2e-3)
+    bias = torch.randn(64, generator=g) * 0.05
+    opts = dict(sm90=True, sm90_ws=True, sm90_cvt_add=True, sm90_tma_res=case.endswith("tma"))
+    if case == "conv1":
+        oq = ActQuant(8, False, 0.02)
+        out = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
+        with tk.launch_options(**opts):
+            tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=out)
+        assert torch.equal(out.cpu(), ref.packed_conv3x3(x.cpu(), 8, signed, wt, mult, bias, relu=True, out_quant=oq))
+        return
+    res = torch.randn(n, h, w, 64, generator=g)
+    dtype = torch.float16 if "fp16" in case else torch.float32
+    scale = 0.1 if case.endswith("scaled") else 1.0
+    stream = res.to(dtype).cuda()
+    nq = ActQuant(8, True, 0.05) if "next" in case else None
+    nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
+    with tk.launch_options(**opts):
+        tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
+                          out_dtype=dtype, next_quant=nq, next_out=nxt)
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
+    assert torch.equal(stream.cpu(), want)
+    if nq is not None:
+        assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+
+
+def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
+    """PreparedWeight.sum_bounds is the largest conv sum over 8-bit codes, reached by the codes
+    that follow the signs of a channel's weights (the reference conv's centre pixel of a 3 x 3
+    image, every tap inside it); fp32_sums_by_add holds strictly below 2**22."""
+    g = gen()
+    wt = rand_weights(16, 32, 8, g)
+    wt[3] = 127  # one channel of all-positive codes, one of all-negative
+    wt[7] = -127
+    bounds = tk.prepare_conv_weight(wt, 8).sum_bounds
+    pos = (wt > 0).permute(2, 3, 1, 0)  # (3, 3, C, Cout): the centre pixel's tap (ky, kx) reads pixel (ky, kx)
+    reached = []
+    for lo, hi in ((-128, 127), (0, 255)):
+        sums = [ref.conv3x3_int(torch.where(pos[..., o], a, b)[None], wt)[0, 1, 1, o]
+                for o in range(16) for a, b in ((hi, lo), (lo, hi))]
+        reached.append(int(torch.stack(sums).abs().max()))
+    assert tuple(reached) == bounds
+    w = tk.prepare_conv_weight(wt, 8)
+    for signed_bound, unsigned_bound, signed_ok, unsigned_ok in ((2**22 - 1, 2**22, True, False),
+                                                                (2**22, 2**22 - 1, False, True)):
+        cut = dataclasses.replace(w, sum_bounds=(signed_bound, unsigned_bound))
+        assert tk.fp32_sums_by_add(cut, True) == signed_ok and tk.fp32_sums_by_add(cut, False) == unsigned_ok
+    assert not tk.fp32_sums_by_add(dataclasses.replace(w, sum_bounds=None), True)
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_shipped_edsr_weights_bound_every_sum_for_the_fp32_adds(scale):
+    """Every integer 3x3 conv (64 input channels, a multiple of 16 out) in the shipped EDSR-baseline
+    weights, quantized to 8-bit codes per channel as the integer engine does, bounds its sums below
+    2**22 for signed and unsigned codes: the Gluon conv's conversions by adds cover the whole body."""
+    from gdq_engine import load_model
+    from gdq_engine.quant.quantizer import quantize_weight
+
+    convs = [m for m in load_model(f"edsr-baseline-x{scale}").modules() if isinstance(m, torch.nn.Conv2d)
+             and m.in_channels == 64 and m.out_channels % 16 == 0 and m.kernel_size == (3, 3)]
+    assert len(convs) == 33 + scale // 2  # 16 blocks' two, the body's end, the upsampler's one or two
+    for conv in convs:
+        prep = tk.prepare_conv_weight(quantize_weight(conv.weight.detach().float(), 8)[0], 8)
+        assert tk.fp32_sums_by_add(prep, True) and tk.fp32_sums_by_add(prep, False), prep.sum_bounds
+
+
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("ws,halo", [(False, False), (True, False), (True, True)])
@@ -242,12 +340,13 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     monkeypatch.setattr(tk, "SM90_HALO", False)  # GDQ_SM90_HALO=1 aside (checked below)
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
-                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False)
+                sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
+                sm90_cvt_add=tk.SM90_CVT_ADD)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
-        with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2):
+        with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
-                                              sm90_in_flight=2)
+                                              sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
     # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
     with tk.launch_options(sm90_ws=True, sm90_halo=True):
@@ -337,6 +436,18 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
         with pytest.raises(ValueError, match="halo boxes .sm90_halo. need"):
             tk._sm90_body_into(*conv2, None)
     assert len(launches) == 4
+    # conversions by adds: codes always, floats only where the weights bound the sums (sums_by_add)
+    launches.clear()
+    with tk.launch_options(sm90_ws=True, sm90_cvt_add=True):
+        tk._sm90_body_into(*conv1, None, True)
+        tk._sm90_body_into(*conv2, None, False)
+    with tk.launch_options(sm90_ws=True, sm90_cvt_add=False):
+        tk._sm90_body_into(*conv1, None, True)
+    with tk.launch_options(sm90_ws=False, sm90_cvt_add=True):  # the twin's only
+        tk._sm90_body_into(*conv2, None, True)
+    assert [(meta["ROUND_ADD"], meta["I2F_ADD"]) for _, _, _, meta in launches[:3]] == [
+        (True, True), (True, False), (False, False)]
+    assert launches[3][0] is bc._body_conv_sm90_kernel.kernel and "ROUND_ADD" not in launches[3][3]
 
 
 def _compile_cli(*flags: str) -> subprocess.CompletedProcess:
@@ -357,18 +468,30 @@ def _compile_reports(*flags: str) -> list[dict]:
 def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
-    fused multiply-adds."""
-    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2")
+    fused multiply-adds; the twin with its conversions by adds has none of the epilogue's
+    conversion-pipe instructions left."""
+    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add")
     assert len(reports) >= 12
     assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
+    twin = {r["name"]: r for r in reports if r["ws"] and not (r["tma_res"] or r["cvt_add"] or r["in_flight"] == 2)}
+    by_adds = [r for r in reports if r["cvt_add"]]
+    assert sorted(r["name"] for r in by_adds) == sorted(twin)
+    for r in by_adds:
+        codes = r["name"].startswith("conv1") or "next" in r["name"]  # the epilogue requantizes
+        # per value the int -> float conversion (64 a thread) and, for codes, the floor and the
+        # float -> int conversion (64 each) leave the conversion pipe; its index arithmetic stays
+        assert r["conversions"] == twin[r["name"]]["conversions"] - 64 * (1 + 2 * codes), (r, twin[r["name"]])
+        assert r["round_adds"] == 64 * codes, r
+        assert twin[r["name"]]["round_adds"] == 0
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
     assert [r["name"] for r in reports if r["tma_res"]] == ["conv2+next fp16 stream"]
     for r in reports:
         if r["ws"]:  # the warp-specialized twin: the MMA warpgroup and the producer's, 128 registers each
             assert r["warps"] == 8 and r["registers"] <= 128, r
             # conv2 + next on the fp32 stream keeps a local frame at that budget (8 bytes, 48 with two
-            # taps in flight); the others none
-            assert r["local_bytes"] <= ({1: 8, 2: 48}[r["in_flight"]] if r["name"] == "conv2+next" else 0), r
+            # taps in flight, 32 with the conversions by adds); the others none
+            frame = 32 if r["cvt_add"] else {1: 8, 2: 48}[r["in_flight"]]
+            assert r["local_bytes"] <= (frame if r["name"] == "conv2+next" else 0), r
             r["local_bytes"] = 0
             # each tap's stage released once its MMA retired: 9 arrivals a tile (the fp16 stream by
             # TMA: one more, its residual box handed back)
