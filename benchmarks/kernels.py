@@ -14,10 +14,13 @@ them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kerne
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
 in fp16 as the x4 integer tail's last stage runs it. ``last conv fp16``: the network's FP last conv
 (64 -> 3 on the HR map, fp16 in) on the Triton kernel (kernels/fp_conv.py) against cuDNN fp16 of
-the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w`` and ``... L1 A`` (a8 w8
-conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the row before them, with
-one thing changed; so are ``conv2 res early`` / ``res late`` and ``conv2+next res ...``, with the
-residual tile read before the K loop or after it, whichever the autotuner did not pick.
+the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w``, ``... L1 A``
+and ``... cvt`` (a8 w8 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the
+row before them, with one thing changed (``cvt``: the epilogue's conversions by adds, on a
+Gaussian layer's weight codes); so are ``conv2 res early`` / ``res late`` and ``conv2+next res
+...``, with the residual tile read before the K loop or after it, whichever the autotuner did not
+pick. ``upsampler shuffled codes`` is the x4 tail's first stage (8-bit codes out, pixel-shuffled);
+both shuffled rows have ``cvt`` twins.
 ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per byte): the same
 convs with every tensor in the padded layout, on the TMA kernel, as the body's
 ``containers="padded"`` runs them (8-bit unsigned codes between conv1 and conv2 as offset codes);
@@ -36,6 +39,7 @@ codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian layer (u
 bound the sums above the ``cvt`` rows' 2**22, ``ops.fp32_sums_by_add``; the shipped EDSR weights
 stay below it). The ninth run's other knobs (``g3``: stages released 3 at a time; without ``tma``:
 conv1's codes by stores; without ``ws``: the first-built kernel) were slower, and are no longer rows.
+Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds.
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -63,7 +67,9 @@ from common import autotune_choices, measure_gpu_peaks, write_results  # noqa: E
 # tiles by 8-byte cp.async.ca, through L1, instead of 16-byte cp.async.cg (docs/kernels.md).
 # conv2 and conv2+next are also followed by "res early" or "res late": the autotuner's pick with the
 # residual tile read before the K loop instead of after it, or the other way round (RES_EARLY).
-AB_ROWS = ("N-major w", "L1 A")
+# "cvt" has the epilogue's conversions by adds (ops.CVT_ADD), on weight codes of a Gaussian layer
+# (rounded N(0, 32^2)), whose sums the int -> float adds cover (ops.fp32_sums_by_add).
+AB_ROWS = ("N-major w", "L1 A", "cvt")
 
 
 
@@ -184,6 +190,12 @@ def main(argv=None) -> int:
                 "cudnn_fp16_us": cudnn, "speedup_vs_fp16": cudnn / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
+    def gaussian_codes(cout: int, hi: int = 127) -> torch.Tensor:
+        """(cout, c, 3, 3) weight codes of a Gaussian layer quantized per channel: rounded
+        N(0, (hi / 4)^2) in -hi..hi; their sums stay below 2**22 (``ops.fp32_sums_by_add``)."""
+        w = torch.randn((cout, c, 3, 3), device=dev, generator=g) * (hi / 4)
+        return w.round().clamp(-hi, hi).to(torch.int8)
+
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
                   padded: bool = False, stream: torch.dtype = torch.float32, sm90: dict | None = None) -> dict:
         """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
@@ -203,9 +215,8 @@ def main(argv=None) -> int:
         offset = padded and a_bits == 8 and not read_signed
         layout = dict(padded=True, offset_in=offset, offset_out=kind == "conv1" and a_bits == 8) if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
-        if args.sm90:  # codes of a Gaussian layer (module docstring): sums within the cvt rows' adds
-            w = torch.randn((64, c, 3, 3), device=dev, generator=g) * (hi_w / 4)
-            w = w.round().clamp(-hi_w, hi_w).to(torch.int8)
+        if args.sm90 or variant == "cvt":  # codes of a Gaussian layer (docstring): sums within the cvt adds
+            w = gaussian_codes(64, hi_w)
         else:
             w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
         mult = torch.rand(64, device=dev, generator=g) * 1e-3
@@ -267,9 +278,12 @@ def main(argv=None) -> int:
     ones, zeros = torch.ones(256, device=dev), torch.zeros(256, device=dev)
     macs_up = m * 9 * c * 256
 
+    prep_up_gauss = tk.prepare_conv_weight(gaussian_codes(256), 8)  # the cvt rows' weights
+
     def upsampler(variant: str = "") -> dict:
         """fp32 out; ``variant``: an A/B row (AB_ROWS)."""
         prep = replace(prep_up, w=prep_up.w.contiguous()) if variant == "N-major w" else prep_up
+        prep = prep_up_gauss if variant == "cvt" else prep
         out = torch.empty(n, hw, hw, 256, device=dev)
         t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
         cuda = None if variant else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
@@ -277,13 +291,22 @@ def main(argv=None) -> int:
         return timed_row(f"upsampler {variant}" if variant else "upsampler", 256, 8, 8, t, macs_up,
                          m * c + out.numel() * 4, cuda)
 
-    def upsampler_shuffled_fp16() -> dict:
-        """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64)."""
-        out16 = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
+    def upsampler_shuffled(codes: bool = False, cvt: bool = False) -> dict:
+        """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64); with
+        ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: the epilogue's
+        conversions by adds, on a Gaussian layer's weights."""
+        if codes:
+            out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.uint8, device=dev)
+            kw = dict(out_quant=ActQuant(8, True, 0.05), out=out)
+        else:
+            out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
+            kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up, small, zeros, shuffle=2,
-                                                      out_dtype=torch.float16, out=out16), xs_up) * 1e3
-        return timed_row("upsampler shuffled fp16", 256, 8, 8, t, macs_up, m * c + out16.numel() * 2, None)
+        with tk.launch_options(cvt_add=cvt):
+            t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if cvt else prep_up, small, zeros,
+                                                          shuffle=2, **kw), xs_up) * 1e3
+        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' cvt' if cvt else ''}"
+        return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
         """The network's last conv, FP: fp16 (N, 64, sH, sW) channels_last -> 3 channels on the HR map,
@@ -309,7 +332,7 @@ def main(argv=None) -> int:
     def rerun_row(kind: str, variant: str, config: triton.Config | None, a_l1: bool = False) -> dict:
         """The a8 w8 ``kind`` conv (or the upsampler) again as the A/B row ``variant``, launched with
         ``config`` (None: the default launch) and ``a_l1``; the row records the config."""
-        with tk.launch_options(config=config, a_l1=a_l1):
+        with tk.launch_options(config=config, a_l1=a_l1, cvt_add=variant == "cvt"):
             row = upsampler(variant) if kind == "upsampler" else conv_case(kind, 8, 8, variant=variant)
         row["config"] = None if config is None else str(config)
         return row
@@ -344,7 +367,8 @@ def main(argv=None) -> int:
             lambda: [conv_case("conv2+next", 8, 8), res_ab_row("conv2+next")],
             lambda: [conv_case(k, 8, 8, stream=torch.float16) for k in ("conv2", "conv2+next")],
             lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
-            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled_fp16()], lambda: [last_conv()]]
+            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled(), upsampler_shuffled(cvt=True)],
+            lambda: [upsampler_shuffled(codes=True), upsampler_shuffled(codes=True, cvt=True)], lambda: [last_conv()]]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]
     runs += [lambda a=a, k=k: [conv_case(k, a, 8, one_per_byte=True)] for a in (4, 2) for k in ("conv1", "conv2")]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
@@ -365,6 +389,9 @@ def main(argv=None) -> int:
                 for k, st in both]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if st == torch.float16 or not sp["sm90_tma_res"]]
+        # the flat kernel's conversions by adds where the conversion pipe weighs most: the upsampler
+        runs += [lambda codes=codes: [upsampler_shuffled(codes), upsampler_shuffled(codes, cvt=True)]
+                 for codes in (True, False)]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -50,6 +50,8 @@ MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.s32\.[su]8\.[su]8",
 # fp16 tensor-core MMAs with fp32 accumulators (the FP last conv, fp_conv.py).
 FP16_MMA_PATTERN = {90: r"\bwgmma\.mma_async[\w.]*\.f32\.f16\.f16",
                     80: r"\bmma\.sync\.aligned\.m16n8k16[\w.]*\.f32\.f16\.f16\.f32"}
+# The epilogue's conversions in the PTX: int32 -> fp32, the floor, fp32 -> int32 (the conversion pipe).
+CONVERSION_PATTERN = r"\bcvt\.(?:rn\.f32\.s32|rmi(?:\.ftz)?\.f32\.f32|rzi(?:\.ftz)?\.s32\.f32)\b"
 _TYPES = {torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.float32: "fp32", torch.float16: "fp16",
           torch.bfloat16: "bf16"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -323,7 +325,9 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     registers one byte at a time), ``copies_l1`` (``cp.async.ca``: asynchronous copies cached in
     L1; ``.cg`` ones bypass it), ``copies_async`` (every ``cp.async.ca``/``.cg``: per-thread
     copies), ``copies_tma`` (``cp.async.bulk.tensor``: TMA box copies), ``fma_f32`` (fused fp32
-    multiply-adds in the PTX) and
+    multiply-adds in the PTX), ``conversions`` (the epilogue's int32 -> fp32, floor and fp32 ->
+    int32 ``cvt``s in the PTX, which run on the conversion pipe), ``round_adds`` (adds rounding
+    toward minus infinity that make codes without them: ``conv3x3._requantize``'s ``BY_ADD``) and
     ``seconds`` (compile time).
     """
     if interpreting():
@@ -361,7 +365,9 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 copies_l1=len(re.findall(r"\bcp\.async\.ca\.shared\.global", ptx)),
                 copies_tma=len(re.findall(r"\bcp\.async\.bulk\.tensor\.", ptx)),
                 copies_async=len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
-                fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)), seconds=round(seconds, 2))
+                fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)),
+                conversions=len(re.findall(CONVERSION_PATTERN, ptx)),
+                round_adds=len(re.findall(r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;", ptx)), seconds=round(seconds, 2))
 
 
 def _config_label(config: triton.Config) -> str:

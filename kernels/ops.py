@@ -81,6 +81,11 @@ SM90_HALO_STAGES = 4
 # (body_conv_sm90._requantize, _to_float); built without a GPU, off until a GPU session checks its
 # bits and times it (benchmarks/kernels.py --sm90's "... cvt" rows). GDQ_SM90_CVT_ADD=1 turns it on.
 SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
+# The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
+# (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
+# the conversion pipe than of MMA per tile. Off until a GPU session checks its bits and times it
+# (benchmarks/kernels.py's "... cvt" rows). GDQ_CVT_ADD=1 turns it on.
+CVT_ADD = os.environ.get("GDQ_CVT_ADD", "0") == "1"
 
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -203,10 +208,12 @@ class LaunchOptions:
     ``config``, a fixed tile config instead of autotuning (on CUDA; for ``padded=True`` also in the
     interpreter, where tests use it, and its RES_EARLY in the flat kernel's interpreter launches; a
     config of BLOCK_H and BLOCK_W is :func:`fp_conv3x3`'s instead); ``a_l1``, activation tiles
-    through L1 (``_packed_conv3x3_kernel``'s ``A_L1``)."""
+    through L1 (``_packed_conv3x3_kernel``'s ``A_L1``); ``cvt_add``, the flat and padded convs'
+    epilogue conversions by adds on a GPU (None: ``CVT_ADD``)."""
 
     config: triton.Config | None = None
     a_l1: bool = False
+    cvt_add: bool | None = None
     sm90: bool | None = None
     sm90_stages: int | None = None
     sm90_per_sm: int | None = None
@@ -330,9 +337,10 @@ def _sum_bounds(w_codes: torch.Tensor) -> tuple[int, int]:
 
 
 def fp32_sums_by_add(weight: PreparedWeight, a_signed: bool) -> bool:
-    """Whether every sum of this conv over 8-bit codes (``a_signed``: -128..127, else 0..255) is
-    below ``2**22`` in magnitude (``weight.sum_bounds``; False where unknown): then the Gluon conv's
-    epilogue may turn its sums into fp32 by adds (``body_conv_sm90._to_float``), exactly."""
+    """Whether every sum of this conv over 8-bit codes (``a_signed``: -128..127, else 0..255; the
+    narrower codes lie within them) is below ``2**22`` in magnitude (``weight.sum_bounds``; False
+    where unknown): then the epilogues may turn the sums into fp32 by adds, exactly
+    (``conv3x3._to_float``, ``body_conv_sm90._to_float``)."""
     return weight.sum_bounds is not None and weight.sum_bounds[0 if a_signed else 1] < 2**22
 
 
@@ -454,7 +462,7 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight: 
                bias.to(dev, torch.float32).contiguous(), residual, bits, bool(a_signed), bool(relu), float(res_scale),
                o_bits, lo, hi, inv_s, next_out=next_out, next_args=next_args, shuffle=r,
                padded=(bool(offset_in), bool(offset_out)) if padded else None, items=items,
-               sums_by_add=bits == 8 and fp32_sums_by_add(weight, bool(a_signed)))
+               sums_by_add=fp32_sums_by_add(weight, bool(a_signed)))
     return out
 
 
@@ -501,11 +509,15 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     ``padded``: the padded layout's kernel, with (offset_in, offset_out); ``items``: the count
     of images that need results (``SKIP_PAD``); ``sums_by_add``: :func:`fp32_sums_by_add` holds."""
     n, h, w_, _ = x_packed.shape
+    # the flat and padded convs' conversions by adds (inline PTX: compiled kernels only)
+    cvt = CVT_ADD if _options.cvt_add is None else _options.cvt_add
+    cvt = cvt and not INTERPRET and out.device.type == "cuda"
+    by_add = dict(ROUND_ADD=cvt, I2F_ADD=cvt and sums_by_add)
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
     if padded is not None:
         _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
-                          inv_s, next_out, next_args, block_n, *padded)
+                          inv_s, next_out, next_args, block_n, *padded, by_add)
         return
     if not traceable and sm90_body_applies(out, a_bits, cin, cout, shuffle, o_bits, next_args[0]):
         _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
@@ -518,7 +530,7 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     meta = dict(C=cin, A_BITS=a_bits, A_SIGNED=a_signed, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
                 NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, SHUFFLE=shuffle, A_L1=_options.a_l1,
-                SKIP_PAD=items is not None, BLOCK_N=block_n)
+                SKIP_PAD=items is not None, BLOCK_N=block_n, **by_add)
     if INTERPRET or out.device.type != "cuda":  # small tiles; a test's config may set RES_EARLY
         early = bool(_options.config is not None and _options.config.kwargs.get("RES_EARLY"))
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, block_n))
@@ -690,8 +702,9 @@ def _launch_tuned(tuner, name: str, grid, args: tuple, meta: dict, traceable: bo
 
 def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
                       o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, block_n: int,
-                      offset_in: bool, offset_out: bool) -> None:
-    """:func:`_conv_into` for the padded layout: the TMA kernel, (N, H + 2, W + 2, C) tensors."""
+                      offset_in: bool, offset_out: bool, by_add: dict) -> None:
+    """:func:`_conv_into` for the padded layout: the TMA kernel, (N, H + 2, W + 2, C) tensors;
+    ``by_add``: the conversions by adds' constexprs (``ROUND_ADD``, ``I2F_ADD``)."""
     n, hp, wp, cin = x_packed.shape
     m, cout = n * hp * wp, w.shape[2]
     next_bits, next_lo, next_hi, next_inv_s = next_args
@@ -700,7 +713,8 @@ def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bo
             next_out if next_out is not None else out, m, hp - 2, wp - 2, cout, res_scale, inv_s, next_inv_s)
     meta = dict(C=cin, A_SIGNED=a_signed, A_OFFSET=offset_in, RELU=relu, HAS_RES=residual is not None,
                 SCALE_RES=residual is not None and res_scale != 1.0, O_BITS=o_bits, O_LO=lo, O_HI=hi,
-                O_OFFSET=offset_out, NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n)
+                O_OFFSET=offset_out, NEXT_BITS=next_bits, NEXT_LO=next_lo, NEXT_HI=next_hi, BLOCK_N=block_n,
+                **by_add)
     interpreted = INTERPRET or out.device.type != "cuda"
     if AUTOTUNE and not interpreted and _options.config is None:
         grid = lambda cfg: _padded_grid(m, cout, block_n, cfg, out.device)

@@ -57,6 +57,23 @@ def rand_codes(shape, bits: int, signed: bool, g: torch.Generator) -> torch.Tens
     return torch.randint(lo, hi + 1, shape, generator=g)
 
 
+def weights_for_adds(kind: str, cout: int, cin: int, signed: bool, g: torch.Generator):
+    """(cout, cin, 3, 3) int8 weight codes for the conversions by adds (``ops.fp32_sums_by_add``),
+    and for "edge" the one 8-bit code to fill the input with: "uniform" over -127..127, whose sums
+    may pass 2**22 (the float conversion then stays); "normal" (rounded N(0, 32^2), a Gaussian
+    layer's per-channel codes), whose sums stay far below; "edge": channels of all +m or all -m
+    codes with every input code at its extreme (-128 signed, 255 unsigned), so that the sums of
+    pixels whose taps are all inside sit just below 2**22 (4,128,768 signed, 4,112,640 unsigned)."""
+    if kind == "uniform":
+        return rand_weights(cout, cin, 8, g), None
+    if kind == "normal":
+        return (torch.randn(cout, cin, 3, 3, generator=g) * 32).round().clamp(-127, 127).to(torch.int8), None
+    reach, code = (128, -128) if signed else (255, 255)  # the largest |code| of a sum's terms
+    m = (2**22 - 1) // (reach * 9 * cin)  # 56 signed, 28 unsigned for 64 inputs
+    sign = torch.where(torch.rand(cout, generator=g) < 0.5, -1, 1)
+    return (sign[:, None, None, None] * torch.full((cout, cin, 3, 3), m)).to(torch.int8), torch.tensor(code)
+
+
 def rand_weights(cout: int, cin: int, w_bits: int, g: torch.Generator) -> torch.Tensor:
     """Random (cout, cin, 3, 3) int8 weight codes in the narrow symmetric ``w_bits`` range."""
     hi = (1 << (w_bits - 1)) - 1

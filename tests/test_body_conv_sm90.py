@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rand_codes, rand_weights
+from conftest import rand_codes, rand_weights, weights_for_adds
 
 from gdq_engine.ops import reference as ref
 from gdq_engine.quant.packing import pack_codes
@@ -196,21 +196,6 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
         assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
 
 
-def _weights_for_adds(kind: str, signed: bool, g) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """64 -> 64 weight codes (and, for "edge", the codes to convolve): "uniform" over -127..127,
-    whose sums may pass 2**22 (the conversions by adds then keep the int -> float conversion);
-    "normal" (rounded N(0, 32^2), as per-channel codes of a Gaussian layer), whose sums stay far
-    below; "edge": channels of all +m or all -m codes with every input code at its extreme, so
-    that interior sums sit just below 2**22 (4,128,768 signed, 4,112,640 unsigned)."""
-    if kind == "uniform":
-        return rand_weights(64, 64, 8, g), None
-    if kind == "normal":
-        return (torch.randn(64, 64, 3, 3, generator=g) * 32).round().clamp(-127, 127).to(torch.int8), None
-    m, code = (56, -128) if signed else (28, 255)
-    sign = torch.where(torch.rand(64, generator=g) < 0.5, -1, 1)
-    return (sign[:, None, None, None] * torch.full((64, 64, 3, 3), m)).to(torch.int8), torch.tensor(code)
-
-
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("shape", [(3, 37, 50), (1, 5, 3)])
 @pytest.mark.parametrize("case", ["conv1", "conv2 scaled", "conv2+next", "conv2+next fp16 tma"])
@@ -223,11 +208,12 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
     codes (fp32 stream, fp16 stream by TMA) equal the reference's, sums at the bound included."""
     g = gen()
     n, h, w = shape
-    wt, edge_code = _weights_for_adds(weights, signed, g)
+    wt, edge_code = weights_for_adds(weights, 64, 64, signed, g)
     prep = tk.prepare_conv_weight(wt, 8)
     assert tk.fp32_sums_by_add(prep, signed) == (weights != "uniform")
     x_codes = rand_codes((n, h, w, 64), 8, signed, g) if edge_code is None else edge_code.expand(n, h, w, 64)
-    x = pack_codes(x_codes.contiguous(), 8).cuda()
+    x_codes = x_codes.contiguous()
+    x = pack_codes(x_codes, 8).cuda()
     mult = torch.rand(64, generator=g) * (1e-6 if edge_code is not None else 2e-3)
     bias = torch.randn(64, generator=g) * 0.05
     opts = dict(sm90=True, sm90_ws=True, sm90_cvt_add=True, sm90_tma_res=case.endswith("tma"))
@@ -244,10 +230,10 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
     stream = res.to(dtype).cuda()
     nq = ActQuant(8, True, 0.05) if "next" in case else None
     nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
     with tk.launch_options(**opts):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
                           out_dtype=dtype, next_quant=nq, next_out=nxt)
-    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
     assert torch.equal(stream.cpu(), want)
     if nq is not None:
         assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))

@@ -153,6 +153,34 @@ def test_l1_activation_copies_compile_to_cached_copies_that_feed_the_mma_from_sh
     assert cached["mma_a_shared"] == cached["mma"] > 0 and cached["byte_stores_shared"] == 0, cached
 
 
+def test_conversions_by_adds_leave_no_conversion_in_the_flat_and_padded_epilogues(launches, tmp_path):
+    """``ROUND_ADD`` / ``I2F_ADD`` (``ops.CVT_ADD``; benchmarks/kernels.py's "cvt" rows), compiled
+    for sm_90 with the fixed configs: the upsampler's shuffled codes, conv2 with the next codes and
+    the padded conv2 lose every int32 -> fp32, floor and fp32 -> int32 conversion of their epilogue
+    to adds (one round-down add per code), with no spills; the engine's launches keep them."""
+    from dataclasses import asdict, replace
+
+    _, recorded = launches
+    first = [next(x for x in recorded if x.kernel == CONV and want(dict(x.constexprs))) for want in (
+        lambda c: c["A_BITS"] == 8 and c["SHUFFLE"] == 2 and c["O_BITS"] == 8,
+        lambda c: c["A_BITS"] == 8 and c["NEXT_BITS"] == 8 and not c["A_SIGNED"])]
+    first.append(next(x for x in recorded if x.kernel == PADDED and dict(x.constexprs)["NEXT_BITS"] == 8))
+    assert all(dict(x.constexprs)["ROUND_ADD"] is dict(x.constexprs)["I2F_ADD"] is False for x in recorded
+               if x.kernel in (CONV, PADDED))
+    pairs = [(x, replace(x, constexprs=tuple((k, True if k in ("ROUND_ADD", "I2F_ADD") else v)
+                                             for k, v in x.constexprs))) for x in first]
+    path, out = tmp_path / "launches.json", tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(x) for pair in pairs for x in pair]))
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
+                          "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    reports = json.loads(out.read_text())["reports"]
+    for plain, by_adds in zip(reports[::2], reports[1::2]):
+        assert plain["conversions"] > 0 and plain["round_adds"] == 0, plain
+        assert by_adds["conversions"] == 0 and by_adds["round_adds"] > 0, by_adds
+        assert by_adds["local_bytes"] == 0 and by_adds["problems"] == [] and by_adds["mma"] == plain["mma"], by_adds
+
+
 def test_every_padded_autotuning_config_moves_operands_by_tma_into_the_mma(launches, tmp_path):
     """The padded conv1 with each of its autotuning candidates on sm_90, the persistent ones
     (one flattened loop over row tiles) included: TMA copies only, A from shared memory, no spills."""

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rand_codes, rand_weights
+from conftest import KERNEL_DEVICE, rand_codes, rand_weights, weights_for_adds
 
 from gdq_engine.ops import reference as ref
 from gdq_engine.quant.packing import pack_codes
@@ -376,6 +376,64 @@ def test_pixel_shuffled_store_of_8bit_codes():
     got = tk.packed_conv3x3(x.to(DEV), 4, True, tk.prepare_conv_weight(wt, 4), mult.to(DEV), bias.to(DEV),
                             out_quant=q, shuffle=2, out=torch.full(want.shape, 0xA5, dtype=torch.uint8, device=DEV))
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.skipif(DEV.type != "cuda" or tk.INTERPRET, reason="inline PTX: compiled kernels on a GPU only")
+@pytest.mark.parametrize("case", ["conv1", "conv1 a4", "conv2+next", "conv2+next fp16", "upsampler codes",
+                                  "upsampler fp16", "padded conv2+next"])
+@pytest.mark.parametrize("weights", ["uniform", "normal", "edge"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_flat_conv_conversions_by_adds_give_the_same_bits(case, weights, signed):
+    """The flat and padded convs' epilogue without the conversion pipe (``cvt_add``): codes by a
+    round-down add (packed 4-bit ones too) and, where the weights bound every sum below ``2**22``
+    (the normal and edge weights), floats by adds: conv1, conv2 with the next codes on fp32 and
+    fp16 streams, the upsampler's shuffled codes and fp16, the padded conv2 equal the reference's,
+    sums at the bound included (the Gluon body conv off: the flat kernel on every GPU)."""
+    from gdq_engine.runtime.inttail import _shuffle_nhwc
+
+    g = gen()
+    a_bits = 4 if case == "conv1 a4" else 8
+    cout = 256 if case.startswith("upsampler") else 64
+    shape = (2, 9, 13, 64)
+    wt, edge_code = weights_for_adds(weights, cout, 64, signed, g)
+    prep = tk.prepare_conv_weight(wt, a_bits)
+    assert tk.fp32_sums_by_add(prep, signed) == (weights != "uniform")
+    x = rand_codes(shape, a_bits, signed, g) if edge_code is None else edge_code.expand(shape).contiguous()
+    if a_bits == 4 and edge_code is not None:
+        x = torch.full(shape, -8 if signed else 15)
+    xp = pack_codes(x, container_bits(a_bits))
+    mult = torch.rand(cout, generator=g) * (1e-6 if edge_code is not None else 1e-3)
+    bias = torch.randn(cout, generator=g) * 0.05
+    res = torch.randn(*shape[:3], cout, generator=g)
+    with tk.launch_options(sm90=False, cvt_add=True):
+        if case.startswith("conv1"):
+            q = ActQuant(a_bits, False, 0.02)
+            want = ref.packed_conv3x3(xp, a_bits, signed, wt, mult, bias, relu=True, out_quant=q)
+            got = tk.packed_conv3x3(xp.to(DEV), a_bits, signed, prep, mult.to(DEV), bias.to(DEV), relu=True,
+                                    out_quant=q, out=torch.full_like(want, 0xA5).to(DEV))
+            assert torch.equal(got.cpu(), want)
+        elif case.startswith("upsampler"):
+            q = ActQuant(8, True, 0.05) if case.endswith("codes") else None
+            out_dtype = torch.uint8 if q else torch.float16
+            want = _shuffle_nhwc(ref.packed_conv3x3(xp, 8, signed, wt, mult, bias, out_quant=q), 2, out_dtype)
+            poison = torch.full_like(want, 0xA5) if q else torch.full_like(want, float("nan"))
+            got = tk.packed_conv3x3(xp.to(DEV), 8, signed, prep, mult.to(DEV), bias.to(DEV), out_quant=q, shuffle=2,
+                                    out=poison.to(DEV), **({} if q else dict(out_dtype=torch.float16)))
+            assert torch.equal(got.cpu(), want)
+        else:
+            dtype = torch.float16 if case.endswith("fp16") else torch.float32
+            nq = ActQuant(8, True, 0.05)
+            want = ref.epilogue(ref.conv3x3_int(x, wt), mult, bias, False, res.to(dtype).float(), 1.0, None).to(dtype)
+            padded = case.startswith("padded")
+            stream = (pad_ring(res.to(dtype)) if padded else res.to(dtype)).to(DEV)
+            nxt = torch.full((shape[0], shape[1] + 2 * padded, shape[2] + 2 * padded, 64), 0xA5, dtype=torch.uint8,
+                             device=DEV)
+            tk.packed_conv3x3((pad_ring(xp) if padded else xp).to(DEV), 8, signed, prep, mult.to(DEV), bias.to(DEV),
+                              residual=stream, out=stream, out_dtype=dtype, next_quant=nq, next_out=nxt,
+                              padded=padded)
+            codes = ref.quantize_pack(want.float(), nq)
+            assert torch.equal(stream.cpu(), pad_ring(want) if padded else want)
+            assert torch.equal(nxt.cpu(), pad_ring(codes) if padded else codes)
 
 
 def test_quantize_pack_into_a_buffer():
