@@ -34,13 +34,13 @@ fp32 / fp16 result, optionally with the next conv's 8-bit codes; the same sequen
 fp32 operations (compiled without FMA contraction). ``EPI_ROWS`` first moves the sums from the MMA
 layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 byte accesses.
 
-* **Conversions by adds** (``ROUND_ADD``, ``I2F_ADD``, the twin only; off by default until a GPU times them:
-  ``ops.SM90_CVT_ADD``): Hopper's conversion pipe (XU) runs 16 lanes a cycle per SM, an eighth of
-  the fp32 pipe, and the epilogue spent three of its instructions per value (int -> float, floor,
-  float -> int): 24,576 a tile, about 1,500 cycles of an SM. The codes come from a clamp and one
-  add rounding toward minus infinity (:func:`_requantize`), the floats, where the weights bound
-  every sum below ``2**22``, from an integer add and an fp32 subtraction (:func:`_to_float`): the
-  same bits by construction.
+* **Conversions by adds** (``ROUND_ADD``, ``I2F_ADD``, the twin only; off by default until a GPU
+  times them: ``ops.SM90_CVT_ADD``): Hopper's conversion pipe (XU) runs 16 lanes a cycle per SM,
+  an eighth of the fp32 pipe, and the epilogue spent three of its instructions per value (int ->
+  float, floor, float -> int): 24,576 a tile, about 1,500 cycles of an SM. The codes come from a
+  clamp and one add rounding toward minus infinity (:func:`_requantize`), the floats, where the
+  weights bound every sum below ``2**22``, from an integer add and an fp32 subtraction
+  (:func:`_to_float`): the same bits by construction.
 * **Halo boxes** (``HALO``, the twin only; off by default until a GPU times it: ``ops.SM90_HALO``):
   each tile's input as 3 boxes, one per column offset ``dx``, of ``HALO_ROWS`` image rows (the
   tile's 8 and one above and below: an 8-row and a 2-row TMA copy), 30 KB a tile instead of 9 tap
@@ -158,16 +158,9 @@ def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr
 @gluon.jit
 def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constexpr = False):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
-    Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only).
-
-    ``BY_ADD``: the same codes without the conversion pipe (XU: 16 lanes a cycle per SM on Hopper,
-    an eighth of the fp32 pipe's), whose ``floor`` and float -> int conversion cost two of its
-    instructions per element. With ``t = y * inv_s + 0.5`` as before: ``t`` clamped to
-    ``[LO, HI]`` first (for integer bounds, floor and clamp commute; NaN goes to ``LO`` either
-    way), then one fp32 add rounding toward minus infinity of ``1.5 * 2**23``, whose sum lies in
-    ``[2**23, 2**24)`` where the floats are the integers: its bits are ``0x4B400000 + floor(t)``.
-    ``t`` is never subnormal (a sum with 0.5 is 0 or at least ``2**-25`` in magnitude), so
-    flushing subnormals, which the floor does, changes nothing."""
+    Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only). ``BY_ADD``:
+    the same codes without the conversion pipe, ``t`` clamped and then added to ``1.5 * 2**23``
+    rounding toward minus infinity (the proof: ``conv3x3._requantize``)."""
     t = y * inv_s
     t = t + 0.5
     if BY_ADD:
@@ -180,10 +173,8 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
 
 @gluon.jit
 def _to_float(acc, BY_ADD: gl.constexpr = False):
-    """int32 -> fp32, rounded to nearest as ``.to``. ``BY_ADD`` (only for ``|acc| < 2**22``, which
-    the launcher proves from the weights: ``ops.fp32_sums_by_add``): without the conversion pipe,
-    as the bits ``0x4B400000 + acc`` (the float ``1.5 * 2**23 + acc``, exact in ``[2**23, 2**24)``)
-    minus ``1.5 * 2**23``, an exact difference: ``acc`` itself, as the conversion gives it."""
+    """int32 -> fp32 as ``.to``; ``BY_ADD`` (only for ``|acc| < 2**22``: ``ops.fp32_sums_by_add``)
+    without the conversion pipe (the Gluon twin of ``conv3x3._to_float``, with the proof)."""
     if BY_ADD:
         return (acc + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
     return acc.to(gl.float32)

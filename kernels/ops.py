@@ -239,7 +239,7 @@ def launch_options(**changes):
     released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
-    ``sm90_cvt_add`` (the epilogue's conversions by adds) instead of the defaults."""
+    ``sm90_cvt_add`` (the twin's epilogue conversions by adds) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -603,8 +603,9 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
-    ``sums_by_add`` (:func:`fp32_sums_by_add`). Raises ValueError for a twin's ring that its release groups do not
-    divide, MMAs in flight it cannot hold, or halo boxes this Triton's Gluon cannot view."""
+    ``sums_by_add`` (:func:`fp32_sums_by_add`). Raises ValueError for a twin's ring that its
+    release groups do not divide, MMAs in flight it cannot hold, or halo boxes this Triton's Gluon
+    cannot view."""
     from triton.experimental.gluon import language as gl
 
     from .body_conv_sm90 import (
