@@ -41,18 +41,20 @@ if [ "${1:-}" = e2e ]; then
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
-    # the second call: the knobs' tests (and the bit-exact ones of conv1, of conv2 + next codes on
-    # the fp16 stream, of that stream by TMA, of the halo boxes and of the conversions by adds, the
-    # flat kernel's too; not the compile checks), the
-    # A/B and knob rows again, then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels,
-    # the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile;
-    # the next 6 are profiled), and on the twin reading halo boxes (NCU_HALO); last, the Gluon
-    # kernel's stall samples per SASS instruction (its conv1 and conv2 on the fp16 stream)
-    # (all steps take about 12 minutes at their limits: two calls, e.g. STEPS="tests_knobs kernels_sm90"
-    # then STEPS="ncu ncu_halo ncu_sass")
-    step tests_knobs 300 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+    # the second call: the bit-exact tests of what no GPU has run yet (the fp16 stream by TMA, halo
+    # boxes, the conversions by adds, the flat kernel's too; some 70 variants to compile), then the knobs'
+    # tests (and the bit-exact ones of conv1 and of conv2 + next codes on the fp16 stream; not the
+    # compile checks), the A/B and knob rows again, then Nsight Compute on conv1 and conv2 (fp16
+    # stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6
+    # matching launches compile; the next 6 are profiled), and on the twin reading halo boxes
+    # (NCU_HALO); last, the Gluon kernel's stall samples per SASS instruction (its conv1 and conv2
+    # on the fp16 stream). The limits add up to about 18 minutes, more than one device call holds:
+    # run it in parts, e.g. STEPS="tests_new kernels_sm90", then STEPS="ncu_sass tests_knobs".
+    step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
-        -k "(halo and not compile) or knobs or skips or applies or by_tma or by_adds or (equals and (conv1 or fp16))"
+        -k "by_adds or by_tma or (halo and not compile)"
+    step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
     step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
