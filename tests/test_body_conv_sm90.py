@@ -169,12 +169,18 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
     reference's, on shapes whose tiles overhang the image (the boxes' rows above, below and beside
     it are TMA's zeros)."""
     g = gen()
-    n, h, w = shape
-    x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
-    prep = tk.prepare_conv_weight(wt, 8)
-    res = torch.randn(n, h, w, 64, generator=g)
+    x_codes, x, wt, mult, bias = _conv_inputs(shape, signed, g)
     opts = dict(sm90=True, sm90_ws=True, sm90_halo=True, sm90_stages=stages, sm90_in_flight=in_flight,
                 sm90_tma_res=case.endswith("tma"))
+    _check_body_case(case, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts)
+
+
+def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts: dict) -> None:
+    """One body launch under ``launch_options(**opts)`` against the reference: "conv1" (ReLU, 8-bit
+    codes out) or conv2 ("conv2 scaled": res_scale 0.1; "conv2+next": with the next codes; "fp16":
+    on an fp16 stream), updating the stream ``res`` in place; outputs poisoned first."""
+    n, h, w, _ = x_codes.shape
+    x, prep = pack_codes(x_codes, 8).cuda(), tk.prepare_conv_weight(wt, 8)
     if case == "conv1":
         oq = ActQuant(8, False, 0.02)
         out = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
@@ -184,13 +190,13 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
         return
     dtype = torch.float16 if "fp16" in case else torch.float32
     scale = 0.1 if case.endswith("scaled") else 1.0
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
     stream = res.to(dtype).cuda()
     nq = ActQuant(8, True, 0.05) if "next" in case else None
     nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
     with tk.launch_options(**opts):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
                           out_dtype=dtype, next_quant=nq, next_out=nxt)
-    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
     assert torch.equal(stream.cpu(), want)
     if nq is not None:
         assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
@@ -207,36 +213,13 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
     edge weights, not the uniform ones), floats by adds: conv1's codes, conv2's result and next
     codes (fp32 stream, fp16 stream by TMA) equal the reference's, sums at the bound included."""
     g = gen()
-    n, h, w = shape
     wt, edge_code = weights_for_adds(weights, 64, 64, signed, g)
-    prep = tk.prepare_conv_weight(wt, 8)
-    assert tk.fp32_sums_by_add(prep, signed) == (weights != "uniform")
-    x_codes = rand_codes((n, h, w, 64), 8, signed, g) if edge_code is None else edge_code.expand(n, h, w, 64)
-    x_codes = x_codes.contiguous()
-    x = pack_codes(x_codes, 8).cuda()
+    assert tk.fp32_sums_by_add(tk.prepare_conv_weight(wt, 8), signed) == (weights != "uniform")
+    x_codes = rand_codes((*shape, 64), 8, signed, g) if edge_code is None else edge_code.expand(*shape, 64)
     mult = torch.rand(64, generator=g) * (1e-6 if edge_code is not None else 2e-3)
     bias = torch.randn(64, generator=g) * 0.05
     opts = dict(sm90=True, sm90_ws=True, sm90_cvt_add=True, sm90_tma_res=case.endswith("tma"))
-    if case == "conv1":
-        oq = ActQuant(8, False, 0.02)
-        out = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda")
-        with tk.launch_options(**opts):
-            tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=out)
-        assert torch.equal(out.cpu(), ref.packed_conv3x3(x.cpu(), 8, signed, wt, mult, bias, relu=True, out_quant=oq))
-        return
-    res = torch.randn(n, h, w, 64, generator=g)
-    dtype = torch.float16 if "fp16" in case else torch.float32
-    scale = 0.1 if case.endswith("scaled") else 1.0
-    stream = res.to(dtype).cuda()
-    nq = ActQuant(8, True, 0.05) if "next" in case else None
-    nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
-    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
-    with tk.launch_options(**opts):
-        tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
-                          out_dtype=dtype, next_quant=nq, next_out=nxt)
-    assert torch.equal(stream.cpu(), want)
-    if nq is not None:
-        assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+    _check_body_case(case, x_codes.contiguous(), signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts)
 
 
 def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
