@@ -30,13 +30,13 @@ export PYTHONPATH=$PWD
 if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
     # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
-    # first-built Gluon kernel, w its warp-specialized twin, c the twin with its conversions by adds,
-    # h the twin reading halo boxes
+    # first-built Gluon kernel, w its warp-specialized twin, c the twin with its conversions by adds
+    # (and the flat convs', the tail's upsampler among them), h the twin reading halo boxes
     for run in ${RUNS:-0a wa ca ha 0b wb cb hb}; do
         body=${run:0:1}
         step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
             GDQ_SM90_WS=$(case $body in w|c|h) echo 1;; *) echo 0;; esac) \
-            GDQ_SM90_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) \
+            GDQ_SM90_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) GDQ_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) \
             GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
