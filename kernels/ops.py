@@ -325,10 +325,18 @@ def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int) -> PreparedWeight:
                           bits, cin, cout, _sum_bounds(w_codes))
 
 
-def _sum_bounds(w_codes: torch.Tensor) -> tuple[int, int]:
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (where a host read would fail)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _sum_bounds(w_codes: torch.Tensor) -> tuple[int, int] | None:
     """:class:`PreparedWeight`'s ``sum_bounds`` of (Cout, C, 3, 3) weight codes: with ``P``, ``N`` a
     channel's sums of its positive codes and of its negative codes' magnitudes, signed codes reach
-    ``max(127 P + 128 N, 128 P + 127 N)`` and unsigned ones ``255 max(P, N)``."""
+    ``max(127 P + 128 N, 128 P + 127 N)`` and unsigned ones ``255 max(P, N)``. None while a CUDA
+    graph is being captured (the bounds need a host read; the engine prepares its weights before)."""
+    if _capturing():
+        return None
     w = w_codes.flatten(1).to(torch.int64)
     pos, neg = w.clamp(min=0).sum(1), (-w).clamp(min=0).sum(1)
     signed = torch.maximum(127 * pos + 128 * neg, 128 * pos + 127 * neg).max()

@@ -246,6 +246,15 @@ def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
     assert not tk.fp32_sums_by_add(dataclasses.replace(w, sum_bounds=None), True)
 
 
+def test_weights_prepared_during_a_graph_capture_leave_their_sum_bounds_unknown(monkeypatch):
+    """The bounds need a host read, which a CUDA graph capture forbids: weights first prepared
+    there get None (the conversion of sums by adds then stays off for them) instead of an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    prep = tk.prepare_conv_weight(rand_weights(16, 32, 8, gen()), 8)
+    assert prep.sum_bounds is None and not tk.fp32_sums_by_add(prep, True)
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_shipped_edsr_weights_bound_every_sum_for_the_fp32_adds(scale):
     """Every integer 3x3 conv (64 input channels, a multiple of 16 out) in the shipped EDSR-baseline
