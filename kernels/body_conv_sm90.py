@@ -698,12 +698,21 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 round_adds=len(re.findall(r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;", ptx)))
 
 
+def _compile_job(job: tuple[tuple, dict]) -> dict:
+    """:func:`compile_report` of one ``(args, kwargs)`` job (a worker process's task)."""
+    return compile_report(*job[0], **job[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add]``: compile every variant for sm_90 and print one row each (or a JSON
-    list)."""
+    [--in-flight 2] [--halo] [--cvt-add] [--jobs N]``: compile every variant for sm_90 and print one
+    row each (or a JSON list), in ``N`` worker processes (default: one per CPU; the same reports in
+    the same order either way)."""
     import argparse
     import json
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
 
     ap = argparse.ArgumentParser(prog="python -m gdq_engine.kernels.body_conv_sm90",
                                  description="Compile the Gluon body conv for sm_90 (no GPU needed).")
@@ -719,25 +728,31 @@ def main(argv: list[str] | None = None) -> int:
                          "fp16 stream by TMA; Triton 3.6's Gluon only)")
     ap.add_argument("--cvt-add", action="store_true",
                     help="also the twin with the epilogue's conversions by adds, for every variant")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
                  "_reinterpret); this Triton's refuses")
-    reports = [compile_report(v, s, ws=ws) for ws in ((False, True) if args.ws else (False,))
-               for s in args.stages for v in VARIANTS]
+    fp16 = [v for v in VARIANTS if v[10] == v[11] == "fp16"]
+    jobs = [((v, s), dict(ws=ws)) for ws in ((False, True) if args.ws else (False,)) for s in args.stages
+            for v in VARIANTS]
     if args.tma_res:
-        reports += [compile_report(v, s, ws=True, tma_res=True) for s in args.stages for v in VARIANTS
-                    if v[10] == v[11] == "fp16"]
+        jobs += [((v, s), dict(ws=True, tma_res=True)) for s in args.stages for v in fp16]
     if args.in_flight == 2:
-        reports += [compile_report(v, s, ws=True, in_flight=2) for s in args.stages for v in VARIANTS]
+        jobs += [((v, s), dict(ws=True, in_flight=2)) for s in args.stages for v in VARIANTS]
     if args.halo:
         from .ops import SM90_HALO_STAGES as boxes
 
-        reports += [compile_report(v, boxes, ws=True, halo=True) for v in VARIANTS]
-        reports += [compile_report(v, boxes, ws=True, halo=True, tma_res=True) for v in VARIANTS
-                    if v[10] == v[11] == "fp16"]
+        jobs += [((v, boxes), dict(ws=True, halo=True)) for v in VARIANTS]
+        jobs += [((v, boxes), dict(ws=True, halo=True, tma_res=True)) for v in fp16]
     if args.cvt_add:
-        reports += [compile_report(v, s, ws=True, cvt_add=True) for s in args.stages for v in VARIANTS]
+        jobs += [((v, s), dict(ws=True, cvt_add=True)) for s in args.stages for v in VARIANTS]
+    if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=spawn) as pool:
+            reports = list(pool.map(_compile_job, jobs))
+    else:
+        reports = [_compile_job(job) for job in jobs]
     if args.json:
         print(json.dumps(reports))
         return 0
