@@ -198,7 +198,7 @@ def main(argv=None) -> int:
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
                   padded: bool = False, stream: torch.dtype = torch.float32, sm90: dict | None = None) -> dict:
-        """One conv row; ``variant`` ("N-major w" or "L1 A") is an A/B row of the a8 conv (AB_ROWS);
+        """One conv row; ``variant`` ("N-major w", "L1 A" or "cvt") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
         ``sm90``: the Gluon body conv's launch options (``ops.LaunchOptions``' ``sm90_*`` fields,
