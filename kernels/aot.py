@@ -367,7 +367,7 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 copies_async=len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)),
                 conversions=len(re.findall(CONVERSION_PATTERN, ptx)),
-                round_adds=len(re.findall(r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;", ptx)), seconds=round(seconds, 2))
+                round_adds=len(re.findall(conv3x3.ROUND_DOWN_ADD_PTX, ptx)), seconds=round(seconds, 2))
 
 
 def _config_label(config: triton.Config) -> str:

@@ -66,6 +66,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .conv3x3 import MAGIC, MAGIC_BITS, ROUND_DOWN_ADD, ROUND_DOWN_ADD_PTX
+
 # Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global  # and back
@@ -165,9 +167,8 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     t = t + 0.5
     if BY_ADD:
         t = gl.minimum(gl.maximum(t, LO), HI)
-        bits = gl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,f", [t], dtype=gl.int32,
-                                         is_pure=True, pack=1)
-        return bits - 0x4B400000
+        bits = gl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
+        return bits - MAGIC_BITS
     return gl.minimum(gl.maximum(gl.floor(t), LO), HI).to(gl.int32)
 
 
@@ -176,7 +177,7 @@ def _to_float(acc, BY_ADD: gl.constexpr = False):
     """int32 -> fp32 as ``.to``; ``BY_ADD`` (only for ``|acc| < 2**22``: ``ops.fp32_sums_by_add``)
     without the conversion pipe (the Gluon twin of ``conv3x3._to_float``, with the proof)."""
     if BY_ADD:
-        return (acc + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+        return (acc + MAGIC_BITS).to(gl.float32, bitcast=True) - MAGIC
     return acc.to(gl.float32)
 
 
@@ -695,7 +696,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 loads_in_flight=hazards[1], instructions=counts.get("instructions"),
                 bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
                 conversions=counts.get("conversions"),
-                round_adds=len(re.findall(r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;", ptx)))
+                round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)))
 
 
 def _compile_job(job: tuple[tuple, dict]) -> dict:

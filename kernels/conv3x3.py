@@ -48,6 +48,15 @@ def _pack_tile(q, BLOCK_M: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
         return tl.sum(fields << shifts[None, :, None], axis=1)
 
 
+# The conversions by adds (_requantize's and _to_float's BY_ADD; the Gluon body conv's twins use
+# them too): 1.5 * 2**23 as fp32 bits and value, the fp32 add rounding toward minus infinity of it
+# (inline PTX), and that add as it appears in a compiled kernel's PTX (the compile reports count it).
+MAGIC_BITS = tl.constexpr(0x4B400000)
+MAGIC = tl.constexpr(12582912.0)
+ROUND_DOWN_ADD = tl.constexpr("add.rm.f32 $0, $1, 0f4B400000;")
+ROUND_DOWN_ADD_PTX = r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;"
+
+
 @triton.jit
 def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constexpr = False):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations.
@@ -65,9 +74,8 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
     t = t + 0.5
     if BY_ADD:
         t = tl.minimum(tl.maximum(t, LO), HI)
-        bits = tl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,f", [t], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-        return bits - 0x4B400000
+        bits = tl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
+        return bits - MAGIC_BITS
     return tl.minimum(tl.maximum(tl.floor(t), LO), HI).to(tl.int32)
 
 
@@ -78,7 +86,7 @@ def _to_float(acc, BY_ADD: tl.constexpr = False):
     as the bits ``0x4B400000 + acc`` (the float ``1.5 * 2**23 + acc``, exact in ``[2**23, 2**24)``)
     minus ``1.5 * 2**23``, an exact difference: ``acc`` itself, as the conversion gives it."""
     if BY_ADD:
-        return (acc + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        return (acc + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
     return acc.to(tl.float32)
 
 
