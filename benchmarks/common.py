@@ -1,4 +1,4 @@
-"""Shared helpers for benchmark scripts: environment record and result files."""
+"""Shared helpers for benchmark scripts: environment record, result files and drawn inputs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def gaussian_weight_codes(shape: tuple, device, generator: torch.Generator, hi: int = 127) -> torch.Tensor:
+    """int8 weight codes of ``shape`` as a Gaussian layer's, quantized per channel: rounded
+    N(0, (hi / 4)^2) in -hi..hi. Their conv sums stay below 2**22 (``ops.fp32_sums_by_add``), as the
+    shipped EDSR weights' do, where uniform codes would not: the rows of the conversions by adds."""
+    w = torch.randn(shape, device=device, generator=generator) * (hi / 4)
+    return w.round().clamp(-hi, hi).to(torch.int8)
 
 
 def autotune_choices() -> dict[str, str]:

@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import autotune_choices, measure_gpu_peaks, write_results  # noqa: E402
+from common import autotune_choices, gaussian_weight_codes, measure_gpu_peaks, write_results  # noqa: E402
 
 # A/B rows of the a8 w8 conv1, conv2 and the upsampler, each on the autotuner's tile config for
 # the row before it: "N-major w" has the weights N-contiguous, as prepared before 2026-11-26 (each
@@ -190,12 +190,6 @@ def main(argv=None) -> int:
                 "cudnn_fp16_us": cudnn, "speedup_vs_fp16": cudnn / us, "floor_us": floor,
                 "pct_of_floor": 100 * floor / us, "cuda_us": cuda}
 
-    def gaussian_codes(cout: int, hi: int = 127) -> torch.Tensor:
-        """(cout, c, 3, 3) weight codes of a Gaussian layer quantized per channel: rounded
-        N(0, (hi / 4)^2) in -hi..hi; their sums stay below 2**22 (``ops.fp32_sums_by_add``)."""
-        w = torch.randn((cout, c, 3, 3), device=dev, generator=g) * (hi / 4)
-        return w.round().clamp(-hi, hi).to(torch.int8)
-
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
                   padded: bool = False, stream: torch.dtype = torch.float32, sm90: dict | None = None) -> dict:
         """One conv row; ``variant`` ("N-major w", "L1 A" or "cvt") is an A/B row of the a8 conv (AB_ROWS);
@@ -216,7 +210,7 @@ def main(argv=None) -> int:
         layout = dict(padded=True, offset_in=offset, offset_out=kind == "conv1" and a_bits == 8) if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
         if args.sm90 or variant == "cvt":  # codes of a Gaussian layer (docstring): sums within the cvt adds
-            w = gaussian_codes(64, hi_w)
+            w = gaussian_weight_codes((64, c, 3, 3), dev, g, hi_w)
         else:
             w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
         mult = torch.rand(64, device=dev, generator=g) * 1e-3
@@ -278,7 +272,7 @@ def main(argv=None) -> int:
     ones, zeros = torch.ones(256, device=dev), torch.zeros(256, device=dev)
     macs_up = m * 9 * c * 256
 
-    prep_up_gauss = tk.prepare_conv_weight(gaussian_codes(256), 8)  # the cvt rows' weights
+    prep_up_gauss = tk.prepare_conv_weight(gaussian_weight_codes((256, c, 3, 3), dev, g), 8)  # for the cvt rows
 
     def upsampler(variant: str = "") -> dict:
         """fp32 out; ``variant``: an A/B row (AB_ROWS)."""

@@ -30,8 +30,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gaussian_weight_codes  # noqa: E402
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) the autotuner chose on the H200 on 2026-11-26
 TUNED = {"conv1": (128, 64, 4, 3), "conv2": (128, 64, 4, 4), "upsampler": (128, 64, 4, 4),
@@ -91,8 +95,8 @@ def main(argv=None) -> int:
 
     def weights(cout: int, gaussian: bool = False):
         w = torch.randint(-127, 128, (cout, c, 3, 3), device=dev, generator=g).to(torch.int8)
-        if gaussian:  # rounded N(0, 32^2): sums below 2**22 (ops.fp32_sums_by_add), as the shipped EDSR's
-            w = (torch.randn((cout, c, 3, 3), device=dev, generator=g) * 32).round().clamp(-127, 127).to(torch.int8)
+        if gaussian:  # sums below 2**22 (ops.fp32_sums_by_add), as the shipped EDSR's
+            w = gaussian_weight_codes((cout, c, 3, 3), dev, g)
         return tk.prepare_conv_weight(w, 8), torch.rand(cout, device=dev, generator=g) * 1e-4
 
     w64, mult64 = weights(64, gaussian=bool(args.sm90 and args.sm90[5]))

@@ -230,15 +230,14 @@ def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
     wt = rand_weights(16, 32, 8, g)
     wt[3] = 127  # one channel of all-positive codes, one of all-negative
     wt[7] = -127
-    bounds = tk.prepare_conv_weight(wt, 8).sum_bounds
+    w = tk.prepare_conv_weight(wt, 8)
     pos = (wt > 0).permute(2, 3, 1, 0)  # (3, 3, C, Cout): the centre pixel's tap (ky, kx) reads pixel (ky, kx)
     reached = []
     for lo, hi in ((-128, 127), (0, 255)):
         sums = [ref.conv3x3_int(torch.where(pos[..., o], a, b)[None], wt)[0, 1, 1, o]
                 for o in range(16) for a, b in ((hi, lo), (lo, hi))]
         reached.append(int(torch.stack(sums).abs().max()))
-    assert tuple(reached) == bounds
-    w = tk.prepare_conv_weight(wt, 8)
+    assert tuple(reached) == w.sum_bounds
     for signed_bound, unsigned_bound, signed_ok, unsigned_ok in ((2**22 - 1, 2**22, True, False),
                                                                 (2**22, 2**22 - 1, False, True)):
         cut = dataclasses.replace(w, sum_bounds=(signed_bound, unsigned_bound))
