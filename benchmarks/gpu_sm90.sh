@@ -34,9 +34,9 @@ if [ "${1:-}" = e2e ]; then
     # (and the flat convs', the tail's upsampler among them), h the twin reading halo boxes
     for run in ${RUNS:-0a wa ca ha 0b wb cb hb}; do
         body=${run:0:1}
+        cvt=$([ "$body" = c ] && echo 1 || echo 0)
         step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
-            GDQ_SM90_WS=$(case $body in w|c|h) echo 1;; *) echo 0;; esac) \
-            GDQ_SM90_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) GDQ_CVT_ADD=$([ "$body" = c ] && echo 1 || echo 0) \
+            GDQ_SM90_WS=$(case $body in w|c|h) echo 1;; *) echo 0;; esac) GDQ_SM90_CVT_ADD=$cvt GDQ_CVT_ADD=$cvt \
             GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
