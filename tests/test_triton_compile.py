@@ -132,23 +132,31 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
     assert {r["arch"] for r in reports} == {80, 90}
 
 
+def _compile_for_sm90(tmp_path, launches, *flags: str) -> list[dict]:
+    """``python -m gdq_engine.kernels.aot --launches ... --arch 90 *flags`` on ``launches`` (a
+    subprocess without ``TRITON_INTERPRET``): the reports, in the launches' order."""
+    from dataclasses import asdict
+
+    path, out = tmp_path / "launches.json", tmp_path / "report.json"
+    path.write_text(json.dumps([asdict(x) for x in launches]))
+    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
+                          *flags, "--out", str(out)], env=_env(False), capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return json.loads(out.read_text())["reports"]
+
+
 def test_l1_activation_copies_compile_to_cached_copies_that_feed_the_mma_from_shared_memory(launches, tmp_path):
     """``A_L1`` (benchmarks/kernels.py's "L1 A" rows), compiled for sm_90 with the fixed config (one
     tap per K step): the a8 conv1's activation tiles come by ``cp.async.ca`` (cached in L1) and
     still feed the wgmmas from shared memory. Without it every copy of that conv is ``.cg``."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     _, recorded = launches
     conv1 = next(x for x in recorded if x.kernel == CONV and dict(x.constexprs)["A_BITS"] == 8
                  and dict(x.constexprs)["A_SIGNED"] and dict(x.constexprs)["O_BITS"] == 8)
     assert dict(conv1.constexprs)["A_L1"] is False
     l1 = replace(conv1, constexprs=tuple((k, True if k == "A_L1" else v) for k, v in conv1.constexprs))
-    path, out = tmp_path / "launches.json", tmp_path / "report.json"
-    path.write_text(json.dumps([asdict(conv1), asdict(l1)]))
-    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
-                          "--out", str(out)], env=_env(False), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    plain, cached = json.loads(out.read_text())["reports"]
+    plain, cached = _compile_for_sm90(tmp_path, [conv1, l1])
     assert plain["copies_l1"] == 0 and cached["copies_l1"] > 0, (plain, cached)
     assert cached["mma_a_shared"] == cached["mma"] > 0 and cached["byte_stores_shared"] == 0, cached
 
@@ -158,7 +166,7 @@ def test_conversions_by_adds_leave_no_conversion_in_the_flat_and_padded_epilogue
     for sm_90 with the fixed configs: the upsampler's shuffled codes, conv2 with the next codes and
     the padded conv2 lose every int32 -> fp32, floor and fp32 -> int32 conversion of their epilogue
     to adds (one round-down add per code), with no spills; the engine's launches keep them."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     _, recorded = launches
     first = [next(x for x in recorded if x.kernel == CONV and want(dict(x.constexprs))) for want in (
@@ -169,12 +177,7 @@ def test_conversions_by_adds_leave_no_conversion_in_the_flat_and_padded_epilogue
                if x.kernel in (CONV, PADDED))
     pairs = [(x, replace(x, constexprs=tuple((k, True if k in ("ROUND_ADD", "I2F_ADD") else v)
                                              for k, v in x.constexprs))) for x in first]
-    path, out = tmp_path / "launches.json", tmp_path / "report.json"
-    path.write_text(json.dumps([asdict(x) for pair in pairs for x in pair]))
-    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
-                          "--out", str(out)], env=_env(False), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    reports = json.loads(out.read_text())["reports"]
+    reports = _compile_for_sm90(tmp_path, [x for pair in pairs for x in pair])
     for plain, by_adds in zip(reports[::2], reports[1::2]):
         assert plain["conversions"] > 0 and plain["round_adds"] == 0, plain
         assert by_adds["conversions"] == 0 and by_adds["round_adds"] > 0, by_adds
@@ -184,16 +187,9 @@ def test_conversions_by_adds_leave_no_conversion_in_the_flat_and_padded_epilogue
 def test_every_padded_autotuning_config_moves_operands_by_tma_into_the_mma(launches, tmp_path):
     """The padded conv1 with each of its autotuning candidates on sm_90, the persistent ones
     (one flattened loop over row tiles) included: TMA copies only, A from shared memory, no spills."""
-    from dataclasses import asdict
-
     _, recorded = launches
     conv1 = next(x for x in recorded if x.kernel == PADDED and dict(x.constexprs)["O_BITS"] == 8)
-    path, out = tmp_path / "launches.json", tmp_path / "report.json"
-    path.write_text(json.dumps([asdict(conv1)]))
-    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
-                          "--all-configs", "--out", str(out)], env=_env(False), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    reports = json.loads(out.read_text())["reports"]
+    reports = _compile_for_sm90(tmp_path, [conv1], "--all-configs")
     assert {"PERSISTENT=0", "PERSISTENT=1", "PERSISTENT=2"} <= {w for r in reports for w in r["config"].split()}
     for r in reports:
         assert r["copies_tma"] > 0 and r["copies_async"] == 0 and r["mma_a_shared"] == r["mma"] > 0, r
@@ -204,7 +200,7 @@ def test_fp_conv_compiles_for_one_row_images_and_every_tile_config(launches, tmp
     """The FP last conv with H == W == 1, which Triton's launcher passes as constants (the first
     kernel called ``H.to()`` and failed to compile on a GPU, 2026-11-26; the interpreter cannot
     see that), and with every autotuning candidate: fp16 wgmmas, no spills."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from gdq_engine.kernels import ops
 
@@ -214,12 +210,7 @@ def test_fp_conv_compiles_for_one_row_images_and_every_tile_config(launches, tmp
     fp = next(x for x in fps if dict(x.constexprs)["AFFINE"])
     one_row = replace(fp, signature=tuple((n, t) for n, t in fp.signature if n not in ("H", "W")),
                       constexprs=(("H", 1), ("W", 1), *fp.constexprs))
-    path, out = tmp_path / "launches.json", tmp_path / "report.json"
-    path.write_text(json.dumps([asdict(x) for x in fps] + [asdict(one_row)]))
-    run = subprocess.run([sys.executable, "-m", "gdq_engine.kernels.aot", "--launches", str(path), "--arch", "90",
-                          "--all-configs", "--out", str(out)], env=_env(False), capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    reports = json.loads(out.read_text())["reports"]
+    reports = _compile_for_sm90(tmp_path, [*fps, one_row], "--all-configs")
     assert len(reports) == 3 * len(ops.FP_TUNE_CONFIGS)
     assert any("H=1" in r["variant"] for r in reports)
     for r in reports:
