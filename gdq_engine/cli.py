@@ -134,8 +134,16 @@ def cmd_upscale(args) -> int:
     if not args.sample and args.input is not None and not Path(args.input).exists():
         raise ValueError(f"no such image file or folder: {args.input}")
     one_file = args.sample or (args.input is not None and not Path(args.input).is_dir())
+    # one image into an existing folder: written there as <name>_x<scale>.png (the scale is known
+    # once the model loads); a folder of images into an image file name is an error, not a folder
+    # named out.png
+    into_folder = one_file and not args.sample and Path(args.output).is_dir()
+    if not one_file and args.input is not None and Path(args.output).suffix.lower() in IMAGE_SUFFIXES \
+            and not Path(args.output).is_dir():
+        raise ValueError(f"{args.input} is a folder of images: give an output folder, not the image file name "
+                         f"{args.output}")
     # outputs are checked (and their folders made) before the model loads: a typo costs no run
-    for path in (args.output if one_file else None, args.compare, args.bitmap):
+    for path in (args.output if one_file and not into_folder else None, args.compare, args.bitmap):
         if path is not None:
             check_output_path(path, make_folder=True)
     # one image: a bar over its patches; a folder: the bar over images, and the engine free to replay
@@ -158,7 +166,7 @@ def cmd_upscale(args) -> int:
                 raise SystemExit(f"no images in {src}")
             jobs = [(f, out / output_name(f, files, engine.scale)) for f in files]
         else:
-            jobs = [(src, out)]
+            jobs = [(src, out / output_name(src, [src], engine.scale) if into_folder else out)]
     for option, value in (("--bitmap", args.bitmap), ("--compare", args.compare)):
         if value and len(jobs) > 1:
             raise ValueError(f"{option} takes one input image")

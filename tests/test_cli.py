@@ -47,6 +47,20 @@ def test_upscale_file_and_folder(tmp_path, ckpt):
     assert Image.open(tmp_path / "out" / "b_x2.png").size == (62, 34)
 
 
+def test_upscale_one_image_into_a_folder_and_a_folder_into_a_file_name(tmp_path, ckpt, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    save_image(random_image(20, 26), src / "a.png")
+    (tmp_path / "out").mkdir()
+    assert main(["upscale", str(src / "a.png"), str(tmp_path / "out"), "--model", ckpt, "--whole-image"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a_x2.png"]
+    assert Image.open(tmp_path / "out" / "a_x2.png").size == (52, 40)
+    capsys.readouterr()
+    assert main(["upscale", str(src), str(tmp_path / "o.png"), "--model", ckpt]) == 2
+    assert "give an output folder, not the image file name" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_upscale_bad_input_writes_nothing(tmp_path, ckpt, capsys):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     assert main(["upscale", str(tmp_path / "bad.png"), str(tmp_path / "o.png"), "--model", ckpt]) == 2
