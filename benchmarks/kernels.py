@@ -39,7 +39,8 @@ codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian layer (u
 bound the sums above the ``cvt`` rows' 2**22, ``ops.fp32_sums_by_add``; the shipped EDSR weights
 stay below it). The ninth run's other knobs (``g3``: stages released 3 at a time; without ``tma``:
 conv1's codes by stores; without ``ws``: the first-built kernel) were slower, and are no longer rows.
-Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds.
+Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds, and
+the same on the Gluon conv's twin (``... sm90``: 64 output channels a program, ``ops.SM90_UP``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -285,10 +286,12 @@ def main(argv=None) -> int:
         return timed_row(f"upsampler {variant}" if variant else "upsampler", 256, 8, 8, t, macs_up,
                          m * c + out.numel() * 4, cuda)
 
-    def upsampler_shuffled(codes: bool = False, cvt: bool = False) -> dict:
+    def upsampler_shuffled(codes: bool = False, cvt: bool = False, sm90: bool | None = None) -> dict:
         """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64); with
         ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: the epilogue's
-        conversions by adds, on a Gaussian layer's weights."""
+        conversions by adds, on a Gaussian layer's weights; ``sm90``: on the Gluon conv's twin in
+        groups of 64 output channels (``ops.SM90_UP``; False: on the flat kernel; None: as the engine
+        runs it)."""
         if codes:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.uint8, device=dev)
             kw = dict(out_quant=ActQuant(8, True, 0.05), out=out)
@@ -296,10 +299,11 @@ def main(argv=None) -> int:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
             kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-        with tk.launch_options(cvt_add=cvt):
+        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=cvt)
+        with tk.launch_options(cvt_add=cvt, **up):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if cvt else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
-        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' cvt' if cvt else ''}"
+        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' cvt' if cvt else ''}"
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -383,9 +387,10 @@ def main(argv=None) -> int:
                 for k, st in both]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if st == torch.float16 or not sp["sm90_tma_res"]]
-        # the flat kernel's conversions by adds where the conversion pipe weighs most: the upsampler
-        runs += [lambda codes=codes: [upsampler_shuffled(codes), upsampler_shuffled(codes, cvt=True)]
-                 for codes in (True, False)]
+        # the flat kernel's conversions by adds where the conversion pipe weighs most, the upsampler,
+        # and the same convs on the Gluon conv's twin (sm90_up), with and without them
+        runs += [lambda codes=codes: [upsampler_shuffled(codes, cvt, sm90) for sm90 in (False, True)
+                                      for cvt in (False, True)] for codes in (True, False)]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -128,11 +128,12 @@ def _issue_tap(x_desc, ring, bars, load, pid, step, tiles_x, per_image, total, S
 
 
 @gluon.jit
-def _issue_weights(w_desc, w_smem, wbar):
-    """Start the copies of the 9 taps' (64, 64) weights into ``w_smem``, completing on ``wbar``."""
+def _issue_weights(w_desc, w_smem, wbar, row0=0):
+    """Start the copies of the 9 taps' (64, 64) weights of output channels ``row0 .. row0 + 63``
+    into ``w_smem``, completing on ``wbar``."""
     mbarrier.expect(wbar, 9 * 64 * 64)
     for t in gl.static_range(9):
-        _tma_load(w_desc, [0, t * 64], wbar, w_smem.index(t))
+        _tma_load(w_desc, [row0, t * 64], wbar, w_smem.index(t))
 
 
 @gluon.jit
@@ -202,11 +203,16 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                    NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, EPI_ROWS: gl.constexpr,
-                   ROUND_ADD: gl.constexpr = False, I2F_ADD: gl.constexpr = False):
+                   ROUND_ADD: gl.constexpr = False, I2F_ADD: gl.constexpr = False, grp=0,
+                   OUT_GROUPS: gl.constexpr = 1, SHUFFLE: gl.constexpr = 1):
     """int32 sums (128, 64) of ``tile`` in the MMA's layout -> the stored result, by masked stores;
     ``EPI_ROWS``: from rows of 8 channels per thread (the sums moved there through shared memory:
     8-32 byte accesses instead of the MMA layout's 2-8). ``ROUND_ADD``, ``I2F_ADD``: codes and
-    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`)."""
+    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). The sums are
+    output channels ``64 * grp ..`` of ``64 * OUT_GROUPS`` (the per-channel pointers already
+    offset to them); ``SHUFFLE == r > 1`` (``OUT_GROUPS == r * r``, no residual, no next codes):
+    stored pixel-shuffled, group ``grp`` being sub-pixel ``(grp // r, grp % r)`` of every
+    (N, rH, rW, 64) output pixel (``conv3x3._epilogue``'s sub-pixel-major channels)."""
     layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
     if EPI_ROWS:
         acc = gl.convert_layout(acc, _EPI_LAYOUT)
@@ -215,9 +221,15 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     y = y0 + r // 16
     x = x0 + r % 16
     m_ok = (y < H) & (x < W)
-    pix = (img * H + y) * W + x
     ch = gl.arange(0, 64, layout=gl.SliceLayout(0, layout))
-    offs = pix[:, None] * 64 + ch[None, :]
+    if SHUFFLE > 1:  # HR pixel (n, r*y + i, r*x + j) of the (N, rH, rW, 64) output, (i, j) = divmod(grp, r)
+        hr_pix = ((img * H + y) * SHUFFLE + grp // SHUFFLE) * (W * SHUFFLE) + x * SHUFFLE + grp % SHUFFLE
+        offs = hr_pix[:, None] * 64 + ch[None, :]
+    elif OUT_GROUPS > 1:
+        offs = ((img * H + y) * W + x)[:, None] * (64 * OUT_GROUPS) + (grp * 64 + ch)[None, :]
+    else:
+        pix = (img * H + y) * W + x
+        offs = pix[:, None] * 64 + ch[None, :]
     mask = m_ok[:, None] & (ch < 64)[None, :]
     yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
     if HAS_RES:
@@ -404,7 +416,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr, NEXT_BITS: gl.constexpr,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
-            IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr):
+            IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
+            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -416,9 +429,17 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     stage released two taps later). ``HALO``: the stages are halo boxes, each the 3 taps of a
     column offset ``dx`` as views 0, 1 and 2 image rows into it; a box is released once its last
     tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and
-    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`)."""
+    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). ``OUT_GROUPS``,
+    ``SHUFFLE``: this program's 64 output channels are group ``program_id(1)`` of ``OUT_GROUPS``,
+    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
+    grp = 0
+    if OUT_GROUPS > 1:  # this group's per-channel multipliers, biases and weight sums
+        grp = gl.program_id(1)
+        wsum_ptr += grp * 64
+        mult_ptr += grp * 64
+        bias_ptr += grp * 64
     use = 0
     t = 0  # tiles of this program so far
     for tile in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -462,7 +483,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
         else:
             _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                            next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
-                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS, ROUND_ADD, I2F_ADD)
+                           O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS, ROUND_ADD, I2F_ADD, grp, OUT_GROUPS,
+                           SHUFFLE)
         t += 1
     if TMA_OUT or TMA_RES:
         tma.store_wait(0)  # the last stores have read their boxes before the program ends
@@ -478,7 +500,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
                               IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, LOADER_REGS: gl.constexpr,
                               num_warps: gl.constexpr, ROUND_ADD: gl.constexpr = False,
-                              I2F_ADD: gl.constexpr = False):
+                              I2F_ADD: gl.constexpr = False, OUT_GROUPS: gl.constexpr = 1,
+                              SHUFFLE: gl.constexpr = 1):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -495,8 +518,15 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     ``STAGES`` boxes, 2 at least; Triton 3.6: :data:`HALO_VIEWS`), ``LOADER_REGS``, the
     producer warp's registers (the rest go to the MMA warpgroup), and ``ROUND_ADD`` / ``I2F_ADD``
     (the epilogue's codes / floats by adds instead of the conversion pipe: :func:`_requantize`,
-    :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22`` in magnitude)."""
+    :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22`` in magnitude), ``OUT_GROUPS``
+    (``Cout / 64``: the grid's second axis is the group of 64 output channels a program computes,
+    with that group's weights resident: ``w_desc`` is the (Cout, 9 * 64) weights, the per-channel
+    pointers Cout long; results by masked stores, ``TMA_OUT`` / ``TMA_RES`` off) and ``SHUFFLE``
+    (``r``: stored pixel-shuffled into (N, rH, rW, 64), ``OUT_GROUPS == r * r``, as the upsampler's
+    convs store; no residual, no next codes)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
+    gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
+    gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
     gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and (STAGES >= 4 or HALO)))
     gl.static_assert(not HALO or GROUP == 1)
     if HALO:
@@ -522,14 +552,17 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     for k in gl.static_range(STAGES // GROUP):
         mbarrier.init(empty.index(k), count=1)
     mbarrier.init(wbar, count=1)
-    _issue_weights(w_desc, w_smem, wbar)
+    if OUT_GROUPS > 1:  # the weights of this program's group of 64 output channels
+        _issue_weights(w_desc, w_smem, wbar, gl.program_id(1) * 64)
+    else:
+        _issue_weights(w_desc, w_smem, wbar)
     mbarrier.wait(wbar, 0)
     gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
                                    wsum_ptr, mult_ptr, bias_ptr,
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
                                    SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
-                                   I2F_ADD)),
+                                   I2F_ADD, OUT_GROUPS, SHUFFLE)),
                         (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
                                       items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
                        [1], [LOADER_REGS])
@@ -553,6 +586,13 @@ VARIANTS = [
     ("conv2 scaled", False, False, True, True, 0, 0, 0, 0, False, "fp32", "fp32"),
     ("conv2+next fp16 stream", False, False, True, False, 0, 0, 0, 8, True, "fp16", "fp16"),
     ("fp32 out", True, True, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
+]
+# The upsampler's 64 -> 256 convs on the twin (``ops.SM90_UP``), the same fields and the pixel
+# shuffle r (Cout = 64 r^2, one group of 64 output channels a program): the x4 tail's first stage
+# (8-bit codes, pixel-shuffled, for the second) and its last (fp16, pixel-shuffled, for the FP conv).
+UP_VARIANTS = [
+    ("up shuffled codes", True, False, False, False, 8, -128, 127, 0, False, "u8", "fp32", 2),
+    ("up shuffled fp16", True, False, False, False, 0, 0, 0, 0, False, "fp16", "fp32", 2),
 ]
 
 
@@ -621,7 +661,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``),
     mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
-    infinity in the PTX (``cvt_add``'s codes). Defaults: the engine's
+    infinity in the PTX (``cvt_add``'s codes); ``shuffle``: the variant's pixel shuffle (1, or r for
+    :data:`UP_VARIANTS`, which only the twin computes). Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
@@ -640,7 +681,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant
+    name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant[:12]
+    shuffle = variant[12] if len(variant) > 12 else 1  # UP_VARIANTS: r, and r * r groups of 64 channels
     box4 = repr(_BOX_LAYOUT.value)
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     box16 = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4))
@@ -658,7 +700,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
-                      TMA_OUT=tma_out and o_bits == 8 and not has_res,
+                      OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle,
+                      TMA_OUT=tma_out and o_bits == 8 and not has_res and shuffle == 1,
                       TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
@@ -682,6 +725,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                       conversions=sum(op.startswith(("I2F", "F2I", "FRND")) for op in ops))
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
+                shuffle=shuffle,
                 in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
@@ -706,7 +750,7 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--jobs N]``: compile every variant for sm_90 and print one
+    [--in-flight 2] [--halo] [--cvt-add] [--up] [--jobs N]``: compile every variant for sm_90 and print one
     row each (or a JSON list), in ``N`` worker processes (default: one per CPU; the same reports in
     the same order either way)."""
     import argparse
@@ -729,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
                          "fp16 stream by TMA; Triton 3.6's Gluon only)")
     ap.add_argument("--cvt-add", action="store_true",
                     help="also the twin with the epilogue's conversions by adds, for every variant")
+    ap.add_argument("--up", action="store_true",
+                    help="also the twin computing the upsampler's pixel-shuffled 64 -> 256 convs (UP_VARIANTS), and "
+                         "with --cvt-add their conversions by adds")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.halo and not HALO_VIEWS:
@@ -748,6 +795,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [((v, boxes), dict(ws=True, halo=True, tma_res=True)) for v in fp16]
     if args.cvt_add:
         jobs += [((v, s), dict(ws=True, cvt_add=True)) for s in args.stages for v in VARIANTS]
+    if args.up:
+        jobs += [((v, s), dict(ws=True, cvt_add=cvt)) for cvt in ((False, True) if args.cvt_add else (False,))
+                 for s in args.stages for v in UP_VARIANTS]
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=spawn) as pool:
@@ -758,8 +808,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reports))
         return 0
     for r in reports:
-        print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} tma_res={int(r['tma_res'])} "
-              f"in_flight={r['in_flight']} halo={int(r['halo'])} cvt_add={int(r['cvt_add'])} "
+        print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} shuffle={r['shuffle']} "
+              f"tma_res={int(r['tma_res'])} in_flight={r['in_flight']} halo={int(r['halo'])} "
+              f"cvt_add={int(r['cvt_add'])} "
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "

@@ -81,6 +81,14 @@ SM90_HALO_STAGES = 4
 # (body_conv_sm90._requantize, _to_float); built without a GPU, off until a GPU session checks its
 # bits and times it (benchmarks/kernels.py --sm90's "... cvt" rows). GDQ_SM90_CVT_ADD=1 turns it on.
 SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
+# The twin also computes the upsampler's 64 -> 64 r^2 convs (x2/x4: 64 -> 256, x3: 64 -> 576), as
+# r^2 groups of 64 output channels (the grid's second axis; each program keeps its group's 36 KB of
+# weights resident) stored pixel-shuffled by masked stores (group g is sub-pixel divmod(g, r) of
+# every output pixel), and other convs of 64 input channels and a multiple of 64 output channels.
+# The flat kernel's upsampler ran at 40-58% of its floor (kernels.py rows) where the twin's body convs
+# ran at 51-69%. Built without a GPU, off until a GPU session checks its bits and times it
+# (benchmarks/kernels.py --sm90's "upsampler ... sm90" rows). GDQ_SM90_UP=1 turns it on.
+SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Off until a GPU session checks its bits and times it
@@ -225,6 +233,7 @@ class LaunchOptions:
     sm90_in_flight: int | None = None
     sm90_halo: bool | None = None
     sm90_cvt_add: bool | None = None
+    sm90_up: bool | None = None
 
 
 _options = LaunchOptions()
@@ -239,7 +248,8 @@ def launch_options(**changes):
     released together) / ``sm90_tma_out`` (the twin's conv1 codes stored by TMA) / ``sm90_tma_res``
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
-    ``sm90_cvt_add`` (the twin's epilogue conversions by adds) instead of the defaults."""
+    ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
+    64 -> 64 k convs: the upsampler's) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -529,7 +539,7 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
         return
     if not traceable and sm90_body_applies(out, a_bits, cin, cout, shuffle, o_bits, next_args[0]):
         _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed, relu, res_scale, o_bits, lo, hi,
-                        inv_s, next_out, next_args, items, sums_by_add)
+                        inv_s, next_out, next_args, items, sums_by_add, shuffle)
         return
     next_bits, next_lo, next_hi, next_inv_s = next_args
     args = (x_packed, w, wsum, mult, bias, residual if residual is not None else out, out,
@@ -559,7 +569,9 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
     """Whether a conv launch goes to the Gluon body conv (``body_conv_sm90.py``): it is enabled
     (:func:`launch_options`' ``sm90``, else ``SM90_BODY`` unless they fix a flat-kernel config or
     L1 copies), the GPU is sm_90, and the conv takes 8-bit codes, 64 -> 64 channels, no pixel
-    shuffle, and writes 8-bit codes or an fp32 / fp16 result (with 8-bit next codes or none)."""
+    shuffle, and writes 8-bit codes or an fp32 / fp16 result (with 8-bit next codes or none). With
+    the twin's ``sm90_up`` (:func:`sm90_settings`) also 64 -> 64 k channels, unshuffled or, as the
+    upsampler stores, shuffled by r with Cout = 64 r^2."""
     # unasked, a flat-kernel tile config or L1 copies (tests', benchmarks' A/B rows) mean the flat kernel
     flat_asked = _options.config is not None or _options.a_l1
     enabled = SM90_BODY and not flat_asked if _options.sm90 is None else _options.sm90
@@ -568,8 +580,13 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
     if torch.cuda.get_device_capability(out.device) != (9, 0):
         return False
     fp_out = o_bits == 0 and out.dtype in (torch.float32, torch.float16)
-    return (a_bits == 8 and cin == 64 and cout == 64 and shuffle == 1 and (o_bits == 8 or fp_out)
-            and next_bits in (0, 8))
+    if not (a_bits == 8 and cin == 64 and (o_bits == 8 or fp_out) and next_bits in (0, 8)):
+        return False
+    if cout == 64 and shuffle == 1:
+        return True
+    opts = sm90_settings()
+    return (opts["sm90_up"] and opts["sm90_ws"] and cout % 64 == 0
+            and (shuffle == 1 or cout == 64 * shuffle * shuffle))
 
 
 def sm90_settings() -> dict:
@@ -580,7 +597,7 @@ def sm90_settings() -> dict:
     ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
-                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD)
+                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -605,15 +622,17 @@ def _box_descriptor(t: torch.Tensor, box: list[int], layout):
 
 def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool, relu: bool, res_scale: float,
                     o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, items,
-                    sums_by_add: bool = False) -> None:
+                    sums_by_add: bool = False, shuffle: int = 1) -> None:
     """:func:`_conv_into` on the Gluon body conv (:func:`sm90_body_applies` holds): TMA descriptors
     of the codes (their bytes as int8, boxes of 8 x 16 pixels), of the prepared weights and, for
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
-    ``sums_by_add`` (:func:`fp32_sums_by_add`). Raises ValueError for a twin's ring that its
-    release groups do not divide, MMAs in flight it cannot hold, or halo boxes this Triton's Gluon
-    cannot view."""
+    ``sums_by_add`` (:func:`fp32_sums_by_add`). More than 64 output channels (the twin only): one
+    group of 64 a program, ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
+    ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
+    hold, halo boxes this Triton's Gluon cannot view, or more than 64 output channels on the
+    first-built kernel."""
     from triton.experimental.gluon import language as gl
 
     from .body_conv_sm90 import (
@@ -636,13 +655,18 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     w_ck = w[0].t()  # (64, 9 * 64), K contiguous: the prepared storage
     if w_ck.stride(-1) != 1 or w_ck.data_ptr() % 16:
         w_ck = w_ck.contiguous()
-    w_desc = _box_descriptor(w_ck, [64, 64], box2)
+    w_desc = _box_descriptor(w_ck, [64, 64], box2)  # (Cout, 9 * 64): a group's boxes start at row 64 g
     opts = sm90_settings()
+    groups = w_ck.shape[0] // 64  # output channels in groups of 64, one a program (the grid's second axis)
     tiles = n * triton.cdiv(h, TILE_H) * triton.cdiv(w_, TILE_W)
-    grid = (max(1, min(tiles, opts["sm90_per_sm"] * _sm_count(out.device))),)
+    programs = max(1, min(tiles, opts["sm90_per_sm"] * _sm_count(out.device) // groups))
+    grid = (programs, groups) if groups > 1 else (programs,)
     next_bits, next_lo, next_hi, next_inv_s = next_args
     stages = opts["sm90_stages"]
     kernel, descs, extra = _body_conv_sm90_kernel, (x_desc, w_desc), {}
+    if groups > 1 and not opts["sm90_ws"]:
+        raise ValueError(f"only the warp-specialized body conv (sm90_ws) computes more than 64 output channels, "
+                         f"got {w_ck.shape[0]}")
     if opts["sm90_ws"]:
         group, in_flight = opts["sm90_group"], opts["sm90_in_flight"]
         if group not in (1, 3) or stages % group or stages // group < 2:
@@ -657,8 +681,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if halo and not HALO_VIEWS:
             raise ValueError(f"halo boxes (sm90_halo) need a Gluon that views shared memory past a view's extent "
                              f"(Triton 3.6's _reinterpret); Triton {triton.__version__}'s refuses")
-        tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and _tma_box_ok(out)
-        tma_res = (opts["sm90_tma_res"] and o_bits == 0 and residual is not None
+        tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and groups == 1 and _tma_box_ok(out)
+        tma_res = (opts["sm90_tma_res"] and o_bits == 0 and residual is not None and groups == 1
                    and residual.dtype == out.dtype == torch.float16
                    and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
         box16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
@@ -676,6 +700,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
                      LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
+        if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
+            extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)
     kernel[grid](
         *descs, wsum, mult, bias, residual if residual is not None else out, out,
         next_out if next_out is not None else out, items if items is not None else wsum, n, h, w_, res_scale, inv_s,

@@ -222,6 +222,58 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
     _check_body_case(case, x_codes.contiguous(), signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts)
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
+@pytest.mark.parametrize("case", ["shuffled codes", "shuffled fp16", "shuffled fp32", "x3 shuffled fp16",
+                                  "256 codes", "256 conv2"])
+@pytest.mark.parametrize("cvt", [False, True])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed):
+    """The twin's 64 -> 64 k convs (``sm90_up``: one group of 64 output channels a program): the
+    upsampler's pixel-shuffled stores (x2/x4: 64 -> 256, r = 2, codes / fp16 / fp32; x3: 64 -> 576,
+    r = 3) and unshuffled 256-channel results (codes; an fp32 stream updated in place; the op's next
+    codes take 128 channels at most), with and
+    without the conversions by adds (a Gaussian layer's weights then, every sum within the float
+    adds), equal the flat kernel's and the reference's; outputs poisoned first."""
+    from gdq_engine.runtime.inttail import _shuffle_nhwc
+
+    g = gen()
+    n, h, w = shape
+    r = 3 if case.startswith("x3") else 2 if "shuffled" in case else 1
+    cout = 64 * r * r if r > 1 else 256
+    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
+    x = pack_codes(x_codes, 8)
+    wt = weights_for_adds("normal", cout, 64, signed, g)[0] if cvt else rand_weights(cout, 64, 8, g)
+    prep = tk.prepare_conv_weight(wt, 8)
+    assert not cvt or tk.fp32_sums_by_add(prep, signed)
+    mult, bias = torch.rand(cout, generator=g) * 2e-3, torch.randn(cout, generator=g) * 0.05
+    q = ActQuant(8, True, 0.05) if case.endswith("codes") else None
+    if case == "256 codes":
+        q = ActQuant(8, False, 0.02)
+    dtype = torch.float16 if case.endswith("fp16") else torch.float32
+    kw = dict(out_quant=q, relu=case == "256 codes")
+    res = torch.randn(n, h, w, cout, generator=g) if case == "256 conv2" else None
+    if res is not None:
+        want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res, 1.0, None)
+    else:
+        want = ref.packed_conv3x3(x, 8, signed, wt, mult, bias, **kw)
+        want = _shuffle_nhwc(want, r, torch.uint8 if q else dtype) if r > 1 else want
+    results = []
+    for sm90 in (True, False):
+        if res is not None:
+            stream = res.cuda()
+            launch = dict(residual=stream, out=stream)
+        else:
+            poison = torch.full_like(want, 0xA5) if q else torch.full_like(want, float("nan"))
+            launch = dict(kw, out=poison.cuda(), shuffle=r, **({} if q else dict(out_dtype=dtype)))
+        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_cvt_add=cvt, cvt_add=cvt):
+            got = tk.packed_conv3x3(x.cuda(), 8, signed, prep, mult.cuda(), bias.cuda(), **launch)
+        torch.cuda.synchronize()
+        results.append(got.cpu())
+    assert torch.equal(results[0], results[1])  # the twin's and the flat kernel's
+    assert torch.equal(results[0], want)
+
+
 def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
     """PreparedWeight.sum_bounds is the largest conv sum over 8-bit codes, reached by the codes
     that follow the signs of a channel's weights (the reference conv's centre pixel of a 3 x 3
@@ -296,8 +348,17 @@ def test_gluon_body_conv_applies_only_where_it_can():
     with tk.launch_options(sm90=True):
         assert tk.sm90_body_applies(out, 8, 64, 64, 1, 0, 8)
         assert not tk.sm90_body_applies(out, 4, 64, 64, 1, 0, 0)  # packed 4-bit codes
-        assert not tk.sm90_body_applies(out, 8, 64, 256, 1, 0, 0)  # the upsampler
+        assert not tk.sm90_body_applies(out, 8, 64, 256, 2, 0, 0)  # the upsampler: only with sm90_up
         assert not tk.sm90_body_applies(out, 8, 64, 64, 2, 0, 0)  # pixel shuffle
+    with tk.launch_options(sm90=True, sm90_ws=True, sm90_up=True):
+        assert tk.sm90_body_applies(out, 8, 64, 256, 2, 8, 0) and tk.sm90_body_applies(out, 8, 64, 576, 3, 0, 0)
+        assert tk.sm90_body_applies(out, 8, 64, 256, 1, 0, 0)  # unshuffled, in groups of 64
+        assert not tk.sm90_body_applies(out, 8, 64, 64, 2, 0, 0)  # 16 channels a sub-pixel
+        assert not tk.sm90_body_applies(out, 8, 64, 576, 2, 0, 0)  # 144 a sub-pixel
+        assert not tk.sm90_body_applies(out, 8, 64, 96, 1, 0, 0)  # not a multiple of 64
+        assert not tk.sm90_body_applies(out, 8, 32, 256, 2, 0, 0)
+        with tk.launch_options(sm90_ws=False):  # the first-built kernel computes 64 channels only
+            assert not tk.sm90_body_applies(out, 8, 64, 256, 2, 0, 0)
         assert not tk.sm90_body_applies(out.bfloat16(), 8, 64, 64, 1, 0, 0)
     with tk.launch_options(sm90=False):
         assert not tk.sm90_body_applies(out, 8, 64, 64, 1, 0, 8)
@@ -318,12 +379,14 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
-                sm90_cvt_add=tk.SM90_CVT_ADD)
+                sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
-        with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD):
+        with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
+                               sm90_up=not tk.SM90_UP):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
-                                              sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD)
+                                              sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
+                                              sm90_up=not tk.SM90_UP)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
     # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
     with tk.launch_options(sm90_ws=True, sm90_halo=True):
@@ -425,6 +488,34 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     assert [(meta["ROUND_ADD"], meta["I2F_ADD"]) for _, _, _, meta in launches[:3]] == [
         (True, True), (True, False), (False, False)]
     assert launches[3][0] is bc._body_conv_sm90_kernel.kernel and "ROUND_ADD" not in launches[3][3]
+    assert not any("OUT_GROUPS" in meta for _, _, _, meta in launches)  # 64 channels: the kernel's defaults
+    # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
+    # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
+    launches.clear()
+    up = tk.prepare_conv_weight(rand_weights(256, 64, 8, g), 8)
+    up_fp16 = torch.empty(n, 2 * h, 2 * w, 64, dtype=torch.float16)
+    up_codes = torch.empty(n, 2 * h, 2 * w, 64, dtype=torch.uint8)
+    ones, zeros = torch.ones(256), torch.zeros(256)
+    tail = (None, True, False, 1.0)  # residual, a_signed, relu, res_scale
+    with tk.launch_options(sm90_ws=True, sm90_up=True, sm90_tma_out=True, sm90_per_sm=4):
+        tk._sm90_body_into(up_fp16, x, up.w, up.wsum, ones, zeros, *tail, 0, 0, 0, 1.0, None, (0, 0, 0, 1.0), None,
+                           False, 2)
+        tk._sm90_body_into(up_codes, x, up.w, up.wsum, ones, zeros, *tail, 8, -128, 127, 20.0, None, (0, 0, 0, 1.0),
+                           None, True, 2)
+    for (kernel, grid, args, meta), out in zip(launches, (up_fp16, up_codes)):
+        assert kernel is bc._body_conv_sm90_ws_kernel.kernel
+        assert grid == (min(n * 2 * 2, 4 * 2 // 4), 4)  # 4 programs per "SM", 2 "SMs", 4 groups
+        assert meta["OUT_GROUPS"] == 4 and meta["SHUFFLE"] == 2 and not meta["TMA_OUT"] and not meta["TMA_RES"]
+        w_desc = args[2]
+        assert list(w_desc.shape) == [256, 9 * 64] and list(w_desc.block_shape) == [64, 64]
+        assert w_desc.base.data_ptr() == up.w.data_ptr()
+        params = [p.name for p in kernel.params if not p.is_constexpr]
+        assert args[params.index("out_ptr")] is out and args[params.index("mult_ptr")] is ones
+    assert [meta["ROUND_ADD"] for _, _, _, meta in launches] == [tk.SM90_CVT_ADD] * 2
+    with tk.launch_options(sm90_ws=False, sm90_up=True):
+        with pytest.raises(ValueError, match="only the warp-specialized body conv"):
+            tk._sm90_body_into(up_fp16, x, up.w, up.wsum, ones, zeros, *tail, 0, 0, 0, 1.0, None, (0, 0, 0, 1.0),
+                               None, False, 2)
 
 
 def _compile_cli(*flags: str) -> subprocess.CompletedProcess:
@@ -446,15 +537,18 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     """Every variant the body launches, compiled for sm_90 without a GPU: wgmma on int8 with one
     MMA group left in flight (two for the twin's ``in_flight=2``), TMA copies, no local memory, no
     fused multiply-adds; the twin with its conversions by adds has none of the epilogue's
-    conversion-pipe instructions left."""
-    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add")
+    conversion-pipe instructions left; the twin's upsampler convs (``--up``: a 64-channel group of
+    256, pixel-shuffled) alike."""
+    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add", "--up")
     assert len(reports) >= 12
+    assert sorted((r["name"], r["shuffle"], r["cvt_add"]) for r in reports if r["shuffle"] > 1) == [
+        (name, 2, cvt) for name in ("up shuffled codes", "up shuffled fp16") for cvt in (False, True)]
     assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
     twin = {r["name"]: r for r in reports if r["ws"] and not (r["tma_res"] or r["cvt_add"] or r["in_flight"] == 2)}
     by_adds = [r for r in reports if r["cvt_add"]]
     assert sorted(r["name"] for r in by_adds) == sorted(twin)
     for r in by_adds:
-        codes = r["name"].startswith("conv1") or "next" in r["name"]  # the epilogue requantizes
+        codes = r["name"].startswith("conv1") or "next" in r["name"] or r["name"].endswith("codes")  # requantizes
         # per value the int -> float conversion (64 a thread) and, for codes, the floor and the
         # float -> int conversion (64 each) leave the conversion pipe; its index arithmetic stays
         assert r["conversions"] == twin[r["name"]]["conversions"] - 64 * (1 + 2 * codes), (r, twin[r["name"]])

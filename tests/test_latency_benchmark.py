@@ -247,7 +247,8 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
              "s4 p2 rows ws g1 f1 tma res halo", "s4 p2 rows ws g1 f2 tma halo", "s6 p2 rows ws g1 f1 tma cvt",
              "s6 p2 rows ws g1 f1 tma res cvt", "s4 p2 rows ws g1 f1 tma halo cvt")
     want += [f"{c} sm90 {k}" for c in cases for k in knobs if "res" not in k or "float16" in c]
-    want += [f"upsampler shuffled {out}{cvt}" for out in ("codes", "fp16") for cvt in ("", " cvt")]
+    want += [f"upsampler shuffled {out}{sm90}{cvt}" for out in ("codes", "fp16") for sm90 in ("", " sm90")
+             for cvt in ("", " cvt")]
     assert names == want
 
 
