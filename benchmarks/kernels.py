@@ -34,11 +34,13 @@ stages, programs per SM, row-layout epilogue, the warp-specialized twin with its
 one at a time, one tap's MMAs left in flight and conv1's codes stored by TMA), then the Gluon
 kernel's knobs not yet timed (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
 flight; ``halo``: the input read as 3 halo boxes a tile, its ring counting boxes; ``cvt``: the
-epilogue's conversions by adds; and their combinations). The ``--sm90`` rows draw their weight
-codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian layer (uniform codes would
-bound the sums above the ``cvt`` rows' 2**22, ``ops.fp32_sums_by_add``; the shipped EDSR weights
-stay below it). The ninth run's other knobs (``g3``: stages released 3 at a time; without ``tma``:
-conv1's codes by stores; without ``ws``: the first-built kernel) were slower, and are no longer rows.
+epilogue's conversions by adds; ``sat``, conv1 only: its codes by one saturating conversion; and
+their combinations; conv1's ``sat`` rows come right after the first three pairs). The ``--sm90``
+rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian
+layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
+``ops.fp32_sums_by_add``; the shipped EDSR weights stay below it). The ninth run's other knobs
+(``g3``: stages released 3 at a time; without ``tma``: conv1's codes by stores; without ``ws``:
+the first-built kernel) were slower, and are no longer rows.
 Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds, and
 the same on the Gluon conv's twin (``... sm90``: 64 output channels a program, ``ops.SM90_UP``).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
@@ -78,12 +80,13 @@ def sm90_label(opts: dict) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
-    stages then counting boxes, ``cvt``: the epilogue's conversions by adds)."""
+    stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its codes from 0
+    by one saturating conversion)."""
     label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
                   f"{' res' if opts['sm90_tma_res'] else ''}{' halo' if opts['sm90_halo'] else ''}"
-                  f"{' cvt' if opts['sm90_cvt_add'] else ''}")
+                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if opts['sm90_cvt_sat'] else ''}")
     return label
 
 
@@ -385,6 +388,10 @@ def main(argv=None) -> int:
                  dict(default, sm90_tma_res=True, sm90_cvt_add=True), dict(halo, sm90_cvt_add=True))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
+        # conv1's codes from 0 by one saturating conversion, alone and with the floats by adds (conv1 only:
+        # the other convs write signed codes or none)
+        runs += [lambda sp=sp: [conv_case("conv1", 8, 8, sm90=sp)]
+                 for sp in (dict(default, sm90_cvt_sat=True), dict(default, sm90_cvt_add=True, sm90_cvt_sat=True))]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if st == torch.float16 or not sp["sm90_tma_res"]]
         # the flat kernel's conversions by adds where the conversion pipe weighs most, the upsampler,

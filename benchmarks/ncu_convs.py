@@ -50,15 +50,16 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool]:
-    """"STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]]" -> (ring stages, programs per SM, row-layout epilogue,
-    warp-specialized, halo boxes: the stages then count boxes, the epilogue's conversions by adds)."""
+def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool, bool]:
+    """"STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]]" -> (ring stages, programs per SM, row-layout
+    epilogue, warp-specialized, halo boxes: the stages then count boxes, the epilogue's conversions
+    by adds, conv1's codes by one saturating conversion)."""
     parts = text.split(",")
-    if len(parts) not in (3, 4, 5, 6) or not all(q.strip().isdigit() for q in parts):
-        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]] (3 to 6 integers), "
+    if len(parts) not in (3, 4, 5, 6, 7) or not all(q.strip().isdigit() for q in parts):
+        raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]] (3 to 7 integers), "
                                          f"got {text!r}")
-    stages, per_sm, rows, ws, halo, cvt = (int(q) for q in parts + ["0"] * (6 - len(parts)))
-    return stages, per_sm, bool(rows), bool(ws), bool(halo), bool(cvt)
+    stages, per_sm, rows, ws, halo, cvt, sat = (int(q) for q in parts + ["0"] * (7 - len(parts)))
+    return stages, per_sm, bool(rows), bool(ws), bool(halo), bool(cvt), bool(sat)
 
 
 def main(argv=None) -> int:
@@ -68,11 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=1, help="profiled launches per conv after its warm-up launch")
     p.add_argument("--config", type=parse_config, default=None, metavar="BM,BK,WARPS,STAGES",
                    help="one tile config for the three integer convs (default: the H200's autotuned picks)")
-    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS[,HALO[,CVT]]]",
+    p.add_argument("--sm90", type=parse_sm90, default=None, metavar="STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]]",
                    help="also conv1 and conv2 on the fp16 stream on the Gluon body conv (kernels/body_conv_sm90.py) "
                         "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes; "
                         "CVT 1: its epilogue's conversions by adds, the 64-channel weights then drawn as a Gaussian "
-                        "layer's codes, whose sums they cover), as conv1_sm90 and conv2_fp16_sm90")
+                        "layer's codes, whose sums they cover; SAT 1: conv1's codes by one saturating conversion), as "
+                        "conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
             config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
         sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1], sm90_epi_rows=args.sm90[2],
-                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4], sm90_cvt_add=args.sm90[5]) \
+                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4], sm90_cvt_add=args.sm90[5],
+                    sm90_cvt_sat=args.sm90[6]) \
             if name.endswith("_sm90") else dict(sm90=False)
         with tk.launch_options(config=config, **sm90):
             launches[name](x)

@@ -90,6 +90,10 @@ _BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_b
 # 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
 # start a 128-row operand 16 or 32 rows into a buffer, so the halo needs the former.
 HALO_VIEWS = hasattr(gl.shared_memory_descriptor, "_reinterpret")
+# ROUND_SAT's one instruction for unsigned 8-bit codes: floor, clamp to 0..255 and convert (SASS
+# F2I.U8.FLOOR), and its PTX as a compiled kernel shows it (the compile reports count it)
+FLOOR_SAT_U8 = gl.constexpr("cvt.rmi.sat.u8.f32 $0, $1;")
+FLOOR_SAT_U8_PTX = r"\bcvt\.rmi\.sat\.u8\.f32 %\w+, %\w+;"
 
 
 @gluon.jit
@@ -159,13 +163,22 @@ def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr
 
 
 @gluon.jit
-def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constexpr = False):
+def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constexpr = False,
+                SAT: gl.constexpr = False):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
     Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only). ``BY_ADD``:
     the same codes without the conversion pipe, ``t`` clamped and then added to ``1.5 * 2**23``
-    rounding toward minus infinity (the proof: ``conv3x3._requantize``)."""
+    rounding toward minus infinity (the proof: ``conv3x3._requantize``). ``SAT``, for codes from 0
+    (``LO == 0``, ``HI <= 255``; others as ``BY_ADD`` says): one conversion that floors and
+    saturates to 0..255 (``cvt.rmi.sat.u8.f32``), then ``min(., HI)`` below 255. For integer
+    bounds floor and clamp commute, and NaN gives 0 = ``LO`` as the clamp's min/max do."""
     t = y * inv_s
     t = t + 0.5
+    if SAT and LO == 0 and HI <= 255:
+        q = gl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
+        if HI < 255:
+            q = gl.minimum(q, HI)
+        return q
     if BY_ADD:
         t = gl.minimum(gl.maximum(t, LO), HI)
         bits = gl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
@@ -198,13 +211,22 @@ def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU:
     return yv
 
 
+@gluon.constexpr_function
+def _relu_kept(relu, sat, lo):
+    """Whether the epilogue still applies its ReLU: not before codes from 0 by ``SAT``
+    (:func:`_requantize`) with ``lo`` 0. For ``y < 0``, ``y * inv_s + 0.5 < 0.5`` (``inv_s > 0``)
+    floors to 0 or less, which the clamp at 0 maps to 0, the code of ``relu(y) = 0``; NaN gives
+    0 both ways."""
+    return relu and not (sat and lo == 0)
+
+
 @gluon.jit
 def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
                    SCALE_RES: gl.constexpr, O_BITS: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
                    NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, EPI_ROWS: gl.constexpr,
                    ROUND_ADD: gl.constexpr = False, I2F_ADD: gl.constexpr = False, grp=0,
-                   OUT_GROUPS: gl.constexpr = 1, SHUFFLE: gl.constexpr = 1):
+                   OUT_GROUPS: gl.constexpr = 1, SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False):
     """int32 sums (128, 64) of ``tile`` in the MMA's layout -> the stored result, by masked stores;
     ``EPI_ROWS``: from rows of 8 channels per thread (the sums moved there through shared memory:
     8-32 byte accesses instead of the MMA layout's 2-8). ``ROUND_ADD``, ``I2F_ADD``: codes and
@@ -212,7 +234,8 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     output channels ``64 * grp ..`` of ``64 * OUT_GROUPS`` (the per-channel pointers already
     offset to them); ``SHUFFLE == r > 1`` (``OUT_GROUPS == r * r``, no residual, no next codes):
     stored pixel-shuffled, group ``grp`` being sub-pixel ``(grp // r, grp % r)`` of every
-    (N, rH, rW, 64) output pixel (``conv3x3._epilogue``'s sub-pixel-major channels)."""
+    (N, rH, rW, 64) output pixel (``conv3x3._epilogue``'s sub-pixel-major channels). ``ROUND_SAT``:
+    codes from 0 by one saturating conversion, the ReLU folded into it (:func:`_relu_kept`)."""
     layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
     if EPI_ROWS:
         acc = gl.convert_layout(acc, _EPI_LAYOUT)
@@ -231,7 +254,8 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
         pix = (img * H + y) * W + x
         offs = pix[:, None] * 64 + ch[None, :]
     mask = m_ok[:, None] & (ch < 64)[None, :]
-    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
+    relu: gl.constexpr = _relu_kept(RELU, ROUND_SAT and O_BITS > 0 and not HAS_RES, O_LO)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, relu, layout, I2F_ADD)
     if HAS_RES:
         if SCALE_RES:
             yv = yv * res_scale
@@ -243,10 +267,10 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
         if NEXT_BITS > 0:
             if out_ptr.dtype.element_ty != gl.float32:
                 yv = stored.to(gl.float32)
-            codes = _requantize(yv, inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD) & 0xFF
+            codes = _requantize(yv, inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD, ROUND_SAT) & 0xFF
             gl.store(next_ptr + offs, codes.to(gl.uint8), mask=mask)
     else:
-        codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD) & 0xFF
+        codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD, ROUND_SAT) & 0xFF
         gl.store(out_ptr + offs, codes.to(gl.uint8), mask=mask)
 
 
@@ -366,13 +390,15 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
 @gluon.jit
 def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem, inv_s_out,
                         A_SIGNED: gl.constexpr, RELU: gl.constexpr, O_LO: gl.constexpr, O_HI: gl.constexpr,
-                        layout: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr):
+                        layout: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
+                        ROUND_SAT: gl.constexpr = False):
     """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> 8-bit codes, stored by TMA: into
     ``code_smem`` (one (1, 8, 16, 64) box, once the previous tile's store has read it), then one
     bulk copy, which drops the rows and columns outside the image. (conv1: no residual.)"""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, RELU, layout, I2F_ADD)
-    codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD).to(gl.int8)  # 0..255 -> the byte, as int8
+    relu: gl.constexpr = _relu_kept(RELU, ROUND_SAT, O_LO)
+    yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, relu, layout, I2F_ADD)
+    codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD, ROUND_SAT).to(gl.int8)  # 0..255 -> the byte
     tma.store_wait(0)
     code_smem.reshape([128, 64]).store(codes)
     fence_async_shared()
@@ -384,7 +410,7 @@ def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias
                          code_smem, out_desc, next_desc, res_scale, inv_s_next, A_SIGNED: gl.constexpr,
                          RELU: gl.constexpr, SCALE_RES: gl.constexpr, NEXT_BITS: gl.constexpr, NEXT_LO: gl.constexpr,
                          NEXT_HI: gl.constexpr, layout: gl.constexpr, ROUND_ADD: gl.constexpr,
-                         I2F_ADD: gl.constexpr):
+                         I2F_ADD: gl.constexpr, ROUND_SAT: gl.constexpr = False):
     """int32 sums (128, 64) of ``tile`` in the MMA's ``layout`` -> the residual stream updated
     (fp16) and the next conv's 8-bit codes, through shared memory both ways: the residual box
     (landed by TMA on ``res_landed``, phase ``phase``) is read in the MMA layout, overwritten with
@@ -401,7 +427,7 @@ def _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias
     stored = yv.to(res_smem.dtype)
     box.store(stored)
     if NEXT_BITS > 0:
-        codes = _requantize(stored.to(gl.float32), inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD).to(gl.int8)
+        codes = _requantize(stored.to(gl.float32), inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD, ROUND_SAT).to(gl.int8)
         code_smem.reshape([128, 64]).store(codes)
     fence_async_shared()
     _tma_store(out_desc, [img, y0, x0, 0], res_smem)
@@ -417,7 +443,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
             IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
-            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr):
+            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -431,7 +457,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and
     floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). ``OUT_GROUPS``,
     ``SHUFFLE``: this program's 64 output channels are group ``program_id(1)`` of ``OUT_GROUPS``,
-    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`)."""
+    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`). ``ROUND_SAT``: codes from 0
+    by one saturating conversion (:func:`_requantize`), the ReLU folded into it."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     grp = 0
@@ -474,17 +501,17 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                 mbarrier.arrive(empty.index(((use - IN_FLIGHT + k) // GROUP) % groups))
         if TMA_OUT:
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
-                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT, ROUND_ADD, I2F_ADD)
+                                inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT, ROUND_ADD, I2F_ADD, ROUND_SAT)
         elif TMA_RES:
             _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem,
                                  res_bars.index(0), t & 1, code_smem, out_desc, next_desc, res_scale, inv_s_next,
                                  A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, _MMA_LAYOUT, ROUND_ADD,
-                                 I2F_ADD)
+                                 I2F_ADD, ROUND_SAT)
         else:
             _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr,
                            next_ptr, res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
                            O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, EPI_ROWS, ROUND_ADD, I2F_ADD, grp, OUT_GROUPS,
-                           SHUFFLE)
+                           SHUFFLE, ROUND_SAT)
         t += 1
     if TMA_OUT or TMA_RES:
         tma.store_wait(0)  # the last stores have read their boxes before the program ends
@@ -501,7 +528,7 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, LOADER_REGS: gl.constexpr,
                               num_warps: gl.constexpr, ROUND_ADD: gl.constexpr = False,
                               I2F_ADD: gl.constexpr = False, OUT_GROUPS: gl.constexpr = 1,
-                              SHUFFLE: gl.constexpr = 1):
+                              SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -523,7 +550,9 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     with that group's weights resident: ``w_desc`` is the (Cout, 9 * 64) weights, the per-channel
     pointers Cout long; results by masked stores, ``TMA_OUT`` / ``TMA_RES`` off) and ``SHUFFLE``
     (``r``: stored pixel-shuffled into (N, rH, rW, 64), ``OUT_GROUPS == r * r``, as the upsampler's
-    convs store; no residual, no next codes)."""
+    convs store; no residual, no next codes) and ``ROUND_SAT`` (codes from 0, conv1's, by one
+    saturating floor conversion instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s
+    clamp and add; the ReLU before them folded in: :func:`_requantize`, :func:`_relu_kept`)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
@@ -562,7 +591,7 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
                                    SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
-                                   I2F_ADD, OUT_GROUPS, SHUFFLE)),
+                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT)),
                         (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
                                       items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
                        [1], [LOADER_REGS])
@@ -650,7 +679,7 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
                    group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
-                   halo: bool = False, cvt_add: bool = False) -> dict:
+                   halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -661,7 +690,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``),
     mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
-    infinity in the PTX (``cvt_add``'s codes); ``shuffle``: the variant's pixel shuffle (1, or r for
+    infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 in the
+    PTX (``cvt_sat``'s codes); ``shuffle``: the variant's pixel shuffle (1, or r for
     :data:`UP_VARIANTS`, which only the twin computes). Defaults: the engine's
     ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
@@ -671,7 +701,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     left in flight (``ops.SM90_IN_FLIGHT``), ``halo``: its input read as halo boxes (``ops.SM90_HALO``;
     ``stages`` then counts halo boxes; Triton 3.6 only, :data:`HALO_VIEWS`); ``warps`` then counts its
     producer's warpgroup too. ``cvt_add``: the twin's epilogue with its codes and floats by adds
-    (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``)."""
+    (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``); ``cvt_sat``: its codes from 0 by one
+    saturating conversion (``ROUND_SAT``, ``ops.SM90_CVT_SAT``)."""
     import re
     import subprocess
     import tempfile
@@ -700,7 +731,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
-                      OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle,
+                      OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat,
                       TMA_OUT=tma_out and o_bits == 8 and not has_res and shuffle == 1,
                       TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
         if consts["TMA_RES"]:
@@ -722,11 +753,12 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         ops = [tokens[0] for tokens in _sass_lines(sass)]
         counts = dict(instructions=len(ops), bar_syncs=sum(op.startswith("BAR.SYNC") for op in ops),
                       mbarrier_ops=sum(op.startswith("SYNCS") for op in ops),
-                      conversions=sum(op.startswith(("I2F", "F2I", "FRND")) for op in ops))
+                      conversions=sum(op.startswith(("I2F", "F2I", "FRND")) for op in ops),
+                      fmnmx=sum(op.startswith("FMNMX") for op in ops))
         usage = {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text)}
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
                 shuffle=shuffle,
-                in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws,
+                in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws, cvt_sat=cvt_sat and ws,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -740,7 +772,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 loads_in_flight=hazards[1], instructions=counts.get("instructions"),
                 bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
                 conversions=counts.get("conversions"),
-                round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)))
+                round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)), sat_cvts=len(re.findall(FLOOR_SAT_U8_PTX, ptx)),
+                fmnmx=counts.get("fmnmx"))
 
 
 def _compile_job(job: tuple[tuple, dict]) -> dict:
@@ -750,7 +783,7 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--up] [--jobs N]``: compile every variant for sm_90 and print one
+    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--jobs N]``: compile every variant for sm_90 and print one
     row each (or a JSON list), in ``N`` worker processes (default: one per CPU; the same reports in
     the same order either way)."""
     import argparse
@@ -773,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
                          "fp16 stream by TMA; Triton 3.6's Gluon only)")
     ap.add_argument("--cvt-add", action="store_true",
                     help="also the twin with the epilogue's conversions by adds, for every variant")
+    ap.add_argument("--cvt-sat", action="store_true",
+                    help="also the twin with its codes from 0 (conv1's) by one saturating conversion, alone and with "
+                         "the conversions by adds, for the variants writing such codes")
     ap.add_argument("--up", action="store_true",
                     help="also the twin computing the upsampler's pixel-shuffled 64 -> 256 convs (UP_VARIANTS), and "
                          "with --cvt-add their conversions by adds")
@@ -795,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [((v, boxes), dict(ws=True, halo=True, tma_res=True)) for v in fp16]
     if args.cvt_add:
         jobs += [((v, s), dict(ws=True, cvt_add=True)) for s in args.stages for v in VARIANTS]
+    if args.cvt_sat:
+        jobs += [((v, s), dict(ws=True, cvt_add=add, cvt_sat=True)) for add in (False, True) for s in args.stages
+                 for v in VARIANTS if v[5] == 8 and v[6] == 0]
     if args.up:
         jobs += [((v, s), dict(ws=True, cvt_add=cvt)) for cvt in ((False, True) if args.cvt_add else (False,))
                  for s in args.stages for v in UP_VARIANTS]
@@ -810,13 +849,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in reports:
         print(f"{r['name']:24} stages={r['stages']} ws={int(r['ws'])} shuffle={r['shuffle']} "
               f"tma_res={int(r['tma_res'])} in_flight={r['in_flight']} halo={int(r['halo'])} "
-              f"cvt_add={int(r['cvt_add'])} "
+              f"cvt_add={int(r['cvt_add'])} cvt_sat={int(r['cvt_sat'])} "
               f"warps={r['warps']} regs={r['registers']} local={r['local_bytes']} shared={r['shared_bytes']} "
               f"wgmma={r['wgmma']} async_waits={r['async_waits']} tma={r['tma_copies']} "
               f"tma_stores={r['tma_stores']} arrives={r['arrives']} fma={r['fma_f32']} "
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
               f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']} "
-              f"conversions={r['conversions']} round_adds={r['round_adds']}")
+              f"conversions={r['conversions']} round_adds={r['round_adds']} sat_cvts={r['sat_cvts']} "
+              f"fmnmx={r['fmnmx']}")
     return 0
 
 

@@ -89,6 +89,14 @@ SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
 # ran at 51-69%. Built without a GPU, off until a GPU session checks its bits and times it
 # (benchmarks/kernels.py --sm90's "upsampler ... sm90" rows). GDQ_SM90_UP=1 turns it on.
 SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
+# The twin's codes from 0 (conv1's, after its ReLU) by one saturating floor conversion
+# (cvt.rmi.sat.u8.f32, SASS F2I.U8.FLOOR) instead of a floor, a clamp and a conversion (or
+# SM90_CVT_ADD's clamp and round-down add), with the ReLU before it folded in: the same codes
+# (body_conv_sm90._requantize, _relu_kept). Compiled for sm_90, conv1's SASS falls from 2,072 to
+# 1,816 instructions (1,880 with SM90_CVT_ADD's floats by adds; Triton 3.9), one conversion-pipe
+# instruction per value instead of three. Built without a GPU, off until a GPU session checks its
+# bits and times it (benchmarks/kernels.py --sm90's "... sat" rows). GDQ_SM90_CVT_SAT=1 turns it on.
+SM90_CVT_SAT = os.environ.get("GDQ_SM90_CVT_SAT", "0") == "1"
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Off until a GPU session checks its bits and times it
@@ -234,6 +242,7 @@ class LaunchOptions:
     sm90_halo: bool | None = None
     sm90_cvt_add: bool | None = None
     sm90_up: bool | None = None
+    sm90_cvt_sat: bool | None = None
 
 
 _options = LaunchOptions()
@@ -249,7 +258,8 @@ def launch_options(**changes):
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
     ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
-    64 -> 64 k convs: the upsampler's) instead of the defaults."""
+    64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's codes from 0 by one
+    saturating conversion) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -597,7 +607,8 @@ def sm90_settings() -> dict:
     ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
-                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP)
+                    sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP,
+                    sm90_cvt_sat=SM90_CVT_SAT)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -628,7 +639,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
-    ``sums_by_add`` (:func:`fp32_sums_by_add`). More than 64 output channels (the twin only): one
+    ``sums_by_add`` (:func:`fp32_sums_by_add`); ``sm90_cvt_sat``: its codes from 0 by one saturating
+    conversion. More than 64 output channels (the twin only): one
     group of 64 a program, ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
     ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
     hold, halo boxes this Triton's Gluon cannot view, or more than 64 output channels on the
@@ -699,6 +711,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, x2_desc, w_desc, out_desc, res_desc, next_desc)
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
+                     ROUND_SAT=opts["sm90_cvt_sat"],
                      LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
         if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
             extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)

@@ -274,6 +274,33 @@ def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed)
     assert torch.equal(results[0], want)
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3)])
+@pytest.mark.parametrize("bits,scale", [(8, 0.05), (8, 2.0), (4, 0.5)])
+@pytest.mark.parametrize("weights,adds", [("uniform", False), ("normal", True), ("edge", True)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_saturating_codes_give_the_same_bits(shape, bits, scale, weights, adds, signed):
+    """The twin's conv1 with its codes from 0 by one saturating floor conversion and its ReLU folded
+    into it (``sm90_cvt_sat``), alone or with the conversions by adds: 8-bit codes (0..255; at a
+    small scale most values saturate, at a large one most do not) and 4-bit codes one per byte
+    (0..15, a clamp after the conversion) equal the reference's, negative values (the folded ReLU)
+    and sums at the float adds' bound included."""
+    g = gen()
+    wt, edge_code = weights_for_adds(weights, 64, 64, signed, g)
+    x_codes = rand_codes((*shape, 64), 8, signed, g) if edge_code is None else edge_code.expand(*shape, 64)
+    x = pack_codes(x_codes.contiguous(), 8)
+    mult = torch.rand(64, generator=g) * (1e-6 if edge_code is not None else 2e-3)
+    bias = torch.randn(64, generator=g) * 0.05
+    oq = ActQuant(bits, False, scale, container=8)
+    want = ref.packed_conv3x3(x, 8, signed, wt, mult, bias, relu=True, out_quant=oq)
+    assert bool((want == 0).any()) and bool((want > 0).any())  # the ReLU's zeros and some codes above
+    out = torch.full_like(want, 0xA5).cuda()
+    with tk.launch_options(sm90=True, sm90_ws=True, sm90_cvt_sat=True, sm90_cvt_add=adds):
+        tk.packed_conv3x3(x.cuda(), 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), relu=True,
+                          out_quant=oq, out=out)
+    assert torch.equal(out.cpu(), want)
+
+
 def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
     """PreparedWeight.sum_bounds is the largest conv sum over 8-bit codes, reached by the codes
     that follow the signs of a channel's weights (the reference conv's centre pixel of a 3 x 3
@@ -379,14 +406,14 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
-                sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP)
+                sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP, sm90_cvt_sat=tk.SM90_CVT_SAT)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                               sm90_up=not tk.SM90_UP):
+                               sm90_up=not tk.SM90_UP, sm90_cvt_sat=not tk.SM90_CVT_SAT):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
                                               sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                                              sm90_up=not tk.SM90_UP)
+                                              sm90_up=not tk.SM90_UP, sm90_cvt_sat=not tk.SM90_CVT_SAT)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
     # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
     with tk.launch_options(sm90_ws=True, sm90_halo=True):
@@ -478,16 +505,17 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     assert len(launches) == 4
     # conversions by adds: codes always, floats only where the weights bound the sums (sums_by_add)
     launches.clear()
-    with tk.launch_options(sm90_ws=True, sm90_cvt_add=True):
+    with tk.launch_options(sm90_ws=True, sm90_cvt_add=True, sm90_cvt_sat=False):
         tk._sm90_body_into(*conv1, None, True)
         tk._sm90_body_into(*conv2, None, False)
-    with tk.launch_options(sm90_ws=True, sm90_cvt_add=False):
+    with tk.launch_options(sm90_ws=True, sm90_cvt_add=False, sm90_cvt_sat=True):
         tk._sm90_body_into(*conv1, None, True)
-    with tk.launch_options(sm90_ws=False, sm90_cvt_add=True):  # the twin's only
+    with tk.launch_options(sm90_ws=False, sm90_cvt_add=True, sm90_cvt_sat=True):  # the twin's only
         tk._sm90_body_into(*conv2, None, True)
-    assert [(meta["ROUND_ADD"], meta["I2F_ADD"]) for _, _, _, meta in launches[:3]] == [
-        (True, True), (True, False), (False, False)]
-    assert launches[3][0] is bc._body_conv_sm90_kernel.kernel and "ROUND_ADD" not in launches[3][3]
+    assert [(meta["ROUND_ADD"], meta["I2F_ADD"], meta["ROUND_SAT"]) for _, _, _, meta in launches[:3]] == [
+        (True, True, False), (True, False, False), (False, False, True)]
+    assert launches[3][0] is bc._body_conv_sm90_kernel.kernel
+    assert "ROUND_ADD" not in launches[3][3] and "ROUND_SAT" not in launches[3][3]
     assert not any("OUT_GROUPS" in meta for _, _, _, meta in launches)  # 64 channels: the kernel's defaults
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
@@ -539,13 +567,14 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     fused multiply-adds; the twin with its conversions by adds has none of the epilogue's
     conversion-pipe instructions left; the twin's upsampler convs (``--up``: a 64-channel group of
     256, pixel-shuffled) alike."""
-    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add", "--up")
+    reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add", "--cvt-sat", "--up")
     assert len(reports) >= 12
     assert sorted((r["name"], r["shuffle"], r["cvt_add"]) for r in reports if r["shuffle"] > 1) == [
         (name, 2, cvt) for name in ("up shuffled codes", "up shuffled fp16") for cvt in (False, True)]
     assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
-    twin = {r["name"]: r for r in reports if r["ws"] and not (r["tma_res"] or r["cvt_add"] or r["in_flight"] == 2)}
-    by_adds = [r for r in reports if r["cvt_add"]]
+    twin = {r["name"]: r for r in reports
+            if r["ws"] and not (r["tma_res"] or r["cvt_add"] or r["cvt_sat"] or r["in_flight"] == 2)}
+    by_adds = [r for r in reports if r["cvt_add"] and not r["cvt_sat"]]
     assert sorted(r["name"] for r in by_adds) == sorted(twin)
     for r in by_adds:
         codes = r["name"].startswith("conv1") or "next" in r["name"] or r["name"].endswith("codes")  # requantizes
@@ -554,6 +583,16 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["conversions"] == twin[r["name"]]["conversions"] - 64 * (1 + 2 * codes), (r, twin[r["name"]])
         assert r["round_adds"] == 64 * codes, r
         assert twin[r["name"]]["round_adds"] == 0
+    # conv1's codes from 0 by one saturating conversion each, its ReLU and clamps (3 FMNMX a value)
+    # folded in; alone, or with the floats by adds (one more conversion a value gone)
+    sat = [r for r in reports if r["cvt_sat"]]
+    assert sorted((r["name"], r["cvt_add"]) for r in sat) == [(n, a) for n in ("conv1", "conv1 skip") for a in (0, 1)]
+    for r in sat:
+        plain = twin[r["name"]]
+        assert r["sat_cvts"] == 64 and plain["sat_cvts"] == 0 and r["round_adds"] == 0, r
+        assert r["fmnmx"] == 0 and plain["fmnmx"] == 3 * 64, (r, plain)
+        assert r["conversions"] == plain["conversions"] - 64 * (1 + r["cvt_add"]), (r, plain)
+        assert r["instructions"] < plain["instructions"], (r, plain)
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
     assert [r["name"] for r in reports if r["tma_res"]] == ["conv2+next fp16 stream"]
     for r in reports:

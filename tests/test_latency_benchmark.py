@@ -243,6 +243,7 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
     names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
     cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
     want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows ws g1 f1 tma")]
+    want += ["conv1 sm90 s6 p2 rows ws g1 f1 tma sat", "conv1 sm90 s6 p2 rows ws g1 f1 tma cvt sat"]
     knobs = ("s6 p2 rows ws g1 f1 tma res", "s6 p2 rows ws g1 f2 tma", "s4 p2 rows ws g1 f1 tma halo",
              "s4 p2 rows ws g1 f1 tma res halo", "s4 p2 rows ws g1 f2 tma halo", "s6 p2 rows ws g1 f1 tma cvt",
              "s6 p2 rows ws g1 f1 tma res cvt", "s4 p2 rows ws g1 f1 tma halo cvt")
@@ -261,13 +262,14 @@ def test_ncu_driver_smoke_launches_each_conv(capsys):
     assert ncu_convs.main(["--smoke", "--reps", "2"]) == 0
     assert "launched conv1, conv2, upsampler, last_conv, conv2_fp16" in capsys.readouterr().out
     assert ncu_convs.parse_config("64,32,8,3") == (64, 32, 8, 3)
-    assert ncu_convs.parse_sm90("6,2,1") == (6, 2, True, False, False, False)
-    assert ncu_convs.parse_sm90("8,1,0,1") == (8, 1, False, True, False, False)
-    assert ncu_convs.parse_sm90("4,2,1,1,1") == (4, 2, True, True, True, False)
-    assert ncu_convs.parse_sm90("6,2,1,1,0,1") == (6, 2, True, True, False, True)
+    assert ncu_convs.parse_sm90("6,2,1") == (6, 2, True, False, False, False, False)
+    assert ncu_convs.parse_sm90("8,1,0,1") == (8, 1, False, True, False, False, False)
+    assert ncu_convs.parse_sm90("4,2,1,1,1") == (4, 2, True, True, True, False, False)
+    assert ncu_convs.parse_sm90("6,2,1,1,0,1") == (6, 2, True, True, False, True, False)
+    assert ncu_convs.parse_sm90("6,2,1,1,0,1,1") == (6, 2, True, True, False, True, True)
     assert ncu_convs.main(["--smoke", "--sm90", "4,2,0"]) == 0
     assert "conv2_fp16, conv1_sm90, conv2_fp16_sm90" in capsys.readouterr().out
-    assert ncu_convs.main(["--smoke", "--sm90", "6,2,1,1,0,1"]) == 0  # the Gaussian layer's weights
+    assert ncu_convs.main(["--smoke", "--sm90", "6,2,1,1,0,1,1"]) == 0  # the Gaussian layer's weights
     assert "conv2_fp16, conv1_sm90, conv2_fp16_sm90" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ncu_convs.main(["--smoke", "--config", "64,32"])
