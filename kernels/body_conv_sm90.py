@@ -41,6 +41,14 @@ layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 b
   clamp and one add rounding toward minus infinity (:func:`_requantize`), the floats, where the
   weights bound every sum below ``2**22``, from an integer add and an fp32 subtraction
   (:func:`_to_float`): the same bits by construction.
+* **Codes from 0 by one saturating conversion** (``ROUND_SAT``, the twin only; off by default until
+  a GPU times it: ``ops.SM90_CVT_SAT``): conv1's codes (0..255 after its ReLU) by one
+  ``cvt.rmi.sat.u8.f32`` instead of a floor, two clamps and a conversion, the ReLU folded into it
+  (:func:`_requantize`, :func:`_relu_kept`): the same codes.
+* **Output-channel groups** (``OUT_GROUPS``, ``SHUFFLE``, the twin only; off by default until a GPU
+  times it: ``ops.SM90_UP``): the upsampler's 64 -> 64 r^2 convs as r^2 groups of 64 output
+  channels, one a program (the grid's second axis), each group a sub-pixel of the pixel-shuffled
+  output.
 * **Halo boxes** (``HALO``, the twin only; off by default until a GPU times it: ``ops.SM90_HALO``):
   each tile's input as 3 boxes, one per column offset ``dx``, of ``HALO_ROWS`` image rows (the
   tile's 8 and one above and below: an 8-row and a 2-row TMA copy), 30 KB a tile instead of 9 tap
@@ -714,6 +722,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
 
     name, signed, relu, has_res, scale_res, o_bits, o_lo, o_hi, next_bits, skip, out, res = variant[:12]
     shuffle = variant[12] if len(variant) > 12 else 1  # UP_VARIANTS: r, and r * r groups of 64 channels
+    if shuffle > 1 and not ws:
+        raise ValueError(f"{name}: only the warp-specialized twin (ws=True) computes output-channel groups")
     box4 = repr(_BOX_LAYOUT.value)
     box2 = repr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2))
     box16 = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4))

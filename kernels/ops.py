@@ -85,9 +85,10 @@ SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
 # r^2 groups of 64 output channels (the grid's second axis; each program keeps its group's 36 KB of
 # weights resident) stored pixel-shuffled by masked stores (group g is sub-pixel divmod(g, r) of
 # every output pixel), and other convs of 64 input channels and a multiple of 64 output channels.
-# The flat kernel's upsampler ran at 40-58% of its floor (kernels.py rows) where the twin's body convs
-# ran at 51-69%. Built without a GPU, off until a GPU session checks its bits and times it
-# (benchmarks/kernels.py --sm90's "upsampler ... sm90" rows). GDQ_SM90_UP=1 turns it on.
+# The flat kernel's shuffled fp16 upsampler ran at 51-59% of its floor (kernels.py, the H100's
+# third to fifth runs), the twin's body convs at 51-69% (ninth run). Built without a GPU, off until
+# a GPU session checks its bits and times it (benchmarks/kernels.py --sm90's "upsampler ... sm90"
+# rows). GDQ_SM90_UP=1 turns it on.
 SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
 # The twin's codes from 0 (conv1's, after its ReLU) by one saturating floor conversion
 # (cvt.rmi.sat.u8.f32, SASS F2I.U8.FLOOR) instead of a floor, a clamp and a conversion (or
@@ -640,8 +641,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
     ``sums_by_add`` (:func:`fp32_sums_by_add`); ``sm90_cvt_sat``: its codes from 0 by one saturating
-    conversion. More than 64 output channels (the twin only): one
-    group of 64 a program, ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
+    conversion. More than 64 output channels (the twin only): one group of 64 a program,
+    ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
     ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
     hold, halo boxes this Triton's Gluon cannot view, or more than 64 output channels on the
     first-built kernel."""

@@ -231,10 +231,10 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
 def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed):
     """The twin's 64 -> 64 k convs (``sm90_up``: one group of 64 output channels a program): the
     upsampler's pixel-shuffled stores (x2/x4: 64 -> 256, r = 2, codes / fp16 / fp32; x3: 64 -> 576,
-    r = 3) and unshuffled 256-channel results (codes; an fp32 stream updated in place; the op's next
-    codes take 128 channels at most), with and
-    without the conversions by adds (a Gaussian layer's weights then, every sum within the float
-    adds), equal the flat kernel's and the reference's; outputs poisoned first."""
+    r = 3) and unshuffled 256-channel results (codes after a ReLU; an fp32 stream updated in place;
+    the op's next codes take 128 channels at most), with and without the conversions by adds and
+    the saturating codes (a Gaussian layer's weights then, every sum within the float adds), equal
+    the flat kernel's and the reference's; outputs poisoned first."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
     g = gen()
@@ -266,7 +266,7 @@ def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed)
         else:
             poison = torch.full_like(want, 0xA5) if q else torch.full_like(want, float("nan"))
             launch = dict(kw, out=poison.cuda(), shuffle=r, **({} if q else dict(out_dtype=dtype)))
-        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_cvt_add=cvt, cvt_add=cvt):
+        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_cvt_add=cvt, sm90_cvt_sat=cvt, cvt_add=cvt):
             got = tk.packed_conv3x3(x.cuda(), 8, signed, prep, mult.cuda(), bias.cuda(), **launch)
         torch.cuda.synchronize()
         results.append(got.cpu())
