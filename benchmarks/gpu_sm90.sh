@@ -52,14 +52,14 @@ elif [ "${1:-}" = 2 ]; then
     # stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6
     # matching launches compile; the next 6 are profiled), and on the twin reading halo boxes
     # (NCU_HALO); last, the Gluon kernel's stall samples per SASS instruction (its conv1 and conv2
-    # on the fp16 stream). tests_up: the bits of the twin's upsampler convs (sm90_up) and of conv1's
-    # saturating codes (sm90_cvt_sat; some 35 more twin variants). The limits add up to about 20
+    # on the fp16 stream). tests_up: the bits of the twin's upsampler convs (sm90_up) and of its
+    # saturating codes (sm90_cvt_sat; some 45 more twin variants). The limits add up to about 20
     # minutes, more than one device call holds: run it in parts, e.g. STEPS="tests_new kernels_sm90",
     # then STEPS="tests_up ncu_sass" (NCU_SM90=6,2,1,1,0,1,1: the stall samples with both on).
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
-    step tests_up 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+    step tests_up 240 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "upsampler_convs or saturating or applies"
     step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"

@@ -34,15 +34,16 @@ stages, programs per SM, row-layout epilogue, the warp-specialized twin with its
 one at a time, one tap's MMAs left in flight and conv1's codes stored by TMA), then the Gluon
 kernel's knobs not yet timed (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
 flight; ``halo``: the input read as 3 halo boxes a tile, its ring counting boxes; ``cvt``: the
-epilogue's conversions by adds; ``sat``, conv1 only: its codes by one saturating conversion; and
-their combinations; conv1's ``sat`` rows come right after the first three pairs). The ``--sm90``
+epilogue's conversions by adds; ``sat``: its codes by one saturating conversion each; and their
+combinations; the ``sat`` rows come right after the first three pairs). The ``--sm90``
 rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian
 layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
 ``ops.fp32_sums_by_add``; the shipped EDSR weights stay below it). The ninth run's other knobs
 (``g3``: stages released 3 at a time; without ``tma``: conv1's codes by stores; without ``ws``:
 the first-built kernel) were slower, and are no longer rows.
 Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds, and
-the same on the Gluon conv's twin (``... sm90``: 64 output channels a program, ``ops.SM90_UP``).
+the same on the Gluon conv's twin (``... sm90``: 64 output channels a program, ``ops.SM90_UP``;
+``... sm90 cvt sat``: with the conversions by adds and the saturating codes).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
         ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: the epilogue's
         conversions by adds, on a Gaussian layer's weights; ``sm90``: on the Gluon conv's twin in
         groups of 64 output channels (``ops.SM90_UP``; False: on the flat kernel; None: as the engine
-        runs it)."""
+        runs it), where ``cvt`` also means its codes by one saturating conversion."""
         if codes:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.uint8, device=dev)
             kw = dict(out_quant=ActQuant(8, True, 0.05), out=out)
@@ -302,11 +303,12 @@ def main(argv=None) -> int:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
             kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=cvt)
+        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=cvt, sm90_cvt_sat=cvt)
         with tk.launch_options(cvt_add=cvt, **up):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if cvt else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
-        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' cvt' if cvt else ''}"
+        name = (f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' cvt' if cvt else ''}"
+                f"{' sat' if cvt and sm90 else ''}")
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -388,10 +390,12 @@ def main(argv=None) -> int:
                  dict(default, sm90_tma_res=True, sm90_cvt_add=True), dict(halo, sm90_cvt_add=True))
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
-        # conv1's codes from 0 by one saturating conversion, alone and with the floats by adds (conv1 only:
-        # the other convs write signed codes or none)
-        runs += [lambda sp=sp: [conv_case("conv1", 8, 8, sm90=sp)]
-                 for sp in (dict(default, sm90_cvt_sat=True), dict(default, sm90_cvt_add=True, sm90_cvt_sat=True))]
+        # the codes by one saturating conversion each, alone and with the conversions by adds (and the
+        # fp16 stream by TMA): right after the pairs, as the least measured epilogue change
+        sat = (dict(default, sm90_cvt_sat=True), dict(default, sm90_cvt_add=True, sm90_cvt_sat=True),
+               dict(default, sm90_tma_res=True, sm90_cvt_add=True, sm90_cvt_sat=True))
+        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in sat
+                 if st == torch.float16 or not sp["sm90_tma_res"]]
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if st == torch.float16 or not sp["sm90_tma_res"]]
         # the flat kernel's conversions by adds where the conversion pipe weighs most, the upsampler,

@@ -41,10 +41,11 @@ layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 b
   clamp and one add rounding toward minus infinity (:func:`_requantize`), the floats, where the
   weights bound every sum below ``2**22``, from an integer add and an fp32 subtraction
   (:func:`_to_float`): the same bits by construction.
-* **Codes from 0 by one saturating conversion** (``ROUND_SAT``, the twin only; off by default until
-  a GPU times it: ``ops.SM90_CVT_SAT``): conv1's codes (0..255 after its ReLU) by one
-  ``cvt.rmi.sat.u8.f32`` instead of a floor, two clamps and a conversion, the ReLU folded into it
-  (:func:`_requantize`, :func:`_relu_kept`): the same codes.
+* **8-bit codes by one saturating conversion** (``ROUND_SAT``, the twin only; off by default until
+  a GPU times it: ``ops.SM90_CVT_SAT``): each code by one ``cvt.rmi.sat.u8.f32`` (conv1's, 0..255
+  after its ReLU, which folds into it) or ``max`` and ``cvt.rmi.sat.s8.f32`` (the next codes,
+  signed) instead of a floor, two clamps and a conversion (:func:`_requantize`, :func:`_relu_kept`):
+  the same codes.
 * **Output-channel groups** (``OUT_GROUPS``, ``SHUFFLE``, the twin only; off by default until a GPU
   times it: ``ops.SM90_UP``): the upsampler's 64 -> 64 r^2 convs as r^2 groups of 64 output
   channels, one a program (the grid's second axis), each group a sub-pixel of the pixel-shuffled
@@ -98,10 +99,11 @@ _BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_b
 # 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
 # start a 128-row operand 16 or 32 rows into a buffer, so the halo needs the former.
 HALO_VIEWS = hasattr(gl.shared_memory_descriptor, "_reinterpret")
-# ROUND_SAT's one instruction for unsigned 8-bit codes: floor, clamp to 0..255 and convert (SASS
-# F2I.U8.FLOOR), and its PTX as a compiled kernel shows it (the compile reports count it)
+# ROUND_SAT's one instruction for 8-bit codes: floor, clamp to 0..255 (-128..127) and convert (SASS
+# F2I.U8.FLOOR, F2I.S8.FLOOR), and both in a compiled kernel's PTX (the compile reports count them)
 FLOOR_SAT_U8 = gl.constexpr("cvt.rmi.sat.u8.f32 $0, $1;")
-FLOOR_SAT_U8_PTX = r"\bcvt\.rmi\.sat\.u8\.f32 %\w+, %\w+;"
+FLOOR_SAT_S8 = gl.constexpr("cvt.rmi.sat.s8.f32 $0, $1;")
+FLOOR_SAT_PTX = r"\bcvt\.rmi\.sat\.[us]8\.f32 %\w+, %\w+;"
 
 
 @gluon.jit
@@ -176,17 +178,25 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
     Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only). ``BY_ADD``:
     the same codes without the conversion pipe, ``t`` clamped and then added to ``1.5 * 2**23``
-    rounding toward minus infinity (the proof: ``conv3x3._requantize``). ``SAT``, for codes from 0
-    (``LO == 0``, ``HI <= 255``; others as ``BY_ADD`` says): one conversion that floors and
-    saturates to 0..255 (``cvt.rmi.sat.u8.f32``), then ``min(., HI)`` below 255. For integer
-    bounds floor and clamp commute, and NaN gives 0 = ``LO`` as the clamp's min/max do."""
+    rounding toward minus infinity (the proof: ``conv3x3._requantize``). ``SAT``, for codes in an
+    8-bit range (within 0..255 or -128..127; others as ``BY_ADD`` says): one conversion that floors
+    and saturates to that byte's range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``max(t, LO)``
+    where the range starts above 0 or is signed (the conversion takes NaN to 0, the clamp's
+    min/max to ``LO``) and ``min(t, HI)`` where it ends below the byte's top. For integer bounds
+    floor and clamp commute. Only the result's low byte is the code (all callers keep just that
+    byte; a signed conversion's upper bits are not promised)."""
     t = y * inv_s
     t = t + 0.5
-    if SAT and LO == 0 and HI <= 255:
-        q = gl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
-        if HI < 255:
-            q = gl.minimum(q, HI)
-        return q
+    if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
+        if LO != 0:  # NaN -> LO, as the clamp's max gives it, and the range's start
+            t = gl.maximum(t, LO)
+        if LO >= 0:
+            if HI < 255:
+                t = gl.minimum(t, HI)
+            return gl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
+        if HI < 127:
+            t = gl.minimum(t, HI)
+        return gl.inline_asm_elementwise(FLOOR_SAT_S8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = gl.minimum(gl.maximum(t, LO), HI)
         bits = gl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
@@ -243,7 +253,8 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     offset to them); ``SHUFFLE == r > 1`` (``OUT_GROUPS == r * r``, no residual, no next codes):
     stored pixel-shuffled, group ``grp`` being sub-pixel ``(grp // r, grp % r)`` of every
     (N, rH, rW, 64) output pixel (``conv3x3._epilogue``'s sub-pixel-major channels). ``ROUND_SAT``:
-    codes from 0 by one saturating conversion, the ReLU folded into it (:func:`_relu_kept`)."""
+    8-bit codes by one saturating conversion each, the ReLU folded into it before codes from 0
+    (:func:`_requantize`, :func:`_relu_kept`)."""
     layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
     if EPI_ROWS:
         acc = gl.convert_layout(acc, _EPI_LAYOUT)
@@ -465,8 +476,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and
     floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). ``OUT_GROUPS``,
     ``SHUFFLE``: this program's 64 output channels are group ``program_id(1)`` of ``OUT_GROUPS``,
-    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`). ``ROUND_SAT``: codes from 0
-    by one saturating conversion (:func:`_requantize`), the ReLU folded into it."""
+    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`). ``ROUND_SAT``: 8-bit codes
+    by one saturating conversion each (:func:`_requantize`), the ReLU folded into conv1's."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     grp = 0
@@ -558,9 +569,9 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     with that group's weights resident: ``w_desc`` is the (Cout, 9 * 64) weights, the per-channel
     pointers Cout long; results by masked stores, ``TMA_OUT`` / ``TMA_RES`` off) and ``SHUFFLE``
     (``r``: stored pixel-shuffled into (N, rH, rW, 64), ``OUT_GROUPS == r * r``, as the upsampler's
-    convs store; no residual, no next codes) and ``ROUND_SAT`` (codes from 0, conv1's, by one
-    saturating floor conversion instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s
-    clamp and add; the ReLU before them folded in: :func:`_requantize`, :func:`_relu_kept`)."""
+    convs store; no residual, no next codes) and ``ROUND_SAT`` (8-bit codes by one saturating floor
+    conversion each instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s clamp and
+    add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, :func:`_relu_kept`)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
@@ -698,10 +709,10 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``loads_in_flight``) and the static counts of ``instructions``, CTA barriers (``bar_syncs``),
     mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
-    infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 in the
-    PTX (``cvt_sat``'s codes); ``shuffle``: the variant's pixel shuffle (1, or r for
-    :data:`UP_VARIANTS`, which only the twin computes). Defaults: the engine's
-    ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
+    infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 / s8
+    in the PTX (``cvt_sat``'s codes); ``fmnmx``: fp32 min/max instructions in the SASS; ``shuffle``:
+    the variant's pixel shuffle (1, or r for :data:`UP_VARIANTS`, which only the twin computes).
+    Defaults: the engine's ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
     (``ops.SM90_WS_*``), its stages released ``group`` at a time and, with ``tma_out``, codes
     without a residual stored by TMA (``ops.SM90_WS_GROUP``, ``ops.SM90_TMA_OUT``) and, with
@@ -709,8 +720,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     left in flight (``ops.SM90_IN_FLIGHT``), ``halo``: its input read as halo boxes (``ops.SM90_HALO``;
     ``stages`` then counts halo boxes; Triton 3.6 only, :data:`HALO_VIEWS`); ``warps`` then counts its
     producer's warpgroup too. ``cvt_add``: the twin's epilogue with its codes and floats by adds
-    (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``); ``cvt_sat``: its codes from 0 by one
-    saturating conversion (``ROUND_SAT``, ``ops.SM90_CVT_SAT``)."""
+    (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``); ``cvt_sat``: its 8-bit codes by one
+    saturating conversion each (``ROUND_SAT``, ``ops.SM90_CVT_SAT``)."""
     import re
     import subprocess
     import tempfile
@@ -782,7 +793,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 loads_in_flight=hazards[1], instructions=counts.get("instructions"),
                 bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
                 conversions=counts.get("conversions"),
-                round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)), sat_cvts=len(re.findall(FLOOR_SAT_U8_PTX, ptx)),
+                round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)), sat_cvts=len(re.findall(FLOOR_SAT_PTX, ptx)),
                 fmnmx=counts.get("fmnmx"))
 
 
@@ -817,8 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cvt-add", action="store_true",
                     help="also the twin with the epilogue's conversions by adds, for every variant")
     ap.add_argument("--cvt-sat", action="store_true",
-                    help="also the twin with its codes from 0 (conv1's) by one saturating conversion, alone and with "
-                         "the conversions by adds, for the variants writing such codes")
+                    help="also the twin with its 8-bit codes by one saturating conversion each, alone and with the "
+                         "conversions by adds, for the variants writing codes (with --up, the upsampler's too)")
     ap.add_argument("--up", action="store_true",
                     help="also the twin computing the upsampler's pixel-shuffled 64 -> 256 convs (UP_VARIANTS), and "
                          "with --cvt-add their conversions by adds")
@@ -841,12 +852,16 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [((v, boxes), dict(ws=True, halo=True, tma_res=True)) for v in fp16]
     if args.cvt_add:
         jobs += [((v, s), dict(ws=True, cvt_add=True)) for s in args.stages for v in VARIANTS]
-    if args.cvt_sat:
-        jobs += [((v, s), dict(ws=True, cvt_add=add, cvt_sat=True)) for add in (False, True) for s in args.stages
-                 for v in VARIANTS if v[5] == 8 and v[6] == 0]
+    codes = [v for v in VARIANTS + (UP_VARIANTS if args.up else []) if v[5] == 8 or v[8] == 8]
     if args.up:
         jobs += [((v, s), dict(ws=True, cvt_add=cvt)) for cvt in ((False, True) if args.cvt_add else (False,))
                  for s in args.stages for v in UP_VARIANTS]
+    if args.cvt_sat:
+        jobs += [((v, s), dict(ws=True, cvt_add=add, cvt_sat=True)) for add in (False, True) for s in args.stages
+                 for v in codes]
+        if args.tma_res:
+            jobs += [((v, s), dict(ws=True, tma_res=True, cvt_add=True, cvt_sat=True)) for s in args.stages
+                     for v in fp16]
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=spawn) as pool:

@@ -90,13 +90,15 @@ SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
 # a GPU session checks its bits and times it (benchmarks/kernels.py --sm90's "upsampler ... sm90"
 # rows). GDQ_SM90_UP=1 turns it on.
 SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
-# The twin's codes from 0 (conv1's, after its ReLU) by one saturating floor conversion
-# (cvt.rmi.sat.u8.f32, SASS F2I.U8.FLOOR) instead of a floor, a clamp and a conversion (or
-# SM90_CVT_ADD's clamp and round-down add), with the ReLU before it folded in: the same codes
-# (body_conv_sm90._requantize, _relu_kept). Compiled for sm_90, conv1's SASS falls from 2,072 to
-# 1,816 instructions (1,880 with SM90_CVT_ADD's floats by adds; Triton 3.9), one conversion-pipe
-# instruction per value instead of three. Built without a GPU, off until a GPU session checks its
-# bits and times it (benchmarks/kernels.py --sm90's "... sat" rows). GDQ_SM90_CVT_SAT=1 turns it on.
+# The twin's 8-bit codes by one saturating floor conversion each (cvt.rmi.sat.u8.f32 / .s8.f32,
+# SASS F2I.U8.FLOOR / F2I.S8.FLOOR; signed codes after a max that takes NaN to the range's start as
+# the clamp does) instead of a floor, a clamp and a conversion (or SM90_CVT_ADD's clamp and
+# round-down add), with conv1's ReLU folded into its codes from 0: the same codes
+# (body_conv_sm90._requantize, _relu_kept). Compiled for sm_90 (Triton 3.9), conv1's SASS falls
+# from 2,072 to 1,816 instructions (1,880 with SM90_CVT_ADD's floats by adds), conv2 + next codes
+# on the fp16 stream from 2,624 to 2,504; one conversion-pipe instruction per code instead of
+# three. Built without a GPU, off until a GPU session checks its bits and times it
+# (benchmarks/kernels.py --sm90's "... sat" rows). GDQ_SM90_CVT_SAT=1 turns it on.
 SM90_CVT_SAT = os.environ.get("GDQ_SM90_CVT_SAT", "0") == "1"
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
@@ -259,8 +261,8 @@ def launch_options(**changes):
     (the twin's fp16 stream in and out by TMA) / ``sm90_in_flight`` (the twin's taps' MMAs in
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
     ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
-    64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's codes from 0 by one
-    saturating conversion) instead of the defaults."""
+    64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's 8-bit codes by one
+    saturating conversion each) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -640,8 +642,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     the warp-specialized twin's TMA copies, of the output codes or of the fp16 stream and the next
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
-    ``sums_by_add`` (:func:`fp32_sums_by_add`); ``sm90_cvt_sat``: its codes from 0 by one saturating
-    conversion. More than 64 output channels (the twin only): one group of 64 a program,
+    ``sums_by_add`` (:func:`fp32_sums_by_add`); ``sm90_cvt_sat``: its 8-bit codes by one saturating
+    conversion each. More than 64 output channels (the twin only): one group of 64 a program,
     ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
     ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
     hold, halo boxes this Triton's Gluon cannot view, or more than 64 output channels on the

@@ -301,6 +301,65 @@ def test_gluon_body_conv_saturating_codes_give_the_same_bits(shape, bits, scale,
     assert torch.equal(out.cpu(), want)
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(3, 37, 50), (1, 5, 3)])
+@pytest.mark.parametrize("case", ["fp32", "fp16", "fp16 tma", "a4 next"])
+@pytest.mark.parametrize("weights,adds", [("uniform", False), ("normal", True)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_saturating_next_codes_give_the_same_bits(shape, case, weights, adds, signed):
+    """The twin's conv2 with its signed next codes by ``max(t, LO)`` and one saturating conversion
+    (``sm90_cvt_sat``), alone or with the conversions by adds: on the fp32 stream, the fp16 stream
+    (by stores and by TMA), and 4-bit next codes one per byte (-8..7: a ``min`` too); the stream
+    and the next codes equal the reference's."""
+    g = gen()
+    wt = weights_for_adds(weights, 64, 64, signed, g)[0]
+    x_codes, _, _, mult, bias = _conv_inputs(shape, signed, g)
+    nq = ActQuant(4, True, 0.3, container=8) if case == "a4 next" else ActQuant(8, True, 0.05)
+    dtype = torch.float16 if case.startswith("fp16") else torch.float32
+    res = torch.randn(*shape, 64, generator=g).to(dtype)
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.float(), 1.0, None).to(dtype)
+    stream = res.cuda()
+    nxt = torch.full((*shape, 64), 0xA5, dtype=torch.uint8, device="cuda")
+    with tk.launch_options(sm90=True, sm90_ws=True, sm90_cvt_sat=True, sm90_cvt_add=adds,
+                           sm90_tma_res=case.endswith("tma")):
+        tk.packed_conv3x3(pack_codes(x_codes, 8).cuda(), 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(),
+                          bias.cuda(), residual=stream, out=stream, out_dtype=dtype, next_quant=nq, next_out=nxt)
+    assert torch.equal(stream.cpu(), want)
+    codes = ref.quantize_pack(want.float(), nq)
+    assert bool((codes != 0).any())
+    assert torch.equal(nxt.cpu(), codes)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("stream_dtype", [torch.float32, torch.float16])
+def test_gluon_body_conv_saturating_codes_match_the_clamps_on_nan_and_inf(stream_dtype):
+    """A stream holding NaN, +-inf and values far outside the codes' range: the twin's next codes by
+    the saturating conversion (with and without the adds) equal its codes by the floor and clamps,
+    byte for byte (NaN -> the range's start, as the clamp's min/max give it), as do the streams."""
+    g = gen()
+    shape = (2, 19, 21)
+    x_codes, x, wt, mult, bias = _conv_inputs(shape, True, g)
+    res = torch.randn(*shape, 64, generator=g) * 1e3
+    res.view(-1)[torch.randperm(res.numel(), generator=g)[:3000]] = float("nan")
+    res.view(-1)[torch.randperm(res.numel(), generator=g)[:2000]] = float("inf")
+    res.view(-1)[torch.randperm(res.numel(), generator=g)[:2000]] = float("-inf")
+    prep = tk.prepare_conv_weight(wt, 8)
+    got = []
+    for sat, adds in ((False, False), (True, False), (True, True)):
+        for nq in (ActQuant(8, True, 0.05), ActQuant(4, True, 0.3, container=8)):
+            stream = res.to(stream_dtype).cuda()
+            nxt = torch.full((*shape, 64), 0xA5, dtype=torch.uint8, device="cuda")
+            with tk.launch_options(sm90=True, sm90_ws=True, sm90_cvt_sat=sat, sm90_cvt_add=adds):
+                tk.packed_conv3x3(x, 8, True, prep, mult.cuda(), bias.cuda(), residual=stream, out=stream,
+                                  out_dtype=stream_dtype, next_quant=nq, next_out=nxt)
+            got.append((stream.cpu(), nxt.cpu()))
+    plain = got[:2]
+    assert bool(plain[0][0].isnan().any()) and bool((plain[0][1] == 0x80).any())  # NaN -> -128 by the clamps
+    for i, (stream, nxt) in enumerate(got):
+        assert torch.equal(stream.view(torch.uint8), plain[i % 2][0].view(torch.uint8))
+        assert torch.equal(nxt, plain[i % 2][1])
+
+
 def test_conv_sum_bounds_are_reached_and_decide_the_fp32_adds():
     """PreparedWeight.sum_bounds is the largest conv sum over 8-bit codes, reached by the codes
     that follow the signs of a channel's weights (the reference conv's centre pixel of a 3 x 3
@@ -569,8 +628,9 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
     256, pixel-shuffled) alike."""
     reports = _compile_reports("--ws", "--tma-res", "--in-flight", "2", "--cvt-add", "--cvt-sat", "--up")
     assert len(reports) >= 12
-    assert sorted((r["name"], r["shuffle"], r["cvt_add"]) for r in reports if r["shuffle"] > 1) == [
-        (name, 2, cvt) for name in ("up shuffled codes", "up shuffled fp16") for cvt in (False, True)]
+    assert sorted((r["name"], r["shuffle"], r["cvt_add"], r["cvt_sat"]) for r in reports if r["shuffle"] > 1) == sorted(
+        [(name, 2, add, sat) for name in ("up shuffled codes", "up shuffled fp16") for add in (False, True)
+         for sat in (False, True) if not (sat and name.endswith("fp16"))])
     assert sum(r["in_flight"] == 2 for r in reports) == sum(not r["ws"] for r in reports)  # each variant's twin at 2
     twin = {r["name"]: r for r in reports
             if r["ws"] and not (r["tma_res"] or r["cvt_add"] or r["cvt_sat"] or r["in_flight"] == 2)}
@@ -583,24 +643,31 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["conversions"] == twin[r["name"]]["conversions"] - 64 * (1 + 2 * codes), (r, twin[r["name"]])
         assert r["round_adds"] == 64 * codes, r
         assert twin[r["name"]]["round_adds"] == 0
-    # conv1's codes from 0 by one saturating conversion each, its ReLU and clamps (3 FMNMX a value)
-    # folded in; alone, or with the floats by adds (one more conversion a value gone)
-    sat = [r for r in reports if r["cvt_sat"]]
-    assert sorted((r["name"], r["cvt_add"]) for r in sat) == [(n, a) for n in ("conv1", "conv1 skip") for a in (0, 1)]
+    # 8-bit codes by one saturating conversion each, alone or with the floats by adds (one more
+    # conversion a value gone): the floor and the conversion become one; of the clamps (FMNMX) conv1's
+    # 0..255 keeps none (its ReLU folded in too), its 0..15 a min, signed codes a max (NaN -> LO)
+    sat = [r for r in reports if r["cvt_sat"] and not r["tma_res"]]
+    writes_codes = ["conv1", "conv1 skip", "conv2+next", "conv2+next signed", "conv2+next fp16 stream",
+                    "up shuffled codes"]
+    assert sorted((r["name"], r["cvt_add"]) for r in sat) == [(n, a) for n in sorted(writes_codes) for a in (0, 1)]
     for r in sat:
         plain = twin[r["name"]]
         assert r["sat_cvts"] == 64 and plain["sat_cvts"] == 0 and r["round_adds"] == 0, r
-        assert r["fmnmx"] == 0 and plain["fmnmx"] == 3 * 64, (r, plain)
+        assert plain["fmnmx"] == 64 * (3 if r["name"].startswith("conv1") else 2), plain
+        assert r["fmnmx"] == (0 if r["name"] == "conv1" else 64), r
         assert r["conversions"] == plain["conversions"] - 64 * (1 + r["cvt_add"]), (r, plain)
         assert r["instructions"] < plain["instructions"], (r, plain)
+    (sat_tma,) = [r for r in reports if r["cvt_sat"] and r["tma_res"]]  # the fp16 stream by TMA, with the adds
+    assert sat_tma["name"] == "conv2+next fp16 stream" and sat_tma["sat_cvts"] == 64 and sat_tma["cvt_add"], sat_tma
+    assert sat_tma["fmnmx"] == 64 and sat_tma["tma_stores"] == 2, sat_tma
     assert {(r["a_signed"], r["ws"]) for r in reports} == {(True, False), (False, False), (True, True), (False, True)}
-    assert [r["name"] for r in reports if r["tma_res"]] == ["conv2+next fp16 stream"]
+    assert {r["name"] for r in reports if r["tma_res"]} == {"conv2+next fp16 stream"}
     for r in reports:
         if r["ws"]:  # the warp-specialized twin: the MMA warpgroup and the producer's, 128 registers each
             assert r["warps"] == 8 and r["registers"] <= 128, r
             # conv2 + next on the fp32 stream keeps a local frame at that budget (8 bytes, 48 with two
-            # taps in flight, 32 with the conversions by adds); the others none
-            frame = 32 if r["cvt_add"] else {1: 8, 2: 48}[r["in_flight"]]
+            # taps in flight, 32 with the conversions by adds, 16 with the saturating codes); the others none
+            frame = 16 if r["cvt_sat"] else 32 if r["cvt_add"] else {1: 8, 2: 48}[r["in_flight"]]
             assert r["local_bytes"] <= (frame if r["name"] == "conv2+next" else 0), r
             r["local_bytes"] = 0
             # each tap's stage released once its MMA retired: 9 arrivals a tile (the fp16 stream by

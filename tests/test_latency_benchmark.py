@@ -243,13 +243,14 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
     names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
     cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
     want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows ws g1 f1 tma")]
-    want += ["conv1 sm90 s6 p2 rows ws g1 f1 tma sat", "conv1 sm90 s6 p2 rows ws g1 f1 tma cvt sat"]
+    sat = ("s6 p2 rows ws g1 f1 tma sat", "s6 p2 rows ws g1 f1 tma cvt sat", "s6 p2 rows ws g1 f1 tma res cvt sat")
+    want += [f"{c} sm90 {k}" for c in cases for k in sat if "res" not in k or "float16" in c]
     knobs = ("s6 p2 rows ws g1 f1 tma res", "s6 p2 rows ws g1 f2 tma", "s4 p2 rows ws g1 f1 tma halo",
              "s4 p2 rows ws g1 f1 tma res halo", "s4 p2 rows ws g1 f2 tma halo", "s6 p2 rows ws g1 f1 tma cvt",
              "s6 p2 rows ws g1 f1 tma res cvt", "s4 p2 rows ws g1 f1 tma halo cvt")
     want += [f"{c} sm90 {k}" for c in cases for k in knobs if "res" not in k or "float16" in c]
-    want += [f"upsampler shuffled {out}{sm90}{cvt}" for out in ("codes", "fp16") for sm90 in ("", " sm90")
-             for cvt in ("", " cvt")]
+    want += [f"upsampler shuffled {out}{sm90}{cvt}{' sat' if sm90 and cvt else ''}" for out in ("codes", "fp16")
+             for sm90 in ("", " sm90") for cvt in ("", " cvt")]
     assert names == want
 
 
