@@ -32,7 +32,7 @@ if [ "${1:-}" = e2e ]; then
     # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
     # first-built Gluon kernel, w its warp-specialized twin, c the twin with its conversions by adds
     # (and the flat convs', the tail's upsampler among them), h the twin reading halo boxes, s the
-    # twin with everything built since the ninth run but halo boxes: the conversions by adds, conv1's
+    # twin with everything built since the ninth run but halo boxes: the conversions by adds, the
     # saturating codes and the upsampler's convs on the twin (not in the default runs: RUNS="wa sa wb sb")
     for run in ${RUNS:-0a wa ca ha 0b wb cb hb}; do
         body=${run:0:1}
@@ -40,7 +40,7 @@ if [ "${1:-}" = e2e ]; then
         new=$([ "$body" = s ] && echo 1 || echo 0)
         step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
             GDQ_SM90_WS=$(case $body in w|c|h|s) echo 1;; *) echo 0;; esac) GDQ_SM90_CVT_ADD=$cvt GDQ_CVT_ADD=$cvt \
-            GDQ_SM90_CVT_SAT=$new GDQ_SM90_UP=$new \
+            GDQ_SM90_CVT_SAT=$new GDQ_CVT_SAT=$new GDQ_SM90_UP=$new \
             GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
@@ -52,15 +52,16 @@ elif [ "${1:-}" = 2 ]; then
     # stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6
     # matching launches compile; the next 6 are profiled), and on the twin reading halo boxes
     # (NCU_HALO); last, the Gluon kernel's stall samples per SASS instruction (its conv1 and conv2
-    # on the fp16 stream). tests_up: the bits of the twin's upsampler convs (sm90_up) and of its
-    # saturating codes (sm90_cvt_sat; some 45 more twin variants). The limits add up to about 20
+    # on the fp16 stream). tests_up: the bits of the twin's upsampler convs (sm90_up) and of the
+    # saturating codes, the twin's and the flat kernel's (some 45 more twin variants). The limits add up to about 20
     # minutes, more than one device call holds: run it in parts, e.g. STEPS="tests_new kernels_sm90",
     # then STEPS="tests_up ncu_sass" (NCU_SM90=6,2,1,1,0,1,1: the stall samples with both on).
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
-    step tests_up 240 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
-        tests/test_body_conv_sm90.py -k "upsampler_convs or saturating or applies"
+    step tests_up 300 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_saturating_codes_give_the_same_bits \
+        -k "upsampler_convs or saturating or applies"
     step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
     step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"

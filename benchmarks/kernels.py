@@ -14,13 +14,14 @@ them on Triton/CUDA by default (``containers="bytes"``), through the 8-bit kerne
 Plus the 64->256 upsampler conv: fp32 out, and (``upsampler shuffled fp16``) stored pixel-shuffled
 in fp16 as the x4 integer tail's last stage runs it. ``last conv fp16``: the network's FP last conv
 (64 -> 3 on the HR map, fp16 in) on the Triton kernel (kernels/fp_conv.py) against cuDNN fp16 of
-the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w``, ``... L1 A``
-and ``... cvt`` (a8 w8 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile config of the
-row before them, with one thing changed (``cvt``: the epilogue's conversions by adds, on a
-Gaussian layer's weight codes); so are ``conv2 res early`` / ``res late`` and ``conv2+next res
-...``, with the residual tile read before the K loop or after it, whichever the autotuner did not
-pick. ``upsampler shuffled codes`` is the x4 tail's first stage (8-bit codes out, pixel-shuffled);
-both shuffled rows have ``cvt`` twins.
+the same shape; its floor counts fp16 MACs at the measured fp16 peak. ``... N-major w``, ``... L1 A``,
+``... cvt`` and ``... cvt sat`` (a8 w8 conv1, conv2, upsampler): A/B rows (``AB_ROWS``) on the tile
+config of the row before them, with one thing changed (``cvt``: the epilogue's conversions by adds,
+on a Gaussian layer's weight codes; ``cvt sat``: also its codes by one saturating conversion
+each); so are ``conv2 res early`` / ``res late`` and ``conv2+next res ...``, with the residual
+tile read before the K loop or after it, whichever the autotuner did not pick. ``upsampler
+shuffled codes`` is the x4 tail's first stage (8-bit codes out, pixel-shuffled); both shuffled
+rows have ``cvt`` and ``cvt sat`` twins.
 ``... padded`` (a8 conv1, conv2, conv2+next; conv2+next at a4, a2 one code per byte): the same
 convs with every tensor in the padded layout, on the TMA kernel, as the body's
 ``containers="padded"`` runs them (8-bit unsigned codes between conv1 and conv2 as offset codes);
@@ -72,8 +73,11 @@ from common import autotune_choices, gaussian_weight_codes, measure_gpu_peaks, w
 # conv2 and conv2+next are also followed by "res early" or "res late": the autotuner's pick with the
 # residual tile read before the K loop instead of after it, or the other way round (RES_EARLY).
 # "cvt" has the epilogue's conversions by adds (ops.CVT_ADD), on weight codes of a Gaussian layer
-# (rounded N(0, 32^2)), whose sums the int -> float adds cover (ops.fp32_sums_by_add).
-AB_ROWS = ("N-major w", "L1 A", "cvt")
+# (rounded N(0, 32^2)), whose sums the int -> float adds cover (ops.fp32_sums_by_add); "cvt sat"
+# also its codes by one saturating conversion each (ops.CVT_SAT).
+AB_ROWS = ("N-major w", "L1 A", "cvt", "cvt sat")
+# the shuffled upsampler's rows: plain, with the conversions by adds, and with the saturating codes too
+CVT_ROWS = ("", "cvt", "cvt sat")
 
 
 
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
 
     def conv_case(kind: str, a_bits: int, w_bits: int, one_per_byte: bool = False, variant: str = "",
                   padded: bool = False, stream: torch.dtype = torch.float32, sm90: dict | None = None) -> dict:
-        """One conv row; ``variant`` ("N-major w", "L1 A" or "cvt") is an A/B row of the a8 conv (AB_ROWS);
+        """One conv row; ``variant`` ("N-major w", "L1 A", "cvt" or "cvt sat") is an A/B row of the a8 conv (AB_ROWS);
         ``padded``: every tensor in the padded layout, the TMA kernel (``containers="padded"``);
         ``stream``: the residual's dtype (conv2: fp16 as an fp16 engine's body keeps it on Triton);
         ``sm90``: the Gluon body conv's launch options (``ops.LaunchOptions``' ``sm90_*`` fields,
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
         offset = padded and a_bits == 8 and not read_signed
         layout = dict(padded=True, offset_in=offset, offset_out=kind == "conv1" and a_bits == 8) if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
-        if args.sm90 or variant == "cvt":  # codes of a Gaussian layer (docstring): sums within the cvt adds
+        if args.sm90 or variant.startswith("cvt"):  # codes of a Gaussian layer (docstring): sums within the cvt adds
             w = gaussian_weight_codes((64, c, 3, 3), dev, g, hi_w)
         else:
             w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
@@ -282,7 +286,7 @@ def main(argv=None) -> int:
     def upsampler(variant: str = "") -> dict:
         """fp32 out; ``variant``: an A/B row (AB_ROWS)."""
         prep = replace(prep_up, w=prep_up.w.contiguous()) if variant == "N-major w" else prep_up
-        prep = prep_up_gauss if variant == "cvt" else prep
+        prep = prep_up_gauss if variant.startswith("cvt") else prep
         out = torch.empty(n, hw, hw, 256, device=dev)
         t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
         cuda = None if variant else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
@@ -290,12 +294,12 @@ def main(argv=None) -> int:
         return timed_row(f"upsampler {variant}" if variant else "upsampler", 256, 8, 8, t, macs_up,
                          m * c + out.numel() * 4, cuda)
 
-    def upsampler_shuffled(codes: bool = False, cvt: bool = False, sm90: bool | None = None) -> dict:
+    def upsampler_shuffled(codes: bool = False, cvt: str = "", sm90: bool | None = None) -> dict:
         """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64); with
-        ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: the epilogue's
-        conversions by adds, on a Gaussian layer's weights; ``sm90``: on the Gluon conv's twin in
-        groups of 64 output channels (``ops.SM90_UP``; False: on the flat kernel; None: as the engine
-        runs it), where ``cvt`` also means its codes by one saturating conversion."""
+        ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: "cvt", the
+        epilogue's conversions by adds, "cvt sat" also its codes by one saturating conversion each,
+        on a Gaussian layer's weights; ``sm90``: on the Gluon conv's twin in groups of 64 output
+        channels (``ops.SM90_UP``; False: on the flat kernel; None: as the engine runs it)."""
         if codes:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.uint8, device=dev)
             kw = dict(out_quant=ActQuant(8, True, 0.05), out=out)
@@ -303,12 +307,12 @@ def main(argv=None) -> int:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
             kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=cvt, sm90_cvt_sat=cvt)
-        with tk.launch_options(cvt_add=cvt, **up):
-            t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if cvt else prep_up, small, zeros,
+        adds, sat = bool(cvt), cvt == "cvt sat"
+        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=adds, sm90_cvt_sat=sat)
+        with tk.launch_options(cvt_add=adds, cvt_sat=sat, **up):
+            t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if adds else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
-        name = (f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' cvt' if cvt else ''}"
-                f"{' sat' if cvt and sm90 else ''}")
+        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' ' + cvt if cvt else ''}"
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -335,7 +339,8 @@ def main(argv=None) -> int:
     def rerun_row(kind: str, variant: str, config: triton.Config | None, a_l1: bool = False) -> dict:
         """The a8 w8 ``kind`` conv (or the upsampler) again as the A/B row ``variant``, launched with
         ``config`` (None: the default launch) and ``a_l1``; the row records the config."""
-        with tk.launch_options(config=config, a_l1=a_l1, cvt_add=variant == "cvt"):
+        with tk.launch_options(config=config, a_l1=a_l1, cvt_add=variant.startswith("cvt"),
+                               cvt_sat=variant == "cvt sat"):
             row = upsampler(variant) if kind == "upsampler" else conv_case(kind, 8, 8, variant=variant)
         row["config"] = None if config is None else str(config)
         return row
@@ -370,8 +375,8 @@ def main(argv=None) -> int:
             lambda: [conv_case("conv2+next", 8, 8), res_ab_row("conv2+next")],
             lambda: [conv_case(k, 8, 8, stream=torch.float16) for k in ("conv2", "conv2+next")],
             lambda: [conv_case(k, 8, 8, padded=True) for k in ("conv1", "conv2", "conv2+next")],
-            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled(), upsampler_shuffled(cvt=True)],
-            lambda: [upsampler_shuffled(codes=True), upsampler_shuffled(codes=True, cvt=True)], lambda: [last_conv()]]
+            lambda: with_ab_rows(upsampler), lambda: [upsampler_shuffled(cvt=c) for c in CVT_ROWS],
+            lambda: [upsampler_shuffled(codes=True, cvt=c) for c in CVT_ROWS], lambda: [last_conv()]]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8, padded=True)] for a in (4, 2)]
     runs += [lambda a=a, k=k: [conv_case(k, a, 8, one_per_byte=True)] for a in (4, 2) for k in ("conv1", "conv2")]
     runs += [lambda a=a: [conv_case("conv2+next", a, 8)] for a in (4, 2)]
@@ -401,7 +406,7 @@ def main(argv=None) -> int:
         # the flat kernel's conversions by adds where the conversion pipe weighs most, the upsampler,
         # and the same convs on the Gluon conv's twin (sm90_up), with and without them
         runs += [lambda codes=codes: [upsampler_shuffled(codes, cvt, sm90) for sm90 in (False, True)
-                                      for cvt in (False, True)] for codes in (True, False)]
+                                      for cvt in CVT_ROWS] for codes in (True, False)]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -327,8 +327,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     copies), ``copies_tma`` (``cp.async.bulk.tensor``: TMA box copies), ``fma_f32`` (fused fp32
     multiply-adds in the PTX), ``conversions`` (the epilogue's int32 -> fp32, floor and fp32 ->
     int32 ``cvt``s in the PTX, which run on the conversion pipe), ``round_adds`` (adds rounding
-    toward minus infinity that make codes without them: ``conv3x3._requantize``'s ``BY_ADD``) and
-    ``seconds`` (compile time).
+    toward minus infinity that make codes without them: ``conv3x3._requantize``'s ``BY_ADD``),
+    ``sat_cvts`` (saturating floor conversions to 8 bits: its ``SAT``) and ``seconds`` (compile time).
     """
     if interpreting():
         raise RuntimeError("TRITON_INTERPRET=1 replaces the kernels by the interpreter: compile in a process "
@@ -367,7 +367,8 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
                 copies_async=len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
                 fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)),
                 conversions=len(re.findall(CONVERSION_PATTERN, ptx)),
-                round_adds=len(re.findall(conv3x3.ROUND_DOWN_ADD_PTX, ptx)), seconds=round(seconds, 2))
+                round_adds=len(re.findall(conv3x3.ROUND_DOWN_ADD_PTX, ptx)),
+                sat_cvts=len(re.findall(conv3x3.FLOOR_SAT_PTX, ptx)), seconds=round(seconds, 2))
 
 
 def _config_label(config: triton.Config) -> str:

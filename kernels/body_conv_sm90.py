@@ -75,7 +75,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .conv3x3 import MAGIC, MAGIC_BITS, ROUND_DOWN_ADD, ROUND_DOWN_ADD_PTX
+from .conv3x3 import FLOOR_SAT_PTX, FLOOR_SAT_S8, FLOOR_SAT_U8, MAGIC, MAGIC_BITS, ROUND_DOWN_ADD, ROUND_DOWN_ADD_PTX
 
 # Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -99,11 +99,6 @@ _BOX_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=64, element_b
 # 3.9's refuses ("result shared-memory footprint exceeds the source view") and has no other way to
 # start a 128-row operand 16 or 32 rows into a buffer, so the halo needs the former.
 HALO_VIEWS = hasattr(gl.shared_memory_descriptor, "_reinterpret")
-# ROUND_SAT's one instruction for 8-bit codes: floor, clamp to 0..255 (-128..127) and convert (SASS
-# F2I.U8.FLOOR, F2I.S8.FLOOR), and both in a compiled kernel's PTX (the compile reports count them)
-FLOOR_SAT_U8 = gl.constexpr("cvt.rmi.sat.u8.f32 $0, $1;")
-FLOOR_SAT_S8 = gl.constexpr("cvt.rmi.sat.s8.f32 $0, $1;")
-FLOOR_SAT_PTX = r"\bcvt\.rmi\.sat\.[us]8\.f32 %\w+, %\w+;"
 
 
 @gluon.jit
@@ -178,13 +173,8 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations (the
     Gluon twin of ``conv3x3._requantize``: a Gluon kernel calls Gluon functions only). ``BY_ADD``:
     the same codes without the conversion pipe, ``t`` clamped and then added to ``1.5 * 2**23``
-    rounding toward minus infinity (the proof: ``conv3x3._requantize``). ``SAT``, for codes in an
-    8-bit range (within 0..255 or -128..127; others as ``BY_ADD`` says): one conversion that floors
-    and saturates to that byte's range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``max(t, LO)``
-    where the range starts above 0 or is signed (the conversion takes NaN to 0, the clamp's
-    min/max to ``LO``) and ``min(t, HI)`` where it ends below the byte's top. For integer bounds
-    floor and clamp commute. Only the result's low byte is the code (all callers keep just that
-    byte; a signed conversion's upper bits are not promised)."""
+    rounding toward minus infinity; ``SAT``: one saturating floor conversion (the proofs:
+    ``conv3x3._requantize``; only the result's low byte is the code, which every caller keeps)."""
     t = y * inv_s
     t = t + 0.5
     if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):

@@ -55,10 +55,17 @@ MAGIC_BITS = tl.constexpr(0x4B400000)
 MAGIC = tl.constexpr(12582912.0)
 ROUND_DOWN_ADD = tl.constexpr("add.rm.f32 $0, $1, 0f4B400000;")
 ROUND_DOWN_ADD_PTX = r"\badd\.rm\.f32 %\w+, %\w+, 0f4B400000;"
+# The saturating codes (_requantize's SAT; the Gluon body conv's twin uses them too): one conversion
+# that floors and clamps to 0..255 / -128..127 (SASS F2I.U8.FLOOR / F2I.S8.FLOOR), and both in a
+# compiled kernel's PTX (the compile reports count them).
+FLOOR_SAT_U8 = tl.constexpr("cvt.rmi.sat.u8.f32 $0, $1;")
+FLOOR_SAT_S8 = tl.constexpr("cvt.rmi.sat.s8.f32 $0, $1;")
+FLOOR_SAT_PTX = r"\bcvt\.rmi\.sat\.[us]8\.f32 %\w+, %\w+;"
 
 
 @triton.jit
-def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constexpr = False):
+def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constexpr = False,
+                SAT: tl.constexpr = False):
     """fp32 -> int32 codes: clamp(floor(y * inv_s + 0.5)), three separate fp32 operations.
 
     ``BY_ADD`` (compiled kernels only: inline PTX, which Triton's interpreter cannot run): the
@@ -69,9 +76,27 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
     ``[2**23, 2**24)``, where the floats are the integers, so its bits are ``0x4B400000 +
     floor(t)``. ``t`` is never subnormal (a sum with 0.5 is 0 or at least ``2**-25`` in magnitude),
     so the floor's flush of subnormals changes nothing. (The Gluon body conv's twin:
-    ``body_conv_sm90._requantize``.)"""
+    ``body_conv_sm90._requantize``.)
+
+    ``SAT`` (compiled kernels only, inline PTX), for codes in an 8-bit range (within 0..255 or
+    -128..127; others as ``BY_ADD`` says): one conversion that floors and saturates to that byte's
+    range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``max(t, LO)`` where the range starts above 0
+    or is signed (the conversion takes NaN to 0, the clamp's min/max to ``LO``) and ``min(t, HI)``
+    where it ends below the byte's top. For integer bounds floor and clamp commute. Only the
+    result's low ``8`` bits are the code (every caller masks or truncates to them; a signed
+    conversion's upper bits are not promised)."""
     t = y * inv_s
     t = t + 0.5
+    if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
+        if LO != 0:  # NaN -> LO, as the clamp's max gives it, and the range's start
+            t = tl.maximum(t, LO)
+        if LO >= 0:
+            if HI < 255:
+                t = tl.minimum(t, HI)
+            return tl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
+        if HI < 127:
+            t = tl.minimum(t, HI)
+        return tl.inline_asm_elementwise(FLOOR_SAT_S8, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = tl.minimum(tl.maximum(t, LO), HI)
         bits = tl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
@@ -119,19 +144,22 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
               O_LO: tl.constexpr, O_HI: tl.constexpr, NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr,
               NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr, ZERO_OUTSIDE: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, O_OFFSET: tl.constexpr = False, res=None, ROUND_ADD: tl.constexpr = False,
-              I2F_ADD: tl.constexpr = False):
+              I2F_ADD: tl.constexpr = False, ROUND_SAT: tl.constexpr = False):
     """int32 sums (BLOCK_M, BLOCK_N) of pixels ``offs_m`` (rows of the (M, COUT) result; ``px``
     their column in a W-wide image, for ``SHUFFLE``) -> the stored result (the conv kernels'
     docstrings). ``ZERO_OUTSIDE``: pixels where ``keep`` is false get value 0 (and code 0).
     ``O_OFFSET`` (8-bit codes): each stored byte is ``code ^ 0x80``, the code - 128 as a signed byte.
     ``res``: the (BLOCK_M, BLOCK_N) fp32 residual tile when the caller loaded it already (RES_EARLY).
     ``ROUND_ADD``, ``I2F_ADD``: codes and floats by adds instead of the conversion pipe
-    (:func:`_requantize`, :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22``)."""
+    (:func:`_requantize`, :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22``).
+    ``ROUND_SAT``: codes by one saturating conversion each (:func:`_requantize`); before codes from
+    0 without a residual the ReLU folds into it (for ``y < 0``, ``y * inv_s + 0.5 < 0.5`` floors to
+    0 or less, which saturates to 0, the code of ``relu(y) = 0``; NaN gives 0 both ways)."""
     if A_BITS == 8 and not A_SIGNED:
         acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
     y = _to_float(acc, I2F_ADD) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if RELU:
+    if RELU and not (ROUND_SAT and O_BITS > 0 and O_LO == 0 and not HAS_RES):
         y = tl.maximum(y, 0.0)
     mn_ok = m_ok[:, None] & n_ok[None, :]
     nhwc = offs_m[:, None] * COUT + offs_n[None, :]  # (pixel, channel) offsets of an unshuffled (M, COUT) tensor
@@ -158,14 +186,16 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
             if out_ptr.dtype.element_ty != tl.float32:
                 y = stored.to(tl.float32)
             NCP: tl.constexpr = BLOCK_N * NEXT_BITS // 8
-            codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD), BLOCK_M, BLOCK_N, NEXT_BITS)
+            codes = _pack_tile(_requantize(y, inv_s_next, NEXT_LO, NEXT_HI, ROUND_ADD, ROUND_SAT), BLOCK_M, BLOCK_N,
+                               NEXT_BITS)
             offs_nb = tl.arange(0, NCP)
             tl.store(next_ptr + offs_m[:, None] * NCP + offs_nb[None, :], codes.to(tl.uint8), mask=m_ok[:, None])
     elif SHUFFLE > 1:  # 8-bit codes: one byte per channel, no packing across the channels the shuffle separates
-        tl.store(out_ptr + dst, (_requantize(y, inv_s_out, O_LO, O_HI, ROUND_ADD) & 0xFF).to(tl.uint8), mask=mn_ok)
+        codes = _requantize(y, inv_s_out, O_LO, O_HI, ROUND_ADD, ROUND_SAT) & 0xFF
+        tl.store(out_ptr + dst, codes.to(tl.uint8), mask=mn_ok)
     else:  # re-quantize and pack; the launcher guarantees BLOCK_N == COUT
         OCP: tl.constexpr = BLOCK_N * O_BITS // 8
-        packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI, ROUND_ADD), BLOCK_M, BLOCK_N, O_BITS)
+        packed = _pack_tile(_requantize(y, inv_s_out, O_LO, O_HI, ROUND_ADD, ROUND_SAT), BLOCK_M, BLOCK_N, O_BITS)
         if O_OFFSET:
             packed = packed ^ 0x80
         offs_b = tl.arange(0, OCP)
@@ -182,6 +212,7 @@ def _packed_conv3x3_kernel(
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, SHUFFLE: tl.constexpr,
     A_L1: tl.constexpr, SKIP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, RES_EARLY: tl.constexpr, ROUND_ADD: tl.constexpr, I2F_ADD: tl.constexpr,
+    ROUND_SAT: tl.constexpr,
 ):
     """One (BLOCK_M pixels, BLOCK_N output channels) tile. Outputs, by constexpr:
 
@@ -210,7 +241,8 @@ def _packed_conv3x3_kernel(
 
     ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and floats by adds instead of the conversion
     pipe (:func:`_requantize`, :func:`_to_float`; compiled kernels only; ``I2F_ADD`` only where the
-    weights bound every sum below ``2**22``: ``ops.fp32_sums_by_add``).
+    weights bound every sum below ``2**22``: ``ops.fp32_sums_by_add``). ``ROUND_SAT``: its 8-bit
+    codes by one saturating conversion each (compiled kernels only; :func:`_epilogue`).
 
     ``SKIP_PAD``: only the first ``items_ptr[0]`` of the N images need results (a CUDA graph
     captured for a padded batch, replayed for fewer images); programs whose row tile starts past
@@ -290,7 +322,7 @@ def _packed_conv3x3_kernel(
               next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=A_BITS, A_SIGNED=A_SIGNED, RELU=RELU,
               HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
               NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=SHUFFLE, ZERO_OUTSIDE=False, BLOCK_M=BLOCK_M,
-              BLOCK_N=BLOCK_N, res=res, ROUND_ADD=ROUND_ADD, I2F_ADD=I2F_ADD)
+              BLOCK_N=BLOCK_N, res=res, ROUND_ADD=ROUND_ADD, I2F_ADD=I2F_ADD, ROUND_SAT=ROUND_SAT)
 
 
 @triton.jit
@@ -302,7 +334,7 @@ def _padded_conv3x3_tma_kernel(
     O_BITS: tl.constexpr, O_LO: tl.constexpr, O_HI: tl.constexpr, O_OFFSET: tl.constexpr,
     NEXT_BITS: tl.constexpr, NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PERSISTENT: tl.constexpr,
-    ROUND_ADD: tl.constexpr, I2F_ADD: tl.constexpr,
+    ROUND_ADD: tl.constexpr, I2F_ADD: tl.constexpr, ROUND_SAT: tl.constexpr,
 ):
     """The conv of :func:`_packed_conv3x3_kernel` on 8-bit codes in the *padded layout*: every image
     is stored with a one-pixel zero ring, (N, H + 2, W + 2, C), and so is the result.
@@ -327,19 +359,20 @@ def _padded_conv3x3_tma_kernel(
     ``PERSISTENT``: each program walks row tiles ``program_id(0) + i * num_programs(0)`` in one
     flattened loop, so Triton's pipeliner issues the next tile's first copies during this tile's
     epilogue (9 K steps per tile at C = 64 leave little loop to hide a pipeline fill in);
-    otherwise one tile per program. ``ROUND_ADD``, ``I2F_ADD``: as :func:`_packed_conv3x3_kernel`'s.
+    otherwise one tile per program. ``ROUND_ADD``, ``I2F_ADD``, ``ROUND_SAT``: as
+    :func:`_packed_conv3x3_kernel`'s.
     """
     if PERSISTENT:
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0), flatten=True):
             _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H, W, COUT,
                          res_scale, inv_s_out, inv_s_next, C, A_SIGNED, A_OFFSET, RELU, HAS_RES, SCALE_RES, O_BITS,
                          O_LO, O_HI, O_OFFSET, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K, ROUND_ADD,
-                         I2F_ADD)
+                         I2F_ADD, ROUND_SAT)
     else:
         _padded_tile(tl.program_id(0), x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, M, H,
                      W, COUT, res_scale, inv_s_out, inv_s_next, C, A_SIGNED, A_OFFSET, RELU, HAS_RES, SCALE_RES,
                      O_BITS, O_LO, O_HI, O_OFFSET, NEXT_BITS, NEXT_LO, NEXT_HI, BLOCK_M, BLOCK_N, BLOCK_K, ROUND_ADD,
-                     I2F_ADD)
+                     I2F_ADD, ROUND_SAT)
 
 
 @triton.jit
@@ -348,7 +381,7 @@ def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, ou
                  RELU: tl.constexpr, HAS_RES: tl.constexpr, SCALE_RES: tl.constexpr, O_BITS: tl.constexpr,
                  O_LO: tl.constexpr, O_HI: tl.constexpr, O_OFFSET: tl.constexpr, NEXT_BITS: tl.constexpr,
                  NEXT_LO: tl.constexpr, NEXT_HI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROUND_ADD: tl.constexpr, I2F_ADD: tl.constexpr):
+                 BLOCK_K: tl.constexpr, ROUND_ADD: tl.constexpr, I2F_ADD: tl.constexpr, ROUND_SAT: tl.constexpr):
     """Row tile ``tile`` x channel tile ``program_id(1)`` of :func:`_padded_conv3x3_tma_kernel`."""
     STEPS_PER_TAP: tl.constexpr = C // BLOCK_K
     WP = W + 2
@@ -373,7 +406,7 @@ def _padded_tile(tile, x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr, ou
               out_ptr, next_ptr, COUT, res_scale, inv_s_out, inv_s_next, A_BITS=8, A_SIGNED=A_SIGNED, RELU=RELU,
               HAS_RES=HAS_RES, SCALE_RES=SCALE_RES, O_BITS=O_BITS, O_LO=O_LO, O_HI=O_HI, NEXT_BITS=NEXT_BITS,
               NEXT_LO=NEXT_LO, NEXT_HI=NEXT_HI, SHUFFLE=1, ZERO_OUTSIDE=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-              O_OFFSET=O_OFFSET, ROUND_ADD=ROUND_ADD, I2F_ADD=I2F_ADD)
+              O_OFFSET=O_OFFSET, ROUND_ADD=ROUND_ADD, I2F_ADD=I2F_ADD, ROUND_SAT=ROUND_SAT)
 
 
 @triton.jit

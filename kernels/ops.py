@@ -105,6 +105,10 @@ SM90_CVT_SAT = os.environ.get("GDQ_SM90_CVT_SAT", "0") == "1"
 # the conversion pipe than of MMA per tile. Off until a GPU session checks its bits and times it
 # (benchmarks/kernels.py's "... cvt" rows). GDQ_CVT_ADD=1 turns it on.
 CVT_ADD = os.environ.get("GDQ_CVT_ADD", "0") == "1"
+# The flat and padded convs' 8-bit codes by one saturating conversion each, as the twin's
+# SM90_CVT_SAT (conv3x3._requantize's SAT), on a GPU only (inline PTX). Off until a GPU session
+# checks its bits and times it (benchmarks/kernels.py's "... cvt sat" rows). GDQ_CVT_SAT=1 turns it on.
+CVT_SAT = os.environ.get("GDQ_CVT_SAT", "0") == "1"
 
 
 def flat_config(block_m: int, block_k: int, warps: int, stages: int, res_early: bool = False) -> triton.Config:
@@ -228,11 +232,13 @@ class LaunchOptions:
     interpreter, where tests use it, and its RES_EARLY in the flat kernel's interpreter launches; a
     config of BLOCK_H and BLOCK_W is :func:`fp_conv3x3`'s instead); ``a_l1``, activation tiles
     through L1 (``_packed_conv3x3_kernel``'s ``A_L1``); ``cvt_add``, the flat and padded convs'
-    epilogue conversions by adds on a GPU (None: ``CVT_ADD``)."""
+    epilogue conversions by adds on a GPU (None: ``CVT_ADD``); ``cvt_sat``, their 8-bit codes by
+    one saturating conversion each on a GPU (None: ``CVT_SAT``)."""
 
     config: triton.Config | None = None
     a_l1: bool = False
     cvt_add: bool | None = None
+    cvt_sat: bool | None = None
     sm90: bool | None = None
     sm90_stages: int | None = None
     sm90_per_sm: int | None = None
@@ -540,10 +546,11 @@ def _conv_into(out, x_packed, w, wsum, mult, bias, residual, a_bits: int, a_sign
     ``padded``: the padded layout's kernel, with (offset_in, offset_out); ``items``: the count
     of images that need results (``SKIP_PAD``); ``sums_by_add``: :func:`fp32_sums_by_add` holds."""
     n, h, w_, _ = x_packed.shape
-    # the flat and padded convs' conversions by adds (inline PTX: compiled kernels only)
-    cvt = CVT_ADD if _options.cvt_add is None else _options.cvt_add
-    cvt = cvt and not INTERPRET and out.device.type == "cuda"
-    by_add = dict(ROUND_ADD=cvt, I2F_ADD=cvt and sums_by_add)
+    # the flat and padded convs' conversions by adds and saturating codes (inline PTX: compiled kernels only)
+    compiled = not INTERPRET and out.device.type == "cuda"
+    cvt = (CVT_ADD if _options.cvt_add is None else _options.cvt_add) and compiled
+    sat = (CVT_SAT if _options.cvt_sat is None else _options.cvt_sat) and compiled
+    by_add = dict(ROUND_ADD=cvt, I2F_ADD=cvt and sums_by_add, ROUND_SAT=sat)
     m, cin, cout = n * h * w_, w.shape[1] * (8 // a_bits) // 9, w.shape[2]
     block_n = cout if o_bits else min(triton.next_power_of_2(cout), 128)
     if padded is not None:
@@ -755,7 +762,7 @@ def _padded_conv_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bo
                       o_bits: int, lo: int, hi: int, inv_s: float, next_out, next_args: tuple, block_n: int,
                       offset_in: bool, offset_out: bool, by_add: dict) -> None:
     """:func:`_conv_into` for the padded layout: the TMA kernel, (N, H + 2, W + 2, C) tensors;
-    ``by_add``: the conversions by adds' constexprs (``ROUND_ADD``, ``I2F_ADD``)."""
+    ``by_add``: the conversions' constexprs (``ROUND_ADD``, ``I2F_ADD``, ``ROUND_SAT``)."""
     n, hp, wp, cin = x_packed.shape
     m, cout = n * hp * wp, w.shape[2]
     next_bits, next_lo, next_hi, next_inv_s = next_args

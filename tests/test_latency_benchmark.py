@@ -217,11 +217,12 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
     (path,) = tmp_path.glob("kernels-*.json")
     data = json.loads(path.read_text())
     got = [(r["conv"], r["a_bits"], r["w_bits"], r["container"]) for r in data["rows"]]
-    ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in ("", " N-major w", " L1 A", " cvt")]
+    variants = ("", " N-major w", " L1 A", " cvt", " cvt sat")
+    ab = [f"{conv}{variant}" for conv in ("conv1", "conv2") for variant in variants]
     ab += ["conv2 res early", "conv2+next", "conv2+next res early", "conv2 float16 stream",
            "conv2+next float16 stream", "conv1 padded", "conv2 padded", "conv2+next padded"]
-    ab += [f"upsampler{variant}" for variant in ("", " N-major w", " L1 A", " cvt")]
-    ab += [f"upsampler shuffled {out}{cvt}" for out in ("fp16", "codes") for cvt in ("", " cvt")]
+    ab += [f"upsampler{variant}" for variant in variants]
+    ab += [f"upsampler shuffled {out}{cvt}" for out in ("fp16", "codes") for cvt in ("", " cvt", " cvt sat")]
     want = [(name, 8, 8, 8) for name in ab] + [("last conv fp16", 16, 16, 16)]
     want += [("conv2+next padded", a, 8, 8) for a in (4, 2)]
     want += [(f"{k} bytes", a, 8, 8) for a in (4, 2) for k in ("conv1", "conv2")]
@@ -249,8 +250,8 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
              "s4 p2 rows ws g1 f1 tma res halo", "s4 p2 rows ws g1 f2 tma halo", "s6 p2 rows ws g1 f1 tma cvt",
              "s6 p2 rows ws g1 f1 tma res cvt", "s4 p2 rows ws g1 f1 tma halo cvt")
     want += [f"{c} sm90 {k}" for c in cases for k in knobs if "res" not in k or "float16" in c]
-    want += [f"upsampler shuffled {out}{sm90}{cvt}{' sat' if sm90 and cvt else ''}" for out in ("codes", "fp16")
-             for sm90 in ("", " sm90") for cvt in ("", " cvt")]
+    want += [f"upsampler shuffled {out}{sm90}{cvt}" for out in ("codes", "fp16") for sm90 in ("", " sm90")
+             for cvt in ("", " cvt", " cvt sat")]
     assert names == want
 
 

@@ -184,6 +184,29 @@ def test_conversions_by_adds_leave_no_conversion_in_the_flat_and_padded_epilogue
         assert by_adds["local_bytes"] == 0 and by_adds["problems"] == [] and by_adds["mma"] == plain["mma"], by_adds
 
 
+def test_saturating_codes_leave_one_conversion_per_code_in_the_flat_and_padded_epilogues(launches, tmp_path):
+    """``ROUND_SAT`` (``ops.CVT_SAT``; benchmarks/kernels.py's "cvt sat" rows) with the adds, compiled
+    for sm_90 with the fixed configs: conv1's codes from 0 (its ReLU folded in), the upsampler's
+    shuffled signed codes, conv2's next codes and the padded conv2's each take one saturating floor
+    conversion and no floor, conversion or round-down add; no spills; the engine's launches keep it off."""
+    from dataclasses import replace
+
+    _, recorded = launches
+    first = [next(x for x in recorded if x.kernel == CONV and want(dict(x.constexprs))) for want in (
+        lambda c: c["A_BITS"] == 8 and c["O_BITS"] == 8 and c["O_LO"] == 0 and c["RELU"] and c["SHUFFLE"] == 1,
+        lambda c: c["A_BITS"] == 8 and c["SHUFFLE"] == 2 and c["O_BITS"] == 8,
+        lambda c: c["A_BITS"] == 8 and c["NEXT_BITS"] == 8 and not c["A_SIGNED"])]
+    first.append(next(x for x in recorded if x.kernel == PADDED and dict(x.constexprs)["NEXT_BITS"] == 8))
+    assert not any(dict(x.constexprs)["ROUND_SAT"] for x in recorded if x.kernel in (CONV, PADDED))
+    sat = [replace(x, constexprs=tuple((k, True if k in ("ROUND_ADD", "I2F_ADD", "ROUND_SAT") else v)
+                                       for k, v in x.constexprs)) for x in first]
+    reports = _compile_for_sm90(tmp_path, first + sat)
+    for plain, by_sat in zip(reports[:len(first)], reports[len(first):]):
+        assert plain["sat_cvts"] == 0 and plain["conversions"] > 0, plain
+        assert by_sat["sat_cvts"] > 0 and by_sat["conversions"] == 0 and by_sat["round_adds"] == 0, by_sat
+        assert by_sat["local_bytes"] == 0 and by_sat["problems"] == [] and by_sat["mma"] == plain["mma"], by_sat
+
+
 def test_every_padded_autotuning_config_moves_operands_by_tma_into_the_mma(launches, tmp_path):
     """The padded conv1 with each of its autotuning candidates on sm_90, the persistent ones
     (one flattened loop over row tiles) included: TMA copies only, A from shared memory, no spills."""

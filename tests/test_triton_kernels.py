@@ -389,6 +389,48 @@ def test_flat_conv_conversions_by_adds_give_the_same_bits(case, weights, signed)
     (the normal and edge weights), floats by adds: conv1, conv2 with the next codes on fp32 and
     fp16 streams, the upsampler's shuffled codes and fp16, the padded conv2 equal the reference's,
     sums at the bound included (the Gluon body conv off: the flat kernel on every GPU)."""
+    _check_flat_conversions(case, weights, signed, dict(cvt_add=True))
+
+
+@pytest.mark.skipif(DEV.type != "cuda" or tk.INTERPRET, reason="inline PTX: compiled kernels on a GPU only")
+@pytest.mark.parametrize("case", ["conv1", "conv1 a4", "conv2+next", "conv2+next fp16", "upsampler codes",
+                                  "padded conv2+next"])
+@pytest.mark.parametrize("weights,adds", [("uniform", False), ("normal", True), ("edge", True)])
+@pytest.mark.parametrize("signed", [True, False])
+def test_flat_conv_saturating_codes_give_the_same_bits(case, weights, adds, signed):
+    """The flat and padded convs' codes by one saturating conversion each (``cvt_sat``), alone and
+    with the conversions by adds: conv1's codes from 0 (8-bit, the ReLU folded in; 4-bit packed),
+    the signed next codes on fp32 and fp16 streams, the upsampler's shuffled signed codes and the
+    padded conv2's next codes equal the reference's."""
+    _check_flat_conversions(case, weights, signed, dict(cvt_add=adds, cvt_sat=True))
+
+
+def test_conversion_options_give_the_reference_bits_interpreted_or_compiled():
+    """``cvt_add`` / ``cvt_sat`` asked for everywhere: Triton's interpreter cannot run their inline
+    PTX, so there the launcher leaves them off; on a GPU they run. Either way conv1's codes (the
+    ReLU folded into the saturating ones) and conv2's stream and next codes equal the reference's."""
+    g = gen()
+    x_codes = rand_codes((2, 5, 7, 64), 8, True, g)
+    x = pack_codes(x_codes, 8)
+    wt = weights_for_adds("normal", 64, 64, True, g)[0]
+    mult, bias = torch.rand(64, generator=g) * 2e-3, torch.randn(64, generator=g) * 0.05
+    prep = tk.prepare_conv_weight(wt, 8)
+    oq, nq = ActQuant(8, False, 0.02), ActQuant(8, True, 0.05)
+    res = torch.randn(2, 5, 7, 64, generator=g)
+    stream, nxt = res.clone().to(DEV), torch.full((2, 5, 7, 64), 0xA5, dtype=torch.uint8, device=DEV)
+    with tk.launch_options(sm90=False, cvt_add=True, cvt_sat=True):
+        codes = tk.packed_conv3x3(x.to(DEV), 8, True, prep, mult.to(DEV), bias.to(DEV), relu=True, out_quant=oq)
+        tk.packed_conv3x3(x.to(DEV), 8, True, prep, mult.to(DEV), bias.to(DEV), residual=stream, out=stream,
+                          next_quant=nq, next_out=nxt)
+    assert torch.equal(codes.cpu(), ref.packed_conv3x3(x, 8, True, wt, mult, bias, relu=True, out_quant=oq))
+    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res, 1.0, None)
+    assert torch.equal(stream.cpu(), want)
+    assert torch.equal(nxt.cpu(), ref.quantize_pack(want, nq))
+
+
+def _check_flat_conversions(case: str, weights: str, signed: bool, opts: dict) -> None:
+    """One flat or padded conv launch (``case``) on ``weights_for_adds(weights)`` codes under
+    ``launch_options(sm90=False, **opts)`` against the reference; outputs poisoned first."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
     g = gen()
@@ -405,7 +447,7 @@ def test_flat_conv_conversions_by_adds_give_the_same_bits(case, weights, signed)
     mult = torch.rand(cout, generator=g) * (1e-6 if edge_code is not None else 1e-3)
     bias = torch.randn(cout, generator=g) * 0.05
     res = torch.randn(*shape[:3], cout, generator=g)
-    with tk.launch_options(sm90=False, cvt_add=True):
+    with tk.launch_options(sm90=False, **opts):
         if case.startswith("conv1"):
             q = ActQuant(a_bits, False, 0.02)
             want = ref.packed_conv3x3(xp, a_bits, signed, wt, mult, bias, relu=True, out_quant=q)
