@@ -45,26 +45,28 @@ if [ "${1:-}" = e2e ]; then
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
-    # the second call: the bit-exact tests of what no GPU has run yet (the fp16 stream by TMA, halo
-    # boxes, the conversions by adds, the flat kernel's too; some 70 variants to compile), then the knobs'
-    # tests (and the bit-exact ones of conv1 and of conv2 + next codes on the fp16 stream; not the
-    # compile checks), the A/B and knob rows again, then Nsight Compute on conv1 and conv2 (fp16
-    # stream) on both kernels, the Gluon one warp-specialized unless NCU_SM90=S,P,R,0 (the first 6
-    # matching launches compile; the next 6 are profiled), and on the twin reading halo boxes
-    # (NCU_HALO); last, the Gluon kernel's stall samples per SASS instruction (its conv1 and conv2
-    # on the fp16 stream). tests_up: the bits of the twin's upsampler convs (sm90_up) and of the
-    # saturating codes, the twin's and the flat kernel's (some 45 more twin variants). The limits add up to about 20
-    # minutes, more than one device call holds: run it in parts, e.g. STEPS="tests_new kernels_sm90",
-    # then STEPS="tests_up ncu_sass" (NCU_SM90=6,2,1,1,0,1,1: the stall samples with both on).
-    step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+    # the second call: first kernels.py --sm90 (both kernels' rows, then the Gluon knobs' and
+    # epilogues' not yet timed: the rows decide what to test and turn on), then the bit-exact tests of
+    # what no GPU has run yet: tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds,
+    # the flat kernel's too; some 70 variants to compile), tests_up (the twin's upsampler convs and
+    # the saturating codes, the twin's and the flat kernel's; some 50 more), tests_knobs (the knobs,
+    # and the bit-exact ones of conv1 and of conv2 + next codes on the fp16 stream; not the compile
+    # checks); then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels, the Gluon one
+    # warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile; the next 6
+    # are profiled), and on the twin reading halo boxes (NCU_HALO); last, the Gluon kernel's stall
+    # samples per SASS instruction (its conv1 and conv2 on the fp16 stream; NCU_SM90=6,2,1,1,0,1,1:
+    # with the adds and the saturating codes). The tests print a line per test (-v), so a call cut
+    # short still says which passed. The limits add up to about 25 minutes, more than the 15 of a
+    # session: run it in parts, e.g. STEPS="kernels_sm90 tests_new", then STEPS="tests_up".
+    step kernels_sm90 330 python benchmarks/kernels.py --sm90 --out "$OUT"
+    step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
-    step tests_up 300 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -rf --tb=short \
+    step tests_up 300 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_saturating_codes_give_the_same_bits \
         -k "upsampler_convs or saturating or applies"
     step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
-    step kernels_sm90 260 python benchmarks/kernels.py --sm90 --out "$OUT"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
@@ -85,4 +87,4 @@ else
 fi
 rm -f gdq_engine/kernels
 echo "=== done $(date -u)" | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv" "$LOG" | tail -n 60
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv" "$LOG" | grep -v " PASSED" | tail -n 60
