@@ -178,7 +178,7 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     t = y * inv_s
     t = t + 0.5
     if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
-        if LO != 0:  # NaN -> LO, as the clamp's max gives it, and the range's start
+        if LO != 0 or HI != 255:  # NaN -> LO as the clamp's max gives it (before any min), the range's start
             t = gl.maximum(t, LO)
         if LO >= 0:
             if HI < 255:

@@ -80,15 +80,17 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
 
     ``SAT`` (compiled kernels only, inline PTX), for codes in an 8-bit range (within 0..255 or
     -128..127; others as ``BY_ADD`` says): one conversion that floors and saturates to that byte's
-    range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``max(t, LO)`` where the range starts above 0
-    or is signed (the conversion takes NaN to 0, the clamp's min/max to ``LO``) and ``min(t, HI)``
-    where it ends below the byte's top. For integer bounds floor and clamp commute. Only the
+    range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``min(t, HI)`` where the range ends below the
+    byte's top and, unless the range is 0..255 exactly, ``max(t, LO)`` before it: the conversion
+    takes NaN to 0, the clamp's min/max to ``LO``, and a ``min`` alone would take it to ``HI``. For
+    integer bounds floor and clamp commute (``tests/test_epilogue_rounding.py`` checks the three
+    sequences against each other on NaN, infinities and values at every integer and bound). Only the
     result's low ``8`` bits are the code (every caller masks or truncates to them; a signed
     conversion's upper bits are not promised)."""
     t = y * inv_s
     t = t + 0.5
     if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
-        if LO != 0:  # NaN -> LO, as the clamp's max gives it, and the range's start
+        if LO != 0 or HI != 255:  # NaN -> LO as the clamp's max gives it (before any min), the range's start
             t = tl.maximum(t, LO)
         if LO >= 0:
             if HI < 255:

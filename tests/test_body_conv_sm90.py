@@ -645,7 +645,8 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert twin[r["name"]]["round_adds"] == 0
     # 8-bit codes by one saturating conversion each, alone or with the floats by adds (one more
     # conversion a value gone): the floor and the conversion become one; of the clamps (FMNMX) conv1's
-    # 0..255 keeps none (its ReLU folded in too), its 0..15 a min, signed codes a max (NaN -> LO)
+    # 0..255 keeps none (its ReLU folded in too), its 0..15 a max and a min (NaN -> LO before the min),
+    # signed codes a max (NaN -> LO)
     sat = [r for r in reports if r["cvt_sat"] and not r["tma_res"]]
     writes_codes = ["conv1", "conv1 skip", "conv2+next", "conv2+next signed", "conv2+next fp16 stream",
                     "up shuffled codes"]
@@ -654,7 +655,7 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         plain = twin[r["name"]]
         assert r["sat_cvts"] == 64 and plain["sat_cvts"] == 0 and r["round_adds"] == 0, r
         assert plain["fmnmx"] == 64 * (3 if r["name"].startswith("conv1") else 2), plain
-        assert r["fmnmx"] == (0 if r["name"] == "conv1" else 64), r
+        assert r["fmnmx"] == {"conv1": 0, "conv1 skip": 128}.get(r["name"], 64), r
         assert r["conversions"] == plain["conversions"] - 64 * (1 + r["cvt_add"]), (r, plain)
         assert r["instructions"] < plain["instructions"], (r, plain)
     (sat_tma,) = [r for r in reports if r["cvt_sat"] and r["tma_res"]]  # the fp16 stream by TMA, with the adds
