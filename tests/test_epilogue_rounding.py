@@ -10,7 +10,8 @@ defines their instructions: fp32 ``max``/``min`` return the other operand for Na
 rounds toward minus infinity, ``.sat`` clamps to the destination type's range and NaN converts
 to 0; ``add.rm`` rounds the exact sum toward minus infinity. Inputs: NaN, infinities, signed
 zeros, values far outside the range, and values whose ``t`` lands on, just below and just above
-integers and the bounds.
+integers and the bounds. And the sums to fp32 by adds (``I2F_ADD``), exact for every sum below the
+launcher's bound.
 """
 
 import numpy as np
@@ -109,3 +110,14 @@ def test_the_saturating_conversion_needs_its_max_for_nan():
     assert _cvt_rmi_sat(np.fmin(_t(nan, 1.0), np.float32(15)), unsigned=True)[0] == 15
     assert sat_codes(nan, 1.0, -128, 127, False)[0] == -128
     assert sat_codes(nan, 1.0, 0, 15, False)[0] == plain_codes(nan, 1.0, 0, 15, False)[0] == 0
+
+
+def test_sums_to_fp32_by_adds_are_exact_below_the_bound():
+    """``I2F_ADD``: the bits ``0x4B400000 + acc`` read as fp32, minus ``1.5 * 2**23``, equal
+    ``float(acc)`` for every ``|acc| < 2**22`` (all 8,388,608 of them), the bound
+    ``ops.fp32_sums_by_add`` asks of the weights; just past it they do not."""
+    acc = np.arange(-(2**22) + 1, 2**22, dtype=np.int64)
+    by_add = (acc + MAGIC_BITS).astype(np.int32).view(np.float32) - MAGIC
+    assert np.array_equal(by_add, acc.astype(np.float32))
+    past = np.array([2**22 + 1, -(2**22) - 1], dtype=np.int64)
+    assert not np.any((past + MAGIC_BITS).astype(np.int32).view(np.float32) - MAGIC == past.astype(np.float32))
