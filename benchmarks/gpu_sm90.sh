@@ -48,8 +48,9 @@ elif [ "${1:-}" = 2 ]; then
     # the second call: first kernels.py --sm90 (both kernels' rows, then the Gluon knobs' and
     # epilogues' not yet timed: the rows decide what to test and turn on), then the bit-exact tests of
     # what no GPU has run yet: tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds,
-    # the flat kernel's too; some 70 variants to compile), tests_up (the twin's upsampler convs and
-    # the saturating codes, the twin's and the flat kernel's; some 50 more), tests_knobs (the knobs,
+    # the flat kernel's too; some 70 variants to compile), tests_sat (the saturating codes, the twin's
+    # and the flat kernel's), tests_up (the twin's upsampler convs; a process of its own, so a fault in
+    # its new address arithmetic loses only its step), tests_knobs (the knobs,
     # and the bit-exact ones of conv1 and of conv2 + next codes on the fp16 stream; not the compile
     # checks); then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels, the Gluon one
     # warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile; the next 6
@@ -57,14 +58,16 @@ elif [ "${1:-}" = 2 ]; then
     # samples per SASS instruction (its conv1 and conv2 on the fp16 stream; NCU_SM90=6,2,1,1,0,1,1:
     # with the adds and the saturating codes). The tests print a line per test (-v), so a call cut
     # short still says which passed. The limits add up to about 25 minutes, more than the 15 of a
-    # session: run it in parts, e.g. STEPS="kernels_sm90 tests_new", then STEPS="tests_up".
+    # session: run it in parts, e.g. STEPS="kernels_sm90 tests_new", then STEPS="tests_sat tests_up".
     step kernels_sm90 330 python benchmarks/kernels.py --sm90 --out "$OUT"
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
-    step tests_up 300 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+    step tests_sat 180 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_saturating_codes_give_the_same_bits \
-        -k "upsampler_convs or saturating or applies"
+        -k "saturating"
+    step tests_up 150 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+        tests/test_body_conv_sm90.py -k "upsampler_convs or applies"
     step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
