@@ -175,10 +175,12 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
     _check_body_case(case, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts)
 
 
-def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts: dict) -> None:
+def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts: dict,
+                     nq: ActQuant | None = None) -> torch.Tensor | None:
     """One body launch under ``launch_options(**opts)`` against the reference: "conv1" (ReLU, 8-bit
-    codes out) or conv2 ("conv2 scaled": res_scale 0.1; "conv2+next": with the next codes; "fp16":
-    on an fp16 stream), updating the stream ``res`` in place; outputs poisoned first."""
+    codes out) or conv2 ("conv2 scaled": res_scale 0.1; "conv2+next": with the next codes of ``nq``,
+    by default signed 8-bit ones; "fp16": on an fp16 stream), updating the stream ``res`` in place;
+    outputs poisoned first. Returns conv2's reference stream."""
     n, h, w, _ = x_codes.shape
     x, prep = pack_codes(x_codes, 8).cuda(), tk.prepare_conv_weight(wt, 8)
     if case == "conv1":
@@ -187,12 +189,12 @@ def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts
         with tk.launch_options(**opts):
             tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), relu=True, out_quant=oq, out=out)
         assert torch.equal(out.cpu(), ref.packed_conv3x3(x.cpu(), 8, signed, wt, mult, bias, relu=True, out_quant=oq))
-        return
+        return None
     dtype = torch.float16 if "fp16" in case else torch.float32
     scale = 0.1 if case.endswith("scaled") else 1.0
     want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.to(dtype).float(), scale, None).to(dtype)
     stream = res.to(dtype).cuda()
-    nq = ActQuant(8, True, 0.05) if "next" in case else None
+    nq = (nq or ActQuant(8, True, 0.05)) if "next" in case else None
     nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
     with tk.launch_options(**opts):
         tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), residual=stream, res_scale=scale, out=stream,
@@ -200,6 +202,7 @@ def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts
     assert torch.equal(stream.cpu(), want)
     if nq is not None:
         assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+    return want
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -315,19 +318,11 @@ def test_gluon_body_conv_saturating_next_codes_give_the_same_bits(shape, case, w
     wt = weights_for_adds(weights, 64, 64, signed, g)[0]
     x_codes, _, _, mult, bias = _conv_inputs(shape, signed, g)
     nq = ActQuant(4, True, 0.3, container=8) if case == "a4 next" else ActQuant(8, True, 0.05)
-    dtype = torch.float16 if case.startswith("fp16") else torch.float32
-    res = torch.randn(*shape, 64, generator=g).to(dtype)
-    want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.float(), 1.0, None).to(dtype)
-    stream = res.cuda()
-    nxt = torch.full((*shape, 64), 0xA5, dtype=torch.uint8, device="cuda")
-    with tk.launch_options(sm90=True, sm90_ws=True, sm90_cvt_sat=True, sm90_cvt_add=adds,
-                           sm90_tma_res=case.endswith("tma")):
-        tk.packed_conv3x3(pack_codes(x_codes, 8).cuda(), 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(),
-                          bias.cuda(), residual=stream, out=stream, out_dtype=dtype, next_quant=nq, next_out=nxt)
-    assert torch.equal(stream.cpu(), want)
-    codes = ref.quantize_pack(want.float(), nq)
-    assert bool((codes != 0).any())
-    assert torch.equal(nxt.cpu(), codes)
+    opts = dict(sm90=True, sm90_ws=True, sm90_cvt_sat=True, sm90_cvt_add=adds, sm90_tma_res=case.endswith("tma"))
+    body_case = "conv2+next fp16" if case.startswith("fp16") else "conv2+next"
+    want = _check_body_case(body_case, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts,
+                            nq)
+    assert bool((ref.quantize_pack(want.float(), nq) != 0).any())  # the next codes are not all 0
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
