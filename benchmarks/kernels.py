@@ -80,13 +80,18 @@ AB_ROWS = ("N-major w", "L1 A", "cvt", "cvt sat")
 CVT_ROWS = ("", "cvt", "cvt sat")
 
 
+def cvt_switches(variant: str) -> tuple[bool, bool]:
+    """(conversions by adds, saturating codes) of a row's variant: "cvt" the first, "cvt sat" both."""
+    return variant.startswith("cvt"), variant == "cvt sat"
+
+
 
 def sm90_label(opts: dict) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
-    stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its codes from 0
-    by one saturating conversion)."""
+    stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its 8-bit codes
+    by one saturating conversion each)."""
     label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
         offset = padded and a_bits == 8 and not read_signed
         layout = dict(padded=True, offset_in=offset, offset_out=kind == "conv1" and a_bits == 8) if padded else {}
         hi_w = (1 << (w_bits - 1)) - 1
-        if args.sm90 or variant.startswith("cvt"):  # codes of a Gaussian layer (docstring): sums within the cvt adds
+        if args.sm90 or cvt_switches(variant)[0]:  # codes of a Gaussian layer (docstring): sums within the cvt adds
             w = gaussian_weight_codes((64, c, 3, 3), dev, g, hi_w)
         else:
             w = torch.randint(-hi_w, hi_w + 1, (64, c, 3, 3), device=dev, generator=g).to(torch.int8)
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
     def upsampler(variant: str = "") -> dict:
         """fp32 out; ``variant``: an A/B row (AB_ROWS)."""
         prep = replace(prep_up, w=prep_up.w.contiguous()) if variant == "N-major w" else prep_up
-        prep = prep_up_gauss if variant.startswith("cvt") else prep
+        prep = prep_up_gauss if cvt_switches(variant)[0] else prep
         out = torch.empty(n, hw, hw, 256, device=dev)
         t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
         cuda = None if variant else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
@@ -307,7 +312,7 @@ def main(argv=None) -> int:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.float16, device=dev)
             kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
-        adds, sat = bool(cvt), cvt == "cvt sat"
+        adds, sat = cvt_switches(cvt)
         up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=adds, sm90_cvt_sat=sat)
         with tk.launch_options(cvt_add=adds, cvt_sat=sat, **up):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if adds else prep_up, small, zeros,
@@ -339,8 +344,8 @@ def main(argv=None) -> int:
     def rerun_row(kind: str, variant: str, config: triton.Config | None, a_l1: bool = False) -> dict:
         """The a8 w8 ``kind`` conv (or the upsampler) again as the A/B row ``variant``, launched with
         ``config`` (None: the default launch) and ``a_l1``; the row records the config."""
-        with tk.launch_options(config=config, a_l1=a_l1, cvt_add=variant.startswith("cvt"),
-                               cvt_sat=variant == "cvt sat"):
+        adds, sat = cvt_switches(variant)
+        with tk.launch_options(config=config, a_l1=a_l1, cvt_add=adds, cvt_sat=sat):
             row = upsampler(variant) if kind == "upsampler" else conv_case(kind, 8, 8, variant=variant)
         row["config"] = None if config is None else str(config)
         return row

@@ -53,7 +53,7 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
 def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool, bool]:
     """"STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]]" -> (ring stages, programs per SM, row-layout
     epilogue, warp-specialized, halo boxes: the stages then count boxes, the epilogue's conversions
-    by adds, conv1's codes by one saturating conversion)."""
+    by adds, the 8-bit codes by one saturating conversion each)."""
     parts = text.split(",")
     if len(parts) not in (3, 4, 5, 6, 7) or not all(q.strip().isdigit() for q in parts):
         raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]] (3 to 7 integers), "
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
                    help="also conv1 and conv2 on the fp16 stream on the Gluon body conv (kernels/body_conv_sm90.py) "
                         "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes; "
                         "CVT 1: its epilogue's conversions by adds, the 64-channel weights then drawn as a Gaussian "
-                        "layer's codes, whose sums they cover; SAT 1: conv1's codes by one saturating conversion), as "
-                        "conv1_sm90 and conv2_fp16_sm90")
+                        "layer's codes, whose sums they cover; SAT 1: the 8-bit codes by one saturating conversion "
+                        "each), as conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
