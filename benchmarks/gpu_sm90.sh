@@ -5,9 +5,8 @@
 #                                        # reference), then kernels.py --sm90: both kernels on the
 #                                        # same inputs in one run, and its ring depth x programs per SM
 #     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
-#                                        # with the body convs on each kernel (flat, Gluon
-#                                        # warp-specialized, the latter with its conversions by
-#                                        # adds, with halo boxes), two processes each
+#                                        # with the twin as up to the ninth run and with today's
+#                                        # defaults, two processes each (RUNS: other switches)
 #
 # No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
 # extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
@@ -29,51 +28,71 @@ export PYTHONPATH=$PWD
 
 if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
-    # each run its own process; its first letter the body convs' kernel: 0 the flat kernel, 1 the
-    # first-built Gluon kernel, w its warp-specialized twin, c the twin with its conversions by adds
-    # (and the flat convs', the tail's upsampler among them), h the twin reading halo boxes, s the
-    # twin with everything built since the ninth run but halo boxes: the conversions by adds, the
-    # saturating codes and the upsampler's convs on the twin (not in the default runs: RUNS="wa sa wb sb")
-    for run in ${RUNS:-0a wa ca ha 0b wb cb hb}; do
-        body=${run:0:1}
-        cvt=$(case $body in c|s) echo 1;; *) echo 0;; esac)
-        new=$([ "$body" = s ] && echo 1 || echo 0)
-        step "latency_sm90_$run" ${LIMIT:-75} env GDQ_SM90_BODY=$([ "$body" = 0 ] && echo 0 || echo 1) \
-            GDQ_SM90_WS=$(case $body in w|c|h|s) echo 1;; *) echo 0;; esac) GDQ_SM90_CVT_ADD=$cvt GDQ_CVT_ADD=$cvt \
-            GDQ_SM90_CVT_SAT=$new GDQ_CVT_SAT=$new GDQ_SM90_UP=$new \
-            GDQ_SM90_HALO=$([ "$body" = h ] && echo 1 || echo 0) python benchmarks/latency.py --gpu \
+    # each run its own process; its first letter the body convs' kernel and switches: 0 the flat
+    # kernel, 1 the first-built Gluon kernel, w its warp-specialized twin with none of what the tenth
+    # run turned on (the defaults up to the ninth run), c the twin with its conversions by adds (and
+    # the flat convs'), h the twin reading halo boxes, s the twin with the conversions by adds, the
+    # saturating codes and the upsampler's convs (the flat convs' too); n the defaults (the twin with
+    # halo boxes, the conversions by adds and the upsampler's convs), r the defaults with the fp16
+    # stream by TMA, t the defaults with the saturating codes
+    off="GDQ_SM90_HALO=0 GDQ_SM90_CVT_ADD=0 GDQ_CVT_ADD=0 GDQ_SM90_CVT_SAT=0 GDQ_CVT_SAT=0 GDQ_SM90_UP=0"
+    for run in ${RUNS:-wa na wb nb}; do
+        case ${run:0:1} in
+            0) vars="GDQ_SM90_BODY=0 $off" ;;
+            1) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=0 $off" ;;
+            w) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=1 $off" ;;
+            c) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=1 $off GDQ_SM90_CVT_ADD=1 GDQ_CVT_ADD=1" ;;
+            h) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=1 $off GDQ_SM90_HALO=1" ;;
+            s) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=1 $off GDQ_SM90_CVT_ADD=1 GDQ_CVT_ADD=1 GDQ_SM90_CVT_SAT=1 GDQ_CVT_SAT=1"
+               vars="$vars GDQ_SM90_UP=1" ;;
+            n) vars="GDQ_SM90_BODY=1" ;;
+            r) vars="GDQ_SM90_BODY=1 GDQ_SM90_TMA_RES=1" ;;
+            t) vars="GDQ_SM90_BODY=1 GDQ_SM90_CVT_SAT=1" ;;
+            *) echo "unknown run $run" | tee -a "$LOG"; continue ;;
+        esac
+        # shellcheck disable=SC2086  # vars: one word per assignment (env keeps the last of a name)
+        step "latency_sm90_$run" ${LIMIT:-100} env $vars python benchmarks/latency.py --gpu \
             --calib .gpu_data/train --compile none --output 1920x1080 --rows "$ROWS" --out "$OUT/e2e$run"
     done
 elif [ "${1:-}" = 2 ]; then
-    # the second call: first kernels.py --sm90 (both kernels' rows, then the Gluon knobs' and
-    # epilogues' not yet timed: the rows decide what to test and turn on), then the bit-exact tests of
-    # what no GPU has run yet: tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds,
-    # the flat kernel's too; some 70 variants to compile), tests_sat (the saturating codes, the twin's
-    # and the flat kernel's), tests_up (the twin's upsampler convs; a process of its own, so a fault in
-    # its new address arithmetic loses only its step), tests_knobs (the knobs,
-    # and the bit-exact ones of conv1 and of conv2 + next codes on the fp16 stream; not the compile
-    # checks); then Nsight Compute on conv1 and conv2 (fp16 stream) on both kernels, the Gluon one
-    # warp-specialized unless NCU_SM90=S,P,R,0 (the first 6 matching launches compile; the next 6
-    # are profiled), and on the twin reading halo boxes (NCU_HALO); last, the Gluon kernel's stall
-    # samples per SASS instruction (its conv1 and conv2 on the fp16 stream; NCU_SM90=6,2,1,1,0,1,1:
-    # with the adds and the saturating codes). The tests print a line per test (-v), so a call cut
-    # short still says which passed. The limits add up to about 25 minutes, more than the 15 of a
-    # session: run it in parts, e.g. STEPS="kernels_sm90 tests_new", then STEPS="tests_sat tests_up".
+    # the second call, most telling first: tests_persistent (the twin with several tiles a program,
+    # as the engine runs it: each program refills its ring, code box and residual box across tiles;
+    # the tenth run's tests gave most programs one tile), tests_defaults (every GPU test of the Gluon
+    # conv, the integer tail, the image graphs and the Triton kernels on the defaults as they are
+    # now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90 (both kernels' rows,
+    # each default undone, the knobs still off), then the bit-exact tests of each switch on its own:
+    # tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds, the flat kernel's too),
+    # tests_sat (the saturating codes, the twin's and the flat kernel's), tests_up (the twin's
+    # upsampler convs), tests_knobs (the knobs, and the bit-exact ones of conv1 and of conv2 + next
+    # codes on the fp16 stream; not the compile checks); then Nsight Compute on conv1 and conv2
+    # (fp16 stream) on both kernels, the Gluon one as the engine runs it unless NCU_SM90 says (the
+    # first 6 matching launches compile; the next 6 are profiled), and on the twin reading halo boxes
+    # (NCU_HALO); last, the Gluon kernel's stall samples per SASS instruction (its conv1 and conv2 on
+    # the fp16 stream; NCU_SM90=4,2,1,1,1,1: with halo boxes and the adds, as the engine runs it).
+    # The tests print a line per test (-v), so a call cut short still says which passed. The limits
+    # add up to over 30 minutes, more than the 15 of a session: run it in parts, with STEPS.
+    # PYTEST_N=12 runs the tests on 12 pytest-xdist workers (compiling in parallel; the device image has
+    # pytest-xdist): the tests check bits, not time, so sharing the GPU does them no harm.
+    step tests_persistent 120 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+        ${PYTEST_N:+-n $PYTEST_N} tests/test_body_conv_sm90.py -k "persistent_programs"
+    step tests_defaults 240 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+        ${PYTEST_N:+-n $PYTEST_N} tests/test_body_conv_sm90.py tests/test_inttail.py tests/test_imagegraph.py \
+        tests/test_triton_kernels.py -k "not compiles"
     step kernels_sm90 330 python benchmarks/kernels.py --sm90 --out "$OUT"
-    step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+    step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
-    step tests_sat 180 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+    step tests_sat 180 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_saturating_codes_give_the_same_bits \
         -k "saturating"
-    step tests_up 150 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
+    step tests_up 150 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py -k "upsampler_convs or applies"
-    step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
+    step tests_knobs 200 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py -k "knobs or skips or applies or (equals and (conv1 or fp16))"
     step ncu 110 sh -c 'ncu --clock-control none --kernel-name regex:"_packed_conv3x3|_body_conv_sm90" \
         --launch-skip 6 --launch-count 6 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
-        --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-6,2,1,1} > "$1"' _ \
+        --section LaunchStats --csv --page details python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-4,2,1,1,1,1} > "$1"' _ \
         "$OUT/ncu-sm90.csv"
     step ncu_halo 70 sh -c 'ncu --clock-control none --kernel-name regex:"_body_conv_sm90" --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
@@ -81,7 +100,7 @@ elif [ "${1:-}" = 2 ]; then
         python benchmarks/ncu_convs.py --sm90 ${NCU_HALO:-4,2,1,1,1} > "$1"' _ "$OUT/ncu-sm90-halo.csv"
     step ncu_sass 90 sh -c 'ncu --clock-control none --kernel-name regex:"_body_conv_sm90" --launch-skip 2 \
         --launch-count 2 --section WarpStateStats --section SourceCounters --import-source yes --page source \
-        --print-source sass --csv python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-6,2,1,1} > "$1"' _ \
+        --print-source sass --csv python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-4,2,1,1,1,1} > "$1"' _ \
         "$OUT/ncu-sm90-sass.csv"
 else
     step tests 170 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \

@@ -30,21 +30,23 @@ their floor counts the image's pixels' MACs and the padded tensors' bytes. Basel
 on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times the Gluon body conv
 (``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
-conv2+next and conv2+next on the fp16 stream both ways (``... sm90 s6 p2 rows ws g1 f1 tma``: ring
-stages, programs per SM, row-layout epilogue, the warp-specialized twin with its stages released
-one at a time, one tap's MMAs left in flight and conv1's codes stored by TMA), then the Gluon
-kernel's knobs not yet timed (``res``: the fp16 stream in and out by TMA; ``f2``: two taps' MMAs in
-flight; ``halo``: the input read as 3 halo boxes a tile, its ring counting boxes; ``cvt``: the
-epilogue's conversions by adds; ``sat``: its codes by one saturating conversion each; and their
-combinations; the ``sat`` rows come right after the first three pairs). The ``--sm90``
-rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a Gaussian
-layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
+conv2+next and conv2+next on the fp16 stream both ways, the Gluon one as the engine runs it
+(``... sm90 s4 p2 rows ws g1 f1 tma halo cvt``: ring stages, programs per SM, row-layout epilogue,
+the warp-specialized twin with its stages released one at a time, one tap's MMAs left in flight,
+conv1's codes stored by TMA, the input read as 3 halo boxes a tile, its ring counting boxes, the
+epilogue's conversions by adds; ``halo`` where the Triton's Gluon can build it), then each default
+undone (without ``halo cvt``: as up to the ninth run; without ``halo``: tap boxes, a ring of 6;
+without ``cvt``) and the knobs still off (``res``: the fp16 stream in and out by TMA, alone and with
+``sat``, its codes by one saturating conversion each; ``sat``; ``f2``: two taps' MMAs in flight).
+The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
+Gaussian layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
 ``ops.fp32_sums_by_add``; the shipped EDSR weights stay below it). The ninth run's other knobs
 (``g3``: stages released 3 at a time; without ``tma``: conv1's codes by stores; without ``ws``:
 the first-built kernel) were slower, and are no longer rows.
-Last, the upsampler's shuffled rows with and without the flat kernel's conversions by adds, and
-the same on the Gluon conv's twin (``... sm90``: 64 output channels a program, ``ops.SM90_UP``;
-``... sm90 cvt sat``: with the conversions by adds and the saturating codes).
+Last, the upsampler's shuffled rows (codes, then fp16) on the flat kernel, then on the Gluon conv's
+twin (``... sm90 ...``: 64 output channels a program, ``ops.SM90_UP``): on tap boxes with the
+conversions by adds, then on the defaults without the adds, with them (as the engine runs it) and
+with the saturating codes too.
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -293,18 +295,20 @@ def main(argv=None) -> int:
         prep = replace(prep_up, w=prep_up.w.contiguous()) if variant == "N-major w" else prep_up
         prep = prep_up_gauss if cvt_switches(variant)[0] else prep
         out = torch.empty(n, hw, hw, 256, device=dev)
-        t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
+        with tk.launch_options(sm90=False):  # the flat kernel (on sm_90 the engine runs the twin: ops.SM90_UP)
+            t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep, ones, zeros, out=out), xs_up) * 1e3
         cuda = None if variant else cuda_us(w_up, xs_up, lambda x, wp: cuda_ops.packed_conv3x3(x, 8, True, wp, ones,
                                                                                                 zeros))
         return timed_row(f"upsampler {variant}" if variant else "upsampler", 256, 8, 8, t, macs_up,
                          m * c + out.numel() * 4, cuda)
 
-    def upsampler_shuffled(codes: bool = False, cvt: str = "", sm90: bool | None = None) -> dict:
+    def upsampler_shuffled(codes: bool = False, cvt: str = "", sm90: dict | None = None) -> dict:
         """The x4 tail's last stage: the same conv storing pixel-shuffled fp16 (N, 2h, 2w, 64); with
         ``codes`` its first stage, storing pixel-shuffled 8-bit codes; ``cvt``: "cvt", the
         epilogue's conversions by adds, "cvt sat" also its codes by one saturating conversion each,
-        on a Gaussian layer's weights; ``sm90``: on the Gluon conv's twin in groups of 64 output
-        channels (``ops.SM90_UP``; False: on the flat kernel; None: as the engine runs it)."""
+        on a Gaussian layer's weights; ``sm90``: the Gluon conv's settings (``ops.sm90_settings()``'
+        keys; ``cvt`` sets the adds and the saturating codes), its twin then running the conv in
+        groups of 64 output channels (``sm90_up``); None: the flat kernel."""
         if codes:
             out = torch.empty(n, 2 * hw, 2 * hw, 64, dtype=torch.uint8, device=dev)
             kw = dict(out_quant=ActQuant(8, True, 0.05), out=out)
@@ -313,11 +317,13 @@ def main(argv=None) -> int:
             kw = dict(out_dtype=torch.float16, out=out)
         small = torch.full((256,), 1e-4, device=dev)  # sums reach 2^24: keep them inside fp16's range
         adds, sat = cvt_switches(cvt)
-        up = {} if sm90 is None else dict(sm90=sm90, sm90_up=sm90, sm90_cvt_add=adds, sm90_cvt_sat=sat)
+        opts = None if sm90 is None else dict(sm90, sm90_up=True, sm90_cvt_add=adds, sm90_cvt_sat=sat)
+        up = dict(sm90=False) if opts is None else dict(sm90=True, **opts)
         with tk.launch_options(cvt_add=adds, cvt_sat=sat, **up):
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if adds else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
-        name = f"upsampler shuffled {'codes' if codes else 'fp16'}{' sm90' if sm90 else ''}{' ' + cvt if cvt else ''}"
+        name = f"upsampler shuffled {'codes' if codes else 'fp16'}"
+        name = f"{name} {cvt}".rstrip() if opts is None else f"{name} sm90 {sm90_label(opts)}"
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -389,29 +395,24 @@ def main(argv=None) -> int:
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
         both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
-        default = tk.sm90_settings()  # as the engine runs it on sm_90
-        # the fp16 stream by TMA (its rows only), two taps' MMAs in flight, halo boxes (their own
-        # ring depth), and halo boxes with each of the others; the conversions by adds, alone and
-        # with the fp16 stream by TMA and with halo boxes
-        with tk.launch_options(sm90_ws=True, sm90_group=1, sm90_halo=True):
-            halo = tk.sm90_settings()  # the halo's ring depth as a launch gets it
-        knobs = (dict(default, sm90_tma_res=True), dict(default, sm90_in_flight=2), halo,
-                 dict(halo, sm90_tma_res=True), dict(halo, sm90_in_flight=2), dict(default, sm90_cvt_add=True),
-                 dict(default, sm90_tma_res=True, sm90_cvt_add=True), dict(halo, sm90_cvt_add=True))
+        default = tk.sm90_settings()  # as the engine runs it on sm_90: halo boxes, the conversions by adds
+        with tk.launch_options(sm90_halo=False):
+            taps = tk.sm90_settings()  # tap boxes, at their own ring depth
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
-        # the codes by one saturating conversion each, alone and with the conversions by adds (and the
-        # fp16 stream by TMA): right after the pairs, as the least measured epilogue change
-        sat = (dict(default, sm90_cvt_sat=True), dict(default, sm90_cvt_add=True, sm90_cvt_sat=True),
-               dict(default, sm90_tma_res=True, sm90_cvt_add=True, sm90_cvt_sat=True))
-        runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in sat
-                 if st == torch.float16 or not sp["sm90_tma_res"]]
+        # each of the defaults' switches undone (both: the defaults up to the ninth run; tap boxes; no
+        # adds), then the switches still off: the fp16 stream by TMA (its rows only), alone and with the
+        # saturating codes, the saturating codes, two taps' MMAs in flight
+        knobs = (dict(taps, sm90_cvt_add=False), taps, dict(default, sm90_cvt_add=False),
+                 dict(default, sm90_tma_res=True), dict(default, sm90_tma_res=True, sm90_cvt_sat=True),
+                 dict(default, sm90_cvt_sat=True), dict(default, sm90_in_flight=2))
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if st == torch.float16 or not sp["sm90_tma_res"]]
-        # the flat kernel's conversions by adds where the conversion pipe weighs most, the upsampler,
-        # and the same convs on the Gluon conv's twin (sm90_up), with and without them
-        runs += [lambda codes=codes: [upsampler_shuffled(codes, cvt, sm90) for sm90 in (False, True)
-                                      for cvt in CVT_ROWS] for codes in (True, False)]
+        # the upsampler's shuffled convs, codes and fp16: the flat kernel, the twin (sm90_up) on tap
+        # boxes with the conversions by adds (the tenth run's), then on the defaults without the adds,
+        # with them (the engine's), and with the saturating codes too
+        runs += [lambda codes=codes: [upsampler_shuffled(codes), upsampler_shuffled(codes, "cvt", taps)]
+                 + [upsampler_shuffled(codes, cvt, default) for cvt in CVT_ROWS] for codes in (True, False)]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

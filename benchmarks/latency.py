@@ -64,6 +64,7 @@ far get a few rounds and are written with ``"complete": false``, without profile
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import re
@@ -244,6 +245,15 @@ def torch_glue(engine, parts: tuple[str, ...] = TORCH_GLUE_PARTS) -> None:
 
 
 ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def outputs_digest(outs: list[torch.Tensor]) -> str:
+    """The first 16 hex digits of the SHA-256 of ``outs``' bytes (any dtype, on any device), in
+    order: rows of the same method in other processes show whether they computed the same bits."""
+    h = hashlib.sha256()
+    for out in outs:
+        h.update(out.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def gpu_ms(fn) -> tuple[float, dict]:
@@ -651,6 +661,9 @@ def main(argv=None) -> int:
                         # GPU: do_bench per row; CPU: timed below in interleaved rounds over all rows.
                         ms, around = (gpu_ms(lambda engine=engine, turn=turn: engine.upscale(next(turn))) if args.gpu
                                       else (0.0, None))
+                        # GPU: the same frames once more after the timing (graphs replayed, caches
+                        # warm): a kernel that races shows as other bits
+                        again = [engine.upscale(f) for f in frames] if args.gpu else None
                 except RowsCut:
                     break
                 except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
@@ -677,7 +690,10 @@ def main(argv=None) -> int:
                                            str(engine.int_body.stream_dtype(engine.dtype)).removeprefix("torch.")),
                        "fp_dtype": str(engine.dtype).removeprefix("torch."),
                        "psnr_vs_fp32": sum(psnr(o, r) for o, r in zip(outs, ref_outs)) / len(outs),
-                       "groups": [report.groups for _, report in results], "gmacs": macs / 1e9}
+                       "groups": [report.groups for _, report in results], "gmacs": macs / 1e9,
+                       "output_sha256": outputs_digest([out for out, _ in results])}
+                if again is not None:
+                    row["repeat_equal"] = all(torch.equal(a, out) for a, (out, _) in zip(again, results))
                 if around is not None:
                     row["timing_events"] = around
                 row["loadavg_1min"] = os.getloadavg()[0]  # other work on the host while the row ran

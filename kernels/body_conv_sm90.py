@@ -700,7 +700,11 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
     infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 / s8
-    in the PTX (``cvt_sat``'s codes); ``fmnmx``: fp32 min/max instructions in the SASS; ``shuffle``:
+    in the PTX (``cvt_sat``'s codes); ``store_waits``: waits for TMA stores to have read their
+    shared-memory boxes (``cp.async.bulk.wait_group.read``) in the PTX, and ``store_waits_synced``
+    those a CTA barrier follows before anything else: every thread waits, but only the storing
+    thread's stores count, so the others must not reuse the box (or hand it back) before that
+    thread's wait is over; ``fmnmx``: fp32 min/max instructions in the SASS; ``shuffle``:
     the variant's pixel shuffle (1, or r for :data:`UP_VARIANTS`, which only the twin computes).
     Defaults: the engine's ring depth and row epilogue (``ops.SM90_STAGES``, ``ops.SM90_EPI_ROWS``). ``ws``: the
     warp-specialized twin, with its producer's 40 registers and 128 a thread at most
@@ -752,6 +756,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
+    # the first instruction after each wait for TMA stores' reads (.loc lines and comments skipped)
+    after_waits = re.findall(r"cp\.async\.bulk\.wait_group\.read\s+\d+;(?:\s*(?:\.loc|//)[^\n]*)*\s*([\w.]+)", ptx)
     usage, hazards, counts = {}, (None, None), {}
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
@@ -784,6 +790,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
                 conversions=counts.get("conversions"),
                 round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)), sat_cvts=len(re.findall(FLOOR_SAT_PTX, ptx)),
+                store_waits=len(after_waits), store_waits_synced=sum(op in ("bar.sync", "barrier.sync")
+                                                                     for op in after_waits),
                 fmnmx=counts.get("fmnmx"))
 
 

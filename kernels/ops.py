@@ -54,42 +54,57 @@ SM90_WS_LOADER_REGS = 40
 SM90_WS_GROUP = 1
 SM90_TMA_OUT = True
 # Taps' MMAs the twin leaves in flight after each issue: 1 as measured. 2 (each stage released two
-# taps later; release groups of 1, 4 stages at least) was built after the ninth run, not yet timed:
-# benchmarks/kernels.py --sm90's "... f2" rows.
+# taps later; release groups of 1, 4 stages at least): on the tenth H100 run (2026-11-27) no faster
+# with tap boxes (conv1 24.7 us alike) and slower with halo boxes (conv2 + next codes 52.2 against
+# 49.3, on the fp16 stream 33.3 against 32.7).
 SM90_IN_FLIGHT = 1
 # The twin's conv2 on an fp16 stream with the residual and results through shared memory by TMA
 # (the producer loads the residual box; the epilogue reads it in the MMA layout, writes the new
-# stream over it and the next codes beside it, and stores both boxes by TMA). Built after the ninth
-# run and compiled for sm_90 in CI, not yet run on a GPU: off until a GPU session checks its bits
-# and times it (benchmarks/kernels.py --sm90's "... res" rows).
-SM90_TMA_RES = False
+# stream over it and the next codes beside it, and stores both boxes by TMA). Tenth H100 run
+# (2026-11-27): its tests bit-exact, but each of their programs computed one tile, so none refilled
+# the residual box; with halo boxes and the adds 28.2 us against 30.9 (kernels.py --sm90, third
+# call), and 1080p static a8 + int8 tail, image graph 1.476 / 1.480 ms against 1.576 / 1.735. But
+# the second of those two processes' images differed from every other run's (PSNR 50.3878 dB
+# against 50.3850 in 11 processes): off until a GPU session runs
+# test_gluon_body_conv_persistent_programs_give_the_same_bits (several tiles a program) and the
+# e2e "r" runs again (their output digests). Its box hand-back reads sound in the PTX
+# (docs/kernels.md). GDQ_SM90_TMA_RES=1 turns it on (benchmarks/gpu_sm90.sh e2e's "r" runs).
+SM90_TMA_RES = os.environ.get("GDQ_SM90_TMA_RES", "0") == "1"
 # The twin reading each tile's input as 3 halo boxes (one per column offset: the tile's 8 rows and
 # one above and below, 10 KB) instead of 9 tap boxes (8 KB each): 30 KB a tile through L2, TMA and
 # shared memory instead of 72, each box's 3 taps being views 0, 1 and 2 rows into it. conv1 moved
 # 56% of the L2's peak on the ninth run; each box is also one barrier wait and one release instead
-# of three. SM90_HALO_STAGES boxes in the ring (12 taps' inputs, against SM90_STAGES' 6). Built
-# after the ninth run, compiled for sm_90 with Triton 3.6 (the views need its Gluon:
-# body_conv_sm90.HALO_VIEWS), not yet run on a GPU: off until a GPU session checks its bits and
-# times it (benchmarks/kernels.py --sm90's "... halo" rows). GDQ_SM90_HALO=1 turns it on where the
-# Triton can build it (elsewhere the twin keeps its tap boxes; asked for by launch_options, it raises).
-SM90_HALO = os.environ.get("GDQ_SM90_HALO", "0") == "1"
+# of three. SM90_HALO_STAGES boxes in the ring (12 taps' inputs, against SM90_STAGES' 6). The views
+# need Triton 3.6's Gluon (body_conv_sm90.HALO_VIEWS). Tenth H100 run (2026-11-27, kernels.py
+# --sm90, same process, call 1): bit-exact; conv1 20.7 us against 24.7 on tap boxes, conv2 with the
+# next codes 49.3 against 51.1, the same on the fp16 stream 32.7 against 33.7; 1080p static a8 +
+# int8 tail, image graph 1.656 ms against 1.759 / 1.767 (two processes each). With the adds and the
+# upsampler below, the defaults (call 3): conv1 18.3 us (72% of its floor), conv2 + next codes 50.8
+# / 30.9 us (fp32 / fp16 stream), that frame 1.576 / 1.735 ms against 1.903 (docs/kernels.md). On
+# by default where the Triton can build it (elsewhere the twin keeps its tap boxes; asked for by
+# launch_options, it raises) and stages are released one at a time. GDQ_SM90_HALO=0: tap boxes.
+SM90_HALO = os.environ.get("GDQ_SM90_HALO", "1") != "0"
 SM90_HALO_STAGES = 4
 # The Gluon conv's epilogue without Hopper's conversion pipe (16 lanes a cycle per SM, an eighth of
 # the fp32 pipe's; three of its instructions per value, about 1,500 of an SM's cycles a tile):
 # codes by a clamp and a round-down add, sums to fp32 by an integer add and a subtraction where
 # the weights bound every sum below 2**22 (fp32_sums_by_add). The same bits by construction
-# (body_conv_sm90._requantize, _to_float); built without a GPU, off until a GPU session checks its
-# bits and times it (benchmarks/kernels.py --sm90's "... cvt" rows). GDQ_SM90_CVT_ADD=1 turns it on.
-SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "0") == "1"
+# (body_conv_sm90._requantize, _to_float). Tenth H100 run: bit-exact; with halo boxes conv1 18.6 us
+# against 20.7, conv2 with the next codes on the fp16 stream 31.0 against 32.7 (on the fp32 stream
+# 50.7 against 49.3: slower, but the engine's stream is fp16), the x4 upsampler's first stage on
+# the twin 73.8 against 80.5 (its fp16 last stage 73.2 against 72.2). On by default;
+# GDQ_SM90_CVT_ADD=0 turns it off.
+SM90_CVT_ADD = os.environ.get("GDQ_SM90_CVT_ADD", "1") != "0"
 # The twin also computes the upsampler's 64 -> 64 r^2 convs (x2/x4: 64 -> 256, x3: 64 -> 576), as
 # r^2 groups of 64 output channels (the grid's second axis; each program keeps its group's 36 KB of
 # weights resident) stored pixel-shuffled by masked stores (group g is sub-pixel divmod(g, r) of
 # every output pixel), and other convs of 64 input channels and a multiple of 64 output channels.
 # The flat kernel's shuffled fp16 upsampler ran at 51-59% of its floor (kernels.py, the H100's
-# third to fifth runs), the twin's body convs at 51-69% (ninth run). Built without a GPU, off until
-# a GPU session checks its bits and times it (benchmarks/kernels.py --sm90's "upsampler ... sm90"
-# rows). GDQ_SM90_UP=1 turns it on.
-SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
+# third to fifth runs), the twin's body convs at 51-69% (ninth run). Tenth H100 run (kernels.py
+# --sm90, same process): bit-exact; the x4 upsampler's shuffled codes 80.5 us against the flat
+# kernel's 96.4, its shuffled fp16 72.2 against 96.7 (71% of the floor). On by default;
+# GDQ_SM90_UP=0: the flat kernel.
+SM90_UP = os.environ.get("GDQ_SM90_UP", "1") != "0"
 # The twin's 8-bit codes by one saturating floor conversion each (cvt.rmi.sat.u8.f32 / .s8.f32,
 # SASS F2I.U8.FLOOR / F2I.S8.FLOOR; signed codes after a max that takes NaN to the range's start as
 # the clamp does) instead of a floor, a clamp and a conversion (or SM90_CVT_ADD's clamp and
@@ -97,17 +112,19 @@ SM90_UP = os.environ.get("GDQ_SM90_UP", "0") == "1"
 # (body_conv_sm90._requantize, _relu_kept). Compiled for sm_90 (Triton 3.9), conv1's SASS falls
 # from 2,072 to 1,816 instructions (1,880 with SM90_CVT_ADD's floats by adds), conv2 + next codes
 # on the fp16 stream from 2,624 to 2,504; one conversion-pipe instruction per code instead of
-# three. Built without a GPU, off until a GPU session checks its bits and times it
-# (benchmarks/kernels.py --sm90's "... sat" rows). GDQ_SM90_CVT_SAT=1 turns it on.
+# three. Tenth H100 run: bit-exact but no faster than the conversions by adds (conv1 22.7 us against
+# 22.5, conv2 + next codes on the fp16 stream 32.9 against 32.3, the upsampler's codes 74.2 against
+# 73.8): the conversion pipe no longer bounds those epilogues. Off; GDQ_SM90_CVT_SAT=1 turns it on.
 SM90_CVT_SAT = os.environ.get("GDQ_SM90_CVT_SAT", "0") == "1"
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
-# the conversion pipe than of MMA per tile. Off until a GPU session checks its bits and times it
-# (benchmarks/kernels.py's "... cvt" rows). GDQ_CVT_ADD=1 turns it on.
+# the conversion pipe than of MMA per tile. Tenth H100 run: bit-exact; the shuffled upsampler's
+# codes 88.8 us against 96.4, its fp16 97.8 against 96.7. Off: on sm_90 the twin runs those convs
+# (SM90_UP), and no other GPU has timed it. GDQ_CVT_ADD=1 turns it on.
 CVT_ADD = os.environ.get("GDQ_CVT_ADD", "0") == "1"
 # The flat and padded convs' 8-bit codes by one saturating conversion each, as the twin's
-# SM90_CVT_SAT (conv3x3._requantize's SAT), on a GPU only (inline PTX). Off until a GPU session
-# checks its bits and times it (benchmarks/kernels.py's "... cvt sat" rows). GDQ_CVT_SAT=1 turns it on.
+# SM90_CVT_SAT (conv3x3._requantize's SAT), on a GPU only (inline PTX). Tenth H100 run: bit-exact,
+# the upsampler's codes 90.2 us against 88.8 with the adds alone. Off; GDQ_CVT_SAT=1 turns it on.
 CVT_SAT = os.environ.get("GDQ_CVT_SAT", "0") == "1"
 
 
@@ -613,8 +630,8 @@ def sm90_settings() -> dict:
     """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
     fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
     ``SM90_*`` default (``sm90_group``: ``SM90_WS_GROUP``; ``sm90_halo``: ``SM90_HALO`` where this
-    Triton's Gluon can build halo boxes; ``sm90_stages`` of the twin reading them:
-    ``SM90_HALO_STAGES``)."""
+    Triton's Gluon can build halo boxes and stages are released one at a time; ``sm90_stages`` of
+    the twin reading them: ``SM90_HALO_STAGES``)."""
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
                     sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP,
@@ -623,7 +640,9 @@ def sm90_settings() -> dict:
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
 
-        got["sm90_halo"] = body_conv_sm90.HALO_VIEWS  # the default only where it can be built
+        # the default only where it can be built, and not with stages released 3 at a time (asked
+        # for: halo boxes are released one at a time)
+        got["sm90_halo"] = body_conv_sm90.HALO_VIEWS and got["sm90_group"] == 1
     if got["sm90_ws"] and got["sm90_halo"] and _options.sm90_stages is None:
         got["sm90_stages"] = SM90_HALO_STAGES
     return got

@@ -25,6 +25,8 @@ from gdq_engine.quant.quantizer import ActQuant
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
 from gdq_engine.kernels.body_conv_sm90 import HALO_VIEWS  # noqa: E402  (after the triton check)
 
+_NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its source's extent); this Triton refuses them"
+
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and not tk.INTERPRET
 _seed = itertools.count(5000)
 
@@ -231,13 +233,15 @@ def test_gluon_body_conv_conversions_by_adds_give_the_same_bits(shape, case, wei
                                   "256 codes", "256 conv2"])
 @pytest.mark.parametrize("cvt", [False, True])
 @pytest.mark.parametrize("signed", [True, False])
-def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed):
+@pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
+                                                                                     reason=_NO_VIEWS))])
+def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed, halo):
     """The twin's 64 -> 64 k convs (``sm90_up``: one group of 64 output channels a program): the
     upsampler's pixel-shuffled stores (x2/x4: 64 -> 256, r = 2, codes / fp16 / fp32; x3: 64 -> 576,
     r = 3) and unshuffled 256-channel results (codes after a ReLU; an fp32 stream updated in place;
     the op's next codes take 128 channels at most), with and without the conversions by adds and
-    the saturating codes (a Gaussian layer's weights then, every sum within the float adds), equal
-    the flat kernel's and the reference's; outputs poisoned first."""
+    the saturating codes (a Gaussian layer's weights then, every sum within the float adds), on
+    tap boxes and on halo boxes, equal the flat kernel's and the reference's; outputs poisoned first."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
     g = gen()
@@ -269,12 +273,73 @@ def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed)
         else:
             poison = torch.full_like(want, 0xA5) if q else torch.full_like(want, float("nan"))
             launch = dict(kw, out=poison.cuda(), shuffle=r, **({} if q else dict(out_dtype=dtype)))
-        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_cvt_add=cvt, sm90_cvt_sat=cvt, cvt_add=cvt):
+        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_halo=halo, sm90_cvt_add=cvt,
+                               sm90_cvt_sat=cvt, cvt_add=cvt):
             got = tk.packed_conv3x3(x.cuda(), 8, signed, prep, mult.cuda(), bias.cuda(), **launch)
         torch.cuda.synchronize()
         results.append(got.cpu())
     assert torch.equal(results[0], results[1])  # the twin's and the flat kernel's
     assert torch.equal(results[0], want)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("case", ["conv1", "conv2+next fp16", "conv2+next fp16 tma", "upsampler codes"])
+@pytest.mark.parametrize("cvt", [False, True])
+@pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
+                                                                                     reason=_NO_VIEWS))])
+def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo):
+    """The twin with several tiles a program (12 images of 96 x 96: 864 tiles of 8 x 16 pixels, 3 a
+    program at least), as the engine runs it on 18 patches and more; the other tests' shapes give
+    most programs one tile. Across tiles each program refills its ring, reuses conv1's code box
+    once the previous tile's TMA store has read it, and (``sm90_tma_res``) refills the residual box
+    once the previous tile's stores have read it; the upsampler's first stage (4 groups of 64
+    output channels, stored pixel-shuffled) runs 13 tiles a program. Three launches each equal the
+    flat kernel's result, and the first image the reference's."""
+    from gdq_engine.runtime.inttail import _shuffle_nhwc
+
+    g = gen()
+    n, h, w = 12, 96, 96
+    up = case.startswith("upsampler")
+    cout, signed = (256, True) if up else (64, case == "conv1")
+    programs = tk.SM90_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count // (4 if up else 1)
+    assert n * (h // 8) * (w // 16) >= 3 * programs
+    x_codes = rand_codes((n, h, w, 64), 8, signed, g)
+    x = pack_codes(x_codes, 8).cuda()
+    wt = weights_for_adds("normal", cout, 64, signed, g)[0]
+    prep = tk.prepare_conv_weight(wt, 8)
+    mult, bias = torch.rand(cout, generator=g) * 2e-3, torch.randn(cout, generator=g) * 0.05
+    res = torch.randn(n, h, w, 64, generator=g).half()
+    nq, oq = ActQuant(8, True, 0.05), ActQuant(8, False, 0.02)
+
+    def launch(sm90: bool):
+        if case == "conv1":
+            kw = dict(relu=True, out_quant=oq, out=torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda"))
+        elif up:
+            kw = dict(out_quant=nq, shuffle=2,
+                      out=torch.full((n, 2 * h, 2 * w, 64), 0xA5, dtype=torch.uint8, device="cuda"))
+        else:
+            stream = res.cuda()
+            kw = dict(residual=stream, out=stream, out_dtype=torch.float16, next_quant=nq,
+                      next_out=torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda"))
+        with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_halo=halo, sm90_cvt_add=cvt,
+                               sm90_tma_res=case.endswith("tma")):
+            got = tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), **kw)
+        torch.cuda.synchronize()
+        return [got.cpu()] + ([kw["next_out"].cpu()] if "next_out" in kw else [])
+
+    flat = launch(False)
+    for _ in range(3):
+        got = launch(True)
+        assert all(torch.equal(a, b) for a, b in zip(got, flat))
+    x0 = pack_codes(x_codes[:1], 8)
+    if case == "conv1":
+        want = ref.packed_conv3x3(x0, 8, signed, wt, mult, bias, relu=True, out_quant=oq)
+    elif up:
+        want = _shuffle_nhwc(ref.packed_conv3x3(x0, 8, signed, wt, mult, bias, out_quant=nq), 2, torch.uint8)
+    else:
+        want = ref.epilogue(ref.conv3x3_int(x_codes[:1], wt), mult, bias, False, res[:1].float(), 1.0, None).half()
+        assert torch.equal(flat[1][:1], ref.quantize_pack(want.float(), nq))
+    assert torch.equal(flat[0][:1], want)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -426,7 +491,7 @@ def test_gluon_body_conv_skips_the_padding_images(k, ws, halo):
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_gluon_body_conv_applies_only_where_it_can():
     out = torch.empty(1, 4, 4, 64, device="cuda")
-    with tk.launch_options(sm90=True):
+    with tk.launch_options(sm90=True, sm90_up=False):
         assert tk.sm90_body_applies(out, 8, 64, 64, 1, 0, 8)
         assert not tk.sm90_body_applies(out, 4, 64, 64, 1, 0, 0)  # packed 4-bit codes
         assert not tk.sm90_body_applies(out, 8, 64, 256, 2, 0, 0)  # the upsampler: only with sm90_up
@@ -449,14 +514,15 @@ def test_gluon_body_conv_applies_only_where_it_can():
                                            (6, 2, 1, "releases"), (6, 3, 2, "1 or 2 taps"), (3, 1, 2, "1 or 2 taps"),
                                            (6, 1, 3, "1 or 2 taps")):
         # the twin's ring: two release groups of 1 or 3 stages; 2 taps in flight with groups of 1, 4 stages
-        with tk.launch_options(sm90=True, sm90_ws=True, sm90_stages=stages, sm90_group=group, sm90_in_flight=in_flight):
+        with tk.launch_options(sm90=True, sm90_ws=True, sm90_stages=stages, sm90_group=group, sm90_in_flight=in_flight,
+                               sm90_halo=False):
             with pytest.raises(ValueError, match=what):
                 tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
 def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(monkeypatch):
     """ops.sm90_settings: what a launch gets, field by field, nested launch_options included."""
-    monkeypatch.setattr(tk, "SM90_HALO", False)  # GDQ_SM90_HALO=1 aside (checked below)
+    monkeypatch.setattr(tk, "SM90_HALO", False)  # the halo default aside (checked below)
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
@@ -477,7 +543,8 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     with tk.launch_options(sm90_ws=False, sm90_halo=True):
         assert tk.sm90_settings()["sm90_stages"] == tk.SM90_STAGES
     assert tk.sm90_settings() == want
-    # halo boxes by default (GDQ_SM90_HALO=1) only where this Triton's Gluon builds them; asked for, always
+    # halo boxes by default (GDQ_SM90_HALO unset or 1) only where this Triton's Gluon builds them and
+    # stages are released one at a time; asked for, always
     from gdq_engine.kernels import body_conv_sm90 as bc
 
     monkeypatch.setattr(tk, "SM90_HALO", True)
@@ -488,6 +555,8 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
         assert got["sm90_stages"] == (tk.SM90_HALO_STAGES if views and tk.SM90_WS else tk.SM90_STAGES)
         with tk.launch_options(sm90_halo=True):
             assert tk.sm90_settings()["sm90_halo"]
+        with tk.launch_options(sm90_group=3):
+            assert not tk.sm90_settings()["sm90_halo"] and tk.sm90_settings()["sm90_stages"] == tk.SM90_STAGES
 
 
 def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
@@ -518,9 +587,9 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     conv1 = (codes, x, prep.w, prep.wsum, mult, bias, None, True, True, 1.0, 8, 0, 255, 50.0, None, (0, 0, 0, 1.0))
     conv2 = (stream, x, prep.w, prep.wsum, mult, bias, stream, False, False, 1.0, 0, 0, 0, 1.0, nxt,
              (8, -128, 127, 20.0))
-    with tk.launch_options(sm90_ws=True, sm90_tma_out=True, sm90_in_flight=1):
+    with tk.launch_options(sm90_ws=True, sm90_tma_out=True, sm90_in_flight=1, sm90_halo=False):
         tk._sm90_body_into(*conv1, None)
-    with tk.launch_options(sm90_ws=True, sm90_tma_res=True, sm90_in_flight=2, sm90_stages=4):
+    with tk.launch_options(sm90_ws=True, sm90_tma_res=True, sm90_in_flight=2, sm90_stages=4, sm90_halo=False):
         tk._sm90_body_into(*conv2, None)
     with tk.launch_options(sm90_ws=False):
         tk._sm90_body_into(*conv2, torch.tensor([1], dtype=torch.int32))
@@ -672,6 +741,10 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
             # conv1's codes (no residual) leave by TMA from the MMA layout; with tma_res the stream's
             # box and the next codes' box too; the others' by stores
             assert r["tma_stores"] == (1 if r["name"].startswith("conv1") else 2 * r["tma_res"]), r
+            # each wait for the stores' reads (before the code box is rewritten, before the residual
+            # box is handed back, at the end) is followed by a CTA barrier: the storing thread's wait
+            # holds every thread
+            assert r["store_waits"] == (2 if r["tma_stores"] else 0) == r["store_waits_synced"], r
         assert r["wgmma"] == 36, r  # 9 taps x 2 row halves x 2 K halves, m64n64k32 s8.s8
         assert r["async_waits"] >= 9, r  # wgmma.wait_group 1 (2: in_flight) after each tap
         assert r["tma_copies"] >= 10, r  # the weights' 9 boxes and the taps'
@@ -680,9 +753,6 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["register_hazards"] == 0, r  # no write into an in-flight wgmma's A registers
         # unsigned codes reach the MMA through registers, loaded while the previous tap's MMA runs
         assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
-
-
-_NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its source's extent); this Triton refuses them"
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")
@@ -706,6 +776,7 @@ def test_gluon_body_conv_with_halo_boxes_compiles_for_sm90():
         stores = 1 if conv1 else 2 * r["tma_res"]
         assert r["tma_stores"] == stores and r["tma_copies"] == 9 + 6 + r["tma_res"] + stores, r
         assert r["arrives"] == 3 + r["tma_res"], r
+        assert r["store_waits"] == 2 == r["store_waits_synced"] if stores else r["store_waits"] == 0, r
         assert r["local_bytes"] <= (16 if r["name"] == "conv2+next" else 0), r
         assert r["shared_bytes"] <= 232448 // 2, r
         assert r["register_hazards"] == 0 and (r["loads_in_flight"] > 0) == (not r["a_signed"]), r

@@ -3,6 +3,7 @@ columns agree with what the engine computes (the timings themselves are not chec
 benchmarks/cpu_kernels.py writes every row."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -47,8 +48,12 @@ def test_cpu_rows_cover_fp_quantized_and_granular_methods(tmp_path):
     assert {r["fp_dtype"] for name, r in rows.items() if name[0] in "se" and "fp32" not in name
             and "reference" not in name} == {str(latency.cpu_fp_dtype()).replace("torch.", "")}
     assert rows["static a8 (fp32 FP layers)"]["fp_dtype"] == rows["static a8 (reference)"]["fp_dtype"] == "float32"
-    # The backends are bit-identical, so the two fp32 a8 rows give the same image.
+    # The backends are bit-identical, so the two fp32 a8 rows give the same image, and the same digest.
     assert rows["static a8 (fp32 FP layers)"]["psnr_vs_fp32"] == rows["static a8 (reference)"]["psnr_vs_fp32"] > 40
+    digests = {name: r["output_sha256"] for name, r in rows.items()}
+    assert digests["static a8 (fp32 FP layers)"] == digests["static a8 (reference)"]
+    assert all(re.fullmatch("[0-9a-f]{16}", d) for d in digests.values()) and len({*digests.values()}) > 5
+    assert not any("repeat_equal" in r for r in rows.values())  # GPU only
     assert rows["granular {2,4,8}"]["fab"] in (2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
     assert 30 < rows["static a8 + int8 tail"]["psnr_vs_fp32"] < rows["static a8 (fp32 FP layers)"]["psnr_vs_fp32"]
     for r in rows.values():
@@ -233,25 +238,30 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/kernels.py itself")
-def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path):
-    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's A/B and knob rows (in the
-    interpreter they run the flat kernel: the Gluon kernel needs an sm_90 GPU)."""
+def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
+    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's pairs, each default undone, the
+    knobs still off, and the upsampler's rows (in the interpreter they run the flat kernel: the
+    Gluon kernel needs an sm_90 GPU), named as with Triton 3.6, whose Gluon builds halo boxes."""
     pytest.importorskip("triton")
+    from gdq_engine.kernels import body_conv_sm90
+
     import kernels
 
+    monkeypatch.setattr(body_conv_sm90, "HALO_VIEWS", True)
     assert kernels.main(["--smoke", "--sm90", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("kernels-sm90-*.json")
     names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
     cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
-    want = [n for c in cases for n in (c, f"{c} sm90 s6 p2 rows ws g1 f1 tma")]
-    sat = ("s6 p2 rows ws g1 f1 tma sat", "s6 p2 rows ws g1 f1 tma cvt sat", "s6 p2 rows ws g1 f1 tma res cvt sat")
-    want += [f"{c} sm90 {k}" for c in cases for k in sat if "res" not in k or "float16" in c]
-    knobs = ("s6 p2 rows ws g1 f1 tma res", "s6 p2 rows ws g1 f2 tma", "s4 p2 rows ws g1 f1 tma halo",
-             "s4 p2 rows ws g1 f1 tma res halo", "s4 p2 rows ws g1 f2 tma halo", "s6 p2 rows ws g1 f1 tma cvt",
-             "s6 p2 rows ws g1 f1 tma res cvt", "s4 p2 rows ws g1 f1 tma halo cvt")
+    default = "s4 p2 rows ws g1 f1 tma halo cvt"
+    want = [n for c in cases for n in (c, f"{c} sm90 {default}")]
+    knobs = ("s6 p2 rows ws g1 f1 tma", "s6 p2 rows ws g1 f1 tma cvt", "s4 p2 rows ws g1 f1 tma halo",
+             "s4 p2 rows ws g1 f1 tma res halo cvt", "s4 p2 rows ws g1 f1 tma res halo cvt sat",
+             "s4 p2 rows ws g1 f1 tma halo cvt sat", "s4 p2 rows ws g1 f2 tma halo cvt")
     want += [f"{c} sm90 {k}" for c in cases for k in knobs if "res" not in k or "float16" in c]
-    want += [f"upsampler shuffled {out}{sm90}{cvt}" for out in ("codes", "fp16") for sm90 in ("", " sm90")
-             for cvt in ("", " cvt", " cvt sat")]
+    for out in ("codes", "fp16"):
+        up = f"upsampler shuffled {out}"
+        want += [up, f"{up} sm90 s6 p2 rows ws g1 f1 tma cvt"]
+        want += [f"{up} sm90 s4 p2 rows ws g1 f1 tma halo{cvt}" for cvt in ("", " cvt", " cvt sat")]
     assert names == want
 
 
