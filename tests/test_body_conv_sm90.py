@@ -520,6 +520,17 @@ def test_gluon_body_conv_applies_only_where_it_can():
                 tk.packed_conv3x3(x, 8, True, prep, torch.ones(64, device="cuda"), torch.zeros(64, device="cuda"))
 
 
+@pytest.mark.skipif(any(k.startswith(("GDQ_SM90", "GDQ_CVT_")) for k in os.environ),
+                    reason="a GDQ_SM90_* / GDQ_CVT_* variable overrides a default")
+def test_gluon_body_conv_defaults_are_the_tenth_runs():
+    """The switches' defaults as the tenth H100 run set them (kernels/ops.py, docs/kernels.md): halo
+    boxes, the conversions by adds and the upsampler on the twin on; the fp16 stream by TMA, the
+    saturating codes, two taps in flight and the flat kernel's conversions off."""
+    assert tk.SM90_BODY and tk.SM90_WS and tk.SM90_HALO and tk.SM90_CVT_ADD and tk.SM90_UP
+    assert not (tk.SM90_TMA_RES or tk.SM90_CVT_SAT or tk.CVT_ADD or tk.CVT_SAT)
+    assert (tk.SM90_IN_FLIGHT, tk.SM90_WS_GROUP, tk.SM90_PER_SM, tk.SM90_HALO_STAGES) == (1, 1, 2, 4)
+
+
 def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(monkeypatch):
     """ops.sm90_settings: what a launch gets, field by field, nested launch_options included."""
     monkeypatch.setattr(tk, "SM90_HALO", False)  # the halo default aside (checked below)
