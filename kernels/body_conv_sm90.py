@@ -34,23 +34,24 @@ fp32 / fp16 result, optionally with the next conv's 8-bit codes; the same sequen
 fp32 operations (compiled without FMA contraction). ``EPI_ROWS`` first moves the sums from the MMA
 layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 byte accesses.
 
-* **Conversions by adds** (``ROUND_ADD``, ``I2F_ADD``, the twin only; off by default until a GPU
-  times them: ``ops.SM90_CVT_ADD``): Hopper's conversion pipe (XU) runs 16 lanes a cycle per SM,
+* **Conversions by adds** (``ROUND_ADD``, ``I2F_ADD``, the twin only; on by default since the tenth
+  H100 run: ``ops.SM90_CVT_ADD``): Hopper's conversion pipe (XU) runs 16 lanes a cycle per SM,
   an eighth of the fp32 pipe, and the epilogue spent three of its instructions per value (int ->
   float, floor, float -> int): 24,576 a tile, about 1,500 cycles of an SM. The codes come from a
   clamp and one add rounding toward minus infinity (:func:`_requantize`), the floats, where the
   weights bound every sum below ``2**22``, from an integer add and an fp32 subtraction
   (:func:`_to_float`): the same bits by construction.
-* **8-bit codes by one saturating conversion** (``ROUND_SAT``, the twin only; off by default until
-  a GPU times it: ``ops.SM90_CVT_SAT``): each code by one ``cvt.rmi.sat.u8.f32`` (conv1's, 0..255
-  after its ReLU, which folds into it) or ``max`` and ``cvt.rmi.sat.s8.f32`` (the next codes,
-  signed) instead of a floor, two clamps and a conversion (:func:`_requantize`, :func:`_relu_kept`):
-  the same codes.
-* **Output-channel groups** (``OUT_GROUPS``, ``SHUFFLE``, the twin only; off by default until a GPU
-  times it: ``ops.SM90_UP``): the upsampler's 64 -> 64 r^2 convs as r^2 groups of 64 output
+* **8-bit codes by one saturating conversion** (``ROUND_SAT``, the twin only; off: no faster than the
+  conversions by adds on the tenth H100 run, ``ops.SM90_CVT_SAT``): each code by one
+  ``cvt.rmi.sat.u8.f32`` (conv1's, 0..255 after its ReLU, which folds into it) or ``max`` and
+  ``cvt.rmi.sat.s8.f32`` (the next codes, signed) instead of a floor, two clamps and a conversion
+  (:func:`_requantize`, ``conv3x3.relu_kept``): the same codes.
+* **Output-channel groups** (``OUT_GROUPS``, ``SHUFFLE``, the twin only; on by default since the
+  tenth H100 run: ``ops.SM90_UP``): the upsampler's 64 -> 64 r^2 convs as r^2 groups of 64 output
   channels, one a program (the grid's second axis), each group a sub-pixel of the pixel-shuffled
   output.
-* **Halo boxes** (``HALO``, the twin only; off by default until a GPU times it: ``ops.SM90_HALO``):
+* **Halo boxes** (``HALO``, the twin only; on by default since the tenth H100 run where this
+  Triton builds them: ``ops.SM90_HALO``):
   each tile's input as 3 boxes, one per column offset ``dx``, of ``HALO_ROWS`` image rows (the
   tile's 8 and one above and below: an 8-row and a 2-row TMA copy), 30 KB a tile instead of 9 tap
   boxes' 72; tap ``(dy, dx)`` is the 128-row view ``dy`` image rows (1 KB each, a multiple of the
@@ -75,7 +76,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .conv3x3 import FLOOR_SAT_PTX, FLOOR_SAT_S8, FLOOR_SAT_U8, MAGIC, MAGIC_BITS, ROUND_DOWN_ADD, ROUND_DOWN_ADD_PTX
+from .conv3x3 import (
+    FLOOR_SAT_PTX,
+    MAGIC,
+    MAGIC_BITS,
+    ROUND_DOWN_ADD,
+    ROUND_DOWN_ADD_PTX,
+    floor_sat_applies,
+    floor_sat_asm,
+    floor_sat_max,
+    floor_sat_min,
+    relu_kept,
+)
 
 # Triton 3.9 renamed the TMA copy into shared memory (3.6: async_copy_global_to_shared).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -177,16 +189,12 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     ``conv3x3._requantize``; only the result's low byte is the code, which every caller keeps)."""
     t = y * inv_s
     t = t + 0.5
-    if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
-        if LO != 0 or HI != 255:  # NaN -> LO as the clamp's max gives it (before any min), the range's start
+    if SAT and floor_sat_applies(LO, HI):
+        if floor_sat_max(LO, HI):
             t = gl.maximum(t, LO)
-        if LO >= 0:
-            if HI < 255:
-                t = gl.minimum(t, HI)
-            return gl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
-        if HI < 127:
+        if floor_sat_min(LO, HI):
             t = gl.minimum(t, HI)
-        return gl.inline_asm_elementwise(FLOOR_SAT_S8, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(floor_sat_asm(LO), "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = gl.minimum(gl.maximum(t, LO), HI)
         bits = gl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
@@ -219,15 +227,6 @@ def _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED: gl.constexpr, RELU:
     return yv
 
 
-@gluon.constexpr_function
-def _relu_kept(relu, sat, lo):
-    """Whether the epilogue still applies its ReLU: not before codes from 0 by ``SAT``
-    (:func:`_requantize`) with ``lo`` 0. For ``y < 0``, ``y * inv_s + 0.5 < 0.5`` (``inv_s > 0``)
-    floors to 0 or less, which the clamp at 0 maps to 0, the code of ``relu(y) = 0``; NaN gives
-    0 both ways."""
-    return relu and not (sat and lo == 0)
-
-
 @gluon.jit
 def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr,
                    res_scale, inv_s_out, inv_s_next, A_SIGNED: gl.constexpr, RELU: gl.constexpr, HAS_RES: gl.constexpr,
@@ -244,7 +243,7 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
     stored pixel-shuffled, group ``grp`` being sub-pixel ``(grp // r, grp % r)`` of every
     (N, rH, rW, 64) output pixel (``conv3x3._epilogue``'s sub-pixel-major channels). ``ROUND_SAT``:
     8-bit codes by one saturating conversion each, the ReLU folded into it before codes from 0
-    (:func:`_requantize`, :func:`_relu_kept`)."""
+    (:func:`_requantize`, ``conv3x3.relu_kept``)."""
     layout: gl.constexpr = _EPI_LAYOUT if EPI_ROWS else _MMA_LAYOUT
     if EPI_ROWS:
         acc = gl.convert_layout(acc, _EPI_LAYOUT)
@@ -263,7 +262,7 @@ def _body_epilogue(acc, tile, tiles_x, per_image, H, W, wsum_ptr, mult_ptr, bias
         pix = (img * H + y) * W + x
         offs = pix[:, None] * 64 + ch[None, :]
     mask = m_ok[:, None] & (ch < 64)[None, :]
-    relu: gl.constexpr = _relu_kept(RELU, ROUND_SAT and O_BITS > 0 and not HAS_RES, O_LO)
+    relu: gl.constexpr = relu_kept(RELU, ROUND_SAT and O_BITS > 0 and not HAS_RES, O_LO)
     yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, relu, layout, I2F_ADD)
     if HAS_RES:
         if SCALE_RES:
@@ -405,7 +404,7 @@ def _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_
     ``code_smem`` (one (1, 8, 16, 64) box, once the previous tile's store has read it), then one
     bulk copy, which drops the rows and columns outside the image. (conv1: no residual.)"""
     img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
-    relu: gl.constexpr = _relu_kept(RELU, ROUND_SAT, O_LO)
+    relu: gl.constexpr = relu_kept(RELU, ROUND_SAT, O_LO)
     yv = _dequantize(acc, wsum_ptr, mult_ptr, bias_ptr, A_SIGNED, relu, layout, I2F_ADD)
     codes = _requantize(yv, inv_s_out, O_LO, O_HI, ROUND_ADD, ROUND_SAT).to(gl.int8)  # 0..255 -> the byte
     tma.store_wait(0)
@@ -561,7 +560,7 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     (``r``: stored pixel-shuffled into (N, rH, rW, 64), ``OUT_GROUPS == r * r``, as the upsampler's
     convs store; no residual, no next codes) and ``ROUND_SAT`` (8-bit codes by one saturating floor
     conversion each instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s clamp and
-    add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, :func:`_relu_kept`)."""
+    add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, ``conv3x3.relu_kept``)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))

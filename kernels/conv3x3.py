@@ -63,6 +63,45 @@ FLOOR_SAT_S8 = tl.constexpr("cvt.rmi.sat.s8.f32 $0, $1;")
 FLOOR_SAT_PTX = r"\bcvt\.rmi\.sat\.[us]8\.f32 %\w+, %\w+;"
 
 
+# The rules of _requantize's SAT, at compile time, for both twins (this one and the Gluon body
+# conv's, which can call constexpr functions but not Triton ones):
+@triton.constexpr_function
+def floor_sat_applies(lo, hi):
+    """Whether codes ``lo..hi`` lie within one byte's range (0..255 or -128..127), so ``SAT`` makes
+    them by one saturating conversion (others go as ``BY_ADD`` says)."""
+    return lo >= -128 and hi <= 255 and (lo >= 0 or hi <= 127)
+
+
+@triton.constexpr_function
+def floor_sat_max(lo, hi):
+    """Whether ``SAT`` takes ``max(t, lo)`` first: unless the range is 0..255 exactly. The
+    conversion takes NaN to 0, the clamp's min/max to ``lo``, and a ``min`` alone to ``hi``."""
+    return lo != 0 or hi != 255
+
+
+@triton.constexpr_function
+def floor_sat_min(lo, hi):
+    """Whether ``SAT`` takes ``min(t, hi)`` (after any ``max``): where the range ends below its
+    byte's top (255 for codes from 0 on, 127 for signed ones)."""
+    return hi < (255 if lo >= 0 else 127)
+
+
+@triton.constexpr_function
+def floor_sat_asm(lo):
+    """``SAT``'s conversion: to u8 for codes from 0 on, else to s8 (the PTX, for
+    ``inline_asm_elementwise``)."""
+    return (FLOOR_SAT_U8 if lo >= 0 else FLOOR_SAT_S8).value
+
+
+@triton.constexpr_function
+def relu_kept(relu, sat, lo):
+    """Whether an epilogue still applies its ReLU: not before codes from 0 (``lo`` 0) made by
+    ``SAT`` (``sat``: the codes are the result, no residual between). For ``y < 0``,
+    ``y * inv_s + 0.5 < 0.5`` (``inv_s > 0``) floors to 0 or less, which saturates to 0, the code
+    of ``relu(y) = 0``; NaN gives 0 both ways."""
+    return relu and not (sat and lo == 0)
+
+
 @triton.jit
 def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constexpr = False,
                 SAT: tl.constexpr = False):
@@ -89,16 +128,12 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
     conversion's upper bits are not promised)."""
     t = y * inv_s
     t = t + 0.5
-    if SAT and LO >= -128 and HI <= 255 and (LO >= 0 or HI <= 127):
-        if LO != 0 or HI != 255:  # NaN -> LO as the clamp's max gives it (before any min), the range's start
+    if SAT and floor_sat_applies(LO, HI):
+        if floor_sat_max(LO, HI):
             t = tl.maximum(t, LO)
-        if LO >= 0:
-            if HI < 255:
-                t = tl.minimum(t, HI)
-            return tl.inline_asm_elementwise(FLOOR_SAT_U8, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
-        if HI < 127:
+        if floor_sat_min(LO, HI):
             t = tl.minimum(t, HI)
-        return tl.inline_asm_elementwise(FLOOR_SAT_S8, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(floor_sat_asm(LO), "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = tl.minimum(tl.maximum(t, LO), HI)
         bits = tl.inline_asm_elementwise(ROUND_DOWN_ADD, "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
@@ -155,13 +190,12 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
     ``ROUND_ADD``, ``I2F_ADD``: codes and floats by adds instead of the conversion pipe
     (:func:`_requantize`, :func:`_to_float`; ``I2F_ADD`` only where every sum is below ``2**22``).
     ``ROUND_SAT``: codes by one saturating conversion each (:func:`_requantize`); before codes from
-    0 without a residual the ReLU folds into it (for ``y < 0``, ``y * inv_s + 0.5 < 0.5`` floors to
-    0 or less, which saturates to 0, the code of ``relu(y) = 0``; NaN gives 0 both ways)."""
+    0 without a residual the ReLU folds into it (:func:`relu_kept`)."""
     if A_BITS == 8 and not A_SIGNED:
         acc += 128 * tl.load(wsum_ptr + offs_n, mask=n_ok, other=0)[None, :]
     y = _to_float(acc, I2F_ADD) * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    if RELU and not (ROUND_SAT and O_BITS > 0 and O_LO == 0 and not HAS_RES):
+    if relu_kept(RELU, ROUND_SAT and O_BITS > 0 and not HAS_RES, O_LO):
         y = tl.maximum(y, 0.0)
     mn_ok = m_ok[:, None] & n_ok[None, :]
     nhwc = offs_m[:, None] * COUT + offs_n[None, :]  # (pixel, channel) offsets of an unshuffled (M, COUT) tensor

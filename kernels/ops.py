@@ -109,7 +109,7 @@ SM90_UP = os.environ.get("GDQ_SM90_UP", "1") != "0"
 # SASS F2I.U8.FLOOR / F2I.S8.FLOOR; signed codes after a max that takes NaN to the range's start as
 # the clamp does) instead of a floor, a clamp and a conversion (or SM90_CVT_ADD's clamp and
 # round-down add), with conv1's ReLU folded into its codes from 0: the same codes
-# (body_conv_sm90._requantize, _relu_kept). Compiled for sm_90 (Triton 3.9), conv1's SASS falls
+# (body_conv_sm90._requantize, conv3x3.relu_kept). Compiled for sm_90 (Triton 3.9), conv1's SASS falls
 # from 2,072 to 1,816 instructions (1,880 with SM90_CVT_ADD's floats by adds), conv2 + next codes
 # on the fp16 stream from 2,624 to 2,504; one conversion-pipe instruction per code instead of
 # three. Tenth H100 run: bit-exact but no faster than the conversions by adds (conv1 22.7 us against

@@ -53,7 +53,7 @@ def _cvt_rmi_sat(t: np.ndarray, unsigned: bool) -> np.ndarray:
 
 def sat_codes(y, inv_s, lo, hi, relu):
     """``ROUND_SAT`` as ``_requantize`` (``kernels/conv3x3.py``, ``body_conv_sm90.py``) computes it,
-    with the ReLU left out before codes from 0 (``_relu_kept``)."""
+    with the ReLU left out before codes from 0 (``conv3x3.relu_kept``)."""
     if relu and lo != 0:
         y = np.fmax(y, np.float32(0))
     t = _t(y, inv_s)
