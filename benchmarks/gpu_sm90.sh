@@ -5,8 +5,8 @@
 #                                        # reference), then kernels.py --sm90: both kernels on the
 #                                        # same inputs in one run, and its ring depth x programs per SM
 #     bash benchmarks/gpu_sm90.sh e2e    # the 1080p latency of static a8 + int8 tail (image graph)
-#                                        # with the twin as up to the ninth run and with today's
-#                                        # defaults, two processes each (RUNS: other switches)
+#                                        # with the tenth run's defaults and with today's, two
+#                                        # processes each (RUNS: other switches)
 #
 # No install: the package from the working tree (kernels/ linked where setup.py maps it; no C++
 # extension). e2e needs the calibration images: mkdir -p .gpu_data && cp -r ../shared/data/train
@@ -30,13 +30,16 @@ if [ "${1:-}" = e2e ]; then
     ROWS="fp16 CL;static a8 + int8 tail, image graph"
     # each run its own process; its first letter the body convs' kernel and switches: 0 the flat
     # kernel, 1 the first-built Gluon kernel, w its warp-specialized twin with none of what the tenth
-    # run turned on (the defaults up to the ninth run), c the twin with its conversions by adds (and
-    # the flat convs'), h the twin reading halo boxes, s the twin with the conversions by adds, the
-    # saturating codes and the upsampler's convs (the flat convs' too); n the defaults (the twin with
-    # halo boxes, the conversions by adds and the upsampler's convs), r the defaults with the fp16
-    # stream by TMA, t the defaults with the saturating codes
+    # and eleventh runs turned on (the defaults up to the ninth run), c the twin with its conversions
+    # by adds (and the flat convs'), h the twin reading halo boxes, s the twin with the conversions by
+    # adds, the saturating codes and the upsampler's convs (the flat convs' too); n the defaults (the
+    # twin with halo boxes, the conversions by adds, the upsampler's convs, the fp16 stream by TMA and
+    # the saturating codes but on the fp16 stream), p the tenth run's defaults (n without the last
+    # two), r the defaults with the fp16 stream by TMA (the eleventh run's: off then), t the defaults
+    # with the saturating codes on every conv, u with both
     off="GDQ_SM90_HALO=0 GDQ_SM90_CVT_ADD=0 GDQ_CVT_ADD=0 GDQ_SM90_CVT_SAT=0 GDQ_CVT_SAT=0 GDQ_SM90_UP=0"
-    for run in ${RUNS:-wa na wb nb}; do
+    off="$off GDQ_SM90_TMA_RES=0"
+    for run in ${RUNS:-pa na pb nb}; do
         case ${run:0:1} in
             0) vars="GDQ_SM90_BODY=0 $off" ;;
             1) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=0 $off" ;;
@@ -46,8 +49,10 @@ if [ "${1:-}" = e2e ]; then
             s) vars="GDQ_SM90_BODY=1 GDQ_SM90_WS=1 $off GDQ_SM90_CVT_ADD=1 GDQ_CVT_ADD=1 GDQ_SM90_CVT_SAT=1 GDQ_CVT_SAT=1"
                vars="$vars GDQ_SM90_UP=1" ;;
             n) vars="GDQ_SM90_BODY=1" ;;
+            p) vars="GDQ_SM90_BODY=1 GDQ_SM90_TMA_RES=0 GDQ_SM90_CVT_SAT=0" ;;
             r) vars="GDQ_SM90_BODY=1 GDQ_SM90_TMA_RES=1" ;;
             t) vars="GDQ_SM90_BODY=1 GDQ_SM90_CVT_SAT=1" ;;
+            u) vars="GDQ_SM90_BODY=1 GDQ_SM90_TMA_RES=1 GDQ_SM90_CVT_SAT=1" ;;
             *) echo "unknown run $run" | tee -a "$LOG"; continue ;;
         esac
         # shellcheck disable=SC2086  # vars: one word per assignment (env keeps the last of a name)

@@ -31,13 +31,16 @@ on the same inputs when the extension was built with CUDA (column ``cuda_us``).
 Every row runs the flat Triton kernel (``kernels/conv3x3.py``); ``--sm90`` times the Gluon body conv
 (``kernels/body_conv_sm90.py``, the engine's default for the body on sm_90) against it instead: conv1,
 conv2+next and conv2+next on the fp16 stream both ways, the Gluon one as the engine runs it
-(``... sm90 s4 p2 rows ws g1 f1 tma halo cvt``: ring stages, programs per SM, row-layout epilogue,
-the warp-specialized twin with its stages released one at a time, one tap's MMAs left in flight,
-conv1's codes stored by TMA, the input read as 3 halo boxes a tile, its ring counting boxes, the
-epilogue's conversions by adds; ``halo`` where the Triton's Gluon can build it), then each default
-undone (without ``halo cvt``: as up to the ninth run; without ``halo``: tap boxes, a ring of 6;
-without ``cvt``) and the knobs still off (``res``: the fp16 stream in and out by TMA, alone and with
-``sat``, its codes by one saturating conversion each; ``sat``; ``f2``: two taps' MMAs in flight).
+(``... sm90 s4 p2 rows ws g1 f1 tma res halo cvt sat``: ring stages, programs per SM, row-layout
+epilogue, the warp-specialized twin with its stages released one at a time, one tap's MMAs left in
+flight, conv1's codes stored by TMA, ``res``: the fp16 stream in and out by TMA (its rows only),
+the input read as 3 halo boxes a tile, its ring counting boxes, the epilogue's conversions by adds,
+``sat``: the 8-bit codes by one saturating conversion each (rows not writing an fp16 stream:
+``ops.sm90_cvt_sat_applies``); ``halo`` where the Triton's Gluon can build it); then conv1 and
+conv2+next on the fp16 stream at a4 and a2, one code per byte (``... bytes``), on the same
+defaults; then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
+``halo``: tap boxes, a ring of 6; without ``cvt``; without ``res``; ``sat`` the other way round)
+and two taps' MMAs in flight (``f2``, off).
 The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
 Gaussian layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
 ``ops.fp32_sums_by_add``; the shipped EDSR weights stay below it). The ninth run's other knobs
@@ -45,8 +48,8 @@ Gaussian layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22
 the first-built kernel) were slower, and are no longer rows.
 Last, the upsampler's shuffled rows (codes, then fp16) on the flat kernel, then on the Gluon conv's
 twin (``... sm90 ...``: 64 output channels a program, ``ops.SM90_UP``): on tap boxes with the
-conversions by adds, then on the defaults without the adds, with them (as the engine runs it) and
-with the saturating codes too.
+conversions by adds, then on the defaults without the adds, with them (the engine's fp16) and,
+for the codes, with the saturating codes too (the engine's codes).
 Floor = max(int8 ops / measured int8 peak, bytes / measured HBM bandwidth); the peaks are measured
 here (torch._int_mm 8192^3, a 1 GiB device copy). Medians of triton.testing.do_bench over
 CUDA-graph replays of launches rotating across buffers larger than L2 (``--timing eager`` times
@@ -88,18 +91,29 @@ def cvt_switches(variant: str) -> tuple[bool, bool]:
 
 
 
-def sm90_label(opts: dict) -> str:
+def sm90_label(opts: dict, res: bool, sat: bool) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
     stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its 8-bit codes
-    by one saturating conversion each)."""
+    by one saturating conversion each). ``res`` and ``sat``: whether the row's conv gets those two
+    (``opts`` asks for them; the conv writes an fp16 stream, codes)."""
     label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
-                  f"{' res' if opts['sm90_tma_res'] else ''}{' halo' if opts['sm90_halo'] else ''}"
-                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if opts['sm90_cvt_sat'] else ''}")
+                  f"{' res' if res else ''}{' halo' if opts['sm90_halo'] else ''}"
+                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}")
     return label
+
+
+def sm90_row_switches(opts: dict, kind: str, stream: torch.dtype) -> tuple[bool, bool]:
+    """(fp16 stream by TMA, saturating codes) as the Gluon conv's ``opts`` give them to a body conv
+    row: ``kind`` "conv1" (8-bit codes out) or a conv2 (its ``stream`` out, maybe with next codes)."""
+    from gdq_engine.kernels.ops import sm90_cvt_sat_applies
+
+    o_bits, out_dtype = (8, torch.uint8) if kind == "conv1" else (0, stream)
+    res = bool(opts["sm90_tma_res"]) and kind != "conv1" and stream == torch.float16
+    return res, sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype)
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:
@@ -268,7 +282,7 @@ def main(argv=None) -> int:
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
-        name = f"{name} sm90 {sm90_label(sm90)}" if sm90 else name
+        name = f"{name} sm90 {sm90_label(sm90, *sm90_row_switches(sm90, kind, stream))}" if sm90 else name
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -323,7 +337,7 @@ def main(argv=None) -> int:
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if adds else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
         name = f"upsampler shuffled {'codes' if codes else 'fp16'}"
-        name = f"{name} {cvt}".rstrip() if opts is None else f"{name} sm90 {sm90_label(opts)}"
+        name = f"{name} {cvt}".rstrip() if opts is None else f"{name} sm90 {sm90_label(opts, False, sat and codes)}"
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -394,25 +408,39 @@ def main(argv=None) -> int:
     runs += [lambda a=a, w=w, k=k: [conv_case(k, a, w)] for a in (8, 4, 2) for w in (8, 4, 2)
              for k in ("conv1", "conv2") if (a, w) != (8, 8)]
     if args.sm90:  # the Gluon body conv and the flat kernel, same inputs, same run; then its knobs
-        both = (("conv1", torch.float32), ("conv2+next", torch.float32), ("conv2+next", torch.float16))
-        default = tk.sm90_settings()  # as the engine runs it on sm_90: halo boxes, the conversions by adds
+        f32, f16 = torch.float32, torch.float16
+        both = (("conv1", f32), ("conv2+next", f32), ("conv2+next", f16))
+        # as the engine runs it on sm_90: halo boxes, the conversions by adds, the fp16 stream by TMA,
+        # the saturating codes where they were faster ("auto")
+        default = tk.sm90_settings()
         with tk.launch_options(sm90_halo=False):
             taps = tk.sm90_settings()  # tap boxes, at their own ring depth
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st), conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
-        # each of the defaults' switches undone (both: the defaults up to the ninth run; tap boxes; no
-        # adds), then the switches still off: the fp16 stream by TMA (its rows only), alone and with the
-        # saturating codes, the saturating codes, two taps' MMAs in flight
-        knobs = (dict(taps, sm90_cvt_add=False), taps, dict(default, sm90_cvt_add=False),
-                 dict(default, sm90_tma_res=True), dict(default, sm90_tma_res=True, sm90_cvt_sat=True),
-                 dict(default, sm90_cvt_sat=True), dict(default, sm90_in_flight=2))
+        # a4 and a2 codes one per byte (the engine's containers on GPUs) on the same defaults: the
+        # same kernel with narrower clamps, against the a8 rows above
+        runs += [lambda a=a: [conv_case(k, a, 8, one_per_byte=True, stream=st, sm90=default)
+                              for k, st in (("conv1", f32), ("conv2+next", f16))] for a in (4, 2)]
+        # each of the defaults' switches undone (all of them: the ninth run's settings; tap boxes; no
+        # adds; the fp16 stream by stores, its rows only; the saturating codes the other way round),
+        # then two taps' MMAs in flight (off)
+        ninth = dict(taps, sm90_cvt_add=False, sm90_tma_res=False, sm90_cvt_sat=False)
+        knobs = (ninth, taps, dict(default, sm90_cvt_add=False), dict(default, sm90_tma_res=False),
+                 dict(default, sm90_cvt_sat=True), dict(default, sm90_cvt_sat=False), dict(default, sm90_in_flight=2))
+
+        def effective(sp: dict, kind: str, stream: torch.dtype) -> tuple:
+            """What a row's conv gets of ``sp``: a knob that changes nothing for it is no row."""
+            return (sp["sm90_stages"], sp["sm90_halo"], sp["sm90_cvt_add"], sp["sm90_in_flight"],
+                    *sm90_row_switches(sp, kind, stream))
+
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
-                 if st == torch.float16 or not sp["sm90_tma_res"]]
+                 if effective(sp, k, st) != effective(default, k, st)]
         # the upsampler's shuffled convs, codes and fp16: the flat kernel, the twin (sm90_up) on tap
         # boxes with the conversions by adds (the tenth run's), then on the defaults without the adds,
-        # with them (the engine's), and with the saturating codes too
+        # with them (the engine's fp16), and with the saturating codes too (the engine's codes)
         runs += [lambda codes=codes: [upsampler_shuffled(codes), upsampler_shuffled(codes, "cvt", taps)]
-                 + [upsampler_shuffled(codes, cvt, default) for cvt in CVT_ROWS] for codes in (True, False)]
+                 + [upsampler_shuffled(codes, cvt, default) for cvt in (CVT_ROWS if codes else CVT_ROWS[:2])]
+                 for codes in (True, False)]
     rows = []
     for done, run in enumerate(runs, 1):
         rows.extend(run())

@@ -50,16 +50,18 @@ def parse_config(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool, bool]:
+def parse_sm90(text: str) -> tuple[int, int, bool, bool, bool, bool, bool | None]:
     """"STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]]" -> (ring stages, programs per SM, row-layout
     epilogue, warp-specialized, halo boxes: the stages then count boxes, the epilogue's conversions
-    by adds, the 8-bit codes by one saturating conversion each)."""
+    by adds, the 8-bit codes by one saturating conversion each: None, SAT not given, the engine's
+    default, ``ops.SM90_CVT_SAT``)."""
     parts = text.split(",")
     if len(parts) not in (3, 4, 5, 6, 7) or not all(q.strip().isdigit() for q in parts):
         raise argparse.ArgumentTypeError(f"expected STAGES,PER_SM,ROWS[,WS[,HALO[,CVT[,SAT]]]] (3 to 7 integers), "
                                          f"got {text!r}")
-    stages, per_sm, rows, ws, halo, cvt, sat = (int(q) for q in parts + ["0"] * (7 - len(parts)))
-    return stages, per_sm, bool(rows), bool(ws), bool(halo), bool(cvt), bool(sat)
+    stages, per_sm, rows, ws, halo, cvt = (int(q) for q in (parts + ["0"] * (6 - len(parts)))[:6])
+    sat = bool(int(parts[6])) if len(parts) == 7 else None
+    return stages, per_sm, bool(rows), bool(ws), bool(halo), bool(cvt), sat
 
 
 def main(argv=None) -> int:
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
                         "with these knobs (WS 1: its warp-specialized twin; HALO 1: the twin reading halo boxes; "
                         "CVT 1: its epilogue's conversions by adds, the 64-channel weights then drawn as a Gaussian "
                         "layer's codes, whose sums they cover; SAT 1: the 8-bit codes by one saturating conversion "
-                        "each), as conv1_sm90 and conv2_fp16_sm90")
+                        "each, 0 not; not given: the engine's default, on for conv1, off on the fp16 stream; the fp16 "
+                        "stream by TMA as the engine's default, ops.SM90_TMA_RES), as conv1_sm90 and conv2_fp16_sm90")
     p.add_argument("--smoke", action="store_true", help="one 8x8 patch on the CPU in Triton's interpreter")
     args = p.parse_args(argv)
     if args.reps < 1:
@@ -139,9 +142,10 @@ def main(argv=None) -> int:
             config = tk.flat_config(bm, bk, warps, stages)
             x = codes(*inputs[name])
         sm90 = dict(sm90=True, sm90_stages=args.sm90[0], sm90_per_sm=args.sm90[1], sm90_epi_rows=args.sm90[2],
-                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4], sm90_cvt_add=args.sm90[5],
-                    sm90_cvt_sat=args.sm90[6]) \
+                    sm90_ws=args.sm90[3], sm90_halo=args.sm90[4], sm90_cvt_add=args.sm90[5]) \
             if name.endswith("_sm90") else dict(sm90=False)
+        if name.endswith("_sm90") and args.sm90[6] is not None:
+            sm90["sm90_cvt_sat"] = args.sm90[6]
         with tk.launch_options(config=config, **sm90):
             launches[name](x)
 

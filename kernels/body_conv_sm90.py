@@ -22,6 +22,10 @@ lower-level language, states the schedule instead:
   producer warp issues the copies, the MMA warpgroup only waits on them, multiplies and stores;
   ``empty`` barriers hand the stages back. Its conv1 (8-bit codes, no residual) skips the row
   layout: the codes go from the MMA layout into one shared-memory box and out by a TMA store.
+  Its conv2 on an fp16 stream (``TMA_RES``; on by default since the eleventh H100 run:
+  ``ops.SM90_TMA_RES``) has the producer load the tile's residual box; the epilogue reads it in
+  the MMA layout, writes the new stream over it and the next codes into another box, and both
+  leave by TMA stores.
 
 Signed codes feed the MMA from shared memory as they landed. Unsigned 8-bit codes (0..255) are
 read into registers and flipped there (``^ 0x80``: code - 128, as the flat kernel does), with
@@ -41,8 +45,9 @@ layout (2 adjacent channels per thread) to rows of 8 channels per thread: 8-32 b
   clamp and one add rounding toward minus infinity (:func:`_requantize`), the floats, where the
   weights bound every sum below ``2**22``, from an integer add and an fp32 subtraction
   (:func:`_to_float`): the same bits by construction.
-* **8-bit codes by one saturating conversion** (``ROUND_SAT``, the twin only; off: no faster than the
-  conversions by adds on the tenth H100 run, ``ops.SM90_CVT_SAT``): each code by one
+* **8-bit codes by one saturating conversion** (``ROUND_SAT``, the twin only; by default since the
+  eleventh H100 run on every conv but those writing an fp16 stream, where it measured slower:
+  ``ops.SM90_CVT_SAT``, ``ops.sm90_cvt_sat_applies``): each code by one
   ``cvt.rmi.sat.u8.f32`` (conv1's, 0..255 after its ReLU, which folds into it) or ``max`` and
   ``cvt.rmi.sat.s8.f32`` (the next codes, signed) instead of a floor, two clamps and a conversion
   (:func:`_requantize`, ``conv3x3.relu_kept``): the same codes.

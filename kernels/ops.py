@@ -61,15 +61,16 @@ SM90_IN_FLIGHT = 1
 # The twin's conv2 on an fp16 stream with the residual and results through shared memory by TMA
 # (the producer loads the residual box; the epilogue reads it in the MMA layout, writes the new
 # stream over it and the next codes beside it, and stores both boxes by TMA). Tenth H100 run
-# (2026-11-27): its tests bit-exact, but each of their programs computed one tile, so none refilled
-# the residual box; with halo boxes and the adds 28.2 us against 30.9 (kernels.py --sm90, third
-# call), and 1080p static a8 + int8 tail, image graph 1.476 / 1.480 ms against 1.576 / 1.735. But
-# the second of those two processes' images differed from every other run's (PSNR 50.3878 dB
-# against 50.3850 in 11 processes): off until a GPU session runs
-# test_gluon_body_conv_persistent_programs_give_the_same_bits (several tiles a program) and the
-# e2e "r" runs again (their output digests). Its box hand-back reads sound in the PTX
-# (docs/kernels.md). GDQ_SM90_TMA_RES=1 turns it on (benchmarks/gpu_sm90.sh e2e's "r" runs).
-SM90_TMA_RES = os.environ.get("GDQ_SM90_TMA_RES", "0") == "1"
+# (2026-11-27): bit-exact, 28.2 us against 30.9 with halo boxes and the adds (kernels.py --sm90),
+# but one of two e2e processes computed other bits (PSNR 50.3878 dB against 50.3850 in 11
+# others). Eleventh run (same day, docs/kernels.md): test_gluon_body_conv_persistent_programs_give_the_same_bits
+# (several tiles a program, each refilling the residual box) passed, the 814 GPU tests of the Gluon
+# conv, the integer tail, the image graphs and the Triton kernels passed with it on, and 1080p
+# static a8 + int8 tail, image graph gave the same output digest in all 14 processes (8 with it, 6
+# without), repeat_equal in each; conv2 + next codes on the fp16 stream 28.3 us against 31.0 (75%
+# of its floor against 68.5%), twice. Its box hand-back reads sound in the PTX. On by default;
+# GDQ_SM90_TMA_RES=0 turns it off.
+SM90_TMA_RES = os.environ.get("GDQ_SM90_TMA_RES", "1") != "0"
 # The twin reading each tile's input as 3 halo boxes (one per column offset: the tile's 8 rows and
 # one above and below, 10 KB) instead of 9 tap boxes (8 KB each): 30 KB a tile through L2, TMA and
 # shared memory instead of 72, each box's 3 taps being views 0, 1 and 2 rows into it. conv1 moved
@@ -114,8 +115,14 @@ SM90_UP = os.environ.get("GDQ_SM90_UP", "1") != "0"
 # on the fp16 stream from 2,624 to 2,504; one conversion-pipe instruction per code instead of
 # three. Tenth H100 run: bit-exact but no faster than the conversions by adds (conv1 22.7 us against
 # 22.5, conv2 + next codes on the fp16 stream 32.9 against 32.3, the upsampler's codes 74.2 against
-# 73.8): the conversion pipe no longer bounds those epilogues. Off; GDQ_SM90_CVT_SAT=1 turns it on.
-SM90_CVT_SAT = os.environ.get("GDQ_SM90_CVT_SAT", "0") == "1"
+# 73.8): the conversion pipe no longer bounds those epilogues. Eleventh run, with halo boxes and the
+# adds, three processes (kernels.py --sm90, runs 10-11): faster in each on the convs that write no
+# fp16 stream (conv1 18.0-18.1 us against 18.3-18.6, 71-73% of its floor against 69-72%; conv2 +
+# next codes on the fp32 stream 47.5-47.7 against 50.8-50.9; the x4 upsampler's codes 65.0-66.6
+# against 65.2-67.2, faster in two), slower on the fp16 stream (conv2 + next codes 29.0 against
+# 28.2-28.3 with the stream by TMA). So "auto" (the default): on for every conv but those writing
+# an fp16 stream (sm90_cvt_sat_applies). GDQ_SM90_CVT_SAT=1: on for all; 0: off.
+SM90_CVT_SAT: bool | str = {"1": True, "0": False}.get(os.environ.get("GDQ_SM90_CVT_SAT", "auto"), "auto")
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Tenth H100 run: bit-exact; the shuffled upsampler's
@@ -268,7 +275,7 @@ class LaunchOptions:
     sm90_halo: bool | None = None
     sm90_cvt_add: bool | None = None
     sm90_up: bool | None = None
-    sm90_cvt_sat: bool | None = None
+    sm90_cvt_sat: bool | str | None = None
 
 
 _options = LaunchOptions()
@@ -285,7 +292,7 @@ def launch_options(**changes):
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
     ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
     64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's 8-bit codes by one
-    saturating conversion each) instead of the defaults."""
+    saturating conversion each; "auto": :func:`sm90_cvt_sat_applies`) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -626,6 +633,19 @@ def sm90_body_applies(out: torch.Tensor, a_bits: int, cin: int, cout: int, shuff
             and (shuffle == 1 or cout == 64 * shuffle * shuffle))
 
 
+def sm90_cvt_sat_applies(setting: bool | str, o_bits: int, out_dtype: torch.dtype) -> bool:
+    """Whether the twin writes its 8-bit codes by one saturating conversion each (``ROUND_SAT``) in
+    a conv that writes ``o_bits``-bit codes (0: floats of ``out_dtype``, maybe with next codes):
+    ``setting`` (``sm90_settings()["sm90_cvt_sat"]``) True or False as it says; "auto" on every conv
+    but those writing an fp16 stream, where the eleventh H100 run measured it slower
+    (``SM90_CVT_SAT``)."""
+    if isinstance(setting, str):
+        if setting != "auto":
+            raise ValueError(f"sm90_cvt_sat is True, False or 'auto', got {setting!r}")
+        return not (o_bits == 0 and out_dtype == torch.float16)
+    return bool(setting)
+
+
 def sm90_settings() -> dict:
     """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
     fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
@@ -669,8 +689,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     codes; ``SM90_PER_SM`` persistent programs per SM (fewer when there are fewer tiles);
     ``sm90_cvt_add``: the twin's epilogue with its codes by adds, and its floats too where
     ``sums_by_add`` (:func:`fp32_sums_by_add`); ``sm90_cvt_sat``: its 8-bit codes by one saturating
-    conversion each. More than 64 output channels (the twin only): one group of 64 a program,
-    ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
+    conversion each (:func:`sm90_cvt_sat_applies`). More than 64 output channels (the twin only):
+    one group of 64 a program, ``SM90_PER_SM`` programs per SM in all, stored ``shuffle``d. Raises
     ValueError for a twin's ring that its release groups do not divide, MMAs in flight it cannot
     hold, halo boxes this Triton's Gluon cannot view, or more than 64 output channels on the
     first-built kernel."""
@@ -740,7 +760,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         kernel, descs = _body_conv_sm90_ws_kernel, (x_desc, x2_desc, w_desc, out_desc, res_desc, next_desc)
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
-                     ROUND_SAT=opts["sm90_cvt_sat"],
+                     ROUND_SAT=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out.dtype),
                      LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
         if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
             extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)

@@ -522,12 +522,14 @@ def test_gluon_body_conv_applies_only_where_it_can():
 
 @pytest.mark.skipif(any(k.startswith(("GDQ_SM90", "GDQ_CVT_")) for k in os.environ),
                     reason="a GDQ_SM90_* / GDQ_CVT_* variable overrides a default")
-def test_gluon_body_conv_defaults_are_the_tenth_runs():
-    """The switches' defaults as the tenth H100 run set them (kernels/ops.py, docs/kernels.md): halo
-    boxes, the conversions by adds and the upsampler on the twin on; the fp16 stream by TMA, the
-    saturating codes, two taps in flight and the flat kernel's conversions off."""
-    assert tk.SM90_BODY and tk.SM90_WS and tk.SM90_HALO and tk.SM90_CVT_ADD and tk.SM90_UP
-    assert not (tk.SM90_TMA_RES or tk.SM90_CVT_SAT or tk.CVT_ADD or tk.CVT_SAT)
+def test_gluon_body_conv_defaults_are_the_eleventh_runs():
+    """The switches' defaults as the tenth and eleventh H100 runs set them (kernels/ops.py,
+    docs/kernels.md): halo boxes, the conversions by adds, the upsampler on the twin and the fp16
+    stream by TMA on; the saturating codes on every conv but those writing an fp16 stream ("auto");
+    two taps in flight and the flat kernel's conversions off."""
+    assert tk.SM90_BODY and tk.SM90_WS and tk.SM90_HALO and tk.SM90_CVT_ADD and tk.SM90_UP and tk.SM90_TMA_RES
+    assert tk.SM90_CVT_SAT == "auto"
+    assert not (tk.CVT_ADD or tk.CVT_SAT)
     assert (tk.SM90_IN_FLIGHT, tk.SM90_WS_GROUP, tk.SM90_PER_SM, tk.SM90_HALO_STAGES) == (1, 1, 2, 4)
 
 
@@ -541,10 +543,10 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                               sm90_up=not tk.SM90_UP, sm90_cvt_sat=not tk.SM90_CVT_SAT):
+                               sm90_up=not tk.SM90_UP, sm90_cvt_sat=False):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
                                               sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                                              sm90_up=not tk.SM90_UP, sm90_cvt_sat=not tk.SM90_CVT_SAT)
+                                              sm90_up=not tk.SM90_UP, sm90_cvt_sat=False)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
     # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
     with tk.launch_options(sm90_ws=True, sm90_halo=True):
@@ -650,6 +652,20 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
         (True, True, False), (True, False, False), (False, False, True)]
     assert launches[3][0] is bc._body_conv_sm90_kernel.kernel
     assert "ROUND_ADD" not in launches[3][3] and "ROUND_SAT" not in launches[3][3]
+    # the saturating codes' "auto" (ops.SM90_CVT_SAT's default): every conv but those writing an fp16
+    # stream; True and False as they say
+    launches.clear()
+    stream32 = stream.float()
+    conv2_fp32 = (stream32, *conv2[1:6], stream32, *conv2[7:])
+    for sat in ("auto", True, False):
+        with tk.launch_options(sm90_ws=True, sm90_cvt_sat=sat):
+            for conv in (conv1, conv2, conv2_fp32):
+                tk._sm90_body_into(*conv, None)
+    assert [meta["ROUND_SAT"] for _, _, _, meta in launches] == [True, False, True] + [True] * 3 + [False] * 3
+    with tk.launch_options(sm90_ws=True, sm90_cvt_sat="yes"):
+        with pytest.raises(ValueError, match="True, False or 'auto'"):
+            tk._sm90_body_into(*conv1, None)
+    launches.clear()
     assert not any("OUT_GROUPS" in meta for _, _, _, meta in launches)  # 64 channels: the kernel's defaults
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)

@@ -239,9 +239,10 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/kernels.py itself")
 def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
-    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's pairs, each default undone, the
-    knobs still off, and the upsampler's rows (in the interpreter they run the flat kernel: the
-    Gluon kernel needs an sm_90 GPU), named as with Triton 3.6, whose Gluon builds halo boxes."""
+    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's pairs, its a4 / a2 rows, each
+    default undone where it changes the row's conv, and the upsampler's rows (in the interpreter they
+    run the flat kernel: the Gluon kernel needs an sm_90 GPU), named as with Triton 3.6, whose Gluon
+    builds halo boxes."""
     pytest.importorskip("triton")
     from gdq_engine.kernels import body_conv_sm90
 
@@ -250,19 +251,27 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(body_conv_sm90, "HALO_VIEWS", True)
     assert kernels.main(["--smoke", "--sm90", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("kernels-sm90-*.json")
-    names = [r["conv"] for r in json.loads(path.read_text())["rows"]]
-    cases = ["conv1", "conv2+next", "conv2+next float16 stream"]
-    default = "s4 p2 rows ws g1 f1 tma halo cvt"
-    want = [n for c in cases for n in (c, f"{c} sm90 {default}")]
-    knobs = ("s6 p2 rows ws g1 f1 tma", "s6 p2 rows ws g1 f1 tma cvt", "s4 p2 rows ws g1 f1 tma halo",
-             "s4 p2 rows ws g1 f1 tma res halo cvt", "s4 p2 rows ws g1 f1 tma res halo cvt sat",
-             "s4 p2 rows ws g1 f1 tma halo cvt sat", "s4 p2 rows ws g1 f2 tma halo cvt")
-    want += [f"{c} sm90 {k}" for c in cases for k in knobs if "res" not in k or "float16" in c]
-    for out in ("codes", "fp16"):
+    rows = json.loads(path.read_text())["rows"]
+    names = [r["conv"] for r in rows]
+    s4, s6 = "s4 p2 rows ws g1", "s6 p2 rows ws g1"
+    codes = {"conv1": f"{s4} f1 tma halo cvt sat", "conv2+next": f"{s4} f1 tma halo cvt sat"}
+    want = [n for c, d in codes.items() for n in (c, f"{c} sm90 {d}")]
+    stream = f"{s4} f1 tma res halo cvt"  # the fp16 stream by TMA, no saturating codes ("auto")
+    want += ["conv2+next float16 stream", f"conv2+next float16 stream sm90 {stream}"]
+    want += [n for _ in (4, 2) for n in (f"conv1 bytes sm90 {codes['conv1']}",
+                                         f"conv2+next bytes float16 stream sm90 {stream}")]
+    for c in codes:
+        want += [f"{c} sm90 {k}" for k in (f"{s6} f1 tma", f"{s6} f1 tma cvt sat", f"{s4} f1 tma halo sat",
+                                           f"{s4} f1 tma halo cvt", f"{s4} f2 tma halo cvt sat")]
+    want += [f"conv2+next float16 stream sm90 {k}" for k in (
+        f"{s6} f1 tma", f"{s6} f1 tma res cvt", f"{s4} f1 tma res halo", f"{s4} f1 tma halo cvt",
+        f"{s4} f1 tma res halo cvt sat", f"{s4} f2 tma res halo cvt")]
+    for out, cvts in (("codes", ("", " cvt", " cvt sat")), ("fp16", ("", " cvt"))):
         up = f"upsampler shuffled {out}"
-        want += [up, f"{up} sm90 s6 p2 rows ws g1 f1 tma cvt"]
-        want += [f"{up} sm90 s4 p2 rows ws g1 f1 tma halo{cvt}" for cvt in ("", " cvt", " cvt sat")]
+        want += [up, f"{up} sm90 {s6} f1 tma cvt"]
+        want += [f"{up} sm90 {s4} f1 tma halo{cvt}" for cvt in cvts]
     assert names == want
+    assert [r["a_bits"] for r in rows[6:10]] == [4, 4, 2, 2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/ncu_convs.py under ncu")
@@ -274,11 +283,12 @@ def test_ncu_driver_smoke_launches_each_conv(capsys):
     assert ncu_convs.main(["--smoke", "--reps", "2"]) == 0
     assert "launched conv1, conv2, upsampler, last_conv, conv2_fp16" in capsys.readouterr().out
     assert ncu_convs.parse_config("64,32,8,3") == (64, 32, 8, 3)
-    assert ncu_convs.parse_sm90("6,2,1") == (6, 2, True, False, False, False, False)
-    assert ncu_convs.parse_sm90("8,1,0,1") == (8, 1, False, True, False, False, False)
-    assert ncu_convs.parse_sm90("4,2,1,1,1") == (4, 2, True, True, True, False, False)
-    assert ncu_convs.parse_sm90("6,2,1,1,0,1") == (6, 2, True, True, False, True, False)
+    assert ncu_convs.parse_sm90("6,2,1") == (6, 2, True, False, False, False, None)
+    assert ncu_convs.parse_sm90("8,1,0,1") == (8, 1, False, True, False, False, None)
+    assert ncu_convs.parse_sm90("4,2,1,1,1") == (4, 2, True, True, True, False, None)
+    assert ncu_convs.parse_sm90("6,2,1,1,0,1") == (6, 2, True, True, False, True, None)
     assert ncu_convs.parse_sm90("6,2,1,1,0,1,1") == (6, 2, True, True, False, True, True)
+    assert ncu_convs.parse_sm90("6,2,1,1,0,1,0") == (6, 2, True, True, False, True, False)
     assert ncu_convs.main(["--smoke", "--sm90", "4,2,0"]) == 0
     assert "conv2_fp16, conv1_sm90, conv2_fp16_sm90" in capsys.readouterr().out
     assert ncu_convs.main(["--smoke", "--sm90", "6,2,1,1,0,1,1"]) == 0  # the Gaussian layer's weights
