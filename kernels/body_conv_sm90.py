@@ -799,6 +799,29 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 fmnmx=counts.get("fmnmx"))
 
 
+def default_jobs() -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of :func:`compile_report` for each of :data:`VARIANTS` (and, where the
+    twin computes them, :data:`UP_VARIANTS`) as the engine launches it now (``ops.sm90_settings()``,
+    so the ``GDQ_SM90_*`` variables count): its ring depth, the twin and its switches, the
+    saturating codes where ``ops.sm90_cvt_sat_applies`` says."""
+    import torch
+
+    from .ops import sm90_cvt_sat_applies, sm90_settings
+
+    opts = sm90_settings()
+    dtypes = {"u8": torch.uint8, "fp16": torch.float16, "fp32": torch.float32}
+    variants = VARIANTS + (UP_VARIANTS if opts["sm90_up"] and opts["sm90_ws"] else [])
+    jobs = []
+    for v in variants:
+        kw = dict(epi_rows=opts["sm90_epi_rows"], ws=opts["sm90_ws"])
+        if opts["sm90_ws"]:
+            kw.update(group=opts["sm90_group"], tma_out=opts["sm90_tma_out"], tma_res=opts["sm90_tma_res"],
+                      in_flight=opts["sm90_in_flight"], halo=opts["sm90_halo"], cvt_add=opts["sm90_cvt_add"],
+                      cvt_sat=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], v[5], dtypes[v[10]]))
+        jobs.append(((v, opts["sm90_stages"]), kw))
+    return jobs
+
+
 def _compile_job(job: tuple[tuple, dict]) -> dict:
     """:func:`compile_report` of one ``(args, kwargs)`` job (a worker process's task)."""
     return compile_report(*job[0], **job[1])
@@ -806,9 +829,10 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--jobs N]``: compile every variant for sm_90 and print one
-    row each (or a JSON list), in ``N`` worker processes (default: one per CPU; the same reports in
-    the same order either way)."""
+    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--defaults] [--jobs N]``: compile every
+    variant for sm_90 and print one row each (or a JSON list), in ``N`` worker processes (default:
+    one per CPU; the same reports in the same order either way). ``--defaults``: only each variant
+    as the engine launches it (:func:`default_jobs`)."""
     import argparse
     import json
     import multiprocessing
@@ -835,8 +859,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up", action="store_true",
                     help="also the twin computing the upsampler's pixel-shuffled 64 -> 256 convs (UP_VARIANTS), and "
                          "with --cvt-add their conversions by adds")
+    ap.add_argument("--defaults", action="store_true",
+                    help="only each variant (the upsampler's too) as the engine launches it: ops.sm90_settings() "
+                         "(with its environment variables), the saturating codes where ops.sm90_cvt_sat_applies")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
+    if args.defaults and (args.ws or args.tma_res or args.in_flight == 2 or args.halo or args.cvt_add or args.cvt_sat
+                          or args.up or args.stages != [6]):
+        ap.error("--defaults takes the engine's settings: no other variant flags")
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
                  "_reinterpret); this Triton's refuses")
@@ -864,6 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tma_res:
             jobs += [((v, s), dict(ws=True, tma_res=True, cvt_add=True, cvt_sat=True)) for s in args.stages
                      for v in fp16]
+    if args.defaults:
+        jobs = default_jobs()
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=spawn) as pool:

@@ -23,7 +23,7 @@ from gdq_engine.quant.packing import pack_codes
 from gdq_engine.quant.quantizer import ActQuant
 
 tk = pytest.importorskip("gdq_engine.kernels.ops", reason="triton is a test dependency", exc_type=ImportError)
-from gdq_engine.kernels.body_conv_sm90 import HALO_VIEWS  # noqa: E402  (after the triton check)
+from gdq_engine.kernels.body_conv_sm90 import HALO_VIEWS, UP_VARIANTS, VARIANTS  # noqa: E402  (after the triton check)
 
 _NO_VIEWS = "the halo's tap views need Triton 3.6's Gluon (a view past its source's extent); this Triton refuses them"
 
@@ -780,6 +780,31 @@ def test_gluon_body_conv_compiles_for_sm90_with_async_int8_wgmma():
         assert r["register_hazards"] == 0, r  # no write into an in-flight wgmma's A registers
         # unsigned codes reach the MMA through registers, loaded while the previous tap's MMA runs
         assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
+
+
+@pytest.mark.skipif(any(k.startswith("GDQ_SM90") for k in os.environ),
+                    reason="a GDQ_SM90_* variable overrides a default")
+def test_gluon_body_conv_compiles_each_variant_as_the_engine_launches_it():
+    """``--defaults``: each variant as ``ops.sm90_settings()`` launches it (the twin; halo boxes where
+    this Triton builds them; the conversions by adds; the fp16 stream by TMA; the saturating codes on
+    every conv but the fp16 stream's), compiled for sm_90: 128 registers, no local memory but the
+    fp32 stream's 16-byte frame, two programs to an SM, each TMA store's read waited for by every
+    thread before its box is reused, one saturating conversion per code where they apply."""
+    reports = _compile_reports("--defaults")
+    assert [r["name"] for r in reports] == [v[0] for v in VARIANTS + UP_VARIANTS]
+    for r in reports:
+        assert r["ws"] and r["halo"] == HALO_VIEWS and r["cvt_add"] and r["in_flight"] == 1, r
+        assert r["stages"] == (tk.SM90_HALO_STAGES if HALO_VIEWS else tk.SM90_STAGES), r
+        assert r["tma_res"] == (r["name"] == "conv2+next fp16 stream"), r
+        assert r["cvt_sat"] == (r["name"] not in ("conv2+next fp16 stream", "up shuffled fp16")), r
+        codes = r["name"].startswith("conv1") or "next" in r["name"] or r["name"].endswith("codes")
+        assert r["sat_cvts"] == 64 * (codes and r["cvt_sat"]) and r["round_adds"] == 64 * (codes and not r["cvt_sat"])
+        assert r["warps"] == 8 and r["registers"] <= 128 and r["wgmma"] == 36 and r["fma_f32"] == 0, r
+        assert r["local_bytes"] <= (16 if r["name"] == "conv2+next" else 0), r
+        assert r["shared_bytes"] <= 232448 // 2 and r["register_hazards"] == 0, r
+        assert r["store_waits"] == r["store_waits_synced"] == (2 if r["tma_stores"] else 0), r
+    done = _compile_cli("--defaults", "--halo")
+    assert done.returncode != 0 and "--defaults takes the engine's settings" in done.stderr
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")
