@@ -133,12 +133,14 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, grou
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
-@pytest.mark.parametrize("case", ["next", "no next", "scaled", "not in place"])
+@pytest.mark.parametrize("case", ["next", "no next", "scaled", "not in place", "a4 next", "a2 next"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, signed):
-    """The twin's conv2 with its fp16 residual in and results out by TMA (``sm90_tma_res``): the
-    stream (in place or into another buffer) and the next codes equal the reference's, with
-    ``res_scale`` too, on shapes whose tiles overhang the image."""
+    """The twin's conv2 with its fp16 residual in and results out by TMA (``sm90_tma_res``, the
+    default since the eleventh H100 run): the stream (in place or into another buffer) and the next
+    codes equal the reference's, with ``res_scale`` too, with 4- and 2-bit next codes one per byte
+    (static a4 / a2 and Granular-DQ's narrow groups on GPUs), on shapes whose tiles overhang the
+    image."""
     g = gen()
     n, h, w = shape
     x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
@@ -146,7 +148,9 @@ def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, sig
     scale = 0.1 if case == "scaled" else 1.0
     stream = res.cuda()
     out = stream if case != "not in place" else torch.full_like(stream, float("nan"))
-    nq = ActQuant(8, True, 0.05) if case != "no next" else None
+    # the narrow codes' steps put a quarter to a half of them at a bound (the stream's spread is ~100)
+    nq = {"no next": None, "a4 next": ActQuant(4, True, 20.0, container=8),
+          "a2 next": ActQuant(2, True, 100.0, container=8)}.get(case, ActQuant(8, True, 0.05))
     nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
     with tk.launch_options(sm90=True, sm90_ws=True, sm90_tma_res=True):
         tk.packed_conv3x3(x, 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), residual=stream,
@@ -156,7 +160,9 @@ def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, sig
     if case == "not in place":
         assert torch.equal(stream.cpu(), res)
     if nq is not None:
-        assert torch.equal(nxt.cpu(), ref.quantize_pack(want.float(), nq))
+        want_next = ref.quantize_pack(want.float(), nq)
+        assert torch.equal(nxt.cpu(), want_next)
+        assert want_next.unique().numel() >= 4  # codes across the range, not all at a bound
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
