@@ -83,7 +83,9 @@ elif [ "${1:-}" = 2 ]; then
     step tests_defaults 240 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         ${PYTEST_N:+-n $PYTEST_N} tests/test_body_conv_sm90.py tests/test_inttail.py tests/test_imagegraph.py \
         tests/test_triton_kernels.py -k "not compiles"
-    step kernels_sm90 330 python benchmarks/kernels.py --sm90 --out "$OUT"
+    # kernels.py --sm90, then issue 4's targets on its rows (benchmarks/targets.py: the engine's rows)
+    step kernels_sm90 330 sh -c 'python benchmarks/kernels.py --sm90 --out "$1" &&
+        python benchmarks/targets.py "$1"/kernels-sm90-*.json' _ "$OUT"
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"
@@ -110,8 +112,9 @@ elif [ "${1:-}" = 2 ]; then
 else
     step tests 170 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -q -x -p no:cacheprovider -rf --tb=short \
         tests/test_body_conv_sm90.py -k "not compiles"
-    step kernels_sm90 250 python benchmarks/kernels.py --sm90 --out "$OUT"
+    step kernels_sm90 250 sh -c 'python benchmarks/kernels.py --sm90 --out "$1" &&
+        python benchmarks/targets.py "$1"/kernels-sm90-*.json' _ "$OUT"
 fi
 rm -f gdq_engine/kernels
 echo "=== done $(date -u)" | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv" "$LOG" | grep -v " PASSED" | tail -n 60
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv|^issue 4" "$LOG" | grep -v " PASSED" | tail -n 60

@@ -272,6 +272,42 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
         want += [f"{up} sm90 {s4} f1 tma halo{cvt}" for cvt in cvts]
     assert names == want
     assert [r["a_bits"] for r in rows[6:10]] == [4, 4, 2, 2]
+    # the rows benchmarks/targets.py checks: the engine's convs (not the fp32 stream's, which the
+    # engine's body does not keep on GPUs), a8, a4 and a2; the upsampler's with its switches
+    engine = [r["conv"] for r in rows if r.get("engine")]
+    assert engine == [f"conv1 sm90 {codes['conv1']}", f"conv2+next float16 stream sm90 {stream}", *names[6:10],
+                      f"upsampler shuffled codes sm90 {s4} f1 tma halo cvt sat",
+                      f"upsampler shuffled fp16 sm90 {s4} f1 tma halo cvt"]
+    import targets
+
+    lines, _ = targets.check(rows, 0.02)  # CPU times: the verdict means nothing; every engine row gets a line
+    assert len(lines) == len(engine) and all(line.endswith(("met", "MISSED")) for line in lines)
+
+
+def test_kernel_targets_verdict(tmp_path, capsys):
+    """benchmarks/targets.py: a8 engine rows against 1.6x and 70%, a4 / a2 rows against their a8 row
+    of the same conv (within the tolerance); rows without "engine" do not count; no engine rows: 2."""
+    import targets
+
+    def row(conv, bits, us, speedup=2.0, pct=75.0, engine=True):
+        return {"conv": conv, "a_bits": bits, "us": us, "speedup_vs_fp16": speedup, "pct_of_floor": pct,
+                "engine": engine}
+
+    good = [row("conv1 sm90 x", 8, 18.0), row("conv1 bytes sm90 x", 4, 18.3), row("conv1 bytes sm90 x", 2, 17.9),
+            row("conv2+next sm90 x", 8, 47.5, speedup=1.3, engine=False)]
+    assert targets.check(good, 0.02)[1]
+    assert not targets.check(good, 0.01)[1]  # 18.3 / 18.0 is 1.7% slower
+    for bad in (row("conv1 sm90 y", 8, 18.0, speedup=1.5), row("conv1 sm90 y", 8, 18.0, pct=69.9),
+                row("conv9 bytes sm90 x", 4, 10.0)):  # no a8 row of its kind
+        lines, ok = targets.check(good + [bad], 0.02)
+        assert not ok and lines[-1].endswith("MISSED")
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"rows": good, "environment": {"gpu": "test GPU"}}))
+    assert targets.main([str(path)]) == 0 and "all met (test GPU" in capsys.readouterr().out
+    path.write_text(json.dumps({"rows": good[:1] + [row("conv1 bytes sm90 x", 4, 19.0)]}))
+    assert targets.main([str(path)]) == 1 and "NOT all met" in capsys.readouterr().out
+    path.write_text(json.dumps({"rows": [dict(r, engine=False) for r in good]}))
+    assert targets.main([str(path)]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/ncu_convs.py under ncu")
