@@ -658,6 +658,7 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
         (True, True, False), (True, False, False), (False, False, True)]
     assert launches[3][0] is bc._body_conv_sm90_kernel.kernel
     assert "ROUND_ADD" not in launches[3][3] and "ROUND_SAT" not in launches[3][3]
+    assert not any("OUT_GROUPS" in meta for _, _, _, meta in launches)  # 64 channels: the kernel's defaults
     # the saturating codes' "auto" (ops.SM90_CVT_SAT's default): every conv but those writing an fp16
     # stream; True and False as they say
     launches.clear()
@@ -671,8 +672,6 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     with tk.launch_options(sm90_ws=True, sm90_cvt_sat="yes"):
         with pytest.raises(ValueError, match="True, False or 'auto'"):
             tk._sm90_body_into(*conv1, None)
-    launches.clear()
-    assert not any("OUT_GROUPS" in meta for _, _, _, meta in launches)  # 64 channels: the kernel's defaults
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
     launches.clear()
