@@ -111,11 +111,11 @@ def sm90_label(opts: dict, res: bool, sat: bool) -> str:
 def sm90_row_switches(opts: dict, kind: str, stream: torch.dtype) -> tuple[bool, bool]:
     """(fp16 stream by TMA, saturating codes) as the Gluon conv's ``opts`` give them to a body conv
     row: ``kind`` "conv1" (8-bit codes out) or a conv2 (its ``stream`` out, maybe with next codes)."""
-    from gdq_engine.kernels.ops import sm90_cvt_sat_applies
+    from gdq_engine.kernels.ops import sm90_cvt_sat_applies, sm90_tma_res_applies
 
-    o_bits, out_dtype = (8, torch.uint8) if kind == "conv1" else (0, stream)
-    res = bool(opts["sm90_tma_res"]) and kind != "conv1" and stream == torch.float16
-    return res, sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype)
+    o_bits, residual, out_dtype = (8, None, torch.uint8) if kind == "conv1" else (0, stream, stream)
+    return (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, residual, out_dtype),
+            sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype))
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:

@@ -646,6 +646,16 @@ def sm90_cvt_sat_applies(setting: bool | str, o_bits: int, out_dtype: torch.dtyp
     return bool(setting)
 
 
+def sm90_tma_res_applies(setting: bool, o_bits: int, residual_dtype: torch.dtype | None, out_dtype: torch.dtype,
+                         groups: int = 1) -> bool:
+    """Whether the twin moves a conv's stream in and out by TMA (``TMA_RES``), ``setting``
+    (``sm90_settings()["sm90_tma_res"]``) permitting: a conv2 writing floats (``o_bits`` 0) over an
+    fp16 residual (``residual_dtype``; None: no residual) into fp16, in one group of 64 output
+    channels. The launch also needs its tensors' boxes aligned for TMA."""
+    return (bool(setting) and o_bits == 0 and groups == 1
+            and residual_dtype == out_dtype == torch.float16)
+
+
 def sm90_settings() -> dict:
     """The Gluon body conv's settings a launch gets now, as :class:`LaunchOptions`' ``sm90_*``
     fields (``sm90`` aside): each the enclosing :func:`launch_options`' value, else the module's
@@ -743,8 +753,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
             raise ValueError(f"halo boxes (sm90_halo) need a Gluon that views shared memory past a view's extent "
                              f"(Triton 3.6's _reinterpret); Triton {triton.__version__}'s refuses")
         tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and groups == 1 and _tma_box_ok(out)
-        tma_res = (opts["sm90_tma_res"] and o_bits == 0 and residual is not None and groups == 1
-                   and residual.dtype == out.dtype == torch.float16
+        tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
+                                        out.dtype, groups)
                    and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
         box16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
         out_desc = res_desc = next_desc = x_desc  # not read unless TMA_OUT / TMA_RES
