@@ -282,6 +282,9 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
 
     lines, _ = targets.check(rows, 0.02)  # CPU times: the verdict means nothing; every engine row gets a line
     assert len(lines) == len(engine) and all(line.endswith(("met", "MISSED")) for line in lines)
+    # each a4 / a2 row finds the a8 row it is held against (a renamed row would leave it without one)
+    assert not any("no a8 row" in line for line in lines)
+    assert sum("x the a8 row's time" in line for line in lines) == 4
 
 
 def test_kernel_targets_verdict(tmp_path, capsys):
