@@ -8,7 +8,7 @@ between the eleventh H100 run's two processes, ``kernels-sm90-...-run11-{second,
 
 Prints one line per engine row and a verdict; exits 0 when every target holds, 1 when one does
 not, 2 when the file has no engine rows (JSONs written before the field; older runs' rows can be
-read by hand: README "Speed").
+read by hand: README "Speed", docs/speed-history.md).
 """
 
 from __future__ import annotations
