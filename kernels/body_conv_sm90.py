@@ -638,6 +638,24 @@ UP_VARIANTS = [
 ]
 
 
+def tma_out_applies(setting: bool, o_bits: int, has_res: bool, groups: int = 1) -> bool:
+    """Whether the twin stores a conv's codes by TMA (``TMA_OUT``), ``setting`` permitting: 8-bit
+    codes (``o_bits``), no residual, one group of 64 output channels. The one rule for
+    :func:`compile_report` and the launcher (``ops._sm90_body_into``, which also needs the output's
+    boxes aligned for TMA)."""
+    return bool(setting) and o_bits == 8 and not has_res and groups == 1
+
+
+def tma_res_applies(setting: bool, o_bits: int, res: str | None, out: str | None, groups: int = 1) -> bool:
+    """Whether the twin moves a conv's stream in and out by TMA (``TMA_RES``), ``setting``
+    permitting: a conv2 writing floats (``o_bits`` 0) over an fp16 residual into fp16, in one group
+    of 64 output channels. ``res`` / ``out``: the residual's and the output's dtypes as the variants
+    name them ("fp16", "fp32", "u8"; ``res`` None: no residual). The one rule for
+    :func:`compile_report` and ``ops.sm90_tma_res_applies`` (torch dtypes; the launcher also needs
+    the tensors' boxes aligned for TMA)."""
+    return bool(setting) and o_bits == 0 and groups == 1 and res == out == "fp16"
+
+
 def _sass_lines(sass: str) -> list[list[str]]:
     """The instructions of ``cuobjdump -sass`` output, each as its tokens (opcode first, predicate
     dropped, commas stripped)."""
@@ -751,8 +769,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
                       OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat,
-                      TMA_OUT=tma_out and o_bits == 8 and not has_res and shuffle == 1,
-                      TMA_RES=tma_res and has_res and o_bits == 0 and out == res == "fp16")
+                      TMA_OUT=tma_out_applies(tma_out, o_bits, has_res, shuffle * shuffle),
+                      TMA_RES=tma_res_applies(tma_res, o_bits, res if has_res else None, out, shuffle * shuffle))
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
@@ -804,12 +822,10 @@ def default_jobs() -> list[tuple[tuple, dict]]:
     twin computes them, :data:`UP_VARIANTS`) as the engine launches it now (``ops.sm90_settings()``,
     so the ``GDQ_SM90_*`` variables count): its ring depth, the twin and its switches, the
     saturating codes where ``ops.sm90_cvt_sat_applies`` says."""
-    import torch
-
-    from .ops import sm90_cvt_sat_applies, sm90_settings
+    from .ops import SM90_DTYPE_NAMES, sm90_cvt_sat_applies, sm90_settings
 
     opts = sm90_settings()
-    dtypes = {"u8": torch.uint8, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = {name: dtype for dtype, name in SM90_DTYPE_NAMES.items()}
     variants = VARIANTS + (UP_VARIANTS if opts["sm90_up"] and opts["sm90_ws"] else [])
     jobs = []
     for v in variants:

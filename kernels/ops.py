@@ -646,14 +646,21 @@ def sm90_cvt_sat_applies(setting: bool | str, o_bits: int, out_dtype: torch.dtyp
     return bool(setting)
 
 
+# The dtypes as body_conv_sm90's variants (and its torch-free compile report) name them.
+SM90_DTYPE_NAMES = {torch.uint8: "u8", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def sm90_tma_res_applies(setting: bool, o_bits: int, residual_dtype: torch.dtype | None, out_dtype: torch.dtype,
                          groups: int = 1) -> bool:
     """Whether the twin moves a conv's stream in and out by TMA (``TMA_RES``), ``setting``
-    (``sm90_settings()["sm90_tma_res"]``) permitting: a conv2 writing floats (``o_bits`` 0) over an
-    fp16 residual (``residual_dtype``; None: no residual) into fp16, in one group of 64 output
-    channels. The launch also needs its tensors' boxes aligned for TMA."""
-    return (bool(setting) and o_bits == 0 and groups == 1
-            and residual_dtype == out_dtype == torch.float16)
+    (``sm90_settings()["sm90_tma_res"]``) permitting: ``body_conv_sm90.tma_res_applies`` (a conv2
+    writing floats, ``o_bits`` 0, over an fp16 residual, ``residual_dtype``, None: no residual, into
+    fp16, in one group of 64 output channels) on torch dtypes. The launch also needs its tensors'
+    boxes aligned for TMA."""
+    from .body_conv_sm90 import tma_res_applies
+
+    return tma_res_applies(setting, o_bits, SM90_DTYPE_NAMES.get(residual_dtype), SM90_DTYPE_NAMES.get(out_dtype),
+                           groups)
 
 
 def sm90_settings() -> dict:
@@ -713,6 +720,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         TILE_W,
         _body_conv_sm90_kernel,
         _body_conv_sm90_ws_kernel,
+        tma_out_applies,
     )
 
     n, h, w_, _ = x_packed.shape
@@ -752,7 +760,7 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if halo and not HALO_VIEWS:
             raise ValueError(f"halo boxes (sm90_halo) need a Gluon that views shared memory past a view's extent "
                              f"(Triton 3.6's _reinterpret); Triton {triton.__version__}'s refuses")
-        tma_out = opts["sm90_tma_out"] and o_bits == 8 and residual is None and groups == 1 and _tma_box_ok(out)
+        tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
         tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
                                         out.dtype, groups)
                    and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
