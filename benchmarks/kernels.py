@@ -442,9 +442,12 @@ def main(argv=None) -> int:
                  if effective(sp, k, st) != effective(default, k, st)]
         # the upsampler's shuffled convs, codes and fp16: the flat kernel, the twin (sm90_up) on tap
         # boxes with the conversions by adds (the tenth run's), then on the defaults without the adds,
-        # with them (the engine's fp16), and with the saturating codes too (the engine's codes)
+        # with them, and with the saturating codes too; the engine's row has the defaults' adds and,
+        # where the stage writes codes, their saturating codes (now: "cvt sat" for codes, "cvt" for fp16)
+        up_adds, up_sat = default["sm90_cvt_add"], tk.sm90_cvt_sat_applies(default["sm90_cvt_sat"], 8, torch.uint8)
         runs += [lambda codes=codes: [upsampler_shuffled(codes), upsampler_shuffled(codes, "cvt", taps)]
-                 + [dict(upsampler_shuffled(codes, cvt, default), engine=cvt == ("cvt sat" if codes else "cvt"))
+                 + [dict(upsampler_shuffled(codes, cvt, default),
+                         engine=cvt_switches(cvt) == (up_adds, codes and up_sat))
                     for cvt in (CVT_ROWS if codes else CVT_ROWS[:2])]
                  for codes in (True, False)]
     rows = []
