@@ -63,8 +63,8 @@ elif [ "${1:-}" = 2 ]; then
     # the second call, most telling first: tests_persistent (the twin with several tiles a program,
     # as the engine runs it: each program refills its ring, code box and residual box across tiles;
     # the tenth run's tests gave most programs one tile), tests_defaults (every GPU test of the Gluon
-    # conv, the integer tail, the image graphs and the Triton kernels on the defaults as they are
-    # now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90 (both kernels' rows,
+    # conv, the integer tail, the image graphs, the Triton kernels and RDN's dense blocks on the
+    # defaults as they are now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90 (both kernels' rows,
     # each default undone, the knobs still off), then the bit-exact tests of each switch on its own:
     # tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds, the flat kernel's too),
     # tests_sat (the saturating codes, the twin's and the flat kernel's), tests_up (the twin's
@@ -82,7 +82,7 @@ elif [ "${1:-}" = 2 ]; then
         ${PYTEST_N:+-n $PYTEST_N} tests/test_body_conv_sm90.py -k "persistent_programs"
     step tests_defaults 240 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short \
         ${PYTEST_N:+-n $PYTEST_N} tests/test_body_conv_sm90.py tests/test_inttail.py tests/test_imagegraph.py \
-        tests/test_triton_kernels.py -k "not compiles"
+        tests/test_triton_kernels.py tests/test_densebody.py -k "not compiles"
     # kernels.py --sm90, then issue 4's targets on its rows (benchmarks/targets.py: the engine's rows)
     step kernels_sm90 330 sh -c 'python benchmarks/kernels.py --sm90 --out "$1" &&
         python benchmarks/targets.py "$1"/kernels-sm90-*.json' _ "$OUT"

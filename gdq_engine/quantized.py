@@ -20,6 +20,7 @@ from torch import nn
 from .models.checkpoints import CheckpointError, atomic_torch_save, build_model
 from .policy import BitPolicy, CADyQ, EntropyOnly, GranularDQ, Static
 from .quant.quantizer import ActQuant
+from .runtime.densebody import has_dense_body
 from .runtime.intgraph import CONTAINERS, FLOAT_STREAM_DTYPES
 
 QUANTIZED_FORMAT = "gdq_engine-quantized"
@@ -96,8 +97,8 @@ def save_calibration_table(fp_model, lr_patches: torch.Tensor, path: str | os.Pa
     with torch.no_grad():
         quants = calibrate(fp_model, patches, CODE_WIDTHS)
     table = {"format": CALIBRATION_FORMAT, "version": 1, "arch": fp_model.arch, "config": dict(fp_model.config),
-             "act_scales": {int(b): [[q_in.scale, q_mid.scale] for q_in, q_mid in pairs]
-                            for b, pairs in quants.items()},
+             "act_scales": {int(b): [[q.scale for q in qs] for qs in per_block]
+                            for b, per_block in quants.items()},
              "tail_scales": _tail_scales_all_widths(fp_model, patches),
              "entropy": {"patch": list(patches.shape[-2:]), "quantiles": list(quantiles),
                          "thresholds": list(entropy_quantiles(patches, quantiles))},
@@ -163,15 +164,17 @@ def _from_table(fp, policy: BitPolicy, table: dict) -> dict:
     return quants
 
 
-def act_quants_from_scales(bits, scales) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
-    """{bits: per block (signed input, unsigned mid) quantizers} from ``bits`` and per-width lists
-    of per-block ``[input scale, mid scale]`` (the stored form in buffers, checkpoints, tables)."""
-    return {int(b): [(ActQuant(int(b), True, s_in), ActQuant(int(b), False, s_mid)) for s_in, s_mid in per_block]
+def act_quants_from_scales(bits, scales) -> dict[int, list[tuple[ActQuant, ...]]]:
+    """{bits: per block (signed input, unsigned mid, ...) quantizers} from ``bits`` and per-width
+    lists of per-block ``[input scale, mid scale, ...]`` (the stored form in buffers, checkpoints,
+    tables): two per residual block, 1 + C per dense block of C layers."""
+    return {int(b): [tuple(ActQuant(int(b), k == 0, s) for k, s in enumerate(per_scales)) for per_scales in per_block]
             for b, per_block in zip(bits, scales)}
 
 
 class QuantizedSR(nn.Module):
-    """An SR model whose residual body runs on the integer path at one bit-width per image.
+    """An SR model whose residual body (EDSR, MSRResNet: residual blocks; RDN: residual dense
+    blocks) runs on the integer path at one bit-width per image.
 
     Build with :func:`quantize` or :func:`load_quantized`. ``backend``: integer-body backend
     (``"auto"``: Triton on CUDA, the C++ kernels on CPUs with AVX512-VNNI, else the reference;
@@ -193,12 +196,16 @@ class QuantizedSR(nn.Module):
         self.fp = fp_model
         self.policy, self.w_bits, self.backend = policy, int(w_bits), backend
         self.depths = check_depths(depths, len(fp_model.body))
+        if has_dense_body(fp_model) and self.depths != (len(fp_model.body),):
+            raise ValueError(f"RDN's global fusion reads every dense block: it runs at full depth only, got depths "
+                             f"{list(self.depths)}")
         self.depth = self.depths[-1]
         bits = sorted(act_quants)
         if tuple(bits) != tuple(sorted(policy.bits)):
             raise ValueError(f"quantizers calibrated for {bits} but the policy uses {sorted(policy.bits)}")
-        # (bits, block, [input, mid]) fp32 scales; signedness is fixed (input signed, mid unsigned).
-        scales = [[[q_in.scale, q_mid.scale] for q_in, q_mid in act_quants[b]] for b in bits]
+        # (bits, block, [input, mid...]) fp32 scales; signedness is fixed (input signed, the rest unsigned):
+        # [input, mid] for a residual block, [input, layer 1 .. C] for a dense block.
+        scales = [[[q.scale for q in qs] for qs in act_quants[b]] for b in bits]
         # On the FP model's device: integer_body() and runtime_model() resolve the backend from it.
         device = next(fp_model.parameters(), torch.empty(0)).device
         self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int64, device=device))
@@ -214,8 +221,9 @@ class QuantizedSR(nn.Module):
     def scale(self) -> int:
         return self.fp.scale
 
-    def act_quants(self) -> dict[int, list[tuple[ActQuant, ActQuant]]]:
-        """The calibrated quantizers: bit-width -> per block (input, mid)."""
+    def act_quants(self) -> dict[int, list[tuple[ActQuant, ...]]]:
+        """The calibrated quantizers: bit-width -> per block (input, mid) for residual blocks, (input,
+        layer 1, .., layer C) for dense blocks."""
         return act_quants_from_scales(self.act_bits.tolist(), self.act_scales.detach().cpu().tolist())
 
     def set_depth(self, depth: int) -> QuantizedSR:
@@ -229,6 +237,8 @@ class QuantizedSR(nn.Module):
 
     def set_res_scales(self, res_scales) -> None:
         """Set every residual block's ``res_scale`` (DQA's trained beta), one float per block."""
+        if has_dense_body(self.fp):
+            raise ValueError("RDN's dense blocks have no residual scale")
         if len(res_scales) != len(self.fp.body):
             raise ValueError(f"{len(res_scales)} residual scales for {len(self.fp.body)} blocks")
         for block, beta in zip(self.fp.body, res_scales):
@@ -237,21 +247,32 @@ class QuantizedSR(nn.Module):
 
     def integer_body(self, backend: str | None = None, cuda_graphs: bool = False, containers: str = "auto",
                      residual_stream: str = "auto"):
-        """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks) on
-        the model's current device; ``containers``: see :func:`resolve_containers`;
-        ``residual_stream``: see :func:`resolve_stream_dtypes`."""
+        """The :class:`~gdq_engine.runtime.intgraph.IntegerBody` (the first :attr:`depth` blocks; RDN:
+        a :class:`~gdq_engine.runtime.densebody.DenseIntegerBody`) on the model's current device;
+        ``containers``: see :func:`resolve_containers`; ``residual_stream``: see
+        :func:`resolve_stream_dtypes`."""
+        from .runtime.densebody import DenseIntegerBody, prepare_dense_blocks
         from .runtime.intgraph import IntegerBody, prepare_blocks
 
         device = self.act_scales.device
         key = (str(device), backend or self.backend, cuda_graphs, self.depth, containers, residual_stream)
         if key not in self._bodies:  # resolved once per key, not on every forward
             resolved = resolve_backend(backend or self.backend, device)
-            blocks = prepare_blocks(self.fp, self.w_bits)[: self.depth]
-            quants = {b: pairs[: self.depth] for b, pairs in self.act_quants().items()}
-            self._bodies = {key: IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs,
-                                             containers=resolve_containers(containers, resolved, device),
-                                             stream_dtypes=resolve_stream_dtypes(residual_stream, resolved,
-                                                                                 device))}
+            stream_dtypes = resolve_stream_dtypes(residual_stream, resolved, device)
+            if has_dense_body(self.fp):  # RDN: full depth, fp32 stream, packed or byte containers
+                if residual_stream == "dtype":
+                    raise ValueError("RDN's dense blocks keep their residual stream in float32; "
+                                     "use residual_stream='auto' or 'float32'")
+                body = DenseIntegerBody(prepare_dense_blocks(self.fp, self.w_bits), self.act_quants(),
+                                        backend=resolved, cuda_graphs=cuda_graphs,
+                                        containers=resolve_containers(containers, resolved, device))
+            else:
+                blocks = prepare_blocks(self.fp, self.w_bits)[: self.depth]
+                quants = {b: pairs[: self.depth] for b, pairs in self.act_quants().items()}
+                body = IntegerBody(blocks, quants, backend=resolved, cuda_graphs=cuda_graphs,
+                                   containers=resolve_containers(containers, resolved, device),
+                                   stream_dtypes=stream_dtypes)
+            self._bodies = {key: body}
         return self._bodies[key]
 
     def runtime_model(self, backend: str | None = None) -> nn.Module:
@@ -316,7 +337,9 @@ class QuantizedSR(nn.Module):
 
     def get_extra_state(self) -> dict:
         return {"policy": self.policy.state(), "w_bits": self.w_bits, "depths": list(self.depths),
-                "depth": self.depth, "res_scales": [float(getattr(b, "res_scale", 1.0)) for b in self.fp.body],
+                "depth": self.depth,
+                "res_scales": None if has_dense_body(self.fp) else [float(getattr(b, "res_scale", 1.0))
+                                                                    for b in self.fp.body],
                 "tail_bits": self.tail_bits}
 
     def set_extra_state(self, state: dict) -> None:

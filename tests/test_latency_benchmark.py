@@ -164,9 +164,12 @@ def test_host_uint8_frames_and_a_row_subset(tmp_path):
 
 
 @needs_data
-def test_an_architecture_without_an_integer_body_gets_fp_rows_only(tmp_path):
-    result = run(tmp_path, "--arch", "rdn", "--scale", "2", "--output", "48x48")  # RDN is heavy: a small frame
-    assert [r["method"] for r in result["rows"]] == ["fp32", "bf16 CL"]
+def test_rdn_gets_quantized_rows(tmp_path):
+    result = run(tmp_path, "--arch", "rdn", "--scale", "2", "--output", "48x48",  # RDN is heavy: a small frame
+                 "--rows", "static a8,entropy {2,4,8}")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == ["fp32", "static a8", "entropy {2,4,8}"]
+    assert rows["static a8"]["fab"] == 8.0 and 30 < rows["static a8"]["psnr_vs_fp32"] < float("inf")
     assert result["workload"] == {**result["workload"], "model": "rdn-x2", "weights": "untrained"}
 
 
@@ -357,7 +360,7 @@ def test_a_failing_row_is_reported_and_the_other_rows_are_kept(tmp_path, monkeyp
 
     monkeypatch.setattr(latency, "make_engine", make_engine)
     assert latency.main(["--arch", "rdn", "--scale", "2", "--output", "96x96", "--frames", "1", "--reps", "1",
-                         "--out", str(tmp_path)]) == 1
+                         "--rows", "bf16 CL", "--out", str(tmp_path)]) == 1
     (path,) = tmp_path.glob("latency-*.json")
     result = json.loads(path.read_text())
     assert [r["method"] for r in result["rows"]] == ["fp32"]

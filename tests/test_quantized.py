@@ -1,6 +1,5 @@
 """gdq_engine.quantize: the drop-in quantized module, its state and checkpoints, and the Engine on it."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -158,14 +157,11 @@ def test_other_residual_models_quantize_identically_on_every_backend(arch, backe
         assert float(((y - model(x)) ** 2).mean()) < 1e-4
 
 
-def test_rdn_is_refused_with_the_reason():
-    from gdq_engine.models import RDN
-
-    model = RDN(2, n_feats=8, n_blocks=2, n_layers=2, growth=4).eval()
-    with pytest.raises(NotImplementedError, match="Not yet: RDN"):
-        quantize(model, "static", bits=8, calib=calib_patches())
-    numerics = (Path(__file__).parents[1] / "docs" / "numerics.md").read_text()
-    assert "## What is quantized" in numerics and "Not yet: RDN" in numerics
+def test_a_body_of_other_blocks_is_refused_with_the_reason(small_edsr):
+    """RDN's dense blocks quantize (tests/test_densebody.py); blocks of another kind are refused."""
+    small_edsr.body = torch.nn.ModuleList(torch.nn.Identity() for _ in small_edsr.body)
+    with pytest.raises(NotImplementedError, match="residual-block .* and residual dense"):
+        quantize(small_edsr, "static", bits=8, calib=calib_patches())
 
 
 def test_dqc_trains_the_activation_scales(small_edsr):

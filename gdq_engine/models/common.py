@@ -89,12 +89,22 @@ class SRModel(nn.Module):
             feat = block(feat)
         return feat
 
+    def blocks_input(self, feat: torch.Tensor) -> torch.Tensor:
+        """Head features (N,F,H,W) -> the input of the blocks (here the features themselves)."""
+        return feat
+
+    def close_body(self, blocks_out: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """The blocks' output and the head features (N,F,H,W) -> features entering the upsampler:
+        the body-end conv(s) and the global skip."""
+        return self.body_tail(blocks_out) + feat
+
     def forward_body(self, feat: torch.Tensor, run_blocks=None) -> torch.Tensor:
-        """Head features (N,F,H,W) -> features entering the upsampler (N,F,H,W).
+        """Head features (N,F,H,W) -> features entering the upsampler (N,F,H,W):
+        ``close_body(run_blocks(blocks_input(feat)), feat)``.
 
         ``run_blocks``: optional replacement for :meth:`run_blocks` (e.g. a quantized body).
         """
-        return self.body_tail((run_blocks or self.run_blocks)(feat)) + feat
+        return self.close_body((run_blocks or self.run_blocks)(self.blocks_input(feat)), feat)
 
     def forward_output(self, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Body output (N,F,H,W) and normalised input -> normalised HR output (N,3,sH,sW)."""

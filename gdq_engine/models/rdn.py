@@ -37,8 +37,9 @@ class ResidualDenseBlock(nn.Module):
 class RDN(SRModel):
     """RDN on (N,3,H,W) float images in [0,1]; runs at pixel range 255 without mean shift.
 
-    ``head`` = SFENet1, ``body_entry`` = SFENet2, ``body`` = the RDBs, ``body_tail`` = global
-    feature fusion (1x1 over all block outputs, then 3x3), global skip from ``head``.
+    ``head`` = SFENet1, ``body_entry`` = SFENet2 (:meth:`blocks_input`), ``body`` = the RDBs,
+    ``body_tail`` = global feature fusion (1x1 over all block outputs, then 3x3), global skip
+    from ``head``.
     """
 
     arch = "rdn"
@@ -59,12 +60,16 @@ class RDN(SRModel):
         self.upsampler = nn.Sequential(*stages)
         self.tail = conv3x3(growth, 3)
 
-    def forward_body(self, feat: torch.Tensor, run_blocks=None) -> torch.Tensor:
-        if run_blocks is not None:
-            raise NotImplementedError("RDN's dense blocks are not quantized yet")
-        x = self.body_entry(feat)
+    def blocks_input(self, feat: torch.Tensor) -> torch.Tensor:
+        """SFENet2 on the head features: (N,G0,H,W) -> (N,G0,H,W), the first block's input."""
+        return self.body_entry(feat)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual dense blocks in FP: (N,G0,H,W) -> (N, D*G0, H, W), every block's output
+        concatenated along channels (the global feature fusion's input). Quantized runtimes
+        replace this (:class:`~gdq_engine.runtime.densebody.DenseIntegerBody`)."""
         outs = []
         for block in self.body:
             x = block(x)
             outs.append(x)
-        return self.body_tail(torch.cat(outs, 1)) + feat
+        return torch.cat(outs, 1)

@@ -41,8 +41,9 @@ class MSRResNet(SRModel):
         self.upsampler = pixel_shuffle_upsampler(n_feats, self.scale, nn.LeakyReLU(0.1, inplace=True))
         self.tail = nn.Sequential(conv3x3(n_feats, n_feats), nn.LeakyReLU(0.1, inplace=True), conv3x3(n_feats, 3))
 
-    def forward_body(self, feat: torch.Tensor, run_blocks=None) -> torch.Tensor:
-        return (run_blocks or self.run_blocks)(feat)
+    def close_body(self, blocks_out: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """No body-end conv and no head-to-body skip: the blocks' output as it is."""
+        return blocks_out
 
     def forward_output(self, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         base = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)

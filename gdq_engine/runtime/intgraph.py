@@ -22,6 +22,7 @@ from ..models import SRModel
 from ..ops import reference
 from ..quant.calibrate import dobi_scale
 from ..quant.quantizer import ActQuant, quantize_weight
+from .densebody import dense_quantized_convs, has_dense_body, is_dense_block
 from .graphs import GraphCache, capturing
 from .scheduler import bit_groups
 
@@ -39,17 +40,29 @@ class QuantBlock:
     res_scale: float
 
 
-def has_integer_body(model: SRModel) -> bool:
-    """Whether the integer body runs this model's blocks (residual blocks of conv1 and conv2)."""
+def has_residual_body(model: SRModel) -> bool:
+    """Whether the model's blocks are residual blocks of conv1 and conv2 (EDSR, MSRResNet): what
+    :class:`IntegerBody` runs."""
     blocks = list(model.body)
     return bool(blocks) and all(hasattr(b, "conv1") and hasattr(b, "conv2") for b in blocks)
 
 
+def has_integer_body(model: SRModel) -> bool:
+    """Whether an integer body runs this model's blocks: residual blocks (:class:`IntegerBody`) or
+    RDN's residual dense blocks (:class:`~gdq_engine.runtime.densebody.DenseIntegerBody`)."""
+    return has_residual_body(model) or has_dense_body(model)
+
+
 def _blocks_of(model: SRModel) -> list:
-    if not has_integer_body(model):
-        raise NotImplementedError(f"{model.arch}: only residual-block bodies (EDSR, MSRResNet) are quantized so "
-                                  "far; docs/numerics.md ('Not yet: RDN') says what dense blocks need")
+    if not has_residual_body(model):
+        raise NotImplementedError(f"{model.arch}: this takes residual-block bodies (EDSR, MSRResNet); dense blocks "
+                                  "(RDN) run on runtime.densebody")
     return list(model.body)
+
+
+def _quantized_convs(block) -> list:
+    """The convs of a block whose post-ReLU outputs are quantized (unsigned codes), in order."""
+    return dense_quantized_convs(block) if is_dense_block(block) else [block.conv1]
 
 
 def prepare_blocks(model: SRModel, w_bits: int = 8) -> list[QuantBlock]:
@@ -65,31 +78,38 @@ def prepare_blocks(model: SRModel, w_bits: int = 8) -> list[QuantBlock]:
 
 
 @torch.no_grad()
-def collect_block_activations(model: SRModel, lr_patches: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """FP activations seen by the quantizers: per block (block input, post-ReLU conv1 output)."""
-    blocks = _blocks_of(model)
+def collect_block_activations(model: SRModel, lr_patches: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """FP activations seen by the quantizers: per block (block input, then each quantized conv's
+    post-ReLU output: conv1's for a residual block, every dense layer's for a dense block)."""
+    if not has_integer_body(model):
+        raise NotImplementedError(f"{model.arch}: only residual-block (EDSR, MSRResNet) and residual dense "
+                                  "(RDN) bodies are quantized")
+    blocks = list(model.body)
     seen: list[list[torch.Tensor]] = [[] for _ in blocks]
     hooks = []
     for i, blk in enumerate(blocks):
         hooks.append(blk.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[0].detach().float())))
-        hooks.append(blk.conv1.register_forward_hook(
-            lambda m, args, out, i=i: seen[i].append(torch.relu(out).detach().float())))
+        for conv in _quantized_convs(blk):
+            hooks.append(conv.register_forward_hook(
+                lambda m, args, out, i=i: seen[i].append(torch.relu(out).detach().float())))
     try:
         model(lr_patches)
     finally:
         for h in hooks:
             h.remove()
-    return [(s[0], s[1]) for s in seen]
+    return [tuple(s) for s in seen]
 
 
-QuantizerPairs = dict[int, list[tuple[ActQuant, ActQuant]]]  # bits -> per block (input, mid)
+# bits -> per block (signed input quantizer, then the unsigned ones: (input, mid) for a residual block)
+QuantizerPairs = dict[int, list[tuple[ActQuant, ...]]]
 
 
 def calibrate(model: SRModel, lr_patches: torch.Tensor, bits: tuple[int, ...]) -> QuantizerPairs:
-    """DOBI scales for every block's two quantizers at every bit-width in ``bits``."""
+    """DOBI scales for every block's quantizers (:func:`collect_block_activations`: the signed
+    input, then the unsigned post-ReLU ones) at every bit-width in ``bits``."""
     acts = collect_block_activations(model, lr_patches)
-    return {b: [(ActQuant(b, True, dobi_scale(x_in, b, True)), ActQuant(b, False, dobi_scale(mid, b, False)))
-                for x_in, mid in acts] for b in bits}
+    return {b: [tuple(ActQuant(b, k == 0, dobi_scale(t, b, k == 0)) for k, t in enumerate(per_block))
+                for per_block in acts] for b in bits}
 
 
 BODY_BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -106,8 +126,8 @@ def in_containers(act_quants: QuantizerPairs, containers: str) -> QuantizerPairs
         raise ValueError(f"unknown containers {containers!r}; choose from {CONTAINERS}")
     if containers == "packed":
         return act_quants
-    return {b: [(replace(q_in, container=8), replace(q_mid, container=8)) for q_in, q_mid in pairs]
-            for b, pairs in act_quants.items()}
+    return {b: [tuple(replace(q, container=8) for q in qs) for qs in per_block]
+            for b, per_block in act_quants.items()}
 
 
 class Workspace:

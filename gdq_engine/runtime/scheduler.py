@@ -214,10 +214,11 @@ def forward_assigned(model, body, x: torch.Tensor, assigned: torch.Tensor, dtype
     # Only the integer blocks run per group (the body returns its residual stream's dtype; FP
     # layers run in dtype); the body-end conv, the skip, the upsampler and the tail
     # run once on the whole batch: on CUDA one more replay, not an eager conv per group.
-    blocks_out, launched = run_grouped(assigned, feat, lambda f, b: body(f, b).to(f.dtype), group_streams, groups)
+    blocks_out, launched = run_grouped(assigned, model.blocks_input(feat), lambda f, b: body(f, b).to(f.dtype),
+                                       group_streams, groups)
 
     def after_blocks(blocks: torch.Tensor, head_feat: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-        return _output(model, model.forward_body(head_feat, run_blocks=lambda g: blocks), xg)
+        return _output(model, model.close_body(blocks, head_feat), xg)
 
     if graphs is not None:
         return graphs("tail", (blocks_out, feat, xn), after_blocks, pad=False), launched

@@ -71,6 +71,12 @@ class FakeQuantBody(nn.Module):
     def __init__(self, model, act_quants: dict[int, list[tuple[ActQuant, ActQuant]]], w_bits: int,
                  learn_res_scale: bool = False):
         super().__init__()
+        from ..runtime.intgraph import has_residual_body
+
+        if not has_residual_body(model):
+            raise NotImplementedError(f"{model.arch}: quantization-aware training runs residual-block bodies (EDSR, "
+                                      "MSRResNet); quantize RDN after training (gdq_engine.quantize, "
+                                      "`python -m gdq_engine calibrate`)")
         self.blocks = list(model.body)
         res_scales = torch.tensor([float(getattr(b, "res_scale", 1.0)) for b in self.blocks])
         if learn_res_scale:

@@ -1,0 +1,210 @@
+"""RDN's residual dense blocks on the integer path, one bit class per call.
+
+A dense layer convolves the concatenation of the block input (signed codes: the residual stream)
+and every earlier layer's post-ReLU output (unsigned codes), each segment with its own DOBI scale.
+One int32 sum needs one scale per input, so each segment is convolved on its own and the
+segments' fp32 results are summed in a fixed order (docs/numerics.md, "Dense blocks"). Per block,
+per activation width ``b``, with ``q[0]`` the block input's signed quantizer and ``q[j]`` layer
+``j``'s unsigned one::
+
+    seg[0] = quantize(x, q[0])
+    layer i = 1..C:  p = acc(seg[0]) * m[i][0] + bias[i]
+                     p = p + acc(seg[j]) * m[i][j]                  j = 1 .. i-1, in order
+                     seg[i] = quantize(p, q[i])    (unsigned: a negative p clamps to code 0 = ReLU)
+    fusion (1x1):    x = x + (acc(seg[0]) * f[0] + bias)
+                     x = x + acc(seg[j]) * f[j]                     j = 1 .. C, in order
+
+``acc`` is a segment's exact int32 conv, ``m[i][j] = fp32(s_j) * s_w[o]`` with the layer's
+per-output-channel weight scales (one set over all segments, as in the FP conv). Every line is one
+``packed_conv3x3`` of the backend (fp32 out; a later segment adds the partial sum as its
+residual), so every backend computes the same values bit for bit. The 1x1 fusion conv runs as a
+3x3 conv whose weights are zero outside the centre tap (exact; 9x that layer's MACs).
+The residual stream and the body's output (every block's output, concatenated: the global
+fusion's input) are fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quant.quantizer import ActQuant, quantize_weight
+from .graphs import GraphCache
+
+
+def is_dense_block(block: nn.Module) -> bool:
+    """Whether ``block`` is a residual dense block (``convs`` of dense layers, a ``fuse`` 1x1 conv)."""
+    fuse = getattr(block, "fuse", None)
+    return (hasattr(block, "convs") and all(hasattr(layer, "conv") for layer in block.convs)
+            and isinstance(fuse, nn.Conv2d) and fuse.kernel_size == (1, 1) and fuse.groups == 1)
+
+
+def has_dense_body(model: nn.Module) -> bool:
+    """Whether ``model.body`` is a non-empty list of residual dense blocks (RDN)."""
+    blocks = list(getattr(model, "body", []))
+    return bool(blocks) and all(is_dense_block(b) for b in blocks)
+
+
+def dense_quantized_convs(block: nn.Module) -> list[nn.Conv2d]:
+    """The block's dense-layer convs, in order: each one's post-ReLU output is a quantized segment."""
+    return [layer.conv for layer in block.convs]
+
+
+@dataclass
+class DenseConv:
+    """One quantized conv over concatenated segments: int8 (Cout, C_j, 3, 3) codes per segment,
+    fp32 (Cout,) weight scales (shared by the segments) and bias."""
+
+    segments: list[torch.Tensor]
+    s_w: torch.Tensor
+    bias: torch.Tensor
+
+
+@dataclass
+class DenseQuantBlock:
+    """One residual dense block's integer parameters: its C dense layers and the fusion conv."""
+
+    layers: list[DenseConv]
+    fuse: DenseConv
+
+
+def _split(conv: nn.Conv2d, widths: list[int], w_bits: int) -> DenseConv:
+    codes, s_w = quantize_weight(conv.weight, w_bits)  # per output channel, over every segment
+    if codes.shape[2:] == (1, 1):  # a 1x1 conv as the centre tap of a 3x3 one: the same sums
+        codes = nn.functional.pad(codes, (1, 1, 1, 1))
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    if bounds[-1] != codes.shape[1]:
+        raise ValueError(f"segments of {widths} channels for a conv of {codes.shape[1]} inputs")
+    segments = [codes[:, a:b].contiguous() for a, b in zip(bounds, bounds[1:])]
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(codes.shape[0])
+    return DenseConv(segments, s_w, bias.to(s_w.device))
+
+
+def prepare_dense_blocks(model: nn.Module, w_bits: int = 8) -> list[DenseQuantBlock]:
+    """Quantize every dense block's weights (per output channel) once and split them by segment."""
+    if not has_dense_body(model):
+        raise ValueError(f"{type(model).__name__} has no residual dense blocks")
+    out = []
+    for block in model.body:
+        convs = dense_quantized_convs(block)
+        n_in = convs[0].in_channels
+        widths = [n_in]
+        layers = []
+        for conv in convs:
+            layers.append(_split(conv, widths, w_bits))
+            widths = widths + [conv.out_channels]
+        out.append(DenseQuantBlock(layers, _split(block.fuse, widths, w_bits)))
+    return out
+
+
+class DenseIntegerBody:
+    """Runs RDN's quantized dense blocks: ``body(x, bits)``, on the ``reference``, ``cpp``,
+    ``triton`` or ``cuda`` backend; every backend gives the same values bit for bit.
+
+    The interface of :class:`~gdq_engine.runtime.intgraph.IntegerBody` (what the scheduler and the
+    Engine call), for dense blocks. Not for concurrent calls from several threads.
+
+    Args:
+        blocks: from :func:`prepare_dense_blocks`.
+        act_quants: bit-width -> per block (input quantizer, then one per dense layer), from
+            :func:`~gdq_engine.runtime.intgraph.calibrate`.
+        backend: as :class:`~gdq_engine.runtime.intgraph.IntegerBody`'s.
+        cuda_graphs: on CUDA, one graph per (bits, batch bucket, shape), as IntegerBody's.
+        containers: ``"packed"`` or ``"bytes"`` (:func:`~gdq_engine.runtime.intgraph.in_containers`);
+            the padded layout is not supported here.
+    """
+
+    MAX_GRAPHS = 32
+
+    def __init__(self, blocks: list[DenseQuantBlock], act_quants: dict[int, list[tuple[ActQuant, ...]]],
+                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed"):
+        from .intgraph import _backend_module, in_containers
+
+        if containers == "padded":
+            raise ValueError("containers='padded' is for residual-block bodies; dense blocks run 'packed' or 'bytes'")
+        for b, qs in act_quants.items():
+            if len(qs) != len(blocks):
+                raise ValueError(f"{len(qs)} quantizer sets for {b} bits but {len(blocks)} blocks")
+            for blk, q in zip(blocks, qs):
+                if len(q) != 1 + len(blk.layers) or not q[0].signed or any(m.signed for m in q[1:]):
+                    raise ValueError(f"a dense block of {len(blk.layers)} layers needs a signed input quantizer "
+                                     f"and {len(blk.layers)} unsigned ones, got {q}")
+        self.blocks, self.act_quants = blocks, in_containers(act_quants, containers)
+        self.containers, self.backend, self.padded = containers, backend, False
+        self._ops = _backend_module(backend)
+        # Epilogue multipliers m = fp32(s_segment) * fp32(s_w[o]), once per (bits, block, conv, segment).
+        self._mults = {b: [[[torch.tensor(q.scale, dtype=torch.float32) * conv.s_w.float()
+                             for q in qs[: len(conv.segments)]] for conv in (*blk.layers, blk.fuse)]
+                           for blk, qs in zip(blocks, act_quants[b])] for b in act_quants}
+        self._weights: dict[tuple[int, int], list] = {}
+        self.graphs = GraphCache(self.MAX_GRAPHS, pool_of=lambda bits: bits) if cuda_graphs else None
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(sorted(self.act_quants))
+
+    def stream_dtype(self, feat_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the residual stream and of the result: fp32 for any input dtype."""
+        return torch.float32
+
+    def _weights_for(self, in_bits: int, mid_bits: int) -> list:
+        """Per block, per conv, per segment: weights in the backend's form for the segment's container."""
+        key = (in_bits, mid_bits)
+        if key not in self._weights:
+            prep = getattr(self._ops, "prepare_conv_weight", None)
+            self._weights[key] = [[[w if prep is None else prep(w, in_bits if j == 0 else mid_bits)
+                                    for j, w in enumerate(conv.segments)] for conv in (*blk.layers, blk.fuse)]
+                                  for blk in self.blocks]
+        return self._weights[key]
+
+    def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
+        """(N,G0,H,W) input of the first dense block -> (N, D * G0, H, W) fp32: every block's output,
+        concatenated along channels (in channels_last memory), at activation width ``bits``."""
+        if bits not in self.act_quants:
+            raise ValueError(f"no calibrated quantizers for {bits} bits; calibrated: {self.bits}")
+        if self.graphs is not None:
+            return self.graphs(bits, feat, lambda f: self.run_eager(f, bits))
+        return self.run_eager(feat, bits)
+
+    def run_layerwise(self, feat: torch.Tensor, policy, grads: torch.Tensor):
+        """Per-layer policies (CADyQ) are not run on dense blocks: raises ``NotImplementedError``."""
+        raise NotImplementedError("per-layer bit-widths (CADyQ) run on residual-block bodies (EDSR, MSRResNet); "
+                                  "dense blocks run patch-wise policies")
+
+    def run_eager(self, feat: torch.Tensor, bits: int, scratch=None, items=None) -> torch.Tensor:
+        """:meth:`__call__` without CUDA graphs (``scratch`` and ``items`` are not used)."""
+        from .intgraph import reads_signed
+
+        ops, quants = self._ops, self.act_quants[bits]
+        if not quants:
+            raise ValueError("a dense body needs at least one block")
+        weights = self._weights_for(quants[0][0].container, quants[0][1].container)
+        x = feat.float().permute(0, 2, 3, 1).contiguous()
+        outs = []
+        for blk, qs, ws, ms in zip(self.blocks, quants, weights, self._mults[bits]):
+            segs = [ops.quantize_pack(x, qs[0])]
+            signed = [True]
+            for i, (conv, w, m) in enumerate(zip(blk.layers, ws, ms)):
+                p = self._segment_sum(ops, conv, segs, signed, qs, w, m, None)
+                segs.append(ops.quantize_pack(p, qs[i + 1]))
+                signed.append(reads_signed(ops, qs[i + 1]))
+            x = self._segment_sum(ops, blk.fuse, segs, signed, qs, ws[-1], ms[-1], x)
+            outs.append(x)
+        return torch.cat(outs, dim=-1).permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last
+
+    @staticmethod
+    def _segment_sum(ops, conv: DenseConv, segs, signed, qs, weights, mults, residual):
+        """fp32 (N,H,W,Cout): the segments' convs summed in order, the bias with the first segment
+        (and ``residual``, if given, before it)."""
+        zeros = torch.zeros_like(conv.bias)
+        in_place = getattr(ops, "OUT_BUFFERS", False)  # the partial sum updated in place (never the stream)
+        p = residual
+        for j, (codes, w, m) in enumerate(zip(segs, weights, mults)):
+            into = {"out": p} if in_place and j > 0 else {}
+            p = ops.packed_conv3x3(codes, qs[j].container, signed[j], w, m, conv.bias if j == 0 else zeros,
+                                   residual=p, **into)
+        return p

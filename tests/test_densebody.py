@@ -1,0 +1,252 @@
+"""RDN's residual dense blocks on the integer path (runtime/densebody.py, docs/numerics.md "Dense blocks").
+
+The body is checked bit for bit against the contract written out here with independent integer
+math (segment convs as float64 convs of integer codes, the 1x1 fusion as a real 1x1 conv), on
+every backend, and through quantize / checkpoints / calibration tables / the Engine.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import KERNEL_DEVICE, random_image
+
+from gdq_engine import Engine, load_quantized, quantize, save_quantized
+from gdq_engine.models import RDN
+from gdq_engine.quant.quantizer import ActQuant, quantize_weight
+from gdq_engine.quant.quantizer import quantize as quantize_codes
+from gdq_engine.runtime.densebody import DenseIntegerBody, has_dense_body, prepare_dense_blocks
+from gdq_engine.runtime.intgraph import calibrate, has_integer_body, has_residual_body
+
+_seed = itertools.count(7000)
+
+
+def small_rdn(seed: int = 0, n_feats: int = 16, growth: int = 16, n_layers: int = 3, n_blocks: int = 2) -> RDN:
+    torch.manual_seed(seed)
+    return RDN(2, n_feats=n_feats, n_blocks=n_blocks, n_layers=n_layers, growth=growth).eval()
+
+
+def random_quants(model: RDN, bits: int, g: torch.Generator) -> list[tuple[ActQuant, ...]]:
+    """Per block: a signed input quantizer and one unsigned per dense layer, random scales."""
+    n_layers = len(model.body[0].convs)
+    return [tuple(ActQuant(bits, k == 0, float(torch.empty(1).uniform_(0.02, 0.3, generator=g)))
+                  for k in range(1 + n_layers)) for _ in model.body]
+
+
+def int_conv(codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 conv of NCHW integer codes with integer weights (3x3 pad 1 or 1x1), via float64."""
+    pad = w.shape[-1] // 2
+    return F.conv2d(codes.double(), w.double(), padding=pad).round().to(torch.int32)
+
+
+def contract(model: RDN, quants, w_bits: int, x: torch.Tensor) -> torch.Tensor:
+    """docs/numerics.md's dense-block contract, written out: (N,G0,H,W) fp32 -> (N, D*G0, H, W)."""
+    f32 = torch.float32
+    outs = []
+    for block, qs in zip(model.body, quants):
+        codes = [quantize_codes(x, qs[0]).to(torch.int32)]
+        for i, layer in enumerate(block.convs):
+            wc, s_w = quantize_weight(layer.conv.weight, w_bits)
+            p, start = None, 0
+            for j, c in enumerate(codes):
+                acc = int_conv(c, wc[:, start:start + c.shape[1]])
+                start += c.shape[1]
+                term = acc.to(f32) * (torch.tensor(qs[j].scale, dtype=f32) * s_w).view(1, -1, 1, 1)
+                p = term + layer.conv.bias.detach().view(1, -1, 1, 1) if p is None else p + term
+            codes.append(quantize_codes(torch.relu(p), qs[i + 1]).to(torch.int32))
+        wc, s_w = quantize_weight(block.fuse.weight, w_bits)
+        start = 0
+        for j, c in enumerate(codes):
+            acc = int_conv(c, wc[:, start:start + c.shape[1]])
+            start += c.shape[1]
+            term = acc.to(f32) * (torch.tensor(qs[j].scale, dtype=f32) * s_w).view(1, -1, 1, 1)
+            x = x + (term + block.fuse.bias.detach().view(1, -1, 1, 1)) if j == 0 else x + term
+        outs.append(x)
+    return torch.cat(outs, 1)
+
+
+def backends():
+    from gdq_engine.ops import cpu_ops
+
+    out = ["reference"]
+    if cpu_ops.available():
+        out.append("cpp")
+    try:
+        import gdq_engine.kernels.ops  # noqa: F401
+
+        out.append("triton")
+    except ImportError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("bits,w_bits", [(8, 8), (4, 8), (2, 4), (8, 2)])
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_body_is_the_contract_bit_for_bit(bits, w_bits, n):
+    g = torch.Generator().manual_seed(next(_seed))
+    model = small_rdn(seed=bits + n)
+    quants = random_quants(model, bits, g)
+    x = torch.randn(n, 16, 5, 7, generator=g) * 2  # odd H, W; codes clamp at both ends
+    want = contract(model, quants, w_bits, x)
+    for backend in backends():
+        device = KERNEL_DEVICE if backend == "triton" else "cpu"
+        for containers in ("packed", "bytes"):
+            body = DenseIntegerBody(prepare_dense_blocks(model.to(device), w_bits), {bits: quants}, backend=backend,
+                                    containers=containers)
+            got = body(x.to(device), bits).cpu()
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert torch.equal(got, want), (backend, containers)
+        model.cpu()
+
+
+def test_a_conv_per_segment_is_not_the_same_as_one_scale():
+    """The contract is really per segment: one shared scale for the concatenation gives other codes."""
+    g = torch.Generator().manual_seed(1)
+    model = small_rdn(seed=3)
+    quants = random_quants(model, 4, g)
+    x = torch.randn(2, 16, 6, 6, generator=g)
+    shared = [tuple(ActQuant(4, q.signed, qs[0].scale) for q in qs) for qs in quants]
+    assert not torch.equal(contract(model, quants, 8, x), contract(model, shared, 8, x))
+    body = DenseIntegerBody(prepare_dense_blocks(model, 8), {4: quants})
+    assert torch.equal(body(x, 4), contract(model, quants, 8, x))
+
+
+def test_calibration_gives_one_signed_and_c_unsigned_scales_per_block():
+    model = small_rdn(n_layers=3, n_blocks=2)
+    assert has_dense_body(model) and has_integer_body(model) and not has_residual_body(model)
+    quants = calibrate(model, random_image(12, 12, n=4, seed=2), (2, 8))
+    for b in (2, 8):
+        assert len(quants[b]) == 2
+        for qs in quants[b]:
+            assert [q.signed for q in qs] == [True, False, False, False] and all(q.bits == b for q in qs)
+            assert all(q.scale > 0 for q in qs)
+    # 2-bit codes clip more: their steps are wider than the 8-bit ones
+    assert all(q2.scale > q8.scale for b2, b8 in zip(quants[2], quants[8]) for q2, q8 in zip(b2, b8))
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_quantized_rdn_is_a_drop_in_module_on_every_backend(backend):
+    model = small_rdn(seed=5)
+    calib = random_image(16, 16, n=6, seed=3)
+    x = random_image(9, 11, n=2, seed=4)
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    ref = quantize(model, "static", bits=8, calib=calib, backend="reference")
+    q = quantize(model, "static", bits=8, calib=calib, backend=backend).to(device)
+    y = q(x.to(device)).cpu()
+    assert y.shape == (2, 3, 18, 22)
+    assert torch.equal(y, ref(x))
+    with torch.no_grad():
+        fp = model(x)
+    mse = float(((y - fp) ** 2).mean())
+    assert 0 < mse < 1e-3 * float((fp ** 2).mean()), mse  # really quantized, and close at 8 bits
+    q4 = quantize(model, "static", bits=4, calib=calib, backend="reference")
+    assert float(((q4(x) - fp) ** 2).mean()) > mse  # fewer bits, further from FP
+
+
+def test_entropy_policy_groups_rdn_patches_and_checkpoints_round_trip(tmp_path):
+    model = small_rdn(seed=6)
+    calib = torch.cat([torch.full((4, 3, 16, 16), 0.3), random_image(16, 16, n=4, seed=5)])  # flat and busy
+    q = quantize(model, "entropy", bits=(2, 4, 8), calib=calib, backend="reference")
+    flat = torch.full((1, 3, 10, 10), 0.5)
+    x = torch.cat([flat, random_image(10, 10, n=1, seed=9)])
+    y, bits = q(x, return_bits=True)
+    assert bits.tolist()[0] == 2 and bits.tolist()[1] in (4, 8)
+    assert tuple(q.act_scales.shape) == (3, 2, 4)  # (widths, blocks, 1 + layers)
+    save_quantized(q, tmp_path / "rdn.q.pt")
+    loaded = load_quantized(tmp_path / "rdn.q.pt", backend="reference")
+    assert torch.equal(loaded(x), y)
+    assert loaded.get_extra_state()["res_scales"] is None
+
+
+def test_a_calibration_table_gives_the_same_rdn(tmp_path):
+    from gdq_engine.quantized import save_calibration_table
+
+    model = small_rdn(seed=7)
+    calib = random_image(16, 16, n=6, seed=6)
+    save_calibration_table(model, calib, tmp_path / "rdn.calib.pt")
+    from_table = quantize(model, "static", bits=4, calib=str(tmp_path / "rdn.calib.pt"), backend="reference")
+    direct = quantize(model, "static", bits=4, calib=calib, backend="reference")
+    x = random_image(8, 9, n=1, seed=8)
+    assert torch.equal(from_table(x), direct(x))
+
+
+def test_engine_tiles_a_quantized_rdn_exactly():
+    model = small_rdn(seed=8, n_layers=2)
+    calib = random_image(16, 16, n=6, seed=10)
+    img = random_image(23, 29, seed=11)
+    margin = model.receptive_radius
+    tiled = Engine(model, policy="static", bits=8, calib=calib, patch_size=12, margin=margin, backend="reference")
+    whole = Engine(model, policy="static", bits=8, calib=calib, patch_size=None, backend="reference")
+    a, report = tiled.upscale(img, return_report=True)
+    assert report.patches > 1
+    assert torch.equal(a, whole.upscale(img))
+    mixed = Engine(model, policy="entropy", bits=(2, 4, 8), calib=calib, patch_size=12, margin=margin,
+                   backend="reference")
+    y, report = mixed.upscale(img, return_report=True)
+    assert y.shape == a.shape and set(report.bits) <= {2, 4, 8}
+
+
+def test_integer_tail_runs_on_rdn():
+    model = small_rdn(seed=9, n_feats=32, growth=32, n_layers=2)
+    calib = random_image(12, 12, n=4, seed=12)
+    q = quantize(model, "static", bits=8, calib=calib, backend="reference", tail_bits=8)
+    from gdq_engine.runtime.inttail import tail_conv_names
+
+    assert tail_conv_names(model) == ["upsampler.0"]  # the body-end 3x3 has 32 outputs: it stays FP
+    assert q.tail_bits == 8 and len(q.tail_scales) == 1
+    x = random_image(8, 8, n=1, seed=13)
+    with torch.no_grad():
+        fp = model(x)
+    assert float(((q(x) - fp) ** 2).mean()) < 1e-3 * float((fp ** 2).mean())
+
+
+def test_what_dense_blocks_refuse_says_why():
+    model = small_rdn(seed=1)
+    calib = random_image(12, 12, n=4, seed=14)
+    q = quantize(model, "static", bits=8, calib=calib, backend="reference")
+    with pytest.raises(ValueError, match="float32"):
+        q.integer_body(residual_stream="dtype")
+    with pytest.raises(ValueError, match="padded"):
+        q.integer_body(containers="padded")
+    with pytest.raises(ValueError, match="trained for depths"):
+        q.set_depth(1)
+    with pytest.raises(ValueError, match="no residual scale"):
+        q.set_res_scales([0.5, 0.5])
+    with pytest.raises(NotImplementedError, match="CADyQ"):
+        q.integer_body().run_layerwise(torch.zeros(1, 16, 4, 4), None, None)
+    with pytest.raises(ValueError, match="full depth"):
+        from gdq_engine.quantized import QuantizedSR
+
+        QuantizedSR(q.fp, q.policy, q.act_quants(), depths=(1, 2))
+    from gdq_engine.train.fakebody import FakeQuantBody
+
+    with pytest.raises(NotImplementedError, match="residual-block bodies"):
+        FakeQuantBody(model, q.act_quants(), 8)
+    with pytest.raises(ValueError, match="signed input quantizer"):
+        DenseIntegerBody(prepare_dense_blocks(model, 8), {8: [qs[:2] for qs in q.act_quants()[8]]})
+
+
+def test_cli_calibrates_and_runs_an_rdn_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from gdq_engine.cli import main
+    from gdq_engine.io import save_image
+    from gdq_engine.models import save_checkpoint
+
+    save_checkpoint(small_rdn(seed=10, n_layers=2), tmp_path / "rdn.pt")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        save_image(random_image(40, 40, seed=20 + i), calib / f"{i}.png")
+    qpath = tmp_path / "rdn.q.pt"
+    assert main(["calibrate", "--model", str(tmp_path / "rdn.pt"), "--policy", "static:4", "--calib", str(calib),
+                 "--calib-patch", "12", "--out", str(qpath)]) == 0
+    save_image(random_image(14, 18, seed=22), tmp_path / "a.png")
+    assert main(["upscale", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--model", str(qpath)]) == 0
+    assert Image.open(tmp_path / "b.png").size == (36, 28)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(tmp_path / "rdn.pt"), "--policy", "static:4", "--calib", str(calib),
+                 "--calib-patch", "12", "--dqc-iters", "2", "--dqc-patch", "12",
+                 "--out", str(tmp_path / "dqc.pt")]) == 2
+    assert "residual-block bodies" in capsys.readouterr().err
