@@ -267,12 +267,41 @@ def _default(value, default):
     return default if value is None else value
 
 
+def _arch_config(arch: str, text: str | None) -> dict:
+    """``--arch-config`` 'n_feats=32,n_blocks=4' -> constructor arguments of ``arch`` (ints, floats);
+    None: EDSR-baseline for ``edsr``, the architecture's own defaults otherwise. ``ValueError`` on
+    an argument the architecture does not take or a value that is not a number."""
+    import inspect
+
+    from .models.checkpoints import ARCHS
+
+    if text is None:
+        return dict(n_feats=64, n_blocks=16, res_scale=1.0) if arch == "edsr" else {}
+    known = set(inspect.signature(ARCHS[arch]).parameters) - {"scale", "mean"}
+    config = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(f"bad --arch-config item {item!r}: write KEY=VALUE with KEY one of {sorted(known)}")
+        try:
+            number = float(value)
+        except ValueError as exc:
+            raise ValueError(f"bad --arch-config value {value!r} for {key}: a number") from exc
+        config[key] = int(number) if number.is_integer() and key != "res_scale" else number
+    return config
+
+
 def cmd_train(args) -> int:
     command = _command(args)
+    if args.method != "fp" and (args.arch != "edsr" or args.arch_config is not None):
+        raise ValueError("--arch and --arch-config choose the model FP training builds; QAT takes the FP model "
+                         "as --model")
     if args.method == "fp":
         from .train.fp import FPTrainConfig, train_fp
 
-        cfg = FPTrainConfig(scale=args.scale, data=tuple(args.data), val=args.val, iters=_default(args.iters, 10000),
+        cfg = FPTrainConfig(scale=args.scale, arch=args.arch, model_config=_arch_config(args.arch, args.arch_config),
+                            data=tuple(args.data), val=args.val, iters=_default(args.iters, 10000),
                             batch=args.batch or 16, lr_patch=args.patch, lr=args.lr or 2e-4, warmup=args.warmup,
                             seed=args.seed, val_every=args.val_every or 1000, init=args.init, bf16=args.bf16)
         out = train_fp(cfg, args.out, device=args.device, command=command)
@@ -400,10 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an FP model, or quantization-aware training (resumable)")
     p.add_argument("--method", default="fp", choices=["fp", "granular", "cadyq", "static"],
-                   help="fp: FP EDSR-baseline; granular: Granular-DQ QAT (GBC + E2B + ATC); cadyq: CADyQ QAT "
-                        "(per-layer selectors); static: LSQ QAT at one activation width (QuantSR-style WxAx with "
-                        "--w-bits)")
+                   help="fp: an FP model (--arch, default EDSR-baseline); granular: Granular-DQ QAT (GBC + E2B + "
+                        "ATC); cadyq: CADyQ QAT (per-layer selectors); static: LSQ QAT at one activation width "
+                        "(QuantSR-style WxAx with --w-bits)")
     p.add_argument("--scale", type=int, default=4, choices=[2, 3, 4], help="fp: the model's scale")
+    p.add_argument("--arch", default="edsr", choices=["edsr", "msrresnet", "rdn"], help="fp: the architecture")
+    p.add_argument("--arch-config", default=None,
+                   help="fp: its constructor arguments, e.g. n_feats=32,n_blocks=4,n_layers=4,growth=32 for a "
+                        "small RDN (default: EDSR-baseline for edsr, the architecture's defaults otherwise)")
     p.add_argument("--out", required=True, help="output checkpoint (a .state.pt beside it makes runs resumable)")
     p.add_argument("--data", nargs="+", default=["../shared/data/train"],
                    help="folders of HR training images (default: ../shared/data/train)")

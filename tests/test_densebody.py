@@ -250,3 +250,29 @@ def test_cli_calibrates_and_runs_an_rdn_checkpoint(tmp_path, capsys):
                  "--calib-patch", "12", "--dqc-iters", "2", "--dqc-patch", "12",
                  "--out", str(tmp_path / "dqc.pt")]) == 2
     assert "residual-block bodies" in capsys.readouterr().err
+
+
+def test_train_builds_the_architecture_it_is_told(tmp_path, monkeypatch, capsys):
+    """`train --arch rdn --arch-config ...` hands FP training that model; bad items and QAT are refused."""
+    import gdq_engine.train.fp as fp_train
+    from gdq_engine.cli import main
+
+    seen = {}
+
+    def fake_train_fp(cfg, out, device=None, command=None, **kw):
+        seen.update(arch=cfg.arch, config=cfg.model_config, scale=cfg.scale)
+        return out
+
+    monkeypatch.setattr(fp_train, "train_fp", fake_train_fp)
+    args = ["train", "--scale", "2", "--out", str(tmp_path / "m.pt")]
+    assert main([*args, "--arch", "rdn", "--arch-config", "n_feats=32,n_blocks=4,n_layers=4,growth=32"]) == 0
+    assert seen == {"arch": "rdn", "config": {"n_feats": 32, "n_blocks": 4, "n_layers": 4, "growth": 32}, "scale": 2}
+    assert main(args) == 0 and seen["arch"] == "edsr" and seen["config"]["n_blocks"] == 16  # EDSR-baseline
+    assert main([*args, "--arch", "edsr", "--arch-config", "n_feats=8,res_scale=1"]) == 0
+    assert seen["config"] == {"n_feats": 8, "res_scale": 1.0} and isinstance(seen["config"]["res_scale"], float)
+    capsys.readouterr()
+    assert main([*args, "--arch", "rdn", "--arch-config", "width=3"]) == 2
+    assert "n_layers" in capsys.readouterr().err  # says which keys exist
+    assert main([*args, "--arch", "rdn", "--arch-config", "growth=big"]) == 2
+    assert main([*args, "--method", "static", "--arch", "rdn"]) == 2
+    assert "--model" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """benchmarks/latency.py in CPU mode on tiny frames: every row runs, rotates over its frames, and its
 columns agree with what the engine computes (the timings themselves are not checked); and
-benchmarks/cpu_kernels.py writes every row."""
+benchmarks/cpu_kernels.py and rdn_quality.py write every row."""
 
 import json
 import re
@@ -588,3 +588,31 @@ def test_autotune_choices_name_each_tuner_and_key(monkeypatch):
                            _tuned_padded_conv=tuner(cache={}), _tuned_fp_conv=tuner(cache={(3,): "BLOCK_M: 4"}))
     monkeypatch.setitem(sys.modules, "gdq_engine.kernels.ops", fake)
     assert common.autotune_choices() == {"conv (64, 64, 8)": "BLOCK_M: 128, num_warps: 4", "fp (3,)": "BLOCK_M: 4"}
+
+
+def test_rdn_quality_trains_then_tables_fp_against_each_width(tmp_path, monkeypatch):
+    """benchmarks/rdn_quality.py end to end at toy size: trains when the model is missing, evaluates
+    every policy row, and writes both commands beside the rows."""
+    import rdn_quality
+
+    from gdq_engine.io import save_image
+
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    save_image(torch.rand(3, 72, 76, generator=torch.Generator().manual_seed(3)), hr / "a.png")
+    calib = tmp_path / "calib"  # crops of the inference patch (96 LR pixels at x2)
+    calib.mkdir()
+    save_image(torch.rand(3, 200, 200, generator=torch.Generator().manual_seed(4)), calib / "c.png")
+    model = tmp_path / "rdn.pt"
+    monkeypatch.setattr(rdn_quality, "ARCH_CONFIG", dict(n_feats=8, n_blocks=2, n_layers=2, growth=8))
+    monkeypatch.setattr(sys, "argv", ["rdn_quality.py", "--model", str(model), "--iters", "2", "--data", str(hr),
+                                      "--train-data", str(hr), "--val", "", "--calib", str(calib),
+                                      "--out", str(tmp_path / "out"), "--device", "cpu"])
+    rdn_quality.main()
+    assert model.is_file()
+    (path,) = (tmp_path / "out").glob("rdn-quality-*.json")
+    result = json.loads(path.read_text())
+    assert [r["method"] for r in result["rows"]] == ["bicubic", *rdn_quality.POLICIES]
+    assert {r["fab"] for r in result["rows"] if r["method"].startswith("static")} == {8.0, 6.0, 4.0, 3.0, 2.0}
+    assert result["train_command"].startswith("python -m gdq_engine train --arch rdn --arch-config n_feats=8")
+    assert "--policies fp static:8" in result["eval_command"] and result["environment"]["command"]

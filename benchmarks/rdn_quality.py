@@ -1,0 +1,65 @@
+"""Quality of RDN's quantized dense blocks: a small RDN trained here, then FP against PTQ widths.
+
+    python benchmarks/rdn_quality.py --model rdn_small_x2.pt
+
+No trained RDN ships with the project, so this trains one first (when ``--model`` does not exist;
+resumable, seeded), with ``python -m gdq_engine train --arch rdn --arch-config ...``'s code:
+4 blocks x 4 dense layers, 32 features and growth, x2, 4000 iterations of 16 LR crops of 32x32 (a
+quarter of an hour on 2 CPU cores). It then evaluates it as ``python -m gdq_engine eval`` does
+(MATLAB-bicubic LR, PSNR / SSIM on Y, border = scale) in FP and with post-training quantization
+of the dense blocks (DOBI scales from ``--calib`` crops), and writes
+``benchmarks/results/rdn-quality-*.json`` with the environment and both commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import write_results
+
+from gdq_engine.cli import main as cli
+from gdq_engine.train.fp import FPTrainConfig, train_fp
+
+ARCH_CONFIG = dict(n_feats=32, n_blocks=4, n_layers=4, growth=32)
+POLICIES = ["fp", "static:8", "static:6", "static:4", "static:3", "static:2", "entropy:2,4,8"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="rdn_small_x2.pt", help="the trained RDN (trained here if it does not exist)")
+    ap.add_argument("--iters", type=int, default=4000)
+    ap.add_argument("--data", nargs="+", default=["../shared/data/val/Set5", "../shared/data/val/CSet14"])
+    ap.add_argument("--train-data", default="../shared/data/train", help="HR images to train on")
+    ap.add_argument("--val", default="../shared/data/val/Set5", help="HR folder of the training's PSNR ('' to skip)")
+    ap.add_argument("--calib", default="../shared/data/train")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    train = ["train", "--arch", "rdn", "--arch-config", ",".join(f"{k}={v}" for k, v in ARCH_CONFIG.items()),
+             "--scale", "2", "--iters", str(args.iters), "--batch", "16", "--patch", "32", "--val-every", "1000",
+             "--seed", "0", "--data", args.train_data, "--val", args.val, "--out", args.model]
+    if not Path(args.model).exists():
+        cfg = FPTrainConfig(scale=2, arch="rdn", model_config=ARCH_CONFIG, data=(args.train_data,),
+                            val=args.val or None, iters=args.iters, batch=16, lr_patch=32, val_every=1000, seed=0)
+        train_fp(cfg, args.model, device=args.device, command="python -m gdq_engine " + " ".join(train))
+    evaluate = ["eval", "--model", args.model, "--data", *args.data, "--policies", *POLICIES, "--calib",
+                args.calib, "--bicubic"] + (["--device", args.device] if args.device else []) + \
+        (["--limit", str(args.limit)] if args.limit else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "eval.json"
+        if cli([*evaluate, "--json", str(table)]) != 0:
+            raise SystemExit("eval failed")
+        rows = json.loads(table.read_text())
+    payload = {"train_command": "python -m gdq_engine " + " ".join(train),
+               "eval_command": "python -m gdq_engine " + " ".join(evaluate),
+               "model": {"arch": "rdn", "scale": 2, **ARCH_CONFIG, "iters": args.iters}, "rows": rows}
+    path = write_results("rdn-quality", payload, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
