@@ -100,6 +100,22 @@ def test_the_body_is_the_contract_bit_for_bit(bits, w_bits, n):
         model.cpu()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon body conv takes 64-channel segments on H100/H200")
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_full_width_segments_on_the_gpu_are_the_contract(bits):
+    """64-channel segments (RDN-B's): on sm_90 the Triton backend runs them on the Gluon body conv."""
+    g = torch.Generator().manual_seed(next(_seed))
+    model = small_rdn(seed=bits, n_feats=64, growth=64, n_layers=3)
+    quants = random_quants(model, bits, g)
+    x = torch.randn(3, 64, 19, 23, generator=g) * 2
+    want = contract(model, quants, 8, x)
+    for containers in ("packed", "bytes"):
+        body = DenseIntegerBody(prepare_dense_blocks(model.cuda(), 8), {bits: quants}, backend="triton",
+                                containers=containers)
+        assert torch.equal(body(x.cuda(), bits).cpu(), want), containers
+    model.cpu()
+
+
 def test_a_conv_per_segment_is_not_the_same_as_one_scale():
     """The contract is really per segment: one shared scale for the concatenation gives other codes."""
     g = torch.Generator().manual_seed(1)
