@@ -618,8 +618,10 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
         mbarrier.invalidate(res_bars.index(1))
 
 # The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
-# unsigned or signed codes in, the residual stream updated, the next block's codes out), compiled by
-# compile_report: (name, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, SKIP_PAD, out, res).
+# unsigned or signed codes in, the residual stream updated, the next block's codes out; RDN's dense
+# blocks, runtime/densebody.py: a segment's conv with the bias and no residual, or adding onto the
+# partial sum, fp32 out), compiled by compile_report: (name, A_SIGNED, RELU, HAS_RES, SCALE_RES,
+# O_BITS, O_LO, O_HI, NEXT_BITS, SKIP_PAD, out, res).
 VARIANTS = [
     ("conv1", True, True, False, False, 8, 0, 255, 0, False, "u8", "fp32"),
     ("conv1 skip", True, True, False, False, 8, 0, 15, 0, True, "u8", "fp32"),
@@ -628,6 +630,9 @@ VARIANTS = [
     ("conv2 scaled", False, False, True, True, 0, 0, 0, 0, False, "fp32", "fp32"),
     ("conv2+next fp16 stream", False, False, True, False, 0, 0, 0, 8, True, "fp16", "fp16"),
     ("fp32 out", True, True, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
+    ("dense first segment", True, False, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
+    ("dense segment add", False, False, True, False, 0, 0, 0, 0, False, "fp32", "fp32"),
+    ("dense segment add signed", True, False, True, False, 0, 0, 0, 0, False, "fp32", "fp32"),
 ]
 # The upsampler's 64 -> 256 convs on the twin (``ops.SM90_UP``), the same fields and the pixel
 # shuffle r (Cout = 64 r^2, one group of 64 output channels a program): the x4 tail's first stage
