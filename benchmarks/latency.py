@@ -79,7 +79,7 @@ from pathlib import Path
 
 import torch
 
-from gdq_engine.runtime.intgraph import has_integer_body
+from gdq_engine.runtime.intgraph import has_integer_body, has_residual_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -152,7 +152,8 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if gpu:  # A/B: the last conv on cuDNN fp16 instead of the Triton FP kernel (runtime/lastconv.py)
         quant.append(("static a8 + int8 tail, cuDNN last conv", dict(policy="static", bits=8, tail_bits=8,
                                                                       last_conv="torch")))
-        # A/B: the body's residual stream in fp32 instead of fp16 (residual_stream="auto" on Triton/CUDA)
+    if gpu and has_residual_body(model):  # A/B: the body's residual stream in fp32 instead of fp16
+        # (residual_stream="auto" on Triton/CUDA; RDN's dense blocks keep an fp32 stream)
         quant.append(("static a8 + int8 tail, fp32 stream", dict(policy="static", bits=8, tail_bits=8,
                                                                   residual_stream="float32")))
     if granular is not None:
@@ -175,7 +176,8 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
                                                                   image_graphs=True)))
         # A/B: a batch's groups side by side, one CUDA stream per width (Engine(group_streams=True))
         quant.append(("entropy {2,4,8}, group streams", dict(policy="entropy", bits=(2, 4, 8), group_streams=True)))
-    if gpu:  # last (a GPU step cut short loses it first): the body in the padded layout, on the TMA kernel
+    if gpu and has_residual_body(model):  # last (a GPU step cut short loses it first): the body in the
+        # padded layout, on the TMA kernel (residual-block bodies only)
         quant.append(("static a8 + int8 tail, padded", dict(policy="static", bits=8, tail_bits=8,
                                                              containers="padded")))
     # The quantized rows run their FP layers (head, upsampler unless the tail is integer, last

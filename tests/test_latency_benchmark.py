@@ -116,6 +116,13 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
                                                                       image_graphs=True)
     assert [name for name, kw in cases.items() if "image_graphs" in kw] == [
         "granular {2,4,8} + int8 tail, image graph", "static a8 + int8 tail, image graph"]
+    # RDN's dense blocks: no padded layout and always an fp32 stream, so no such A/B rows
+    from gdq_engine.models import RDN
+
+    rdn = dict(latency.cases_for(True, RDN(2, n_feats=16, n_blocks=1, n_layers=1, growth=16), None, "none"))
+    edsr = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), None, "none"))
+    assert set(edsr) - set(rdn) == {"static a8 + int8 tail, padded", "static a8 + int8 tail, fp32 stream"}
+    assert set(rdn) < set(edsr)
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
     assert not any(name.endswith(("padded", "last conv", "stream", "glue", "stitch", "streams", "graph"))
                    for name in cpu)
