@@ -3,7 +3,7 @@
     python benchmarks/rdn_quality.py --model rdn_small_x2.pt
 
 No trained RDN ships with the project, so this trains one first (when ``--model`` does not exist;
-resumable, seeded), with ``python -m gdq_engine train --arch rdn --arch-config ...``'s code:
+resumable, seeded) by ``python -m gdq_engine train --arch rdn --arch-config ...``:
 4 blocks x 4 dense layers, 32 features and growth, x2, 4000 iterations of 16 LR crops of 32x32 (a
 quarter of an hour on 2 CPU cores). It then evaluates it as ``python -m gdq_engine eval`` does
 (MATLAB-bicubic LR, PSNR / SSIM on Y, border = scale) in FP and with post-training quantization
@@ -21,7 +21,6 @@ from pathlib import Path
 from common import write_results
 
 from gdq_engine.cli import main as cli
-from gdq_engine.train.fp import FPTrainConfig, train_fp
 
 ARCH_CONFIG = dict(n_feats=32, n_blocks=4, n_layers=4, growth=32)
 POLICIES = ["fp", "static:8", "static:6", "static:4", "static:3", "static:2", "entropy:2,4,8"]
@@ -39,16 +38,14 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    device = ["--device", args.device] if args.device else []
     train = ["train", "--arch", "rdn", "--arch-config", ",".join(f"{k}={v}" for k, v in ARCH_CONFIG.items()),
              "--scale", "2", "--iters", str(args.iters), "--batch", "16", "--patch", "32", "--val-every", "1000",
-             "--seed", "0", "--data", args.train_data, "--val", args.val, "--out", args.model]
-    if not Path(args.model).exists():
-        cfg = FPTrainConfig(scale=2, arch="rdn", model_config=ARCH_CONFIG, data=(args.train_data,),
-                            val=args.val or None, iters=args.iters, batch=16, lr_patch=32, val_every=1000, seed=0)
-        train_fp(cfg, args.model, device=args.device, command="python -m gdq_engine " + " ".join(train))
+             "--seed", "0", "--data", args.train_data, "--val", args.val, "--out", args.model, *device]
+    if not Path(args.model).exists() and cli(train) != 0:
+        raise SystemExit("train failed")
     evaluate = ["eval", "--model", args.model, "--data", *args.data, "--policies", *POLICIES, "--calib",
-                args.calib, "--bicubic"] + (["--device", args.device] if args.device else []) + \
-        (["--limit", str(args.limit)] if args.limit else [])
+                args.calib, "--bicubic", *device] + (["--limit", str(args.limit)] if args.limit else [])
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "eval.json"
         if cli([*evaluate, "--json", str(table)]) != 0:

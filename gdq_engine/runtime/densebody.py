@@ -55,11 +55,13 @@ def dense_quantized_convs(block: nn.Module) -> list[nn.Conv2d]:
 @dataclass
 class DenseConv:
     """One quantized conv over concatenated segments: int8 (Cout, C_j, 3, 3) codes per segment,
-    fp32 (Cout,) weight scales (shared by the segments) and bias."""
+    fp32 (Cout,) weight scales (shared by the segments), bias (the first segment's) and zeros (the
+    later segments' bias)."""
 
     segments: list[torch.Tensor]
     s_w: torch.Tensor
     bias: torch.Tensor
+    zeros: torch.Tensor
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _split(conv: nn.Conv2d, widths: list[int], w_bits: int) -> DenseConv:
         raise ValueError(f"segments of {widths} channels for a conv of {codes.shape[1]} inputs")
     segments = [codes[:, a:b].contiguous() for a, b in zip(bounds, bounds[1:])]
     bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(codes.shape[0])
-    return DenseConv(segments, s_w, bias.to(s_w.device))
+    return DenseConv(segments, s_w, bias.to(s_w.device), torch.zeros_like(s_w))
 
 
 def prepare_dense_blocks(model: nn.Module, w_bits: int = 8) -> list[DenseQuantBlock]:
@@ -134,7 +136,7 @@ class DenseIntegerBody:
                     raise ValueError(f"a dense block of {len(blk.layers)} layers needs a signed input quantizer "
                                      f"and {len(blk.layers)} unsigned ones, got {q}")
         self.blocks, self.act_quants = blocks, in_containers(act_quants, containers)
-        self.containers, self.backend, self.padded = containers, backend, False
+        self.containers, self.backend = containers, backend
         self._ops = _backend_module(backend)
         # Epilogue multipliers m = fp32(s_segment) * fp32(s_w[o]), once per (bits, block, conv, segment).
         self._mults = {b: [[[torch.tensor(q.scale, dtype=torch.float32) * conv.s_w.float()
@@ -175,8 +177,8 @@ class DenseIntegerBody:
         raise NotImplementedError("per-layer bit-widths (CADyQ) run on residual-block bodies (EDSR, MSRResNet); "
                                   "dense blocks run patch-wise policies")
 
-    def run_eager(self, feat: torch.Tensor, bits: int, scratch=None, items=None) -> torch.Tensor:
-        """:meth:`__call__` without CUDA graphs (``scratch`` and ``items`` are not used)."""
+    def run_eager(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
+        """:meth:`__call__` without CUDA graphs."""
         from .intgraph import reads_signed
 
         ops, quants = self._ops, self.act_quants[bits]
@@ -200,11 +202,10 @@ class DenseIntegerBody:
     def _segment_sum(ops, conv: DenseConv, segs, signed, qs, weights, mults, residual):
         """fp32 (N,H,W,Cout): the segments' convs summed in order, the bias with the first segment
         (and ``residual``, if given, before it)."""
-        zeros = torch.zeros_like(conv.bias)
         in_place = getattr(ops, "OUT_BUFFERS", False)  # the partial sum updated in place (never the stream)
         p = residual
         for j, (codes, w, m) in enumerate(zip(segs, weights, mults)):
             into = {"out": p} if in_place and j > 0 else {}
-            p = ops.packed_conv3x3(codes, qs[j].container, signed[j], w, m, conv.bias if j == 0 else zeros,
+            p = ops.packed_conv3x3(codes, qs[j].container, signed[j], w, m, conv.bias if j == 0 else conv.zeros,
                                    residual=p, **into)
         return p
