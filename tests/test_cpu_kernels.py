@@ -169,6 +169,34 @@ def test_output_written_into_the_residual_buffer(path):
         cpu_ops.packed_conv3x3(xp, 8, False, cpu_ops.prepare_conv_weight(w), mult, bias, out=torch.empty(2, 6, 37, 63))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("a_bits,signed", [(8, True), (8, False), (4, False), (2, True), (2, False)])
+@pytest.mark.parametrize("cin,cout,shape", [(64, 64, (1, 5, 37, 64)), (576, 64, (2, 3, 9, 576)),
+                                            (96, 48, (3, 4, 7, 96)), (16, 8, (1, 1, 1, 16))])
+def test_1x1_weights_equal_the_centre_tap_3x3_conv(path, a_bits, signed, cin, cout, shape):
+    """(Cout, C, 1, 1) weights (RDN's fusion conv): the reference 3x3 conv of the weights zero-padded
+    to the centre tap, bit for bit, through the dense body's epilogue (fp32, the partial sum as the
+    residual, written in place) and a packed one; C = 576 is RDN-B's fusion width (AMX chunks of 64),
+    96 -> 48 the VNNI tail tiles, one pixel a row of only padding around it."""
+    g = gen()
+    x = rand_codes(shape[:3] + (cin,), a_bits, signed, g)
+    w1 = rand_weights(cout, cin, 8, g)[:, :, 1:2, 1:2].contiguous()
+    w3 = torch.nn.functional.pad(w1, (1, 1, 1, 1))
+    mult, bias = torch.rand(cout, generator=g) * 1e-3, torch.randn(cout, generator=g)
+    xp = pack_codes(x, container_bits(a_bits))
+    prep = cpu_ops.prepare_conv_weight(w1)
+    assert prep.w.shape == (1, cin // 4, cout, 4)
+    residual = torch.randn(shape[:3] + (cout,), generator=g)
+    want = ref.packed_conv3x3(xp, a_bits, signed, w3, mult, bias, residual=residual)
+    got = cpu_ops.packed_conv3x3(xp, a_bits, signed, prep, mult, bias, residual=residual, out=residual,
+                                 **PATH_FLAGS[path])
+    assert got.data_ptr() == residual.data_ptr() and torch.equal(got, want)
+    q = ActQuant(4, False, 0.03)
+    want = ref.packed_conv3x3(xp, a_bits, signed, w3, mult, bias, relu=True, out_quant=q)
+    got = cpu_ops.packed_conv3x3(xp, a_bits, signed, w1, mult, bias, relu=True, out_quant=q, **PATH_FLAGS[path])
+    assert torch.equal(got, want)
+
+
 def test_pixel_shuffle_store_rejects_what_it_cannot_do():
     g = gen()
     w = cpu_ops.prepare_conv_weight(rand_weights(64, 64, 8, g))
@@ -225,6 +253,9 @@ def test_bad_inputs_raise_clear_errors():
     g = gen()
     with pytest.raises(ValueError, match="multiples of 4"):
         cpu_ops.prepare_conv_weight(rand_weights(16, 6, 8, g))
+    for bad in (rand_weights(16, 16, 8, g)[:, :, :1], rand_weights(16, 16, 8, g)[:, :, :1, :1].float()):
+        with pytest.raises(ValueError, match=r"\(Cout, C, 3, 3\) or \(Cout, C, 1, 1\) int8"):
+            cpu_ops.prepare_conv_weight(bad)
     w = cpu_ops.prepare_conv_weight(rand_weights(16, 16, 8, g))
     xp = torch.zeros(1, 4, 4, 8, dtype=torch.uint8)  # 16 channels at 4 bits
     with pytest.raises(RuntimeError, match="weights expect 16"):

@@ -97,6 +97,10 @@ def test_the_body_is_the_contract_bit_for_bit(bits, w_bits, n):
             got = body(x.to(device), bits).cpu()
             assert got.shape == want.shape and got.dtype == torch.float32
             assert torch.equal(got, want), (backend, containers)
+            # the fusion conv's first segment: a real 1x1 conv in C++, the reference's a centre-tap 3x3
+            fuse = body._weights_for(quants[0][0].container, quants[0][1].container)[0][-1][0]
+            if backend in ("cpp", "reference"):
+                assert fuse.w.shape[0] == 1 if backend == "cpp" else fuse.shape[2:] == (3, 3)
         model.cpu()
 
 

@@ -12,6 +12,9 @@
 // int16 (exact; the 8-bit vpmaddubsw would saturate); otherwise a portable loop computes the same
 // int32 sums. For signed inputs the shift is removed with -128 * sum(w[o]) over all taps
 // (padding, stored as 128, is code 0).
+// A 1x1 conv (RDN's dense-block fusion) runs through the same cores with (1, C/4, Cout, 4)
+// weights: only the centre tap, the sums of a 3x3 conv whose other taps are zero at a ninth of
+// its multiply-adds.
 //
 // With AMX-INT8 (Sapphire Rapids and later; Linux grants the tile state on request) the same sums
 // come from tile matrix multiplies (tdpbusd: u8 x s8 -> s32, 16 x 16 outputs x 64 bytes of K per
@@ -97,6 +100,9 @@ bool cpu_has_amx() {
 
 struct ConvGeom {
   int64_t H, W, C, Cout;  // C: input channels; a padded input row is W + 2 (+ slack) pixels of C bytes
+  // The taps the weights hold, tap0 .. tap0 + taps - 1 of the 3x3 window (tap = 3 * ky + kx):
+  // all nine, or only the centre one (tap 4) for a 1x1 conv, whose weights are (1, C/4, Cout, 4).
+  int64_t tap0 = 0, taps = 9;
 };
 
 // The first 64-byte boundary in `data` (which must hold 64 bytes of slack). AMX tile rows of 64
@@ -115,13 +121,13 @@ using InRows = const uint8_t* const*;
 void row_portable(InRows in, const int8_t* wv, const ConvGeom& g, int32_t* acc) {
   const int64_t C4 = g.C / 4;
   std::fill(acc, acc + g.W * g.Cout, 0);
-  for (int64_t tap = 0; tap < 9; ++tap) {
-    const int64_t ky = tap / 3, kx = tap % 3;
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const int64_t ky = (g.tap0 + t) / 3, kx = (g.tap0 + t) % 3;
     for (int64_t x = 0; x < g.W; ++x) {
       const uint8_t* a = in[ky] + (x + kx) * g.C;
       int32_t* out = acc + x * g.Cout;
       for (int64_t c4 = 0; c4 < C4; ++c4) {
-        const int8_t* w = wv + (tap * C4 + c4) * g.Cout * 4;
+        const int8_t* w = wv + (t * C4 + c4) * g.Cout * 4;
         const int32_t a0 = a[c4 * 4], a1 = a[c4 * 4 + 1], a2 = a[c4 * 4 + 2], a3 = a[c4 * 4 + 3];
         for (int64_t o = 0; o < g.Cout; ++o) {
           out[o] += a0 * w[o * 4] + a1 * w[o * 4 + 1] + a2 * w[o * 4 + 2] + a3 * w[o * 4 + 3];
@@ -139,10 +145,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void tile_vnni(
   __m512i s[PX][NB];
   for (int p = 0; p < PX; ++p)
     for (int b = 0; b < NB; ++b) s[p][b] = _mm512_setzero_si512();
-  for (int64_t tap = 0; tap < 9; ++tap) {
-    const int64_t ky = tap / 3, kx = tap % 3;
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const int64_t ky = (g.tap0 + t) / 3, kx = (g.tap0 + t) % 3;
     const uint8_t* a = in[ky] + (x0 + kx) * g.C;
-    const int8_t* w = wv + (tap * C4 * g.Cout + o0) * 4;
+    const int8_t* w = wv + (t * C4 * g.Cout + o0) * 4;
     for (int64_t c4 = 0; c4 < C4; ++c4) {
       __m512i wr[NB];
       for (int b = 0; b < NB; ++b) wr[b] = _mm512_loadu_si512(w + (c4 * g.Cout + b * 16) * 4);
@@ -191,10 +197,10 @@ __attribute__((target("avx2"))) inline void tile_avx2(const int16_t* const* in, 
   const int64_t C4 = g.C / 4;
   __m256i s[PX][2];
   for (int p = 0; p < PX; ++p) s[p][0] = s[p][1] = _mm256_setzero_si256();
-  for (int64_t tap = 0; tap < 9; ++tap) {
-    const int64_t ky = tap / 3, kx = tap % 3;
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const int64_t ky = (g.tap0 + t) / 3, kx = (g.tap0 + t) % 3;
     const int16_t* a = in[ky] + (x0 + kx) * g.C;
-    const int16_t* w = wv + (tap * C4 * g.Cout + o0) * 4;
+    const int16_t* w = wv + (t * C4 * g.Cout + o0) * 4;
     for (int64_t c4 = 0; c4 < C4; ++c4) {
       const __m256i* wq = reinterpret_cast<const __m256i*>(w + c4 * g.Cout * 4);
       const __m256i w_lo = _mm256_loadu_si256(wq), w_hi = _mm256_loadu_si256(wq + 1);  // outputs 0..3, 4..7
@@ -229,8 +235,8 @@ __attribute__((target("avx2"))) void widen_avx2(const T* src, int64_t n, int16_t
 
 void row_avx2(InRows in, const int16_t* wv, const ConvGeom& g, int16_t* wide, int32_t* acc) {
   const int64_t n = (g.W + 2) * g.C;
-  const int16_t* rows[3];
-  for (int ky = 0; ky < 3; ++ky) {
+  const int16_t* rows[3] = {};
+  for (int64_t ky = g.tap0 / 3; ky <= (g.tap0 + g.taps - 1) / 3; ++ky) {  // the rows the taps read
     widen_avx2<false>(in[ky], n, wide + ky * n);
     rows[ky] = wide + ky * n;
   }
@@ -286,11 +292,11 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void row_amx(InRows in, con
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t tap = 0; tap < 9; ++tap) {
-          const int64_t ky = tap / 3, kx = tap % 3;
+        for (int64_t t = 0; t < g.taps; ++t) {
+          const int64_t ky = (g.tap0 + t) / 3, kx = (g.tap0 + t) % 3;
           const uint8_t* a = in[ky] + (x0 + kx) * g.C;
           for (int64_t k = 0; k < g.C; k += kb) {
-            const int8_t* w = wv + ((tap * C4 + k / 4) * g.Cout + o0) * 4;
+            const int8_t* w = wv + ((t * C4 + k / 4) * g.Cout + o0) * 4;
             _tile_loadd(4, a + k, a_stride);
             _tile_loadd(5, a + 16 * g.C + k, a_stride);
             _tile_loadd(6, w, b_stride);
@@ -785,8 +791,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   TORCH_CHECK(o_bits == 0 || o_bits == 2 || o_bits == 4 || o_bits == 8, "o_bits must be 0 (fp32), 2, 4 or 8");
   TORCH_CHECK(x_packed.scalar_type() == at::kByte && x_packed.dim() == 4 && x_packed.device().is_cpu(),
               "x_packed must be a CPU uint8 NHWC tensor");
-  TORCH_CHECK(w_vnni.scalar_type() == at::kChar && w_vnni.dim() == 4 && w_vnni.size(0) == 9 && w_vnni.size(3) == 4,
-              "w_vnni must be (9, C/4, Cout, 4) int8 (see prepare_cpu_weight)");
+  TORCH_CHECK(w_vnni.scalar_type() == at::kChar && w_vnni.dim() == 4 && (w_vnni.size(0) == 9 || w_vnni.size(0) == 1) &&
+                  w_vnni.size(3) == 4,
+              "w_vnni must be (9, C/4, Cout, 4) int8, or (1, C/4, Cout, 4) for a 1x1 conv (see prepare_conv_weight)");
   const int64_t N = x_packed.size(0), H = x_packed.size(1), W = x_packed.size(2);
   const int64_t C = w_vnni.size(1) * 4, Cout = w_vnni.size(2);
   TORCH_CHECK(x_packed.size(3) * (8 / a_bits) == C, "activations hold ", x_packed.size(3) * (8 / a_bits),
@@ -813,7 +820,8 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
     res = residual->contiguous();
     TORCH_CHECK(res.scalar_type() == at::kFloat && res.numel() == N * H * W * Cout, "residual must be fp32 (N,H,W,Cout)");
   }
-  const ConvGeom g{H, W, C, Cout};
+  const int64_t taps = w_vnni.size(0);
+  const ConvGeom g{H, W, C, Cout, taps == 1 ? 4 : 0, taps};
   bool vnni = false, amx = false, avx2 = false;
 #if defined(__x86_64__) && defined(__GNUC__)
   vnni = allow_vnni && cpu_has_vnni() && Cout % 16 == 0;
@@ -844,9 +852,9 @@ at::Tensor packed_conv3x3_cpu(const at::Tensor& x_packed, int64_t a_bits, bool a
   avx2_epilogue = !avx512 && allow_avx2 && cpu_has_avx2() && Cs % 8 == 0;
 #endif
   const int8_t* pw = wv.data_ptr<int8_t>();
-  std::vector<int16_t> w16(avx2 ? 9 * C * Cout : 0);  // the AVX2 core's weights, widened once per call
+  std::vector<int16_t> w16(avx2 ? taps * C * Cout : 0);  // the AVX2 core's weights, widened once per call
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (avx2) widen_avx2<true>(pw, 9 * C * Cout, w16.data());
+  if (avx2) widen_avx2<true>(pw, taps * C * Cout, w16.data());
 #endif
   const int32_t* pws = ws.data_ptr<int32_t>();
   const float* pm = m.data_ptr<float>();

@@ -15,7 +15,6 @@ import torch
 
 from ..quant.quantizer import ActQuant, container_bits, requant_args
 from . import HAS_CPP, compiled_quantize_pack
-from .reference import check_weight_codes
 
 
 def available() -> bool:
@@ -47,20 +46,25 @@ def conv_path(cin: int, cout: int, allow_vnni: bool = True, allow_amx: bool = Tr
 
 @dataclass(frozen=True)
 class PreparedCpuWeight:
-    """``w``: (9, C/4, Cout, 4) int8, four input channels of one output channel per 32-bit lane;
-    ``wsum``: (Cout,) int32 sum of each output channel's codes."""
+    """``w``: (T, C/4, Cout, 4) int8, four input channels of one output channel per 32-bit lane,
+    for T = 9 taps (3x3) or 1 (a 1x1 conv); ``wsum``: (Cout,) int32 sum of each output channel's codes."""
 
     w: torch.Tensor
     wsum: torch.Tensor
 
 
 def prepare_conv_weight(w_codes: torch.Tensor, a_bits: int | None = None) -> PreparedCpuWeight:
-    """(Cout, C, 3, 3) int8 weight codes -> :class:`PreparedCpuWeight` (any activation width)."""
-    check_weight_codes(w_codes)
-    cout, cin = w_codes.shape[:2]
+    """(Cout, C, 3, 3) or (Cout, C, 1, 1) int8 weight codes -> :class:`PreparedCpuWeight` (any
+    activation width). A 1x1 conv's weights give the sums of the 3x3 conv whose only nonzero tap is
+    the centre one (:data:`CONV1X1`), at a ninth of the multiply-adds."""
+    if w_codes.dim() != 4 or w_codes.shape[2:] not in ((3, 3), (1, 1)) or w_codes.dtype != torch.int8:
+        raise ValueError(f"expected (Cout, C, 3, 3) or (Cout, C, 1, 1) int8 weight codes, got "
+                         f"{tuple(w_codes.shape)} {w_codes.dtype}")
+    cout, cin, kh, kw = w_codes.shape
     if cin % 4:
         raise ValueError(f"the C++ conv needs input channels in multiples of 4, got {cin}")
-    w = w_codes.cpu().permute(2, 3, 1, 0).reshape(9, cin // 4, 4, cout).permute(0, 1, 3, 2).contiguous()
+    taps = kh * kw
+    w = w_codes.cpu().permute(2, 3, 1, 0).reshape(taps, cin // 4, 4, cout).permute(0, 1, 3, 2).contiguous()
     return PreparedCpuWeight(w, w_codes.cpu().sum((1, 2, 3), dtype=torch.int32).contiguous())
 
 
@@ -72,7 +76,8 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
                    next_out: torch.Tensor | None = None, allow_avx2: bool = True) -> torch.Tensor:
     """Fused unpack -> int conv -> epilogue -> (re-quantize + pack | fp32), NHWC, on CPU tensors.
 
-    ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes. ``allow_amx=False``
+    ``weight``: a :class:`PreparedCpuWeight` or raw (Cout, C, 3, 3) int8 codes, or (Cout, C, 1, 1)
+    for a 1x1 conv (:data:`CONV1X1`). ``allow_amx=False``
     forces the VNNI kernel, ``allow_vnni=False`` too the AVX2 one, and all three False the portable
     loop (for tests and benchmarks); each falls back to the next where the CPU lacks it. Returns packed
     uint8 when ``out_quant`` else fp32 (or ``out_dtype=torch.bfloat16``: the fp32 values rounded to
@@ -92,6 +97,11 @@ def packed_conv3x3(x_packed: torch.Tensor, a_bits: int, a_signed: bool, weight, 
         residual, float(res_scale), bool(relu), o_bits, lo, hi, inv_s, allow_vnni, allow_amx, int(shuffle),
         out_dtype == torch.bfloat16, out, *requant_args(next_quant), next_out, allow_avx2)
 
+
+# packed_conv3x3 also takes (Cout, C, 1, 1) weights: a 1x1 conv, the sums (and so the results) of the
+# 3x3 conv whose weights are zero outside the centre tap, at a ninth of its multiply-adds.
+# runtime.densebody runs RDN's fusion convs so; other backends get the zero-padded 3x3 weights.
+CONV1X1 = True
 
 # packed_conv3x3 stores pixel-shuffled (shuffle=r) in these dtypes (out_dtype=, or uint8 8-bit
 # codes): runtime.inttail's upsampler uses it.

@@ -18,7 +18,9 @@ per activation width ``b``, with ``q[0]`` the block input's signed quantizer and
 per-output-channel weight scales (one set over all segments, as in the FP conv). Every line is one
 ``packed_conv3x3`` of the backend (fp32 out; a later segment adds the partial sum as its
 residual), so every backend computes the same values bit for bit. The 1x1 fusion conv runs as a
-3x3 conv whose weights are zero outside the centre tap (exact; 9x that layer's MACs).
+3x3 conv whose weights are zero outside the centre tap (exact; 9x that layer's MACs), or, on a
+backend whose ``packed_conv3x3`` takes 1x1 weights (``CONV1X1``: the C++ one), as a 1x1 conv:
+the same int32 sums, so the same values.
 The residual stream and the body's output (every block's output, concatenated: the global
 fusion's input) are fp32.
 """
@@ -54,7 +56,8 @@ def dense_quantized_convs(block: nn.Module) -> list[nn.Conv2d]:
 
 @dataclass
 class DenseConv:
-    """One quantized conv over concatenated segments: int8 (Cout, C_j, 3, 3) codes per segment,
+    """One quantized conv over concatenated segments: int8 (Cout, C_j, k, k) codes per segment (k = 3,
+    or 1 for the fusion conv),
     fp32 (Cout,) weight scales (shared by the segments), bias (the first segment's) and zeros (the
     later segments' bias)."""
 
@@ -74,8 +77,6 @@ class DenseQuantBlock:
 
 def _split(conv: nn.Conv2d, widths: list[int], w_bits: int) -> DenseConv:
     codes, s_w = quantize_weight(conv.weight, w_bits)  # per output channel, over every segment
-    if codes.shape[2:] == (1, 1):  # a 1x1 conv as the centre tap of a 3x3 one: the same sums
-        codes = nn.functional.pad(codes, (1, 1, 1, 1))
     bounds = [0]
     for w in widths:
         bounds.append(bounds[-1] + w)
@@ -154,13 +155,20 @@ class DenseIntegerBody:
         return torch.float32
 
     def _weights_for(self, in_bits: int, mid_bits: int) -> list:
-        """Per block, per conv, per segment: weights in the backend's form for the segment's container."""
+        """Per block, per conv, per segment: weights in the backend's form for the segment's container
+        (a 1x1 conv's as the centre tap of 3x3 ones where the backend takes no 1x1 weights)."""
         key = (in_bits, mid_bits)
         if key not in self._weights:
-            prep = getattr(self._ops, "prepare_conv_weight", None)
-            self._weights[key] = [[[w if prep is None else prep(w, in_bits if j == 0 else mid_bits)
-                                    for j, w in enumerate(conv.segments)] for conv in (*blk.layers, blk.fuse)]
-                                  for blk in self.blocks]
+            prep = getattr(self._ops, "prepare_conv_weight", None) or (lambda w, bits: w)
+            conv1x1 = getattr(self._ops, "CONV1X1", False)
+
+            def form(w: torch.Tensor, bits: int):
+                if w.shape[2:] == (1, 1) and not conv1x1:
+                    w = nn.functional.pad(w, (1, 1, 1, 1))  # the same sums
+                return prep(w, bits)
+
+            self._weights[key] = [[[form(w, in_bits if j == 0 else mid_bits) for j, w in enumerate(conv.segments)]
+                                   for conv in (*blk.layers, blk.fuse)] for blk in self.blocks]
         return self._weights[key]
 
     def __call__(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
