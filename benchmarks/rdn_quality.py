@@ -8,7 +8,11 @@ resumable, seeded) by ``python -m gdq_engine train --arch rdn --arch-config ...`
 quarter of an hour on 2 CPU cores). It then evaluates it as ``python -m gdq_engine eval`` does
 (MATLAB-bicubic LR, PSNR / SSIM on Y, border = scale) in FP and with post-training quantization
 of the dense blocks (DOBI scales from ``--calib`` crops), and writes
-``benchmarks/results/rdn-quality-*.json`` with the environment and both commands.
+``benchmarks/results/rdn-quality-*.json`` with the environment and every command.
+
+``--qat 4 2`` also trains the dense blocks quantization-aware at those widths (static, 8-bit
+weights, ``--qat-iters`` steps of 16 crops of 32x32 from the FP model and its DOBI scales, each
+checkpoint written beside ``--model`` and reused when it exists) and adds them to the same table.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("--val", default="../shared/data/val/Set5", help="HR folder of the training's PSNR ('' to skip)")
     ap.add_argument("--calib", default="../shared/data/train")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
+    ap.add_argument("--qat", type=int, nargs="*", default=[], help="activation widths to train with static QAT too")
+    ap.add_argument("--qat-iters", type=int, default=2000)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -44,14 +50,24 @@ def main() -> None:
              "--seed", "0", "--data", args.train_data, "--val", args.val, "--out", args.model, *device]
     if not Path(args.model).exists() and cli(train) != 0:
         raise SystemExit("train failed")
-    evaluate = ["eval", "--model", args.model, "--data", *args.data, "--policies", *POLICIES, "--calib",
+    qat_commands, qat_models = [], []
+    for bits in args.qat:
+        out = str(Path(args.model).with_suffix("")) + f"-qat-a{bits}.pt"
+        qat = ["train", "--method", "static", "--bits", str(bits), "--w-bits", "8", "--model", args.model,
+               "--calib", args.calib, "--data", args.train_data, "--val", "", "--iters", str(args.qat_iters),
+               "--batch", "16", "--patch", "32", "--seed", "0", "--out", out, *device]
+        if not Path(out).exists() and cli(qat) != 0:
+            raise SystemExit("QAT failed")
+        qat_commands.append("python -m gdq_engine " + " ".join(qat))
+        qat_models.append(out)
+    evaluate = ["eval", "--model", args.model, "--data", *args.data, "--policies", *POLICIES, *qat_models, "--calib",
                 args.calib, "--bicubic", *device] + (["--limit", str(args.limit)] if args.limit else [])
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "eval.json"
         if cli([*evaluate, "--json", str(table)]) != 0:
             raise SystemExit("eval failed")
         rows = json.loads(table.read_text())
-    payload = {"train_command": "python -m gdq_engine " + " ".join(train),
+    payload = {"train_command": "python -m gdq_engine " + " ".join(train), "qat_commands": qat_commands,
                "eval_command": "python -m gdq_engine " + " ".join(evaluate),
                "model": {"arch": "rdn", "scale": 2, **ARCH_CONFIG, "iters": args.iters}, "rows": rows}
     path = write_results("rdn-quality", payload, args.out)

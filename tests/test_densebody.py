@@ -268,8 +268,9 @@ def test_cli_calibrates_and_runs_an_rdn_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main(["calibrate", "--model", str(tmp_path / "rdn.pt"), "--policy", "static:4", "--calib", str(calib),
                  "--calib-patch", "12", "--dqc-iters", "2", "--dqc-patch", "12",
-                 "--out", str(tmp_path / "dqc.pt")]) == 2
-    assert "residual-block bodies" in capsys.readouterr().err
+                 "--out", str(tmp_path / "dqc.pt")]) == 0  # 2DQuant's DQC trains the dense blocks' scales too
+    dqc = load_quantized(tmp_path / "dqc.pt")
+    assert dqc.act_scales.shape == load_quantized(qpath).act_scales.shape == (1, 2, 3)
 
 
 def test_train_builds_the_architecture_it_is_told(tmp_path, monkeypatch, capsys):

@@ -7,8 +7,8 @@ hundred are what a CPU session runs). The engine's quantizers are per-tensor, ze
 each quantizer becomes an :class:`~gdq_engine.quant.fakequant.LSQQuantizer` started at its DOBI
 scale, the weights are fake-quantized with the engine's fixed per-channel codes, and the trained
 steps are written back as the :class:`~gdq_engine.quantized.QuantizedSR`'s activation scales.
-The feature term compares the body output (EDSR has no residual groups) normalised by the FP
-body output's mean square.
+The feature term compares the body output (EDSR has no residual groups; RDN's: every dense block's
+output, the global fusion's input) normalised by the FP body output's mean square.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import copy
 import torch
 from tqdm import tqdm
 
-from .fakebody import FakeQuantBody
+from .fakebody import fake_quant_body
 
 
 def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int = 16, lr: float = 1e-2,
@@ -40,7 +40,7 @@ def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int
     device = next(fp.parameters()).device
     patches = lr_patches.float().to(device)
     for bits, pairs in quants.items():
-        body = FakeQuantBody(fp, {bits: pairs}, out.w_bits).to(device)
+        body = fake_quant_body(fp, {bits: pairs}, out.w_bits).to(device)
         opt = torch.optim.Adam(body.parameters(), lr=lr)
         losses = []
         for _ in tqdm(range(iters), desc=f"DQC {bits}-bit", disable=not progress):
@@ -49,9 +49,10 @@ def dqc_calibrate(qmodel, lr_patches: torch.Tensor, iters: int = 200, batch: int
             with torch.no_grad():
                 xn = fp.normalize(x)
                 feat = fp.head(xn)
-                body_fp = fp.run_blocks(feat)
+                blocks_in = fp.blocks_input(feat)  # RDN: SFENet2's output; EDSR: feat
+                body_fp = fp.run_blocks(blocks_in)
                 y_fp = fp.forward_output(fp.forward_body(feat, run_blocks=lambda g, b=body_fp: b), xn)
-            body_q = body(feat)
+            body_q = body(blocks_in)
             y_q = fp.forward_output(fp.forward_body(feat, run_blocks=lambda g, b=body_q: b), xn)
             loss = (y_q - y_fp).abs().mean() + feature_weight * ((body_q - body_fp) ** 2).mean() / (
                 body_fp.pow(2).mean() + 1e-12)

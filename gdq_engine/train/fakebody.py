@@ -74,9 +74,8 @@ class FakeQuantBody(nn.Module):
         from ..runtime.intgraph import has_residual_body
 
         if not has_residual_body(model):
-            raise NotImplementedError(f"{model.arch}: quantization-aware training runs residual-block bodies (EDSR, "
-                                      "MSRResNet); quantize RDN after training (gdq_engine.quantize, "
-                                      "`python -m gdq_engine calibrate`)")
+            raise NotImplementedError(f"{model.arch}: FakeQuantBody runs residual-block bodies (EDSR, MSRResNet); "
+                                      "dense blocks train as FakeQuantDenseBody (fake_quant_body picks)")
         self.blocks = list(model.body)
         res_scales = torch.tensor([float(getattr(b, "res_scale", 1.0)) for b in self.blocks])
         if learn_res_scale:
@@ -119,3 +118,20 @@ class FakeQuantBody(nn.Module):
 
         per_block = [list(zip(q_in.steps(), q_mid.steps())) for q_in, q_mid in zip(self.q_in, self.q_mid)]
         return act_quants_from_scales(self.widths, [[pair[k] for pair in per_block] for k in range(len(self.widths))])
+
+
+def fake_quant_body(model, act_quants: dict[int, list[tuple[ActQuant, ...]]], w_bits: int,
+                    learn_res_scale: bool = False) -> nn.Module:
+    """The fake-quantized body of ``model``'s integer body: :class:`FakeQuantBody` for residual
+    blocks (EDSR, MSRResNet), :class:`~gdq_engine.train.fakedense.FakeQuantDenseBody` for RDN's
+    dense blocks (which have no residual scales: ``learn_res_scale`` raises there). Either maps
+    the blocks' input to what the FP ``run_blocks`` returns."""
+    from ..runtime.densebody import has_dense_body
+
+    if has_dense_body(model):
+        from .fakedense import FakeQuantDenseBody
+
+        if learn_res_scale:
+            raise NotImplementedError("dense blocks have no residual scales (nor depth versions) to train")
+        return FakeQuantDenseBody(model, act_quants, w_bits)
+    return FakeQuantBody(model, act_quants, w_bits, learn_res_scale)

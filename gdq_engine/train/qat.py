@@ -13,11 +13,14 @@ controller with L1 to the HR crops.
 * CADyQ: a selector before every quantized conv (Sobel features + the layer input's channel std),
   softmax straight-through, so widths change from layer to layer; the bit penalty may grow over
   ``bit_ramp`` steps and ``at_weight`` adds attention-transfer distillation (the teacher is the
-  starting FP model, not the paper's 8-bit PAMS model).
+  starting FP model, not the paper's 8-bit PAMS model). Residual-block bodies only (EDSR, MSRResNet).
 * Depth versions (QuantSR's DQA, any method): with ``depths`` every step runs a depth drawn from
   them (the first ``d`` residual blocks, weights shared) and each block's residual branch gets a
   trained weight beta (the engine's per-block ``res_scale``); the exported model runs any of them
-  (``QuantizedSR.set_depth``, ``Engine(depth=...)``).
+  (``QuantizedSR.set_depth``, ``Engine(depth=...)``). Residual-block bodies only.
+* RDN: its dense blocks train as :class:`~gdq_engine.train.fakedense.FakeQuantDenseBody` (a
+  quantizer per input segment, as the engine runs them) with the patch-wise methods (granular,
+  static).
 
 PAPERS.md lists L1 as Granular-DQ's only loss. With L1 alone nothing rewards fewer bits, so GBC
 drifts to its top code and E2B alone sets the FAB; ``bit_weight`` adds ``bit_weight * mean bits``
@@ -48,8 +51,9 @@ from ..compute import resolve_device
 from ..models.checkpoints import atomic_torch_save
 from ..policy import CADyQ, GranularDQ, Static
 from ..policy.cadyq import sobel_features
+from ..runtime.densebody import has_dense_body
 from .data import PairedPatches
-from .fakebody import FakeQuantBody
+from .fakebody import fake_quant_body
 
 QAT_METHODS = ("granular", "cadyq", "static")
 
@@ -125,9 +129,13 @@ class QATModel(torch.nn.Module):
         self.policy = qmodel.policy
         self.w_bits = qmodel.w_bits
         self.depths = check_depths(depths, len(self.fp.body))
-        self.body = FakeQuantBody(self.fp, qmodel.act_quants(), qmodel.w_bits, learn_res_scale=bool(depths))
+        self.body = fake_quant_body(self.fp, qmodel.act_quants(), qmodel.w_bits, learn_res_scale=bool(depths))
         self.gbc = self.policy.gbc if isinstance(self.policy, GranularDQ) else None
         self.selectors = self.policy.selectors if isinstance(self.policy, CADyQ) else None
+        self.dense = has_dense_body(self.fp)  # RDN: no residual scales to export
+        if self.dense and self.selectors is not None:
+            raise NotImplementedError("CADyQ's per-layer widths run on residual-block bodies (EDSR, MSRResNet); "
+                                      "train RDN with a patch-wise method (granular, static)")
         if self.gbc is not None and not self.policy.trained:
             with torch.no_grad():
                 self.gbc.fc.bias[-1] += gbc_init_top
@@ -150,8 +158,9 @@ class QATModel(torch.nn.Module):
         return torch.einsum("nk,nkw->nw", choice, onehot), (choice * options).sum(1)
 
     def layer_mix(self, lr: torch.Tensor, training: bool, layer_bits: list):
-        """CADyQ: the mixing function of :class:`FakeQuantBody` (selector of each quantized conv on
-        its FP input and the patches' Sobel features); appends each layer's (N,) bits to ``layer_bits``."""
+        """CADyQ: the mixing function of :class:`~gdq_engine.train.fakebody.FakeQuantBody` (selector of
+        each quantized conv on its FP input and the patches' Sobel features); appends each layer's (N,)
+        bits to ``layer_bits``."""
         grads = sobel_features(lr)
         codes = torch.tensor(self.policy.bits, device=lr.device, dtype=torch.float32)
         widths = torch.tensor(self.body.widths, device=lr.device, dtype=torch.float32)
@@ -169,15 +178,16 @@ class QATModel(torch.nn.Module):
         fp = self.fp
         xn = fp.normalize(lr)
         feat = fp.head(xn)
+        layer_bits: list[torch.Tensor] = []
         if self.selectors is not None:
-            layer_bits: list[torch.Tensor] = []
-            body = self.body(feat, self.layer_mix(lr, training, layer_bits), features, depth)
-            bits = torch.stack(layer_bits).mean(0)
+            mix = self.layer_mix(lr, training, layer_bits)
         else:
             mix, bits = self.mix(lr, feat, training)
-            body = self.body(feat, mix, features, depth)
-        out = fp.forward_output(fp.forward_body(feat, run_blocks=lambda _: body), xn)
-        return fp.denormalize(out), bits
+        # the fake-quantized blocks on the blocks' input (RDN: after SFENet2), as the engine runs them
+        body = fp.forward_body(feat, run_blocks=lambda x: self.body(x, mix, features, depth))
+        if self.selectors is not None:
+            bits = torch.stack(layer_bits).mean(0)
+        return fp.denormalize(fp.forward_output(body, xn)), bits
 
     def export(self, backend: str = "auto"):
         """The trained model as a :class:`~gdq_engine.quantized.QuantizedSR` (copies; eval mode)."""
@@ -191,7 +201,8 @@ class QATModel(torch.nn.Module):
             policy.trained = True
         fp = copy.deepcopy(self.fp).eval()
         q = QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend, depths=self.depths)
-        q.set_res_scales(self.body.res_scales.detach().tolist())
+        if not self.dense:
+            q.set_res_scales(self.body.res_scales.detach().tolist())
         return q.eval()
 
 
@@ -207,9 +218,9 @@ def bit_penalty(bits: torch.Tensor, fab_target: float | None, exact: bool = Fals
 
 
 def block_features(model, lr: torch.Tensor, depth: int | None = None) -> list[torch.Tensor]:
-    """Every residual block's output (N,F,h,w) of an FP model on LR images (N,3,h,w) in [0,1]
-    (the first ``depth`` blocks; default all)."""
-    x = model.head(model.normalize(lr))
+    """Every residual (or dense) block's output (N,F,h,w) of an FP model on LR images (N,3,h,w) in
+    [0,1] (the first ``depth`` blocks; default all)."""
+    x = model.blocks_input(model.head(model.normalize(lr)))
     out = []
     for blk in list(model.body)[:depth]:
         x = blk(x)
@@ -243,7 +254,8 @@ def warm_start(qmodel, init: str | Path) -> list[int]:
     if src.w_bits != qmodel.w_bits:
         raise ValueError(f"{init} has {src.w_bits}-bit weights, this run trains {qmodel.w_bits}-bit ones")
     qmodel.fp.load_state_dict(src.fp.state_dict())
-    qmodel.set_res_scales([float(getattr(b, "res_scale", 1.0)) for b in src.fp.body])
+    if not has_dense_body(qmodel.fp):
+        qmodel.set_res_scales([float(getattr(b, "res_scale", 1.0)) for b in src.fp.body])
     own, theirs = qmodel.act_bits.tolist(), src.act_bits.tolist()
     shared = [b for b in own if b in theirs]
     with torch.no_grad():
