@@ -12,13 +12,16 @@ of the dense blocks (DOBI scales from ``--calib`` crops), and writes
 
 ``--qat 4 2`` also trains the dense blocks quantization-aware at those widths (static, 8-bit
 weights, ``--qat-iters`` steps of 16 crops of 32x32 from the FP model and its DOBI scales, each
-checkpoint written beside ``--model`` and reused when it exists) and adds them to the same table.
+checkpoint written beside ``--model`` and reused when it exists) and adds them to the same table;
+``--granular 4`` also trains Granular-DQ {2,4,8} the same way, with a bit budget of that FAB
+(``--bit-weight 1e-2 --fab-target``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N images per folder")
     ap.add_argument("--qat", type=int, nargs="*", default=[], help="activation widths to train with static QAT too")
     ap.add_argument("--qat-iters", type=int, default=2000)
+    ap.add_argument("--granular", type=float, default=None, help="also train Granular-DQ {2,4,8} at this FAB budget")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -51,14 +55,18 @@ def main() -> None:
     if not Path(args.model).exists() and cli(train) != 0:
         raise SystemExit("train failed")
     qat_commands, qat_models = [], []
-    for bits in args.qat:
-        out = str(Path(args.model).with_suffix("")) + f"-qat-a{bits}.pt"
-        qat = ["train", "--method", "static", "--bits", str(bits), "--w-bits", "8", "--model", args.model,
+    runs = [(f"a{bits}", ["--method", "static", "--bits", str(bits)]) for bits in args.qat]
+    if args.granular is not None:
+        runs.append(("granular", ["--method", "granular", "--bits", "2,4,8", "--bit-weight", "1e-2",
+                                  "--fab-target", str(args.granular)]))
+    for name, method in runs:
+        out = str(Path(args.model).with_suffix("")) + f"-qat-{name}.pt"
+        qat = ["train", *method, "--w-bits", "8", "--model", args.model,
                "--calib", args.calib, "--data", args.train_data, "--val", "", "--iters", str(args.qat_iters),
                "--batch", "16", "--patch", "32", "--seed", "0", "--out", out, *device]
         if not Path(out).exists() and cli(qat) != 0:
             raise SystemExit("QAT failed")
-        qat_commands.append("python -m gdq_engine " + " ".join(qat))
+        qat_commands.append(shlex.join(["python", "-m", "gdq_engine", *qat]))
         qat_models.append(out)
     evaluate = ["eval", "--model", args.model, "--data", *args.data, "--policies", *POLICIES, *qat_models, "--calib",
                 args.calib, "--bicubic", *device] + (["--limit", str(args.limit)] if args.limit else [])
@@ -67,8 +75,8 @@ def main() -> None:
         if cli([*evaluate, "--json", str(table)]) != 0:
             raise SystemExit("eval failed")
         rows = json.loads(table.read_text())
-    payload = {"train_command": "python -m gdq_engine " + " ".join(train), "qat_commands": qat_commands,
-               "eval_command": "python -m gdq_engine " + " ".join(evaluate),
+    payload = {"train_command": shlex.join(["python", "-m", "gdq_engine", *train]), "qat_commands": qat_commands,
+               "eval_command": shlex.join(["python", "-m", "gdq_engine", *evaluate]),
                "model": {"arch": "rdn", "scale": 2, **ARCH_CONFIG, "iters": args.iters}, "rows": rows}
     path = write_results("rdn-quality", payload, args.out)
     print(f"wrote {path}")

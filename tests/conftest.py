@@ -78,3 +78,29 @@ def rand_weights(cout: int, cin: int, w_bits: int, g: torch.Generator) -> torch.
     """Random (cout, cin, 3, 3) int8 weight codes in the narrow symmetric ``w_bits`` range."""
     hi = (1 << (w_bits - 1)) - 1
     return torch.randint(-hi, hi + 1, (cout, cin, 3, 3), generator=g).to(torch.int8)
+
+
+def qat_config(model: str, images: str, **kw):
+    """A :class:`~gdq_engine.train.qat.QATConfig` for the tests' tiny models: 16-pixel crops of the
+    ``images`` folder (calibration and training), no validation, 4 steps; ``kw`` overrides."""
+    from gdq_engine.train.qat import QATConfig
+
+    base = dict(model=model, calib=images, calib_patch=16, data=(images,), val=None, iters=4, batch=3, lr_patch=16,
+                save_every=100, log_every=1, lr=1e-3, step_lr=1e-2, gbc_lr=1e-2)
+    return QATConfig(**{**base, **kw})
+
+
+def write_training_images(folder, seed: int = 0, n: int = 4) -> None:
+    """``n`` 64x72 HR PNGs in ``folder`` (created), textured and smooth in turn (low-entropy
+    patches for the bit controllers)."""
+    import pathlib
+
+    from gdq_engine.io import save_image
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = random_image(64, 72, seed=seed + i)
+        if i % 2:  # smooth: low entropy patches
+            img = torch.nn.functional.avg_pool2d(img[None], 9, stride=1, padding=4)[0]
+        save_image(img, folder / f"img{i}.png")

@@ -5,10 +5,9 @@ is refused with a reason."""
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import qat_config, random_image, write_training_images
 
 from gdq_engine import Engine, load_quantized, quantize
-from gdq_engine.io import save_image
 from gdq_engine.models import RDN
 from gdq_engine.models.checkpoints import save_checkpoint
 from gdq_engine.policy import GranularDQ
@@ -21,23 +20,14 @@ from gdq_engine.train.qat import QATConfig, QATModel, block_features, train_qat,
 def workdir(tmp_path_factory):
     """A folder of 4 HR images (smooth and textured) and a tiny RDN x2 checkpoint."""
     root = tmp_path_factory.mktemp("rdnqat")
-    images = root / "images"
-    images.mkdir()
-    for i in range(4):
-        img = random_image(64, 72, seed=40 + i)
-        if i % 2:
-            img = torch.nn.functional.avg_pool2d(img[None], 9, stride=1, padding=4)[0]
-        save_image(img, images / f"img{i}.png")
+    write_training_images(root / "images", seed=40)
     torch.manual_seed(3)
     save_checkpoint(RDN(2, n_feats=8, n_blocks=2, n_layers=2, growth=8), root / "rdn.pt")
     return root
 
 
 def config(workdir, **kw) -> QATConfig:
-    base = dict(model=str(workdir / "rdn.pt"), calib=str(workdir / "images"), calib_patch=16,
-                data=(str(workdir / "images"),), val=None, iters=3, batch=3, lr_patch=16, save_every=100, log_every=1,
-                lr=1e-3, step_lr=1e-2, gbc_lr=1e-2)
-    return QATConfig(**{**base, **kw})
+    return qat_config(str(workdir / "rdn.pt"), str(workdir / "images"), **{"iters": 3, **kw})
 
 
 def granular(workdir):

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import qat_config, random_image, write_training_images
 
 from gdq_engine import Engine, load_quantized, quantize
-from gdq_engine.io import save_image
 from gdq_engine.models import EDSR
 from gdq_engine.models.checkpoints import save_checkpoint
 from gdq_engine.policy import CADyQ, GranularDQ, Static
@@ -21,13 +20,7 @@ from gdq_engine.train.qat import QATConfig, QATModel, attention_transfer, bit_pe
 def workdir(tmp_path_factory):
     """A folder of 4 HR images (smooth and textured) and a tiny trained-looking EDSR x2 checkpoint."""
     root = tmp_path_factory.mktemp("qat")
-    images = root / "images"
-    images.mkdir()
-    for i in range(4):
-        img = random_image(64, 72, seed=i)
-        if i % 2:  # smooth: low entropy patches
-            img = torch.nn.functional.avg_pool2d(img[None], 9, stride=1, padding=4)[0]
-        save_image(img, images / f"img{i}.png")
+    write_training_images(root / "images")
     torch.manual_seed(0)
     model = EDSR(scale=2, n_feats=8, n_blocks=2)
     save_checkpoint(model, root / "tiny.pt")
@@ -35,10 +28,7 @@ def workdir(tmp_path_factory):
 
 
 def config(workdir, **kw) -> QATConfig:
-    base = dict(model=str(workdir / "tiny.pt"), calib=str(workdir / "images"), calib_patch=16,
-                data=(str(workdir / "images"),), val=None, iters=4, batch=3, lr_patch=16, save_every=100, log_every=1,
-                lr=1e-3, step_lr=1e-2, gbc_lr=1e-2)
-    return QATConfig(**{**base, **kw})
+    return qat_config(str(workdir / "tiny.pt"), str(workdir / "images"), **kw)
 
 
 def test_fake_quantize_weight_matches_engine_codes_and_passes_gradients():
