@@ -64,8 +64,8 @@ elif [ "${1:-}" = 2 ]; then
     # as the engine runs it: each program refills its ring, code box and residual box across tiles;
     # the tenth run's tests gave most programs one tile), tests_defaults (every GPU test of the Gluon
     # conv, the integer tail, the image graphs, the Triton kernels and RDN's dense blocks on the
-    # defaults as they are now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90 (both kernels' rows,
-    # each default undone, the knobs still off), then the bit-exact tests of each switch on its own:
+    # defaults as they are now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90
+    # (both kernels' rows, each default undone, the knobs still off), then the bit-exact tests of each switch on its own:
     # tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds, the flat kernel's too),
     # tests_sat (the saturating codes, the twin's and the flat kernel's), tests_up (the twin's
     # upsampler convs), tests_knobs (the knobs, and the bit-exact ones of conv1 and of conv2 + next

@@ -1,6 +1,5 @@
 """gdq_engine.quantize: the drop-in quantized module, its state and checkpoints, and the Engine on it."""
 
-
 import pytest
 import torch
 from conftest import random_image, shared

@@ -129,13 +129,14 @@ class QATModel(torch.nn.Module):
         self.policy = qmodel.policy
         self.w_bits = qmodel.w_bits
         self.depths = check_depths(depths, len(self.fp.body))
+        if has_dense_body(self.fp) and isinstance(self.policy, CADyQ):
+            raise NotImplementedError("CADyQ's per-layer widths run on residual-block bodies (EDSR, MSRResNet); "
+                                      "train RDN with a patch-wise method (granular, static)")
+        if has_dense_body(self.fp) and depths:
+            raise NotImplementedError("dense blocks have no depth versions: RDN's global fusion reads every block")
         self.body = fake_quant_body(self.fp, qmodel.act_quants(), qmodel.w_bits, learn_res_scale=bool(depths))
         self.gbc = self.policy.gbc if isinstance(self.policy, GranularDQ) else None
         self.selectors = self.policy.selectors if isinstance(self.policy, CADyQ) else None
-        self.dense = has_dense_body(self.fp)  # RDN: no residual scales to export
-        if self.dense and self.selectors is not None:
-            raise NotImplementedError("CADyQ's per-layer widths run on residual-block bodies (EDSR, MSRResNet); "
-                                      "train RDN with a patch-wise method (granular, static)")
         if self.gbc is not None and not self.policy.trained:
             with torch.no_grad():
                 self.gbc.fc.bias[-1] += gbc_init_top
@@ -201,7 +202,7 @@ class QATModel(torch.nn.Module):
             policy.trained = True
         fp = copy.deepcopy(self.fp).eval()
         q = QuantizedSR(fp, policy, self.body.act_quants(), w_bits=self.w_bits, backend=backend, depths=self.depths)
-        if not self.dense:
+        if not has_dense_body(fp):  # RDN's dense blocks have no residual scales
             q.set_res_scales(self.body.res_scales.detach().tolist())
         return q.eval()
 
