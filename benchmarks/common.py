@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import platform
 import statistics
@@ -51,41 +50,21 @@ def cpu_has_native_bf16() -> bool:
 
 
 def environment() -> dict:
-    """Device, versions, date and the exact command: what a results file must carry."""
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(sys.argv),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        env["cpu"] = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        env["cpu_int8_bf16_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx512_bf16")))
-    except (OSError, StopIteration):
-        pass
+    """Device, versions, date and the exact command (:func:`gdq_engine.bench.environment`), the
+    malloc settings of :func:`keep_freed_memory` and, on CUDA, the Gluon body conv's settings: what
+    a results file must carry."""
+    from gdq_engine.bench import environment as base_environment
+
+    env = base_environment()
     if MALLOC_SETTINGS is not None:
         env["glibc_malloc"] = MALLOC_SETTINGS
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
         try:  # the Gluon body conv's settings as a launch now gets them (GDQ_SM90_* included)
             from gdq_engine.kernels import ops as tk
 
             env["sm90_body"] = dict(enabled=tk.SM90_BODY, **tk.sm90_settings())
         except ImportError:
             pass
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
     return env
 
 

@@ -69,9 +69,7 @@ import itertools
 import os
 import re
 import signal
-import statistics
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,6 +77,7 @@ from pathlib import Path
 
 import torch
 
+from gdq_engine.bench import frame_paths, interleaved_ms, lr_frames
 from gdq_engine.runtime.intgraph import has_integer_body, has_residual_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,30 +91,6 @@ from common import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("edsr-baseline", "msrresnet", "rdn")
-
-
-def lr_frames(paths: list[Path], height: int, width: int) -> list[torch.Tensor]:
-    """One (1,3,height,width) crop in [0,1] per image (tiled by reflection where it is smaller)."""
-    from gdq_engine.io import load_image
-
-    frames = []
-    for path in paths:
-        img = load_image(path)
-        while img.shape[1] < height or img.shape[2] < width:
-            img = torch.cat([img, img.flip(1)], 1) if img.shape[1] < height else torch.cat([img, img.flip(2)], 2)
-        frames.append(img[:, :height, :width].unsqueeze(0).contiguous())
-    return frames
-
-
-def frame_paths(image: Path | None, count: int, folder) -> list[Path]:
-    """``--image``, or the first ``count`` images of ``folder`` (the ``--calib`` folder, default
-    ../shared/data/train; cycled if fewer)."""
-    from gdq_engine.train.data import list_images
-
-    if image is not None:
-        return [image]
-    found = list_images([folder])
-    return [found[i % len(found)] for i in range(count)]
 
 
 def build_fp_model(arch: str, scale: int):
@@ -302,34 +277,6 @@ def _cut_rows(state: dict):
             raise RowsCut
 
     return handler
-
-
-def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: bool = False) -> list[dict]:
-    """Per engine, medians over ``rounds`` rounds, each round calling every engine once (frames
-    rotating), so load drifting over the run hits every row alike (a row-after-row timing moved
-    the bf16 anchor between 110 and 150 ms on a shared 2-core machine; on the fifth H100 run the
-    first process timed rows 0.2-0.5 ms slower than a second one had on the fourth): ``ms``, the
-    host timer around the whole call (on GPU the device synchronised before and after, so the
-    call's queued tail is its own), ``wait_ms``, its waits in reads of device results
-    (``UpscaleReport.wait_seconds``), and ``host_ms`` = ms - wait_ms, the host's own work (on GPU,
-    where it nears ``ms`` the call is host-bound)."""
-    samples = [[] for _ in engines]
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    with torch.inference_mode():
-        for r in range(rounds + 1):
-            for i, engine in enumerate(engines):
-                sync()
-                t = time.perf_counter()
-                _, report = engine.upscale(frames[(r + i) % len(frames)], return_report=True)
-                sync()
-                if r:  # round 0 warms up
-                    samples[i].append(((time.perf_counter() - t) * 1e3, report.wait_seconds * 1e3))
-    out = []
-    for s in samples:
-        ms = statistics.median(t for t, _ in s)
-        wait = statistics.median(w for _, w in s)
-        out.append({"ms": ms, "wait_ms": wait, "host_ms": statistics.median(t - w for t, w in s)})
-    return out
 
 
 # Rows compared in pairs (the first is the reference): each pair's ratio from the interleaved
@@ -616,7 +563,7 @@ def main(argv=None) -> int:
     calib = (random_lr_patches([args.calib], args.scale, count=args.calib_count, size=96)
              if has_integer_body(model) else None)
     peaks = measure_gpu_peaks() if args.gpu else None
-    paths = frame_paths(args.image, args.frames, args.calib)
+    paths = frame_paths(args.image or args.calib, args.frames)
     engines = {}
     rows, failures = [], []  # a row that raises is recorded and skipped: the other rows' numbers are kept
     bases = ["fp16 CL"] if args.gpu else ["fp32", "bf16 CL"]  # speed-ups are against these rows

@@ -1,4 +1,4 @@
-"""Command line: ``python -m gdq_engine upscale|eval|calibrate|train|info``."""
+"""Command line: ``python -m gdq_engine upscale|eval|bench|calibrate|train|info``."""
 
 from __future__ import annotations
 
@@ -193,8 +193,12 @@ def cmd_upscale(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .evaluate import bicubic_upscaler, evaluate_folder
+def _policy_engines(args):
+    """``--policies`` -> (a function making each spec's Engine, the specs that name quantized
+    checkpoints -> (path, depth)): a checkpoint's Engine runs its own policy and depth, the others
+    the shared options' model, with the ``--calib`` folder read and downscaled once for all of
+    them, in crops of the inference patch size (entropy thresholds depend on the patch size).
+    Checks the checkpoint paths and every spec up front."""
     from .models import load_model
     from .quantized import DEFAULT_CALIB_PATCH, calibration_patches
 
@@ -202,21 +206,30 @@ def cmd_eval(args) -> int:
     for path, _ in checkpoints.values():
         if not Path(path).is_file():
             raise ValueError(f"--policies {path}: no such quantized checkpoint")
+    names = [parse_policy(spec)[0] for spec in args.policies if spec not in checkpoints]
     calib = None
     if args.calib is not None and not str(args.calib).endswith(".calib.pt") and any(
-            parse_policy(spec)[0] not in (None, "fp") for spec in args.policies if spec not in checkpoints):
-        # Read and downscale the calibration folder once for every policy compared, in crops of the
-        # inference patch size (entropy thresholds depend on the patch size).
+            name not in (None, "fp") for name in names):
         size = DEFAULT_CALIB_PATCH if args.whole_image else args.patch_size
         calib = calibration_patches(args.calib, load_model(args.model).scale, size)
-    rows = []
-    for spec in args.policies:
+
+    def make(spec: str):
         if spec in checkpoints:  # a quantized checkpoint, run with its own policy (and a depth version)
             path, depth = checkpoints[spec]
-            engine = _engine(argparse.Namespace(**{**vars(args), "model": path, "depth": depth or args.depth}),
-                             policy="model")
-        else:
-            engine = _engine(args, policy=spec, calib=calib)
+            return _engine(argparse.Namespace(**{**vars(args), "model": path, "depth": depth or args.depth}),
+                           policy="model")
+        return _engine(args, policy=spec, calib=calib)
+
+    return make, checkpoints
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import bicubic_upscaler, evaluate_folder
+
+    make_engine, checkpoints = _policy_engines(args)
+    rows = []
+    for spec in args.policies:
+        engine = make_engine(spec)
         reports = []
 
         def upscale(x, engine=engine, reports=reports):
@@ -323,6 +336,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.frames < 1 or (args.reps is not None and args.reps < 1):
+        raise ValueError("--frames and --reps must be at least 1")
+    size = None if args.output is None else bench.parse_size(args.output)
+    twice = sorted({spec for spec in args.policies if args.policies.count(spec) > 1})
+    if twice:
+        raise ValueError(f"--policies names {twice[0]} twice")
+    # a missing input folder or an unwritable JSON path fails before the models load
+    paths = bench.frame_paths(args.input, args.frames)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    make_engine, _ = _policy_engines(args)
+    engines = {spec: make_engine(spec) for spec in args.policies}
+    first = next(iter(engines.values()))
+    devices = {str(e.device) for e in engines.values()}
+    scales = {e.scale for e in engines.values()}
+    if len(devices) > 1:
+        raise ValueError(f"the engines run on different devices {sorted(devices)}")
+    if len(scales) > 1:
+        raise ValueError(f"--policies mix models of scales {sorted(scales)}: compare models of one scale")
+    gpu = first.device.type == "cuda"
+    out_w, out_h = size or ((1920, 1080) if gpu else (744, 744))
+    scale = first.scale
+    if out_w % scale or out_h % scale:
+        raise ValueError(f"--output {out_w}x{out_h} is not a multiple of the model's scale {scale}")
+    reps = args.reps or (20 if gpu else 5)
+    frames = [f.to(first.device) for f in bench.lr_frames(paths, out_h // scale, out_w // scale)]
+    where = f"{first.device} ({torch.cuda.get_device_name(first.device)})" if gpu else "cpu"
+    if not gpu:
+        from .ops import cpu_ops
+
+        core = f", C++ int8 conv: {cpu_ops.conv_path(64, 64)}" if cpu_ops.available() else ""
+        where += f" ({torch.get_num_threads()} threads{core}; CUDA available: {torch.cuda.is_available()})"
+    print(f"device: {where}; model {args.model} ({first.model.arch} x{scale}), FP dtype {args.dtype}; "
+          f"{len(frames)} frame(s) of {out_w // scale}x{out_h // scale} -> {out_w}x{out_h}; {reps} rounds",
+          file=sys.stderr)
+    rows = bench.bench_engines(engines, frames, reps, progress=True)
+    print(bench.format_table(rows))
+    if args.json:
+        payload = {"environment": bench.environment(_command(args)), "device": where,
+                   "workload": {"model": str(args.model), "scale": scale, "output": f"{out_w}x{out_h}",
+                                "frames": [str(p) for p in paths], "rounds": reps, "dtype": args.dtype,
+                                "patch_size": None if args.whole_image else args.patch_size},
+                   "rows": rows}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .quantized import quantize, save_quantized
 
@@ -411,6 +475,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results (per image too) to this JSON file")
     _add_engine_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="measure upscale speed on this machine: policies against FP on the same frames, "
+                       "with the PSNR each costs")
+    p.add_argument("--policies", nargs="+", default=["fp", "static:8", "entropy:2,4,8"],
+                   help="policy specs (as eval's; a .pt path: that quantized checkpoint) timed side by side; the "
+                        "first is the reference of the speed-up and PSNR columns")
+    p.add_argument("--input", default="../shared/data/train",
+                   help="image file or folder the LR frames are cropped from (default: ../shared/data/train)")
+    p.add_argument("--output", default=None,
+                   help="HR frame size WxH (default: 1920x1080 on a GPU, 744x744 on a CPU); the LR frames are "
+                        "crops of this size / scale")
+    p.add_argument("--frames", type=int, default=4, help="distinct frames the timed calls rotate over")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed rounds, each calling every policy once (median; default 20 on a GPU, 5 on a CPU)")
+    p.add_argument("--json", help="also write the rows, the workload and the environment to this JSON file")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="post-training quantization: write a quantized checkpoint")
     p.add_argument("--model", default="edsr-baseline-x4", help="FP model: shipped name or checkpoint path")

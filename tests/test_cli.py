@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,11 @@ from gdq_engine.io import save_image
 
 def test_module_help():
     out = subprocess.run([sys.executable, "-m", "gdq_engine", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("upscale", "eval", "calibrate", "train", "info"):
+    for cmd in ("upscale", "eval", "bench", "calibrate", "train", "info"):
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("cmd", ["upscale", "eval", "calibrate", "train", "info"])
+@pytest.mark.parametrize("cmd", ["upscale", "eval", "bench", "calibrate", "train", "info"])
 def test_subcommand_help(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
@@ -104,6 +105,42 @@ def test_eval_quantized_policies(tmp_path, ckpt, capsys):
     assert abs(rows[1]["psnr"] - rows[0]["psnr"]) < abs(rows[2]["psnr"] - rows[0]["psnr"]) + 1e-9
     assert main(["eval", "--model", ckpt, "--data", str(hr), "--policies", "turbo:3"]) == 2
     assert "unknown policy spec" in capsys.readouterr().err
+
+
+def test_bench_times_policies_on_the_same_frames(tmp_path, ckpt, capsys):
+    """bench: one row per policy on the same frames (crops of the input folder's images, cycled),
+    the first row the reference of the speed-up and PSNR columns; JSON with the environment."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        save_image(random_image(30, 44, seed=i), images / f"{i}.png")
+    common = ["bench", "--model", ckpt, "--input", str(images), "--calib", str(images), "--patch-size", "12",
+              "--stride", "10"]
+    assert main([*common, "--output", "48x40", "--frames", "3", "--reps", "2", "--policies", "fp", "static:8",
+                 "static:4", "--json", str(tmp_path / "new" / "b.json")]) == 0
+    captured = capsys.readouterr()
+    assert "| fp | fp |" in captured.out and "identical" in captured.out
+    assert "device: cpu" in captured.err and "3 frame(s) of 24x20 -> 48x40; 2 rounds" in captured.err
+    record = json.loads((tmp_path / "new" / "b.json").read_text())
+    assert record["environment"]["command"].startswith("python -m gdq_engine bench --model")
+    assert [Path(p).name for p in record["workload"]["frames"]] == ["0.png", "1.png", "0.png"]
+    rows = record["rows"]
+    assert [r["method"] for r in rows] == ["fp", "static:8", "static:4"]
+    assert [r["fab"] for r in rows] == [32.0, 8.0, 4.0]
+    assert [r["backend"] for r in rows] == ["fp", "cpp", "cpp"]
+    assert rows[0]["psnr_y"] is None and rows[0]["identical_frames"] == 3 and rows[0]["speedup"] == 1.0
+    assert rows[2]["identical_frames"] == 0 and rows[1]["psnr_y"] > rows[2]["psnr_y"] > 10
+    for r in rows:
+        assert r["output"] == "48x40" and r["patches"] == 6 and r["ms"] > 0
+        assert r["mpix_per_s"] == pytest.approx(48 * 40 / 1e6 / (r["ms"] / 1e3))
+        assert r["speedup"] == pytest.approx(rows[0]["ms"] / r["ms"])
+    for args, message in ((["--output", "47x40"], "not a multiple of the model's scale 2"),
+                          (["--output", "48"], "bad size '48'"),
+                          (["--frames", "0"], "--frames and --reps must be at least 1"),
+                          (["--policies", "fp", "fp"], "names fp twice"),
+                          (["--input", str(tmp_path / "none")], "image folder not found")):
+        assert main([*common, *args]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_upscale_with_policy(tmp_path, ckpt, capsys):
