@@ -410,6 +410,29 @@ def test_gpu_session_script_fits_the_device_tool_limits():
     assert len(tests) == 1 and sum(tests + loop) <= 300 and "pip install" not in stage, (tests, loop)
 
 
+def test_gpu_sm90_script_rdn_and_bench_steps_name_real_rows_and_options():
+    """benchmarks/gpu_sm90.sh's ``rdn`` step keeps only rows latency.py has for RDN on a GPU, and
+    its ``bench_cli`` step's options parse (a typo there would cost a GPU session's minutes)."""
+    import re
+    import shlex
+
+    from gdq_engine.cli import build_parser
+    from gdq_engine.models.rdn import RDN
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sm90.sh").read_text()
+    rdn = re.search(r"^\s*step rdn \d+ (.*?[^\\])$", text, re.M | re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(rdn)
+    assert args[:3] == ["python", "benchmarks/latency.py", "--gpu"]
+    names = dict(latency.cases_for(True, RDN(2, n_feats=16, n_blocks=1, n_layers=1, growth=16), None, "none"))
+    wanted = latency.split_row_names(args[args.index("--rows") + 1])
+    assert len(wanted) == 6 and set(wanted) <= names.keys(), wanted
+    bench = re.search(r"^\s*step bench_cli \d+ (.*?[^\\])$", text, re.M | re.S).group(1).replace("\\\n", " ")
+    args = shlex.split(bench.replace('"$OUT', '"out'))
+    assert args[:3] == ["python", "-m", "gdq_engine"]
+    parsed = build_parser().parse_args(args[3:])
+    assert parsed.command == "bench" and parsed.dtype == "float16" and parsed.tail_bits == 8
+
+
 @pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
                                          ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)])
 def test_cpu_rows_run_fp_layers_in_bf16_only_where_the_cpu_has_it(monkeypatch, flags, want):
