@@ -110,11 +110,12 @@ elif [ "${1:-}" = 2 ]; then
         --print-source sass --csv python benchmarks/ncu_convs.py --sm90 ${NCU_SM90:-4,2,1,1,1,1} > "$1"' _ \
         "$OUT/ncu-sm90-sass.csv"
     # Last, for a call with time left (both need .gpu_data, as e2e does): RDN-B x2 at 1080p, its
-    # dense blocks on the Triton kernels (untrained weights: the times are what counts), and the
+    # dense blocks on the Triton kernels (untrained weights: the times are what counts; each conv
+    # one launch over its segments against the segment chain, kernels/dense_conv.py), and the
     # CLI's bench on the shipped EDSR-baseline x4 (fp16 FP layers), the speed a user measures.
     step rdn 240 python benchmarks/latency.py --gpu --arch rdn --scale 2 --calib .gpu_data/train --compile none \
         --output 1920x1080 --frames 2 --reps 10 --out "$OUT" \
-        --rows "fp16 CL;static a8;static a4;entropy {2,4,8};static a8 + int8 tail;static a8 + int8 tail, image graph"
+        --rows "fp16 CL;static a8;static a8, segment chain;static a4;entropy {2,4,8};static a8 + int8 tail, image graph"
     step bench_cli 120 python -m gdq_engine bench --input .gpu_data/train --policies fp static:8 granular \
         --tail-bits 8 --dtype float16 --json "$OUT/bench-cli-gpu.json"
 else

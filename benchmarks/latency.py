@@ -127,6 +127,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
     if gpu:  # A/B: the last conv on cuDNN fp16 instead of the Triton FP kernel (runtime/lastconv.py)
         quant.append(("static a8 + int8 tail, cuDNN last conv", dict(policy="static", bits=8, tail_bits=8,
                                                                       last_conv="torch")))
+    if gpu and not has_residual_body(model):  # A/B (RDN): each dense conv as one launch per segment, the
+        # partial sums through memory, instead of one launch over all segments (DenseIntegerBody(fused=))
+        quant.append(("static a8, segment chain", dict(policy="static", bits=8, dense="chain")))
     if gpu and has_residual_body(model):  # A/B: the body's residual stream in fp32 instead of fp16
         # (residual_stream="auto" on Triton/CUDA; RDN's dense blocks keep an fp32 stream)
         quant.append(("static a8 + int8 tail, fp32 stream", dict(policy="static", bits=8, tail_bits=8,
@@ -181,11 +184,14 @@ def make_engine(model, kw: dict, device: str, calib):
     own = kw.pop("model", None)
     last_conv = kw.pop("last_conv", "kernel")
     glue = kw.pop("glue", "fused")
+    dense = kw.pop("dense", "fused")
     if own is not None:  # a shipped quantized checkpoint brings its policy and calibration (the tail's: calib)
         engine = Engine(str(own), device=device, **kw, **(dict(calib=calib) if "tail_bits" in kw else {}))
     else:
         extra = dict(calib=calib) if kw["policy"] != "fp" else {}
         engine = Engine(model, device=device, **kw, **extra)
+    if dense == "chain":  # before any call: graphs are captured on use
+        engine.int_body.fused = False
     if last_conv == "torch":
         from gdq_engine.runtime.lastconv import use_kernel_last_conv
 
@@ -292,6 +298,7 @@ AB_PAIRS = (
     ("granular {2,4,8} + int8 tail", "granular {2,4,8} + int8 tail, packed"),
     ("granular {2,4,8} + int8 tail", "granular {2,4,8} + int8 tail, image graph"),
     ("entropy {2,4,8}", "entropy {2,4,8}, group streams"),
+    ("static a8", "static a8, segment chain"),
 )
 
 

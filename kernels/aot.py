@@ -60,6 +60,7 @@ _TILE = ("BLOCK_M", "BLOCK_K", "PERSISTENT", "BLOCK_H", "BLOCK_W", "RES_EARLY")
 CONV_KERNELS = ("_packed_conv3x3_kernel", "_padded_conv3x3_tma_kernel")  # the integer convs
 FP_CONV = "_fp_conv3x3_kernel"  # the FP last conv (fp_conv.py)
 STITCH = "_stitch_kernel"  # the engine's stitch of a batch's windows (stitch.py)
+DENSE_CONV = "_dense_conv_kernel"  # RDN's dense-block convs, one launch over all segments (dense_conv.py)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Launch:
         """Kernel, constexpr values and the fp16 / bf16 pointer arguments (e.g. ``res_ptr=fp16``)."""
         short = {"_packed_conv3x3_kernel": "conv", "_padded_conv3x3_tma_kernel": "padded conv",
                  "_quantize_pack_kernel": "quantize_pack", "_unpack_kernel": "unpack", FP_CONV: "fp conv",
-                 STITCH: "stitch"}
+                 STITCH: "stitch", DENSE_CONV: "dense conv"}
         halves = [f"{name}={kind[1:]}" for name, kind in self.signature if kind in ("*fp16", "*bf16")]
         return " ".join([short.get(self.kernel, self.kernel), *(f"{k}={int(v)}" for k, v in self.constexprs), *halves])
 
@@ -172,8 +173,10 @@ def engine_launches(jobs: int = 1) -> list[Launch]:
     stitch of a batch's windows into the image, as a GPU engine runs them (fp16 engines
     do not run on CPU), and the blocks of 2, 4 and 8 bits one code per byte skipping padding
     patches (``items=``), as the group graphs of a dynamic policy replay them on a GPU (graphs do
-    not run on CPU), on fp32 and fp16 residual streams; and the 8-bit blocks on an fp16 stream,
-    one code per byte and padded, as a static fp16 engine's graph runs them.
+    not run on CPU), on fp32 and fp16 residual streams; the 8-bit blocks on an fp16 stream,
+    one code per byte and padded, as a static fp16 engine's graph runs them; and RDN-B's dense
+    blocks (64-channel segments) at 2, 4 and 8 bits one code per byte, each conv one launch over
+    its segments (kernels/dense_conv.py).
 
     The runs are independent tasks (:func:`_recording_tasks`); with ``jobs`` > 1 they are recorded
     in that many spawned processes, and the variants merged in task order, as one process would
@@ -216,6 +219,7 @@ def _recording_tasks() -> list[Callable[[], None]]:
     g = torch.Generator().manual_seed(0)
     calib, lr = torch.rand(2, 3, 8, 8, generator=g), torch.rand(1, 3, 6, 18, generator=g)  # 3 patches of 6x6
     feat = torch.rand(2, 64, 6, 6, generator=g)
+    dense_in = torch.rand(1, 64, 6, 6, generator=g)
 
     def model(scale=4, res_scale=1.0):
         torch.manual_seed(0)
@@ -270,7 +274,19 @@ def _recording_tasks() -> list[Callable[[], None]]:
                                stream_dtypes=half)
             body.run_eager(feat.half(), 8)
 
-    return [engine_run(kw) for kw in runs] + [single_kernels, group_bodies]
+    def dense_bodies():  # RDN-B's dense blocks (64-channel segments), codes one per byte as on a GPU
+        from gdq_engine.models import RDN
+        from gdq_engine.runtime.densebody import DenseIntegerBody, prepare_dense_blocks
+        from gdq_engine.runtime.intgraph import calibrate
+
+        torch.manual_seed(0)
+        rdn = RDN(2, n_feats=64, n_blocks=2, n_layers=3, growth=64).eval()  # segments of RDN-B's width
+        for b in (2, 4, 8):
+            body = DenseIntegerBody(prepare_dense_blocks(rdn), calibrate(rdn, calib[..., :6, :6], (b,)),
+                                    backend="triton", containers="bytes", fused=True)
+            body(dense_in, b)
+
+    return [engine_run(kw) for kw in runs] + [single_kernels, group_bodies, dense_bodies]
 
 
 def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config]:
@@ -292,6 +308,9 @@ def gpu_configs(launch: Launch, all_configs: bool = False) -> list[triton.Config
     if launch.kernel == FP_CONV:
         fixed = ops.FIXED_FP_CONFIG
         return [fixed, *[c for c in ops.FP_TUNE_CONFIGS if all_configs and c is not fixed]]
+    if launch.kernel == DENSE_CONV:
+        consts = dict(launch.constexprs)
+        return [ops.dense_config(consts["C0"], consts["CG"])]
     if launch.kernel == STITCH:  # its block is a constexpr of the launch
         return [triton.Config({}, num_warps=4, num_stages=3)]
     return [triton.Config({"BLOCK_M": ops.ROWS_PER_PROGRAM}, num_warps=4, num_stages=3)]
@@ -336,9 +355,10 @@ def compile_launch(launch: Launch, config: triton.Config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import conv3x3, fp_conv, ops, stitch
+    from . import conv3x3, dense_conv, fp_conv, ops, stitch
 
-    kernel = getattr({FP_CONV: fp_conv, STITCH: stitch}.get(launch.kernel, conv3x3), launch.kernel)
+    kernel = getattr({FP_CONV: fp_conv, STITCH: stitch, DENSE_CONV: dense_conv}.get(launch.kernel, conv3x3),
+                     launch.kernel)
     consts = {**dict(launch.constexprs), **config.kwargs}
     types = dict(launch.signature)
     for name, box in ops.tma_boxes(consts).items() if launch.kernel in CONV_KERNELS else ():
@@ -384,7 +404,7 @@ def problems(report: dict, fixed: bool = True) -> list[str]:
     if report.get("error"):
         return [f"compile error: {report['error']}"]
     out = []
-    if report["kernel"] in (*CONV_KERNELS, FP_CONV) and report["mma"] == 0:
+    if report["kernel"] in (*CONV_KERNELS, FP_CONV, DENSE_CONV) and report["mma"] == 0:
         out.append("no tensor-core MMA")
     if report["fma_f32"]:
         out.append(f"{report['fma_f32']} fused multiply-adds")
@@ -460,10 +480,10 @@ def summarize(reports: list[dict]) -> list[str]:
     for arch in sorted({r["arch"] for r in reports}, reverse=True):
         rs = [r for r in reports if r["arch"] == arch]
         ok = [r for r in rs if not r.get("error")]
-        convs = [r for r in ok if r["kernel"] in (*CONV_KERNELS, FP_CONV)]
+        convs = [r for r in ok if r["kernel"] in (*CONV_KERNELS, FP_CONV, DENSE_CONV)]
         fixed = [r for r in ok if r["fixed"]]
         spilling = [r for r in convs if not r["fixed"] and r["local_bytes"]]
-        mmas = [r["mma"] for r in convs if r["kernel"] in CONV_KERNELS] or [0]
+        mmas = [r["mma"] for r in convs if r["kernel"] in (*CONV_KERNELS, DENSE_CONV)] or [0]
         lines.append(
             f"sm_{arch}: {len(rs)} compiles ({len(rs) - len(ok)} errors) in {sum(r['seconds'] for r in ok):.0f} s; "
             f"conv MMAs per kernel {min(mmas)}-{max(mmas)}"

@@ -22,6 +22,7 @@ from gdq_engine.ops.triton_ops import interpreting
 from gdq_engine.quant.quantizer import ActQuant, container_bits, requant_args
 
 from .conv3x3 import _packed_conv3x3_kernel, _padded_conv3x3_tma_kernel, _quantize_pack_kernel, _unpack_kernel
+from .dense_conv import _dense_conv_kernel
 from .fp_conv import KY, _fp_conv3x3_kernel
 from .policy_stage import MOMENTS, _entropy_kernel, _patch_histogram_kernel, _pooled_moments_kernel
 from .stitch import BOX_FIELDS, _stitch_kernel
@@ -905,6 +906,156 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     out = torch.empty(*packed.shape[:-1], c, dtype=torch.int8 if signed else torch.uint8, device=packed.device)
     block_m = 32 if INTERPRET else ROWS_PER_PROGRAM
     _unpack_kernel[(triton.cdiv(m, block_m),)](packed, out, m, C=c, BITS=bits, SIGNED=bool(signed), BLOCK_M=block_m)
+    return out
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A dense-block conv's weight codes over all its segments, laid out for :func:`dense_conv`.
+
+    ``w``: (KTOT, Cout) int8, a K-contiguous view (strides (1, KTOT)); row ``taps * off_j + tap *
+    C_j + c`` holds segment ``j``'s input channel ``c`` of tap ``tap`` (``off_0 = 0``, ``off_j =
+    c0 + (j - 1) * cg``). ``wsum``: (segments, Cout) int32, each segment's code sums over its taps
+    (for 8-bit unsigned inputs). ``taps``: 9 (3x3) or 1 (the 1x1 fusion conv)."""
+
+    w: torch.Tensor
+    wsum: torch.Tensor
+    c0: int
+    cg: int
+    segments: int
+    taps: int
+    cout: int
+
+
+def dense_k_step(c0: int, cg: int) -> int | None:
+    """The K step of :func:`dense_conv` for segments of ``c0`` and ``cg`` channels: the largest of
+    64, 32 and 16 that divides both (K steps never straddle a tap or a segment); None where none
+    does."""
+    return next((k for k in (64, 32, 16) if c0 % k == 0 and cg % k == 0), None)
+
+
+def dense_config(c0: int, cg: int) -> triton.Config:
+    """:func:`dense_conv`'s tiles on a GPU (not yet tuned or timed): 128 pixels, 64 output channels
+    (all of them where fewer), K steps of :func:`dense_k_step`, 8 warps, 3 stages. Compiled for
+    sm_90 (``kernels.aot``, RDN-B's 64-channel segments), every variant keeps 80-133 registers a
+    thread and spills none (4 warps: 118-240 registers)."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_K": dense_k_step(c0, cg)}, num_warps=8, num_stages=3)
+
+
+def dense_conv_applies(c0: int, cg: int, cout: int, device: torch.device) -> bool:
+    """Whether :func:`dense_conv` runs segments of ``c0`` / ``cg`` channels into ``cout``: K steps
+    of at least 32 bytes on a GPU (16 in the interpreter) and ``cout`` a multiple of 16."""
+    step = dense_k_step(c0, cg)
+    least = 16 if INTERPRET or device.type != "cuda" else 32
+    return step is not None and step >= least and cout % 16 == 0
+
+
+def prepare_dense_weight(segments: list[torch.Tensor]) -> DenseWeight:
+    """Per-segment (Cout, C_j, k, k) int8 weight codes (k = 3, or 1 for a 1x1 conv; the first
+    segment ``c0`` channels wide, every later one ``cg``) -> :class:`DenseWeight`."""
+    if not segments:
+        raise ValueError("a dense conv needs at least one segment")
+    first = segments[0]
+    k = first.shape[-1]
+    for w in segments:
+        if w.dtype != torch.int8 or w.dim() != 4 or w.shape[2:] != (k, k) or k not in (1, 3) \
+                or w.shape[0] != first.shape[0]:
+            raise ValueError(f"expected (Cout, C, 3, 3) or (Cout, C, 1, 1) int8 codes of one Cout and kernel size, "
+                             f"got {tuple(w.shape)} {w.dtype} beside {tuple(first.shape)}")
+    widths = {w.shape[1] for w in segments[1:]}
+    if len(widths) > 1:
+        raise ValueError(f"the later segments must be equally wide, got widths {sorted(widths)}")
+    cout, c0 = first.shape[:2]
+    cg = widths.pop() if widths else c0
+    rows = [w.permute(0, 2, 3, 1).reshape(cout, -1) for w in segments]  # (Cout, taps * C_j), tap-major
+    w = torch.cat(rows, 1).contiguous()
+    wsum = torch.stack([s.sum((1, 2, 3), dtype=torch.int32) for s in segments]).contiguous()
+    return DenseWeight(w.t(), wsum, c0, cg, len(segments), k * k, cout)
+
+
+def _pixel_stride(t: torch.Tensor, what: str, dtype: torch.dtype, shape: tuple[int, int, int]) -> int:
+    """The pixel stride of an (N, H, W, C) ``t`` whose pixels lie evenly spaced with contiguous
+    channels (a channel slice of a contiguous NHWC tensor); ValueError otherwise."""
+    if t.dtype != dtype or t.dim() != 4 or tuple(t.shape[:3]) != shape:
+        raise ValueError(f"{what} must be a {dtype} (N, H, W, C) tensor with (N, H, W) = {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    n, h, w, c = t.shape
+    # a size-1 dimension's stride is arbitrary (torch's contiguous() keeps a permuted one): the
+    # pixel stride from the first dimension longer than 1, every such dimension checked against it
+    p = t.stride(2) if w > 1 else t.stride(1) if h > 1 else t.stride(0) if n > 1 else c
+    if (c > 1 and t.stride(3) != 1) or p < c or (w > 1 and t.stride(2) != p) or (h > 1 and t.stride(1) != w * p) \
+            or (n > 1 and t.stride(0) != h * w * p):
+        raise ValueError(f"{what} must be a channel slice of a contiguous NHWC tensor, got strides {t.stride()}")
+    return p
+
+
+def dense_conv(codes: torch.Tensor, weight: DenseWeight, mult: torch.Tensor, bias: torch.Tensor,
+               out: torch.Tensor, out_quant: ActQuant | None = None, residual: torch.Tensor | None = None,
+               shift_later: bool = False, next_quant: ActQuant | None = None,
+               next_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """One dense-block conv over all its segments in one launch (:mod:`.dense_conv`), NHWC: the
+    segment chain's values (``DenseIntegerBody``), bit for bit, with the partial sum in registers.
+
+    Args:
+        codes: (N, H, W, XC) uint8, the block's codes, one per byte: segment 0 (signed, ``c0``
+            channels) at byte 0, segment ``j`` at ``c0 + (j - 1) * cg``; the first
+            ``weight.segments`` are read. It may be a channel slice of a larger buffer.
+        weight: from :func:`prepare_dense_weight`.
+        mult: (segments, Cout) fp32 epilogue multipliers (``s_j * s_w``); bias: (Cout,) fp32, added
+            with the first segment.
+        out: where the result goes, (N, H, W, Cout): uint8 codes of ``out_quant`` (8-bit
+            containers), or fp32 without it; a channel slice of a larger buffer (e.g. the block's
+            own codes, past the segments read, or the body's concatenated output).
+        residual: (N, H, W, Cout) fp32 (a channel slice too), added after the first segment.
+        shift_later: the later segments hold 8-bit unsigned codes above 127 (0..255): read shifted,
+            with the weight sums' correction; otherwise every byte is a signed code.
+        next_quant, next_codes: also the codes of ``next_quant`` (8-bit containers) into
+            ``next_codes``, (N, H, W, Cout) uint8 (the next block's input segment).
+    Returns:
+        ``out``.
+    """
+    n, h, w_, _ = codes.shape if codes.dim() == 4 else (0, 0, 0, 0)
+    x_stride = _pixel_stride(codes, "codes", torch.uint8, (n, h, w_))
+    cout, dev = weight.cout, codes.device
+    need = weight.c0 + (weight.segments - 1) * weight.cg
+    if codes.shape[3] < need:
+        raise ValueError(f"{weight.segments} segments need {need} bytes per pixel, codes hold {codes.shape[3]}")
+    if not dense_conv_applies(weight.c0, weight.cg, cout, dev):
+        raise ValueError(f"dense_conv takes segments of multiples of 32 channels on a GPU (16 interpreted) and Cout "
+                         f"a multiple of 16, got c0={weight.c0}, cg={weight.cg}, Cout={cout}")
+    if mult.shape != (weight.segments, cout) or bias.shape != (cout,):
+        raise ValueError(f"mult must be ({weight.segments}, {cout}) and bias ({cout},), got {tuple(mult.shape)} and "
+                         f"{tuple(bias.shape)}")
+    for q, what in ((out_quant, "out_quant"), (next_quant, "next_quant")):
+        if q is not None and q.container != 8:
+            raise ValueError(f"{what} must store one code per byte (container 8), got {q.container}-bit containers")
+    o_bits, lo, hi, inv_s = requant_args(out_quant)
+    out_stride = _pixel_stride(out, "out", torch.uint8 if o_bits else torch.float32, (n, h, w_))
+    res_stride = 0 if residual is None else _pixel_stride(residual, "residual", torch.float32, (n, h, w_))
+    if (next_quant is None) != (next_codes is None):
+        raise ValueError("next_quant and next_codes go together")
+    next_stride = 0 if next_codes is None else _pixel_stride(next_codes, "next_codes", torch.uint8, (n, h, w_))
+    for t, what in ((out, "out"), (residual, "residual"), (next_codes, "next_codes")):
+        if t is not None and t.shape[3] != cout:
+            raise ValueError(f"{what} must hold Cout = {cout} channels, got {t.shape[3]}")
+    if n * h * w_ * max(x_stride, out_stride, res_stride, next_stride) >= 2**31:
+        raise ValueError("the buffers hold more than 32-bit offsets reach; split the batch")
+    _, nlo, nhi, next_inv_s = requant_args(next_quant)
+    m, block_n = n * h * w_, min(64, triton.next_power_of_2(cout))
+    cfg = dense_config(weight.c0, weight.cg)
+    if INTERPRET or dev.type != "cuda":  # small row tiles in the interpreter
+        cfg = triton.Config({**cfg.kwargs, "BLOCK_M": 32})
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout, block_n))
+    meta = dict(C0=weight.c0, CG=weight.cg, SEGS=weight.segments, TAPS=weight.taps, SHIFT=bool(shift_later),
+                HAS_RES=residual is not None, O_BITS=o_bits, O_LO=lo, O_HI=hi, NEXT=next_quant is not None,
+                NEXT_LO=nlo, NEXT_HI=nhi, BLOCK_N=block_n, **cfg.kwargs)
+    if dev.type == "cuda":
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _launcher(_dense_conv_kernel, False)[grid](
+        codes, weight.w.to(dev), weight.wsum.to(dev), mult.to(dev, torch.float32).contiguous(),
+        bias.to(dev, torch.float32).contiguous(), residual if residual is not None else out, out,
+        next_codes if next_codes is not None else out, m, h, w_, cout, x_stride, res_stride, out_stride,
+        next_stride, inv_s, next_inv_s, **meta, **_COMPILE)
     return out
 
 

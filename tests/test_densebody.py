@@ -6,6 +6,7 @@ every backend, and through quantize / checkpoints / calibration tables / the Eng
 """
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -118,6 +119,81 @@ def test_full_width_segments_on_the_gpu_are_the_contract(bits):
                                 containers=containers)
         assert torch.equal(body(x.cuda(), bits).cpu(), want), containers
     model.cpu()
+
+
+def kernel_ops_or_none():
+    try:
+        from gdq_engine.kernels import ops
+    except ImportError:
+        return None
+    return ops
+
+
+@pytest.mark.skipif(kernel_ops_or_none() is None, reason="Triton is not installed")
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("g0,growth,n_layers,shape", [(32, 32, 3, (1, 5, 7)), (64, 32, 2, (3, 4, 9)),
+                                                      (32, 64, 1, (2, 1, 1))])
+def test_one_launch_per_conv_gives_the_chains_bits(bits, g0, growth, n_layers, shape, monkeypatch):
+    """Triton backend, codes one per byte: each conv as one dense_conv launch over all its segments
+    (kernels/dense_conv.py) gives the segment chain's values and the contract's, bit for bit: 8-bit
+    unsigned codes (read shifted), 4 and 2 bits (read as signed bytes), an input wider or narrower
+    than the growth, odd H, W, a 1x1 image, batch 1 and 3. Every launch's outputs are poisoned first,
+    so an element a launch leaves unwritten fails."""
+    ops = kernel_ops_or_none()
+    g = torch.Generator().manual_seed(next(_seed))
+    model = small_rdn(seed=bits, n_feats=g0, growth=growth, n_layers=n_layers, n_blocks=3)
+    quants = random_quants(model, bits, g)
+    n, h, w = shape
+    x = torch.randn(n, g0, h, w, generator=g) * 2  # codes clamp at both ends
+    want = contract(model, quants, 8, x)
+    blocks = prepare_dense_blocks(model.to(KERNEL_DEVICE), 8)
+    launches, real = [], ops.dense_conv
+
+    def poisoned(codes, weight, mult, bias, out, **kw):
+        out.fill_(0xA5 if out.dtype == torch.uint8 else float("nan"))
+        if kw.get("next_codes") is not None:
+            kw["next_codes"].fill_(0x5A)
+        launches.append((weight.segments, weight.taps))
+        return real(codes, weight, mult, bias, out, **kw)
+
+    monkeypatch.setattr(ops, "dense_conv", poisoned)
+    fused = DenseIntegerBody(blocks, {bits: quants}, backend="triton", containers="bytes", fused=True)
+    chain = DenseIntegerBody(blocks, {bits: quants}, backend="triton", containers="bytes", fused=False)
+    assert fused.runs_fused(torch.device(KERNEL_DEVICE)) and not chain.runs_fused(torch.device(KERNEL_DEVICE))
+    got = fused(x.to(KERNEL_DEVICE), bits).cpu()
+    per_block = [(i + 1, 9) for i in range(n_layers)] + [(n_layers + 1, 1)]
+    assert launches == per_block * 3  # one launch per conv: C layers of 1..C segments, the 1x1 fusion of C + 1
+    assert torch.equal(got, want)
+    assert torch.equal(chain(x.to(KERNEL_DEVICE), bits).cpu(), want)
+    assert len(launches) == 3 * len(per_block)  # the chain launches no dense conv
+    model.cpu()
+
+
+@pytest.mark.skipif(kernel_ops_or_none() is None, reason="Triton is not installed")
+def test_dense_conv_refuses_what_it_cannot_run():
+    ops = kernel_ops_or_none()
+    dev = torch.device(KERNEL_DEVICE)
+    w = ops.prepare_dense_weight([torch.ones(32, 32, 3, 3, dtype=torch.int8)] * 2)
+    assert (w.c0, w.cg, w.segments, w.taps, w.cout) == (32, 32, 2, 9, 32) and w.w.stride() == (1, 9 * 64)
+    codes = torch.zeros(1, 4, 4, 96, dtype=torch.uint8, device=dev)
+    mult, bias = torch.ones(2, 32, device=dev), torch.zeros(32, device=dev)
+    q8 = ActQuant(8, False, 0.1)
+    for call, message in (
+            (lambda: ops.dense_conv(codes[..., :48], w, mult, bias, codes[..., 64:]), "need 64 bytes per pixel"),
+            (lambda: ops.dense_conv(codes, w, mult[:1], bias, codes[..., 64:], out_quant=q8), "mult must be (2, 32)"),
+            (lambda: ops.dense_conv(codes, w, mult, bias, codes[..., 64:], out_quant=ActQuant(4, False, 0.1)),
+             "container 8"),
+            (lambda: ops.dense_conv(codes, w, mult, bias, codes[..., 64:]), "must be a torch.float32"),
+            (lambda: ops.dense_conv(codes, w, mult, bias, codes[..., 64:].transpose(1, 2), out_quant=q8),
+             "channel slice of a contiguous NHWC tensor"),
+            (lambda: ops.dense_conv(codes, w, mult, bias, codes[..., 48:], out_quant=q8), "Cout = 32 channels"),
+            (lambda: ops.prepare_dense_weight([torch.ones(32, 32, 3, 3, dtype=torch.int8),
+                                               torch.ones(32, 16, 3, 3, dtype=torch.int8),
+                                               torch.ones(32, 32, 3, 3, dtype=torch.int8)]), "equally wide"),
+            (lambda: ops.prepare_dense_weight([torch.ones(32, 32, 5, 5, dtype=torch.int8)]), "(Cout, C, 3, 3)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    assert not ops.dense_conv_applies(24, 32, 32, dev) and not ops.dense_conv_applies(32, 32, 24, dev)
 
 
 def test_a_conv_per_segment_is_not_the_same_as_one_scale():

@@ -116,13 +116,14 @@ def test_gpu_rows_compare_byte_packed_and_padded_containers_in_one_run():
                                                                       image_graphs=True)
     assert [name for name, kw in cases.items() if "image_graphs" in kw] == [
         "granular {2,4,8} + int8 tail, image graph", "static a8 + int8 tail, image graph"]
-    # RDN's dense blocks: no padded layout and always an fp32 stream, so no such A/B rows
+    # RDN's dense blocks: no padded layout and always an fp32 stream, so no such A/B rows; one of their own
     from gdq_engine.models import RDN
 
     rdn = dict(latency.cases_for(True, RDN(2, n_feats=16, n_blocks=1, n_layers=1, growth=16), None, "none"))
     edsr = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), None, "none"))
     assert set(edsr) - set(rdn) == {"static a8 + int8 tail, padded", "static a8 + int8 tail, fp32 stream"}
-    assert set(rdn) < set(edsr)
+    assert set(rdn) - set(edsr) == {"static a8, segment chain"}
+    assert rdn["static a8, segment chain"] == dict(rdn["static a8"], dense="chain")
     cpu = dict(latency.cases_for(False, load_model("edsr-baseline-x4"), None, "none"))
     assert not any(name.endswith(("padded", "last conv", "stream", "glue", "stitch", "streams", "graph"))
                    for name in cpu)
@@ -570,8 +571,10 @@ def test_rounds_call_every_engine_once_per_round_and_split_host_from_waits():
         {"output": "8x8", "reference": "entropy {2,4,8}", "other": "entropy {2,4,8}, group streams",
          "reference_ms": 3.0, "other_ms": 2.0, "ratio": 1.5}]
     from gdq_engine import load_model
+    from gdq_engine.models import RDN
 
     names = dict(latency.cases_for(True, load_model("edsr-baseline-x4"), Path("granular.pt"), "none"))
+    names.update(latency.cases_for(True, RDN(2, n_feats=16, n_blocks=1, n_layers=1, growth=16), None, "none"))
     assert all(name in names for pair in latency.AB_PAIRS for name in pair)  # every pair names GPU rows
 
 

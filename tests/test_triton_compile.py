@@ -17,6 +17,7 @@ aot = pytest.importorskip("gdq_engine.kernels.aot", reason="triton is a test dep
 CONV = "_packed_conv3x3_kernel"
 PADDED = "_padded_conv3x3_tma_kernel"
 FP = "_fp_conv3x3_kernel"
+DENSE = "_dense_conv_kernel"
 
 
 def _env(interpret: bool) -> dict:
@@ -78,6 +79,11 @@ def test_recording_sees_every_bit_width_epilogue_and_tail(launches):
     # the stitch of a batch's windows into the image (runtime/stitch.py): fp32 in and out
     (stitch,) = [x for x in recorded if x.kernel == "_stitch_kernel"]
     assert dict(stitch.signature)["sr_ptr"] == dict(stitch.signature)["canvas_ptr"] == "*fp32"
+    # RDN's dense convs, one launch over their segments: 3x3 layers of 1..3 segments writing codes, the
+    # 1x1 fusion of 4 writing fp32 (and the next block's codes), 8-bit unsigned codes read shifted
+    dense = [dict(x.constexprs) for x in recorded if x.kernel == DENSE]
+    assert {(c["TAPS"], c["SEGS"], c["O_BITS"]) for c in dense} == {(9, 1, 8), (9, 2, 8), (9, 3, 8), (1, 4, 0)}
+    assert {c["SHIFT"] for c in dense} == {False, True} and {c["NEXT"] for c in dense} == {False, True}
     assert len(set(recorded)) == len(recorded)
 
 
@@ -115,7 +121,7 @@ def test_every_engine_variant_compiles_for_sm90_and_sm80(launches, tmp_path):
     for r in reports:
         assert r["problems"] == [], r
         assert r["local_bytes"] == 0 and r["fma_f32"] == 0 and r["registers"] <= 255
-        if r["kernel"] in (CONV, PADDED, FP):
+        if r["kernel"] in (CONV, PADDED, FP, DENSE):
             assert r["mma"] > 0, r  # wgmma on sm_90, mma.sync s8 (f16 for the FP conv) on sm_80
         if r["kernel"] == PADDED and r["arch"] == 90:
             # Both operands come by TMA box copies, no per-thread copies; signed and offset codes

@@ -23,10 +23,19 @@ backend whose ``packed_conv3x3`` takes 1x1 weights (``CONV1X1``: the C++ one), a
 the same int32 sums, so the same values.
 The residual stream and the body's output (every block's output, concatenated: the global
 fusion's input) are fp32.
+
+On a backend with a dense conv (``dense_conv``: the Triton one) and codes one per byte, each
+layer and each fusion conv runs as one launch over all its segments instead (``fused``): the
+same operations in the same order with the partial sum in registers, so the same bits, without
+the chain's fp32 partial sums in memory (layer ``i`` of the chain reads and writes ``i`` of them).
+A block's codes then live in one buffer, (N, H, W, G0 + C * G) bytes, each layer writing its
+segment in place, and each fusion conv writes its block's slice of the body's output and the
+next block's input codes.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +43,10 @@ from torch import nn
 
 from ..quant.quantizer import ActQuant, quantize_weight
 from .graphs import GraphCache
+
+# Whether dense bodies run their convs as one launch over all segments where the backend can
+# (``DenseIntegerBody(fused=None)``); GDQ_DENSE_FUSED=0 keeps the segment chain (A/B runs).
+FUSED = os.environ.get("GDQ_DENSE_FUSED", "1") != "0"
 
 
 def is_dense_block(block: nn.Module) -> bool:
@@ -119,12 +132,15 @@ class DenseIntegerBody:
         cuda_graphs: on CUDA, one graph per (bits, batch bucket, shape), as IntegerBody's.
         containers: ``"packed"`` or ``"bytes"`` (:func:`~gdq_engine.runtime.intgraph.in_containers`);
             the padded layout is not supported here.
+        fused: run each conv as one launch over all its segments where the backend has a dense
+            conv and the codes are bytes (module docstring); None: :data:`FUSED`. Same results.
     """
 
     MAX_GRAPHS = 32
 
     def __init__(self, blocks: list[DenseQuantBlock], act_quants: dict[int, list[tuple[ActQuant, ...]]],
-                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed"):
+                 backend: str = "reference", cuda_graphs: bool = False, containers: str = "packed",
+                 fused: bool | None = None):
         from .intgraph import _backend_module, in_containers
 
         if containers == "padded":
@@ -143,7 +159,11 @@ class DenseIntegerBody:
         self._mults = {b: [[[torch.tensor(q.scale, dtype=torch.float32) * conv.s_w.float()
                              for q in qs[: len(conv.segments)]] for conv in (*blk.layers, blk.fuse)]
                            for blk, qs in zip(blocks, act_quants[b])] for b in act_quants}
+        self._mult_rows = {b: [[torch.stack(ms) for ms in blk] for blk in per_block]  # (segments, Cout) each
+                           for b, per_block in self._mults.items()}
         self._weights: dict[tuple[int, int], list] = {}
+        self.fused = FUSED if fused is None else bool(fused)
+        self._dense_weights: list | None = None
         self.graphs = GraphCache(self.MAX_GRAPHS, pool_of=lambda bits: bits) if cuda_graphs else None
 
     @property
@@ -185,6 +205,16 @@ class DenseIntegerBody:
         raise NotImplementedError("per-layer bit-widths (CADyQ) run on residual-block bodies (EDSR, MSRResNet); "
                                   "dense blocks run patch-wise policies")
 
+    def runs_fused(self, device: torch.device) -> bool:
+        """Whether :meth:`run_eager` runs each conv as one launch over its segments on ``device``:
+        ``fused`` is on, the backend has a dense conv that takes these widths, and codes are bytes."""
+        applies = getattr(self._ops, "dense_conv_applies", None)
+        if not self.fused or applies is None or self.containers != "bytes" or not self.blocks:
+            return False
+        blk = self.blocks[0]
+        g0, growth = blk.fuse.s_w.shape[0], blk.layers[0].s_w.shape[0] if blk.layers else 0
+        return bool(blk.layers) and applies(g0, growth, growth, device) and applies(g0, growth, g0, device)
+
     def run_eager(self, feat: torch.Tensor, bits: int) -> torch.Tensor:
         """:meth:`__call__` without CUDA graphs."""
         from .intgraph import reads_signed
@@ -192,6 +222,8 @@ class DenseIntegerBody:
         ops, quants = self._ops, self.act_quants[bits]
         if not quants:
             raise ValueError("a dense body needs at least one block")
+        if self.runs_fused(feat.device):
+            return self._run_fused(feat.float().permute(0, 2, 3, 1).contiguous(), bits)
         weights = self._weights_for(quants[0][0].container, quants[0][1].container)
         x = feat.float().permute(0, 2, 3, 1).contiguous()
         outs = []
@@ -205,6 +237,40 @@ class DenseIntegerBody:
             x = self._segment_sum(ops, blk.fuse, segs, signed, qs, ws[-1], ms[-1], x)
             outs.append(x)
         return torch.cat(outs, dim=-1).permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last
+
+    def _fused_weights(self) -> list:
+        """Per block, per conv (layers, then the fusion): the backend's dense weights (made once)."""
+        if self._dense_weights is None:
+            prep = self._ops.prepare_dense_weight
+            self._dense_weights = [[prep(conv.segments) for conv in (*blk.layers, blk.fuse)] for blk in self.blocks]
+        return self._dense_weights
+
+    def _run_fused(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """:meth:`run_eager` with one dense-conv launch per conv: ``x`` (N,H,W,G0) fp32 contiguous."""
+        from .intgraph import reads_signed
+
+        ops, quants = self._ops, self.act_quants[bits]
+        n, h, w, g0 = x.shape
+        growth, depth = self.blocks[0].layers[0].s_w.shape[0], len(self.blocks)
+        width = g0 + len(self.blocks[0].layers) * growth  # a block's codes: its input, then each layer's
+        body = torch.empty((n, h, w, depth * g0), dtype=torch.float32, device=x.device)
+        buffers = [torch.empty((n, h, w, width), dtype=torch.uint8, device=x.device) for _ in range(min(2, depth))]
+        buffers[0][..., :g0].copy_(ops.quantize_pack(x, quants[0][0]))
+        residual = x
+        for d, (blk, qs, ws, ms) in enumerate(zip(self.blocks, quants, self._fused_weights(), self._mult_rows[bits])):
+            codes = buffers[d % 2]
+            shift = not reads_signed(ops, qs[1])  # 8-bit unsigned codes (the later segments all share a width)
+            for i, (conv, weight, m) in enumerate(zip(blk.layers, ws, ms)):
+                start = g0 + i * growth
+                ops.dense_conv(codes, weight, m, conv.bias, out=codes[..., start:start + growth],
+                               out_quant=qs[i + 1], shift_later=shift)
+            nxt = quants[d + 1][0] if d + 1 < depth else None
+            out = body[..., d * g0:(d + 1) * g0]
+            ops.dense_conv(codes, ws[-1], ms[-1], blk.fuse.bias, out=out, residual=residual,
+                           shift_later=shift, next_quant=nxt,
+                           next_codes=None if nxt is None else buffers[(d + 1) % 2][..., :g0])
+            residual = out
+        return body.permute(0, 3, 1, 2)  # NCHW view of the NHWC result: channels_last
 
     @staticmethod
     def _segment_sum(ops, conv: DenseConv, segs, signed, qs, weights, mults, residual):
