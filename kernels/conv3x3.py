@@ -239,6 +239,16 @@ def _epilogue(acc, offs_m, m_ok, offs_n, n_ok, px, keep, W, wsum_ptr, mult_ptr, 
 
 
 @triton.jit
+def _tile_indices(pid_m, pid_n, M, H, W, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """A (pid_m, pid_n) tile of an (M pixels of H x W images, COUT) result: its pixel rows and
+    channels, their bounds masks, each pixel's column and row in its image, and the K-step lanes."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < COUT, offs_m % W, (offs_m // W) % H, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
 def _packed_conv3x3_kernel(
     x_ptr, w_ptr, wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr,
     M, H, W, COUT, stride_wg, stride_wk, stride_wn, res_scale, inv_s_out, inv_s_next,
@@ -298,13 +308,7 @@ def _packed_conv3x3_kernel(
     if SKIP_PAD:
         if pid_m * BLOCK_M >= tl.load(items_ptr) * H * W:
             return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < COUT
-    px = offs_m % W
-    py = (offs_m // W) % H
-    kr = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, m_ok, n_ok, px, py, kr = _tile_indices(pid_m, pid_n, M, H, W, COUT, BLOCK_M, BLOCK_N, BLOCK_K)
 
     res = None
     if HAS_RES and RES_EARLY:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3 import _requantize
+from .conv3x3 import _requantize, _tile_indices
 
 
 @triton.jit
@@ -82,15 +82,8 @@ def _dense_conv_kernel(
     channel``; ``O_BITS == 0``: fp32 there. ``NEXT``: also the codes of ``inv_s_next`` in
     ``[NEXT_LO, NEXT_HI]`` at ``next_ptr + pixel * NEXT_STRIDE + channel``. ``SHIFT``: the later
     segments' codes are 8-bit unsigned (0..255). Every C is a multiple of ``BLOCK_K``."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < COUT
-    px = offs_m % W
-    py = (offs_m // W) % H
-    kr = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, m_ok, n_ok, px, py, kr = _tile_indices(tl.program_id(0), tl.program_id(1), M, H, W, COUT,
+                                                           BLOCK_M, BLOCK_N, BLOCK_K)
     w_cols = offs_n[None, :] * (TAPS * (C0 + (SEGS - 1) * CG))  # the weights' K-contiguous columns
 
     # segment 0: the block input (signed codes, C0 channels), with the bias and the residual
