@@ -1038,6 +1038,15 @@ def dense_conv(codes: torch.Tensor, weight: DenseWeight, mult: torch.Tensor, bia
     for t, what in ((out, "out"), (residual, "residual"), (next_codes, "next_codes")):
         if t is not None and t.shape[3] != cout:
             raise ValueError(f"{what} must hold Cout = {cout} channels, got {t.shape[3]}")
+    if weight.w.dim() != 2 or weight.w.stride() != (1, weight.w.shape[0]) or weight.w.shape[1] != cout:
+        raise ValueError("weight.w must be prepare_dense_weight's K-contiguous (KTOT, Cout) view")
+    # the layer's codes go into the same buffer, past the bytes it reads; the next block's codes must not
+    # land in a buffer this launch reads (other programs still read the bytes a program writes)
+    same = codes.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    if same and not need <= out.data_ptr() - codes.data_ptr() <= x_stride - cout:
+        raise ValueError(f"out lies in the codes' buffer but overlaps the {need} bytes a pixel the conv reads")
+    if next_codes is not None and next_codes.untyped_storage().data_ptr() == codes.untyped_storage().data_ptr():
+        raise ValueError("next_codes must not share the codes' buffer (use the other block's buffer)")
     if n * h * w_ * max(x_stride, out_stride, res_stride, next_stride) >= 2**31:
         raise ValueError("the buffers hold more than 32-bit offsets reach; split the batch")
     _, nlo, nhi, next_inv_s = requant_args(next_quant)
