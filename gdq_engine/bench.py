@@ -95,7 +95,9 @@ def bench_engines(engines: dict[str, object], frames: list[torch.Tensor], rounds
 
     Args:
         engines: row name -> Engine; the first is the reference of the speed-up and PSNR columns.
-        frames: (1,3,h,w) float frames in [0,1] on the engines' device, all of one size.
+        frames: (1,3,h,w) frames of one size: float in [0,1] on the engines' device, or uint8
+            (0..255) in host memory, as decoded images are (the times then include the copies in and
+            the 8-bit results back).
         rounds: timed rounds (>= 1), each calling every engine once.
     Returns:
         Per row: ``method``, ``ms`` (median ms per frame), ``host_ms`` / ``wait_ms``
@@ -111,12 +113,12 @@ def bench_engines(engines: dict[str, object], frames: list[torch.Tensor], rounds
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if not engines or not frames:
         raise ValueError("bench needs at least one engine and one frame")
-    gpu = frames[0].is_cuda
+    gpu = next(iter(engines.values())).device.type == "cuda"
     rows, reference = [], None
     with torch.inference_mode():
         for name, engine in engines.items():
             results = [engine.upscale(f, return_report=True) for f in frames]  # also compiles / captures
-            outs = [out.float().cpu() for out, _ in results]
+            outs = [out.float().cpu() / (255 if out.dtype == torch.uint8 else 1) for out, _ in results]
             reference = outs if reference is None else reference
             scores = [float(psnr_y(o, r, engine.scale)) for o, r in zip(outs, reference)]
             bits = [b for _, report in results for b in report.bits]

@@ -364,7 +364,9 @@ def cmd_bench(args) -> int:
     if out_w % scale or out_h % scale:
         raise ValueError(f"--output {out_w}x{out_h} is not a multiple of the model's scale {scale}")
     reps = args.reps or (20 if gpu else 5)
-    frames = [f.to(first.device) for f in bench.lr_frames(paths, out_h // scale, out_w // scale)]
+    frames = bench.lr_frames(paths, out_h // scale, out_w // scale)
+    # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
+    frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(first.device) for f in frames]
     where = f"{first.device} ({torch.cuda.get_device_name(first.device)})" if gpu else "cpu"
     if not gpu:
         from .ops import cpu_ops
@@ -372,7 +374,8 @@ def cmd_bench(args) -> int:
         core = f", C++ int8 conv: {cpu_ops.conv_path(64, 64)}" if cpu_ops.available() else ""
         where += f" ({torch.get_num_threads()} threads{core}; CUDA available: {torch.cuda.is_available()})"
     print(f"device: {where}; model {args.model} ({first.model.arch} x{scale}), FP dtype {args.dtype}; "
-          f"{len(frames)} frame(s) of {out_w // scale}x{out_h // scale} -> {out_w}x{out_h}; {reps} rounds",
+          f"{len(frames)} {'uint8 host' if args.host_uint8 else 'float'} frame(s) of {out_w // scale}x{out_h // scale} "
+          f"-> {out_w}x{out_h}; {reps} rounds",
           file=sys.stderr)
     rows = bench.bench_engines(engines, frames, reps, progress=True)
     print(bench.format_table(rows))
@@ -380,6 +383,7 @@ def cmd_bench(args) -> int:
         payload = {"environment": bench.environment(_command(args)), "device": where,
                    "workload": {"model": str(args.model), "scale": scale, "output": f"{out_w}x{out_h}",
                                 "frames": [str(p) for p in paths], "rounds": reps, "dtype": args.dtype,
+                                "frame_memory": "host uint8" if args.host_uint8 else f"{first.device} float32",
                                 "patch_size": None if args.whole_image else args.patch_size},
                    "rows": rows}
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
@@ -489,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=4, help="distinct frames the timed calls rotate over")
     p.add_argument("--reps", type=int, default=None,
                    help="timed rounds, each calling every policy once (median; default 20 on a GPU, 5 on a CPU)")
+    p.add_argument("--host-uint8", action="store_true",
+                   help="frames as uint8 tensors in host memory, as decoded images are: the times then include the "
+                        "copies in and the 8-bit results back (default: float frames on the compute device)")
     p.add_argument("--json", help="also write the rows, the workload and the environment to this JSON file")
     _add_engine_args(p)
     p.set_defaults(func=cmd_bench)

@@ -120,7 +120,7 @@ def test_bench_times_policies_on_the_same_frames(tmp_path, ckpt, capsys):
                  "static:4", "--json", str(tmp_path / "new" / "b.json")]) == 0
     captured = capsys.readouterr()
     assert "| fp | fp |" in captured.out and "identical" in captured.out
-    assert "device: cpu" in captured.err and "3 frame(s) of 24x20 -> 48x40; 2 rounds" in captured.err
+    assert "device: cpu" in captured.err and "3 float frame(s) of 24x20 -> 48x40; 2 rounds" in captured.err
     record = json.loads((tmp_path / "new" / "b.json").read_text())
     assert record["environment"]["command"].startswith("python -m gdq_engine bench --model")
     assert [Path(p).name for p in record["workload"]["frames"]] == ["0.png", "1.png", "0.png"]
@@ -134,6 +134,13 @@ def test_bench_times_policies_on_the_same_frames(tmp_path, ckpt, capsys):
         assert r["output"] == "48x40" and r["patches"] == 6 and r["ms"] > 0
         assert r["mpix_per_s"] == pytest.approx(48 * 40 / 1e6 / (r["ms"] / 1e3))
         assert r["speedup"] == pytest.approx(rows[0]["ms"] / r["ms"])
+    # frames as decoded images are (uint8 in host memory): the same rows, on 8-bit outputs
+    assert main([*common, "--output", "48x40", "--frames", "2", "--reps", "1", "--policies", "fp", "static:8",
+                 "--host-uint8", "--json", str(tmp_path / "u.json")]) == 0
+    assert "2 uint8 host frame(s)" in capsys.readouterr().err
+    record = json.loads((tmp_path / "u.json").read_text())
+    assert record["workload"]["frame_memory"] == "host uint8"
+    assert [r["fab"] for r in record["rows"]] == [32.0, 8.0] and record["rows"][1]["psnr_y"] > 10
     for args, message in ((["--output", "47x40"], "not a multiple of the model's scale 2"),
                           (["--output", "48"], "bad size '48'"),
                           (["--frames", "0"], "--frames and --reps must be at least 1"),
