@@ -242,25 +242,30 @@ def cmd_eval(args) -> int:
             if args.bicubic and spec == args.policies[0]:
                 res = evaluate_folder(bicubic_upscaler(engine.scale), folder, engine.scale, name="bicubic",
                                       limit=args.limit)
-                rows.append((Path(folder).name, res, None, None))
+                rows.append((Path(folder).name, res, None, None, None))
             name = Path(spec).name if spec in checkpoints else spec  # keeps an @depth suffix
             res = evaluate_folder(upscale, folder, engine.scale, name=name, limit=args.limit)
             bits = [b for r in reports for b in r.bits]
             fab = sum(bits) / len(bits) if bits else 32.0
             bitops = sum(r.bitops for r in reports) / len(reports) if bits else None
-            rows.append((Path(folder).name, res, fab, bitops))
+            rows.append((Path(folder).name, res, fab, bitops, engine.storage_bytes))
     print(f"model: {args.model}")
-    lines = ["| dataset | method | scale | FAB | BitOPs/image (G) | PSNR (dB) | SSIM |",
-             "|---|---|---|---|---|---|---|"]
-    for ds, r, fab, bitops in rows:
+    lines = ["| dataset | method | scale | FAB | BitOPs/image (G) | size (KB) | PSNR (dB) | SSIM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ds, r, fab, bitops, size in rows:
         fab_s = "-" if fab is None else f"{fab:.2f}"
         ops_s = "-" if bitops is None else f"{bitops / 1e9:.1f}"
-        lines.append(f"| {ds} | {r.name} | x{r.scale} | {fab_s} | {ops_s} | {r.mean_psnr:.2f} | {r.mean_ssim:.4f} |")
+        size_s = "-" if size is None else f"{size['total'] / 1024:.0f}"
+        lines.append(f"| {ds} | {r.name} | x{r.scale} | {fab_s} | {ops_s} | {size_s} | {r.mean_psnr:.2f} | "
+                     f"{r.mean_ssim:.4f} |")
     print("\n".join(lines))
+    print("size: the model stored with its quantized convs' codes packed to their weight bits, plus fp32 scales, "
+          "biases and every other parameter (Engine.storage_bytes)")
     if args.json:
         payload = [{"dataset": ds, "method": r.name, "scale": r.scale, "fab": fab, "bitops_per_image": bitops,
-                    "psnr": r.mean_psnr, "ssim": r.mean_ssim, "per_image_psnr": r.psnr, "per_image_ssim": r.ssim}
-                   for ds, r, fab, bitops in rows]
+                    "model_bytes": size, "psnr": r.mean_psnr, "ssim": r.mean_ssim, "per_image_psnr": r.psnr,
+                    "per_image_ssim": r.ssim}
+                   for ds, r, fab, bitops, size in rows]
         Path(args.json).write_text(json.dumps(payload, indent=1))
     return 0
 

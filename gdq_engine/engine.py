@@ -24,6 +24,7 @@ from .io import as_batch, input_dtype_of, restore_kind, returns_uint8, to_input_
 from .models import SRModel, load_model
 from .policy import BitPolicy, Static
 from .quantized import BACKENDS
+from .runtime.cost import model_bytes
 from .runtime.graphs import GraphCache
 from .runtime.hostreads import copy_into, counting_waits, to_host
 from .runtime.imagegraph import ImageGraphs, ImagePlan, make_image_plan
@@ -305,6 +306,8 @@ class Engine:
         elif depth is not None:
             raise ValueError("depth selects a depth version of a quantized model; this engine runs FP")
         fp_model = load_model(model).eval()
+        # what the model takes stored, in bytes (runtime/cost.py: model_bytes; the quantized body packed)
+        self.storage_bytes: dict[str, int] = qmodel.storage_bytes() if qmodel is not None else model_bytes(fp_model)
         # A non-finite half-precision FP result is recomputed with the fp32 weights (not the half
         # weights cast back), kept here; the FP models are small (EDSR-baseline: 6 MB in fp32).
         self._fp32_model = None

@@ -235,6 +235,33 @@ class QuantizedSR(nn.Module):
         self._drop_caches()
         return self
 
+    def storage_bytes(self) -> dict[str, int]:
+        """What this model holds to run at its current depth, in bytes
+        (:func:`~gdq_engine.runtime.cost.model_bytes`).
+
+        It counts:
+
+        * the body's convs as ``w_bits`` codes, for the blocks the current depth runs;
+        * the integer tail's convs as ``TAIL_W_BITS`` codes;
+        * their fp32 scales and biases;
+        * every other parameter in fp32;
+        * the fp32 activation scales of every width;
+        * the policy's float parameters (thresholds, a controller's weights).
+
+        Blocks beyond the depth are left out. The engine keeps the codes one per byte, so
+        ``packed_weights`` is what a packed file of them takes, not the memory the engine uses."""
+        from .runtime.cost import model_bytes
+        from .runtime.inttail import TAIL_W_BITS, tail_conv_names
+
+        blocks = list(self.fp.body)[: self.depth]
+        packed = {m: self.w_bits for block in blocks for m in block.modules() if isinstance(m, nn.Conv2d)}
+        if self.tail_bits is not None:
+            modules = dict(self.fp.named_modules())
+            packed.update({modules[name]: TAIL_W_BITS for name in tail_conv_names(self.fp)})
+        policy = _float_values(self.policy.state())
+        extra = self.act_scales.numel() + (0 if self.tail_scales is None else self.tail_scales.numel()) + policy
+        return model_bytes(self.fp, packed, extra_fp32=extra, leave_out=tuple(self.fp.body)[self.depth:])
+
     def set_res_scales(self, res_scales) -> None:
         """Set every residual block's ``res_scale`` (DQA's trained beta), one float per block."""
         if has_dense_body(self.fp):
@@ -559,6 +586,18 @@ def save_quantized(qmodel: QuantizedSR, path: str | os.PathLike, meta: dict | No
     atomic_torch_save({"format": QUANTIZED_FORMAT, "version": 1, "arch": qmodel.fp.arch,
                        "config": dict(qmodel.fp.config), "state_dict": state, "quant": qmodel.get_extra_state(),
                        "meta": dict(meta or {})}, path)
+
+
+def _float_values(state) -> int:
+    """How many float values a policy's plain-data state holds: tensor elements and float numbers
+    (bit-widths and other integers are configuration)."""
+    if torch.is_tensor(state):
+        return state.numel() if state.is_floating_point() else 0
+    if isinstance(state, dict):
+        return sum(_float_values(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_float_values(v) for v in state)
+    return int(isinstance(state, float))
 
 
 def is_quantized_checkpoint(payload) -> bool:

@@ -102,6 +102,10 @@ def test_eval_quantized_policies(tmp_path, ckpt, capsys):
     assert [r["method"] for r in rows] == ["fp", "static:8", "static:4", "entropy:2,4,8"]
     assert [r["fab"] for r in rows[:3]] == [32.0, 8.0, 4.0] and 2.0 <= rows[3]["fab"] <= 8.0
     assert rows[1]["bitops_per_image"] > rows[2]["bitops_per_image"]
+    # model size: the FP model in fp32; the quantized ones (8-bit weights, whatever the activations) smaller
+    assert rows[0]["model_bytes"]["packed_weights"] == 0 and rows[1]["model_bytes"]["packed_weights"] > 0
+    assert rows[1]["model_bytes"]["total"] < rows[0]["model_bytes"]["total"]
+    assert rows[1]["model_bytes"]["packed_weights"] == rows[2]["model_bytes"]["packed_weights"]
     assert abs(rows[1]["psnr"] - rows[0]["psnr"]) < abs(rows[2]["psnr"] - rows[0]["psnr"]) + 1e-9
     assert main(["eval", "--model", ckpt, "--data", str(hr), "--policies", "turbo:3"]) == 2
     assert "unknown policy spec" in capsys.readouterr().err

@@ -216,3 +216,46 @@ def test_calibration_table_round_trip_and_mismatch(small_edsr, tmp_path):
     other = EDSR(scale=2, n_feats=32, n_blocks=2)
     with pytest.raises(ValueError, match="calibration table is for"):
         quantize(other, "static", bits=4, calib=str(path))
+
+
+def test_storage_bytes_count_packed_codes_scales_and_fp32_parameters_exactly():
+    """Model size as real bytes (not the fp32 size divided by a bit-width): the body's codes packed
+    at w_bits, fp32 scales and biases per output channel, every other parameter, the activation
+    scales and the policy's floats in fp32; a depth version leaves its unused blocks out, an
+    integer tail adds its convs at 8 bits. Engine.storage_bytes and eval's JSON report the same."""
+    import math
+
+    from gdq_engine.runtime.cost import model_bytes
+
+    torch.manual_seed(0)
+    fp = EDSR(scale=2, n_feats=16, n_blocks=3).eval()
+    calib = torch.rand(2, 3, 12, 12)
+    params = sum(p.numel() for p in fp.parameters())
+    assert model_bytes(fp) == {"packed_weights": 0, "scales_and_biases": 0, "fp32": 4 * params, "total": 4 * params}
+    for w_bits in (8, 4, 2):
+        q = quantize(fp, "entropy", (2, 4, 8), calib, w_bits=w_bits, calib_patch=12)
+        body = [m for m in fp.body.modules() if isinstance(m, torch.nn.Conv2d)]
+        codes = sum(math.ceil(c.weight.numel() * w_bits / 8) for c in body)
+        per_channel = sum(8 * c.out_channels for c in body)
+        quantized = sum(c.weight.numel() + c.bias.numel() for c in body)
+        floats = 3 * 3 * 2 + 2 + 2  # act scales (widths, blocks, input and mid); entropy thresholds and quantiles
+        want = {"packed_weights": codes, "scales_and_biases": per_channel, "fp32": 4 * (params - quantized + floats)}
+        assert q.storage_bytes() == {**want, "total": sum(want.values())}, w_bits
+        assert Engine(q, device="cpu").storage_bytes == q.storage_bytes()
+    # a depth version: the blocks it does not run are left out
+    deep = QuantizedSR(q.fp, q.policy, q.act_quants(), w_bits=2, depths=(1, 3)).set_depth(1)
+    block = [m for m in fp.body[1:].modules() if isinstance(m, torch.nn.Conv2d)]
+    full = QuantizedSR(q.fp, q.policy, q.act_quants(), w_bits=2, depths=(1, 3)).storage_bytes()
+    assert full["total"] - deep.storage_bytes()["total"] == sum(
+        math.ceil(c.weight.numel() * 2 / 8) + 8 * c.out_channels for c in block) + 4 * (
+        sum(p.numel() for p in fp.body[1:].parameters()) - sum(c.weight.numel() + c.bias.numel() for c in block))
+    # an integer tail: its convs as 8-bit codes, their activation scales in fp32
+    fp = EDSR(scale=2, n_feats=32, n_blocks=1).eval()
+    tail = quantize(fp, "static", 8, calib, w_bits=4, calib_patch=12, tail_bits=8)
+    names = gdq_engine.runtime.inttail.tail_conv_names(fp)
+    assert names
+    convs = [dict(fp.named_modules())[n] for n in names]
+    plain = quantize(fp, "static", 8, calib, w_bits=4, calib_patch=12).storage_bytes()
+    got = tail.storage_bytes()
+    assert got["packed_weights"] - plain["packed_weights"] == sum(c.weight.numel() for c in convs)
+    assert got["fp32"] - plain["fp32"] == 4 * (len(names) - sum(c.weight.numel() + c.bias.numel() for c in convs))

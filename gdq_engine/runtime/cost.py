@@ -1,7 +1,9 @@
 """Analytic cost of a patch: MACs of quantized and FP convolutions, BitOPs (Granular-DQ's metric),
-and the largest activation (what bounds the batch size)."""
+and the largest activation (what bounds the batch size); and a model's storage in bytes."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -87,3 +89,27 @@ def bitops(q_macs: int, fp_macs: int, a_bits: int | None, w_bits: int = 8, tail_
         return (q_macs + fp_macs) * 32 * 32
     tail = tail_macs * 8 * tail_bits if tail_bits is not None else tail_macs * 32 * 32
     return q_macs * w_bits * a_bits + (fp_macs - tail_macs) * 32 * 32 + tail
+
+
+def model_bytes(model: nn.Module, packed: dict[nn.Conv2d, int] | None = None, extra_fp32: int = 0,
+                leave_out: tuple[nn.Module, ...] = ()) -> dict[str, int]:
+    """A model's storage, counted exactly in bytes (not the fp32 size divided by a bit-width).
+
+    ``packed``: the convs stored as integer codes, each with its weight bit-width. Each one holds its
+    codes packed to that width (``ceil(numel * bits / 8)``), plus one fp32 scale and one fp32 bias per
+    output channel. Every other parameter of ``model`` is fp32, 4 bytes, as are ``extra_fp32`` more
+    values (activation scales, a policy's controller). The parameters of the ``leave_out`` modules
+    (blocks a depth version does not run) are not counted.
+
+    Returns:
+        ``packed_weights`` (the codes), ``scales_and_biases`` (the packed convs' fp32 scales and biases),
+        ``fp32`` (everything else) and ``total``.
+    """
+    packed = packed or {}
+    skip = {id(p) for conv in packed for p in (conv.weight, conv.bias) if p is not None}
+    skip |= {id(p) for module in leave_out for p in module.parameters()}
+    codes = sum(math.ceil(conv.weight.numel() * bits / 8) for conv, bits in packed.items())
+    per_channel = sum(4 * conv.out_channels * 2 for conv in packed)
+    fp32 = 4 * (sum(p.numel() for p in model.parameters() if id(p) not in skip) + extra_fp32)
+    return {"packed_weights": codes, "scales_and_biases": per_channel, "fp32": fp32,
+            "total": codes + per_channel + fp32}
