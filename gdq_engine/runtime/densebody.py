@@ -29,8 +29,8 @@ layer and each fusion conv runs as one launch over all its segments instead (``f
 same operations in the same order with the partial sum in registers, so the same bits, without
 the chain's fp32 partial sums in memory (layer ``i`` of the chain reads and writes ``i`` of them).
 A block's codes then live in one buffer, (N, H, W, G0 + C * G) bytes, each layer writing its
-segment in place, and each fusion conv writes its block's slice of the body's output and the
-next block's input codes.
+segment in place, and each fusion conv (a real 1x1 conv there) writes its block's slice of the
+body's output and the next block's input codes.
 """
 
 from __future__ import annotations
