@@ -41,12 +41,15 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16), where oneDNN's bf16
-    convs beat fp32; elsewhere they are emulated and several times slower (11.5 s for a 744x744
-    bf16 frame of EDSR-baseline x4 on a 2-core AVX2 EPYC, 1.2 s in fp32:
-    ``latency-cpu-2026-11-27-avx2.json``)."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+def cpu_bf16_wins() -> bool:
+    """Whether oneDNN's bf16 convs beat fp32 on this CPU: where it has AMX-BF16 (tile multiplies).
+    Without it they lose:
+    * emulated bf16, on a 2-core AVX2 EPYC: 11.5 s for a 744x744 bf16 frame of EDSR-baseline x4,
+      1.2 s in fp32 (``latency-cpu-2026-11-27-avx2.json``);
+    * AVX512-BF16 without AMX, on a 2-core Xeon: 986 ms against 579 for the FP network, 213
+      against 196 for static a8 + int8 tail (``python benchmarks/cpu_fp_dtype.py``,
+      ``cpu-fp-dtype-cpu-2026-11-28-vnni.json``)."""
+    return "amx_bf16" in cpu_flags()
 
 
 def environment() -> dict:

@@ -23,7 +23,8 @@ with the papers' 96/90 tiling through ``Engine.upscale``:
   streams`` runs each batch's groups side by side, ``Engine(group_streams=True)``); on the ``auto`` backend
   (Triton on GPU, the C++ kernels on CPU; on GPU 2/4-bit codes one per byte, ``containers``,
   and one more Granular-DQ row with them packed); their FP layers run in the anchor's dtype (fp16 on
-  GPU, bf16 on CPU: column ``fp_dtype``) and one row shows static a8 with fp32 FP layers; on CPU
+  GPU; on CPU bf16 with AMX-BF16, else fp32, :func:`cpu_fp_dtype`: column ``fp_dtype``) and one row
+  shows static a8 with fp32 FP layers; on CPU
   one more static a8 row (fp32 FP layers) runs on the pure-torch reference backend.
 
 ``--arch edsr-baseline`` uses the shipped weights; ``msrresnet`` and ``rdn`` are built untrained
@@ -83,7 +84,7 @@ from gdq_engine.runtime.intgraph import has_integer_body, has_residual_body
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     autotune_choices,
-    cpu_has_native_bf16,
+    cpu_bf16_wins,
     keep_freed_memory,
     measure_gpu_peaks,
     write_results,
@@ -159,8 +160,8 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
         quant.append(("static a8 + int8 tail, padded", dict(policy="static", bits=8, tail_bits=8,
                                                              containers="padded")))
     # The quantized rows run their FP layers (head, upsampler unless the tail is integer, last
-    # conv) in the anchor's half dtype (fp16 on GPU; on CPU bf16 where the CPU has it in hardware,
-    # else fp32, as emulated bf16 is several times slower); one row shows static a8 with fp32 ones.
+    # conv) in the anchor's half dtype (fp16 on GPU; on CPU bf16 where it beats fp32, with AMX-BF16,
+    # else fp32: cpu_fp_dtype); one row shows static a8 with fp32 ones.
     half = half if gpu else cpu_fp_dtype()
     cases = fp + [("static a8 (fp32 FP layers)", dict(policy="static", bits=8))]
     cases += [(name, dict(kw, dtype=half)) for name, kw in quant]
@@ -170,9 +171,9 @@ def cases_for(gpu: bool, model, granular: Path | None, compile_mode: str) -> lis
 
 
 def cpu_fp_dtype() -> torch.dtype:
-    """The CPU rows' dtype for the quantized rows' FP layers: bf16 on CPUs with native bf16
-    (:func:`common.cpu_has_native_bf16`), else fp32."""
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    """The CPU rows' dtype for the quantized rows' FP layers: bf16 on CPUs where it beats fp32
+    (:func:`common.cpu_bf16_wins`: AMX-BF16), else fp32."""
+    return torch.bfloat16 if cpu_bf16_wins() else torch.float32
 
 
 def make_engine(model, kw: dict, device: str, calib):

@@ -434,11 +434,12 @@ def test_gpu_sm90_script_rdn_and_bench_steps_name_real_rows_and_options():
     assert parsed.command == "bench" and parsed.dtype == "float16" and parsed.tail_bits == 8
 
 
-@pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+@pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.float32),
                                          ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)])
-def test_cpu_rows_run_fp_layers_in_bf16_only_where_the_cpu_has_it(monkeypatch, flags, want):
-    """The CPU rows' quantized engines take bf16 FP layers on CPUs with AVX512-BF16 or AMX-BF16,
-    fp32 elsewhere (emulated bf16 is several times slower there); the bf16 CL row stays either way."""
+def test_cpu_rows_run_fp_layers_in_bf16_only_where_it_beats_fp32(monkeypatch, flags, want):
+    """The CPU rows' quantized engines take bf16 FP layers on CPUs with AMX-BF16, fp32 elsewhere
+    (emulated bf16 is several times slower, AVX512-BF16 without AMX slower too:
+    benchmarks/cpu_fp_dtype.py); the bf16 CL row stays either way."""
     import common
 
     from gdq_engine import load_model
@@ -649,3 +650,22 @@ def test_rdn_quality_trains_then_tables_fp_against_each_width(tmp_path, monkeypa
     assert {r["fab"] for r in result["rows"] if r["method"].startswith("static")} == {8.0, 6.0, 4.0, 3.0, 2.0}
     assert result["train_command"].startswith("python -m gdq_engine train --arch rdn --arch-config n_feats=8")
     assert "--policies fp static:8" in result["eval_command"] and result["environment"]["command"]
+
+
+@needs_data
+def test_cpu_fp_dtype_times_each_row_in_both_dtypes_and_names_the_faster(tmp_path, capsys):
+    """benchmarks/cpu_fp_dtype.py: the FP network, static a8 and static a8 + int8 tail, each with fp32
+    and bf16 FP layers, and per row the dtype that ran faster in that run."""
+    import cpu_fp_dtype
+
+    assert cpu_fp_dtype.main(["--output", "96x96", "--frames", "2", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-fp-dtype-*.json")
+    result = json.loads(path.read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == [f"{name}, {dtype}" for name in ("FP", "static a8", "static a8 + int8 tail")
+                          for dtype in ("float32", "bfloat16")]
+    assert [r["fab"] for r in rows.values()] == [32.0, 32.0, 8.0, 8.0, 8.0, 8.0]
+    for name, dtype in result["faster_dtype"].items():
+        other = "bfloat16" if dtype == "float32" else "float32"
+        assert rows[f"{name}, {dtype}"]["ms"] <= rows[f"{name}, {other}"]["ms"]
+    assert result["environment"]["command"] and "faster:" in capsys.readouterr().out
