@@ -231,11 +231,12 @@ def test_quantized_rdn_is_a_drop_in_module_on_every_backend(backend):
     calib = random_image(16, 16, n=6, seed=3)
     x = random_image(9, 11, n=2, seed=4)
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
-    ref = quantize(model, "static", bits=8, calib=calib, backend="reference")
+    # the reference on the same device: the FP layers (cuDNN on a GPU) then compute the same values
+    ref = quantize(model, "static", bits=8, calib=calib, backend="reference").to(device)
     q = quantize(model, "static", bits=8, calib=calib, backend=backend).to(device)
     y = q(x.to(device)).cpu()
     assert y.shape == (2, 3, 18, 22)
-    assert torch.equal(y, ref(x))
+    assert torch.equal(y, ref(x.to(device)).cpu())
     with torch.no_grad():
         fp = model(x)
     mse = float(((y - fp) ** 2).mean())

@@ -110,6 +110,8 @@ def quantize_weight(w: torch.Tensor, bits: int = 8, per_channel: bool = True) ->
     qmax = (1 << (bits - 1)) - 1
     w = w.detach().to(torch.float32)
     amax = w.abs().flatten(1).amax(1) if per_channel else w.abs().amax().expand(w.shape[0])
-    scale = (amax / qmax).clamp_min(1e-12)
+    # a tensor divisor: CUDA divides by a Python number as a multiply by its reciprocal, one ulp off
+    # the CPU's (and the contract's) correctly rounded quotient for some channels
+    scale = (amax / torch.full_like(amax, qmax)).clamp_min(1e-12)
     codes = torch.round(w / scale.view(-1, 1, 1, 1)).clamp_(-qmax, qmax).to(torch.int8)
     return codes, scale.to(torch.float32)
