@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from gdq_engine.bench import cpu_flags
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -30,15 +32,6 @@ def autotune_choices() -> dict[str, str]:
         return {}
     tuners = (("conv", ops._tuned_conv), ("padded", ops._tuned_padded_conv), ("fp", ops._tuned_fp_conv))
     return {f"{name} {key}": str(cfg) for name, tuner in tuners for key, cfg in tuner.cache.items()}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux; an empty set elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration, IndexError):
-        return set()
 
 
 def cpu_bf16_wins() -> bool:

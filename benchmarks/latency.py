@@ -78,7 +78,7 @@ from pathlib import Path
 
 import torch
 
-from gdq_engine.bench import frame_paths, interleaved_ms, lr_frames
+from gdq_engine.bench import frame_paths, interleaved_ms, lr_frames, place_frames
 from gdq_engine.runtime.intgraph import has_integer_body, has_residual_body
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -599,8 +599,7 @@ def main(argv=None) -> int:
     try:
         for out_w, out_h in sizes:
             frames = lr_frames(paths, out_h // args.scale, out_w // args.scale)
-            # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
-            frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(dev) for f in frames]
+            frames = place_frames(frames, dev, args.host_uint8)
             ref_outs, size_rows = None, []
             for name, kw in cases:
                 if cut["cut"]:

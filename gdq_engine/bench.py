@@ -57,6 +57,13 @@ def lr_frames(paths: list[Path], height: int, width: int) -> list[torch.Tensor]:
     return frames
 
 
+def place_frames(frames: list[torch.Tensor], device, host_uint8: bool = False) -> list[torch.Tensor]:
+    """Float [0,1] frames (:func:`lr_frames`) as an ``upscale`` call gets them: float32 on
+    ``device``, or with ``host_uint8`` uint8 (0..255) in host memory, the bytes of the 8-bit
+    images the crops came from, as a user's decoded frames are."""
+    return [(f * 255).round().to(torch.uint8) if host_uint8 else f.to(device) for f in frames]
+
+
 def interleaved_ms(engines: list, frames: list[torch.Tensor], rounds: int, gpu: bool = False,
                    progress: bool = False) -> list[dict]:
     """Per engine, medians over ``rounds`` rounds, each round calling every engine once (frames
@@ -156,6 +163,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; an empty set elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return set()
+
+
 def environment(command: str | None = None) -> dict:
     """What a results record must carry: date (UTC), the command (default: this process's
     ``sys.argv``), Python, torch and Triton versions, the CPU (its model name, threads and int8 /
@@ -170,12 +186,12 @@ def environment(command: str | None = None) -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info = f.read()
-        env["cpu"] = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-        env["cpu_int8_bf16_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx512_bf16")))
+            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags = cpu_flags()
+    if flags:
+        env["cpu_int8_bf16_flags"] = sorted(f for f in flags if f.startswith(("amx", "avx512_vnni", "avx512_bf16")))
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda

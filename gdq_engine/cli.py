@@ -369,9 +369,7 @@ def cmd_bench(args) -> int:
     if out_w % scale or out_h % scale:
         raise ValueError(f"--output {out_w}x{out_h} is not a multiple of the model's scale {scale}")
     reps = args.reps or (20 if gpu else 5)
-    frames = bench.lr_frames(paths, out_h // scale, out_w // scale)
-    # host uint8: the bytes the crops came from (8-bit images), as a user's decoded frames are
-    frames = [(f * 255).round().to(torch.uint8) if args.host_uint8 else f.to(first.device) for f in frames]
+    frames = bench.place_frames(bench.lr_frames(paths, out_h // scale, out_w // scale), first.device, args.host_uint8)
     where = f"{first.device} ({torch.cuda.get_device_name(first.device)})" if gpu else "cpu"
     if not gpu:
         from .ops import cpu_ops
