@@ -38,7 +38,12 @@ the input read as 3 halo boxes a tile, its ring counting boxes, the epilogue's c
 ``sat``: the 8-bit codes by one saturating conversion each (rows not writing an fp16 stream:
 ``ops.sm90_cvt_sat_applies``); ``halo`` where the Triton's Gluon can build it); then conv1 and
 conv2+next on the fp16 stream at a4 and a2, one code per byte (``... bytes``), on the same
-defaults; then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
+defaults; then signed codes into the MMAs the other way (``regs``: through registers,
+``ops.SM90_A_REGS``) for conv1 at a8 and a4 and conv2+next on the fp16 stream at a4; then those
+rows and the engine's a8 / a4 / a2 rows timed again in ``--rounds`` interleaved rounds (JSON
+``interleaved``: each row's us per round, and each pair's ratios round by round and their median:
+a4 / a2 against a8, ``regs`` against the engine's row; ``benchmarks/targets.py`` takes the a4 /
+a2 ratios from there); then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
 ``halo``: tap boxes, a ring of 6; without ``cvt``; without ``res``; ``sat`` the other way round)
 and two taps' MMAs in flight (``f2``, off).
 The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
@@ -63,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -93,29 +99,37 @@ def cvt_switches(variant: str) -> tuple[bool, bool]:
 
 
 
-def sm90_label(opts: dict, res: bool, sat: bool) -> str:
+def sm90_label(opts: dict, res: bool, sat: bool, regs: bool = False) -> str:
     """A row's name for the Gluon conv's launch options: ``s6 p2 rows ws g1 f1 tma`` (ring stages,
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
     stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its 8-bit codes
-    by one saturating conversion each). ``res`` and ``sat``: whether the row's conv gets those two
-    (``opts`` asks for them; the conv writes an fp16 stream, codes)."""
+    by one saturating conversion each, ``regs``: signed codes into the MMAs through registers).
+    ``res``, ``sat`` and ``regs``: whether the row's conv gets those (``opts`` asks for them; the
+    conv writes an fp16 stream, codes; reads signed codes)."""
     label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
                   f"{' res' if res else ''}{' halo' if opts['sm90_halo'] else ''}"
-                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}")
+                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}{' regs' if regs else ''}")
     return label
 
 
-def sm90_row_switches(opts: dict, kind: str, stream: torch.dtype) -> tuple[bool, bool]:
-    """(fp16 stream by TMA, saturating codes) as the Gluon conv's ``opts`` give them to a body conv
-    row: ``kind`` "conv1" (8-bit codes out) or a conv2 (its ``stream`` out, maybe with next codes)."""
+def sm90_row_switches(opts: dict, kind: str, stream: torch.dtype, signed: bool) -> tuple[bool, bool, bool]:
+    """(fp16 stream by TMA, saturating codes, signed codes through registers) as the Gluon conv's
+    ``opts`` give them to a body conv row: ``kind`` "conv1" (8-bit codes out) or a conv2 (its
+    ``stream`` out, maybe with next codes), reading ``signed`` codes or not."""
     from gdq_engine.kernels.ops import sm90_cvt_sat_applies, sm90_tma_res_applies
 
     o_bits, residual, out_dtype = (8, None, torch.uint8) if kind == "conv1" else (0, stream, stream)
     return (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, residual, out_dtype),
-            sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype))
+            sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype), bool(opts["sm90_a_regs"]) and signed)
+
+
+def row_key(row: dict) -> str:
+    """A row's name in the JSON's ``interleaved`` rounds: its conv and activation bits (the a4 and a2
+    rows share a conv name)."""
+    return f"{row['conv']} a{row['a_bits']}"
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:
@@ -152,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--sm90", action="store_true",
                    help="only the Gluon body conv (kernels/body_conv_sm90.py) against the flat kernel: the a8 body "
                         "convs both ways in one run, and its ring depths x programs per SM (kernels-sm90-*.json)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--sm90: interleaved rounds over the rows issue 4's ratios compare (default 5; --smoke: 2)")
     p.add_argument("--smoke", action="store_true",
                    help="check the script itself: every row once on one 8x8 patch on the CPU (TRITON_INTERPRET=1); "
                         "the numbers mean nothing")
@@ -186,16 +202,25 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             return time_rotating(conv, xs) * 1e3
 
+    last_timer = {}  # "timer": the last time_rotating's measurement, to be taken again (interleaved rounds)
+
     def time_rotating(fn, inputs) -> float:
         """Median ms of one ``fn(x)``, x rotating over ``inputs`` (past the L2 cache).
 
         ``graph`` timing: one eager call per input (compiles, autotunes), then all of them captured
         in one CUDA graph whose replays are timed, so host launch overhead is excluded (eager
         per-call timing measured 46-96 us for the same a8 kernel in two runs: host-bound).
+        ``last_timer["timer"]`` then takes the same measurement again (``rep_ms``: do_bench's
+        time), holding the graph and inputs while someone holds it.
         """
         if args.timing == "eager" or args.smoke:
             counter = iter(range(1 << 62))
-            return bench(lambda: fn(inputs[next(counter) % len(inputs)]), smoke=args.smoke)
+
+            def timer(rep_ms: int = 200) -> float:
+                return bench(lambda: fn(inputs[next(counter) % len(inputs)]), rep_ms, smoke=args.smoke)
+
+            last_timer["timer"] = timer
+            return timer()
         for x in inputs:
             fn(x)
         torch.cuda.synchronize()
@@ -209,7 +234,12 @@ def main(argv=None) -> int:
         with torch.cuda.graph(graph):
             for x in inputs:
                 fn(x)
-        return bench(graph.replay) / len(inputs)
+
+        def replays(rep_ms: int = 200) -> float:
+            return bench(graph.replay, rep_ms) / len(inputs)
+
+        last_timer["timer"] = replays
+        return replays()
 
     def timed_row(conv: str, cout: int, a_bits: int, w_bits: int, us: float, macs: int, nbytes: int,
                   cuda: float | None, container: int | None = None, cudnn: float | None = None,
@@ -284,7 +314,7 @@ def main(argv=None) -> int:
         name = f"{kind} {variant}" if variant else kind
         name = f"{kind} padded" if padded else f"{kind} bytes" if one_per_byte else name
         name = name if stream == torch.float32 else f"{name} {str(stream).removeprefix('torch.')} stream"
-        name = f"{name} sm90 {sm90_label(sm90, *sm90_row_switches(sm90, kind, stream))}" if sm90 else name
+        name = f"{name} sm90 {sm90_label(sm90, *sm90_row_switches(sm90, kind, stream, read_signed))}" if sm90 else name
         # MACs of the image's pixels only: the ring's are waste the floor does not count
         return timed_row(name, 64, a_bits, w_bits, t, m * 9 * c * 64, nbytes, cuda_time, cont)
 
@@ -339,7 +369,8 @@ def main(argv=None) -> int:
             t = time_rotating(lambda x: tk.packed_conv3x3(x, 8, True, prep_up_gauss if adds else prep_up, small, zeros,
                                                           shuffle=2, **kw), xs_up) * 1e3
         name = f"upsampler shuffled {'codes' if codes else 'fp16'}"
-        name = f"{name} {cvt}".rstrip() if opts is None else f"{name} sm90 {sm90_label(opts, False, sat and codes)}"
+        labelled = None if opts is None else sm90_label(opts, False, sat and codes, bool(opts["sm90_a_regs"]))
+        name = f"{name} {cvt}".rstrip() if opts is None else f"{name} sm90 {labelled}"
         return timed_row(name, 256, 8, 8, t, macs_up, m * c + out.numel() * out.element_size(), None)
 
     def last_conv() -> dict:
@@ -393,6 +424,32 @@ def main(argv=None) -> int:
         base = run_base()
         return [base] + [ab_row(base, variant) for variant in AB_ROWS]
 
+    kept, pairs, interleaved = {}, [], {}  # row key -> its timer; (row, against) keys; the rounds' results
+
+    def keep(row: dict, against: dict | None = None) -> dict:
+        """Hold ``row``'s measurement (the last :func:`time_rotating`'s) for :func:`interleave`, to be
+        compared with the kept row ``against`` (None: with none)."""
+        kept[row_key(row)] = last_timer["timer"]
+        if against is not None:
+            pairs.append((row_key(row), row_key(against)))
+        return row
+
+    def interleave(rounds: int) -> list[dict]:
+        """Every kept row timed once a round (``do_bench`` over 100 ms; the order reversed every other
+        round), ``rounds`` rounds: each pair's ratios of the same round and their median, so a ratio
+        compares rows timed seconds apart, on the same clocks. Sets the JSON's ``interleaved``; frees
+        the kept graphs; no rows of its own."""
+        us = {key: [] for key in kept}
+        for r in range(rounds):
+            for key in list(kept)[::1 if r % 2 == 0 else -1]:
+                us[key].append(kept[key](100) * 1e3)
+        interleaved["interleaved"] = {"rounds": rounds, "rep_ms": 100, "us": us, "pairs": [
+            {"row": row, "against": against, "ratios": [a / b for a, b in zip(us[row], us[against])],
+             "median_ratio": statistics.median(a / b for a, b in zip(us[row], us[against]))}
+            for row, against in pairs]}
+        kept.clear()
+        return []
+
     # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
     # limit keeps what it timed): the 8-bit convs as the engine runs them, each followed by its A/B
     # rows, the padded layout's TMA kernel (containers="padded"), the upsampler, the padded a4/a2
@@ -419,13 +476,28 @@ def main(argv=None) -> int:
             taps = tk.sm90_settings()  # tap boxes, at their own ring depth
         # "engine": the row's conv as the engine runs it on sm_90 (its settings, the fp16 stream: the
         # body's residual_stream="auto" on GPUs), which benchmarks/targets.py checks issue 4's targets on
+        engine_rows = {}  # (kind, a_bits) -> the engine's row, kept for the interleaved rounds
+
+        def engine_row(kind: str, a_bits: int, stream: torch.dtype) -> dict:
+            row = dict(conv_case(kind, a_bits, 8, one_per_byte=a_bits < 8, stream=stream, sm90=default), engine=True)
+            engine_rows[kind, a_bits] = keep(row, engine_rows.get((kind, 8)))
+            return row
+
         runs = [lambda k=k, st=st: [conv_case(k, 8, 8, stream=st),
-                                    dict(conv_case(k, 8, 8, stream=st, sm90=default), engine=k == "conv1" or st == f16)]
+                                    engine_row(k, 8, st) if k == "conv1" or st == f16
+                                    else conv_case(k, 8, 8, stream=st, sm90=default)]
                 for k, st in both]
         # a4 and a2 codes one per byte (the engine's containers on GPUs) on the same defaults: the
-        # same kernel with narrower clamps, against the a8 rows above
-        runs += [lambda a=a: [dict(conv_case(k, a, 8, one_per_byte=True, stream=st, sm90=default), engine=True)
-                              for k, st in (("conv1", f32), ("conv2+next", f16))] for a in (4, 2)]
+        # same kernel with narrower clamps (and signed reading, conv2), against the a8 rows above
+        runs += [lambda a=a: [engine_row(k, a, st) for k, st in (("conv1", f32), ("conv2+next", f16))] for a in (4, 2)]
+        # signed codes into the MMAs the other way (registers / shared memory: sm90_a_regs): conv1 at a8
+        # and a4, conv2 + next codes on the fp16 stream at a4 (at a8 it reads unsigned codes, always
+        # through registers), each against its engine row; then every kept row again, in interleaved
+        # rounds (issue 4's ratios, one round's rows side by side)
+        regs = dict(default, sm90_a_regs=not default["sm90_a_regs"])
+        runs += [lambda: [keep(conv_case(k, a, 8, one_per_byte=a < 8, stream=st, sm90=regs), engine_rows[k, a])
+                          for k, a, st in (("conv1", 8, f32), ("conv1", 4, f32), ("conv2+next", 4, f16))],
+                 lambda: interleave(args.rounds if not args.smoke else 2)]
         # each of the defaults' switches undone (all of them: the ninth run's settings; tap boxes; no
         # adds; the fp16 stream by stores, its rows only; the saturating codes the other way round),
         # then two taps' MMAs in flight (off)
@@ -436,7 +508,7 @@ def main(argv=None) -> int:
         def effective(sp: dict, kind: str, stream: torch.dtype) -> tuple:
             """What a row's conv gets of ``sp``: a knob that changes nothing for it is no row."""
             return (sp["sm90_stages"], sp["sm90_halo"], sp["sm90_cvt_add"], sp["sm90_in_flight"],
-                    *sm90_row_switches(sp, kind, stream))
+                    *sm90_row_switches(sp, kind, stream, kind == "conv1"))
 
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if effective(sp, k, st) != effective(default, k, st)]
@@ -456,7 +528,7 @@ def main(argv=None) -> int:
         best = autotune_choices()
         payload = {"workload": {"scale": args.scale, "output": args.output, "patches": n, "patch": hw, "pixels": m},
                    "timing": "smoke" if args.smoke else args.timing, "peaks": peaks, "rows": rows,
-                   "complete": done == len(runs), "autotune_choices": best}
+                   "complete": done == len(runs), "autotune_choices": best, **interleaved}
         path = write_results("kernels-sm90" if args.sm90 else "kernels", payload, args.out)
     print(f"peaks: int8 {peaks['int8_tops']:.0f} TOPS, fp16 {peaks['fp16_tflops']:.0f} TFLOP/s, "
           f"HBM {peaks['hbm_gbs']:.0f} GB/s; {n} patches of {hw}x{hw} ({args.output} x{args.scale} output)")

@@ -30,7 +30,9 @@ lower-level language, states the schedule instead:
 Signed codes feed the MMA from shared memory as they landed. Unsigned 8-bit codes (0..255) are
 read into registers and flipped there (``^ 0x80``: code - 128, as the flat kernel does), with
 ``128 * sum(w)`` added back in the epilogue. (wgmma multiplies u8 by s8, but Triton lowers a u8
-operand as s8.)
+operand as s8.) The twin's ``A_REGS`` takes signed codes through registers too, unflipped (``ops.SM90_A_REGS``,
+an A/B switch): on the twelfth run (H200) conv2 + next codes on the fp16 stream took 1.05x as long
+with signed codes (a4 one per byte, from shared memory) as with unsigned ones (a8, registers).
 
 The epilogue is ``conv3x3._epilogue``'s for 8-bit containers without a pixel shuffle: per-channel
 multiplier and bias, ReLU, residual (fp32 / fp16 / bf16, ``res_scale``), then 8-bit codes or an
@@ -170,16 +172,19 @@ def _halo_view(ring, row, shape: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
-def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr = 1):
+def _tap_mma(a_smem, w_tap, acc, A_SIGNED: gl.constexpr, IN_FLIGHT: gl.constexpr = 1, A_REGS: gl.constexpr = False):
     """One tap's wgmma on ``acc``, issued asynchronously; returns once at most ``IN_FLIGHT`` taps'
     (this one's and those before it) are in flight. ``a_smem``: the tap's codes, a (128, 64) view of
     shared memory; ``w_tap``: its (64, 64) K-major weights. Signed codes are read from shared
-    memory as they landed; unsigned ones go through registers (``_A_REGS``), flipped there (ptxas
-    keeps the in-flight MMAs' registers apart: :func:`register_hazards`)."""
-    if A_SIGNED:
+    memory as they landed (``A_REGS``: loaded into registers first); unsigned ones go through
+    registers (``_A_REGS``), flipped there (ptxas keeps the in-flight MMAs' registers apart:
+    :func:`register_hazards`)."""
+    if A_SIGNED and not A_REGS:
         acc = warpgroup_mma(a_smem, w_tap.permute((1, 0)), acc, is_async=True)
     else:
-        a = a_smem.load(_A_REGS) ^ -128
+        a = a_smem.load(_A_REGS)
+        if not A_SIGNED:
+            a = a ^ -128
         acc = warpgroup_mma(a, w_tap.permute((1, 0)), acc, is_async=True)
     return warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
 
@@ -456,7 +461,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
             IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
-            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr):
+            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr, A_REGS: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -471,7 +476,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). ``OUT_GROUPS``,
     ``SHUFFLE``: this program's 64 output channels are group ``program_id(1)`` of ``OUT_GROUPS``,
     stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`). ``ROUND_SAT``: 8-bit codes
-    by one saturating conversion each (:func:`_requantize`), the ReLU folded into conv1's."""
+    by one saturating conversion each (:func:`_requantize`), the ReLU folded into conv1's. ``A_REGS``:
+    signed codes into the MMA through registers too (:func:`_tap_mma`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     grp = 0
@@ -490,7 +496,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                 mbarrier.wait(ready.index(s), (use // STAGES) & 1)
                 for dy in gl.static_range(3):
                     a_smem = _halo_view(ring, s * HALO_ROWS + dy, [128, 64], _HALO_RING)
-                    acc = _tap_mma(a_smem, w_smem.index(dy * 3 + dx), acc, A_SIGNED, IN_FLIGHT)
+                    acc = _tap_mma(a_smem, w_smem.index(dy * 3 + dx), acc, A_SIGNED, IN_FLIGHT, A_REGS)
                     if dx > 0 and dy == IN_FLIGHT - 1:  # the previous box's last tap has retired
                         mbarrier.arrive(empty.index((use - 1) % STAGES))
                     if TMA_RES and dx == 0 and dy == 0 and t > 0:
@@ -500,7 +506,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             for tap in gl.static_range(9):
                 s = use % STAGES
                 mbarrier.wait(ready.index(s), (use // STAGES) & 1)
-                acc = _tap_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT)
+                acc = _tap_mma(ring.index(s).reshape([128, 64]), w_smem.index(tap), acc, A_SIGNED, IN_FLIGHT,
+                               A_REGS)
                 if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
                     mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
                 if TMA_RES and tap == 0 and t > 0:
@@ -541,7 +548,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, LOADER_REGS: gl.constexpr,
                               num_warps: gl.constexpr, ROUND_ADD: gl.constexpr = False,
                               I2F_ADD: gl.constexpr = False, OUT_GROUPS: gl.constexpr = 1,
-                              SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False):
+                              SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False,
+                              A_REGS: gl.constexpr = False):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -565,7 +573,9 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     (``r``: stored pixel-shuffled into (N, rH, rW, 64), ``OUT_GROUPS == r * r``, as the upsampler's
     convs store; no residual, no next codes) and ``ROUND_SAT`` (8-bit codes by one saturating floor
     conversion each instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s clamp and
-    add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, ``conv3x3.relu_kept``)."""
+    add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, ``conv3x3.relu_kept``) and
+    ``A_REGS`` (signed codes into the MMA through registers, as unsigned ones always go, instead of
+    from shared memory: :func:`_tap_mma`)."""
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
@@ -604,7 +614,7 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
                                    SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
-                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT)),
+                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT, A_REGS)),
                         (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
                                       items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
                        [1], [LOADER_REGS])
@@ -715,7 +725,7 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
                    group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
-                   halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False) -> dict:
+                   halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False, a_regs: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -742,7 +752,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     ``stages`` then counts halo boxes; Triton 3.6 only, :data:`HALO_VIEWS`); ``warps`` then counts its
     producer's warpgroup too. ``cvt_add``: the twin's epilogue with its codes and floats by adds
     (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``); ``cvt_sat``: its 8-bit codes by one
-    saturating conversion each (``ROUND_SAT``, ``ops.SM90_CVT_SAT``)."""
+    saturating conversion each (``ROUND_SAT``, ``ops.SM90_CVT_SAT``); ``a_regs``: signed codes into
+    its MMAs through registers (``A_REGS``, ``ops.SM90_A_REGS``)."""
     import re
     import subprocess
     import tempfile
@@ -773,7 +784,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     if ws:
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
-                      OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat,
+                      OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat, A_REGS=a_regs and signed,
                       TMA_OUT=tma_out_applies(tma_out, o_bits, has_res, shuffle * shuffle),
                       TMA_RES=tma_res_applies(tma_res, o_bits, res if has_res else None, out, shuffle * shuffle))
         if consts["TMA_RES"]:
@@ -803,6 +814,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
                 shuffle=shuffle,
                 in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws, cvt_sat=cvt_sat and ws,
+                a_regs=bool(a_regs and signed and ws),
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -826,7 +838,8 @@ def default_jobs() -> list[tuple[tuple, dict]]:
     """``(args, kwargs)`` of :func:`compile_report` for each of :data:`VARIANTS` (and, where the
     twin computes them, :data:`UP_VARIANTS`) as the engine launches it now (``ops.sm90_settings()``,
     so the ``GDQ_SM90_*`` variables count): its ring depth, the twin and its switches, the
-    saturating codes where ``ops.sm90_cvt_sat_applies`` says."""
+    saturating codes where ``ops.sm90_cvt_sat_applies`` says, signed codes through registers where
+    ``sm90_a_regs`` says."""
     from .ops import SM90_DTYPE_NAMES, sm90_cvt_sat_applies, sm90_settings
 
     opts = sm90_settings()
@@ -838,7 +851,8 @@ def default_jobs() -> list[tuple[tuple, dict]]:
         if opts["sm90_ws"]:
             kw.update(group=opts["sm90_group"], tma_out=opts["sm90_tma_out"], tma_res=opts["sm90_tma_res"],
                       in_flight=opts["sm90_in_flight"], halo=opts["sm90_halo"], cvt_add=opts["sm90_cvt_add"],
-                      cvt_sat=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], v[5], dtypes[v[10]]))
+                      cvt_sat=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], v[5], dtypes[v[10]]),
+                      a_regs=opts["sm90_a_regs"])
         jobs.append(((v, opts["sm90_stages"]), kw))
     return jobs
 
@@ -850,7 +864,7 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--defaults] [--jobs N]``: compile every
+    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--a-regs] [--defaults] [--jobs N]``: compile every
     variant for sm_90 and print one row each (or a JSON list), in ``N`` worker processes (default:
     one per CPU; the same reports in the same order either way). ``--defaults``: only each variant
     as the engine launches it (:func:`default_jobs`)."""
@@ -880,13 +894,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up", action="store_true",
                     help="also the twin computing the upsampler's pixel-shuffled 64 -> 256 convs (UP_VARIANTS), and "
                          "with --cvt-add their conversions by adds")
+    ap.add_argument("--a-regs", action="store_true",
+                    help="also the twin taking signed codes into its MMAs through registers (A_REGS), for the "
+                         "signed variants, on the engine's other settings (halo boxes where this Triton builds them)")
     ap.add_argument("--defaults", action="store_true",
                     help="only each variant (the upsampler's too) as the engine launches it: ops.sm90_settings() "
                          "(with its environment variables), the saturating codes where ops.sm90_cvt_sat_applies")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.defaults and (args.ws or args.tma_res or args.in_flight == 2 or args.halo or args.cvt_add or args.cvt_sat
-                          or args.up or args.stages != [6]):
+                          or args.up or args.a_regs or args.stages != [6]):
         ap.error("--defaults takes the engine's settings: no other variant flags")
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
@@ -915,6 +932,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.tma_res:
             jobs += [((v, s), dict(ws=True, tma_res=True, cvt_add=True, cvt_sat=True)) for s in args.stages
                      for v in fp16]
+    if args.a_regs:  # the engine's launches of signed codes, with and without registers
+        from .ops import launch_options
+
+        with launch_options(sm90_ws=True):
+            signed = [(job, kw) for job, kw in default_jobs() if job[0][1]]
+        jobs += [(job, dict(kw, a_regs=regs)) for job, kw in signed for regs in (False, True)]
     if args.defaults:
         jobs = default_jobs()
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
@@ -936,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
               f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']} "
               f"conversions={r['conversions']} round_adds={r['round_adds']} sat_cvts={r['sat_cvts']} "
-              f"fmnmx={r['fmnmx']}")
+              f"fmnmx={r['fmnmx']} a_regs={int(r['a_regs'])}")
     return 0
 
 

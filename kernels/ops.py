@@ -124,6 +124,14 @@ SM90_UP = os.environ.get("GDQ_SM90_UP", "1") != "0"
 # 28.2-28.3 with the stream by TMA). So "auto" (the default): on for every conv but those writing
 # an fp16 stream (sm90_cvt_sat_applies). GDQ_SM90_CVT_SAT=1: on for all; 0: off.
 SM90_CVT_SAT: bool | str = {"1": True, "0": False}.get(os.environ.get("GDQ_SM90_CVT_SAT", "auto"), "auto")
+# The twin's signed codes into its MMAs through registers, as unsigned codes always go (loaded during
+# the previous tap's MMA), instead of from shared memory as they landed (body_conv_sm90._tap_mma):
+# the same bits. Twelfth run (H200, kernels.py --sm90, one process): conv2 + next codes on the fp16
+# stream 25.5 us with signed codes (a4 one per byte: static a4 / a2 and Granular-DQ's narrow
+# groups) against 24.2 with unsigned ones (a8); conv1 (signed in at every width) 17.8 us, 71.6% of
+# its floor. Not measured yet: off until a GPU run times it (kernels.py --sm90's "regs" rows).
+# GDQ_SM90_A_REGS=1 turns it on.
+SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Tenth H100 run: bit-exact; the shuffled upsampler's
@@ -277,6 +285,7 @@ class LaunchOptions:
     sm90_cvt_add: bool | None = None
     sm90_up: bool | None = None
     sm90_cvt_sat: bool | str | None = None
+    sm90_a_regs: bool | None = None
 
 
 _options = LaunchOptions()
@@ -293,7 +302,8 @@ def launch_options(**changes):
     flight) / ``sm90_halo`` (the twin's input as halo boxes; ``sm90_stages`` then counts boxes) /
     ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
     64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's 8-bit codes by one
-    saturating conversion each; "auto": :func:`sm90_cvt_sat_applies`) instead of the defaults."""
+    saturating conversion each; "auto": :func:`sm90_cvt_sat_applies`) / ``sm90_a_regs`` (the twin's
+    signed codes into its MMAs through registers) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -673,7 +683,7 @@ def sm90_settings() -> dict:
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
                     sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP,
-                    sm90_cvt_sat=SM90_CVT_SAT)
+                    sm90_cvt_sat=SM90_CVT_SAT, sm90_a_regs=SM90_A_REGS)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -780,7 +790,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
                      ROUND_SAT=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out.dtype),
-                     LOADER_REGS=SM90_WS_LOADER_REGS, maxnreg=SM90_WS_MAXNREG)
+                     A_REGS=bool(opts["sm90_a_regs"]) and a_signed, LOADER_REGS=SM90_WS_LOADER_REGS,
+                     maxnreg=SM90_WS_MAXNREG)
         if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
             extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)
     kernel[grid](

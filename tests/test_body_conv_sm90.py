@@ -187,6 +187,26 @@ def test_gluon_body_conv_halo_boxes_give_the_same_bits(shape, case, stages, in_f
     _check_body_case(case, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts)
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
+@pytest.mark.parametrize("case", ["conv1", "conv2 scaled", "conv2+next", "conv2+next fp16 tma", "a4 next"])
+@pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
+                                                                                     reason=_NO_VIEWS))])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_signed_codes_through_registers_give_the_same_bits(shape, case, halo, signed):
+    """The twin taking signed codes into its MMAs through registers (``sm90_a_regs``), on tap and
+    halo boxes: conv1's codes, conv2's result and next codes (fp32 stream, fp16 stream by TMA, 4-bit
+    next codes one per byte on it as static a4 writes them) equal the reference's; unsigned codes,
+    which always go through registers, alike."""
+    g = gen()
+    x_codes, _, wt, mult, bias = _conv_inputs(shape, signed, g)
+    opts = dict(sm90=True, sm90_ws=True, sm90_halo=halo, sm90_a_regs=True,
+                sm90_tma_res=case.endswith(("tma", "a4 next")))
+    nq = ActQuant(4, True, 20.0, container=8) if case == "a4 next" else None
+    body = "conv2+next fp16 tma" if case == "a4 next" else case
+    _check_body_case(body, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts, nq)
+
+
 def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts: dict,
                      nq: ActQuant | None = None) -> torch.Tensor | None:
     """One body launch under ``launch_options(**opts)`` against the reference: "conv1" (ReLU, 8-bit
@@ -536,10 +556,11 @@ def test_gluon_body_conv_defaults_are_the_eleventh_runs():
     """The switches' defaults as the tenth and eleventh H100 runs set them (kernels/ops.py,
     docs/kernels.md): halo boxes, the conversions by adds, the upsampler on the twin and the fp16
     stream by TMA on; the saturating codes on every conv but those writing an fp16 stream ("auto");
-    two taps in flight and the flat kernel's conversions off."""
+    two taps in flight, signed codes through registers (an A/B switch no GPU has timed yet) and the
+    flat kernel's conversions off."""
     assert tk.SM90_BODY and tk.SM90_WS and tk.SM90_HALO and tk.SM90_CVT_ADD and tk.SM90_UP and tk.SM90_TMA_RES
     assert tk.SM90_CVT_SAT == "auto"
-    assert not (tk.CVT_ADD or tk.CVT_SAT)
+    assert not (tk.CVT_ADD or tk.CVT_SAT or tk.SM90_A_REGS)
     assert (tk.SM90_IN_FLIGHT, tk.SM90_WS_GROUP, tk.SM90_PER_SM, tk.SM90_HALO_STAGES) == (1, 1, 2, 4)
 
 
@@ -549,14 +570,16 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
     want = dict(sm90_stages=tk.SM90_STAGES, sm90_per_sm=tk.SM90_PER_SM, sm90_epi_rows=tk.SM90_EPI_ROWS,
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
-                sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP, sm90_cvt_sat=tk.SM90_CVT_SAT)
+                sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP, sm90_cvt_sat=tk.SM90_CVT_SAT,
+                sm90_a_regs=tk.SM90_A_REGS)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                               sm90_up=not tk.SM90_UP, sm90_cvt_sat=False):
+                               sm90_up=not tk.SM90_UP, sm90_cvt_sat=False, sm90_a_regs=not tk.SM90_A_REGS):
             assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS, sm90_tma_res=True,
                                               sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
-                                              sm90_up=not tk.SM90_UP, sm90_cvt_sat=False)
+                                              sm90_up=not tk.SM90_UP, sm90_cvt_sat=False,
+                                              sm90_a_regs=not tk.SM90_A_REGS)
         assert tk.sm90_settings() == dict(want, sm90_stages=8, sm90_ws=not tk.SM90_WS)
     # the twin's halo ring counts 10 KB boxes: its own default depth unless one is asked for
     with tk.launch_options(sm90_ws=True, sm90_halo=True):
@@ -676,6 +699,14 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
     with tk.launch_options(sm90_ws=True, sm90_cvt_sat="yes"):
         with pytest.raises(ValueError, match="True, False or 'auto'"):
             tk._sm90_body_into(*conv1, None)
+    # signed codes through registers (sm90_a_regs): the twin's signed launches only (unsigned codes
+    # always go so); off by default
+    launches.clear()
+    for regs in (None, True, False):
+        with tk.launch_options(sm90_ws=True, sm90_a_regs=regs):
+            for conv in (conv1, conv2):
+                tk._sm90_body_into(*conv, None)
+    assert [meta["A_REGS"] for _, _, _, meta in launches] == [False, False, True, False, False, False]
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
     launches.clear()
@@ -814,6 +845,24 @@ def test_gluon_body_conv_compiles_each_variant_as_the_engine_launches_it():
         assert r["store_waits"] == r["store_waits_synced"] == (2 if r["tma_stores"] else 0), r
     done = _compile_cli("--defaults", "--halo")
     assert done.returncode != 0 and "--defaults takes the engine's settings" in done.stderr
+
+
+@pytest.mark.skipif(any(k.startswith("GDQ_SM90") for k in os.environ),
+                    reason="a GDQ_SM90_* variable overrides a default")
+def test_gluon_body_conv_compiles_signed_codes_through_registers():
+    """``--a-regs``: each signed variant as the engine launches it, and again with its codes into the
+    MMAs through registers (``A_REGS``), compiled for sm_90: the register operands are loaded while
+    the previous tap's MMA runs, and nothing writes them while their MMA is in flight; no more
+    registers or local memory than from shared memory."""
+    reports = [r for r in _compile_reports("--a-regs") if r["ws"]]
+    signed = [v[0] for v in VARIANTS + UP_VARIANTS if v[1]]
+    assert [(r["name"], r["a_regs"]) for r in reports] == [(n, regs) for n in signed for regs in (False, True)]
+    for plain, regs in zip(reports[::2], reports[1::2]):
+        assert plain["loads_in_flight"] == 0 and regs["loads_in_flight"] > 0, (plain, regs)
+        assert regs["register_hazards"] == 0 and regs["wgmma"] == 36 and regs["fma_f32"] == 0, regs
+        assert regs["registers"] <= 128 and regs["local_bytes"] <= plain["local_bytes"], (plain, regs)
+        assert {k: v for k, v in regs.items() if k not in ("a_regs", "instructions", "loads_in_flight", "registers")} \
+            == {k: v for k, v in plain.items() if k not in ("a_regs", "instructions", "loads_in_flight", "registers")}
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")

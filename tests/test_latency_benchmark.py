@@ -250,7 +250,8 @@ def test_gpu_kernels_benchmark_smoke_runs_every_row(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU sessions run benchmarks/kernels.py itself")
 def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
-    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's pairs, its a4 / a2 rows, each
+    """benchmarks/kernels.py --sm90 --smoke: the Gluon body conv's pairs, its a4 / a2 rows, signed
+    codes through registers (``regs``), the interleaved rounds of the rows issue 4 compares, each
     default undone where it changes the row's conv, and the upsampler's rows (in the interpreter they
     run the flat kernel: the Gluon kernel needs an sm_90 GPU), named as with Triton 3.6, whose Gluon
     builds halo boxes."""
@@ -262,7 +263,8 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(body_conv_sm90, "HALO_VIEWS", True)
     assert kernels.main(["--smoke", "--sm90", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("kernels-sm90-*.json")
-    rows = json.loads(path.read_text())["rows"]
+    data = json.loads(path.read_text())
+    rows = data["rows"]
     names = [r["conv"] for r in rows]
     s4, s6 = "s4 p2 rows ws g1", "s6 p2 rows ws g1"
     codes = {"conv1": f"{s4} f1 tma halo cvt sat", "conv2+next": f"{s4} f1 tma halo cvt sat"}
@@ -271,6 +273,9 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     want += ["conv2+next float16 stream", f"conv2+next float16 stream sm90 {stream}"]
     want += [n for _ in (4, 2) for n in (f"conv1 bytes sm90 {codes['conv1']}",
                                          f"conv2+next bytes float16 stream sm90 {stream}")]
+    regs = [f"conv1 sm90 {codes['conv1']} regs", f"conv1 bytes sm90 {codes['conv1']} regs",
+            f"conv2+next bytes float16 stream sm90 {stream} regs"]
+    want += regs
     for c in codes:
         want += [f"{c} sm90 {k}" for k in (f"{s6} f1 tma", f"{s6} f1 tma cvt sat", f"{s4} f1 tma halo sat",
                                            f"{s4} f1 tma halo cvt", f"{s4} f2 tma halo cvt sat")]
@@ -282,7 +287,18 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
         want += [up, f"{up} sm90 {s6} f1 tma cvt"]
         want += [f"{up} sm90 {s4} f1 tma halo{cvt}" for cvt in cvts]
     assert names == want
-    assert [r["a_bits"] for r in rows[6:10]] == [4, 4, 2, 2]
+    assert [r["a_bits"] for r in rows[6:13]] == [4, 4, 2, 2, 8, 4, 4]
+    # the interleaved rounds: the engine's rows and the regs rows, each pair's ratios round by round
+    rounds = data["interleaved"]
+    keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:13] if r.get("engine") or r["conv"].endswith("regs")]
+    assert rounds["rounds"] == 2 and list(rounds["us"]) == keys and all(len(t) == 2 for t in rounds["us"].values())
+    a8 = {"conv1": keys[0], "conv2+next": keys[1]}
+    want_pairs = [(k, a8[k.split()[0]]) for k in keys[2:6]] + [(keys[6], keys[0]), (keys[7], keys[2]),
+                                                               (keys[8], keys[3])]
+    assert [(p["row"], p["against"]) for p in rounds["pairs"]] == want_pairs
+    for p in rounds["pairs"]:
+        ratios = [a / b for a, b in zip(rounds["us"][p["row"]], rounds["us"][p["against"]])]
+        assert p["ratios"] == pytest.approx(ratios) and min(ratios) <= p["median_ratio"] <= max(ratios)
     # the rows benchmarks/targets.py checks: the engine's convs (not the fp32 stream's, which the
     # engine's body does not keep on GPUs), a8, a4 and a2; the upsampler's with its switches
     engine = [r["conv"] for r in rows if r.get("engine")]
@@ -291,11 +307,11 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
                       f"upsampler shuffled fp16 sm90 {s4} f1 tma halo cvt"]
     import targets
 
-    lines, _ = targets.check(rows, 0.02)  # CPU times: the verdict means nothing; every engine row gets a line
+    lines, _ = targets.check(rows, 0.02, rounds)  # CPU times: the verdict means nothing; every engine row gets a line
     assert len(lines) == len(engine) and all(line.endswith(("met", "MISSED")) for line in lines)
     # each a4 / a2 row finds the a8 row it is held against (a renamed row would leave it without one)
     assert not any("no a8 row" in line for line in lines)
-    assert sum("x the a8 row's time" in line for line in lines) == 4
+    assert sum("x the a8 row's time" in line and "median of 2 interleaved rounds" in line for line in lines) == 4
 
 
 def test_kernel_targets_verdict(tmp_path, capsys):
@@ -315,7 +331,18 @@ def test_kernel_targets_verdict(tmp_path, capsys):
                 row("conv9 bytes sm90 x", 4, 10.0)):  # no a8 row of its kind
         lines, ok = targets.check(good + [bad], 0.02)
         assert not ok and lines[-1].endswith("MISSED")
+    # interleaved rounds decide a narrow row's ratio where they pair it with its a8 row
+    slow = [good[0], row("conv1 bytes sm90 x", 4, 18.9)]  # 5% slower in the single pass
+    pair = {"row": "conv1 bytes sm90 x a4", "against": "conv1 sm90 x a8", "ratios": [1.0, 1.01, 1.03],
+            "median_ratio": 1.01}
+    assert not targets.check(slow, 0.02)[1]
+    lines, ok = targets.check(slow, 0.02, {"pairs": [pair]})
+    assert ok and "1.010x" in lines[1] and "median of 3 interleaved rounds (single pass 1.050x)" in lines[1]
+    assert not targets.check(good, 0.02, {"pairs": [dict(pair, median_ratio=1.03)]})[1]
+    assert targets.check(slow, 0.02, {"pairs": [dict(pair, row="conv1 bytes sm90 x a2")]})[1] is False  # not its pair
     path = tmp_path / "k.json"
+    path.write_text(json.dumps({"rows": slow, "interleaved": {"pairs": [pair]}}))
+    assert targets.main([str(path)]) == 0
     path.write_text(json.dumps({"rows": good, "environment": {"gpu": "test GPU"}}))
     assert targets.main([str(path)]) == 0 and "all met (test GPU" in capsys.readouterr().out
     path.write_text(json.dumps({"rows": good[:1] + [row("conv1 bytes sm90 x", 4, 19.0)]}))
