@@ -73,6 +73,7 @@ sessions (``tests/test_body_conv_sm90.py``) and compiled for sm_90 on any machin
 
 from __future__ import annotations
 
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -202,8 +203,8 @@ def _requantize(y, inv_s, LO: gl.constexpr, HI: gl.constexpr, BY_ADD: gl.constex
     if SAT and floor_sat_applies(LO, HI):
         if floor_sat_max(LO, HI):
             t = gl.maximum(t, LO)
-        if floor_sat_min(LO, HI):
-            t = gl.minimum(t, HI)
+        if floor_sat_min(LO, HI):  # NaN stays NaN (min.NaN.f32), for the conversion to take to 0
+            t = gl.minimum(t, HI, propagate_nan=tl.PropagateNan.ALL)
         return gl.inline_asm_elementwise(floor_sat_asm(LO), "=r,f", [t], dtype=gl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = gl.minimum(gl.maximum(t, LO), HI)
@@ -737,7 +738,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     mbarrier operations (``mbarrier_ops``) and conversion-pipe instructions (``conversions``: I2F*,
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
     infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 / s8
-    in the PTX (``cvt_sat``'s codes); ``store_waits``: waits for TMA stores to have read their
+    in the PTX (``cvt_sat``'s codes); ``min_nans``: fp32 mins propagating NaN (``min.NaN.f32``) in
+    the PTX (``cvt_sat``'s clamp of codes from 0 below 255); ``store_waits``: waits for TMA stores to have read their
     shared-memory boxes (``cp.async.bulk.wait_group.read``) in the PTX, and ``store_waits_synced``
     those a CTA barrier follows before anything else: every thread waits, but only the storing
     thread's stores count, so the others must not reuse the box (or hand it back) before that
@@ -829,6 +831,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 bar_syncs=counts.get("bar_syncs"), mbarrier_ops=counts.get("mbarrier_ops"),
                 conversions=counts.get("conversions"),
                 round_adds=len(re.findall(ROUND_DOWN_ADD_PTX, ptx)), sat_cvts=len(re.findall(FLOOR_SAT_PTX, ptx)),
+                min_nans=len(re.findall(r"\bmin\.NaN\.f32\b", ptx)),
                 store_waits=len(after_waits), store_waits_synced=sum(op in ("bar.sync", "barrier.sync")
                                                                      for op in after_waits),
                 fmnmx=counts.get("fmnmx"))

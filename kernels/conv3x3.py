@@ -74,9 +74,10 @@ def floor_sat_applies(lo, hi):
 
 @triton.constexpr_function
 def floor_sat_max(lo, hi):
-    """Whether ``SAT`` takes ``max(t, lo)`` first: unless the range is 0..255 exactly. The
-    conversion takes NaN to 0, the clamp's min/max to ``lo``, and a ``min`` alone to ``hi``."""
-    return lo != 0 or hi != 255
+    """Whether ``SAT`` takes ``max(t, lo)`` first: for signed codes. The conversion takes NaN to
+    0, the clamp's min/max to ``lo``: for codes from 0 the same, as long as NaN reaches the
+    conversion, so their ``min`` propagates it (``min.NaN``); a plain ``min`` would give ``hi``."""
+    return lo != 0
 
 
 @triton.constexpr_function
@@ -120,8 +121,9 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
     ``SAT`` (compiled kernels only, inline PTX), for codes in an 8-bit range (within 0..255 or
     -128..127; others as ``BY_ADD`` says): one conversion that floors and saturates to that byte's
     range (``cvt.rmi.sat.u8.f32`` / ``.s8``), after ``min(t, HI)`` where the range ends below the
-    byte's top and, unless the range is 0..255 exactly, ``max(t, LO)`` before it: the conversion
-    takes NaN to 0, the clamp's min/max to ``LO``, and a ``min`` alone would take it to ``HI``. For
+    byte's top and, for signed codes, ``max(t, LO)`` before it: the conversion takes NaN to 0, the
+    clamp's min/max to ``LO``; for codes from 0 that is 0 too, so they take no ``max``, and their
+    ``min`` propagates NaN (``min.NaN.f32``: a plain ``min`` would take it to ``HI``). For
     integer bounds floor and clamp commute (``tests/test_epilogue_rounding.py`` checks the three
     sequences against each other on NaN, infinities and values at every integer and bound). Only the
     result's low ``8`` bits are the code (every caller masks or truncates to them; a signed
@@ -131,8 +133,8 @@ def _requantize(y, inv_s, LO: tl.constexpr, HI: tl.constexpr, BY_ADD: tl.constex
     if SAT and floor_sat_applies(LO, HI):
         if floor_sat_max(LO, HI):
             t = tl.maximum(t, LO)
-        if floor_sat_min(LO, HI):
-            t = tl.minimum(t, HI)
+        if floor_sat_min(LO, HI):  # NaN stays NaN (min.NaN.f32), for the conversion to take to 0
+            t = tl.minimum(t, HI, propagate_nan=tl.PropagateNan.ALL)
         return tl.inline_asm_elementwise(floor_sat_asm(LO), "=r,f", [t], dtype=tl.int32, is_pure=True, pack=1)
     if BY_ADD:
         t = tl.minimum(tl.maximum(t, LO), HI)

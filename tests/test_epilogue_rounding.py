@@ -3,10 +3,11 @@
 The kernels write a code as ``clamp(floor(y * inv_s + 0.5), LO, HI)`` (the plain path: ``FRND``, two
 ``FMNMX`` and ``F2I``), or by the conversions by adds (``ROUND_ADD``: clamp, then ``add.rm`` of
 ``1.5 * 2**23``) or by one saturating conversion (``ROUND_SAT``: ``max(t, LO)`` where the range is
-signed or starts above 0, ``min(t, HI)`` where it ends below the byte's top, then
+signed, ``min(t, HI)`` propagating NaN where it ends below the byte's top, then
 ``cvt.rmi.sat.u8/s8.f32``; conv1's ReLU folded in before codes from 0). The GPU tests check the
 kernels bit for bit; these check, on any machine, that the three sequences agree as the PTX ISA
-defines their instructions: fp32 ``max``/``min`` return the other operand for NaN; ``cvt.rmi``
+defines their instructions: fp32 ``max``/``min`` return the other operand for NaN, ``min.NaN``
+returns NaN; ``cvt.rmi``
 rounds toward minus infinity, ``.sat`` clamps to the destination type's range and NaN converts
 to 0; ``add.rm`` rounds the exact sum toward minus infinity. Inputs: NaN, infinities, signed
 zeros, values far outside the range, and values whose ``t`` lands on, just below and just above
@@ -57,11 +58,11 @@ def sat_codes(y, inv_s, lo, hi, relu):
     if relu and lo != 0:
         y = np.fmax(y, np.float32(0))
     t = _t(y, inv_s)
-    if lo != 0 or hi != 255:
+    if lo != 0:
         t = np.fmax(t, np.float32(lo))
     unsigned = lo >= 0
     if hi < (255 if unsigned else 127):
-        t = np.fmin(t, np.float32(hi))
+        t = np.minimum(t, np.float32(hi))  # min.NaN.f32: NaN stays NaN
     return _cvt_rmi_sat(t, unsigned)
 
 
@@ -102,12 +103,14 @@ def test_codes_by_adds_and_by_saturating_conversion_equal_the_plain_codes(lo, hi
 
 def test_the_saturating_conversion_needs_its_max_for_nan():
     """Without ``max(t, LO)`` NaN would become 0 after the signed conversion, and ``HI`` after a
-    ``min`` alone, where the clamp gives ``LO``: the model tells them apart, so the test above
-    would catch a missing ``max``."""
+    plain ``min`` alone, where the clamp gives ``LO``; a ``min`` propagating NaN leaves it to the
+    conversion, which gives 0, ``LO`` of codes from 0: the model tells them apart, so the test
+    above would catch a missing ``max`` or a plain ``min``."""
     nan = np.array([np.nan], np.float32)
     assert plain_codes(nan, 1.0, -128, 127, False)[0] == -128
     assert _cvt_rmi_sat(_t(nan, 1.0), unsigned=False)[0] == 0
     assert _cvt_rmi_sat(np.fmin(_t(nan, 1.0), np.float32(15)), unsigned=True)[0] == 15
+    assert _cvt_rmi_sat(np.minimum(_t(nan, 1.0), np.float32(15)), unsigned=True)[0] == 0
     assert sat_codes(nan, 1.0, -128, 127, False)[0] == -128
     assert sat_codes(nan, 1.0, 0, 15, False)[0] == plain_codes(nan, 1.0, 0, 15, False)[0] == 0
 
