@@ -39,11 +39,14 @@ the input read as 3 halo boxes a tile, its ring counting boxes, the epilogue's c
 ``ops.sm90_cvt_sat_applies``); ``halo`` where the Triton's Gluon can build it); then conv1 and
 conv2+next on the fp16 stream at a4 and a2, one code per byte (``... bytes``), on the same
 defaults; then signed codes into the MMAs the other way (``regs``: through registers,
-``ops.SM90_A_REGS``) for conv1 at a8 and a4 and conv2+next on the fp16 stream at a4; then those
-rows and the engine's a8 / a4 / a2 rows timed again in ``--rounds`` interleaved rounds (JSON
-``interleaved``: each row's us per round, and each pair's ratios round by round and their median:
-a4 / a2 against a8, ``regs`` against the engine's row; ``benchmarks/targets.py`` takes the a4 /
-a2 ratios from there); then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
+``ops.SM90_A_REGS``) for conv1 at a8 and a4 and conv2+next on the fp16 stream at a4; then the
+a8 conv2+next on the fp16 stream with its residual boxes the other way (``late``: each tile's
+residual copied after its input boxes, ``ops.SM90_RES_LATE``; ``res2``: two residual boxes, the
+ring one halo box shorter, ``ops.SM90_RES_BUFS``; both); then those rows and the engine's a8 / a4
+/ a2 rows timed again in ``--rounds`` interleaved rounds (JSON ``interleaved``: each row's us per
+round, and each pair's ratios round by round and their median: a4 / a2 against a8, ``regs``,
+``late`` and ``res2`` against the engine's row; ``benchmarks/targets.py`` takes the a4 / a2
+ratios from there); then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
 ``halo``: tap boxes, a ring of 6; without ``cvt``; without ``res``; ``sat`` the other way round)
 and two taps' MMAs in flight (``f2``, off).
 The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
@@ -104,13 +107,19 @@ def sm90_label(opts: dict, res: bool, sat: bool, regs: bool = False) -> str:
     programs per SM, row epilogue; the warp-specialized twin's release group, taps' MMAs in flight,
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
     stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its 8-bit codes
-    by one saturating conversion each, ``regs``: signed codes into the MMAs through registers).
-    ``res``, ``sat`` and ``regs``: whether the row's conv gets those (``opts`` asks for them; the
-    conv writes an fp16 stream, codes; reads signed codes)."""
-    label = f"s{opts['sm90_stages']} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
+    by one saturating conversion each, ``regs``: signed codes into the MMAs through registers;
+    ``res2``: ``res`` with 2 residual boxes, the ring shorter, ``late``: the residual copied after
+    each tile's input boxes). ``res``, ``sat`` and ``regs``: whether the row's conv gets those
+    (``opts`` asks for them; the conv writes an fp16 stream, codes; reads signed codes)."""
+    from gdq_engine.kernels.ops import sm90_ring_stages
+
+    bufs = opts["sm90_res_bufs"] if res and opts["sm90_ws"] else 1
+    stages = sm90_ring_stages(opts, bufs) if opts["sm90_ws"] else opts["sm90_stages"]
+    label = f"s{stages} p{opts['sm90_per_sm']}{' rows' if opts['sm90_epi_rows'] else ''}"
     if opts["sm90_ws"]:
+        res_label = f" res{bufs if bufs > 1 else ''}{' late' if opts['sm90_res_late'] else ''}" if res else ""
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
-                  f"{' res' if res else ''}{' halo' if opts['sm90_halo'] else ''}"
+                  f"{res_label}{' halo' if opts['sm90_halo'] else ''}"
                   f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}{' regs' if regs else ''}")
     return label
 
@@ -496,7 +505,15 @@ def main(argv=None) -> int:
         # rounds (issue 4's ratios, one round's rows side by side)
         regs = dict(default, sm90_a_regs=not default["sm90_a_regs"])
         runs += [lambda: [keep(conv_case(k, a, 8, one_per_byte=a < 8, stream=st, sm90=regs), engine_rows[k, a])
-                          for k, a, st in (("conv1", 8, f32), ("conv1", 4, f32), ("conv2+next", 4, f16))],
+                          for k, a, st in (("conv1", 8, f32), ("conv1", 4, f32), ("conv2+next", 4, f16))]]
+        # the fp16 stream's residual boxes the other way (sm90_res_bufs: 1 or 2, the ring then shorter;
+        # sm90_res_late: each tile's residual copied after its input boxes or after the first), each
+        # against the engine's conv2 + next codes on the fp16 stream; then the interleaved rounds
+        other_bufs, other_late = 3 - default["sm90_res_bufs"], not default["sm90_res_late"]
+        stream_knobs = (dict(default, sm90_res_late=other_late), dict(default, sm90_res_bufs=other_bufs),
+                        dict(default, sm90_res_bufs=other_bufs, sm90_res_late=other_late))
+        runs += [lambda: [keep(conv_case("conv2+next", 8, 8, stream=f16, sm90=sp), engine_rows["conv2+next", 8])
+                          for sp in stream_knobs],
                  lambda: interleave(args.rounds if not args.smoke else 2)]
         # each of the defaults' switches undone (all of them: the ninth run's settings; tap boxes; no
         # adds; the fp16 stream by stores, its rows only; the saturating codes the other way round),
@@ -508,7 +525,7 @@ def main(argv=None) -> int:
         def effective(sp: dict, kind: str, stream: torch.dtype) -> tuple:
             """What a row's conv gets of ``sp``: a knob that changes nothing for it is no row."""
             return (sp["sm90_stages"], sp["sm90_halo"], sp["sm90_cvt_add"], sp["sm90_in_flight"],
-                    *sm90_row_switches(sp, kind, stream, kind == "conv1"))
+                    *sm90_row_switches(sp, kind, stream, kind == "conv1"), sp["sm90_res_bufs"], sp["sm90_res_late"])
 
         runs += [lambda k=k, st=st, sp=sp: [conv_case(k, 8, 8, stream=st, sm90=sp)] for k, st in both for sp in knobs
                  if effective(sp, k, st) != effective(default, k, st)]

@@ -346,33 +346,37 @@ def _body_conv_sm90_kernel(x_desc, w_desc, wsum_ptr, mult_ptr, bias_ptr, res_ptr
 
 
 @gluon.jit
-def _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0):
-    """The producer's copy of tile number ``t``'s residual box into ``res_smem``, once the previous
-    tile's stores have read it (``res_bars``: landed, free; the first tile's passes at once)."""
-    mbarrier.wait(res_bars.index(1), (t & 1) ^ 1)
-    mbarrier.expect(res_bars.index(0), 128 * 64 * res_desc.dtype.primitive_bitwidth // 8)
-    _tma_load(res_desc, [img, y0, x0, 0], res_bars.index(0), res_smem)
+def _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS: gl.constexpr = 1):
+    """The producer's copy of tile number ``t``'s residual box into box ``t % RES_BUFS`` of
+    ``res_smem``, once the stores of the tile that used that box before have read it (``res_bars``:
+    ``RES_BUFS`` landed barriers, then ``RES_BUFS`` free ones; a box's first use passes at once)."""
+    b = t % RES_BUFS
+    mbarrier.wait(res_bars.index(RES_BUFS + b), ((t // RES_BUFS) & 1) ^ 1)
+    mbarrier.expect(res_bars.index(b), 128 * 64 * res_desc.dtype.primitive_bitwidth // 8)
+    _tma_load(res_desc, [img, y0, x0, 0], res_bars.index(b), res_smem.index(b))
 
 
 @gluon.jit
-def _hand_back_residual(res_bars):
-    """The MMA warpgroup's side of :func:`_load_residual`: once the previous tile's stores have read
-    the residual box, the producer may refill it (``res_bars``' second barrier)."""
+def _hand_back_residual(res_bars, t, RES_BUFS: gl.constexpr = 1):
+    """The MMA warpgroup's side of :func:`_load_residual`, at tile number ``t``'s first MMA: once the
+    previous tile's stores have read its residual box, the producer may refill that box (its free
+    barrier in ``res_bars``)."""
     tma.store_wait(0)
-    mbarrier.arrive(res_bars.index(1))
+    mbarrier.arrive(res_bars.index(RES_BUFS + (t - 1) % RES_BUFS))
 
 
 @gluon.jit
 def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
                SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr,
-               HALO: gl.constexpr):
+               HALO: gl.constexpr, RES_BUFS: gl.constexpr, RES_LATE: gl.constexpr):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
     into the ring, each group of ``GROUP`` stages as soon as the MMAs that read it last have
     retired (``empty``, one barrier per group). ``HALO``: instead, per tile, 3 halo boxes (one per
     column offset ``dx``: the tile's rows and one above and below, ``HALO_ROWS`` x 16 pixels, as an
     8-row and a 2-row TMA copy), each a stage of the ring. ``TMA_RES``: also each tile's residual
-    box into ``res_smem`` after its first 3 taps' copies, once the previous tile's stores have read
-    the box (``res_bars``: landed, free)."""
+    box into ``res_smem`` (``RES_BUFS`` boxes, used in turn) after its first 3 taps' copies (its
+    first halo box), or with ``RES_LATE`` after all of them, once the stores of the tile that used
+    the box before have read it (``res_bars``: landed, free)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
@@ -390,8 +394,8 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
                 _tma_load(x2_desc, [img, y0 + 7, x0 + dx - 1, 0], ready.index(s),
                           _halo_view(ring, row + 8, [1, 2, 16, 64], _BOX_LAYOUT))
                 load += 1
-                if TMA_RES and dx == 0:  # freed at this tile's first MMA
-                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0)
+                if TMA_RES and dx == 2 * RES_LATE:  # (one box: freed at this tile's first MMA)
+                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS)
         else:
             for tap in gl.static_range(9):
                 s = load % STAGES
@@ -401,8 +405,8 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
                 mbarrier.expect(ready.index(s), 128 * 64)
                 _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
                 load += 1
-                if TMA_RES and tap == 2:  # freed at this tile's first MMA (after its taps 0-2 are on their way)
-                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0)
+                if TMA_RES and tap == 2 + 6 * RES_LATE:  # (one box: freed at this tile's first MMA)
+                    _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS)
         t += 1
 
 
@@ -462,7 +466,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             NEXT_LO: gl.constexpr, NEXT_HI: gl.constexpr, SKIP_PAD: gl.constexpr, STAGES: gl.constexpr,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
             IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
-            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr, A_REGS: gl.constexpr):
+            OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr, A_REGS: gl.constexpr,
+            RES_BUFS: gl.constexpr):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -501,7 +506,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                     if dx > 0 and dy == IN_FLIGHT - 1:  # the previous box's last tap has retired
                         mbarrier.arrive(empty.index((use - 1) % STAGES))
                     if TMA_RES and dx == 0 and dy == 0 and t > 0:
-                        _hand_back_residual(res_bars)
+                        _hand_back_residual(res_bars, t, RES_BUFS)
                 use += 1
         else:
             for tap in gl.static_range(9):
@@ -512,7 +517,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                 if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
                     mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
                 if TMA_RES and tap == 0 and t > 0:
-                    _hand_back_residual(res_bars)
+                    _hand_back_residual(res_bars, t, RES_BUFS)
                 use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if HALO:  # the tile's last box
@@ -524,8 +529,9 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
                                 inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT, ROUND_ADD, I2F_ADD, ROUND_SAT)
         elif TMA_RES:
-            _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, res_smem,
-                                 res_bars.index(0), t & 1, code_smem, out_desc, next_desc, res_scale, inv_s_next,
+            _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr,
+                                 res_smem.index(t % RES_BUFS), res_bars.index(t % RES_BUFS), (t // RES_BUFS) & 1,
+                                 code_smem, out_desc, next_desc, res_scale, inv_s_next,
                                  A_SIGNED, RELU, SCALE_RES, NEXT_BITS, NEXT_LO, NEXT_HI, _MMA_LAYOUT, ROUND_ADD,
                                  I2F_ADD, ROUND_SAT)
         else:
@@ -550,7 +556,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               num_warps: gl.constexpr, ROUND_ADD: gl.constexpr = False,
                               I2F_ADD: gl.constexpr = False, OUT_GROUPS: gl.constexpr = 1,
                               SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False,
-                              A_REGS: gl.constexpr = False):
+                              A_REGS: gl.constexpr = False, RES_BUFS: gl.constexpr = 1,
+                              RES_LATE: gl.constexpr = False):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -576,7 +583,11 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     conversion each instead of a floor, a clamp and a conversion, or of ``ROUND_ADD``'s clamp and
     add; before conv1's codes from 0 the ReLU folded in: :func:`_requantize`, ``conv3x3.relu_kept``) and
     ``A_REGS`` (signed codes into the MMA through registers, as unsigned ones always go, instead of
-    from shared memory: :func:`_tap_mma`)."""
+    from shared memory: :func:`_tap_mma`), ``RES_BUFS`` (``TMA_RES``'s residual boxes, 1 or 2: with
+    2 the producer loads a tile's residual while the previous tile's box is still in use) and
+    ``RES_LATE`` (``TMA_RES``: the producer copies a tile's residual after all its input boxes
+    instead of after its first 3 taps' / first halo box)."""
+    gl.static_assert(RES_BUFS == 1 or RES_BUFS == 2)
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
@@ -596,10 +607,10 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     if TMA_OUT or (TMA_RES and NEXT_BITS > 0):
         code_smem = gl.allocate_shared_memory(x_desc.dtype, [1, 8, 16, 64], x_desc.layout)
     if TMA_RES:
-        res_smem = gl.allocate_shared_memory(res_desc.dtype, [1, 8, 16, 64], res_desc.layout)
-        res_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(res_bars.index(0), count=1)
-        mbarrier.init(res_bars.index(1), count=1)
+        res_smem = gl.allocate_shared_memory(res_desc.dtype, [RES_BUFS, 1, 8, 16, 64], res_desc.layout)
+        res_bars = gl.allocate_shared_memory(gl.int64, [2 * RES_BUFS, 1], mbarrier.MBarrierLayout())
+        for k in gl.static_range(2 * RES_BUFS):
+            mbarrier.init(res_bars.index(k), count=1)
     for k in gl.static_range(STAGES):
         mbarrier.init(ready.index(k), count=1)
     for k in gl.static_range(STAGES // GROUP):
@@ -615,9 +626,9 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                                    res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
                                    A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
                                    SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
-                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT, A_REGS)),
+                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT, A_REGS, RES_BUFS)),
                         (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
-                                      items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO))],
+                                      items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO, RES_BUFS, RES_LATE))],
                        [1], [LOADER_REGS])
     for k in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(k))
@@ -625,8 +636,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
         mbarrier.invalidate(empty.index(k))
     mbarrier.invalidate(wbar)
     if TMA_RES:
-        mbarrier.invalidate(res_bars.index(0))
-        mbarrier.invalidate(res_bars.index(1))
+        for k in gl.static_range(2 * RES_BUFS):
+            mbarrier.invalidate(res_bars.index(k))
 
 # The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
 # unsigned or signed codes in, the residual stream updated, the next block's codes out; RDN's dense
@@ -726,7 +737,8 @@ def register_hazards(sass: str) -> tuple[int, int]:
 
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
                    group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
-                   halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False, a_regs: bool = False) -> dict:
+                   halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False, a_regs: bool = False,
+                   res_bufs: int = 1, res_late: bool = False) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -755,7 +767,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     producer's warpgroup too. ``cvt_add``: the twin's epilogue with its codes and floats by adds
     (``ROUND_ADD`` and ``I2F_ADD``, ``ops.SM90_CVT_ADD``); ``cvt_sat``: its 8-bit codes by one
     saturating conversion each (``ROUND_SAT``, ``ops.SM90_CVT_SAT``); ``a_regs``: signed codes into
-    its MMAs through registers (``A_REGS``, ``ops.SM90_A_REGS``)."""
+    its MMAs through registers (``A_REGS``, ``ops.SM90_A_REGS``); ``res_bufs``, ``res_late``: with
+    ``tma_res``, its residual boxes and their copies after each tile's input boxes (``RES_BUFS``,
+    ``RES_LATE``, ``ops.SM90_RES_BUFS``, ``ops.SM90_RES_LATE``)."""
     import re
     import subprocess
     import tempfile
@@ -787,6 +801,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
                       OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat, A_REGS=a_regs and signed,
+                      RES_BUFS=res_bufs, RES_LATE=res_late,
                       TMA_OUT=tma_out_applies(tma_out, o_bits, has_res, shuffle * shuffle),
                       TMA_RES=tma_res_applies(tma_res, o_bits, res if has_res else None, out, shuffle * shuffle))
         if consts["TMA_RES"]:
@@ -816,7 +831,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     return dict(name=name, a_signed=signed, stages=stages, arch=arch, ws=ws, tma_res=consts.get("TMA_RES", False),
                 shuffle=shuffle,
                 in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws, cvt_sat=cvt_sat and ws,
-                a_regs=bool(a_regs and signed and ws),
+                a_regs=bool(a_regs and signed and ws), res_bufs=res_bufs if consts.get("TMA_RES") else 1,
+                res_late=bool(res_late and consts.get("TMA_RES")),
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -842,8 +858,9 @@ def default_jobs() -> list[tuple[tuple, dict]]:
     twin computes them, :data:`UP_VARIANTS`) as the engine launches it now (``ops.sm90_settings()``,
     so the ``GDQ_SM90_*`` variables count): its ring depth, the twin and its switches, the
     saturating codes where ``ops.sm90_cvt_sat_applies`` says, signed codes through registers where
-    ``sm90_a_regs`` says."""
-    from .ops import SM90_DTYPE_NAMES, sm90_cvt_sat_applies, sm90_settings
+    ``sm90_a_regs`` says, the residual boxes as ``sm90_res_bufs`` / ``sm90_res_late`` say (and the
+    ring ``ops.sm90_ring_stages`` deep)."""
+    from .ops import SM90_DTYPE_NAMES, sm90_cvt_sat_applies, sm90_ring_stages, sm90_settings
 
     opts = sm90_settings()
     dtypes = {name: dtype for dtype, name in SM90_DTYPE_NAMES.items()}
@@ -851,12 +868,16 @@ def default_jobs() -> list[tuple[tuple, dict]]:
     jobs = []
     for v in variants:
         kw = dict(epi_rows=opts["sm90_epi_rows"], ws=opts["sm90_ws"])
+        stages = opts["sm90_stages"]
         if opts["sm90_ws"]:
+            groups = v[12] ** 2 if len(v) > 12 else 1
+            res = tma_res_applies(opts["sm90_tma_res"], v[5], v[11] if v[3] else None, v[10], groups)
+            stages = sm90_ring_stages(opts, opts["sm90_res_bufs"] if res else 1)
             kw.update(group=opts["sm90_group"], tma_out=opts["sm90_tma_out"], tma_res=opts["sm90_tma_res"],
                       in_flight=opts["sm90_in_flight"], halo=opts["sm90_halo"], cvt_add=opts["sm90_cvt_add"],
                       cvt_sat=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], v[5], dtypes[v[10]]),
-                      a_regs=opts["sm90_a_regs"])
-        jobs.append(((v, opts["sm90_stages"]), kw))
+                      a_regs=opts["sm90_a_regs"], res_bufs=opts["sm90_res_bufs"], res_late=opts["sm90_res_late"])
+        jobs.append(((v, stages), kw))
     return jobs
 
 
@@ -900,13 +921,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--a-regs", action="store_true",
                     help="also the twin taking signed codes into its MMAs through registers (A_REGS), for the "
                          "signed variants, on the engine's other settings (halo boxes where this Triton builds them)")
+    ap.add_argument("--res-bufs", action="store_true",
+                    help="also the fp16-stream variant by TMA as the engine launches it, with 1 and 2 residual "
+                         "boxes (RES_BUFS; 2 with a ring one halo box / two tap boxes shorter), each with its residual "
+                         "copied after the tile's first input boxes and after all of them (RES_LATE)")
     ap.add_argument("--defaults", action="store_true",
                     help="only each variant (the upsampler's too) as the engine launches it: ops.sm90_settings() "
                          "(with its environment variables), the saturating codes where ops.sm90_cvt_sat_applies")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.defaults and (args.ws or args.tma_res or args.in_flight == 2 or args.halo or args.cvt_add or args.cvt_sat
-                          or args.up or args.a_regs or args.stages != [6]):
+                          or args.up or args.a_regs or args.res_bufs or args.stages != [6]):
         ap.error("--defaults takes the engine's settings: no other variant flags")
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
@@ -941,6 +966,12 @@ def main(argv: list[str] | None = None) -> int:
         with launch_options(sm90_ws=True):
             signed = [(job, kw) for job, kw in default_jobs() if job[0][1]]
         jobs += [(job, dict(kw, a_regs=regs)) for job, kw in signed for regs in (False, True)]
+    if args.res_bufs:
+        from .ops import launch_options
+
+        for bufs, late in ((1, False), (1, True), (2, False), (2, True)):
+            with launch_options(sm90_ws=True, sm90_tma_res=True, sm90_res_bufs=bufs, sm90_res_late=late):
+                jobs += [(job, kw) for job, kw in default_jobs() if job[0][0] == "conv2+next fp16 stream"]
     if args.defaults:
         jobs = default_jobs()
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
@@ -962,7 +993,7 @@ def main(argv: list[str] | None = None) -> int:
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
               f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']} "
               f"conversions={r['conversions']} round_adds={r['round_adds']} sat_cvts={r['sat_cvts']} "
-              f"fmnmx={r['fmnmx']} a_regs={int(r['a_regs'])}")
+              f"fmnmx={r['fmnmx']} a_regs={int(r['a_regs'])} res_bufs={r['res_bufs']} res_late={int(r['res_late'])}")
     return 0
 
 

@@ -132,6 +132,20 @@ SM90_CVT_SAT: bool | str = {"1": True, "0": False}.get(os.environ.get("GDQ_SM90_
 # its floor. Not measured yet: off until a GPU run times it (kernels.py --sm90's "regs" rows).
 # GDQ_SM90_A_REGS=1 turns it on.
 SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
+# The twin's fp16 stream by TMA (SM90_TMA_RES) with 2 residual boxes, used in turn, instead of 1, and
+# the producer's copy of a tile's residual after all its input boxes instead of after its first
+# (body_conv_sm90._load_residual). With one box the producer waits, after a tile's first input box,
+# until that tile's first MMA has handed the box back, so its other boxes wait too; with two it
+# copies a tile's residual while the previous tile's box is still in use. The second box takes the
+# ring's room of one halo box or two tap boxes (SM90_RES2_FEWER, sm90_ring_stages): compiled with
+# Triton 3.6 (python -m gdq_engine.kernels.body_conv_sm90 --res-bufs), 4 halo boxes and 2 residual
+# boxes need 119,036 bytes of shared memory a program, 2 of which exceed an SM's 232,448; with 3
+# boxes 108,796. Twelfth run (H200): conv2 +
+# next codes on the fp16 stream at 62.2% of its floor, the one body conv below 70%. Not measured
+# yet: kernels.py --sm90's "res2" / "late" rows. GDQ_SM90_RES_BUFS=2 / GDQ_SM90_RES_LATE=1.
+SM90_RES_BUFS = int(os.environ.get("GDQ_SM90_RES_BUFS", "1"))
+SM90_RES_LATE = os.environ.get("GDQ_SM90_RES_LATE", "0") == "1"
+SM90_RES2_FEWER = {True: 1, False: 2}  # ring stages a second residual box takes: halo boxes, tap boxes
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Tenth H100 run: bit-exact; the shuffled upsampler's
@@ -286,6 +300,8 @@ class LaunchOptions:
     sm90_up: bool | None = None
     sm90_cvt_sat: bool | str | None = None
     sm90_a_regs: bool | None = None
+    sm90_res_bufs: int | None = None
+    sm90_res_late: bool | None = None
 
 
 _options = LaunchOptions()
@@ -303,7 +319,9 @@ def launch_options(**changes):
     ``sm90_cvt_add`` (the twin's epilogue conversions by adds) / ``sm90_up`` (the twin also for
     64 -> 64 k convs: the upsampler's) / ``sm90_cvt_sat`` (the twin's 8-bit codes by one
     saturating conversion each; "auto": :func:`sm90_cvt_sat_applies`) / ``sm90_a_regs`` (the twin's
-    signed codes into its MMAs through registers) instead of the defaults."""
+    signed codes into its MMAs through registers) / ``sm90_res_bufs`` / ``sm90_res_late`` (the
+    twin's residual boxes for the fp16 stream by TMA, and their copies after each tile's input
+    boxes) instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -683,7 +701,8 @@ def sm90_settings() -> dict:
     defaults = dict(sm90_stages=SM90_STAGES, sm90_per_sm=SM90_PER_SM, sm90_epi_rows=SM90_EPI_ROWS, sm90_ws=SM90_WS,
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
                     sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP,
-                    sm90_cvt_sat=SM90_CVT_SAT, sm90_a_regs=SM90_A_REGS)
+                    sm90_cvt_sat=SM90_CVT_SAT, sm90_a_regs=SM90_A_REGS, sm90_res_bufs=SM90_RES_BUFS,
+                    sm90_res_late=SM90_RES_LATE)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -694,6 +713,14 @@ def sm90_settings() -> dict:
     if got["sm90_ws"] and got["sm90_halo"] and _options.sm90_stages is None:
         got["sm90_stages"] = SM90_HALO_STAGES
     return got
+
+
+def sm90_ring_stages(opts: dict, res_bufs: int = 1) -> int:
+    """The twin's ring depth for a launch with ``res_bufs`` residual boxes (2: ``sm90_res_bufs`` where
+    the fp16 stream goes by TMA) under the settings ``opts`` (:func:`sm90_settings`): their
+    ``sm90_stages``, less the room a second 16 KB residual box takes (``SM90_RES2_FEWER``: one 10 KB
+    halo box, two 8 KB tap boxes), so that 2 programs still fit on an SM."""
+    return opts["sm90_stages"] - (SM90_RES2_FEWER[bool(opts["sm90_halo"])] if res_bufs == 2 else 0)
 
 
 def _tma_box_ok(t: torch.Tensor) -> bool:
@@ -758,11 +785,18 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         raise ValueError(f"only the warp-specialized body conv (sm90_ws) computes more than 64 output channels, "
                          f"got {w_ck.shape[0]}")
     if opts["sm90_ws"]:
-        group, in_flight = opts["sm90_group"], opts["sm90_in_flight"]
+        group, in_flight, halo = opts["sm90_group"], opts["sm90_in_flight"], opts["sm90_halo"]
+        if opts["sm90_res_bufs"] not in (1, 2):
+            raise ValueError(f"the warp-specialized body conv keeps 1 or 2 residual boxes: got {opts['sm90_res_bufs']}")
+        tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
+        tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
+                                        out.dtype, groups)
+                   and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
+        res_bufs = opts["sm90_res_bufs"] if tma_res else 1
+        stages = sm90_ring_stages(opts, res_bufs)
         if group not in (1, 3) or stages % group or stages // group < 2:
             raise ValueError(f"the warp-specialized body conv releases 1 or 3 stages at a time, with a ring of two "
                              f"such groups at least: got {group} of {stages} stages")
-        halo = opts["sm90_halo"]
         if in_flight not in (1, 2) or (in_flight == 2 and (group != 1 or (stages < 4 and not halo))):
             raise ValueError(f"the warp-specialized body conv leaves 1 or 2 taps' MMAs in flight, 2 only with stages "
                              f"released one at a time from a ring of 4 at least: got {in_flight} ({group} of {stages})")
@@ -771,10 +805,6 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if halo and not HALO_VIEWS:
             raise ValueError(f"halo boxes (sm90_halo) need a Gluon that views shared memory past a view's extent "
                              f"(Triton 3.6's _reinterpret); Triton {triton.__version__}'s refuses")
-        tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
-        tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
-                                        out.dtype, groups)
-                   and all(_tma_box_ok(t) for t in (residual, out, next_out) if t is not None))
         box16 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
         out_desc = res_desc = next_desc = x_desc  # not read unless TMA_OUT / TMA_RES
         if tma_out:
@@ -790,7 +820,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         extra = dict(GROUP=group, TMA_OUT=tma_out, TMA_RES=tma_res, IN_FLIGHT=in_flight, HALO=halo,
                      ROUND_ADD=opts["sm90_cvt_add"], I2F_ADD=opts["sm90_cvt_add"] and sums_by_add,
                      ROUND_SAT=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out.dtype),
-                     A_REGS=bool(opts["sm90_a_regs"]) and a_signed, LOADER_REGS=SM90_WS_LOADER_REGS,
+                     A_REGS=bool(opts["sm90_a_regs"]) and a_signed, RES_BUFS=res_bufs,
+                     RES_LATE=bool(opts["sm90_res_late"]) and tma_res, LOADER_REGS=SM90_WS_LOADER_REGS,
                      maxnreg=SM90_WS_MAXNREG)
         if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
             extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)

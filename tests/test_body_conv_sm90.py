@@ -138,13 +138,14 @@ def test_gluon_body_conv_knobs_give_the_same_bits(stages, per_sm, rows, ws, grou
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
 @pytest.mark.parametrize("case", ["next", "no next", "scaled", "not in place", "a4 next", "a2 next"])
+@pytest.mark.parametrize("res_bufs,res_late", [(1, False), (2, True)])
 @pytest.mark.parametrize("signed", [True, False])
-def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, signed):
+def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, res_bufs, res_late, signed):
     """The twin's conv2 with its fp16 residual in and results out by TMA (``sm90_tma_res``, the
     default since the eleventh H100 run): the stream (in place or into another buffer) and the next
     codes equal the reference's, with ``res_scale`` too, with 4- and 2-bit next codes one per byte
     (static a4 / a2 and Granular-DQ's narrow groups on GPUs), on shapes whose tiles overhang the
-    image."""
+    image; with one residual box, and with two copied after each tile's input boxes."""
     g = gen()
     n, h, w = shape
     x_codes, x, wt, mult, bias = _conv_inputs((n, h, w), signed, g)
@@ -156,7 +157,7 @@ def test_gluon_body_conv_fp16_stream_by_tma_gives_the_same_bits(shape, case, sig
     nq = {"no next": None, "a4 next": ActQuant(4, True, 20.0, container=8),
           "a2 next": ActQuant(2, True, 100.0, container=8)}.get(case, ActQuant(8, True, 0.05))
     nxt = torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda") if nq else None
-    with tk.launch_options(sm90=True, sm90_ws=True, sm90_tma_res=True):
+    with tk.launch_options(sm90=True, sm90_ws=True, sm90_tma_res=True, sm90_res_bufs=res_bufs, sm90_res_late=res_late):
         tk.packed_conv3x3(x, 8, signed, tk.prepare_conv_weight(wt, 8), mult.cuda(), bias.cuda(), residual=stream,
                           res_scale=scale, out=out, out_dtype=torch.float16, next_quant=nq, next_out=nxt)
     want = ref.epilogue(ref.conv3x3_int(x_codes, wt), mult, bias, False, res.float(), scale, None).half()
@@ -313,7 +314,8 @@ def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed,
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("case", ["conv1", "conv2+next fp16", "conv2+next fp16 tma", "upsampler codes"])
+@pytest.mark.parametrize("case", ["conv1", "conv2+next fp16", "conv2+next fp16 tma", "conv2+next fp16 tma late",
+                                  "conv2+next fp16 tma res2", "conv2+next fp16 tma res2 late", "upsampler codes"])
 @pytest.mark.parametrize("cvt", [False, True])
 @pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
                                                                                      reason=_NO_VIEWS))])
@@ -322,8 +324,10 @@ def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo)
     program at least), as the engine runs it on 18 patches and more; the other tests' shapes give
     most programs one tile. Across tiles each program refills its ring, reuses conv1's code box
     once the previous tile's TMA store has read it, and (``sm90_tma_res``) refills the residual box
-    once the previous tile's stores have read it; the upsampler's first stage (4 groups of 64
-    output channels, stored pixel-shuffled) runs 13 tiles a program. Three launches each equal the
+    once the previous tile's stores have read it (``res2``: two boxes in turn, each refilled once the
+    stores of the tile two back have read it; ``late``: each tile's residual copied after its input
+    boxes); the upsampler's first stage (4 groups of 64 output channels, stored pixel-shuffled) runs
+    13 tiles a program. Three launches each equal the
     flat kernel's result, and the first image the reference's."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
@@ -352,7 +356,8 @@ def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo)
             kw = dict(residual=stream, out=stream, out_dtype=torch.float16, next_quant=nq,
                       next_out=torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda"))
         with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_halo=halo, sm90_cvt_add=cvt,
-                               sm90_tma_res=case.endswith("tma")):
+                               sm90_tma_res="tma" in case, sm90_res_bufs=2 if "res2" in case else 1,
+                               sm90_res_late=case.endswith("late")):
             got = tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), **kw)
         torch.cuda.synchronize()
         return [got.cpu()] + ([kw["next_out"].cpu()] if "next_out" in kw else [])
@@ -583,11 +588,11 @@ def test_gluon_body_conv_defaults_are_the_eleventh_runs():
     """The switches' defaults as the tenth and eleventh H100 runs set them (kernels/ops.py,
     docs/kernels.md): halo boxes, the conversions by adds, the upsampler on the twin and the fp16
     stream by TMA on; the saturating codes on every conv but those writing an fp16 stream ("auto");
-    two taps in flight, signed codes through registers (an A/B switch no GPU has timed yet) and the
-    flat kernel's conversions off."""
+    two taps in flight, signed codes through registers, two residual boxes and late residual copies
+    (A/B switches no GPU has timed yet) and the flat kernel's conversions off."""
     assert tk.SM90_BODY and tk.SM90_WS and tk.SM90_HALO and tk.SM90_CVT_ADD and tk.SM90_UP and tk.SM90_TMA_RES
     assert tk.SM90_CVT_SAT == "auto"
-    assert not (tk.CVT_ADD or tk.CVT_SAT or tk.SM90_A_REGS)
+    assert not (tk.CVT_ADD or tk.CVT_SAT or tk.SM90_A_REGS or tk.SM90_RES_LATE) and tk.SM90_RES_BUFS == 1
     assert (tk.SM90_IN_FLIGHT, tk.SM90_WS_GROUP, tk.SM90_PER_SM, tk.SM90_HALO_STAGES) == (1, 1, 2, 4)
 
 
@@ -598,7 +603,7 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
                 sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP, sm90_cvt_sat=tk.SM90_CVT_SAT,
-                sm90_a_regs=tk.SM90_A_REGS)
+                sm90_a_regs=tk.SM90_A_REGS, sm90_res_bufs=tk.SM90_RES_BUFS, sm90_res_late=tk.SM90_RES_LATE)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
@@ -734,6 +739,21 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
             for conv in (conv1, conv2):
                 tk._sm90_body_into(*conv, None)
     assert [meta["A_REGS"] for _, _, _, meta in launches] == [False, False, True, False, False, False]
+    # two residual boxes and late residual copies (sm90_res_bufs, sm90_res_late): the fp16 stream by
+    # TMA only, its ring one halo box (two tap boxes) shorter; 1 or 2 boxes
+    launches.clear()
+    monkeypatch.setattr(bc, "HALO_VIEWS", True)
+    for halo in (False, True):
+        with tk.launch_options(sm90_ws=True, sm90_halo=halo, sm90_tma_res=True, sm90_res_bufs=2, sm90_res_late=True):
+            for conv in (conv1, conv2):
+                tk._sm90_body_into(*conv, None)
+            ring = tk.sm90_settings()["sm90_stages"]
+        fewer = tk.SM90_RES2_FEWER[halo]
+        assert [(m["RES_BUFS"], m["RES_LATE"], m["STAGES"]) for _, _, _, m in launches[-2:]] == [
+            (1, False, ring), (2, True, ring - fewer)]
+    with tk.launch_options(sm90_ws=True, sm90_res_bufs=3):
+        with pytest.raises(ValueError, match="1 or 2 residual boxes"):
+            tk._sm90_body_into(*conv2, None)
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
     launches.clear()
@@ -891,6 +911,33 @@ def test_gluon_body_conv_compiles_signed_codes_through_registers():
         assert regs["registers"] <= 128 and regs["local_bytes"] <= plain["local_bytes"], (plain, regs)
         assert {k: v for k, v in regs.items() if k not in ("a_regs", "instructions", "loads_in_flight", "registers")} \
             == {k: v for k, v in plain.items() if k not in ("a_regs", "instructions", "loads_in_flight", "registers")}
+
+
+@pytest.mark.skipif(any(k.startswith("GDQ_SM90") for k in os.environ),
+                    reason="a GDQ_SM90_* variable overrides a default")
+def test_gluon_body_conv_compiles_two_residual_boxes_and_late_residual_copies():
+    """``--res-bufs``: conv2 + next codes on the fp16 stream by TMA as the engine launches it, with 1
+    and 2 residual boxes (``RES_BUFS``; with 2 the ring one halo box or two tap boxes shorter,
+    ``ops.sm90_ring_stages``) and each tile's residual copied after its first input boxes or after
+    all of them (``RES_LATE``), compiled for sm_90: two programs still fit an SM; each TMA store's
+    read waited for by every thread before a box is reused; a barrier pair per residual box."""
+    reports = [r for r in _compile_reports("--res-bufs") if r["ws"]]
+    assert [(r["res_bufs"], r["res_late"]) for r in reports] == [(1, False), (1, True), (2, False), (2, True)]
+    ring = tk.SM90_HALO_STAGES if HALO_VIEWS else tk.SM90_STAGES
+    one = reports[0]
+    for r in reports:
+        assert r["name"] == "conv2+next fp16 stream" and r["tma_res"] and r["halo"] == HALO_VIEWS, r
+        assert r["stages"] == ring - (tk.SM90_RES2_FEWER[HALO_VIEWS] if r["res_bufs"] == 2 else 0), r
+        assert r["registers"] <= 128 and r["local_bytes"] == 0 and r["register_hazards"] == 0, r
+        assert r["shared_bytes"] <= 232448 // 2, r  # two programs fit on an SM
+        assert r["tma_stores"] == 2 and r["store_waits"] == r["store_waits_synced"] == 2, r
+        assert r["wgmma"] == 36 and r["arrives"] == one["arrives"] and r["tma_copies"] == one["tma_copies"], r
+    # the second box is one more 16 KB box in shared memory, the stages it replaces fewer (barriers aside)
+    box = 10 * 1024 if HALO_VIEWS else 8 * 1024
+    for r in reports[2:]:
+        grown = r["shared_bytes"] - one["shared_bytes"]
+        assert abs(grown - (16384 - box * (one["stages"] - r["stages"]))) <= 64, (r, one)
+    assert reports[1]["shared_bytes"] == one["shared_bytes"]
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")

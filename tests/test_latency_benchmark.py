@@ -275,7 +275,11 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
                                          f"conv2+next bytes float16 stream sm90 {stream}")]
     regs = [f"conv1 sm90 {codes['conv1']} regs", f"conv1 bytes sm90 {codes['conv1']} regs",
             f"conv2+next bytes float16 stream sm90 {stream} regs"]
-    want += regs
+    # the fp16 stream's residual copied late, in 2 boxes (the ring one halo box shorter), both
+    boxes = [f"conv2+next float16 stream sm90 {k}" for k in (
+        f"{s4} f1 tma res late halo cvt", "s3 p2 rows ws g1 f1 tma res2 halo cvt",
+        "s3 p2 rows ws g1 f1 tma res2 late halo cvt")]
+    want += regs + boxes
     for c in codes:
         want += [f"{c} sm90 {k}" for k in (f"{s6} f1 tma", f"{s6} f1 tma cvt sat", f"{s4} f1 tma halo sat",
                                            f"{s4} f1 tma halo cvt", f"{s4} f2 tma halo cvt sat")]
@@ -287,14 +291,16 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
         want += [up, f"{up} sm90 {s6} f1 tma cvt"]
         want += [f"{up} sm90 {s4} f1 tma halo{cvt}" for cvt in cvts]
     assert names == want
-    assert [r["a_bits"] for r in rows[6:13]] == [4, 4, 2, 2, 8, 4, 4]
-    # the interleaved rounds: the engine's rows and the regs rows, each pair's ratios round by round
+    assert [r["a_bits"] for r in rows[6:16]] == [4, 4, 2, 2, 8, 4, 4, 8, 8, 8]
+    # the interleaved rounds: the engine's rows, the regs rows and the residual boxes' rows, each
+    # pair's ratios round by round
     rounds = data["interleaved"]
-    keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:13] if r.get("engine") or r["conv"].endswith("regs")]
+    keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:16] if r.get("engine") or r["conv"] in regs + boxes]
+    assert len(keys) == 12
     assert rounds["rounds"] == 2 and list(rounds["us"]) == keys and all(len(t) == 2 for t in rounds["us"].values())
     a8 = {"conv1": keys[0], "conv2+next": keys[1]}
     want_pairs = [(k, a8[k.split()[0]]) for k in keys[2:6]] + [(keys[6], keys[0]), (keys[7], keys[2]),
-                                                               (keys[8], keys[3])]
+                                                               (keys[8], keys[3])] + [(k, keys[1]) for k in keys[9:]]
     assert [(p["row"], p["against"]) for p in rounds["pairs"]] == want_pairs
     for p in rounds["pairs"]:
         ratios = [a / b for a, b in zip(rounds["us"][p["row"]], rounds["us"][p["against"]])]
