@@ -30,9 +30,10 @@ lower-level language, states the schedule instead:
 Signed codes feed the MMA from shared memory as they landed. Unsigned 8-bit codes (0..255) are
 read into registers and flipped there (``^ 0x80``: code - 128, as the flat kernel does), with
 ``128 * sum(w)`` added back in the epilogue. (wgmma multiplies u8 by s8, but Triton lowers a u8
-operand as s8.) The twin's ``A_REGS`` takes signed codes through registers too, unflipped (``ops.SM90_A_REGS``,
-an A/B switch): on the twelfth run (H200) conv2 + next codes on the fp16 stream took 1.05x as long
-with signed codes (a4 one per byte, from shared memory) as with unsigned ones (a8, registers).
+operand as s8.) The twin's ``A_REGS`` takes signed codes through registers too, unflipped
+(``ops.SM90_A_REGS``, an A/B switch): on the twelfth run (H200) conv2 + next codes on the fp16
+stream took 1.05x as long with signed codes (a4 one per byte, from shared memory) as with unsigned
+ones (a8, registers).
 
 The epilogue is ``conv3x3._epilogue``'s for 8-bit containers without a pixel shuffle: per-channel
 multiplier and bias, ReLU, residual (fp32 / fp16 / bf16, ``res_scale``), then 8-bit codes or an
@@ -751,8 +752,8 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     F2I*, FRND), all None without cuobjdump; ``round_adds``: fp32 adds rounding toward minus
     infinity in the PTX (``cvt_add``'s codes); ``sat_cvts``: saturating floor conversions to u8 / s8
     in the PTX (``cvt_sat``'s codes); ``min_nans``: fp32 mins propagating NaN (``min.NaN.f32``) in
-    the PTX (``cvt_sat``'s clamp of codes from 0 below 255); ``store_waits``: waits for TMA stores to have read their
-    shared-memory boxes (``cp.async.bulk.wait_group.read``) in the PTX, and ``store_waits_synced``
+    the PTX (``cvt_sat``'s clamp of codes from 0 below 255); ``store_waits``: waits for TMA stores
+    to have read their shared-memory boxes (``cp.async.bulk.wait_group.read``) in the PTX, and ``store_waits_synced``
     those a CTA barrier follows before anything else: every thread waits, but only the storing
     thread's stores count, so the others must not reuse the box (or hand it back) before that
     thread's wait is over; ``fmnmx``: fp32 min/max instructions in the SASS; ``shuffle``:
@@ -888,10 +889,10 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--a-regs] [--defaults] [--jobs N]``: compile every
-    variant for sm_90 and print one row each (or a JSON list), in ``N`` worker processes (default:
-    one per CPU; the same reports in the same order either way). ``--defaults``: only each variant
-    as the engine launches it (:func:`default_jobs`)."""
+    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--a-regs] [--res-bufs] [--defaults]
+    [--jobs N]``: compile every variant for sm_90 and print one row each (or a JSON list), in ``N``
+    worker processes (default: one per CPU; the same reports in the same order either way).
+    ``--defaults``: only each variant as the engine launches it (:func:`default_jobs`)."""
     import argparse
     import json
     import multiprocessing
@@ -960,15 +961,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.tma_res:
             jobs += [((v, s), dict(ws=True, tma_res=True, cvt_add=True, cvt_sat=True)) for s in args.stages
                      for v in fp16]
-    if args.a_regs:  # the engine's launches of signed codes, with and without registers
-        from .ops import launch_options
+    from .ops import launch_options
 
+    if args.a_regs:  # the engine's launches of signed codes, with and without registers
         with launch_options(sm90_ws=True):
             signed = [(job, kw) for job, kw in default_jobs() if job[0][1]]
         jobs += [(job, dict(kw, a_regs=regs)) for job, kw in signed for regs in (False, True)]
     if args.res_bufs:
-        from .ops import launch_options
-
         for bufs, late in ((1, False), (1, True), (2, False), (2, True)):
             with launch_options(sm90_ws=True, sm90_tma_res=True, sm90_res_bufs=bufs, sm90_res_late=late):
                 jobs += [(job, kw) for job, kw in default_jobs() if job[0][0] == "conv2+next fp16 stream"]
