@@ -64,8 +64,10 @@ elif [ "${1:-}" = 2 ]; then
     # as the engine runs it: each program refills its ring, code box and residual box across tiles;
     # the tenth run's tests gave most programs one tile), tests_defaults (every GPU test of the Gluon
     # conv, the integer tail, the image graphs, the Triton kernels and RDN's dense blocks on the
-    # defaults as they are now, about 800 tests; with PYTEST_N=12 for its limit), kernels.py --sm90
-    # (both kernels' rows, each default undone, the knobs still off), then the bit-exact tests of each switch on its own:
+    # defaults as they are now, about 1,000 tests; with PYTEST_N=12 for its limit), kernels.py --sm90
+    # (both kernels' rows, the A/B switches in interleaved rounds, each default undone), kernels_picked
+    # (kernels.py --sm90 again with the switches that won those rounds on), then the bit-exact tests of
+    # each switch on its own:
     # tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds, the flat kernel's too),
     # tests_sat (the saturating codes, the twin's and the flat kernel's), tests_up (the twin's
     # upsampler convs), tests_knobs (the knobs, and the bit-exact ones of conv1 and of conv2 + next
@@ -86,6 +88,15 @@ elif [ "${1:-}" = 2 ]; then
     # kernels.py --sm90, then issue 4's targets on its rows (benchmarks/targets.py: the engine's rows)
     step kernels_sm90 330 sh -c 'python benchmarks/kernels.py --sm90 --out "$1" &&
         python benchmarks/targets.py "$1"/kernels-sm90-*.json' _ "$OUT"
+    # kernels.py --sm90 again with the A/B switches that won its interleaved rounds turned on
+    # (benchmarks/pick_switches.py on that JSON: this call's, or PICK_FROM's, e.g. a committed one
+    # carried in the tree), and issue 4's targets on its rows; nothing when no switch won
+    step kernels_picked 330 sh -c 'vars=$(python benchmarks/pick_switches.py ${PICK_FROM:-"$1"/kernels-sm90-*.json}) ||
+        exit 1
+        [ -n "$vars" ] || { echo "no switch won"; exit 0; }
+        echo "switches: $vars"
+        mkdir -p "$1/picked" && env $vars python benchmarks/kernels.py --sm90 --out "$1/picked" &&
+        python benchmarks/targets.py "$1"/picked/kernels-sm90-*.json' _ "$OUT"
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"

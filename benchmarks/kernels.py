@@ -42,13 +42,15 @@ defaults; then signed codes into the MMAs the other way (``regs``: through regis
 ``ops.SM90_A_REGS``) for conv1 at a8 and a4 and conv2+next on the fp16 stream at a4; then the
 a8 conv2+next on the fp16 stream with its residual boxes the other way (``late``: each tile's
 residual copied after its input boxes, ``ops.SM90_RES_LATE``; ``res2``: two residual boxes, the
-ring one halo box shorter, ``ops.SM90_RES_BUFS``; both); then those rows and the engine's a8 / a4
-/ a2 rows timed again in ``--rounds`` interleaved rounds (JSON ``interleaved``: each row's us per
+ring one halo box shorter, ``ops.SM90_RES_BUFS``; both). Those rows and the engine's a8 / a4 / a2
+rows are timed again in ``--rounds`` interleaved rounds (JSON ``interleaved``: each row's us per
 round, and each pair's ratios round by round and their median: a4 / a2 against a8, ``regs``,
-``late`` and ``res2`` against the engine's row; ``benchmarks/targets.py`` takes the a4 / a2
-ratios from there); then each default undone (without ``res halo cvt sat``: as up to the ninth run; without
-``halo``: tap boxes, a ring of 6; without ``cvt``; without ``res``; ``sat`` the other way round)
-and two taps' MMAs in flight (``f2``, off).
+``late`` and ``res2`` against the engine's row, with the variables that turn the switch on,
+``env``; ``benchmarks/targets.py`` takes the a4 / a2 ratios from there,
+``benchmarks/pick_switches.py`` the winning switches): the engine's, a4 / a2 and ``regs`` rows
+right after them, the ``late`` / ``res2`` rows after those. Then each default undone (without
+``res halo cvt sat``: as up to the ninth run; without ``halo``: tap boxes, a ring of 6; without
+``cvt``; without ``res``; ``sat`` the other way round) and two taps' MMAs in flight (``f2``, off).
 The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
 Gaussian layer (uniform codes would bound the sums above the ``cvt`` rows' 2**22,
 ``ops.fp32_sums_by_add``; the shipped EDSR weights stay below it). The ninth run's other knobs
@@ -442,28 +444,40 @@ def main(argv=None) -> int:
 
     kept, pairs, interleaved = {}, [], {}  # row key -> its timer; (row, against) keys; the rounds' results
 
-    def keep(row: dict, against: dict | None = None) -> dict:
+    def keep(row: dict, against: dict | None = None, env: dict | None = None) -> dict:
         """Hold ``row``'s measurement (the last :func:`time_rotating`'s) for :func:`interleave`, to be
-        compared with the kept row ``against`` (None: with none)."""
+        compared with the kept row ``against`` (None: with none); ``env``: the ``GDQ_SM90_*``
+        variables that make the engine launch ``row``'s conv as ``row`` (an A/B row against the
+        engine's: ``benchmarks/pick_switches.py`` reads them)."""
         kept[row_key(row)] = last_timer["timer"]
         if against is not None:
-            pairs.append((row_key(row), row_key(against)))
+            pairs.append((row_key(row), row_key(against), env or {}))
         return row
 
-    def interleave(rounds: int) -> list[dict]:
+    def interleave(rounds: int, still_kept: tuple[str, ...] = ()) -> list[dict]:
         """Every kept row timed once a round (``do_bench`` over 100 ms; the order reversed every other
-        round), ``rounds`` rounds: each pair's ratios of the same round and their median, so a ratio
-        compares rows timed seconds apart, on the same clocks. Sets the JSON's ``interleaved``; frees
-        the kept graphs; no rows of its own."""
+        round), ``rounds`` rounds: the ratios of each pair kept since the last call, round by round,
+        and their median, so a ratio compares rows timed seconds apart, on the same clocks. Adds to
+        the JSON's ``interleaved`` (each row's times, the pairs with the times they compare); frees
+        the kept graphs but those of the rows ``still_kept`` names (keys), for later pairs; no rows
+        of its own."""
         us = {key: [] for key in kept}
         for r in range(rounds):
             for key in list(kept)[::1 if r % 2 == 0 else -1]:
                 us[key].append(kept[key](100) * 1e3)
-        interleaved["interleaved"] = {"rounds": rounds, "rep_ms": 100, "us": us, "pairs": [
-            {"row": row, "against": against, "ratios": [a / b for a, b in zip(us[row], us[against])],
-             "median_ratio": statistics.median(a / b for a, b in zip(us[row], us[against]))}
-            for row, against in pairs]}
-        kept.clear()
+
+        def pair(row: str, against: str, env: dict) -> dict:
+            ratios = [a / b for a, b in zip(us[row], us[against])]
+            return {"row": row, "against": against, "row_us": us[row], "against_us": us[against], "ratios": ratios,
+                    "median_ratio": statistics.median(ratios), **({"env": env} if env else {})}
+
+        done = interleaved.setdefault("interleaved", {"rounds": rounds, "rep_ms": 100, "us": {}, "pairs": []})
+        for key, times in us.items():
+            done["us"].setdefault(key, []).extend(times)
+        done["pairs"] += [pair(*p) for p in pairs]
+        pairs.clear()
+        for key in set(kept) - set(still_kept):
+            del kept[key]
         return []
 
     # Most telling rows first (the JSON is rewritten after every row, so a step cut short by its time
@@ -510,18 +524,26 @@ def main(argv=None) -> int:
         # and a4, conv2 + next codes on the fp16 stream at a4 (at a8 it reads unsigned codes, always
         # through registers), each against its engine row
         regs = dict(default, sm90_a_regs=not default["sm90_a_regs"])
-        runs += [lambda: [keep(conv_case(k, a, 8, one_per_byte=a < 8, stream=st, sm90=regs), engine_rows[k, a])
+        regs_env = {"GDQ_SM90_A_REGS": str(int(regs["sm90_a_regs"]))}
+        runs += [lambda: [keep(conv_case(k, a, 8, one_per_byte=a < 8, stream=st, sm90=regs), engine_rows[k, a],
+                               regs_env)
                           for k, a, st in (("conv1", 8, f32), ("conv1", 4, f32), ("conv2+next", 4, f16))]]
+        # the rows so far in interleaved rounds (issue 4's ratios and the regs pairs), before any row of
+        # the residual boxes' switches, whose kernels no GPU has run yet, can cost the step its time
+        rounds = args.rounds if not args.smoke else 2
+        runs += [lambda: interleave(rounds, (row_key(engine_rows["conv2+next", 8]),))]
         # the fp16 stream's residual boxes the other way (sm90_res_bufs: 1 or 2, the ring then shorter;
         # sm90_res_late: each tile's residual copied after its input boxes or after the first), each
-        # against the engine's conv2 + next codes on the fp16 stream; then every kept row again, in
-        # interleaved rounds (issue 4's ratios and these A/B pairs, one round's rows seconds apart)
+        # against the engine's conv2 + next codes on the fp16 stream; then those rows and the engine's
+        # in interleaved rounds
         other_bufs, other_late = 3 - default["sm90_res_bufs"], not default["sm90_res_late"]
         stream_knobs = (dict(default, sm90_res_late=other_late), dict(default, sm90_res_bufs=other_bufs),
                         dict(default, sm90_res_bufs=other_bufs, sm90_res_late=other_late))
-        runs += [lambda: [keep(conv_case("conv2+next", 8, 8, stream=f16, sm90=sp), engine_rows["conv2+next", 8])
+        runs += [lambda: [keep(conv_case("conv2+next", 8, 8, stream=f16, sm90=sp), engine_rows["conv2+next", 8],
+                               {"GDQ_SM90_RES_BUFS": str(sp["sm90_res_bufs"]),
+                                "GDQ_SM90_RES_LATE": str(int(sp["sm90_res_late"]))})
                           for sp in stream_knobs],
-                 lambda: interleave(args.rounds if not args.smoke else 2)]
+                 lambda: interleave(rounds)]
         # each of the defaults' switches undone (all of them: the ninth run's settings; tap boxes; no
         # adds; the fp16 stream by stores, its rows only; the saturating codes the other way round),
         # then two taps' MMAs in flight (off)

@@ -3,6 +3,7 @@ columns agree with what the engine computes (the timings themselves are not chec
 benchmarks/cpu_kernels.py and rdn_quality.py write every row."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -297,14 +298,27 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     rounds = data["interleaved"]
     keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:16] if r.get("engine") or r["conv"] in regs + boxes]
     assert len(keys) == 12
-    assert rounds["rounds"] == 2 and list(rounds["us"]) == keys and all(len(t) == 2 for t in rounds["us"].values())
+    assert rounds["rounds"] == 2 and list(rounds["us"]) == keys
+    # two batches: the engine's, a4 / a2 and regs rows, then the residual boxes' rows with the engine's
+    # conv2 + next codes on the fp16 stream (timed in both)
+    assert [len(t) for t in rounds["us"].values()] == [2, 4] + [2] * 10
     a8 = {"conv1": keys[0], "conv2+next": keys[1]}
     want_pairs = [(k, a8[k.split()[0]]) for k in keys[2:6]] + [(keys[6], keys[0]), (keys[7], keys[2]),
                                                                (keys[8], keys[3])] + [(k, keys[1]) for k in keys[9:]]
     assert [(p["row"], p["against"]) for p in rounds["pairs"]] == want_pairs
     for p in rounds["pairs"]:
-        ratios = [a / b for a, b in zip(rounds["us"][p["row"]], rounds["us"][p["against"]])]
+        assert len(p["row_us"]) == len(p["against_us"]) == 2 and set(p["row_us"]) <= set(rounds["us"][p["row"]])
+        assert set(p["against_us"]) <= set(rounds["us"][p["against"]])
+        ratios = [a / b for a, b in zip(p["row_us"], p["against_us"])]
         assert p["ratios"] == pytest.approx(ratios) and min(ratios) <= p["median_ratio"] <= max(ratios)
+    # the residual boxes' rows against the engine's row of their own batch (its last 2 rounds)
+    assert all(p["against_us"] == rounds["us"][keys[1]][2:] for p in rounds["pairs"][7:])
+    # the A/B pairs carry the variables that turn their switch on (benchmarks/pick_switches.py)
+    assert [p.get("env") for p in rounds["pairs"]] == [None] * 4 + [{"GDQ_SM90_A_REGS": "1"}] * 3 + [
+        {"GDQ_SM90_RES_BUFS": b, "GDQ_SM90_RES_LATE": lt} for b, lt in (("1", "1"), ("2", "0"), ("2", "1"))]
+    import pick_switches
+
+    assert pick_switches.main([str(path)]) == 0
     # the rows benchmarks/targets.py checks: the engine's convs (not the fp32 stream's, which the
     # engine's body does not keep on GPUs), a8, a4 and a2; the upsampler's with its switches
     engine = [r["conv"] for r in rows if r.get("engine")]
@@ -465,6 +479,74 @@ def test_gpu_sm90_script_rdn_and_bench_steps_name_real_rows_and_options():
     assert args[:3] == ["python", "-m", "gdq_engine"]
     parsed = build_parser().parse_args(args[3:])
     assert parsed.command == "bench" and parsed.dtype == "float16" and parsed.tail_bits == 8
+
+
+def _switch_pairs(regs: list[float], late: float, res2: float, both: float) -> list[dict]:
+    """``interleaved`` pairs as kernels.py --sm90 writes them: the a4 pair (no env), the regs rows'
+    and the residual boxes' rows against the engine's, with these median ratios."""
+    pairs = [{"row": "conv1 bytes sm90 x a4", "against": "conv1 sm90 x a8", "median_ratio": 0.9}]
+    pairs += [{"row": f"r{i}", "against": "e", "median_ratio": m, "env": {"GDQ_SM90_A_REGS": "1"}}
+              for i, m in enumerate(regs)]
+    pairs += [{"row": name, "against": "e", "median_ratio": m, "env": {"GDQ_SM90_RES_BUFS": b, "GDQ_SM90_RES_LATE": lt}}
+              for name, m, b, lt in (("late", late, "1", "1"), ("res2", res2, "2", "0"), ("both", both, "2", "1"))]
+    return pairs
+
+
+def test_pick_switches_takes_the_switches_faster_everywhere_and_the_best_alternative():
+    """benchmarks/pick_switches.py: a switch whose rows' median ratio is below 1 - margin and none
+    above 1 + margin is taken; of alternatives setting the same variables, the lowest median; the
+    a4 pairs (no env) are no switch."""
+    import pick_switches
+
+    chosen, lines = pick_switches.pick(_switch_pairs([0.97, 0.98, 1.0], 0.995, 0.95, 0.96), 0.01)
+    assert chosen == {"GDQ_SM90_A_REGS": "1", "GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "0"}
+    assert len(lines) == 4 and sum(line.endswith("faster") for line in lines) == 3
+    chosen, _ = pick_switches.pick(_switch_pairs([0.97, 0.98, 1.02], 0.97, 1.0, 0.96), 0.01)
+    assert chosen == {"GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "1"}  # regs slower on one row: not taken
+    assert pick_switches.pick(_switch_pairs([0.995], 0.995, 0.999, 1.0), 0.01)[0] == {}
+
+
+def test_gpu_sm90_kernels_picked_step_reruns_kernels_with_the_winning_switches(tmp_path):
+    """benchmarks/gpu_sm90.sh's ``kernels_picked`` step, run by sh with ``python`` on PATH a shim that
+    stands in for kernels.py (it records the environment it got and writes a JSON): the winners of
+    the first JSON's rounds reach kernels.py as variables, and targets.py reads the new JSON; with
+    no winner, no second run."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "benchmarks" / "gpu_sm90.sh").read_text()
+    script = re.search(r"step kernels_picked \d+ sh -c '(.*?)' _ \"\$OUT\"", text, re.S).group(1)
+    rows = [{"conv": "conv1 sm90 x", "a_bits": 8, "us": 18.0, "speedup_vs_fp16": 3.0, "pct_of_floor": 72.0,
+             "engine": True}]
+    out, bin_dir = tmp_path / "out", tmp_path / "bin"
+    out.mkdir()
+    bin_dir.mkdir()
+    picked_json = tmp_path / "picked.json"
+    picked_json.write_text(json.dumps({"rows": rows}))
+    shim = bin_dir / "python"
+    shim.write_text(f"""#!/bin/sh
+if [ "$1" = benchmarks/kernels.py ]; then
+    echo "A_REGS=$GDQ_SM90_A_REGS RES_BUFS=$GDQ_SM90_RES_BUFS RES_LATE=$GDQ_SM90_RES_LATE args=$*" > {tmp_path}/got
+    cp {picked_json} "$4/kernels-sm90-shim.json"
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    shim.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("PICK_FROM", None)
+    for regs, want in (([0.97, 0.98, 0.99], "A_REGS=1 RES_BUFS=2 RES_LATE=0"), ([1.0], None)):
+        (out / "kernels-sm90-first.json").write_text(json.dumps(
+            {"rows": rows, "interleaved": {"pairs": _switch_pairs(regs, 1.0, 0.95 if want else 1.0, 1.0)}}))
+        (tmp_path / "got").unlink(missing_ok=True)
+        done = subprocess.run(["sh", "-c", script, "_", str(out)], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        if want:
+            got = (tmp_path / "got").read_text()
+            assert got.startswith(want) and f"--sm90 --out {out}/picked" in got, got
+            assert "issue 4's targets: all met" in done.stdout, done.stdout
+        else:
+            assert not (tmp_path / "got").exists() and "no switch won" in done.stdout
 
 
 @pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.float32),
