@@ -140,9 +140,9 @@ SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
 # ring's room of one halo box or two tap boxes (SM90_RES2_FEWER, sm90_ring_stages): compiled with
 # Triton 3.6 (python -m gdq_engine.kernels.body_conv_sm90 --res-bufs), 4 halo boxes and 2 residual
 # boxes need 119,036 bytes of shared memory a program, 2 of which exceed an SM's 232,448; with 3
-# boxes 108,796. Twelfth run (H200): conv2 +
-# next codes on the fp16 stream at 62.2% of its floor, the one body conv below 70%. Not measured
-# yet: kernels.py --sm90's "res2" / "late" rows. GDQ_SM90_RES_BUFS=2 / GDQ_SM90_RES_LATE=1.
+# boxes 108,796. Twelfth run (H200): conv2 + next codes on the fp16 stream at 62.2% of its floor,
+# the one body conv below 70%. Not measured yet: kernels.py --sm90's "res2" / "late" rows.
+# GDQ_SM90_RES_BUFS=2 / GDQ_SM90_RES_LATE=1.
 SM90_RES_BUFS = int(os.environ.get("GDQ_SM90_RES_BUFS", "1"))
 SM90_RES_LATE = os.environ.get("GDQ_SM90_RES_LATE", "0") == "1"
 SM90_RES2_FEWER = {True: 1, False: 2}  # ring stages a second residual box takes: halo boxes, tap boxes
