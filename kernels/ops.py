@@ -143,7 +143,7 @@ SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
 # boxes 108,796. Twelfth run (H200): conv2 + next codes on the fp16 stream at 62.2% of its floor,
 # the one body conv below 70%. Not measured yet: kernels.py --sm90's "res2" / "late" rows.
 # GDQ_SM90_RES_BUFS=2 / GDQ_SM90_RES_LATE=1.
-SM90_RES_BUFS = int(os.environ.get("GDQ_SM90_RES_BUFS", "1"))
+SM90_RES_BUFS = {"1": 1, "2": 2}.get(os.environ.get("GDQ_SM90_RES_BUFS", "1"), 0)  # other values: 0, refused
 SM90_RES_LATE = os.environ.get("GDQ_SM90_RES_LATE", "0") == "1"
 SM90_RES2_FEWER = {True: 1, False: 2}  # ring stages a second residual box takes: halo boxes, tap boxes
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
@@ -787,7 +787,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     if opts["sm90_ws"]:
         group, in_flight, halo = opts["sm90_group"], opts["sm90_in_flight"], opts["sm90_halo"]
         if opts["sm90_res_bufs"] not in (1, 2):
-            raise ValueError(f"the warp-specialized body conv keeps 1 or 2 residual boxes: got {opts['sm90_res_bufs']}")
+            raise ValueError(f"the warp-specialized body conv keeps 1 or 2 residual boxes (sm90_res_bufs; "
+                             f"GDQ_SM90_RES_BUFS=1 or 2): got {opts['sm90_res_bufs']}")
         tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
         tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
                                         out.dtype, groups)
