@@ -327,8 +327,8 @@ def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo)
     once the previous tile's stores have read it (``res2``: two boxes in turn, each refilled once the
     stores of the tile two back have read it; ``late``: each tile's residual copied after its input
     boxes); the upsampler's first stage (4 groups of 64 output channels, stored pixel-shuffled) runs
-    13 tiles a program. Three launches each equal the
-    flat kernel's result, and the first image the reference's."""
+    13 tiles a program. Three launches each equal the flat kernel's result, and the first image the
+    reference's."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
     g = gen()
@@ -919,8 +919,9 @@ def test_gluon_body_conv_compiles_two_residual_boxes_and_late_residual_copies():
     """``--res-bufs``: conv2 + next codes on the fp16 stream by TMA as the engine launches it, with 1
     and 2 residual boxes (``RES_BUFS``; with 2 the ring one halo box or two tap boxes shorter,
     ``ops.sm90_ring_stages``) and each tile's residual copied after its first input boxes or after
-    all of them (``RES_LATE``), compiled for sm_90: two programs still fit an SM; each TMA store's
-    read waited for by every thread before a box is reused; a barrier pair per residual box."""
+    all of them (``RES_LATE``), compiled for sm_90: two programs still fit an SM, the second box's
+    16 KB in place of the ring's stage(s) it takes; each TMA store's read waited for by every thread
+    before a box is reused."""
     reports = [r for r in _compile_reports("--res-bufs") if r["ws"]]
     assert [(r["res_bufs"], r["res_late"]) for r in reports] == [(1, False), (1, True), (2, False), (2, True)]
     ring = tk.SM90_HALO_STAGES if HALO_VIEWS else tk.SM90_STAGES
