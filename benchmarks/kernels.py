@@ -83,6 +83,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import autotune_choices, gaussian_weight_codes, measure_gpu_peaks, write_results  # noqa: E402
+from targets import row_key  # noqa: E402  (the rounds' row names, as targets.py reads them)
 
 # A/B rows of the a8 w8 conv1, conv2 and the upsampler, each on the autotuner's tile config for
 # the row before it: "N-major w" has the weights N-contiguous, as prepared before 2026-11-26 (each
@@ -135,12 +136,6 @@ def sm90_row_switches(opts: dict, kind: str, stream: torch.dtype, signed: bool) 
     o_bits, residual, out_dtype = (8, None, torch.uint8) if kind == "conv1" else (0, stream, stream)
     return (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, residual, out_dtype),
             sm90_cvt_sat_applies(opts["sm90_cvt_sat"], o_bits, out_dtype), bool(opts["sm90_a_regs"]) and signed)
-
-
-def row_key(row: dict) -> str:
-    """A row's name in the JSON's ``interleaved`` rounds: its conv and activation bits (the a4 and a2
-    rows share a conv name)."""
-    return f"{row['conv']} a{row['a_bits']}"
 
 
 def bench(fn, rep_ms: int = 200, smoke: bool = False) -> float:

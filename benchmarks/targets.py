@@ -32,7 +32,8 @@ def base_kind(conv: str) -> str:
 
 
 def row_key(row: dict) -> str:
-    """A row's name in a kernels JSON's ``interleaved`` rounds (``kernels.row_key``)."""
+    """A row's name in a kernels JSON's ``interleaved`` rounds, as kernels.py writes them: its conv and
+    activation bits (the a4 and a2 rows share a conv name)."""
     return f"{row['conv']} a{row['a_bits']}"
 
 
