@@ -66,8 +66,8 @@ elif [ "${1:-}" = 2 ]; then
     # conv, the integer tail, the image graphs, the Triton kernels and RDN's dense blocks on the
     # defaults as they are now, about 1,000 tests; with PYTEST_N=12 for its limit), kernels.py --sm90
     # (both kernels' rows, the A/B switches in interleaved rounds, each default undone), kernels_picked
-    # (kernels.py --sm90 again with the switches that won those rounds on), then the bit-exact tests of
-    # each switch on its own:
+    # (kernels.py --sm90 again with the switches that won those rounds on), tests_picked (the GPU
+    # tests with those switches on together), then the bit-exact tests of each switch on its own:
     # tests_new (the fp16 stream by TMA, halo boxes, the conversions by adds, the flat kernel's too),
     # tests_sat (the saturating codes, the twin's and the flat kernel's), tests_up (the twin's
     # upsampler convs), tests_knobs (the knobs, and the bit-exact ones of conv1 and of conv2 + next
@@ -95,8 +95,17 @@ elif [ "${1:-}" = 2 ]; then
         exit 1
         [ -n "$vars" ] || { echo "no switch won"; exit 0; }
         echo "switches: $vars"
-        mkdir -p "$1/picked" && env $vars python benchmarks/kernels.py --sm90 --out "$1/picked" &&
+        mkdir -p "$1/picked" && echo "$vars" > "$1/picked/switches" &&
+        env $vars python benchmarks/kernels.py --sm90 --out "$1/picked" &&
         python benchmarks/targets.py "$1"/picked/kernels-sm90-*.json' _ "$OUT"
+    # the bit-exact GPU tests of the Gluon conv, the integer tail and the image graphs with the
+    # switches kernels_picked turned on (its $OUT/picked/switches) as the engine's defaults: every
+    # launch the engine makes, with the winners together, before any of them becomes a default
+    step tests_picked 200 sh -c '[ -s "$1/picked/switches" ] || { echo "no switches picked"; exit 0; }
+        vars=$(cat "$1/picked/switches") && echo "switches: $vars" &&
+        env $vars GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${2:+-n "$2"} \
+            tests/test_body_conv_sm90.py tests/test_inttail.py tests/test_imagegraph.py -k "not compiles"' \
+        _ "$OUT" "${PYTEST_N:-}"
     step tests_new 360 env GDQ_TRITON_AUTOTUNE=0 python -m pytest -v -p no:cacheprovider -rf --tb=short ${PYTEST_N:+-n $PYTEST_N} \
         tests/test_body_conv_sm90.py tests/test_triton_kernels.py::test_flat_conv_conversions_by_adds_give_the_same_bits \
         -k "by_adds or by_tma or (halo and not compile)"

@@ -641,7 +641,8 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
             mbarrier.invalidate(res_bars.index(k))
 
 # The launches the integer body makes (conv1: signed codes in, ReLU, 8-bit codes out; conv2:
-# unsigned or signed codes in, the residual stream updated, the next block's codes out; RDN's dense
+# unsigned (a8) or signed (a4 / a2) codes in, the residual stream updated, the next block's codes
+# out, on the fp32 or the fp16 stream; RDN's dense
 # blocks, runtime/densebody.py: a segment's conv with the bias and no residual, or adding onto the
 # partial sum, fp32 out), compiled by compile_report: (name, A_SIGNED, RELU, HAS_RES, SCALE_RES,
 # O_BITS, O_LO, O_HI, NEXT_BITS, SKIP_PAD, out, res).
@@ -652,6 +653,7 @@ VARIANTS = [
     ("conv2+next signed", True, False, True, False, 0, 0, 0, 8, False, "fp32", "fp32"),
     ("conv2 scaled", False, False, True, True, 0, 0, 0, 0, False, "fp32", "fp32"),
     ("conv2+next fp16 stream", False, False, True, False, 0, 0, 0, 8, True, "fp16", "fp16"),
+    ("conv2+next fp16 stream signed", True, False, True, False, 0, 0, 0, 8, True, "fp16", "fp16"),
     ("fp32 out", True, True, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
     ("dense first segment", True, False, False, False, 0, 0, 0, 0, False, "fp32", "fp32"),
     ("dense segment add", False, False, True, False, 0, 0, 0, 0, False, "fp32", "fp32"),

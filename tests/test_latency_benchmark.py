@@ -544,9 +544,46 @@ exec {sys.executable} "$@"
         if want:
             got = (tmp_path / "got").read_text()
             assert got.startswith(want) and f"--sm90 --out {out}/picked" in got, got
+            assert (out / "picked" / "switches").read_text().split() == [
+                "GDQ_SM90_A_REGS=1", "GDQ_SM90_RES_BUFS=2", "GDQ_SM90_RES_LATE=0"]
             assert "issue 4's targets: all met" in done.stdout, done.stdout
         else:
             assert not (tmp_path / "got").exists() and "no switch won" in done.stdout
+
+
+def test_gpu_sm90_tests_picked_step_runs_the_gpu_tests_with_the_picked_switches(tmp_path):
+    """benchmarks/gpu_sm90.sh's ``tests_picked`` step, run by sh with ``python`` on PATH a shim that
+    stands in for pytest (it records the environment and arguments it got): the switches
+    ``kernels_picked`` wrote reach the Gluon conv's, the integer tail's and the image graphs' GPU tests
+    as variables, on PYTEST_N workers; with no switches file, no tests."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "benchmarks" / "gpu_sm90.sh").read_text()
+    script = re.search(r"step tests_picked \d+ sh -c '(.*?)' \\\n\s*_ \"\$OUT\" \"\$\{PYTEST_N:-\}\"", text,
+                       re.S).group(1)
+    out, bin_dir = tmp_path / "out", tmp_path / "bin"
+    (out / "picked").mkdir(parents=True)
+    bin_dir.mkdir()
+    shim = bin_dir / "python"
+    shim.write_text(f"""#!/bin/sh
+echo "A_REGS=$GDQ_SM90_A_REGS RES_BUFS=$GDQ_SM90_RES_BUFS AUTOTUNE=$GDQ_TRITON_AUTOTUNE args=$*" > {tmp_path}/got
+""")
+    shim.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    for workers in ("12", ""):
+        (out / "picked" / "switches").write_text("GDQ_SM90_A_REGS=1 GDQ_SM90_RES_BUFS=2\n")
+        done = subprocess.run(["sh", "-c", script, "_", str(out), workers], cwd=root, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+        got = (tmp_path / "got").read_text()
+        assert got.startswith("A_REGS=1 RES_BUFS=2 AUTOTUNE=0 args=-m pytest "), got
+        assert (" -n 12 " in got) == bool(workers), got
+        assert "tests/test_body_conv_sm90.py tests/test_inttail.py tests/test_imagegraph.py -k not compiles" in got, got
+    (tmp_path / "got").unlink()
+    (out / "picked" / "switches").unlink()
+    done = subprocess.run(["sh", "-c", script, "_", str(out), "12"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "no switches picked" in done.stdout and not (tmp_path / "got").exists()
 
 
 @pytest.mark.parametrize("flags, want", [({"avx2", "fma"}, torch.float32), ({"avx512f", "avx512_bf16"}, torch.float32),
