@@ -146,4 +146,4 @@ else
 fi
 rm -f gdq_engine/kernels
 echo "=== done $(date -u)" | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv|^issue 4" "$LOG" | grep -v " PASSED" | tail -n 60
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|^=== |sm90|^conv|^issue 4|^switches|^no switch" "$LOG" | grep -v " PASSED" | tail -n 60

@@ -359,9 +359,11 @@ def _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS: gl.co
 
 @gluon.jit
 def _hand_back_residual(res_bars, t, RES_BUFS: gl.constexpr = 1):
-    """The MMA warpgroup's side of :func:`_load_residual`, at tile number ``t``'s first MMA: once the
-    previous tile's stores have read its residual box, the producer may refill that box (its free
-    barrier in ``res_bars``)."""
+    """The MMA warpgroup's side of :func:`_load_residual`, at tile number ``t``'s first MMA (one box:
+    the producer is about to refill it for this tile) or, with two boxes, at its epilogue (by then
+    the stores have long read it, and the box is refilled for the tile after): once the previous
+    tile's stores have read its residual box (and the next codes' box), the producer may refill that
+    box (its free barrier in ``res_bars``)."""
     tma.store_wait(0)
     mbarrier.arrive(res_bars.index(RES_BUFS + (t - 1) % RES_BUFS))
 
@@ -395,7 +397,7 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
                 _tma_load(x2_desc, [img, y0 + 7, x0 + dx - 1, 0], ready.index(s),
                           _halo_view(ring, row + 8, [1, 2, 16, 64], _BOX_LAYOUT))
                 load += 1
-                if TMA_RES and dx == 2 * RES_LATE:  # (one box: freed at this tile's first MMA)
+                if TMA_RES and dx == 2 * RES_LATE:  # (1 box: freed at this tile's first MMA; 2: at an epilogue)
                     _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS)
         else:
             for tap in gl.static_range(9):
@@ -406,7 +408,7 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
                 mbarrier.expect(ready.index(s), 128 * 64)
                 _tma_load(x_desc, [img, y0 + tap // 3 - 1, x0 + tap % 3 - 1, 0], ready.index(s), ring.index(s))
                 load += 1
-                if TMA_RES and tap == 2 + 6 * RES_LATE:  # (one box: freed at this tile's first MMA)
+                if TMA_RES and tap == 2 + 6 * RES_LATE:  # (1 box: freed at this tile's first MMA; 2: at an epilogue)
                     _load_residual(res_desc, res_smem, res_bars, t, img, y0, x0, RES_BUFS)
         t += 1
 
@@ -476,15 +478,16 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     from the MMA layout (:func:`_codes_tma_epilogue`); ``TMA_RES``: the fp16 stream read and
     written, and the next codes written, through shared memory by TMA (:func:`_stream_tma_epilogue`;
     the residual box is handed back once the tile's stores have read it, at the next tile's first
-    MMA). ``IN_FLIGHT``: taps' MMAs left in flight after each issue (2 with ``GROUP`` 1: each
-    stage released two taps later). ``HALO``: the stages are halo boxes, each the 3 taps of a
-    column offset ``dx`` as views 0, 1 and 2 image rows into it; a box is released once its last
-    tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``, ``I2F_ADD``: the epilogue's codes and
-    floats without the conversion pipe (:func:`_requantize`, :func:`_to_float`). ``OUT_GROUPS``,
-    ``SHUFFLE``: this program's 64 output channels are group ``program_id(1)`` of ``OUT_GROUPS``,
-    stored pixel-shuffled for ``SHUFFLE > 1`` (:func:`_body_epilogue`). ``ROUND_SAT``: 8-bit codes
-    by one saturating conversion each (:func:`_requantize`), the ReLU folded into conv1's. ``A_REGS``:
-    signed codes into the MMA through registers too (:func:`_tap_mma`)."""
+    MMA, or with ``RES_BUFS`` 2 at its epilogue). ``IN_FLIGHT``: taps' MMAs left in flight after
+    each issue (2 with ``GROUP`` 1: each stage released two taps later). ``HALO``: the stages are
+    halo boxes, each the 3 taps of a column offset ``dx`` as views 0, 1 and 2 image rows into it; a
+    box is released once its last tap's MMA has retired (3 arrivals a tile). ``ROUND_ADD``,
+    ``I2F_ADD``: the epilogue's codes and floats without the conversion pipe (:func:`_requantize`,
+    :func:`_to_float`). ``OUT_GROUPS``, ``SHUFFLE``: this program's 64 output channels are group
+    ``program_id(1)`` of ``OUT_GROUPS``, stored pixel-shuffled for ``SHUFFLE > 1``
+    (:func:`_body_epilogue`). ``ROUND_SAT``: 8-bit codes by one saturating conversion each
+    (:func:`_requantize`), the ReLU folded into conv1's. ``A_REGS``: signed codes into the MMA
+    through registers too (:func:`_tap_mma`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     grp = 0
@@ -506,7 +509,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                     acc = _tap_mma(a_smem, w_smem.index(dy * 3 + dx), acc, A_SIGNED, IN_FLIGHT, A_REGS)
                     if dx > 0 and dy == IN_FLIGHT - 1:  # the previous box's last tap has retired
                         mbarrier.arrive(empty.index((use - 1) % STAGES))
-                    if TMA_RES and dx == 0 and dy == 0 and t > 0:
+                    if TMA_RES and RES_BUFS == 1 and dx == 0 and dy == 0 and t > 0:
                         _hand_back_residual(res_bars, t, RES_BUFS)
                 use += 1
         else:
@@ -517,7 +520,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
                                A_REGS)
                 if tap % GROUP == 0 and tap >= IN_FLIGHT:  # the group ending IN_FLIGHT taps back has retired
                     mbarrier.arrive(empty.index(((use - IN_FLIGHT) // GROUP) % groups))
-                if TMA_RES and tap == 0 and t > 0:
+                if TMA_RES and RES_BUFS == 1 and tap == 0 and t > 0:
                     _hand_back_residual(res_bars, t, RES_BUFS)
                 use += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
@@ -530,6 +533,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             _codes_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr, out_desc, code_smem,
                                 inv_s_out, A_SIGNED, RELU, O_LO, O_HI, _MMA_LAYOUT, ROUND_ADD, I2F_ADD, ROUND_SAT)
         elif TMA_RES:
+            if RES_BUFS > 1 and t > 0:  # no wait for the stores' reads at the tile's first MMA
+                _hand_back_residual(res_bars, t, RES_BUFS)
             _stream_tma_epilogue(acc, tile, tiles_x, per_image, wsum_ptr, mult_ptr, bias_ptr,
                                  res_smem.index(t % RES_BUFS), res_bars.index(t % RES_BUFS), (t // RES_BUFS) & 1,
                                  code_smem, out_desc, next_desc, res_scale, inv_s_next,

@@ -136,7 +136,9 @@ SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
 # the producer's copy of a tile's residual after all its input boxes instead of after its first
 # (body_conv_sm90._load_residual). With one box the producer waits, after a tile's first input box,
 # until that tile's first MMA has handed the box back, so its other boxes wait too; with two it
-# copies a tile's residual while the previous tile's box is still in use. The second box takes the
+# copies a tile's residual while the previous tile's box is still in use, and the MMA warpgroup
+# hands a box back at the next tile's epilogue, no longer waiting for the stores' reads between a
+# tile's first two MMAs (body_conv_sm90._hand_back_residual). The second box takes the
 # ring's room of one halo box or two tap boxes (SM90_RES2_FEWER, sm90_ring_stages): compiled with
 # Triton 3.6 (python -m gdq_engine.kernels.body_conv_sm90 --res-bufs), 4 halo boxes and 2 residual
 # boxes need 119,036 bytes of shared memory a program, 2 of which exceed an SM's 232,448; with 3
