@@ -42,13 +42,16 @@ defaults; then signed codes into the MMAs the other way (``regs``: through regis
 ``ops.SM90_A_REGS``) for conv1 at a8 and a4 and conv2+next on the fp16 stream at a4; then the
 a8 conv2+next on the fp16 stream with its residual boxes the other way (``late``: each tile's
 residual copied after its input boxes, ``ops.SM90_RES_LATE``; ``res2``: two residual boxes, the
-ring one halo box shorter, ``ops.SM90_RES_BUFS``; both). Those rows and the engine's a8 / a4 / a2
-rows are timed again in ``--rounds`` interleaved rounds (JSON ``interleaved``: each row's us per
-round, and each pair's ratios round by round and their median: a4 / a2 against a8, ``regs``,
-``late`` and ``res2`` against the engine's row, with the variables that turn the switch on,
-``env``; ``benchmarks/targets.py`` takes the a4 / a2 ratios from there,
-``benchmarks/pick_switches.py`` the winning switches): the engine's, a4 / a2 and ``regs`` rows
-right after them, the ``late`` / ``res2`` rows after those. Then each default undone (without
+ring one halo box shorter, ``ops.SM90_RES_BUFS``; both); then conv1 and the a8 conv2+next on
+the fp16 stream with two pairs of a producer and an MMA warpgroup a program (``pairs2``:
+``ops.SM90_PAIRS``, one program an SM sharing the weights), the latter also with two residual
+boxes copied late, the ring kept. Those rows and the engine's a8 / a4 / a2 rows are timed again in
+``--rounds`` interleaved rounds (JSON ``interleaved``: each row's us per round, and each pair's
+ratios round by round and their median: a4 / a2 against a8, ``regs``, ``late``, ``res2`` and
+``pairs2`` against the engine's row, with the variables that turn the switch on, ``env``;
+``benchmarks/targets.py`` takes the a4 / a2 ratios from there, ``benchmarks/pick_switches.py`` the
+winning switches): the engine's, a4 / a2 and ``regs`` rows right after them, the ``late`` /
+``res2`` rows after those, the ``pairs2`` rows last. Then each default undone (without
 ``res halo cvt sat``: as up to the ninth run; without ``halo``: tap boxes, a ring of 6; without
 ``cvt``; without ``res``; ``sat`` the other way round) and two taps' MMAs in flight (``f2``, off).
 The ``--sm90`` rows draw their weight codes from a rounded N(0, 32^2), as the per-channel codes of a
@@ -111,8 +114,9 @@ def sm90_label(opts: dict, res: bool, sat: bool, regs: bool = False) -> str:
     conv1's codes by TMA, ``res``: the fp16 stream by TMA, ``halo``: the input as halo boxes, the
     stages then counting boxes, ``cvt``: the epilogue's conversions by adds, ``sat``: its 8-bit codes
     by one saturating conversion each, ``regs``: signed codes into the MMAs through registers;
-    ``res2``: ``res`` with 2 residual boxes, the ring shorter, ``late``: the residual copied after
-    each tile's input boxes). ``res``, ``sat`` and ``regs``: whether the row's conv gets those
+    ``res2``: ``res`` with 2 residual boxes, the ring shorter but with 2 pairs, ``late``: the
+    residual copied after each tile's input boxes; ``pairs2``: 2 pairs of a producer and an MMA
+    warpgroup a program, sharing the weights). ``res``, ``sat`` and ``regs``: whether the row's conv gets those
     (``opts`` asks for them; the conv writes an fp16 stream, codes; reads signed codes)."""
     from gdq_engine.kernels.ops import sm90_ring_stages
 
@@ -123,7 +127,8 @@ def sm90_label(opts: dict, res: bool, sat: bool, regs: bool = False) -> str:
         res_label = f" res{bufs if bufs > 1 else ''}{' late' if opts['sm90_res_late'] else ''}" if res else ""
         label += (f" ws g{opts['sm90_group']} f{opts['sm90_in_flight']}{' tma' if opts['sm90_tma_out'] else ''}"
                   f"{res_label}{' halo' if opts['sm90_halo'] else ''}"
-                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}{' regs' if regs else ''}")
+                  f"{' cvt' if opts['sm90_cvt_add'] else ''}{' sat' if sat else ''}{' regs' if regs else ''}"
+                  f"{' pairs2' if opts['sm90_pairs'] == 2 else ''}")
     return label
 
 
@@ -526,7 +531,12 @@ def main(argv=None) -> int:
         # the rows so far in interleaved rounds (issue 4's ratios and the regs pairs), before any row of
         # the residual boxes' switches, whose kernels no GPU has run yet, can cost the step its time
         rounds = args.rounds if not args.smoke else 2
-        runs += [lambda: interleave(rounds, (row_key(engine_rows["conv2+next", 8]),))]
+
+        def a8_keys() -> tuple[str, ...]:
+            """The engine's a8 rows, kept for the later batches' pairs."""
+            return tuple(row_key(engine_rows[k, 8]) for k in ("conv1", "conv2+next"))
+
+        runs += [lambda: interleave(rounds, a8_keys())]
         # the fp16 stream's residual boxes the other way (sm90_res_bufs: 1 or 2, the ring then shorter;
         # sm90_res_late: each tile's residual copied after its input boxes or after the first), each
         # against the engine's conv2 + next codes on the fp16 stream; then those rows and the engine's
@@ -538,6 +548,17 @@ def main(argv=None) -> int:
                                {"GDQ_SM90_RES_BUFS": str(sp["sm90_res_bufs"]),
                                 "GDQ_SM90_RES_LATE": str(int(sp["sm90_res_late"]))})
                           for sp in stream_knobs],
+                 lambda: interleave(rounds, a8_keys())]
+        # two pairs of a producer and an MMA warpgroup a program (sm90_pairs), sharing the weights:
+        # conv1 and conv2 + next codes on the fp16 stream at a8, the latter also with two residual
+        # boxes copied late (the ring kept), each against its engine row; then in interleaved rounds
+        two = dict(default, sm90_pairs=3 - default["sm90_pairs"])
+        two_res = dict(two, sm90_res_bufs=2, sm90_res_late=True)
+        two_env = {"GDQ_SM90_PAIRS": str(two["sm90_pairs"])}
+        runs += [lambda: [keep(conv_case(k, 8, 8, stream=st, sm90=two), engine_rows[k, 8], two_env)
+                          for k, st in (("conv1", f32), ("conv2+next", f16))]
+                 + [keep(conv_case("conv2+next", 8, 8, stream=f16, sm90=two_res), engine_rows["conv2+next", 8],
+                         dict(two_env, GDQ_SM90_RES_BUFS="2", GDQ_SM90_RES_LATE="1"))],
                  lambda: interleave(rounds)]
         # each of the defaults' switches undone (all of them: the ninth run's settings; tap boxes; no
         # adds; the fp16 stream by stores, its rows only; the saturating codes the other way round),

@@ -9,7 +9,8 @@ the engine launch the pair's row as that row: ``regs``, ``late``, ``res2``), gro
 ``env`` (one switch's rows: signed codes through registers is timed on conv1 at a8 and a4 and on
 conv2 + next codes at a4) and takes a group when the median of its pairs' median ratios is below
 ``1 - margin`` and none of those ratios is above ``1 + margin``: faster, and slower nowhere. Groups
-setting the same variables (the residual boxes' three) are alternatives: the lowest median wins.
+setting any of the same variables (the residual boxes' three; two pairs a program, alone and with
+two residual boxes) are alternatives: the lowest median wins.
 Prints the chosen assignments on one line (``VAR=VALUE ...``; an empty line when none won), and
 each group's verdict on stderr. Exits 0; 2 when the JSON has no interleaved rounds.
 """
@@ -30,7 +31,7 @@ def pick(pairs: list[dict], margin: float) -> tuple[dict[str, str], list[str]]:
     for p in pairs:
         if p.get("env"):
             groups.setdefault(tuple(sorted(p["env"].items())), []).append(p["median_ratio"])
-    best: dict[tuple, tuple[float, tuple]] = {}  # the variables a group sets -> (median, the group)
+    winners = []  # (median, the group) of the groups faster everywhere
     lines = []
     for env, ratios in groups.items():
         median = statistics.median(ratios)
@@ -38,10 +39,12 @@ def pick(pairs: list[dict], margin: float) -> tuple[dict[str, str], list[str]]:
         names = " ".join(f"{k}={v}" for k, v in env)
         lines.append(f"{names}: median {median:.3f} of {len(ratios)} pair(s) (worst {max(ratios):.3f})"
                      f"  {'faster' if wins else 'not taken'}")
-        keys = tuple(k for k, _ in env)
-        if wins and (keys not in best or median < best[keys][0]):
-            best[keys] = (median, env)
-    chosen = {k: v for _, env in best.values() for k, v in env}
+        if wins:
+            winners.append((median, env))
+    chosen: dict[str, str] = {}
+    for _, env in sorted(winners):  # fastest first; a group setting a variable already set is an alternative
+        if not any(k in chosen for k, _ in env):
+            chosen.update(env)
     return chosen, lines
 
 

@@ -369,9 +369,17 @@ def _hand_back_residual(res_bars, t, RES_BUFS: gl.constexpr = 1):
 
 
 @gluon.jit
+def _pair_tiles(PAIR: gl.constexpr, PAIRS: gl.constexpr):
+    """(first tile, stride) of pair ``PAIR`` (a producer warp and its MMA warpgroup) of the
+    ``PAIRS`` in each program: the program's tiles in turn, as if each pair were a program."""
+    return gl.program_id(0) * PAIRS + PAIR, gl.num_programs(0) * PAIRS
+
+
+@gluon.jit
 def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W, items_ptr,
                SKIP_PAD: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr,
-               HALO: gl.constexpr, RES_BUFS: gl.constexpr, RES_LATE: gl.constexpr):
+               HALO: gl.constexpr, RES_BUFS: gl.constexpr, RES_LATE: gl.constexpr, PAIR: gl.constexpr = 0,
+               PAIRS: gl.constexpr = 1):
     """The producer warp of :func:`_body_conv_sm90_ws_kernel`: every tap box of this program's tiles
     into the ring, each group of ``GROUP`` stages as soon as the MMAs that read it last have
     retired (``empty``, one barrier per group). ``HALO``: instead, per tile, 3 halo boxes (one per
@@ -379,12 +387,14 @@ def _ws_loader(x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars
     8-row and a 2-row TMA copy), each a stage of the ring. ``TMA_RES``: also each tile's residual
     box into ``res_smem`` (``RES_BUFS`` boxes, used in turn) after its first 3 taps' copies (its
     first halo box), or with ``RES_LATE`` after all of them, once the stores of the tile that used
-    the box before have read it (``res_bars``: landed, free)."""
+    the box before have read it (``res_bars``: landed, free). ``PAIR`` of ``PAIRS``: this
+    producer's MMA warpgroup's share of the program's tiles (:func:`_pair_tiles`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     load = 0
     t = 0  # tiles of this program so far
-    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+    first, stride = _pair_tiles(PAIR, PAIRS)
+    for tile in range(first, total, stride):
         img, y0, x0 = _tile_origin(tile, tiles_x, per_image)
         if HALO:
             for dx in gl.static_range(3):
@@ -470,7 +480,7 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
             EPI_ROWS: gl.constexpr, GROUP: gl.constexpr, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
             IN_FLIGHT: gl.constexpr, HALO: gl.constexpr, ROUND_ADD: gl.constexpr, I2F_ADD: gl.constexpr,
             OUT_GROUPS: gl.constexpr, SHUFFLE: gl.constexpr, ROUND_SAT: gl.constexpr, A_REGS: gl.constexpr,
-            RES_BUFS: gl.constexpr):
+            RES_BUFS: gl.constexpr, PAIR: gl.constexpr = 0, PAIRS: gl.constexpr = 1):
     """The MMA warpgroup of :func:`_body_conv_sm90_ws_kernel`: per tile, the 9 taps' wgmmas as their
     boxes land, each group of ``GROUP`` stages released (``empty``) once the MMAs reading it have
     retired (an arrive costs the warpgroup a barrier: 9 / ``GROUP`` a tile); then the epilogue,
@@ -487,7 +497,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
     ``program_id(1)`` of ``OUT_GROUPS``, stored pixel-shuffled for ``SHUFFLE > 1``
     (:func:`_body_epilogue`). ``ROUND_SAT``: 8-bit codes by one saturating conversion each
     (:func:`_requantize`), the ReLU folded into conv1's. ``A_REGS``: signed codes into the MMA
-    through registers too (:func:`_tap_mma`)."""
+    through registers too (:func:`_tap_mma`). ``PAIR`` of ``PAIRS``: this warpgroup's share of the
+    program's tiles (:func:`_pair_tiles`)."""
     groups: gl.constexpr = STAGES // GROUP
     tiles_x, per_image, total = _tiles(N, H, W, items_ptr, SKIP_PAD)
     grp = 0
@@ -498,7 +509,8 @@ def _ws_mma(ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars,
         bias_ptr += grp * 64
     use = 0
     t = 0  # tiles of this program so far
-    for tile in range(gl.program_id(0), total, gl.num_programs(0)):
+    first, stride = _pair_tiles(PAIR, PAIRS)
+    for tile in range(first, total, stride):
         acc = gl.zeros([128, 64], gl.int32, layout=_MMA_LAYOUT)
         if HALO:
             for dx in gl.static_range(3):
@@ -563,7 +575,7 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
                               I2F_ADD: gl.constexpr = False, OUT_GROUPS: gl.constexpr = 1,
                               SHUFFLE: gl.constexpr = 1, ROUND_SAT: gl.constexpr = False,
                               A_REGS: gl.constexpr = False, RES_BUFS: gl.constexpr = 1,
-                              RES_LATE: gl.constexpr = False):
+                              RES_LATE: gl.constexpr = False, PAIRS: gl.constexpr = 1, MMA_REGS: gl.constexpr = 128):
     """:func:`_body_conv_sm90_kernel` warp-specialized (the engine's default on sm_90: x1.03-1.15
     against it on the ninth H100 run, docs/kernels.md): one producer warp issues the tap boxes
     (:func:`_ws_loader`) while the MMA warpgroup only waits, multiplies and stores
@@ -599,15 +611,85 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     gl.static_assert(SHUFFLE == 1 or (OUT_GROUPS == SHUFFLE * SHUFFLE and not HAS_RES and NEXT_BITS == 0))
     gl.static_assert(IN_FLIGHT == 1 or (IN_FLIGHT == 2 and GROUP == 1 and (STAGES >= 4 or HALO)))
     gl.static_assert(not HALO or GROUP == 1)
+    gl.static_assert(PAIRS == 1 or PAIRS == 2)
+    ring = _ring_buffer(x_desc, STAGES, HALO)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
+    ready, empty = _ring_barriers(STAGES, GROUP)
+    wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    code_smem, res_smem, res_bars = _stream_boxes(x_desc, res_desc, ring, ready, TMA_OUT, TMA_RES, NEXT_BITS, RES_BUFS)
+    mbarrier.init(wbar, count=1)
+    if OUT_GROUPS > 1:  # the weights of this program's group of 64 output channels
+        _issue_weights(w_desc, w_smem, wbar, gl.program_id(1) * 64)
+    else:
+        _issue_weights(w_desc, w_smem, wbar)
+    mbarrier.wait(wbar, 0)
+    if PAIRS == 1:
+        gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
+                                       wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W,
+                                       res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
+                                       O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, SKIP_PAD, STAGES, EPI_ROWS, GROUP,
+                                       TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD, I2F_ADD, OUT_GROUPS, SHUFFLE,
+                                       ROUND_SAT, A_REGS, RES_BUFS)),
+                            (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
+                                          items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO, RES_BUFS, RES_LATE))],
+                           [1], [LOADER_REGS])
+    else:  # a second pair: its own ring, barriers and boxes, the same weights
+        ring2 = _ring_buffer(x_desc, STAGES, HALO)
+        ready2, empty2 = _ring_barriers(STAGES, GROUP)
+        code2, res2, res_bars2 = _stream_boxes(x_desc, res_desc, ring2, ready2, TMA_OUT, TMA_RES, NEXT_BITS, RES_BUFS)
+        gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
+                                       wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W,
+                                       res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
+                                       O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, SKIP_PAD, STAGES, EPI_ROWS, GROUP,
+                                       TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD, I2F_ADD, OUT_GROUPS, SHUFFLE,
+                                       ROUND_SAT, A_REGS, RES_BUFS, 0, 2)),
+                            (_ws_mma, (ring2, w_smem, ready2, empty2, code2, out_desc, res2, res_bars2, next_desc,
+                                       wsum_ptr, mult_ptr, bias_ptr, res_ptr, out_ptr, next_ptr, items_ptr, N, H, W,
+                                       res_scale, inv_s_out, inv_s_next, A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS,
+                                       O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI, SKIP_PAD, STAGES, EPI_ROWS, GROUP,
+                                       TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD, I2F_ADD, OUT_GROUPS, SHUFFLE,
+                                       ROUND_SAT, A_REGS, RES_BUFS, 1, 2)),
+                            (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
+                                          items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO, RES_BUFS, RES_LATE,
+                                          0, 2)),
+                            (_ws_loader, (x_desc, x2_desc, ring2, ready2, empty2, res_desc, res2, res_bars2, N, H, W,
+                                          items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO, RES_BUFS, RES_LATE,
+                                          1, 2))],
+                           [4, 1, 1], [MMA_REGS, LOADER_REGS, LOADER_REGS])
+        _invalidate_barriers(ready2, empty2, res_bars2, STAGES, GROUP, TMA_RES, RES_BUFS)
+    _invalidate_barriers(ready, empty, res_bars, STAGES, GROUP, TMA_RES, RES_BUFS)
+    mbarrier.invalidate(wbar)
+
+
+@gluon.jit
+def _ring_buffer(x_desc, STAGES: gl.constexpr, HALO: gl.constexpr):
+    """A pair's ring in shared memory: ``STAGES`` halo boxes (``HALO``) or tap boxes."""
     if HALO:
         ring = gl.allocate_shared_memory(gl.int8, [STAGES * HALO_ROWS, 16, 64], _HALO_RING)
     else:
         ring = gl.allocate_shared_memory(x_desc.dtype, [STAGES, 1, 8, 16, 64], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [9, 64, 64], w_desc.layout)
+    return ring
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr, GROUP: gl.constexpr):
+    """A pair's ring barriers, initialised: ``ready`` (one a stage) and ``empty`` (one a group)."""
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES // GROUP, 1], mbarrier.MBarrierLayout())
-    wbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    code_smem = ring.index(0)  # placeholders where unused
+    for k in gl.static_range(STAGES):
+        mbarrier.init(ready.index(k), count=1)
+    for k in gl.static_range(STAGES // GROUP):
+        mbarrier.init(empty.index(k), count=1)
+    return ready, empty
+
+
+@gluon.jit
+def _stream_boxes(x_desc, res_desc, ring, ready, TMA_OUT: gl.constexpr, TMA_RES: gl.constexpr,
+                  NEXT_BITS: gl.constexpr, RES_BUFS: gl.constexpr):
+    """A pair's boxes for its stores by TMA: (the codes' box, ``RES_BUFS`` residual boxes, their
+    barriers: landed, then free; initialised), each a placeholder (``ring``'s first stage, ``ready``)
+    where unused."""
+    code_smem = ring.index(0)
     res_smem = ring.index(0)
     res_bars = ready
     if TMA_OUT or (TMA_RES and NEXT_BITS > 0):
@@ -617,30 +699,17 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
         res_bars = gl.allocate_shared_memory(gl.int64, [2 * RES_BUFS, 1], mbarrier.MBarrierLayout())
         for k in gl.static_range(2 * RES_BUFS):
             mbarrier.init(res_bars.index(k), count=1)
-    for k in gl.static_range(STAGES):
-        mbarrier.init(ready.index(k), count=1)
-    for k in gl.static_range(STAGES // GROUP):
-        mbarrier.init(empty.index(k), count=1)
-    mbarrier.init(wbar, count=1)
-    if OUT_GROUPS > 1:  # the weights of this program's group of 64 output channels
-        _issue_weights(w_desc, w_smem, wbar, gl.program_id(1) * 64)
-    else:
-        _issue_weights(w_desc, w_smem, wbar)
-    mbarrier.wait(wbar, 0)
-    gl.warp_specialize([(_ws_mma, (ring, w_smem, ready, empty, code_smem, out_desc, res_smem, res_bars, next_desc,
-                                   wsum_ptr, mult_ptr, bias_ptr,
-                                   res_ptr, out_ptr, next_ptr, items_ptr, N, H, W, res_scale, inv_s_out, inv_s_next,
-                                   A_SIGNED, RELU, HAS_RES, SCALE_RES, O_BITS, O_LO, O_HI, NEXT_BITS, NEXT_LO, NEXT_HI,
-                                   SKIP_PAD, STAGES, EPI_ROWS, GROUP, TMA_OUT, TMA_RES, IN_FLIGHT, HALO, ROUND_ADD,
-                                   I2F_ADD, OUT_GROUPS, SHUFFLE, ROUND_SAT, A_REGS, RES_BUFS)),
-                        (_ws_loader, (x_desc, x2_desc, ring, ready, empty, res_desc, res_smem, res_bars, N, H, W,
-                                      items_ptr, SKIP_PAD, STAGES, GROUP, TMA_RES, HALO, RES_BUFS, RES_LATE))],
-                       [1], [LOADER_REGS])
+    return code_smem, res_smem, res_bars
+
+
+@gluon.jit
+def _invalidate_barriers(ready, empty, res_bars, STAGES: gl.constexpr, GROUP: gl.constexpr, TMA_RES: gl.constexpr,
+                         RES_BUFS: gl.constexpr):
+    """The pair's barriers of :func:`_ring_barriers` and :func:`_stream_boxes`, invalidated."""
     for k in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(k))
     for k in gl.static_range(STAGES // GROUP):
         mbarrier.invalidate(empty.index(k))
-    mbarrier.invalidate(wbar)
     if TMA_RES:
         for k in gl.static_range(2 * RES_BUFS):
             mbarrier.invalidate(res_bars.index(k))
@@ -746,7 +815,7 @@ def register_hazards(sass: str) -> tuple[int, int]:
 def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bool = True, ws: bool = False,
                    group: int = 1, tma_out: bool = True, tma_res: bool = False, in_flight: int = 1,
                    halo: bool = False, cvt_add: bool = False, cvt_sat: bool = False, a_regs: bool = False,
-                   res_bufs: int = 1, res_late: bool = False) -> dict:
+                   res_bufs: int = 1, res_late: bool = False, pairs: int = 1) -> dict:
     """Compile one of :data:`VARIANTS` for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) and
     inspect it: ``registers`` per thread, ``local_bytes`` (spills and stack), ``shared_bytes``,
     ``wgmma`` (int8 warpgroup MMAs in the PTX), ``async_waits`` (``wgmma.wait_group 1``, or
@@ -777,7 +846,9 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
     saturating conversion each (``ROUND_SAT``, ``ops.SM90_CVT_SAT``); ``a_regs``: signed codes into
     its MMAs through registers (``A_REGS``, ``ops.SM90_A_REGS``); ``res_bufs``, ``res_late``: with
     ``tma_res``, its residual boxes and their copies after each tile's input boxes (``RES_BUFS``,
-    ``RES_LATE``, ``ops.SM90_RES_BUFS``, ``ops.SM90_RES_LATE``)."""
+    ``RES_LATE``, ``ops.SM90_RES_BUFS``, ``ops.SM90_RES_LATE``); ``pairs``: 2 pairs of a producer
+    warp and an MMA warpgroup a program sharing the weights (``PAIRS``, ``ops.SM90_PAIRS``; at the
+    launcher's ``ops.SM90_PAIRS_MAXNREG`` registers, ``warps`` then 12)."""
     import re
     import subprocess
     import tempfile
@@ -809,18 +880,24 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
         kernel, consts["LOADER_REGS"], options["maxnreg"] = _body_conv_sm90_ws_kernel, 40, 128
         consts.update(GROUP=group, IN_FLIGHT=in_flight, HALO=halo, ROUND_ADD=cvt_add, I2F_ADD=cvt_add,
                       OUT_GROUPS=shuffle * shuffle, SHUFFLE=shuffle, ROUND_SAT=cvt_sat, A_REGS=a_regs and signed,
-                      RES_BUFS=res_bufs, RES_LATE=res_late,
+                      RES_BUFS=res_bufs, RES_LATE=res_late, PAIRS=1, MMA_REGS=128,
                       TMA_OUT=tma_out_applies(tma_out, o_bits, has_res, shuffle * shuffle),
                       TMA_RES=tma_res_applies(tma_res, o_bits, res if has_res else None, out, shuffle * shuffle))
         if consts["TMA_RES"]:
             types["out_desc"] = types["res_desc"]
+        if pairs > 1:  # as the launcher (ops._sm90_body_into) compiles them
+            from .ops import SM90_PAIRS_MAXNREG, SM90_PAIRS_MMA_REGS
+
+            consts.update(PAIRS=pairs, MMA_REGS=SM90_PAIRS_MMA_REGS)
+            options["maxnreg"] = SM90_PAIRS_MAXNREG
     signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if signature[n].startswith("*")}
     compiled = triton.compile(GluonASTSource(kernel, signature, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
-    # the first instruction after each wait for TMA stores' reads (.loc lines and comments skipped)
-    after_waits = re.findall(r"cp\.async\.bulk\.wait_group\.read\s+\d+;(?:\s*(?:\.loc|//)[^\n]*)*\s*([\w.]+)", ptx)
+    # the first instruction after each wait for TMA stores' reads (.loc lines, comments and labels skipped)
+    after_waits = re.findall(r"cp\.async\.bulk\.wait_group\.read\s+\d+;(?:\s*(?:\.loc|//|\$L\w+:)[^\n]*)*\s*([\w.]+)",
+                             ptx)
     usage, hazards, counts = {}, (None, None), {}
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
@@ -840,7 +917,7 @@ def compile_report(variant: tuple, stages: int = 6, arch: int = 90, epi_rows: bo
                 shuffle=shuffle,
                 in_flight=in_flight if ws else 1, halo=halo and ws, cvt_add=cvt_add and ws, cvt_sat=cvt_sat and ws,
                 a_regs=bool(a_regs and signed and ws), res_bufs=res_bufs if consts.get("TMA_RES") else 1,
-                res_late=bool(res_late and consts.get("TMA_RES")),
+                res_late=bool(res_late and consts.get("TMA_RES")), pairs=pairs if ws else 1,
                 warps=compiled.metadata.num_warps,
                 registers=usage.get("REG"),
                 local_bytes=usage["LOCAL"] + usage["STACK"] if usage else None,
@@ -867,7 +944,7 @@ def default_jobs() -> list[tuple[tuple, dict]]:
     so the ``GDQ_SM90_*`` variables count): its ring depth, the twin and its switches, the
     saturating codes where ``ops.sm90_cvt_sat_applies`` says, signed codes through registers where
     ``sm90_a_regs`` says, the residual boxes as ``sm90_res_bufs`` / ``sm90_res_late`` say (and the
-    ring ``ops.sm90_ring_stages`` deep)."""
+    ring ``ops.sm90_ring_stages`` deep), ``sm90_pairs`` pairs a program."""
     from .ops import SM90_DTYPE_NAMES, sm90_cvt_sat_applies, sm90_ring_stages, sm90_settings
 
     opts = sm90_settings()
@@ -884,7 +961,8 @@ def default_jobs() -> list[tuple[tuple, dict]]:
             kw.update(group=opts["sm90_group"], tma_out=opts["sm90_tma_out"], tma_res=opts["sm90_tma_res"],
                       in_flight=opts["sm90_in_flight"], halo=opts["sm90_halo"], cvt_add=opts["sm90_cvt_add"],
                       cvt_sat=sm90_cvt_sat_applies(opts["sm90_cvt_sat"], v[5], dtypes[v[10]]),
-                      a_regs=opts["sm90_a_regs"], res_bufs=opts["sm90_res_bufs"], res_late=opts["sm90_res_late"])
+                      a_regs=opts["sm90_a_regs"], res_bufs=opts["sm90_res_bufs"], res_late=opts["sm90_res_late"],
+                      pairs=opts["sm90_pairs"])
         jobs.append(((v, stages), kw))
     return jobs
 
@@ -896,8 +974,8 @@ def _compile_job(job: tuple[tuple, dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gdq_engine.kernels.body_conv_sm90 [--json] [--stages S ...] [--ws] [--tma-res]
-    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--a-regs] [--res-bufs] [--defaults]
-    [--jobs N]``: compile every variant for sm_90 and print one row each (or a JSON list), in ``N``
+    [--in-flight 2] [--halo] [--cvt-add] [--cvt-sat] [--up] [--a-regs] [--res-bufs] [--pairs]
+    [--defaults] [--jobs N]``: compile every variant for sm_90 and print one row each (or a JSON list), in ``N``
     worker processes (default: one per CPU; the same reports in the same order either way).
     ``--defaults``: only each variant as the engine launches it (:func:`default_jobs`)."""
     import argparse
@@ -933,13 +1011,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the fp16-stream variant by TMA as the engine launches it, with 1 and 2 residual "
                          "boxes (RES_BUFS; 2 with a ring one halo box / two tap boxes shorter), each with its residual "
                          "copied after the tile's first input boxes and after all of them (RES_LATE)")
+    ap.add_argument("--pairs", action="store_true",
+                    help="also each variant (the upsampler's too) as the engine launches it but with 2 pairs of a "
+                         "producer and an MMA warpgroup a program (PAIRS), and the fp16 stream by TMA so with 2 "
+                         "residual boxes, the ring kept")
     ap.add_argument("--defaults", action="store_true",
                     help="only each variant (the upsampler's too) as the engine launches it: ops.sm90_settings() "
                          "(with its environment variables), the saturating codes where ops.sm90_cvt_sat_applies")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: one per CPU)")
     args = ap.parse_args(argv)
     if args.defaults and (args.ws or args.tma_res or args.in_flight == 2 or args.halo or args.cvt_add or args.cvt_sat
-                          or args.up or args.a_regs or args.res_bufs or args.stages != [6]):
+                          or args.up or args.a_regs or args.res_bufs or args.pairs or args.stages != [6]):
         ap.error("--defaults takes the engine's settings: no other variant flags")
     if args.halo and not HALO_VIEWS:
         ap.error("--halo needs a Gluon that reinterprets a shared-memory view past its extent (Triton 3.6's "
@@ -978,6 +1060,11 @@ def main(argv: list[str] | None = None) -> int:
         for bufs, late in ((1, False), (1, True), (2, False), (2, True)):
             with launch_options(sm90_ws=True, sm90_tma_res=True, sm90_res_bufs=bufs, sm90_res_late=late):
                 jobs += [(job, kw) for job, kw in default_jobs() if job[0][0] == "conv2+next fp16 stream"]
+    if args.pairs:
+        with launch_options(sm90_ws=True, sm90_pairs=2):
+            jobs += default_jobs()
+        with launch_options(sm90_ws=True, sm90_pairs=2, sm90_tma_res=True, sm90_res_bufs=2, sm90_res_late=True):
+            jobs += [(job, kw) for job, kw in default_jobs() if job[0][0].startswith("conv2+next fp16 stream")]
     if args.defaults:
         jobs = default_jobs()
     if args.jobs > 1 and len(jobs) > 1:  # spawned: a forked worker would inherit Triton's state
@@ -999,7 +1086,8 @@ def main(argv: list[str] | None = None) -> int:
               f"hazards={r['register_hazards']} loads_in_flight={r['loads_in_flight']} "
               f"sass={r['instructions']} bar_syncs={r['bar_syncs']} mbarrier_ops={r['mbarrier_ops']} "
               f"conversions={r['conversions']} round_adds={r['round_adds']} sat_cvts={r['sat_cvts']} "
-              f"fmnmx={r['fmnmx']} a_regs={int(r['a_regs'])} res_bufs={r['res_bufs']} res_late={int(r['res_late'])}")
+              f"fmnmx={r['fmnmx']} a_regs={int(r['a_regs'])} res_bufs={r['res_bufs']} res_late={int(r['res_late'])} "
+              f"pairs={r['pairs']}")
     return 0
 
 

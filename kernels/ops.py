@@ -148,6 +148,21 @@ SM90_A_REGS = os.environ.get("GDQ_SM90_A_REGS", "0") == "1"
 SM90_RES_BUFS = {"1": 1, "2": 2}.get(os.environ.get("GDQ_SM90_RES_BUFS", "1"), 0)  # other values: 0, refused
 SM90_RES_LATE = os.environ.get("GDQ_SM90_RES_LATE", "0") == "1"
 SM90_RES2_FEWER = {True: 1, False: 2}  # ring stages a second residual box takes: halo boxes, tap boxes
+# The twin as pairs of a producer warp and an MMA warpgroup, 2 in one program sharing one copy of
+# the weights (body_conv_sm90's PAIRS), each pair with its own ring and boxes and every other tile of
+# the program's, instead of 2 programs per SM each with its own weights: SM90_PER_SM // 2 programs
+# per SM, the same tiles in flight, 36,864 bytes of shared memory an SM saved (room for a second
+# residual box without shortening the ring: sm90_ring_stages). Registers: Triton splits a program's
+# by setmaxnreg (the PTX of python -m gdq_engine.kernels.body_conv_sm90 --pairs, Triton 3.6 and
+# 3.9 alike). One pair's program (8 warps at SM90_WS_MAXNREG, 128) gives its MMA warpgroup 216
+# registers a thread and its producer's warpgroup 40 (216 + 40 = 2 x 128). Two pairs' (12 warps at
+# SM90_PAIRS_MAXNREG, 168: 64,512 of an SM's 65,536) give each MMA warpgroup 232 (the second, a
+# worker partition, asks for SM90_PAIRS_MMA_REGS) and the producers' warpgroup 40 (232 + 232 + 40 =
+# 3 x 168). Asking 128 or 168 for the second, it spilled up to 120 bytes (Triton 3.6); at 232 none.
+# Not measured yet: kernels.py --sm90's "pairs2" rows. GDQ_SM90_PAIRS=2 turns it on.
+SM90_PAIRS = {"1": 1, "2": 2}.get(os.environ.get("GDQ_SM90_PAIRS", "1"), 0)  # other values: 0, refused
+SM90_PAIRS_MAXNREG = 168
+SM90_PAIRS_MMA_REGS = 232
 # The same for the flat and padded Triton convs (conv3x3._requantize, _to_float), on a GPU only
 # (inline PTX: Triton's interpreter cannot run it): the upsampler's epilogue spends more cycles of
 # the conversion pipe than of MMA per tile. Tenth H100 run: bit-exact; the shuffled upsampler's
@@ -304,6 +319,7 @@ class LaunchOptions:
     sm90_a_regs: bool | None = None
     sm90_res_bufs: int | None = None
     sm90_res_late: bool | None = None
+    sm90_pairs: int | None = None
 
 
 _options = LaunchOptions()
@@ -323,7 +339,8 @@ def launch_options(**changes):
     saturating conversion each; "auto": :func:`sm90_cvt_sat_applies`) / ``sm90_a_regs`` (the twin's
     signed codes into its MMAs through registers) / ``sm90_res_bufs`` / ``sm90_res_late`` (the
     twin's residual boxes for the fp16 stream by TMA, and their copies after each tile's input
-    boxes) instead of the defaults."""
+    boxes) / ``sm90_pairs`` (the twin's pairs of a producer and an MMA warpgroup in a program)
+    instead of the defaults."""
     global _options
     before, _options = _options, replace(_options, **changes)
     try:
@@ -704,7 +721,7 @@ def sm90_settings() -> dict:
                     sm90_group=SM90_WS_GROUP, sm90_in_flight=SM90_IN_FLIGHT, sm90_tma_out=SM90_TMA_OUT,
                     sm90_tma_res=SM90_TMA_RES, sm90_halo=SM90_HALO, sm90_cvt_add=SM90_CVT_ADD, sm90_up=SM90_UP,
                     sm90_cvt_sat=SM90_CVT_SAT, sm90_a_regs=SM90_A_REGS, sm90_res_bufs=SM90_RES_BUFS,
-                    sm90_res_late=SM90_RES_LATE)
+                    sm90_res_late=SM90_RES_LATE, sm90_pairs=SM90_PAIRS)
     got = {k: default if getattr(_options, k) is None else getattr(_options, k) for k, default in defaults.items()}
     if got["sm90_halo"] and _options.sm90_halo is None:
         from . import body_conv_sm90
@@ -721,8 +738,10 @@ def sm90_ring_stages(opts: dict, res_bufs: int = 1) -> int:
     """The twin's ring depth for a launch with ``res_bufs`` residual boxes (2: ``sm90_res_bufs`` where
     the fp16 stream goes by TMA) under the settings ``opts`` (:func:`sm90_settings`): their
     ``sm90_stages``, less the room a second 16 KB residual box takes (``SM90_RES2_FEWER``: one 10 KB
-    halo box, two 8 KB tap boxes), so that 2 programs still fit on an SM."""
-    return opts["sm90_stages"] - (SM90_RES2_FEWER[bool(opts["sm90_halo"])] if res_bufs == 2 else 0)
+    halo box, two 8 KB tap boxes), so that 2 programs still fit on an SM; in full with 2 pairs a
+    program (``sm90_pairs``), whose shared weights leave room for it."""
+    fewer = res_bufs == 2 and opts.get("sm90_pairs", 1) == 1
+    return opts["sm90_stages"] - (SM90_RES2_FEWER[bool(opts["sm90_halo"])] if fewer else 0)
 
 
 def _tma_box_ok(t: torch.Tensor) -> bool:
@@ -791,6 +810,14 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if opts["sm90_res_bufs"] not in (1, 2):
             raise ValueError(f"the warp-specialized body conv keeps 1 or 2 residual boxes (sm90_res_bufs; "
                              f"GDQ_SM90_RES_BUFS=1 or 2): got {opts['sm90_res_bufs']}")
+        pairs = opts["sm90_pairs"]
+        if pairs not in (1, 2):
+            raise ValueError(f"the warp-specialized body conv runs 1 or 2 pairs of a producer and an MMA warpgroup "
+                             f"a program (sm90_pairs; GDQ_SM90_PAIRS=1 or 2): got {pairs}")
+        # as many tiles in flight per SM as SM90_PER_SM programs of one pair
+        programs = max(1, min(triton.cdiv(tiles, pairs), opts["sm90_per_sm"] * _sm_count(out.device)
+                              // (groups * pairs)))
+        grid = (programs, groups) if groups > 1 else (programs,)
         tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
         tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
                                         out.dtype, groups)
@@ -826,6 +853,8 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
                      A_REGS=bool(opts["sm90_a_regs"]) and a_signed, RES_BUFS=res_bufs,
                      RES_LATE=bool(opts["sm90_res_late"]) and tma_res, LOADER_REGS=SM90_WS_LOADER_REGS,
                      maxnreg=SM90_WS_MAXNREG)
+        if pairs > 1:  # the kernel's defaults otherwise (one pair's launches unchanged)
+            extra.update(PAIRS=pairs, MMA_REGS=SM90_PAIRS_MMA_REGS, maxnreg=SM90_PAIRS_MAXNREG)
         if groups > 1:  # the kernel's defaults otherwise (the default variants' launches unchanged)
             extra.update(OUT_GROUPS=groups, SHUFFLE=shuffle)
     kernel[grid](

@@ -209,6 +209,30 @@ def test_gluon_body_conv_signed_codes_through_registers_give_the_same_bits(shape
     _check_body_case(body, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts, nq)
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("shape", [(1, 96, 96), (3, 37, 50), (1, 5, 3), (4, 17, 1)])
+@pytest.mark.parametrize("case", ["conv1", "conv2 scaled", "conv2+next", "conv2+next fp16 tma", "a4 next",
+                                  "res2 late"])
+@pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
+                                                                                     reason=_NO_VIEWS))])
+@pytest.mark.parametrize("signed", [True, False])
+def test_gluon_body_conv_two_pairs_give_the_same_bits(shape, case, halo, signed):
+    """The twin as two pairs of a producer warp and an MMA warpgroup a program (``sm90_pairs``),
+    sharing the weights, each with its own ring and boxes and every other tile (with 1 or 3 tiles
+    one pair has none or one fewer): conv1's codes, conv2's result and next codes (fp32 stream, fp16
+    stream by TMA, 4-bit next codes one per byte on it, two residual boxes copied late) equal the
+    reference's, on shapes whose tiles overhang the image."""
+    g = gen()
+    x_codes, _, wt, mult, bias = _conv_inputs(shape, signed, g)
+    opts = dict(sm90=True, sm90_ws=True, sm90_halo=halo, sm90_pairs=2,
+                sm90_tma_res=case.endswith(("tma", "a4 next", "late")))
+    if case == "res2 late":
+        opts.update(sm90_res_bufs=2, sm90_res_late=True)
+    nq = ActQuant(4, True, 20.0, container=8) if case == "a4 next" else None
+    body = "conv2+next fp16 tma" if case in ("a4 next", "res2 late") else case
+    _check_body_case(body, x_codes, signed, wt, mult, bias, torch.randn(*shape, 64, generator=g), opts, nq)
+
+
 def _check_body_case(case: str, x_codes, signed: bool, wt, mult, bias, res, opts: dict,
                      nq: ActQuant | None = None) -> torch.Tensor | None:
     """One body launch under ``launch_options(**opts)`` against the reference: "conv1" (ReLU, 8-bit
@@ -316,7 +340,9 @@ def test_gluon_twin_upsampler_convs_give_the_same_bits(shape, case, cvt, signed,
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("case", ["conv1", "conv2+next fp16", "conv2+next fp16 tma", "conv2+next fp16 tma late",
-                                  "conv2+next fp16 tma res2", "conv2+next fp16 tma res2 late", "upsampler codes"])
+                                  "conv2+next fp16 tma res2", "conv2+next fp16 tma res2 late", "upsampler codes",
+                                  "conv1 pairs", "conv2+next fp16 pairs", "conv2+next fp16 tma pairs",
+                                  "conv2+next fp16 tma res2 late pairs", "upsampler codes pairs"])
 @pytest.mark.parametrize("cvt", [False, True])
 @pytest.mark.parametrize("halo", [False, pytest.param(True, marks=pytest.mark.skipif(not HALO_VIEWS,
                                                                                      reason=_NO_VIEWS))])
@@ -327,13 +353,15 @@ def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo)
     once the previous tile's TMA store has read it, and (``sm90_tma_res``) refills the residual box
     once the previous tile's stores have read it (``res2``: two boxes in turn, each refilled once the
     stores of the tile two back have read it; ``late``: each tile's residual copied after its input
-    boxes); the upsampler's first stage (4 groups of 64 output channels, stored pixel-shuffled) runs
-    13 tiles a program. Three launches each equal the flat kernel's result, and the first image the
-    reference's."""
+    boxes; ``pairs``: two pairs of a producer and an MMA warpgroup a program, each with its own ring
+    and boxes and every other tile, the weights shared); the upsampler's first stage (4 groups of 64
+    output channels, stored pixel-shuffled) runs 13 tiles a program. Three launches each equal the
+    flat kernel's result, and the first image the reference's."""
     from gdq_engine.runtime.inttail import _shuffle_nhwc
 
     g = gen()
     n, h, w = 12, 96, 96
+    pairs, case = case.endswith(" pairs"), case.removesuffix(" pairs")
     up = case.startswith("upsampler")
     cout, signed = (256, True) if up else (64, case == "conv1")
     programs = tk.SM90_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count // (4 if up else 1)
@@ -358,7 +386,7 @@ def test_gluon_body_conv_persistent_programs_give_the_same_bits(case, cvt, halo)
                       next_out=torch.full((n, h, w, 64), 0xA5, dtype=torch.uint8, device="cuda"))
         with tk.launch_options(sm90=sm90, sm90_ws=True, sm90_up=True, sm90_halo=halo, sm90_cvt_add=cvt,
                                sm90_tma_res="tma" in case, sm90_res_bufs=2 if "res2" in case else 1,
-                               sm90_res_late=case.endswith("late")):
+                               sm90_res_late=case.endswith("late"), sm90_pairs=2 if pairs else 1):
             got = tk.packed_conv3x3(x, 8, signed, prep, mult.cuda(), bias.cuda(), **kw)
         torch.cuda.synchronize()
         return [got.cpu()] + ([kw["next_out"].cpu()] if "next_out" in kw else [])
@@ -604,7 +632,8 @@ def test_gluon_body_conv_settings_are_the_enclosing_options_else_the_defaults(mo
                 sm90_ws=tk.SM90_WS, sm90_group=tk.SM90_WS_GROUP, sm90_in_flight=tk.SM90_IN_FLIGHT,
                 sm90_tma_out=tk.SM90_TMA_OUT, sm90_tma_res=tk.SM90_TMA_RES, sm90_halo=False,
                 sm90_cvt_add=tk.SM90_CVT_ADD, sm90_up=tk.SM90_UP, sm90_cvt_sat=tk.SM90_CVT_SAT,
-                sm90_a_regs=tk.SM90_A_REGS, sm90_res_bufs=tk.SM90_RES_BUFS, sm90_res_late=tk.SM90_RES_LATE)
+                sm90_a_regs=tk.SM90_A_REGS, sm90_res_bufs=tk.SM90_RES_BUFS, sm90_res_late=tk.SM90_RES_LATE,
+                sm90_pairs=tk.SM90_PAIRS)
     assert tk.sm90_settings() == want
     with tk.launch_options(sm90_stages=8, sm90_ws=not tk.SM90_WS):
         with tk.launch_options(sm90_tma_res=True, sm90_in_flight=2, sm90_cvt_add=not tk.SM90_CVT_ADD,
@@ -754,6 +783,29 @@ def test_gluon_body_conv_launcher_hands_each_kernel_its_arguments(monkeypatch):
             (1, False, ring), (2, True, ring - fewer)]
     with tk.launch_options(sm90_ws=True, sm90_res_bufs=3):
         with pytest.raises(ValueError, match="1 or 2 residual boxes"):
+            tk._sm90_body_into(*conv2, None)
+    # two pairs a program (sm90_pairs): half the programs, each with two pairs (the same tiles in
+    # flight), at the pairs' registers; with two residual boxes the ring kept; one pair: the kernel's
+    # defaults, as before
+    launches.clear()
+    for pairs in (2, 1):
+        with tk.launch_options(sm90_ws=True, sm90_halo=True, sm90_tma_res=True, sm90_res_bufs=2, sm90_pairs=pairs):
+            tk._sm90_body_into(*conv2, None)
+            ring = tk.sm90_settings()["sm90_stages"]
+    (_, grid2, _, two), (_, grid1, _, one) = launches
+    assert grid2 == (tk.SM90_PER_SM * 2 // 2,) and grid1 == (tk.SM90_PER_SM * 2,)  # 2 "SMs", 8 tiles
+    assert two["PAIRS"] == 2 and two["MMA_REGS"] == tk.SM90_PAIRS_MMA_REGS and two["maxnreg"] == tk.SM90_PAIRS_MAXNREG
+    assert two["STAGES"] == ring and one["STAGES"] == ring - tk.SM90_RES2_FEWER[True]
+    assert "PAIRS" not in one and one["maxnreg"] == tk.SM90_WS_MAXNREG
+    launches.clear()
+    small = torch.randn(1, 3, 5, 64).half()  # one tile: one program (its second pair has none)
+    x_small = pack_codes(rand_codes((1, 3, 5, 64), 8, False, g), 8)
+    with tk.launch_options(sm90_ws=True, sm90_pairs=2):
+        tk._sm90_body_into(small, x_small, *conv2[2:6], small, *conv2[7:14],
+                           torch.empty(1, 3, 5, 64, dtype=torch.uint8), conv2[15], None)
+    assert launches[0][1] == (1,) and launches[0][3]["PAIRS"] == 2
+    with tk.launch_options(sm90_ws=True, sm90_pairs=3):
+        with pytest.raises(ValueError, match="1 or 2 pairs"):
             tk._sm90_body_into(*conv2, None)
     # the upsampler's 64 -> 256 conv (sm90_up): a group of 64 output channels a program, on the grid's
     # second axis; the weights' descriptor spans all 256 rows; stored shuffled by masked stores (no TMA_OUT)
@@ -953,6 +1005,32 @@ def test_gluon_body_conv_compiles_two_residual_boxes_and_late_residual_copies():
         grown = r["shared_bytes"] - one["shared_bytes"]
         assert abs(grown - (16384 - box * (one["stages"] - r["stages"]))) <= 64, (r, one)
     assert reports[1]["shared_bytes"] == one["shared_bytes"]
+
+
+@pytest.mark.skipif(any(k.startswith("GDQ_SM90") for k in os.environ),
+                    reason="a GDQ_SM90_* variable overrides a default")
+def test_gluon_body_conv_compiles_two_pairs_a_program():
+    """``--pairs``: each variant as the engine launches it but as two pairs of a producer warp and an
+    MMA warpgroup a program sharing the weights (``PAIRS``), and the fp16 stream with two residual
+    boxes copied late, compiled for sm_90: each pair's 36 wgmmas, waits and releases; 12 warps at
+    ``ops.SM90_PAIRS_MAXNREG`` registers, which fit an SM's 65,536; no local memory, no write into an
+    in-flight MMA's registers; the program fits its shared memory, the ring kept with two residual
+    boxes."""
+    reports = [r for r in _compile_reports("--pairs") if r["pairs"] == 2]
+    fp16 = ["conv2+next fp16 stream", "conv2+next fp16 stream signed"]
+    assert [r["name"] for r in reports] == [v[0] for v in VARIANTS + UP_VARIANTS] + fp16
+    ring = tk.SM90_HALO_STAGES if HALO_VIEWS else tk.SM90_STAGES
+    for r in reports:
+        assert r["ws"] and r["halo"] == HALO_VIEWS and r["stages"] == ring, r
+        assert r["warps"] == 12 and r["registers"] <= tk.SM90_PAIRS_MAXNREG and 12 * 32 * r["registers"] <= 65536, r
+        assert r["local_bytes"] == 0 and r["register_hazards"] == 0 and r["fma_f32"] == 0, r
+        assert r["wgmma"] == 2 * 36 and r["async_waits"] == 2 * 9, r
+        assert r["arrives"] == 2 * ((3 if HALO_VIEWS else 9) + r["tma_res"]), r
+        assert r["shared_bytes"] <= 232448, r
+        assert r["store_waits"] == r["store_waits_synced"] == (4 if r["tma_stores"] else 0), r
+        assert (r["loads_in_flight"] > 0) == (not r["a_signed"]), r
+    assert [(r["name"], r["res_bufs"], r["res_late"]) for r in reports if r["tma_res"]] == [
+        (fp16[0], 1, False), (fp16[1], 1, False), (fp16[0], 2, True), (fp16[1], 2, True)]
 
 
 @pytest.mark.skipif(not HALO_VIEWS, reason=_NO_VIEWS + " (the next test checks that it says so)")

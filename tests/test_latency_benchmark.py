@@ -280,7 +280,11 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     boxes = [f"conv2+next float16 stream sm90 {k}" for k in (
         f"{s4} f1 tma res late halo cvt", "s3 p2 rows ws g1 f1 tma res2 halo cvt",
         "s3 p2 rows ws g1 f1 tma res2 late halo cvt")]
-    want += regs + boxes
+    # two pairs a program: conv1, conv2 + next codes on the fp16 stream, and that with 2 residual
+    # boxes copied late, the ring kept
+    pairs = [f"conv1 sm90 {codes['conv1']} pairs2", f"conv2+next float16 stream sm90 {stream} pairs2",
+             f"conv2+next float16 stream sm90 {s4} f1 tma res2 late halo cvt pairs2"]
+    want += regs + boxes + pairs
     for c in codes:
         want += [f"{c} sm90 {k}" for k in (f"{s6} f1 tma", f"{s6} f1 tma cvt sat", f"{s4} f1 tma halo sat",
                                            f"{s4} f1 tma halo cvt", f"{s4} f2 tma halo cvt sat")]
@@ -296,26 +300,30 @@ def test_gpu_kernels_benchmark_smoke_sm90_rows(tmp_path, monkeypatch):
     # the interleaved rounds: the engine's rows, the regs rows and the residual boxes' rows, each
     # pair's ratios round by round
     rounds = data["interleaved"]
-    keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:16] if r.get("engine") or r["conv"] in regs + boxes]
-    assert len(keys) == 12
+    keys = [f"{r['conv']} a{r['a_bits']}" for r in rows[:19]
+            if r.get("engine") or r["conv"] in regs + boxes + pairs]
+    assert len(keys) == 15 and [r["a_bits"] for r in rows[16:19]] == [8, 8, 8]
     assert rounds["rounds"] == 2 and list(rounds["us"]) == keys
-    # two batches: the engine's, a4 / a2 and regs rows, then the residual boxes' rows with the engine's
-    # conv2 + next codes on the fp16 stream (timed in both)
-    assert [len(t) for t in rounds["us"].values()] == [2, 4] + [2] * 10
+    # three batches: the engine's, a4 / a2 and regs rows, then the residual boxes' rows, then the
+    # pairs' rows, the engine's a8 rows timed in each
+    assert [len(t) for t in rounds["us"].values()] == [6, 6] + [2] * 13
     a8 = {"conv1": keys[0], "conv2+next": keys[1]}
     want_pairs = [(k, a8[k.split()[0]]) for k in keys[2:6]] + [(keys[6], keys[0]), (keys[7], keys[2]),
-                                                               (keys[8], keys[3])] + [(k, keys[1]) for k in keys[9:]]
+                                                               (keys[8], keys[3])] + [(k, keys[1]) for k in keys[9:12]]
+    want_pairs += [(keys[12], keys[0]), (keys[13], keys[1]), (keys[14], keys[1])]
     assert [(p["row"], p["against"]) for p in rounds["pairs"]] == want_pairs
     for p in rounds["pairs"]:
         assert len(p["row_us"]) == len(p["against_us"]) == 2 and set(p["row_us"]) <= set(rounds["us"][p["row"]])
         assert set(p["against_us"]) <= set(rounds["us"][p["against"]])
         ratios = [a / b for a, b in zip(p["row_us"], p["against_us"])]
         assert p["ratios"] == pytest.approx(ratios) and min(ratios) <= p["median_ratio"] <= max(ratios)
-    # the residual boxes' rows against the engine's row of their own batch (its last 2 rounds)
-    assert all(p["against_us"] == rounds["us"][keys[1]][2:] for p in rounds["pairs"][7:])
+    # the residual boxes' rows and the pairs' against the engine's row of their own batch
+    assert all(p["against_us"] == rounds["us"][keys[1]][2:4] for p in rounds["pairs"][7:10])
+    assert [p["against_us"] for p in rounds["pairs"][10:]] == [rounds["us"][keys[i]][4:] for i in (0, 1, 1)]
     # the A/B pairs carry the variables that turn their switch on (benchmarks/pick_switches.py)
     assert [p.get("env") for p in rounds["pairs"]] == [None] * 4 + [{"GDQ_SM90_A_REGS": "1"}] * 3 + [
-        {"GDQ_SM90_RES_BUFS": b, "GDQ_SM90_RES_LATE": lt} for b, lt in (("1", "1"), ("2", "0"), ("2", "1"))]
+        {"GDQ_SM90_RES_BUFS": b, "GDQ_SM90_RES_LATE": lt} for b, lt in (("1", "1"), ("2", "0"), ("2", "1"))] + [
+        {"GDQ_SM90_PAIRS": "2"}] * 2 + [{"GDQ_SM90_PAIRS": "2", "GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "1"}]
     import pick_switches
 
     assert pick_switches.main([str(path)]) == 0
@@ -504,6 +512,17 @@ def test_pick_switches_takes_the_switches_faster_everywhere_and_the_best_alterna
     chosen, _ = pick_switches.pick(_switch_pairs([0.97, 0.98, 1.02], 0.97, 1.0, 0.96), 0.01)
     assert chosen == {"GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "1"}  # regs slower on one row: not taken
     assert pick_switches.pick(_switch_pairs([0.995], 0.995, 0.999, 1.0), 0.01)[0] == {}
+    # groups setting some of the same variables (two pairs a program, alone and with two residual
+    # boxes) are alternatives too: the fastest wins, whatever else it sets
+    pairs = _switch_pairs([0.97], 1.0, 0.96, 1.0) + [
+        {"row": "p", "against": "e", "median_ratio": 0.95, "env": {"GDQ_SM90_PAIRS": "2"}},
+        {"row": "p2", "against": "e", "median_ratio": 0.9,
+         "env": {"GDQ_SM90_PAIRS": "2", "GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "1"}}]
+    assert pick_switches.pick(pairs, 0.01)[0] == {"GDQ_SM90_A_REGS": "1", "GDQ_SM90_PAIRS": "2",
+                                                  "GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "1"}
+    pairs[-1]["median_ratio"] = 0.985  # faster, but slower than both of its alternatives: each of those taken
+    assert pick_switches.pick(pairs, 0.01)[0] == {"GDQ_SM90_A_REGS": "1", "GDQ_SM90_PAIRS": "2",
+                                                  "GDQ_SM90_RES_BUFS": "2", "GDQ_SM90_RES_LATE": "0"}
 
 
 def test_gpu_sm90_kernels_picked_step_reruns_kernels_with_the_winning_switches(tmp_path):
