@@ -604,7 +604,10 @@ def _body_conv_sm90_ws_kernel(x_desc, x2_desc, w_desc, out_desc, res_desc, next_
     from shared memory: :func:`_tap_mma`), ``RES_BUFS`` (``TMA_RES``'s residual boxes, 1 or 2: with
     2 the producer loads a tile's residual while the previous tile's box is still in use) and
     ``RES_LATE`` (``TMA_RES``: the producer copies a tile's residual after all its input boxes
-    instead of after its first 3 taps' / first halo box)."""
+    instead of after its first 3 taps' / first halo box) and ``PAIRS`` (1 or 2 pairs of a producer
+    warp and an MMA warpgroup, each with its own ring, barriers and boxes and every ``PAIRS``-th of
+    the program's tiles, :func:`_pair_tiles`; the weights loaded once for both; the second MMA
+    warpgroup a worker partition asking for ``MMA_REGS`` registers a thread)."""
     gl.static_assert(RES_BUFS == 1 or RES_BUFS == 2)
     gl.static_assert(STAGES % GROUP == 0 and STAGES // GROUP >= 2 and 9 % GROUP == 0)
     gl.static_assert(OUT_GROUPS == 1 or not (TMA_OUT or TMA_RES))
