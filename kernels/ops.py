@@ -740,7 +740,7 @@ def sm90_ring_stages(opts: dict, res_bufs: int = 1) -> int:
     ``sm90_stages``, less the room a second 16 KB residual box takes (``SM90_RES2_FEWER``: one 10 KB
     halo box, two 8 KB tap boxes), so that 2 programs still fit on an SM; in full with 2 pairs a
     program (``sm90_pairs``), whose shared weights leave room for it."""
-    fewer = res_bufs == 2 and opts.get("sm90_pairs", 1) == 1
+    fewer = res_bufs == 2 and opts["sm90_pairs"] == 1
     return opts["sm90_stages"] - (SM90_RES2_FEWER[bool(opts["sm90_halo"])] if fewer else 0)
 
 
@@ -797,7 +797,12 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
     opts = sm90_settings()
     groups = w_ck.shape[0] // 64  # output channels in groups of 64, one a program (the grid's second axis)
     tiles = n * triton.cdiv(h, TILE_H) * triton.cdiv(w_, TILE_W)
-    programs = max(1, min(tiles, opts["sm90_per_sm"] * _sm_count(out.device) // groups))
+    pairs = opts["sm90_pairs"] if opts["sm90_ws"] else 1  # producer + MMA warpgroup pairs a program: the twin's
+    if pairs not in (1, 2):
+        raise ValueError(f"the warp-specialized body conv runs 1 or 2 pairs of a producer and an MMA warpgroup "
+                         f"a program (sm90_pairs; GDQ_SM90_PAIRS=1 or 2): got {pairs}")
+    # as many tiles in flight per SM as SM90_PER_SM programs of one pair
+    programs = max(1, min(triton.cdiv(tiles, pairs), opts["sm90_per_sm"] * _sm_count(out.device) // (groups * pairs)))
     grid = (programs, groups) if groups > 1 else (programs,)
     next_bits, next_lo, next_hi, next_inv_s = next_args
     stages = opts["sm90_stages"]
@@ -810,14 +815,6 @@ def _sm90_body_into(out, x_packed, w, wsum, mult, bias, residual, a_signed: bool
         if opts["sm90_res_bufs"] not in (1, 2):
             raise ValueError(f"the warp-specialized body conv keeps 1 or 2 residual boxes (sm90_res_bufs; "
                              f"GDQ_SM90_RES_BUFS=1 or 2): got {opts['sm90_res_bufs']}")
-        pairs = opts["sm90_pairs"]
-        if pairs not in (1, 2):
-            raise ValueError(f"the warp-specialized body conv runs 1 or 2 pairs of a producer and an MMA warpgroup "
-                             f"a program (sm90_pairs; GDQ_SM90_PAIRS=1 or 2): got {pairs}")
-        # as many tiles in flight per SM as SM90_PER_SM programs of one pair
-        programs = max(1, min(triton.cdiv(tiles, pairs), opts["sm90_per_sm"] * _sm_count(out.device)
-                              // (groups * pairs)))
-        grid = (programs, groups) if groups > 1 else (programs,)
         tma_out = tma_out_applies(opts["sm90_tma_out"], o_bits, residual is not None, groups) and _tma_box_ok(out)
         tma_res = (sm90_tma_res_applies(opts["sm90_tma_res"], o_bits, None if residual is None else residual.dtype,
                                         out.dtype, groups)
